@@ -1,0 +1,246 @@
+//! The messages: client ⇄ dispatcher (over a socket) and dispatcher ⇄ worker
+//! (over the worker's stdin/stdout pipes). All are postcard-encoded inside
+//! length-prefixed frames (see [`crate::frame`] and `docs/PROTOCOL.md`).
+//!
+//! Payload bytes never travel inside these messages: on the socket they follow
+//! a [`Request`] or [`Response`] frame; between processes they stay in the
+//! shared segment, named by a [`Region`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::segment::Region;
+
+/// The four bytes that open every connection.
+pub const MAGIC: [u8; 4] = *b"OSPS";
+/// The client/dispatcher protocol version.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the client's hello and of the server's answer to it.
+pub const HELLO_LEN: usize = 8;
+/// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
+pub const OP_STATUS: &str = "status";
+
+/// The server's verdict on a client's hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum HelloStatus {
+    /// Go ahead: frames may follow.
+    Accepted = 0,
+    /// The client's protocol version is not served; a text line follows and the server closes.
+    VersionUnsupported = 1,
+    /// The server refuses the connection (shutting down, full); a text line follows and it closes.
+    Refused = 2,
+}
+
+impl HelloStatus {
+    /// Decodes the status field of a server hello.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            0 => Some(Self::Accepted),
+            1 => Some(Self::VersionUnsupported),
+            2 => Some(Self::Refused),
+            _ => None,
+        }
+    }
+}
+
+/// Encodes the 8-byte hello: magic, version (u16 LE), then a u16 LE field
+/// (flags, 0, from a client; a [`HelloStatus`] from the server).
+pub fn encode_hello(version: u16, field: u16) -> [u8; HELLO_LEN] {
+    let mut out = [0u8; HELLO_LEN];
+    out[..4].copy_from_slice(&MAGIC);
+    out[4..6].copy_from_slice(&version.to_le_bytes());
+    out[6..8].copy_from_slice(&field.to_le_bytes());
+    out
+}
+
+/// A decoded hello: `None` when the magic is wrong (not an OSPS peer).
+pub fn decode_hello(bytes: &[u8; HELLO_LEN]) -> Option<(u16, u16)> {
+    (bytes[..4] == MAGIC).then(|| {
+        (
+            u16::from_le_bytes([bytes[4], bytes[5]]),
+            u16::from_le_bytes([bytes[6], bytes[7]]),
+        )
+    })
+}
+
+/// A client's request; `payload_len` bytes of payload follow the frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client; echoed in the response (pipelined replies may come in any order).
+    pub id: u64,
+    /// Operation name, e.g. `sha256`; `status` is answered by the dispatcher.
+    pub op: String,
+    /// Operation arguments, e.g. `["250"]` for `sleep`.
+    pub args: Vec<String>,
+    /// Number of payload bytes that follow the frame.
+    pub payload_len: u64,
+}
+
+/// The dispatcher's answer; `result_len` bytes of result follow the frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The id of the request answered (0 for an error about an unreadable request).
+    pub id: u64,
+    /// Success, or what went wrong.
+    pub outcome: Outcome,
+    /// Number of result bytes that follow the frame (0 on error).
+    pub result_len: u64,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The result follows.
+    Ok,
+    /// The job failed; no result follows.
+    Err(RemoteError),
+}
+
+/// A typed error with a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct RemoteError {
+    /// What kind of failure it is (stable, for programs).
+    pub kind: ErrorKind,
+    /// What happened and what to do (for people).
+    pub message: String,
+}
+
+impl RemoteError {
+    /// Builds an error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+/// The kinds of error a response can carry. The order is part of the wire
+/// format: append new kinds at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request was malformed (bad arguments, bad frame).
+    BadRequest,
+    /// No such operation.
+    UnknownOp,
+    /// The payload exceeds the server's limit; the server closes the connection after this answer.
+    TooLarge,
+    /// The job exceeded the per-job timeout; its worker was killed and replaced.
+    Timeout,
+    /// The worker died while running the job, twice (the job is retried once).
+    WorkerCrashed,
+    /// A fault-injection operation was asked for but the dispatcher does not allow it.
+    FaultInjectionDisabled,
+    /// The server is shutting down and takes no new jobs.
+    ShuttingDown,
+    /// The operation could not process its input (e.g. an argument out of range).
+    InvalidInput,
+    /// A bug or an unexpected condition in the server.
+    Internal,
+}
+
+impl ErrorKind {
+    /// A short stable name, as shown by the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad request",
+            ErrorKind::UnknownOp => "unknown operation",
+            ErrorKind::TooLarge => "too large",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::WorkerCrashed => "worker crashed",
+            ErrorKind::FaultInjectionDisabled => "fault injection disabled",
+            ErrorKind::ShuttingDown => "shutting down",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Internal => "internal error",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Dispatcher → worker: run one job. The slot's ownership passes to the worker
+/// with this message and comes back with the [`JobDone`] that names the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Dispatcher-wide job number.
+    pub job_id: u64,
+    /// Operation name.
+    pub op: String,
+    /// Operation arguments.
+    pub args: Vec<String>,
+    /// The slot: the input sits at its start, the result is written inside it.
+    pub slot: Region,
+    /// Number of input bytes at the start of the slot.
+    pub input_len: u64,
+}
+
+/// Worker → dispatcher messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Sent once at start, after the segment is opened and checked.
+    Ready {
+        /// The worker's pid.
+        pid: u32,
+        /// The worker's protocol version ([`PROTOCOL_VERSION`]).
+        version: u16,
+    },
+    /// A job finished; the slot goes back to the dispatcher.
+    Done(JobDone),
+}
+
+/// The end of a job: its outcome and where the result lies in the slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobDone {
+    /// The job this answers.
+    pub job_id: u64,
+    /// Success or error.
+    pub outcome: Outcome,
+    /// Offset of the result from the start of the slot.
+    pub result_offset: u64,
+    /// Length of the result.
+    pub result_len: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_and_rejects_wrong_magic() {
+        let h = encode_hello(PROTOCOL_VERSION, 0);
+        assert_eq!(&h, b"OSPS\x01\x00\x00\x00");
+        assert_eq!(decode_hello(&h), Some((1, 0)));
+        assert_eq!(decode_hello(b"GET / HT"), None);
+    }
+
+    #[test]
+    fn error_kind_indices_are_stable() {
+        // The wire carries the variant index: this pins the documented table.
+        let kinds = [
+            ErrorKind::BadRequest,
+            ErrorKind::UnknownOp,
+            ErrorKind::TooLarge,
+            ErrorKind::Timeout,
+            ErrorKind::WorkerCrashed,
+            ErrorKind::FaultInjectionDisabled,
+            ErrorKind::ShuttingDown,
+            ErrorKind::InvalidInput,
+            ErrorKind::Internal,
+        ];
+        for (i, k) in kinds.iter().enumerate() {
+            assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);
+        }
+    }
+
+    #[test]
+    fn request_encoding_matches_the_protocol_document() {
+        let r = Request { id: 300, op: "sleep".into(), args: vec!["5".into()], payload_len: 0 };
+        // id 300 = varint ac 02; "sleep" = 05 + bytes; args = 01, 01 "5"; payload_len 00
+        assert_eq!(
+            postcard::to_stdvec(&r).unwrap(),
+            b"\xac\x02\x05sleep\x01\x015\x00".to_vec()
+        );
+    }
+}

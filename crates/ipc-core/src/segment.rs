@@ -1,0 +1,314 @@
+//! The shared-memory segment: a fixed header followed by the slot arena.
+//!
+//! The dispatcher creates it (mode 0600, set explicitly) and is its only
+//! allocator; workers open it by name. Ownership of a slot passes with the
+//! message that names it, so no cross-process lock guards the bytes. This is
+//! the one module with `unsafe` code.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use shared_memory::{Shmem, ShmemConf, ShmemError};
+
+/// Magic at the start of the header.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"OSPSSEG\0";
+/// Version of the header layout below; bumped on any change.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Bytes reserved for the header; the arena starts here (page aligned).
+pub const HEADER_LEN: usize = 4096;
+
+/// A byte range of the arena, as carried in messages (offsets from the arena's start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    /// Offset from the start of the arena.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The header at the start of the segment. `#[repr(C)]`, no pointers, fixed
+/// size: every process sees the same layout. Counters are atomics so any
+/// process can read them while the dispatcher updates them.
+#[repr(C)]
+#[derive(Debug)]
+pub struct SegmentHeader {
+    /// [`SEGMENT_MAGIC`].
+    pub magic: [u8; 8],
+    /// [`LAYOUT_VERSION`].
+    pub layout_version: u32,
+    /// [`HEADER_LEN`].
+    pub header_len: u32,
+    /// Size of the whole segment in bytes.
+    pub total_len: u64,
+    /// Size of the slot arena in bytes.
+    pub arena_len: u64,
+    /// Pid of the dispatcher that created the segment.
+    pub owner_pid: AtomicU32,
+    _pad: u32,
+    /// Incremented each time a dispatcher of this instance builds the segment anew.
+    pub generation: AtomicU64,
+    /// Jobs completed (any outcome) since the segment was built.
+    pub jobs_done: AtomicU64,
+    /// Dispatcher heartbeat: milliseconds since the Unix epoch, refreshed by its event loop.
+    pub dispatcher_heartbeat_ms: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<SegmentHeader>() <= HEADER_LEN);
+
+/// Errors creating, opening or using a segment.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("shared-memory segment {name} already exists (a live or crashed dispatcher's); the dispatcher removes stale ones at start")]
+    Exists { name: String },
+    #[error("cannot create shared-memory segment {name} of {size} bytes: {detail}")]
+    Create { name: String, size: usize, detail: String },
+    #[error("cannot open shared-memory segment {name}: {detail} (is the dispatcher running?)")]
+    Open { name: String, detail: String },
+    #[error("segment {name} is not an OSPS segment of layout {LAYOUT_VERSION}: {detail}")]
+    BadHeader { name: String, detail: String },
+    #[error("region {offset}+{len} lies outside the arena of {arena_len} bytes")]
+    OutOfBounds { offset: u64, len: u64, arena_len: u64 },
+    #[error("cannot set mode 0600 on {path}: {source}")]
+    Mode {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A mapped segment. Dropping the creator's handle unlinks the name.
+pub struct Segment {
+    shmem: Shmem,
+    name: String,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("name", &self.name)
+            .field("len", &self.shmem.len())
+            .field("owner", &self.shmem.is_owner())
+            .finish()
+    }
+}
+
+fn shm_detail(e: ShmemError) -> String {
+    match e {
+        ShmemError::MapCreateFailed(errno) | ShmemError::MapOpenFailed(errno) | ShmemError::UnknownOsError(errno) => {
+            std::io::Error::from_raw_os_error(errno as i32).to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Removes a segment by name; returns whether one was there.
+pub fn unlink(name: &str) -> bool {
+    nix::sys::mman::shm_unlink(name).is_ok()
+}
+
+/// Where a POSIX segment name shows up in the file system.
+pub fn fs_path(name: &str) -> String {
+    format!("/dev/shm/{}", name.trim_start_matches('/'))
+}
+
+impl Segment {
+    /// Creates a segment named `name` (e.g. `/osps-1000-default`) with an arena
+    /// of `arena_len` bytes, mode 0600 whatever the umask, and writes its header.
+    /// Fails with [`SegmentError::Exists`] if the name is taken.
+    pub fn create(name: &str, arena_len: usize, generation: u64) -> Result<Segment, SegmentError> {
+        let size = HEADER_LEN + arena_len;
+        let shmem = ShmemConf::new().os_id(name).size(size).create().map_err(|e| match e {
+            ShmemError::MappingIdExists => SegmentError::Exists { name: name.to_owned() },
+            e => SegmentError::Create { name: name.to_owned(), size, detail: shm_detail(e) },
+        })?;
+        let seg = Segment { shmem, name: name.to_owned() };
+        // shm_open applied the umask to 0600; make the mode exact.
+        let path = fs_path(name);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| SegmentError::Mode { path, source })?;
+        let header = SegmentHeader {
+            magic: SEGMENT_MAGIC,
+            layout_version: LAYOUT_VERSION,
+            header_len: HEADER_LEN as u32,
+            total_len: size as u64,
+            arena_len: arena_len as u64,
+            owner_pid: AtomicU32::new(std::process::id()),
+            _pad: 0,
+            generation: AtomicU64::new(generation),
+            jobs_done: AtomicU64::new(0),
+            dispatcher_heartbeat_ms: AtomicU64::new(0),
+        };
+        // SAFETY: the mapping is at least HEADER_LEN bytes, page aligned (so
+        // aligned for SegmentHeader), freshly created and not yet shared with
+        // any other process, so this write races with nothing.
+        unsafe { std::ptr::write(seg.shmem.as_ptr().cast::<SegmentHeader>(), header) };
+        Ok(seg)
+    }
+
+    /// Opens an existing segment and checks its header.
+    pub fn open(name: &str) -> Result<Segment, SegmentError> {
+        let shmem = ShmemConf::new()
+            .os_id(name)
+            .open()
+            .map_err(|e| SegmentError::Open { name: name.to_owned(), detail: shm_detail(e) })?;
+        let bad = |detail: String| SegmentError::BadHeader { name: name.to_owned(), detail };
+        if shmem.len() < HEADER_LEN {
+            return Err(bad(format!("only {} bytes long", shmem.len())));
+        }
+        let seg = Segment { shmem, name: name.to_owned() };
+        let h = seg.header();
+        if h.magic != SEGMENT_MAGIC {
+            return Err(bad("wrong magic".into()));
+        }
+        if h.layout_version != LAYOUT_VERSION {
+            return Err(bad(format!("layout version {}", h.layout_version)));
+        }
+        if h.header_len as usize != HEADER_LEN || h.total_len != seg.shmem.len() as u64 || h.arena_len + HEADER_LEN as u64 != h.total_len {
+            return Err(bad("sizes disagree with the mapping".into()));
+        }
+        Ok(seg)
+    }
+
+    /// The segment's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Total mapped size in bytes.
+    pub fn len(&self) -> usize {
+        self.shmem.len()
+    }
+
+    /// Always false: a segment has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Size of the slot arena.
+    pub fn arena_len(&self) -> usize {
+        self.shmem.len() - HEADER_LEN
+    }
+
+    /// Whether this handle created the segment (and unlinks it on drop).
+    pub fn is_owner(&self) -> bool {
+        self.shmem.is_owner()
+    }
+
+    /// The shared header.
+    pub fn header(&self) -> &SegmentHeader {
+        // SAFETY: the mapping is at least HEADER_LEN bytes (checked at open,
+        // guaranteed at create) and page aligned; the header was initialised
+        // by its creator before the name was handed to anyone. Its mutable
+        // fields are atomics, so shared references are sound across processes.
+        unsafe { &*self.shmem.as_ptr().cast::<SegmentHeader>() }
+    }
+
+    fn check(&self, r: Region) -> Result<(), SegmentError> {
+        let arena_len = self.arena_len() as u64;
+        match r.offset.checked_add(r.len) {
+            Some(end) if end <= arena_len => Ok(()),
+            _ => Err(SegmentError::OutOfBounds { offset: r.offset, len: r.len, arena_len }),
+        }
+    }
+
+    /// The bytes of a region, for reading.
+    ///
+    /// The caller must own the region under the slot protocol (see module
+    /// docs): the dispatcher between allocation and handing the job to a
+    /// worker, and again once the worker has answered; the worker while it
+    /// runs the job.
+    pub fn bytes(&self, r: Region) -> Result<&[u8], SegmentError> {
+        self.check(r)?;
+        // SAFETY: the region lies inside the mapping (checked above), which
+        // lives as long as `self`. No other process writes the region while
+        // the caller owns it under the slot protocol.
+        Ok(unsafe { std::slice::from_raw_parts(self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize), r.len as usize) })
+    }
+
+    /// The bytes of a region, for writing in place. Same ownership rule as
+    /// [`Segment::bytes`]; in addition the dispatcher's allocator never hands
+    /// out overlapping regions, so two live `&mut` never alias.
+    #[allow(clippy::mut_from_ref)]
+    pub fn bytes_mut(&self, r: Region) -> Result<&mut [u8], SegmentError> {
+        self.check(r)?;
+        // SAFETY: in bounds (checked above); the mapping outlives the borrow.
+        // Exclusivity comes from the slot protocol: one owner per slot at a
+        // time, and slots never overlap (buddy allocator in `alloc`).
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize), r.len as usize) })
+    }
+
+    /// Stops this handle from unlinking the name on drop (e.g. after fork).
+    pub fn disown(&mut self) {
+        self.shmem.set_owner(false);
+    }
+}
+
+/// Counters updated in the header.
+impl SegmentHeader {
+    /// Adds one to the completed-jobs counter.
+    pub fn count_job(&self) {
+        self.jobs_done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(tag: &str) -> String {
+        format!("/osps-unit-{}-{tag}", std::process::id())
+    }
+
+    #[test]
+    fn create_open_share_and_unlink() {
+        let n = name("share");
+        let seg = Segment::create(&n, 1 << 20, 7).unwrap();
+        assert!(std::path::Path::new(&fs_path(&n)).exists());
+        let r = Region { offset: 4096, len: 5 };
+        seg.bytes_mut(r).unwrap().copy_from_slice(b"hello");
+        let other = Segment::open(&n).unwrap();
+        assert!(!other.is_owner());
+        assert_eq!(other.bytes(r).unwrap(), b"hello");
+        assert_eq!(other.header().generation.load(Ordering::Relaxed), 7);
+        assert_eq!(other.header().owner_pid.load(Ordering::Relaxed), std::process::id());
+        other.bytes_mut(r).unwrap().copy_from_slice(b"HELLO");
+        assert_eq!(seg.bytes(r).unwrap(), b"HELLO");
+        other.header().count_job();
+        assert_eq!(seg.header().jobs_done.load(Ordering::Relaxed), 1);
+        drop(other);
+        assert!(std::path::Path::new(&fs_path(&n)).exists(), "a reader must not unlink");
+        drop(seg);
+        assert!(!std::path::Path::new(&fs_path(&n)).exists(), "the creator unlinks");
+        assert!(matches!(Segment::open(&n), Err(SegmentError::Open { .. })));
+    }
+
+    #[test]
+    fn mode_is_0600_and_names_are_exclusive() {
+        use std::os::unix::fs::PermissionsExt;
+        let n = name("mode");
+        let seg = Segment::create(&n, 4096, 1).unwrap();
+        let mode = std::fs::metadata(fs_path(&n)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(Segment::create(&n, 4096, 1), Err(SegmentError::Exists { .. })));
+        drop(seg);
+    }
+
+    #[test]
+    fn out_of_bounds_regions_are_refused() {
+        let n = name("bounds");
+        let seg = Segment::create(&n, 8192, 1).unwrap();
+        assert!(seg.bytes(Region { offset: 8192, len: 1 }).is_err());
+        assert!(seg.bytes(Region { offset: u64::MAX, len: 2 }).is_err());
+        assert!(seg.bytes(Region { offset: 0, len: 8192 }).is_ok());
+    }
+
+    #[test]
+    fn a_foreign_object_is_not_taken_for_a_segment() {
+        let n = name("foreign");
+        let mut other = ShmemConf::new().os_id(&n).size(HEADER_LEN * 2).create().unwrap();
+        assert!(matches!(Segment::open(&n), Err(SegmentError::BadHeader { .. })));
+        other.set_owner(true);
+        assert!(unlink(&n) || !std::path::Path::new(&fs_path(&n)).exists());
+    }
+}
