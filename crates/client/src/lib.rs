@@ -1,1 +1,319 @@
-//! placeholder
+//! The OSPS client library: connect to a dispatcher (Unix socket or TCP),
+//! call operations, pipeline several requests on one connection, and read
+//! the status report. Blocking I/O: a client is one caller and one socket.
+//!
+//! ```no_run
+//! let mut c = osps_client::Client::connect_instance("default", None)?;
+//! let digest = c.call("sha256", &[], b"hello")?;
+//! # Ok::<(), osps_client::ClientError>(())
+//! ```
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
+use ipc_core::proto::{self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, PROTOCOL_VERSION};
+use ipc_core::status::StatusReport;
+use ipc_core::{Endpoint, PathError, RuntimePaths};
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {endpoint}: {source} (is the dispatcher running?)")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Paths(#[from] PathError),
+    #[error("{endpoint} is not an OSPS dispatcher (it answered {answer:?})")]
+    NotOsps { endpoint: String, answer: String },
+    #[error("the dispatcher refused the connection: {0}")]
+    Refused(String),
+    #[error("connection: {0}")]
+    Frame(#[from] FrameError),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The server answered with an error.
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A socket to a dispatcher.
+#[derive(Debug)]
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One reply: its request id and the result bytes or the server's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The id of the request it answers.
+    pub id: u64,
+    /// The result bytes, or the typed error.
+    pub result: Result<Vec<u8>, RemoteError>,
+}
+
+/// A connection to a dispatcher.
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<Stream>,
+    writer: Stream,
+    endpoint: String,
+    next_id: u64,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Replies read while waiting for another id.
+    early: HashMap<u64, Reply>,
+}
+
+/// Payloads up to this size are sent in the same write as their header.
+const COALESCE: usize = 16 * 1024;
+
+impl Client {
+    /// Connects to the dispatcher of `instance` through its Unix socket.
+    pub fn connect_instance(instance: &str, runtime_dir: Option<&Path>) -> Result<Client, ClientError> {
+        let paths = RuntimePaths::new(instance, runtime_dir)?;
+        Client::connect(&Endpoint::Unix(paths.socket()))
+    }
+
+    /// Connects to `endpoint` and performs the handshake.
+    pub fn connect(endpoint: &Endpoint) -> Result<Client, ClientError> {
+        let name = endpoint.to_string();
+        let connect_err = |source| ClientError::Connect { endpoint: name.clone(), source };
+        let stream = match endpoint {
+            Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(connect_err)?),
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(connect_err)?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+        };
+        let mut writer = stream.try_clone()?;
+        writer.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))?;
+        let mut reader = BufReader::with_capacity(64 * 1024, stream);
+        let mut hello = [0u8; HELLO_LEN];
+        let got = read_up_to(&mut reader, &mut hello)?;
+        let Some((_version, status)) = (got == HELLO_LEN).then(|| proto::decode_hello(&hello)).flatten() else {
+            let mut rest = Vec::new();
+            let _ = reader.take(512).read_to_end(&mut rest);
+            let mut answer = hello[..got].to_vec();
+            answer.extend_from_slice(&rest);
+            return Err(ClientError::NotOsps { endpoint: name, answer: String::from_utf8_lossy(&answer).trim().to_owned() });
+        };
+        match HelloStatus::from_u16(status) {
+            Some(HelloStatus::Accepted) => {}
+            _ => {
+                let mut line = String::new();
+                let _ = reader.take(1024).read_to_string(&mut line);
+                return Err(ClientError::Refused(line.trim().to_owned()));
+            }
+        }
+        Ok(Client {
+            reader,
+            writer,
+            endpoint: name,
+            next_id: 1,
+            out: Vec::with_capacity(COALESCE + 256),
+            scratch: Vec::with_capacity(256),
+            early: HashMap::new(),
+        })
+    }
+
+    /// The endpoint this client is connected to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Bounds how long a read waits for the server (None: forever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> Result<(), ClientError> {
+        self.reader.get_ref().set_read_timeout(t)?;
+        Ok(())
+    }
+
+    /// Sends a request without waiting for its reply; returns its id.
+    pub fn send(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<u64, ClientError> {
+        self.send_from(op, args, payload.len() as u64, payload)
+    }
+
+    /// Sends a request whose `len` payload bytes are read from `payload`
+    /// (e.g. a file), without holding them all in memory.
+    pub fn send_from<R: Read>(&mut self, op: &str, args: &[&str], len: u64, mut payload: R) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = Request { id, op: op.to_owned(), args: args.iter().map(|a| a.to_string()).collect(), payload_len: len };
+        self.out.clear();
+        frame::encode(&req, &mut self.out)?;
+        if len as usize <= COALESCE {
+            let start = self.out.len();
+            self.out.resize(start + len as usize, 0);
+            payload.read_exact(&mut self.out[start..])?;
+            self.writer.write_all(&self.out)?;
+        } else {
+            self.writer.write_all(&self.out)?;
+            let copied = io::copy(&mut payload.take(len), &mut self.writer)?;
+            if copied != len {
+                return Err(ClientError::Protocol(format!("payload source gave {copied} of {len} bytes")));
+            }
+        }
+        Ok(id)
+    }
+
+    /// Reads the next reply header; the caller must then consume `result_len` bytes.
+    fn recv_header(&mut self) -> Result<Response, ClientError> {
+        let resp: Response = frame::read_frame(&mut self.reader, &mut self.scratch, DEFAULT_MAX_FRAME)?;
+        if !matches!(resp.outcome, Outcome::Ok) && resp.result_len != 0 {
+            return Err(ClientError::Protocol("an error reply announced result bytes".into()));
+        }
+        Ok(resp)
+    }
+
+    /// Receives the next reply, whatever its id.
+    pub fn recv(&mut self) -> Result<Reply, ClientError> {
+        if let Some(&id) = self.early.keys().next() {
+            return Ok(self.early.remove(&id).expect("key present"));
+        }
+        self.recv_fresh()
+    }
+
+    fn recv_fresh(&mut self) -> Result<Reply, ClientError> {
+        let resp = self.recv_header()?;
+        let result = match resp.outcome {
+            Outcome::Ok => {
+                let mut bytes = vec![0u8; resp.result_len as usize];
+                frame::read_payload(&mut self.reader, &mut bytes)?;
+                Ok(bytes)
+            }
+            Outcome::Err(e) => Err(e),
+        };
+        Ok(Reply { id: resp.id, result })
+    }
+
+    /// Waits for the reply to request `id` (keeping others for later).
+    pub fn wait(&mut self, id: u64) -> Result<Vec<u8>, ClientError> {
+        loop {
+            let reply = match self.early.remove(&id) {
+                Some(r) => r,
+                None => self.recv_fresh()?,
+            };
+            if reply.id == id {
+                return Ok(reply.result?);
+            }
+            if reply.id == 0 {
+                // The server could not even read a request: it is about the connection.
+                return Err(reply.result.err().map_or_else(|| ClientError::Protocol("reply to id 0".into()), ClientError::Remote));
+            }
+            self.early.insert(reply.id, reply);
+        }
+    }
+
+    /// Calls `op` and returns its result bytes.
+    pub fn call(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let id = self.send(op, args, payload)?;
+        self.wait(id)
+    }
+
+    /// Calls `op` with a payload read from `input` and writes the result to
+    /// `output` as it arrives; returns the result's length.
+    pub fn call_streaming<R: Read, W: Write>(
+        &mut self,
+        op: &str,
+        args: &[&str],
+        len: u64,
+        input: R,
+        output: &mut W,
+    ) -> Result<u64, ClientError> {
+        if !self.early.is_empty() {
+            return Err(ClientError::Protocol("call_streaming with replies pending".into()));
+        }
+        let id = self.send_from(op, args, len, input)?;
+        let resp = self.recv_header()?;
+        if resp.id != id {
+            return Err(ClientError::Protocol(format!("reply to {} while waiting for {id}", resp.id)));
+        }
+        if let Outcome::Err(e) = resp.outcome {
+            return Err(e.into());
+        }
+        let copied = io::copy(&mut (&mut self.reader).take(resp.result_len), output)?;
+        if copied != resp.result_len {
+            return Err(FrameError::Truncated { expected: resp.result_len as usize, got: copied as usize }.into());
+        }
+        Ok(copied)
+    }
+
+    /// Asks the dispatcher for its status report.
+    pub fn status(&mut self) -> Result<StatusReport, ClientError> {
+        let bytes = self.call(proto::OP_STATUS, &[], &[])?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("status is not valid JSON: {e}")))
+    }
+
+    /// Round trip through a worker: succeeds when the whole path answers.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        let r = self.call("ping", &[], &[])?;
+        if r == b"pong\n" {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol(format!("ping answered {:?}", String::from_utf8_lossy(&r))))
+        }
+    }
+}
+
+/// Reads until `buf` is full or EOF; returns the count.
+fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}

@@ -1,1 +1,325 @@
-//! placeholder
+//! The OSPS dispatcher (primary server): takes the instance lock, builds the
+//! shared segment, starts the worker pool, accepts clients on a Unix socket
+//! (and optionally TCP on loopback), schedules their jobs on idle workers,
+//! answers `status` itself, and on SIGTERM/SIGINT shuts down in order.
+//!
+//! It runs on one thread (a current-thread tokio runtime): the segment handle
+//! is not `Send`, and one thread is plenty to move descriptors around while
+//! the workers do the work.
+
+mod conn;
+mod pool;
+mod shared;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use ipc_core::{segment, InstanceLock, LockError, PathError, RuntimePaths, Segment, SegmentError};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::shared::{Shared, RESULT_RESERVE};
+
+const MIB: u64 = 1 << 20;
+
+/// Everything the dispatcher is told at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Instance name.
+    pub instance: String,
+    /// Base runtime directory (default: `$XDG_RUNTIME_DIR/osps` or `/tmp/osps-<uid>`).
+    pub runtime_dir: Option<PathBuf>,
+    /// Number of workers.
+    pub workers: usize,
+    /// Per-job timeout.
+    pub job_timeout_ms: u64,
+    /// How long shutdown waits for in-flight jobs.
+    pub drain_timeout_ms: u64,
+    /// Deadline for a client's hello.
+    pub handshake_timeout_ms: u64,
+    /// Size of the slot arena in MiB.
+    pub segment_mib: u64,
+    /// Largest payload accepted, in bytes.
+    pub max_payload: u64,
+    /// Largest request frame (header) accepted, in bytes.
+    pub max_frame: usize,
+    /// Also listen on this TCP address (must be loopback).
+    pub tcp: Option<SocketAddr>,
+    /// Allow the `crash` operation.
+    pub allow_fault_injection: bool,
+    /// The worker program.
+    pub worker_exe: PathBuf,
+}
+
+impl Config {
+    /// Defaults for `instance`, with the worker found beside this program.
+    pub fn new(instance: &str) -> Config {
+        Config {
+            instance: instance.to_owned(),
+            runtime_dir: None,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            job_timeout_ms: 30_000,
+            drain_timeout_ms: 5_000,
+            handshake_timeout_ms: 10_000,
+            segment_mib: 256,
+            max_payload: 64 * MIB,
+            max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
+            tcp: None,
+            allow_fault_injection: false,
+            worker_exe: default_worker_exe(),
+        }
+    }
+}
+
+/// `osps-worker` beside the running program, else from `PATH`.
+pub fn default_worker_exe() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("osps-worker")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("osps-worker"))
+}
+
+/// Why the dispatcher could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error(transparent)]
+    Paths(#[from] PathError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the dispatcher until SIGTERM or SIGINT; returns after an ordered shutdown.
+pub fn run(config: Config) -> Result<(), DispatcherError> {
+    check(&config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, serve(config))
+}
+
+fn check(c: &Config) -> Result<(), DispatcherError> {
+    let bad = |m: String| Err(DispatcherError::Config(m));
+    if c.workers == 0 {
+        return bad("--workers must be at least 1".into());
+    }
+    if c.job_timeout_ms == 0 {
+        return bad("--job-timeout-ms must be at least 1".into());
+    }
+    if let Some(addr) = c.tcp {
+        if !addr.ip().is_loopback() {
+            return bad(format!("--tcp {addr} is not a loopback address; OSPS only listens on loopback (127.0.0.0/8, ::1)"));
+        }
+    }
+    let arena = c.segment_mib.checked_mul(MIB).filter(|&a| a >= MIB && a <= 1 << 40);
+    let Some(arena) = arena else { return bad(format!("--segment-mib {} must be from 1 to 1048576", c.segment_mib)) };
+    let max_slot = ipc_core::SlotAllocator::new(arena).max_slot();
+    if c.max_payload + RESULT_RESERVE > max_slot {
+        return bad(format!(
+            "a payload of {} bytes needs a slot of {} bytes, but a {} MiB segment's largest slot is {} bytes; raise --segment-mib or lower --max-payload",
+            c.max_payload,
+            (c.max_payload + RESULT_RESERVE).next_power_of_two(),
+            c.segment_mib,
+            max_slot
+        ));
+    }
+    Ok(())
+}
+
+/// Removes what this dispatcher created under the instance's names, however
+/// `serve` ends (return, error or panic unwinding).
+struct Cleanup {
+    socket: PathBuf,
+    segment: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        segment::unlink(&self.segment);
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: each client costs an fd.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            tracing::debug!("open-file limit raised from {soft} to {hard}");
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), DispatcherError> {
+    let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
+    paths.ensure_dir()?;
+    raise_fd_limit();
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let lock = InstanceLock::acquire(&paths.lock_file())?;
+    // We hold the lock: anything under our names belongs to a dead predecessor.
+    let seg_name = paths.segment_name();
+    let generation = match Segment::open(&seg_name) {
+        Ok(old) => old.header().generation.load(std::sync::atomic::Ordering::Relaxed) + 1,
+        Err(_) => 1,
+    };
+    if segment::unlink(&seg_name) {
+        tracing::warn!(segment = %seg_name, "removed the segment of a dead predecessor");
+    }
+    let socket_path = paths.socket();
+    if std::fs::remove_file(&socket_path).is_ok() {
+        tracing::warn!(socket = %socket_path.display(), "removed the socket of a dead predecessor");
+    }
+    let cleanup = Cleanup { socket: socket_path.clone(), segment: seg_name.clone() };
+    let seg = Segment::create(&seg_name, (config.segment_mib * MIB) as usize, generation)?;
+    let max_payload = config.max_payload;
+    let workers = config.workers;
+    let dir = paths.clone();
+    let shared = Shared::new(config, paths, seg, max_payload);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let drivers: Vec<_> = (0..workers)
+        .map(|i| tokio::task::spawn_local(pool::drive(Rc::clone(&shared), i, stop_rx.clone())))
+        .collect();
+
+    let unix = bind_unix(&socket_path)?;
+    let tcp = match shared.config.tcp {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| DispatcherError::Listen { what: format!("tcp {addr}"), source })?;
+            let local = l.local_addr()?;
+            *shared.tcp_addr.borrow_mut() = Some(local.to_string());
+            Some(l)
+        }
+        None => None,
+    };
+    tracing::info!(
+        instance = shared.paths.instance(),
+        socket = %socket_path.display(),
+        tcp = ?shared.tcp_addr.borrow(),
+        segment = %seg_name,
+        generation,
+        workers,
+        "dispatcher ready"
+    );
+    let heartbeat = tokio::task::spawn_local(beat(Rc::clone(&shared)));
+
+    let why = loop {
+        tokio::select! {
+            r = unix.accept() => match r {
+                Ok((stream, _)) => {
+                    tokio::task::spawn_local(conn::serve(Rc::clone(&shared), stream, "unix".into()));
+                }
+                Err(e) => accept_error(e).await,
+            },
+            r = accept_tcp(tcp.as_ref()) => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::task::spawn_local(conn::serve(Rc::clone(&shared), stream, peer.to_string()));
+                }
+                Err(e) => accept_error(e).await,
+            },
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+
+    // Ordered shutdown.
+    tracing::info!("{why}: shutting down; no longer accepting connections");
+    drop(unix);
+    drop(tcp);
+    let _ = std::fs::remove_file(&socket_path);
+    shared.draining.set(true);
+    let drain = Duration::from_millis(shared.config.drain_timeout_ms);
+    let in_flight = shared.in_flight();
+    if in_flight > 0 {
+        tracing::info!("waiting up to {drain:?} for {in_flight} in-flight job(s)");
+    }
+    let drained = tokio::select! {
+        r = tokio::time::timeout(drain, drained(&shared)) => r.is_ok(),
+        _ = sigterm.recv() => false,
+        _ = sigint.recv() => false,
+    };
+    if !drained {
+        tracing::warn!("{} job(s) still in flight; abandoning them", shared.in_flight());
+    }
+    for job in shared.take_queue() {
+        pool::answer_err(&shared, job, ipc_core::ErrorKind::ShuttingDown, "the dispatcher shut down before the job ran".into());
+    }
+    tracing::info!("closing the workers' job pipes and reaping them");
+    let _ = stop_tx.send(true);
+    for d in drivers {
+        let _ = d.await;
+    }
+    heartbeat.abort();
+    tracing::info!(
+        jobs_done = shared.jobs_done.get(),
+        jobs_failed = shared.jobs_failed.get(),
+        "workers reaped; removing segment {seg_name} and socket"
+    );
+    drop(shared);
+    drop(cleanup);
+    drop(lock);
+    dir.remove_dir_if_empty();
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+/// Resolves once no slot is on loan, i.e. every accepted job is answered.
+async fn drained(shared: &Shared) {
+    loop {
+        let freed = shared.slot_freed.notified();
+        if shared.in_flight() == 0 {
+            return;
+        }
+        freed.await;
+    }
+}
+
+/// Refreshes the heartbeat word in the segment header once a second.
+async fn beat(shared: Rc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        shared.segment.header().dispatcher_heartbeat_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn bind_unix(path: &std::path::Path) -> Result<UnixListener, DispatcherError> {
+    use std::os::unix::fs::PermissionsExt;
+    let listen_err = |source| DispatcherError::Listen { what: path.display().to_string(), source };
+    let l = UnixListener::bind(path).map_err(listen_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    Ok(l)
+}
+
+async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Out of fds or similar: log and pause instead of spinning.
+async fn accept_error(e: std::io::Error) {
+    tracing::warn!("accept failed: {e}; pausing 100 ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}

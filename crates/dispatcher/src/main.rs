@@ -1,1 +1,78 @@
-fn main() {}
+//! `osps-dispatcher`: the primary server. Parses arguments, starts logging,
+//! and runs the dispatcher library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serves OSPS jobs to clients over a Unix socket, running them on a pool of workers.
+#[derive(Debug, Parser)]
+#[command(name = "osps-dispatcher", version)]
+struct Args {
+    /// Instance name: the socket, lock file and segment names contain it.
+    #[arg(long, env = "OSPS_INSTANCE", default_value = "default")]
+    instance: String,
+    /// Base runtime directory [default: $XDG_RUNTIME_DIR/osps, else /tmp/osps-<uid>].
+    #[arg(long, env = "OSPS_RUNTIME_DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Number of workers [default: number of CPUs].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Per-job timeout in milliseconds; a worker past it is killed and replaced.
+    #[arg(long, default_value_t = 30_000)]
+    job_timeout_ms: u64,
+    /// How long shutdown waits for in-flight jobs, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    drain_timeout_ms: u64,
+    /// Deadline for a client's handshake, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Size of the shared segment's slot arena, in MiB.
+    #[arg(long, default_value_t = 256)]
+    segment_mib: u64,
+    /// Largest payload accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_payload: u64,
+    /// Largest request header frame accepted, in bytes.
+    #[arg(long, default_value_t = ipc_core::frame::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Also listen on this TCP address (loopback only), e.g. 127.0.0.1:7070.
+    #[arg(long)]
+    tcp: Option<SocketAddr>,
+    /// Enable the fault-injection operation `crash` (for tests and demos).
+    #[arg(long)]
+    allow_fault_injection: bool,
+    /// The worker program [default: osps-worker beside this program, else from PATH].
+    #[arg(long)]
+    worker_exe: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let _span = ipc_core::logging::init("dispatcher");
+    let mut config = dispatcher::Config::new(&args.instance);
+    config.runtime_dir = args.runtime_dir;
+    if let Some(n) = args.workers {
+        config.workers = n;
+    }
+    config.job_timeout_ms = args.job_timeout_ms;
+    config.drain_timeout_ms = args.drain_timeout_ms;
+    config.handshake_timeout_ms = args.handshake_timeout_ms;
+    config.segment_mib = args.segment_mib;
+    config.max_payload = args.max_payload;
+    config.max_frame = args.max_frame;
+    config.tcp = args.tcp;
+    config.allow_fault_injection = args.allow_fault_injection;
+    if let Some(exe) = args.worker_exe {
+        config.worker_exe = exe;
+    }
+    match dispatcher::run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("osps-dispatcher: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

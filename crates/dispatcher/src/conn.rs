@@ -1,0 +1,267 @@
+//! One client connection: the handshake, then a reader that turns requests
+//! into queued jobs (payload read straight into a segment slot) and a writer
+//! that sends replies (result bytes straight from the slot) as they complete,
+//! so a connection may pipeline many requests.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use ipc_core::frame::{self, FrameError};
+use ipc_core::proto::{self, ErrorKind, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, MAGIC, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::shared::{QueuedJob, Reply, Shared, RESULT_RESERVE};
+
+/// Requests one connection may have in flight before the dispatcher stops
+/// reading from it (back-pressure instead of unbounded memory).
+const MAX_IN_FLIGHT_PER_CONNECTION: usize = 128;
+/// How long a closing connection's leftover input is drained so the client
+/// reads our last answer instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Serves one accepted connection to its end.
+pub async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + 'static,
+{
+    shared.connections.set(shared.connections.get() + 1);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let deadline = Duration::from_millis(shared.config.handshake_timeout_ms);
+    match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, &peer)).await {
+        Ok(Ok(())) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let writer = tokio::task::spawn_local(write_replies(Rc::clone(&shared), wr, rx));
+            let closing = read_requests(&shared, &mut rd, tx).await;
+            let _ = writer.await;
+            if closing {
+                linger(&mut rd).await;
+            }
+        }
+        Ok(Err(reason)) => {
+            tracing::info!(%peer, "connection refused at handshake: {reason}");
+            let _ = wr.shutdown().await;
+            linger(&mut rd).await;
+        }
+        Err(_) => tracing::info!(%peer, "connection dropped: no handshake within {deadline:?}"),
+    }
+    shared.connections.set(shared.connections.get() - 1);
+}
+
+/// Reads the client's hello and answers it. On garbage, answers one line of
+/// text saying what this port expects.
+async fn handshake<R, W>(rd: &mut R, wr: &mut W, peer: &str) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = [0u8; HELLO_LEN];
+    let mut got = 0;
+    while got < HELLO_LEN {
+        let n = rd.read(&mut hello[got..]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("peer closed after {got} bytes of hello"));
+        }
+        got += n;
+        let seen = got.min(MAGIC.len());
+        if hello[..seen] != MAGIC[..seen] {
+            let _ = wr.write_all(garbage_reply(&hello[..got]).as_bytes()).await;
+            let _ = wr.flush().await;
+            return Err(format!("not an OSPS client (first bytes {:?})", String::from_utf8_lossy(&hello[..got])));
+        }
+    }
+    let (version, _flags) = proto::decode_hello(&hello).expect("magic checked");
+    if version != PROTOCOL_VERSION {
+        let mut msg = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::VersionUnsupported as u16).to_vec();
+        msg.extend_from_slice(
+            format!("OSPS dispatcher speaks protocol version {PROTOCOL_VERSION}, client asked for {version}; upgrade the client\n").as_bytes(),
+        );
+        let _ = wr.write_all(&msg).await;
+        return Err(format!("protocol version {version} not supported"));
+    }
+    wr.write_all(&proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16))
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(%peer, "client connected");
+    Ok(())
+}
+
+/// The one-line answer to a peer that does not speak OSPS.
+fn garbage_reply(first: &[u8]) -> String {
+    let line = format!(
+        "OSPS job server: this socket speaks the binary OSPS protocol v{PROTOCOL_VERSION} (a connection starts with the 8 bytes \"OSPS\", version u16 LE, flags u16 LE; see docs/PROTOCOL.md); use osps-client\n"
+    );
+    let is_http = ["GET ", "POST", "HEAD", "PUT ", "DELE", "OPTI", "PATC", "CONN"]
+        .iter()
+        .any(|m| first.starts_with(&m.as_bytes()[..first.len().min(m.len())]) && first.len() >= 3);
+    if is_http {
+        format!("HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{line}", line.len())
+    } else {
+        line
+    }
+}
+
+/// Reads requests until the client leaves or misbehaves. Returns true when
+/// the connection must close after the replies already queued (then the
+/// client's leftover bytes are drained before closing).
+async fn read_requests<R>(shared: &Rc<Shared>, rd: &mut R, tx: mpsc::UnboundedSender<Reply>) -> bool
+where
+    R: AsyncRead + Unpin,
+{
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let mut scratch = Vec::with_capacity(256);
+    let fail = |id: u64, kind: ErrorKind, message: String| {
+        let _ = tx.send(Reply::Inline { req_id: id, outcome: Outcome::Err(RemoteError::new(kind, message)), bytes: Vec::new() });
+    };
+    loop {
+        let req: Request = match frame::read_frame_async(rd, &mut scratch, shared.config.max_frame).await {
+            Ok(r) => r,
+            Err(FrameError::Closed) => return false,
+            Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
+                tracing::info!("closing connection: {e}");
+                fail(0, ErrorKind::BadRequest, format!("{e}; closing the connection"));
+                return true;
+            }
+            Err(e) => {
+                tracing::debug!("connection ended: {e}");
+                return false;
+            }
+        };
+        if req.op == proto::OP_STATUS && req.payload_len == 0 {
+            let bytes = serde_json::to_vec(&shared.status()).expect("status serialises");
+            let _ = tx.send(Reply::Inline { req_id: req.id, outcome: Outcome::Ok, bytes });
+            continue;
+        }
+        if req.payload_len > shared.max_payload {
+            fail(
+                req.id,
+                ErrorKind::TooLarge,
+                format!("payload of {} bytes exceeds the limit of {} bytes; closing the connection", req.payload_len, shared.max_payload),
+            );
+            return true;
+        }
+        if shared.draining.get() || req.op == proto::OP_STATUS {
+            // Skip the payload to stay in step with the stream.
+            if let Err(e) = skip(rd, req.payload_len).await {
+                tracing::debug!("connection ended inside a payload: {e}");
+                return false;
+            }
+            let (kind, msg) = if shared.draining.get() {
+                (ErrorKind::ShuttingDown, "the dispatcher is shutting down; retry later".to_owned())
+            } else {
+                (ErrorKind::BadRequest, "status takes no payload".to_owned())
+            };
+            fail(req.id, kind, msg);
+            continue;
+        }
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let lease = shared.lease(req.payload_len + RESULT_RESERVE).await;
+        let region = lease.region();
+        let buf = shared.segment.bytes_mut(region).expect("allocator regions lie in the arena");
+        if let Err(e) = frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]).await {
+            tracing::info!(id = req.id, "client left inside a {}-byte payload: {e}", req.payload_len);
+            return false;
+        }
+        let job = QueuedJob {
+            job_id: shared.next_job_id(),
+            req_id: req.id,
+            op: req.op,
+            args: req.args,
+            lease,
+            input_len: req.payload_len,
+            reply: tx.clone(),
+            attempts: 0,
+            permit,
+        };
+        shared.enqueue(job, false);
+    }
+}
+
+/// Reads and discards `len` bytes.
+async fn skip<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> std::io::Result<()> {
+    let copied = tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Drains what the client still sends, briefly, so that closing does not
+/// reset the connection before it has read our last answer.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    let _ = tokio::time::timeout(LINGER, skip_to_eof(rd)).await;
+}
+
+async fn skip_to_eof<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut buf = [0u8; 8192];
+    let mut total = 0usize;
+    while let Ok(n) = rd.read(&mut buf).await {
+        total += n;
+        if n == 0 || total > 64 << 20 {
+            break;
+        }
+    }
+}
+
+/// Writes replies as they arrive, batching small ones into one write.
+async fn write_replies<W>(shared: Rc<Shared>, mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(4096);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            let (req_id, outcome, bytes, lease) = match reply {
+                Reply::Job { req_id, outcome, result, lease, permit } => {
+                    let bytes = shared.segment.bytes(result).expect("result region checked by the pool");
+                    (req_id, outcome, bytes, Some((lease, permit)))
+                }
+                Reply::Inline { req_id, outcome, bytes } => {
+                    let resp = Response { id: req_id, outcome, result_len: bytes.len() as u64 };
+                    frame::encode(&resp, &mut out).expect("responses encode");
+                    out.extend_from_slice(&bytes);
+                    next = rx.try_recv().ok();
+                    continue;
+                }
+            };
+            let resp = Response { id: req_id, outcome, result_len: bytes.len() as u64 };
+            frame::encode(&resp, &mut out).expect("responses encode");
+            if bytes.len() <= 16 * 1024 {
+                out.extend_from_slice(bytes);
+            } else {
+                // Large result: header, then the bytes straight from the slot.
+                if wr.write_all(&out).await.is_err() || wr.write_all(bytes).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+            drop(lease);
+            if out.len() < 64 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_replies_say_what_the_port_expects() {
+        let text = garbage_reply(b"Demande echange ping pong\n");
+        assert!(text.starts_with("OSPS job server") && text.ends_with('\n') && text.lines().count() == 1);
+        let http = garbage_reply(b"GET / HTTP/1.1\r\n");
+        assert!(http.starts_with("HTTP/1.0 400 Bad Request\r\n"));
+        assert!(http.contains("binary OSPS protocol"));
+    }
+}

@@ -1,0 +1,213 @@
+//! State shared by the dispatcher's tasks (one thread, so `Rc` and `Cell`):
+//! the segment and its allocator, the job queue, counters. No borrow of a
+//! `RefCell` here is ever held across an `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Instant;
+
+use ipc_core::alloc::AllocError;
+use ipc_core::proto::{Outcome, PROTOCOL_VERSION};
+use ipc_core::status::{SegmentStatus, StatusReport, WorkerStatus};
+use ipc_core::{Region, RuntimePaths, Segment, Slot, SlotAllocator};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+
+use crate::Config;
+
+/// Room kept after every payload for small results (digests, counts), so an
+/// operation never has to overwrite its input to answer.
+pub const RESULT_RESERVE: u64 = 4096;
+
+/// What a connection's writer sends back to its client.
+#[derive(Debug)]
+pub enum Reply {
+    /// A job's answer; the result lies in the slot the lease holds.
+    Job { req_id: u64, outcome: Outcome, result: Region, lease: SlotLease, permit: OwnedSemaphorePermit },
+    /// An answer the dispatcher made itself (status, errors), bytes inline.
+    Inline { req_id: u64, outcome: Outcome, bytes: Vec<u8> },
+}
+
+/// A job waiting for, or running on, a worker.
+#[derive(Debug)]
+pub struct QueuedJob {
+    pub job_id: u64,
+    pub req_id: u64,
+    pub op: String,
+    pub args: Vec<String>,
+    pub lease: SlotLease,
+    pub input_len: u64,
+    pub reply: mpsc::UnboundedSender<Reply>,
+    /// Runs so far that ended with the worker dying.
+    pub attempts: u8,
+    /// The connection's in-flight allowance, returned when the reply is written.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A slot on loan from the allocator; returned when dropped, wherever that is
+/// (reply written, connection gone, job abandoned), so slots never leak.
+#[derive(Debug)]
+pub struct SlotLease {
+    shared: Rc<Shared>,
+    slot: Option<Slot>,
+}
+
+impl SlotLease {
+    /// The slot's bytes in the arena.
+    pub fn region(&self) -> Region {
+        self.slot.as_ref().expect("slot held until drop").region()
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.shared.alloc.borrow_mut().free(slot);
+            self.shared.slot_freed.notify_waiters();
+        }
+    }
+}
+
+/// Everything the tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub paths: RuntimePaths,
+    pub segment: Segment,
+    pub max_payload: u64,
+    alloc: RefCell<SlotAllocator>,
+    /// Woken whenever a slot is released.
+    pub slot_freed: Notify,
+    queue: RefCell<VecDeque<QueuedJob>>,
+    job_ready: Notify,
+    next_job_id: Cell<u64>,
+    pub started: Instant,
+    /// Set once shutdown begins: new jobs are refused.
+    pub draining: Cell<bool>,
+    pub connections: Cell<usize>,
+    pub jobs_done: Cell<u64>,
+    pub jobs_failed: Cell<u64>,
+    pub workers: RefCell<Vec<WorkerStatus>>,
+    pub tcp_addr: RefCell<Option<String>>,
+}
+
+impl Shared {
+    pub fn new(config: Config, paths: RuntimePaths, segment: Segment, max_payload: u64) -> Rc<Self> {
+        let alloc = SlotAllocator::new(segment.arena_len() as u64);
+        let workers = (0..config.workers)
+            .map(|index| WorkerStatus { index, pid: 0, state: "starting".into(), jobs_done: 0, restarts: 0 })
+            .collect();
+        Rc::new(Shared {
+            config,
+            paths,
+            segment,
+            max_payload,
+            alloc: RefCell::new(alloc),
+            slot_freed: Notify::new(),
+            queue: RefCell::new(VecDeque::new()),
+            job_ready: Notify::new(),
+            next_job_id: Cell::new(1),
+            started: Instant::now(),
+            draining: Cell::new(false),
+            connections: Cell::new(0),
+            jobs_done: Cell::new(0),
+            jobs_failed: Cell::new(0),
+            workers: RefCell::new(workers),
+            tcp_addr: RefCell::new(None),
+        })
+    }
+
+    /// Slots on loan: every accepted job holds one until its reply is written.
+    pub fn in_flight(&self) -> usize {
+        self.alloc.borrow().in_use()
+    }
+
+    /// Waits for a slot of `len` bytes (back-pressure when the arena is full).
+    /// `len` must not exceed [`Shared::max_slot`].
+    pub async fn lease(self: &Rc<Self>, len: u64) -> SlotLease {
+        loop {
+            let freed = self.slot_freed.notified();
+            match self.alloc.borrow_mut().alloc(len) {
+                Ok(slot) => return SlotLease { shared: Rc::clone(self), slot: Some(slot) },
+                Err(AllocError::Exhausted { .. }) => {}
+                Err(e @ AllocError::TooLarge { .. }) => unreachable!("callers check sizes first: {e}"),
+            }
+            freed.await;
+        }
+    }
+
+    /// Numbers a new job.
+    pub fn next_job_id(&self) -> u64 {
+        let id = self.next_job_id.get();
+        self.next_job_id.set(id + 1);
+        id
+    }
+
+    /// Queues a job at the back (or, for a retry, at the front).
+    pub fn enqueue(&self, job: QueuedJob, front: bool) {
+        if front {
+            self.queue.borrow_mut().push_front(job);
+        } else {
+            self.queue.borrow_mut().push_back(job);
+        }
+        self.job_ready.notify_one();
+    }
+
+    /// Waits for the next queued job.
+    pub async fn next_job(&self) -> QueuedJob {
+        loop {
+            let ready = self.job_ready.notified();
+            if let Some(job) = self.queue.borrow_mut().pop_front() {
+                return job;
+            }
+            ready.await;
+        }
+    }
+
+    /// Removes every queued job (at shutdown, to answer them).
+    pub fn take_queue(&self) -> Vec<QueuedJob> {
+        self.queue.borrow_mut().drain(..).collect()
+    }
+
+    /// Updates one worker's status entry.
+    pub fn set_worker(&self, index: usize, f: impl FnOnce(&mut WorkerStatus)) {
+        f(&mut self.workers.borrow_mut()[index]);
+    }
+
+    /// Counts a job's outcome.
+    pub fn count(&self, outcome: &Outcome) {
+        let cell = if matches!(outcome, Outcome::Ok) { &self.jobs_done } else { &self.jobs_failed };
+        cell.set(cell.get() + 1);
+    }
+
+    /// The report answered to `status`.
+    pub fn status(&self) -> StatusReport {
+        let alloc = self.alloc.borrow();
+        let header = self.segment.header();
+        StatusReport {
+            instance: self.paths.instance().to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            dispatcher_pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            socket: self.paths.socket().display().to_string(),
+            tcp: self.tcp_addr.borrow().clone(),
+            segment: SegmentStatus {
+                backend: "posix".into(),
+                name: self.segment.name().to_owned(),
+                path: ipc_core::segment::fs_path(self.segment.name()),
+                size: self.segment.len() as u64,
+                generation: header.generation.load(std::sync::atomic::Ordering::Relaxed),
+                slots_in_use: alloc.in_use(),
+                slot_bytes_in_use: alloc.bytes_in_use(),
+                max_payload: self.max_payload,
+            },
+            workers: self.workers.borrow().clone(),
+            jobs_done: self.jobs_done.get(),
+            jobs_failed: self.jobs_failed.get(),
+            queue_depth: self.queue.borrow().len(),
+            in_flight: alloc.in_use(),
+            connections: self.connections.get(),
+            shutting_down: self.draining.get(),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The operations a worker runs, in one table: adding an operation is adding
+//! one function and one row to [`OPS`].
+//!
+//! An operation sees its slot: the input at the start, free room after it. It
+//! either transforms the input in place (the result is the first bytes of the
+//! slot) or writes a small result after the input with [`JobCtx::reply`], which
+//! leaves the input intact so that a job retried after a worker crash sees the
+//! same bytes. In-place operations must be idempotent (`upper` is) for the
+//! same reason.
+
+use std::fmt::Write as _;
+
+use ipc_core::proto::{ErrorKind, RemoteError};
+use sha2::{Digest, Sha256};
+
+/// Where the result lies in the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Output {
+    /// Offset from the slot's start.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// What an operation works on.
+#[derive(Debug)]
+pub struct JobCtx<'a> {
+    /// The job's arguments.
+    pub args: &'a [String],
+    /// The whole slot; the input is `slot[..input_len]`.
+    pub slot: &'a mut [u8],
+    /// Length of the input.
+    pub input_len: usize,
+}
+
+impl JobCtx<'_> {
+    /// The input bytes.
+    pub fn input(&self) -> &[u8] {
+        &self.slot[..self.input_len]
+    }
+
+    /// Writes `bytes` as the result: after the input when it fits there (the
+    /// dispatcher reserves room for small results), else over the input.
+    pub fn reply(&mut self, bytes: &[u8]) -> Result<Output, RemoteError> {
+        let offset = if self.slot.len() - self.input_len >= bytes.len() {
+            self.input_len
+        } else if bytes.len() <= self.slot.len() {
+            0
+        } else {
+            return Err(RemoteError::new(ErrorKind::Internal, format!("result of {} bytes exceeds the slot", bytes.len())));
+        };
+        self.slot[offset..offset + bytes.len()].copy_from_slice(bytes);
+        Ok(Output { offset, len: bytes.len() })
+    }
+
+    /// Checks that exactly `n` arguments were given.
+    fn expect_args(&self, n: usize, usage: &str) -> Result<(), RemoteError> {
+        if self.args.len() == n {
+            Ok(())
+        } else {
+            Err(RemoteError::new(
+                ErrorKind::InvalidInput,
+                format!("expected {n} argument(s), got {}; usage: {usage}", self.args.len()),
+            ))
+        }
+    }
+}
+
+/// One operation.
+#[derive(Debug)]
+pub struct OpSpec {
+    /// Its name on the wire and on the command line.
+    pub name: &'static str,
+    /// Usage line, shown in errors.
+    pub usage: &'static str,
+    /// Only available when the dispatcher allows fault injection.
+    pub fault_injection: bool,
+    /// The implementation.
+    pub run: fn(&mut JobCtx<'_>) -> Result<Output, RemoteError>,
+}
+
+/// Every operation a worker knows.
+pub const OPS: &[OpSpec] = &[
+    OpSpec { name: "ping", usage: "ping", fault_injection: false, run: ping },
+    OpSpec { name: "echo", usage: "echo (payload returned as is)", fault_injection: false, run: echo },
+    OpSpec { name: "upper", usage: "upper (ASCII upper case)", fault_injection: false, run: upper },
+    OpSpec { name: "sha256", usage: "sha256 (hex digest and newline)", fault_injection: false, run: sha256 },
+    OpSpec { name: "wc", usage: "wc (\"LINES WORDS BYTES\\n\")", fault_injection: false, run: wc },
+    OpSpec { name: "sleep", usage: "sleep MS (at most 3600000)", fault_injection: false, run: sleep },
+    OpSpec { name: "crash", usage: "crash (aborts the worker; fault injection only)", fault_injection: true, run: crash },
+];
+
+/// Finds an operation; the error lists what exists.
+pub fn lookup(name: &str, allow_fault_injection: bool) -> Result<&'static OpSpec, RemoteError> {
+    match OPS.iter().find(|o| o.name == name) {
+        Some(op) if op.fault_injection && !allow_fault_injection => Err(RemoteError::new(
+            ErrorKind::FaultInjectionDisabled,
+            format!("{name:?} injects faults and is off; start the dispatcher with --allow-fault-injection to use it"),
+        )),
+        Some(op) => Ok(op),
+        None => {
+            let known: Vec<&str> = OPS.iter().filter(|o| allow_fault_injection || !o.fault_injection).map(|o| o.name).collect();
+            Err(RemoteError::new(ErrorKind::UnknownOp, format!("{name:?} is not an operation; known: {}", known.join(", "))))
+        }
+    }
+}
+
+fn ping(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    ctx.expect_args(0, "ping")?;
+    ctx.reply(b"pong\n")
+}
+
+fn echo(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    ctx.expect_args(0, "echo")?;
+    Ok(Output { offset: 0, len: ctx.input_len })
+}
+
+fn upper(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    ctx.expect_args(0, "upper")?;
+    let n = ctx.input_len;
+    ctx.slot[..n].make_ascii_uppercase();
+    Ok(Output { offset: 0, len: n })
+}
+
+fn sha256(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    ctx.expect_args(0, "sha256")?;
+    let digest = Sha256::digest(ctx.input());
+    let mut hex = String::with_capacity(65);
+    for b in digest {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex.push('\n');
+    ctx.reply(hex.as_bytes())
+}
+
+fn wc(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    ctx.expect_args(0, "wc")?;
+    let input = ctx.input();
+    let lines = input.iter().filter(|&&b| b == b'\n').count();
+    let words = input.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()).count();
+    let text = format!("{lines} {words} {}\n", input.len());
+    ctx.reply(text.as_bytes())
+}
+
+fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    ctx.expect_args(1, "sleep MS")?;
+    let ms: u64 = ctx.args[0]
+        .parse()
+        .ok()
+        .filter(|&ms| ms <= 3_600_000)
+        .ok_or_else(|| RemoteError::new(ErrorKind::InvalidInput, format!("sleep takes milliseconds from 0 to 3600000, got {:?}", ctx.args[0])))?;
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    ctx.reply(format!("slept {ms} ms\n").as_bytes())
+}
+
+fn crash(_ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    tracing::warn!("crash operation: aborting on purpose (fault injection)");
+    std::process::abort()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(op: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut slot = vec![0u8; input.len() + 4096];
+        slot[..input.len()].copy_from_slice(input);
+        let spec = lookup(op, false)?;
+        let mut ctx = JobCtx { args: &args, slot: &mut slot, input_len: input.len() };
+        let out = (spec.run)(&mut ctx)?;
+        Ok(slot[out.offset..out.offset + out.len].to_vec())
+    }
+
+    #[test]
+    fn operations_compute_what_they_say() {
+        assert_eq!(run("ping", &[], b"").unwrap(), b"pong\n");
+        assert_eq!(run("echo", &[], b"a\0b").unwrap(), b"a\0b");
+        assert_eq!(run("upper", &[], b"abc, d\xc3\xa9!").unwrap(), b"ABC, D\xc3\xa9!");
+        assert_eq!(
+            run("sha256", &[], b"abc").unwrap(),
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        );
+        assert_eq!(run("wc", &[], b"one two\nthree\n\n  four").unwrap(), b"3 4 21\n");
+        assert_eq!(run("sleep", &["1"], b"").unwrap(), b"slept 1 ms\n");
+    }
+
+    #[test]
+    fn small_results_leave_the_input_intact() {
+        let mut slot = b"abc".to_vec();
+        slot.resize(4096, 0);
+        let mut ctx = JobCtx { args: &[], slot: &mut slot, input_len: 3 };
+        let out = sha256(&mut ctx).unwrap();
+        assert_eq!(out.offset, 3);
+        assert_eq!(&slot[..3], b"abc");
+    }
+
+    #[test]
+    fn bad_requests_get_typed_errors() {
+        assert_eq!(run("nope", &[], b"").unwrap_err().kind, ErrorKind::UnknownOp);
+        assert_eq!(run("crash", &[], b"").unwrap_err().kind, ErrorKind::FaultInjectionDisabled);
+        assert_eq!(run("sleep", &[], b"").unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(run("sleep", &["soon"], b"").unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(run("ping", &["x"], b"").unwrap_err().kind, ErrorKind::InvalidInput);
+        assert!(lookup("crash", true).is_ok());
+    }
+}
