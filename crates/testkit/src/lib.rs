@@ -1,1 +1,279 @@
-//! placeholder
+//! Test and demo support: start the real OSPS binaries on a unique instance in
+//! a private runtime directory, under a guard that kills and reaps every
+//! process and removes the segment and socket when dropped — even when an
+//! assertion failed. Also the leftover checks: processes, zombies, segment,
+//! socket.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use ipc_core::status::StatusReport;
+use ipc_core::{Endpoint, RuntimePaths};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use osps_client::Client;
+
+/// Generous bound for anything that should take milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Path of a workspace binary (`osps-dispatcher`, ...), found beside the
+/// running test or xtask executable in the cargo target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{name} not found near {}; build it first (`cargo build --workspace --bins`; `cargo test --workspace` does it)",
+        exe.display()
+    );
+}
+
+/// A name no other test of this run, nor any parallel run, uses.
+pub fn unique_instance(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let tag: String = tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect();
+    format!("t{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), tag)
+}
+
+/// Makes this process the child subreaper, so workers orphaned by a killed
+/// dispatcher become our children and we can reap them (PID 1 of a container
+/// may not).
+pub fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    });
+}
+
+/// A process seen in `/proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: u32,
+    pub ppid: u32,
+    /// One-letter state (`R`, `S`, `Z`, ...).
+    pub state: char,
+    pub cmdline: String,
+}
+
+/// Reads `/proc/PID/stat` and `cmdline`.
+pub fn proc_info(pid: u32) -> Option<Proc> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_owned();
+    Some(Proc { pid, ppid, state, cmdline })
+}
+
+/// Every process on the machine.
+pub fn all_processes() -> Vec<Proc> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter_map(proc_info).collect()
+}
+
+/// Processes whose command line mentions `needle` (e.g. an instance or segment name).
+/// Zombies have an empty command line: find them with [`zombies_of`].
+pub fn processes_mentioning(needle: &str) -> Vec<Proc> {
+    let me = std::process::id();
+    all_processes().into_iter().filter(|p| p.pid != me && p.cmdline.contains(needle)).collect()
+}
+
+/// Zombies (state `Z`) whose parent is one of `parents`.
+pub fn zombies_of(parents: &[u32]) -> Vec<Proc> {
+    all_processes().into_iter().filter(|p| p.state == 'Z' && parents.contains(&p.ppid)).collect()
+}
+
+/// What an instance left behind: processes, segment, socket. Empty when clean.
+pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
+    let mut found = Vec::new();
+    for p in processes_mentioning(&paths.segment_name()) {
+        found.push(format!("process {} ({}) state {}", p.pid, p.cmdline, p.state));
+    }
+    for p in processes_mentioning(&format!("--instance {}", paths.instance())) {
+        found.push(format!("process {} ({}) state {}", p.pid, p.cmdline, p.state));
+    }
+    if paths.segment_path().exists() {
+        found.push(format!("segment {}", paths.segment_path().display()));
+    }
+    if paths.socket().exists() {
+        found.push(format!("socket {}", paths.socket().display()));
+    }
+    found
+}
+
+/// Polls `f` until it returns `Some` or `within` passes.
+pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A dispatcher (and its workers) on a private instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub paths: RuntimePaths,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl Instance {
+    /// Starts `osps-dispatcher` with `args` (beyond instance and runtime dir)
+    /// and waits until every worker is idle.
+    pub fn start(tag: &str, args: &[&str]) -> Instance {
+        Instance::start_with(tag, args, |_| {})
+    }
+
+    /// Like [`Instance::start`], running `before` on the paths first (e.g. to
+    /// plant the leftovers of a crashed predecessor).
+    pub fn start_with(tag: &str, args: &[&str], before: impl FnOnce(&RuntimePaths)) -> Instance {
+        become_subreaper();
+        let name = unique_instance(tag);
+        let dir = tempfile::Builder::new().prefix("osps-").tempdir().expect("temp dir");
+        let paths = RuntimePaths::new(&name, Some(dir.path())).expect("paths");
+        before(&paths);
+        let log = dir.path().join("dispatcher.log");
+        let child = Command::new(bin("osps-dispatcher"))
+            .arg("--instance")
+            .arg(&name)
+            .arg("--runtime-dir")
+            .arg(dir.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log file"))
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("spawn osps-dispatcher");
+        let pid = child.id();
+        let mut inst = Instance { paths, dir, child: Some(child), pid, log };
+        inst.wait_ready();
+        inst
+    }
+
+    /// Waits until the dispatcher answers and all its workers are idle.
+    pub fn wait_ready(&mut self) {
+        let ready = wait_for(PATIENCE, || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("dispatcher exited during start-up ({status}); log:\n{}", self.log());
+            }
+            let s = self.try_status()?;
+            s.workers.iter().all(|w| w.state == "idle").then_some(())
+        });
+        assert!(ready.is_some(), "dispatcher not ready within {PATIENCE:?}; log:\n{}", self.log());
+    }
+
+    /// The instance name.
+    pub fn name(&self) -> &str {
+        self.paths.instance()
+    }
+
+    /// The base runtime directory passed to `--runtime-dir`.
+    pub fn runtime_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The dispatcher's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The Unix endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.paths.socket())
+    }
+
+    /// A new connected client.
+    pub fn client(&self) -> Client {
+        let mut c = Client::connect(&self.endpoint()).unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.log()));
+        c.set_timeout(Some(PATIENCE * 3)).expect("timeout");
+        c
+    }
+
+    /// The status report, or `None` if the dispatcher does not answer.
+    pub fn try_status(&self) -> Option<StatusReport> {
+        let mut c = Client::connect(&self.endpoint()).ok()?;
+        c.set_timeout(Some(Duration::from_secs(5))).ok()?;
+        c.status().ok()
+    }
+
+    /// The status report.
+    pub fn status(&self) -> StatusReport {
+        self.try_status().unwrap_or_else(|| panic!("no status; log:\n{}", self.log()))
+    }
+
+    /// Worker pids according to the status report.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.status().workers.iter().map(|w| w.pid).collect()
+    }
+
+    /// The dispatcher's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` to the dispatcher.
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid as i32), sig);
+    }
+
+    /// Waits for the dispatcher to exit (and reaps it).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(within, || child.try_wait().ok().flatten());
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// Leftovers of this instance (processes, segment, socket).
+    pub fn leftovers(&self) -> Vec<String> {
+        leftovers(&self.paths)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let workers: Vec<u32> = processes_mentioning(&self.paths.segment_name()).iter().map(|p| p.pid).collect();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for &pid in &workers {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        // Workers orphaned by the kill are our children (we are the subreaper): reap them.
+        for &pid in &workers {
+            let _ = wait_for(Duration::from_secs(5), || match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
+                _ => Some(()),
+            });
+        }
+        ipc_core::segment::unlink(&self.paths.segment_name());
+        let _ = fs::remove_file(self.paths.socket());
+        if std::thread::panicking() {
+            eprintln!("--- dispatcher log of {} ---\n{}", self.name(), self.log());
+        }
+    }
+}
