@@ -1,0 +1,81 @@
+//! The `osps-client` command against a real dispatcher.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use osps_testkit::{bin, Instance};
+use sha2::{Digest, Sha256};
+
+fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(bin("osps-client"))
+        .args(["--instance", inst.name(), "--runtime-dir"])
+        .arg(inst.runtime_dir())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+const ARGS: &[&str] = &["--workers", "2", "--segment-mib", "16", "--max-payload", "4194304"];
+
+#[test]
+fn run_ping_and_status_do_what_they_say() {
+    let inst = Instance::start("cli", ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.bin");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
+
+    let out = cli(&inst, &["run", "sha256", "--input", input.to_str().unwrap()], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{want}\n"));
+
+    let out = cli(&inst, &["run", "upper", "--input", "-"], b"from stdin\n");
+    assert_eq!(out.stdout, b"FROM STDIN\n");
+
+    let output = dir.path().join("out.bin");
+    let out = cli(&inst, &["run", "echo", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()], b"");
+    assert!(out.status.success());
+    assert!(std::fs::read(&output).unwrap() == data);
+
+    let out = cli(&inst, &["run", "sleep", "5"], b"");
+    assert_eq!(out.stdout, b"slept 5 ms\n");
+
+    let out = cli(&inst, &["ping"], b"");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pong from unix:"));
+
+    let out = cli(&inst, &["status"], b"");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&inst.paths.socket().display().to_string()), "{text}");
+    assert!(text.contains(&inst.paths.segment_name()), "{text}");
+    assert!(text.contains(&format!("pid {}", inst.pid())), "{text}");
+
+    let out = cli(&inst, &["status", "--json"], b"");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dispatcher_pid"], inst.pid());
+    assert!(v["jobs_done"].as_u64().unwrap() >= 5);
+}
+
+#[test]
+fn errors_are_one_line_and_exit_non_zero() {
+    let inst = Instance::start("clierr", ARGS);
+    for (args, needle) in [
+        (&["run", "nope"][..], "is not an operation"),
+        (&["run", "crash"][..], "--allow-fault-injection"),
+        (&["run", "sleep", "x"][..], "invalid input"),
+        (&["run", "echo", "--input", "/nonexistent/file"][..], "/nonexistent/file"),
+        (&["--connect", "unix:/nonexistent/osps.sock", "ping"][..], "is the dispatcher running?"),
+    ] {
+        let out = cli(&inst, args, b"");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("osps-client: ") && err.contains(needle), "{args:?}: {err}");
+    }
+}
