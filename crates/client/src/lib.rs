@@ -16,7 +16,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, PROTOCOL_VERSION};
+use ipc_core::proto::{
+    self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, PROTOCOL_VERSION,
+};
 use ipc_core::status::StatusReport;
 use ipc_core::{Endpoint, PathError, RuntimePaths};
 
@@ -118,7 +120,10 @@ const COALESCE: usize = 16 * 1024;
 
 impl Client {
     /// Connects to the dispatcher of `instance` through its Unix socket.
-    pub fn connect_instance(instance: &str, runtime_dir: Option<&Path>) -> Result<Client, ClientError> {
+    pub fn connect_instance(
+        instance: &str,
+        runtime_dir: Option<&Path>,
+    ) -> Result<Client, ClientError> {
         let paths = RuntimePaths::new(instance, runtime_dir)?;
         Client::connect(&Endpoint::Unix(paths.socket()))
     }
@@ -126,7 +131,10 @@ impl Client {
     /// Connects to `endpoint` and performs the handshake.
     pub fn connect(endpoint: &Endpoint) -> Result<Client, ClientError> {
         let name = endpoint.to_string();
-        let connect_err = |source| ClientError::Connect { endpoint: name.clone(), source };
+        let connect_err = |source| ClientError::Connect {
+            endpoint: name.clone(),
+            source,
+        };
         let stream = match endpoint {
             Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(connect_err)?),
             Endpoint::Tcp(a) => {
@@ -140,12 +148,18 @@ impl Client {
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
         let got = read_up_to(&mut reader, &mut hello)?;
-        let Some((_version, status)) = (got == HELLO_LEN).then(|| proto::decode_hello(&hello)).flatten() else {
+        let Some((_version, status)) = (got == HELLO_LEN)
+            .then(|| proto::decode_hello(&hello))
+            .flatten()
+        else {
             let mut rest = Vec::new();
             let _ = reader.take(512).read_to_end(&mut rest);
             let mut answer = hello[..got].to_vec();
             answer.extend_from_slice(&rest);
-            return Err(ClientError::NotOsps { endpoint: name, answer: String::from_utf8_lossy(&answer).trim().to_owned() });
+            return Err(ClientError::NotOsps {
+                endpoint: name,
+                answer: String::from_utf8_lossy(&answer).trim().to_owned(),
+            });
         };
         match HelloStatus::from_u16(status) {
             Some(HelloStatus::Accepted) => {}
@@ -184,10 +198,21 @@ impl Client {
 
     /// Sends a request whose `len` payload bytes are read from `payload`
     /// (e.g. a file), without holding them all in memory.
-    pub fn send_from<R: Read>(&mut self, op: &str, args: &[&str], len: u64, mut payload: R) -> Result<u64, ClientError> {
+    pub fn send_from<R: Read>(
+        &mut self,
+        op: &str,
+        args: &[&str],
+        len: u64,
+        mut payload: R,
+    ) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let req = Request { id, op: op.to_owned(), args: args.iter().map(|a| a.to_string()).collect(), payload_len: len };
+        let req = Request {
+            id,
+            op: op.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            payload_len: len,
+        };
         self.out.clear();
         frame::encode(&req, &mut self.out)?;
         if len as usize <= COALESCE {
@@ -199,7 +224,9 @@ impl Client {
             self.writer.write_all(&self.out)?;
             let copied = io::copy(&mut payload.take(len), &mut self.writer)?;
             if copied != len {
-                return Err(ClientError::Protocol(format!("payload source gave {copied} of {len} bytes")));
+                return Err(ClientError::Protocol(format!(
+                    "payload source gave {copied} of {len} bytes"
+                )));
             }
         }
         Ok(id)
@@ -207,9 +234,12 @@ impl Client {
 
     /// Reads the next reply header; the caller must then consume `result_len` bytes.
     fn recv_header(&mut self) -> Result<Response, ClientError> {
-        let resp: Response = frame::read_frame(&mut self.reader, &mut self.scratch, DEFAULT_MAX_FRAME)?;
+        let resp: Response =
+            frame::read_frame(&mut self.reader, &mut self.scratch, DEFAULT_MAX_FRAME)?;
         if !matches!(resp.outcome, Outcome::Ok) && resp.result_len != 0 {
-            return Err(ClientError::Protocol("an error reply announced result bytes".into()));
+            return Err(ClientError::Protocol(
+                "an error reply announced result bytes".into(),
+            ));
         }
         Ok(resp)
     }
@@ -232,7 +262,10 @@ impl Client {
             }
             Outcome::Err(e) => Err(e),
         };
-        Ok(Reply { id: resp.id, result })
+        Ok(Reply {
+            id: resp.id,
+            result,
+        })
     }
 
     /// Waits for the reply to request `id` (keeping others for later).
@@ -247,14 +280,22 @@ impl Client {
             }
             if reply.id == 0 {
                 // The server could not even read a request: it is about the connection.
-                return Err(reply.result.err().map_or_else(|| ClientError::Protocol("reply to id 0".into()), ClientError::Remote));
+                return Err(reply.result.err().map_or_else(
+                    || ClientError::Protocol("reply to id 0".into()),
+                    ClientError::Remote,
+                ));
             }
             self.early.insert(reply.id, reply);
         }
     }
 
     /// Calls `op` and returns its result bytes.
-    pub fn call(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+    pub fn call(
+        &mut self,
+        op: &str,
+        args: &[&str],
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
         let id = self.send(op, args, payload)?;
         self.wait(id)
     }
@@ -270,19 +311,28 @@ impl Client {
         output: &mut W,
     ) -> Result<u64, ClientError> {
         if !self.early.is_empty() {
-            return Err(ClientError::Protocol("call_streaming with replies pending".into()));
+            return Err(ClientError::Protocol(
+                "call_streaming with replies pending".into(),
+            ));
         }
         let id = self.send_from(op, args, len, input)?;
         let resp = self.recv_header()?;
         if resp.id != id {
-            return Err(ClientError::Protocol(format!("reply to {} while waiting for {id}", resp.id)));
+            return Err(ClientError::Protocol(format!(
+                "reply to {} while waiting for {id}",
+                resp.id
+            )));
         }
         if let Outcome::Err(e) = resp.outcome {
             return Err(e.into());
         }
         let copied = io::copy(&mut (&mut self.reader).take(resp.result_len), output)?;
         if copied != resp.result_len {
-            return Err(FrameError::Truncated { expected: resp.result_len as usize, got: copied as usize }.into());
+            return Err(FrameError::Truncated {
+                expected: resp.result_len as usize,
+                got: copied as usize,
+            }
+            .into());
         }
         Ok(copied)
     }
@@ -290,7 +340,8 @@ impl Client {
     /// Asks the dispatcher for its status report.
     pub fn status(&mut self) -> Result<StatusReport, ClientError> {
         let bytes = self.call(proto::OP_STATUS, &[], &[])?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("status is not valid JSON: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("status is not valid JSON: {e}")))
     }
 
     /// Round trip through a worker: succeeds when the whole path answers.
@@ -299,7 +350,10 @@ impl Client {
         if r == b"pong\n" {
             Ok(())
         } else {
-            Err(ClientError::Protocol(format!("ping answered {:?}", String::from_utf8_lossy(&r))))
+            Err(ClientError::Protocol(format!(
+                "ping answered {:?}",
+                String::from_utf8_lossy(&r)
+            )))
         }
     }
 }

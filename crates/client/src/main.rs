@@ -81,15 +81,27 @@ fn run(args: Args) -> Result<(), ClientError> {
             client.set_timeout(Some(Duration::from_millis(timeout_ms.max(1))))?;
             let start = std::time::Instant::now();
             client.ping()?;
-            println!("pong from {} in {:.3} ms", client.endpoint(), start.elapsed().as_secs_f64() * 1e3);
+            println!(
+                "pong from {} in {:.3} ms",
+                client.endpoint(),
+                start.elapsed().as_secs_f64() * 1e3
+            );
         }
-        Command::Run { op, args: op_args, input, output } => {
+        Command::Run {
+            op,
+            args: op_args,
+            input,
+            output,
+        } => {
             let op_args: Vec<&str> = op_args.iter().map(String::as_str).collect();
-            let mut out: Box<dyn Write> = if output.as_os_str() == "-" {
-                Box::new(io::stdout().lock())
-            } else {
-                Box::new(File::create(&output).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", output.display())))?)
-            };
+            let mut out: Box<dyn Write> =
+                if output.as_os_str() == "-" {
+                    Box::new(io::stdout().lock())
+                } else {
+                    Box::new(File::create(&output).map_err(|e| {
+                        io::Error::new(e.kind(), format!("{}: {e}", output.display()))
+                    })?)
+                };
             match input {
                 None => {
                     client.call_streaming(&op, &op_args, 0, io::empty(), &mut out)?;
@@ -100,7 +112,8 @@ fn run(args: Args) -> Result<(), ClientError> {
                     client.call_streaming(&op, &op_args, buf.len() as u64, &buf[..], &mut out)?;
                 }
                 Some(p) => {
-                    let f = File::open(&p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+                    let f = File::open(&p)
+                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
                     let len = f.metadata()?.len();
                     client.call_streaming(&op, &op_args, len, f, &mut out)?;
                 }
@@ -110,7 +123,10 @@ fn run(args: Args) -> Result<(), ClientError> {
         Command::Status { json } => {
             let report = client.status()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
             } else {
                 print_status(&report);
             }
@@ -123,18 +139,54 @@ fn print_status(r: &ipc_core::status::StatusReport) {
     use std::fmt::Write as _;
     let mut o = String::new();
     let _ = writeln!(o, "instance      {}", r.instance);
-    let _ = writeln!(o, "dispatcher    pid {}, up {:.1} s{}", r.dispatcher_pid, r.uptime_ms as f64 / 1e3, if r.shutting_down { ", shutting down" } else { "" });
+    let _ = writeln!(
+        o,
+        "dispatcher    pid {}, up {:.1} s{}",
+        r.dispatcher_pid,
+        r.uptime_ms as f64 / 1e3,
+        if r.shutting_down {
+            ", shutting down"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(o, "socket        {}", r.socket);
     if let Some(tcp) = &r.tcp {
         let _ = writeln!(o, "tcp           {tcp}");
     }
     let s = &r.segment;
-    let _ = writeln!(o, "segment       {} ({}, {} MiB, generation {}) — see: ls -l {}", s.name, s.backend, s.size >> 20, s.generation, s.path);
-    let _ = writeln!(o, "slots         {} in use ({} KiB); max payload {} bytes", s.slots_in_use, s.slot_bytes_in_use >> 10, s.max_payload);
-    let _ = writeln!(o, "jobs          {} done, {} failed, {} in flight, {} queued; {} connection(s)", r.jobs_done, r.jobs_failed, r.in_flight, r.queue_depth, r.connections);
-    let _ = writeln!(o, "workers       {:>5} {:>8} {:>9} {:>9} {:>8}", "#", "pid", "state", "jobs", "restarts");
+    let _ = writeln!(
+        o,
+        "segment       {} ({}, {} MiB, generation {}) — see: ls -l {}",
+        s.name,
+        s.backend,
+        s.size >> 20,
+        s.generation,
+        s.path
+    );
+    let _ = writeln!(
+        o,
+        "slots         {} in use ({} KiB); max payload {} bytes",
+        s.slots_in_use,
+        s.slot_bytes_in_use >> 10,
+        s.max_payload
+    );
+    let _ = writeln!(
+        o,
+        "jobs          {} done, {} failed, {} in flight, {} queued; {} connection(s)",
+        r.jobs_done, r.jobs_failed, r.in_flight, r.queue_depth, r.connections
+    );
+    let _ = writeln!(
+        o,
+        "workers       {:>5} {:>8} {:>9} {:>9} {:>8}",
+        "#", "pid", "state", "jobs", "restarts"
+    );
     for w in &r.workers {
-        let _ = writeln!(o, "              {:>5} {:>8} {:>9} {:>9} {:>8}", w.index, w.pid, w.state, w.jobs_done, w.restarts);
+        let _ = writeln!(
+            o,
+            "              {:>5} {:>8} {:>9} {:>9} {:>8}",
+            w.index, w.pid, w.state, w.jobs_done, w.restarts
+        );
     }
     print!("{o}");
 }

@@ -20,7 +20,14 @@ fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-const ARGS: &[&str] = &["--workers", "2", "--segment-mib", "16", "--max-payload", "4194304"];
+const ARGS: &[&str] = &[
+    "--workers",
+    "2",
+    "--segment-mib",
+    "16",
+    "--max-payload",
+    "4194304",
+];
 
 #[test]
 fn run_ping_and_status_do_what_they_say() {
@@ -30,16 +37,38 @@ fn run_ping_and_status_do_what_they_say() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&input, &data).unwrap();
 
-    let out = cli(&inst, &["run", "sha256", "--input", input.to_str().unwrap()], b"");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let want: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    let out = cli(
+        &inst,
+        &["run", "sha256", "--input", input.to_str().unwrap()],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: String = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{want}\n"));
 
     let out = cli(&inst, &["run", "upper", "--input", "-"], b"from stdin\n");
     assert_eq!(out.stdout, b"FROM STDIN\n");
 
     let output = dir.path().join("out.bin");
-    let out = cli(&inst, &["run", "echo", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()], b"");
+    let out = cli(
+        &inst,
+        &[
+            "run",
+            "echo",
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ],
+        b"",
+    );
     assert!(out.status.success());
     assert!(std::fs::read(&output).unwrap() == data);
 
@@ -52,7 +81,10 @@ fn run_ping_and_status_do_what_they_say() {
 
     let out = cli(&inst, &["status"], b"");
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains(&inst.paths.socket().display().to_string()), "{text}");
+    assert!(
+        text.contains(&inst.paths.socket().display().to_string()),
+        "{text}"
+    );
     assert!(text.contains(&inst.paths.segment_name()), "{text}");
     assert!(text.contains(&format!("pid {}", inst.pid())), "{text}");
 
@@ -69,13 +101,22 @@ fn errors_are_one_line_and_exit_non_zero() {
         (&["run", "nope"][..], "is not an operation"),
         (&["run", "crash"][..], "--allow-fault-injection"),
         (&["run", "sleep", "x"][..], "invalid input"),
-        (&["run", "echo", "--input", "/nonexistent/file"][..], "/nonexistent/file"),
-        (&["--connect", "unix:/nonexistent/osps.sock", "ping"][..], "is the dispatcher running?"),
+        (
+            &["run", "echo", "--input", "/nonexistent/file"][..],
+            "/nonexistent/file",
+        ),
+        (
+            &["--connect", "unix:/nonexistent/osps.sock", "ping"][..],
+            "is the dispatcher running?",
+        ),
     ] {
         let out = cli(&inst, args, b"");
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("osps-client: ") && err.contains(needle), "{args:?}: {err}");
+        assert!(
+            err.starts_with("osps-client: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
     }
 }

@@ -7,7 +7,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use ipc_core::frame::{self, FrameError};
-use ipc_core::proto::{self, ErrorKind, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, MAGIC, PROTOCOL_VERSION};
+use ipc_core::proto::{
+    self, ErrorKind, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, MAGIC,
+    PROTOCOL_VERSION,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -58,7 +61,10 @@ where
     let mut hello = [0u8; HELLO_LEN];
     let mut got = 0;
     while got < HELLO_LEN {
-        let n = rd.read(&mut hello[got..]).await.map_err(|e| e.to_string())?;
+        let n = rd
+            .read(&mut hello[got..])
+            .await
+            .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err(format!("peer closed after {got} bytes of hello"));
         }
@@ -67,21 +73,28 @@ where
         if hello[..seen] != MAGIC[..seen] {
             let _ = wr.write_all(garbage_reply(&hello[..got]).as_bytes()).await;
             let _ = wr.flush().await;
-            return Err(format!("not an OSPS client (first bytes {:?})", String::from_utf8_lossy(&hello[..got])));
+            return Err(format!(
+                "not an OSPS client (first bytes {:?})",
+                String::from_utf8_lossy(&hello[..got])
+            ));
         }
     }
     let (version, _flags) = proto::decode_hello(&hello).expect("magic checked");
     if version != PROTOCOL_VERSION {
-        let mut msg = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::VersionUnsupported as u16).to_vec();
+        let mut msg =
+            proto::encode_hello(PROTOCOL_VERSION, HelloStatus::VersionUnsupported as u16).to_vec();
         msg.extend_from_slice(
             format!("OSPS dispatcher speaks protocol version {PROTOCOL_VERSION}, client asked for {version}; upgrade the client\n").as_bytes(),
         );
         let _ = wr.write_all(&msg).await;
         return Err(format!("protocol version {version} not supported"));
     }
-    wr.write_all(&proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16))
-        .await
-        .map_err(|e| e.to_string())?;
+    wr.write_all(&proto::encode_hello(
+        PROTOCOL_VERSION,
+        HelloStatus::Accepted as u16,
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::debug!(%peer, "client connected");
     Ok(())
 }
@@ -91,9 +104,11 @@ fn garbage_reply(first: &[u8]) -> String {
     let line = format!(
         "OSPS job server: this socket speaks the binary OSPS protocol v{PROTOCOL_VERSION} (a connection starts with the 8 bytes \"OSPS\", version u16 LE, flags u16 LE; see docs/PROTOCOL.md); use osps-client\n"
     );
-    let is_http = ["GET ", "POST", "HEAD", "PUT ", "DELE", "OPTI", "PATC", "CONN"]
-        .iter()
-        .any(|m| first.starts_with(&m.as_bytes()[..first.len().min(m.len())]) && first.len() >= 3);
+    let is_http = [
+        "GET ", "POST", "HEAD", "PUT ", "DELE", "OPTI", "PATC", "CONN",
+    ]
+    .iter()
+    .any(|m| first.starts_with(&m.as_bytes()[..first.len().min(m.len())]) && first.len() >= 3);
     if is_http {
         format!("HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{line}", line.len())
     } else {
@@ -111,32 +126,48 @@ where
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     let mut scratch = Vec::with_capacity(256);
     let fail = |id: u64, kind: ErrorKind, message: String| {
-        let _ = tx.send(Reply::Inline { req_id: id, outcome: Outcome::Err(RemoteError::new(kind, message)), bytes: Vec::new() });
+        let _ = tx.send(Reply::Inline {
+            req_id: id,
+            outcome: Outcome::Err(RemoteError::new(kind, message)),
+            bytes: Vec::new(),
+        });
     };
     loop {
-        let req: Request = match frame::read_frame_async(rd, &mut scratch, shared.config.max_frame).await {
-            Ok(r) => r,
-            Err(FrameError::Closed) => return false,
-            Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
-                tracing::info!("closing connection: {e}");
-                fail(0, ErrorKind::BadRequest, format!("{e}; closing the connection"));
-                return true;
-            }
-            Err(e) => {
-                tracing::debug!("connection ended: {e}");
-                return false;
-            }
-        };
+        let req: Request =
+            match frame::read_frame_async(rd, &mut scratch, shared.config.max_frame).await {
+                Ok(r) => r,
+                Err(FrameError::Closed) => return false,
+                Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
+                    tracing::info!("closing connection: {e}");
+                    fail(
+                        0,
+                        ErrorKind::BadRequest,
+                        format!("{e}; closing the connection"),
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!("connection ended: {e}");
+                    return false;
+                }
+            };
         if req.op == proto::OP_STATUS && req.payload_len == 0 {
             let bytes = serde_json::to_vec(&shared.status()).expect("status serialises");
-            let _ = tx.send(Reply::Inline { req_id: req.id, outcome: Outcome::Ok, bytes });
+            let _ = tx.send(Reply::Inline {
+                req_id: req.id,
+                outcome: Outcome::Ok,
+                bytes,
+            });
             continue;
         }
         if req.payload_len > shared.max_payload {
             fail(
                 req.id,
                 ErrorKind::TooLarge,
-                format!("payload of {} bytes exceeds the limit of {} bytes; closing the connection", req.payload_len, shared.max_payload),
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes; closing the connection",
+                    req.payload_len, shared.max_payload
+                ),
             );
             return true;
         }
@@ -147,19 +178,33 @@ where
                 return false;
             }
             let (kind, msg) = if shared.draining.get() {
-                (ErrorKind::ShuttingDown, "the dispatcher is shutting down; retry later".to_owned())
+                (
+                    ErrorKind::ShuttingDown,
+                    "the dispatcher is shutting down; retry later".to_owned(),
+                )
             } else {
                 (ErrorKind::BadRequest, "status takes no payload".to_owned())
             };
             fail(req.id, kind, msg);
             continue;
         }
-        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let lease = shared.lease(req.payload_len + RESULT_RESERVE).await;
         let region = lease.region();
-        let buf = shared.segment.bytes_mut(region).expect("allocator regions lie in the arena");
+        let buf = shared
+            .segment
+            .bytes_mut(region)
+            .expect("allocator regions lie in the arena");
         if let Err(e) = frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]).await {
-            tracing::info!(id = req.id, "client left inside a {}-byte payload: {e}", req.payload_len);
+            tracing::info!(
+                id = req.id,
+                "client left inside a {}-byte payload: {e}",
+                req.payload_len
+            );
             return false;
         }
         let job = QueuedJob {
@@ -213,19 +258,40 @@ where
         let mut next = Some(first);
         while let Some(reply) = next.take() {
             let (req_id, outcome, bytes, lease) = match reply {
-                Reply::Job { req_id, outcome, result, lease, permit } => {
-                    let bytes = shared.segment.bytes(result).expect("result region checked by the pool");
+                Reply::Job {
+                    req_id,
+                    outcome,
+                    result,
+                    lease,
+                    permit,
+                } => {
+                    let bytes = shared
+                        .segment
+                        .bytes(result)
+                        .expect("result region checked by the pool");
                     (req_id, outcome, bytes, Some((lease, permit)))
                 }
-                Reply::Inline { req_id, outcome, bytes } => {
-                    let resp = Response { id: req_id, outcome, result_len: bytes.len() as u64 };
+                Reply::Inline {
+                    req_id,
+                    outcome,
+                    bytes,
+                } => {
+                    let resp = Response {
+                        id: req_id,
+                        outcome,
+                        result_len: bytes.len() as u64,
+                    };
                     frame::encode(&resp, &mut out).expect("responses encode");
                     out.extend_from_slice(&bytes);
                     next = rx.try_recv().ok();
                     continue;
                 }
             };
-            let resp = Response { id: req_id, outcome, result_len: bytes.len() as u64 };
+            let resp = Response {
+                id: req_id,
+                outcome,
+                result_len: bytes.len() as u64,
+            };
             frame::encode(&resp, &mut out).expect("responses encode");
             if bytes.len() <= 16 * 1024 {
                 out.extend_from_slice(bytes);
@@ -259,7 +325,11 @@ mod tests {
     #[test]
     fn garbage_replies_say_what_the_port_expects() {
         let text = garbage_reply(b"Demande echange ping pong\n");
-        assert!(text.starts_with("OSPS job server") && text.ends_with('\n') && text.lines().count() == 1);
+        assert!(
+            text.starts_with("OSPS job server")
+                && text.ends_with('\n')
+                && text.lines().count() == 1
+        );
         let http = garbage_reply(b"GET / HTTP/1.1\r\n");
         assert!(http.starts_with("HTTP/1.0 400 Bad Request\r\n"));
         assert!(http.contains("binary OSPS protocol"));

@@ -107,7 +107,9 @@ pub enum DispatcherError {
 /// Runs the dispatcher until SIGTERM or SIGINT; returns after an ordered shutdown.
 pub fn run(config: Config) -> Result<(), DispatcherError> {
     check(&config)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, serve(config))
 }
@@ -125,8 +127,16 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
             return bad(format!("--tcp {addr} is not a loopback address; OSPS only listens on loopback (127.0.0.0/8, ::1)"));
         }
     }
-    let arena = c.segment_mib.checked_mul(MIB).filter(|&a| a >= MIB && a <= 1 << 40);
-    let Some(arena) = arena else { return bad(format!("--segment-mib {} must be from 1 to 1048576", c.segment_mib)) };
+    let arena = c
+        .segment_mib
+        .checked_mul(MIB)
+        .filter(|a| (MIB..=1 << 40).contains(a));
+    let Some(arena) = arena else {
+        return bad(format!(
+            "--segment-mib {} must be from 1 to 1048576",
+            c.segment_mib
+        ));
+    };
     let max_slot = ipc_core::SlotAllocator::new(arena).max_slot();
     if c.max_payload + RESULT_RESERVE > max_slot {
         return bad(format!(
@@ -176,7 +186,12 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     // We hold the lock: anything under our names belongs to a dead predecessor.
     let seg_name = paths.segment_name();
     let generation = match Segment::open(&seg_name) {
-        Ok(old) => old.header().generation.load(std::sync::atomic::Ordering::Relaxed) + 1,
+        Ok(old) => {
+            old.header()
+                .generation
+                .load(std::sync::atomic::Ordering::Relaxed)
+                + 1
+        }
         Err(_) => 1,
     };
     if segment::unlink(&seg_name) {
@@ -186,7 +201,10 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     if std::fs::remove_file(&socket_path).is_ok() {
         tracing::warn!(socket = %socket_path.display(), "removed the socket of a dead predecessor");
     }
-    let cleanup = Cleanup { socket: socket_path.clone(), segment: seg_name.clone() };
+    let cleanup = Cleanup {
+        socket: socket_path.clone(),
+        segment: seg_name.clone(),
+    };
     let seg = Segment::create(&seg_name, (config.segment_mib * MIB) as usize, generation)?;
     let max_payload = config.max_payload;
     let workers = config.workers;
@@ -203,7 +221,10 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .await
-                .map_err(|source| DispatcherError::Listen { what: format!("tcp {addr}"), source })?;
+                .map_err(|source| DispatcherError::Listen {
+                    what: format!("tcp {addr}"),
+                    source,
+                })?;
             let local = l.local_addr()?;
             *shared.tcp_addr.borrow_mut() = Some(local.to_string());
             Some(l)
@@ -258,10 +279,18 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         _ = sigint.recv() => false,
     };
     if !drained {
-        tracing::warn!("{} job(s) still in flight; abandoning them", shared.in_flight());
+        tracing::warn!(
+            "{} job(s) still in flight; abandoning them",
+            shared.in_flight()
+        );
     }
     for job in shared.take_queue() {
-        pool::answer_err(&shared, job, ipc_core::ErrorKind::ShuttingDown, "the dispatcher shut down before the job ran".into());
+        pool::answer_err(
+            &shared,
+            job,
+            ipc_core::ErrorKind::ShuttingDown,
+            "the dispatcher shut down before the job ran".into(),
+        );
     }
     tracing::info!("closing the workers' job pipes and reaping them");
     let _ = stop_tx.send(true);
@@ -298,20 +327,31 @@ async fn beat(shared: Rc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        shared.segment.header().dispatcher_heartbeat_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        shared
+            .segment
+            .header()
+            .dispatcher_heartbeat_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 fn bind_unix(path: &std::path::Path) -> Result<UnixListener, DispatcherError> {
     use std::os::unix::fs::PermissionsExt;
-    let listen_err = |source| DispatcherError::Listen { what: path.display().to_string(), source };
+    let listen_err = |source| DispatcherError::Listen {
+        what: path.display().to_string(),
+        source,
+    };
     let l = UnixListener::bind(path).map_err(listen_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
     Ok(l)
 }
 
-async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+async fn accept_tcp(
+    l: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
     match l {
         Some(l) => l.accept().await,
         None => std::future::pending().await,

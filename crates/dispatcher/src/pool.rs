@@ -10,7 +10,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, PROTOCOL_VERSION};
+use ipc_core::proto::{
+    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, PROTOCOL_VERSION,
+};
 use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -42,7 +44,10 @@ enum End {
     /// It died, hung or broke protocol: its process group is killed. A job it
     /// held is answered only once it is dead, so its slot cannot be reused
     /// while the worker could still write into it.
-    Kill { why: String, unanswered: Option<(QueuedJob, ErrorKind, String)> },
+    Kill {
+        why: String,
+        unanswered: Option<(QueuedJob, ErrorKind, String)>,
+    },
 }
 
 /// Drives pool slot `index` until `stop` turns true.
@@ -58,7 +63,10 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
             Err(e) => {
                 failures_in_a_row += 1;
                 let delay = Duration::from_millis(50 << failures_in_a_row.min(6));
-                tracing::error!(worker = index, "cannot start worker: {e}; retrying in {delay:?}");
+                tracing::error!(
+                    worker = index,
+                    "cannot start worker: {e}; retrying in {delay:?}"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.wait_for(|s| *s) => {}
@@ -80,7 +88,11 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                 break;
             }
             End::Kill { why, unanswered } => {
-                tracing::warn!(worker = index, pid = worker.pid, "worker ended ({why}): {status}; replacing it");
+                tracing::warn!(
+                    worker = index,
+                    pid = worker.pid,
+                    "worker ended ({why}): {status}; replacing it"
+                );
                 if let Some((job, kind, message)) = unanswered {
                     answer_err(&shared, job, kind, message);
                 }
@@ -93,7 +105,12 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
         });
     }
     if let Some(job) = retry.take() {
-        answer_err(&shared, job, ErrorKind::ShuttingDown, "the dispatcher stopped before the job could be retried".into());
+        answer_err(
+            &shared,
+            job,
+            ErrorKind::ShuttingDown,
+            "the dispatcher stopped before the job could be retried".into(),
+        );
     }
 }
 
@@ -111,20 +128,41 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
     if shared.config.allow_fault_injection {
         cmd.arg("--allow-fault-injection");
     }
-    let mut child = cmd.spawn().map_err(|e| format!("{}: {e}", shared.config.worker_exe.display()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("{}: {e}", shared.config.worker_exe.display()))?;
     let pid = child.id().ok_or("worker exited at once")?;
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
-    let mut worker = Worker { child, pid, stdin: Some(stdin), stdout };
+    let mut worker = Worker {
+        child,
+        pid,
+        stdin: Some(stdin),
+        stdout,
+    };
     let mut scratch = Vec::new();
-    let hello = frame::read_frame_async::<FromWorker, _>(&mut worker.stdout, &mut scratch, DEFAULT_MAX_FRAME);
+    let hello = frame::read_frame_async::<FromWorker, _>(
+        &mut worker.stdout,
+        &mut scratch,
+        DEFAULT_MAX_FRAME,
+    );
     let failed = match tokio::time::timeout(READY_TIMEOUT, hello).await {
-        Ok(Ok(FromWorker::Ready { version: PROTOCOL_VERSION, .. })) => return Ok(worker),
+        Ok(Ok(FromWorker::Ready {
+            version: PROTOCOL_VERSION,
+            ..
+        })) => return Ok(worker),
         Ok(Ok(other)) => format!("unexpected first message {other:?}"),
         Ok(Err(e)) => format!("no ready message: {e}"),
         Err(_) => format!("not ready within {READY_TIMEOUT:?}"),
     };
-    let status = finish(&mut worker, &End::Kill { why: failed.clone(), unanswered: None }).await;
+    let status = finish(
+        &mut worker,
+        &End::Kill {
+            why: failed.clone(),
+            unanswered: None,
+        },
+    )
+    .await;
     Err(format!("worker {pid}: {failed} ({status})"))
 }
 
@@ -150,14 +188,23 @@ async fn serve(
             },
         };
         let region = job.lease.region();
-        let msg = Job { job_id: job.job_id, op: job.op.clone(), args: job.args.clone(), slot: region, input_len: job.input_len };
+        let msg = Job {
+            job_id: job.job_id,
+            op: job.op.clone(),
+            args: job.args.clone(),
+            slot: region,
+            input_len: job.input_len,
+        };
         out.clear();
         frame::encode(&msg, &mut out).expect("jobs encode");
         shared.set_worker(index, |s| s.state = "busy".into());
         let stdin = w.stdin.as_mut().expect("open while serving");
         let stdout = &mut w.stdout;
         let round_trip = async {
-            stdin.write_all(&out).await.map_err(|e| format!("job pipe: {e}"))?;
+            stdin
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("job pipe: {e}"))?;
             frame::read_frame_async::<FromWorker, _>(stdout, &mut scratch, DEFAULT_MAX_FRAME)
                 .await
                 .map_err(|e| format!("result pipe: {e}"))
@@ -178,7 +225,10 @@ async fn serve(
             }
             Ok(Ok(other)) => {
                 let msg = "the worker broke protocol; it was replaced".to_owned();
-                return kill(format!("protocol violation: {other:?}"), Some((job, ErrorKind::Internal, msg)));
+                return kill(
+                    format!("protocol violation: {other:?}"),
+                    Some((job, ErrorKind::Internal, msg)),
+                );
             }
             Ok(Err(why)) => {
                 job.attempts += 1;
@@ -187,12 +237,17 @@ async fn serve(
                     *retry = Some(job);
                     return kill(why, None);
                 }
-                let msg = format!("the worker running {:?} died on each of {} attempts; the job was given up", job.op, job.attempts);
+                let msg = format!(
+                    "the worker running {:?} died on each of {} attempts; the job was given up",
+                    job.op, job.attempts
+                );
                 return kill(why, Some((job, ErrorKind::WorkerCrashed, msg)));
             }
             Err(_) => {
                 tracing::warn!(worker = index, job = job.job_id, op = %job.op, "job timed out after {timeout:?}");
-                let msg = format!("the job ran longer than {timeout:?}; its worker was killed and replaced");
+                let msg = format!(
+                    "the job ran longer than {timeout:?}; its worker was killed and replaced"
+                );
                 return kill("job timeout".into(), Some((job, ErrorKind::Timeout, msg)));
             }
         }
@@ -201,23 +256,61 @@ async fn serve(
 
 /// Checks a worker's answer and sends the reply to the job's connection.
 fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) {
-    let in_slot = done.result_offset.checked_add(done.result_len).is_some_and(|end| end <= slot.len);
+    let in_slot = done
+        .result_offset
+        .checked_add(done.result_len)
+        .is_some_and(|end| end <= slot.len);
     if !in_slot {
-        answer_err(shared, job, ErrorKind::Internal, "the worker described a result outside its slot".into());
+        answer_err(
+            shared,
+            job,
+            ErrorKind::Internal,
+            "the worker described a result outside its slot".into(),
+        );
         return;
     }
     shared.count(&done.outcome);
-    let result = Region { offset: slot.offset + done.result_offset, len: done.result_len };
-    let QueuedJob { req_id, lease, reply, permit, .. } = job;
-    let _ = reply.send(Reply::Job { req_id, outcome: done.outcome, result, lease, permit });
+    let result = Region {
+        offset: slot.offset + done.result_offset,
+        len: done.result_len,
+    };
+    let QueuedJob {
+        req_id,
+        lease,
+        reply,
+        permit,
+        ..
+    } = job;
+    let _ = reply.send(Reply::Job {
+        req_id,
+        outcome: done.outcome,
+        result,
+        lease,
+        permit,
+    });
 }
 
 /// Answers a job with an error.
 pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: String) {
     let outcome = Outcome::Err(RemoteError::new(kind, message));
     shared.count(&outcome);
-    let QueuedJob { req_id, lease, reply, permit, .. } = job;
-    let _ = reply.send(Reply::Job { req_id, outcome, result: Region { offset: lease.region().offset, len: 0 }, lease, permit });
+    let QueuedJob {
+        req_id,
+        lease,
+        reply,
+        permit,
+        ..
+    } = job;
+    let _ = reply.send(Reply::Job {
+        req_id,
+        outcome,
+        result: Region {
+            offset: lease.region().offset,
+            len: 0,
+        },
+        lease,
+        permit,
+    });
 }
 
 /// Ends a worker: on `Stop`, closes its stdin and waits a grace period; in
@@ -230,7 +323,10 @@ async fn finish(w: &mut Worker, end: &End) -> String {
         if let Ok(status) = tokio::time::timeout(EXIT_GRACE, w.child.wait()).await {
             return describe(status);
         }
-        tracing::warn!(pid = w.pid, "worker did not exit within {EXIT_GRACE:?} of EOF; killing it");
+        tracing::warn!(
+            pid = w.pid,
+            "worker did not exit within {EXIT_GRACE:?} of EOF; killing it"
+        );
     }
     let _ = killpg(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
     describe(w.child.wait().await)
@@ -241,7 +337,10 @@ fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
     match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("exit status {code}"),
-            (None, Some(sig)) => format!("killed by signal {sig} ({})", Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?")),
+            (None, Some(sig)) => format!(
+                "killed by signal {sig} ({})",
+                Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?")
+            ),
             _ => s.to_string(),
         },
         Err(e) => format!("wait failed: {e}"),

@@ -23,9 +23,19 @@ pub const RESULT_RESERVE: u64 = 4096;
 #[derive(Debug)]
 pub enum Reply {
     /// A job's answer; the result lies in the slot the lease holds.
-    Job { req_id: u64, outcome: Outcome, result: Region, lease: SlotLease, permit: OwnedSemaphorePermit },
+    Job {
+        req_id: u64,
+        outcome: Outcome,
+        result: Region,
+        lease: SlotLease,
+        permit: OwnedSemaphorePermit,
+    },
     /// An answer the dispatcher made itself (status, errors), bytes inline.
-    Inline { req_id: u64, outcome: Outcome, bytes: Vec<u8> },
+    Inline {
+        req_id: u64,
+        outcome: Outcome,
+        bytes: Vec<u8>,
+    },
 }
 
 /// A job waiting for, or running on, a worker.
@@ -92,10 +102,21 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, paths: RuntimePaths, segment: Segment, max_payload: u64) -> Rc<Self> {
+    pub fn new(
+        config: Config,
+        paths: RuntimePaths,
+        segment: Segment,
+        max_payload: u64,
+    ) -> Rc<Self> {
         let alloc = SlotAllocator::new(segment.arena_len() as u64);
         let workers = (0..config.workers)
-            .map(|index| WorkerStatus { index, pid: 0, state: "starting".into(), jobs_done: 0, restarts: 0 })
+            .map(|index| WorkerStatus {
+                index,
+                pid: 0,
+                state: "starting".into(),
+                jobs_done: 0,
+                restarts: 0,
+            })
             .collect();
         Rc::new(Shared {
             config,
@@ -128,9 +149,16 @@ impl Shared {
         loop {
             let freed = self.slot_freed.notified();
             match self.alloc.borrow_mut().alloc(len) {
-                Ok(slot) => return SlotLease { shared: Rc::clone(self), slot: Some(slot) },
+                Ok(slot) => {
+                    return SlotLease {
+                        shared: Rc::clone(self),
+                        slot: Some(slot),
+                    }
+                }
                 Err(AllocError::Exhausted { .. }) => {}
-                Err(e @ AllocError::TooLarge { .. }) => unreachable!("callers check sizes first: {e}"),
+                Err(e @ AllocError::TooLarge { .. }) => {
+                    unreachable!("callers check sizes first: {e}")
+                }
             }
             freed.await;
         }
@@ -176,7 +204,11 @@ impl Shared {
 
     /// Counts a job's outcome.
     pub fn count(&self, outcome: &Outcome) {
-        let cell = if matches!(outcome, Outcome::Ok) { &self.jobs_done } else { &self.jobs_failed };
+        let cell = if matches!(outcome, Outcome::Ok) {
+            &self.jobs_done
+        } else {
+            &self.jobs_failed
+        };
         cell.set(cell.get() + 1);
     }
 

@@ -11,7 +11,16 @@ use ipc_core::proto::{self, ErrorKind, Outcome, Request, Response, PROTOCOL_VERS
 use osps_client::ClientError;
 use osps_testkit::{wait_for, Instance, PATIENCE};
 
-const ARGS: &[&str] = &["--workers", "2", "--segment-mib", "8", "--max-payload", "1048576", "--handshake-timeout-ms", "1000"];
+const ARGS: &[&str] = &[
+    "--workers",
+    "2",
+    "--segment-mib",
+    "8",
+    "--max-payload",
+    "1048576",
+    "--handshake-timeout-ms",
+    "1000",
+];
 
 fn raw(inst: &Instance) -> UnixStream {
     let s = UnixStream::connect(inst.paths.socket()).unwrap();
@@ -21,7 +30,8 @@ fn raw(inst: &Instance) -> UnixStream {
 
 fn raw_after_hello(inst: &Instance) -> UnixStream {
     let mut s = raw(inst);
-    s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0)).unwrap();
+    s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
+        .unwrap();
     let mut hello = [0u8; 8];
     s.read_exact(&mut hello).unwrap();
     assert_eq!(proto::decode_hello(&hello), Some((PROTOCOL_VERSION, 0)));
@@ -31,7 +41,8 @@ fn raw_after_hello(inst: &Instance) -> UnixStream {
 /// Everything the server sends until it closes.
 fn read_all(s: &mut UnixStream) -> Vec<u8> {
     let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("the server closes the connection");
+    s.read_to_end(&mut out)
+        .expect("the server closes the connection");
     out
 }
 
@@ -63,9 +74,13 @@ fn a_text_line_instead_of_the_handshake_gets_one_readable_line() {
 fn an_http_request_gets_an_http_400_explaining_the_port() {
     let inst = Instance::start("http", ARGS);
     let mut s = raw(&inst);
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     let answer = String::from_utf8(read_all(&mut s)).unwrap();
-    assert!(answer.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{answer:?}");
+    assert!(
+        answer.starts_with("HTTP/1.0 400 Bad Request\r\n"),
+        "{answer:?}"
+    );
     assert!(answer.contains("binary OSPS protocol"));
     others_still_served(&inst);
 }
@@ -110,7 +125,11 @@ fn a_silent_peer_is_dropped_after_the_handshake_deadline() {
     s.write_all(b"OSP").unwrap(); // a plausible start, then nothing
     let t = std::time::Instant::now();
     assert!(read_all(&mut s).is_empty());
-    assert!(t.elapsed() >= Duration::from_millis(900), "dropped after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "dropped after {:?}",
+        t.elapsed()
+    );
     others_still_served(&inst);
 }
 
@@ -140,7 +159,10 @@ fn a_corrupt_header_gets_bad_request_and_close() {
     s.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
     s.write_all(&body).unwrap();
     let resp = read_response(&mut s);
-    assert!(matches!(resp.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::BadRequest), "{resp:?}");
+    assert!(
+        matches!(resp.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::BadRequest),
+        "{resp:?}"
+    );
     assert!(read_all(&mut s).is_empty());
     others_still_served(&inst);
 }
@@ -152,7 +174,11 @@ fn an_unknown_operation_is_a_typed_error_and_the_connection_goes_on() {
     match c.call("frobnicate", &[], b"x") {
         Err(ClientError::Remote(e)) => {
             assert_eq!(e.kind, ErrorKind::UnknownOp);
-            assert!(e.message.contains("frobnicate") && e.message.contains("sha256"), "{}", e.message);
+            assert!(
+                e.message.contains("frobnicate") && e.message.contains("sha256"),
+                "{}",
+                e.message
+            );
         }
         other => panic!("expected UnknownOp, got {other:?}"),
     }
@@ -164,14 +190,22 @@ fn an_unknown_operation_is_a_typed_error_and_the_connection_goes_on() {
 fn a_payload_over_the_limit_is_refused_before_it_is_read() {
     let inst = Instance::start("toolarge", ARGS);
     let mut s = raw_after_hello(&inst);
-    let req = Request { id: 7, op: "echo".into(), args: vec![], payload_len: 1 << 30 };
+    let req = Request {
+        id: 7,
+        op: "echo".into(),
+        args: vec![],
+        payload_len: 1 << 30,
+    };
     let mut buf = Vec::new();
     frame::encode(&req, &mut buf).unwrap();
     s.write_all(&buf).unwrap();
     // No payload sent at all: the answer comes from the header alone.
     let resp = read_response(&mut s);
     assert_eq!(resp.id, 7);
-    assert!(matches!(resp.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::TooLarge), "{resp:?}");
+    assert!(
+        matches!(resp.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::TooLarge),
+        "{resp:?}"
+    );
     drop(s);
     others_still_served(&inst);
 }
@@ -180,16 +214,29 @@ fn a_payload_over_the_limit_is_refused_before_it_is_read() {
 fn a_connection_closed_mid_payload_frees_its_slot() {
     let inst = Instance::start("midpayload", ARGS);
     let mut s = raw_after_hello(&inst);
-    let req = Request { id: 1, op: "sha256".into(), args: vec![], payload_len: 500_000 };
+    let req = Request {
+        id: 1,
+        op: "sha256".into(),
+        args: vec![],
+        payload_len: 500_000,
+    };
     let mut buf = Vec::new();
     frame::encode(&req, &mut buf).unwrap();
     buf.extend_from_slice(&[b'x'; 10_000]);
     s.write_all(&buf).unwrap();
-    wait_for(PATIENCE, || (inst.status().segment.slots_in_use == 1).then_some(())).expect("slot taken while the payload arrives");
+    wait_for(PATIENCE, || {
+        (inst.status().segment.slots_in_use == 1).then_some(())
+    })
+    .expect("slot taken while the payload arrives");
     drop(s);
-    wait_for(PATIENCE, || (inst.status().segment.slots_in_use == 0).then_some(())).expect("slot returned");
+    wait_for(PATIENCE, || {
+        (inst.status().segment.slots_in_use == 0).then_some(())
+    })
+    .expect("slot returned");
     others_still_served(&inst);
-    assert!(inst.log().contains("client left inside a 500000-byte payload"));
+    assert!(inst
+        .log()
+        .contains("client left inside a 500000-byte payload"));
 }
 
 #[test]

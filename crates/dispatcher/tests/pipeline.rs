@@ -10,10 +10,20 @@ use osps_client::ClientError;
 use osps_testkit::{wait_for, zombies_of, Instance, PATIENCE};
 use sha2::{Digest, Sha256};
 
-const SMALL: &[&str] = &["--workers", "2", "--segment-mib", "32", "--max-payload", "8388608"];
+const SMALL: &[&str] = &[
+    "--workers",
+    "2",
+    "--segment-mib",
+    "32",
+    "--max-payload",
+    "8388608",
+];
 
 fn hex_line(bytes: &[u8]) -> Vec<u8> {
-    let mut s: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let mut s: String = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     s.push('\n');
     s.into_bytes()
 }
@@ -50,7 +60,10 @@ fn hundred_clients_hundred_requests_each_all_correct() {
                     let data = payload(t * 1000 + i, 4096);
                     match (t + i) % 4 {
                         0 => assert_eq!(c.call("echo", &[], &data).unwrap(), data),
-                        1 => assert_eq!(c.call("upper", &[], &data).unwrap(), data.to_ascii_uppercase()),
+                        1 => assert_eq!(
+                            c.call("upper", &[], &data).unwrap(),
+                            data.to_ascii_uppercase()
+                        ),
                         2 => assert_eq!(c.call("sha256", &[], &data).unwrap(), hex_line(&data)),
                         _ => assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n"),
                     }
@@ -72,7 +85,10 @@ fn pipelined_requests_on_one_connection_all_answered() {
     let inst = Instance::start("pipeline", SMALL);
     let mut c = inst.client();
     let inputs: Vec<Vec<u8>> = (0..300).map(|i| payload(i, 2000)).collect();
-    let ids: Vec<u64> = inputs.iter().map(|d| c.send("upper", &[], d).unwrap()).collect();
+    let ids: Vec<u64> = inputs
+        .iter()
+        .map(|d| c.send("upper", &[], d).unwrap())
+        .collect();
     // Collect in arrival order, then check each against its request.
     let mut got = std::collections::HashMap::new();
     for _ in 0..ids.len() {
@@ -87,7 +103,11 @@ fn pipelined_requests_on_one_connection_all_answered() {
 #[test]
 fn eight_mib_sha256_matches() {
     let inst = Instance::start("sha8", SMALL);
-    let data = payload(42, 1 << 20).into_iter().cycle().take(8 << 20).collect::<Vec<u8>>();
+    let data = payload(42, 1 << 20)
+        .into_iter()
+        .cycle()
+        .take(8 << 20)
+        .collect::<Vec<u8>>();
     assert_eq!(data.len(), 8 << 20);
     let mut c = inst.client();
     assert_eq!(c.call("sha256", &[], &data).unwrap(), hex_line(&data));
@@ -97,14 +117,32 @@ fn eight_mib_sha256_matches() {
 
 #[test]
 fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
-    let inst = Instance::start("timeout", &["--workers", "2", "--segment-mib", "8", "--max-payload", "65536", "--job-timeout-ms", "700"]);
+    let inst = Instance::start(
+        "timeout",
+        &[
+            "--workers",
+            "2",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--job-timeout-ms",
+            "700",
+        ],
+    );
     let mut slow = inst.client();
     let slow_job = thread::spawn(move || {
         let t = Instant::now();
         (slow.call("sleep", &["30000"], &[]), t.elapsed())
     });
-    wait_for(PATIENCE, || inst.status().workers.iter().any(|w| w.state == "busy").then_some(()))
-        .expect("a worker picks up the slow job");
+    wait_for(PATIENCE, || {
+        inst.status()
+            .workers
+            .iter()
+            .any(|w| w.state == "busy")
+            .then_some(())
+    })
+    .expect("a worker picks up the slow job");
     let mut fast = inst.client();
     for i in 0..50u64 {
         let d = payload(i, 500);
@@ -112,11 +150,16 @@ fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
     }
     let (res, took) = slow_job.join().unwrap();
     assert_eq!(remote_kind(res.unwrap_err()), ErrorKind::Timeout);
-    assert!(took < Duration::from_secs(20), "timeout answered after {took:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "timeout answered after {took:?}"
+    );
     // The hung worker was replaced and the pool serves again.
     wait_for(PATIENCE, || {
         let s = inst.status();
-        (s.workers.iter().map(|w| w.restarts).sum::<u64>() == 1 && s.workers.iter().all(|w| w.state == "idle")).then_some(())
+        (s.workers.iter().map(|w| w.restarts).sum::<u64>() == 1
+            && s.workers.iter().all(|w| w.state == "idle"))
+        .then_some(())
     })
     .expect("the hung worker is replaced");
     assert_eq!(fast.call("ping", &[], &[]).unwrap(), b"pong\n");
@@ -124,34 +167,62 @@ fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
 
 #[test]
 fn sigkill_of_a_busy_worker_still_answers_and_respawns() {
-    let inst = Instance::start("killworker", &["--workers", "1", "--segment-mib", "8", "--max-payload", "65536"]);
+    let inst = Instance::start(
+        "killworker",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+        ],
+    );
     let old_pid = inst.worker_pids()[0];
     let mut c = inst.client();
     let job = thread::spawn(move || c.call("sleep", &["800"], &[]));
-    wait_for(PATIENCE, || (inst.status().workers[0].state == "busy").then_some(())).expect("worker busy");
+    wait_for(PATIENCE, || {
+        (inst.status().workers[0].state == "busy").then_some(())
+    })
+    .expect("worker busy");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
     // The job is retried once on the replacement, so the client gets the real answer.
     assert_eq!(job.join().unwrap().unwrap(), b"slept 800 ms\n");
     let s = inst.status();
     assert_ne!(s.workers[0].pid, old_pid, "a new worker serves");
     assert_eq!(s.workers[0].restarts, 1);
-    assert!(zombies_of(&[inst.pid()]).is_empty(), "the dead worker was reaped");
+    assert!(
+        zombies_of(&[inst.pid()]).is_empty(),
+        "the dead worker was reaped"
+    );
     assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
 }
 
 #[test]
 fn crash_is_refused_without_fault_injection_and_retried_once_with_it() {
     let off = Instance::start("crashoff", SMALL);
-    assert_eq!(remote_kind(off.client().call("crash", &[], &[]).unwrap_err()), ErrorKind::FaultInjectionDisabled);
-    assert_eq!(off.status().workers.iter().map(|w| w.restarts).sum::<u64>(), 0);
+    assert_eq!(
+        remote_kind(off.client().call("crash", &[], &[]).unwrap_err()),
+        ErrorKind::FaultInjectionDisabled
+    );
+    assert_eq!(
+        off.status().workers.iter().map(|w| w.restarts).sum::<u64>(),
+        0
+    );
 
     let mut args = SMALL.to_vec();
     args.push("--allow-fault-injection");
     let on = Instance::start("crashon", &args);
     let mut c = on.client();
-    assert_eq!(remote_kind(c.call("crash", &[], &[]).unwrap_err()), ErrorKind::WorkerCrashed);
+    assert_eq!(
+        remote_kind(c.call("crash", &[], &[]).unwrap_err()),
+        ErrorKind::WorkerCrashed
+    );
     // Two attempts, two dead workers, both replaced; the service goes on.
-    wait_for(PATIENCE, || (on.status().workers.iter().map(|w| w.restarts).sum::<u64>() == 2).then_some(())).expect("two restarts");
+    wait_for(PATIENCE, || {
+        (on.status().workers.iter().map(|w| w.restarts).sum::<u64>() == 2).then_some(())
+    })
+    .expect("two restarts");
     assert_eq!(c.call("upper", &[], b"still here").unwrap(), b"STILL HERE");
     assert!(zombies_of(&[on.pid()]).is_empty());
 }
@@ -165,16 +236,28 @@ fn sigterm_drains_exits_zero_and_leaves_nothing() {
     assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
     // A job in flight when SIGTERM arrives is finished, not dropped.
     let id = c.send("sleep", &["400"], &[]).unwrap();
-    wait_for(PATIENCE, || inst.status().workers.iter().any(|w| w.state == "busy").then_some(())).expect("busy");
+    wait_for(PATIENCE, || {
+        inst.status()
+            .workers
+            .iter()
+            .any(|w| w.state == "busy")
+            .then_some(())
+    })
+    .expect("busy");
     let t = Instant::now();
     inst.signal(Signal::SIGTERM);
     assert_eq!(c.wait(id).unwrap(), b"slept 400 ms\n");
-    let status = inst.wait_exit(Duration::from_secs(10)).expect("dispatcher exits within 10 s");
+    let status = inst
+        .wait_exit(Duration::from_secs(10))
+        .expect("dispatcher exits within 10 s");
     assert_eq!(status.code(), Some(0), "log:\n{}", inst.log());
     assert!(t.elapsed() < Duration::from_secs(10));
     assert!(zombies_of(&[dispatcher]).is_empty());
     for w in workers {
-        assert!(osps_testkit::proc_info(w).is_none(), "worker {w} still exists");
+        assert!(
+            osps_testkit::proc_info(w).is_none(),
+            "worker {w} still exists"
+        );
     }
     assert_eq!(inst.leftovers(), Vec::<String>::new());
     assert!(!inst.paths.lock_file().exists(), "lock file removed");
@@ -192,7 +275,10 @@ fn a_second_dispatcher_is_refused_naming_the_first() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("pid {}", inst.pid())), "message names the live pid: {err}");
+    assert!(
+        err.contains(&format!("pid {}", inst.pid())),
+        "message names the live pid: {err}"
+    );
     // The first one is untouched.
     assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
     assert!(inst.paths.segment_path().exists());
@@ -207,23 +293,39 @@ fn stale_segment_and_socket_of_a_dead_predecessor_are_replaced() {
         drop(std::os::unix::net::UnixListener::bind(paths.socket()).unwrap()); // a dead socket file
     });
     let s = inst.status();
-    assert_eq!(s.segment.generation, 42, "rebuilt from the predecessor's generation");
+    assert_eq!(
+        s.segment.generation, 42,
+        "rebuilt from the predecessor's generation"
+    );
     assert_eq!(s.segment.size, 4096 + (32 << 20));
     assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
-    assert!(inst.log().contains("removed the segment of a dead predecessor"));
-    assert!(inst.log().contains("removed the socket of a dead predecessor"));
+    assert!(inst
+        .log()
+        .contains("removed the segment of a dead predecessor"));
+    assert!(inst
+        .log()
+        .contains("removed the socket of a dead predecessor"));
 }
 
 #[test]
 fn a_thousand_open_connections_are_all_served() {
-    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     if soft < 2200 {
-        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard.min(4096).max(soft), hard).unwrap();
+        nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            hard.min(4096).max(soft),
+            hard,
+        )
+        .unwrap();
     }
     let inst = Instance::start("thousand", SMALL);
     let mut clients: Vec<_> = (0..1000).map(|_| inst.client()).collect();
     assert!(inst.status().connections >= 1000);
-    let ids: Vec<u64> = clients.iter_mut().map(|c| c.send("ping", &[], &[]).unwrap()).collect();
+    let ids: Vec<u64> = clients
+        .iter_mut()
+        .map(|c| c.send("ping", &[], &[]).unwrap())
+        .collect();
     for (c, id) in clients.iter_mut().zip(ids) {
         assert_eq!(c.wait(id).unwrap(), b"pong\n");
     }

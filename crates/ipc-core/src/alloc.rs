@@ -34,7 +34,10 @@ pub struct Slot {
 impl Slot {
     /// The slot's bytes in the arena.
     pub fn region(&self) -> Region {
-        Region { offset: self.index as u64 * MIN_BLOCK, len: MIN_BLOCK << self.order }
+        Region {
+            offset: self.index as u64 * MIN_BLOCK,
+            len: MIN_BLOCK << self.order,
+        }
     }
 }
 
@@ -57,7 +60,11 @@ impl SlotAllocator {
     /// An allocator over `arena_len` bytes (rounded down to [`MIN_BLOCK`]).
     pub fn new(arena_len: u64) -> Self {
         let blocks = u32::try_from(arena_len / MIN_BLOCK).expect("arena below 16 TiB");
-        let max_order = if blocks == 0 { 0 } else { (31 - blocks.leading_zeros()) as u8 };
+        let max_order = if blocks == 0 {
+            0
+        } else {
+            (31 - blocks.leading_zeros()) as u8
+        };
         let mut a = SlotAllocator {
             blocks,
             max_order,
@@ -72,7 +79,7 @@ impl SlotAllocator {
         let mut i = 0u32;
         while i < blocks {
             let mut order = max_order;
-            while (i % (1 << order)) != 0 || i + (1 << order) > blocks {
+            while !i.is_multiple_of(1 << order) || i + (1 << order) > blocks {
                 order -= 1;
             }
             a.push(i, order);
@@ -105,7 +112,10 @@ impl SlotAllocator {
         let blocks_needed = len.div_ceil(MIN_BLOCK).max(1);
         let order = blocks_needed.next_power_of_two().trailing_zeros();
         if self.blocks == 0 || order > self.max_order as u32 {
-            return Err(AllocError::TooLarge { requested: len, max: self.max_slot() });
+            return Err(AllocError::TooLarge {
+                requested: len,
+                max: self.max_slot(),
+            });
         }
         let order = order as u8;
         let mut k = order;
@@ -128,7 +138,10 @@ impl SlotAllocator {
 
     /// Returns a slot; merges it with its free buddies.
     pub fn free(&mut self, slot: Slot) {
-        let Slot { mut index, mut order } = slot;
+        let Slot {
+            mut index,
+            mut order,
+        } = slot;
         self.in_use -= 1;
         self.bytes_in_use -= MIN_BLOCK << order;
         while order < self.max_order {
@@ -178,7 +191,13 @@ mod tests {
     fn sizes_round_up_to_powers_of_two_pages() {
         let mut a = SlotAllocator::new(16 * MIB);
         assert_eq!(a.max_slot(), 16 * MIB);
-        for (len, want) in [(0, 4096), (1, 4096), (4096, 4096), (4097, 8192), (MIB + 1, 2 * MIB)] {
+        for (len, want) in [
+            (0, 4096),
+            (1, 4096),
+            (4096, 4096),
+            (4097, 8192),
+            (MIB + 1, 2 * MIB),
+        ] {
             let s = a.alloc(len).unwrap();
             assert_eq!(s.region().len, want, "len {len}");
             a.free(s);
@@ -197,7 +216,13 @@ mod tests {
         }
         // Everything merged back: the whole arena is one block again.
         let whole = a.alloc(64 * 1024).unwrap();
-        assert_eq!(whole.region(), Region { offset: 0, len: 64 * 1024 });
+        assert_eq!(
+            whole.region(),
+            Region {
+                offset: 0,
+                len: 64 * 1024
+            }
+        );
     }
 
     #[test]
@@ -206,11 +231,11 @@ mod tests {
         let mut a = SlotAllocator::new(arena);
         let mut live: Vec<Slot> = Vec::new();
         let mut seed = 0x9e3779b97f4a7c15u64;
-        for step in 0..20_000 {
+        for step in 0..20_000u32 {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            if seed % 3 == 0 && !live.is_empty() {
+            if seed.is_multiple_of(3) && !live.is_empty() {
                 let s = live.swap_remove((seed as usize / 3) % live.len());
                 a.free(s);
             } else {
@@ -220,11 +245,14 @@ mod tests {
                     live.push(s);
                 }
             }
-            if step % 997 == 0 {
+            if step.is_multiple_of(997) {
                 let mut rs: Vec<Region> = live.iter().map(Slot::region).collect();
                 rs.sort_by_key(|r| r.offset);
                 for w in rs.windows(2) {
-                    assert!(w[0].offset + w[0].len <= w[1].offset, "overlap at step {step}");
+                    assert!(
+                        w[0].offset + w[0].len <= w[1].offset,
+                        "overlap at step {step}"
+                    );
                 }
                 assert!(rs.last().is_none_or(|r| r.offset + r.len <= arena));
                 assert_eq!(a.in_use(), live.len());

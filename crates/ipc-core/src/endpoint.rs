@@ -36,7 +36,9 @@ impl FromStr for Endpoint {
             return Ok(Endpoint::Tcp(a));
         }
         if s.starts_with("tcp:") {
-            return Err(format!("{addr:?} is not a socket address like 127.0.0.1:7000"));
+            return Err(format!(
+                "{addr:?} is not a socket address like 127.0.0.1:7000"
+            ));
         }
         if s.contains('/') {
             return Ok(Endpoint::Unix(s.into()));
@@ -53,8 +55,14 @@ mod tests {
     fn parses_both_kinds() {
         assert_eq!("unix:/a/b".parse(), Ok(Endpoint::Unix("/a/b".into())));
         assert_eq!("/a/b".parse(), Ok(Endpoint::Unix("/a/b".into())));
-        assert_eq!("tcp:127.0.0.1:9".parse(), Ok(Endpoint::Tcp("127.0.0.1:9".parse().unwrap())));
-        assert_eq!("[::1]:9".parse(), Ok(Endpoint::Tcp("[::1]:9".parse().unwrap())));
+        assert_eq!(
+            "tcp:127.0.0.1:9".parse(),
+            Ok(Endpoint::Tcp("127.0.0.1:9".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:9".parse(),
+            Ok(Endpoint::Tcp("[::1]:9".parse().unwrap()))
+        );
         assert!("tcp:nope".parse::<Endpoint>().is_err());
         assert!("nope".parse::<Endpoint>().is_err());
     }

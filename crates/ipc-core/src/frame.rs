@@ -41,7 +41,9 @@ impl FrameError {
             FrameError::Closed | FrameError::Truncated { .. } => true,
             FrameError::Io(e) => matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
             ),
             _ => false,
         }
@@ -55,8 +57,11 @@ pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError
     let mut out_vec = std::mem::take(out);
     out_vec = postcard::to_extend(msg, out_vec).map_err(|e| FrameError::Corrupt(e.to_string()))?;
     *out = out_vec;
-    let body_len = u32::try_from(out.len() - start - PREFIX_LEN)
-        .map_err(|_| FrameError::TooLarge { len: out.len() - start, max: u32::MAX as usize })?;
+    let body_len =
+        u32::try_from(out.len() - start - PREFIX_LEN).map_err(|_| FrameError::TooLarge {
+            len: out.len() - start,
+            max: u32::MAX as usize,
+        })?;
     out[start..start + PREFIX_LEN].copy_from_slice(&body_len.to_le_bytes());
     Ok(())
 }
@@ -72,19 +77,30 @@ pub fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, FrameErro
 
 /// Decodes a whole body; trailing bytes are corruption.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| FrameError::Corrupt(e.to_string()))?;
+    let (msg, rest) =
+        postcard::take_from_bytes(body).map_err(|e| FrameError::Corrupt(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(FrameError::Corrupt(format!("{} trailing bytes after the message", rest.len())));
+        return Err(FrameError::Corrupt(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        )));
     }
     Ok(msg)
 }
 
 /// Tries to decode one frame from the front of `buf`: `Ok(None)` when more
 /// bytes are needed, else the message and how many bytes it took.
-pub fn try_decode<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<Option<(T, usize)>, FrameError> {
-    let Some(prefix) = buf.get(..PREFIX_LEN) else { return Ok(None) };
+pub fn try_decode<T: DeserializeOwned>(
+    buf: &[u8],
+    max: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(prefix) = buf.get(..PREFIX_LEN) else {
+        return Ok(None);
+    };
     let len = body_len(prefix.try_into().expect("4 bytes"), max)?;
-    let Some(body) = buf.get(PREFIX_LEN..PREFIX_LEN + len) else { return Ok(None) };
+    let Some(body) = buf.get(PREFIX_LEN..PREFIX_LEN + len) else {
+        return Ok(None);
+    };
     Ok(Some((decode_body(body)?, PREFIX_LEN + len)))
 }
 
@@ -103,25 +119,41 @@ fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Reads one frame from a blocking reader, using `scratch` for the body.
-pub fn read_frame<T: DeserializeOwned, R: Read>(r: &mut R, scratch: &mut Vec<u8>, max: usize) -> Result<T, FrameError> {
+pub fn read_frame<T: DeserializeOwned, R: Read>(
+    r: &mut R,
+    scratch: &mut Vec<u8>,
+    max: usize,
+) -> Result<T, FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
     match fill(r, &mut prefix)? {
         0 => return Err(FrameError::Closed),
         PREFIX_LEN => {}
-        got => return Err(FrameError::Truncated { expected: PREFIX_LEN, got }),
+        got => {
+            return Err(FrameError::Truncated {
+                expected: PREFIX_LEN,
+                got,
+            })
+        }
     }
     let len = body_len(prefix, max)?;
     scratch.clear();
     scratch.resize(len, 0);
     let got = fill(r, scratch)?;
     if got < len {
-        return Err(FrameError::Truncated { expected: PREFIX_LEN + len, got: PREFIX_LEN + got });
+        return Err(FrameError::Truncated {
+            expected: PREFIX_LEN + len,
+            got: PREFIX_LEN + got,
+        });
     }
     decode_body(scratch)
 }
 
 /// Writes one frame to a blocking writer (through `scratch`, one write call).
-pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T, scratch: &mut Vec<u8>) -> Result<(), FrameError> {
+pub fn write_frame<T: Serialize, W: Write>(
+    w: &mut W,
+    msg: &T,
+    scratch: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     scratch.clear();
     encode(msg, scratch)?;
     w.write_all(scratch)?;
@@ -150,23 +182,37 @@ pub async fn read_frame_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     match fill_async(r, &mut prefix).await? {
         0 => return Err(FrameError::Closed),
         PREFIX_LEN => {}
-        got => return Err(FrameError::Truncated { expected: PREFIX_LEN, got }),
+        got => {
+            return Err(FrameError::Truncated {
+                expected: PREFIX_LEN,
+                got,
+            })
+        }
     }
     let len = body_len(prefix, max)?;
     scratch.clear();
     scratch.resize(len, 0);
     let got = fill_async(r, scratch).await?;
     if got < len {
-        return Err(FrameError::Truncated { expected: PREFIX_LEN + len, got: PREFIX_LEN + got });
+        return Err(FrameError::Truncated {
+            expected: PREFIX_LEN + len,
+            got: PREFIX_LEN + got,
+        });
     }
     decode_body(scratch)
 }
 
 /// Reads exactly `buf.len()` payload bytes; a short stream is [`FrameError::Truncated`].
-pub async fn read_payload_async<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
+pub async fn read_payload_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<(), FrameError> {
     let got = fill_async(r, buf).await?;
     if got < buf.len() {
-        return Err(FrameError::Truncated { expected: buf.len(), got });
+        return Err(FrameError::Truncated {
+            expected: buf.len(),
+            got,
+        });
     }
     Ok(())
 }
@@ -175,7 +221,10 @@ pub async fn read_payload_async<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8])
 pub fn read_payload<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
     let got = fill(r, buf)?;
     if got < buf.len() {
-        return Err(FrameError::Truncated { expected: buf.len(), got });
+        return Err(FrameError::Truncated {
+            expected: buf.len(),
+            got,
+        });
     }
     Ok(())
 }
@@ -186,7 +235,12 @@ mod tests {
     use crate::proto::{ErrorKind, Outcome, RemoteError, Request, Response};
 
     fn req(id: u64) -> Request {
-        Request { id, op: "sha256".into(), args: vec!["a".into()], payload_len: 42 }
+        Request {
+            id,
+            op: "sha256".into(),
+            args: vec!["a".into()],
+            payload_len: 42,
+        }
     }
 
     #[test]
@@ -204,10 +258,19 @@ mod tests {
         let mut r = &buf[..];
         let mut scratch = Vec::new();
         for id in [0, 1, 127, 128, u64::MAX] {
-            assert_eq!(read_frame::<Request, _>(&mut r, &mut scratch, 1024).unwrap(), req(id));
+            assert_eq!(
+                read_frame::<Request, _>(&mut r, &mut scratch, 1024).unwrap(),
+                req(id)
+            );
         }
-        assert_eq!(read_frame::<Response, _>(&mut r, &mut scratch, 1024).unwrap(), err);
-        assert!(matches!(read_frame::<Request, _>(&mut r, &mut scratch, 1024), Err(FrameError::Closed)));
+        assert_eq!(
+            read_frame::<Response, _>(&mut r, &mut scratch, 1024).unwrap(),
+            err
+        );
+        assert!(matches!(
+            read_frame::<Request, _>(&mut r, &mut scratch, 1024),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -217,7 +280,10 @@ mod tests {
         for cut in 1..buf.len() {
             let mut r = &buf[..cut];
             let e = read_frame::<Request, _>(&mut r, &mut Vec::new(), 1024).unwrap_err();
-            assert!(matches!(e, FrameError::Truncated { .. }), "cut {cut}: {e:?}");
+            assert!(
+                matches!(e, FrameError::Truncated { .. }),
+                "cut {cut}: {e:?}"
+            );
             assert!(matches!(try_decode::<Request>(&buf[..cut], 1024), Ok(None)));
         }
     }
@@ -227,7 +293,13 @@ mod tests {
         let mut buf = (1_000_000u32).to_le_bytes().to_vec();
         buf.extend_from_slice(&[0; 16]);
         let e = read_frame::<Request, _>(&mut &buf[..], &mut Vec::new(), 1024).unwrap_err();
-        assert!(matches!(e, FrameError::TooLarge { len: 1_000_000, max: 1024 }));
+        assert!(matches!(
+            e,
+            FrameError::TooLarge {
+                len: 1_000_000,
+                max: 1024
+            }
+        ));
     }
 
     #[test]
@@ -243,7 +315,10 @@ mod tests {
         encode(&req(1), &mut buf).unwrap();
         buf[0] += 1;
         buf.push(0);
-        assert!(matches!(try_decode::<Request>(&buf, 1024), Err(FrameError::Corrupt(_))));
+        assert!(matches!(
+            try_decode::<Request>(&buf, 1024),
+            Err(FrameError::Corrupt(_))
+        ));
     }
 
     #[tokio::test]
@@ -252,12 +327,17 @@ mod tests {
         encode(&req(77), &mut buf).unwrap();
         buf.extend_from_slice(b"0123456789");
         let mut r = &buf[..];
-        let got: Request = read_frame_async(&mut r, &mut Vec::new(), 1024).await.unwrap();
+        let got: Request = read_frame_async(&mut r, &mut Vec::new(), 1024)
+            .await
+            .unwrap();
         assert_eq!(got, req(77));
         let mut payload = [0u8; 10];
         read_payload_async(&mut r, &mut payload).await.unwrap();
         assert_eq!(&payload, b"0123456789");
         let mut more = [0u8; 1];
-        assert!(matches!(read_payload_async(&mut r, &mut more).await, Err(FrameError::Truncated { .. })));
+        assert!(matches!(
+            read_payload_async(&mut r, &mut more).await,
+            Err(FrameError::Truncated { .. })
+        ));
     }
 }

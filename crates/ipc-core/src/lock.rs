@@ -34,7 +34,10 @@ pub struct InstanceLock {
 impl InstanceLock {
     /// Takes the lock at `path` without waiting and writes our pid in it.
     pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
-        let io = |source| LockError::Io { path: path.to_path_buf(), source };
+        let io = |source| LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         loop {
             let file = OpenOptions::new()
                 .read(true)
@@ -50,8 +53,15 @@ impl InstanceLock {
                     let mut pid = String::new();
                     let _ = file.read_to_string(&mut pid);
                     let pid = pid.trim();
-                    let pid = if pid.is_empty() { "unknown".to_owned() } else { pid.to_owned() };
-                    return Err(LockError::Held { pid, path: path.to_path_buf() });
+                    let pid = if pid.is_empty() {
+                        "unknown".to_owned()
+                    } else {
+                        pid.to_owned()
+                    };
+                    return Err(LockError::Held {
+                        pid,
+                        path: path.to_path_buf(),
+                    });
                 }
                 Err((_, e)) => return Err(io(e.into())),
             };
@@ -67,7 +77,10 @@ impl InstanceLock {
             locked.set_len(0).map_err(io)?;
             locked.rewind().map_err(io)?;
             writeln!(locked, "{}", std::process::id()).map_err(io)?;
-            return Ok(InstanceLock { file: Some(locked), path: path.to_path_buf() });
+            return Ok(InstanceLock {
+                file: Some(locked),
+                path: path.to_path_buf(),
+            });
         }
     }
 

@@ -50,7 +50,9 @@ pub fn validate_instance(name: &str) -> Result<(), PathError> {
     if ok {
         Ok(())
     } else {
-        Err(PathError::InvalidInstance { name: name.to_owned() })
+        Err(PathError::InvalidInstance {
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -119,7 +121,10 @@ impl RuntimePaths {
     pub fn ensure_dir(&self) -> Result<(), PathError> {
         let uid = self.uid;
         for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
-            let err = |source| PathError::Dir { path: dir.to_path_buf(), source };
+            let err = |source| PathError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            };
             match fs::DirBuilder::new().mode(0o700).create(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -130,7 +135,11 @@ impl RuntimePaths {
                 return Err(err(std::io::Error::other("not a directory")));
             }
             if meta.uid() != uid {
-                return Err(PathError::ForeignDir { path: dir.to_path_buf(), owner: meta.uid(), uid });
+                return Err(PathError::ForeignDir {
+                    path: dir.to_path_buf(),
+                    owner: meta.uid(),
+                    uid,
+                });
             }
             if meta.mode() & 0o777 != 0o700 {
                 fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
@@ -177,7 +186,12 @@ mod tests {
         nix::sys::stat::umask(old);
         res.unwrap();
         for d in [&tmp, &p.dir().to_path_buf()] {
-            assert_eq!(fs::metadata(d).unwrap().mode() & 0o777, 0o700, "{}", d.display());
+            assert_eq!(
+                fs::metadata(d).unwrap().mode() & 0o777,
+                0o700,
+                "{}",
+                d.display()
+            );
         }
         fs::remove_dir_all(&tmp).unwrap();
     }

@@ -109,7 +109,10 @@ pub struct RemoteError {
 impl RemoteError {
     /// Builds an error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -236,7 +239,12 @@ mod tests {
 
     #[test]
     fn request_encoding_matches_the_protocol_document() {
-        let r = Request { id: 300, op: "sleep".into(), args: vec!["5".into()], payload_len: 0 };
+        let r = Request {
+            id: 300,
+            op: "sleep".into(),
+            args: vec!["5".into()],
+            payload_len: 0,
+        };
         // id 300 = varint ac 02; "sleep" = 05 + bytes; args = 01, 01 "5"; payload_len 00
         assert_eq!(
             postcard::to_stdvec(&r).unwrap(),

@@ -61,13 +61,21 @@ pub enum SegmentError {
     #[error("shared-memory segment {name} already exists (a live or crashed dispatcher's); the dispatcher removes stale ones at start")]
     Exists { name: String },
     #[error("cannot create shared-memory segment {name} of {size} bytes: {detail}")]
-    Create { name: String, size: usize, detail: String },
+    Create {
+        name: String,
+        size: usize,
+        detail: String,
+    },
     #[error("cannot open shared-memory segment {name}: {detail} (is the dispatcher running?)")]
     Open { name: String, detail: String },
     #[error("segment {name} is not an OSPS segment of layout {LAYOUT_VERSION}: {detail}")]
     BadHeader { name: String, detail: String },
     #[error("region {offset}+{len} lies outside the arena of {arena_len} bytes")]
-    OutOfBounds { offset: u64, len: u64, arena_len: u64 },
+    OutOfBounds {
+        offset: u64,
+        len: u64,
+        arena_len: u64,
+    },
     #[error("cannot set mode 0600 on {path}: {source}")]
     Mode {
         path: String,
@@ -94,7 +102,9 @@ impl std::fmt::Debug for Segment {
 
 fn shm_detail(e: ShmemError) -> String {
     match e {
-        ShmemError::MapCreateFailed(errno) | ShmemError::MapOpenFailed(errno) | ShmemError::UnknownOsError(errno) => {
+        ShmemError::MapCreateFailed(errno)
+        | ShmemError::MapOpenFailed(errno)
+        | ShmemError::UnknownOsError(errno) => {
             std::io::Error::from_raw_os_error(errno as i32).to_string()
         }
         other => other.to_string(),
@@ -117,11 +127,24 @@ impl Segment {
     /// Fails with [`SegmentError::Exists`] if the name is taken.
     pub fn create(name: &str, arena_len: usize, generation: u64) -> Result<Segment, SegmentError> {
         let size = HEADER_LEN + arena_len;
-        let shmem = ShmemConf::new().os_id(name).size(size).create().map_err(|e| match e {
-            ShmemError::MappingIdExists => SegmentError::Exists { name: name.to_owned() },
-            e => SegmentError::Create { name: name.to_owned(), size, detail: shm_detail(e) },
-        })?;
-        let seg = Segment { shmem, name: name.to_owned() };
+        let shmem = ShmemConf::new()
+            .os_id(name)
+            .size(size)
+            .create()
+            .map_err(|e| match e {
+                ShmemError::MappingIdExists => SegmentError::Exists {
+                    name: name.to_owned(),
+                },
+                e => SegmentError::Create {
+                    name: name.to_owned(),
+                    size,
+                    detail: shm_detail(e),
+                },
+            })?;
+        let seg = Segment {
+            shmem,
+            name: name.to_owned(),
+        };
         // shm_open applied the umask to 0600; make the mode exact.
         let path = fs_path(name);
         use std::os::unix::fs::PermissionsExt;
@@ -151,12 +174,21 @@ impl Segment {
         let shmem = ShmemConf::new()
             .os_id(name)
             .open()
-            .map_err(|e| SegmentError::Open { name: name.to_owned(), detail: shm_detail(e) })?;
-        let bad = |detail: String| SegmentError::BadHeader { name: name.to_owned(), detail };
+            .map_err(|e| SegmentError::Open {
+                name: name.to_owned(),
+                detail: shm_detail(e),
+            })?;
+        let bad = |detail: String| SegmentError::BadHeader {
+            name: name.to_owned(),
+            detail,
+        };
         if shmem.len() < HEADER_LEN {
             return Err(bad(format!("only {} bytes long", shmem.len())));
         }
-        let seg = Segment { shmem, name: name.to_owned() };
+        let seg = Segment {
+            shmem,
+            name: name.to_owned(),
+        };
         let h = seg.header();
         if h.magic != SEGMENT_MAGIC {
             return Err(bad("wrong magic".into()));
@@ -164,7 +196,10 @@ impl Segment {
         if h.layout_version != LAYOUT_VERSION {
             return Err(bad(format!("layout version {}", h.layout_version)));
         }
-        if h.header_len as usize != HEADER_LEN || h.total_len != seg.shmem.len() as u64 || h.arena_len + HEADER_LEN as u64 != h.total_len {
+        if h.header_len as usize != HEADER_LEN
+            || h.total_len != seg.shmem.len() as u64
+            || h.arena_len + HEADER_LEN as u64 != h.total_len
+        {
             return Err(bad("sizes disagree with the mapping".into()));
         }
         Ok(seg)
@@ -208,7 +243,11 @@ impl Segment {
         let arena_len = self.arena_len() as u64;
         match r.offset.checked_add(r.len) {
             Some(end) if end <= arena_len => Ok(()),
-            _ => Err(SegmentError::OutOfBounds { offset: r.offset, len: r.len, arena_len }),
+            _ => Err(SegmentError::OutOfBounds {
+                offset: r.offset,
+                len: r.len,
+                arena_len,
+            }),
         }
     }
 
@@ -223,7 +262,12 @@ impl Segment {
         // SAFETY: the region lies inside the mapping (checked above), which
         // lives as long as `self`. No other process writes the region while
         // the caller owns it under the slot protocol.
-        Ok(unsafe { std::slice::from_raw_parts(self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize), r.len as usize) })
+        Ok(unsafe {
+            std::slice::from_raw_parts(
+                self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize),
+                r.len as usize,
+            )
+        })
     }
 
     /// The bytes of a region, for writing in place. Same ownership rule as
@@ -235,7 +279,12 @@ impl Segment {
         // SAFETY: in bounds (checked above); the mapping outlives the borrow.
         // Exclusivity comes from the slot protocol: one owner per slot at a
         // time, and slots never overlap (buddy allocator in `alloc`).
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize), r.len as usize) })
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(
+                self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize),
+                r.len as usize,
+            )
+        })
     }
 
     /// Stops this handle from unlinking the name on drop (e.g. after fork).
@@ -265,21 +314,33 @@ mod tests {
         let n = name("share");
         let seg = Segment::create(&n, 1 << 20, 7).unwrap();
         assert!(std::path::Path::new(&fs_path(&n)).exists());
-        let r = Region { offset: 4096, len: 5 };
+        let r = Region {
+            offset: 4096,
+            len: 5,
+        };
         seg.bytes_mut(r).unwrap().copy_from_slice(b"hello");
         let other = Segment::open(&n).unwrap();
         assert!(!other.is_owner());
         assert_eq!(other.bytes(r).unwrap(), b"hello");
         assert_eq!(other.header().generation.load(Ordering::Relaxed), 7);
-        assert_eq!(other.header().owner_pid.load(Ordering::Relaxed), std::process::id());
+        assert_eq!(
+            other.header().owner_pid.load(Ordering::Relaxed),
+            std::process::id()
+        );
         other.bytes_mut(r).unwrap().copy_from_slice(b"HELLO");
         assert_eq!(seg.bytes(r).unwrap(), b"HELLO");
         other.header().count_job();
         assert_eq!(seg.header().jobs_done.load(Ordering::Relaxed), 1);
         drop(other);
-        assert!(std::path::Path::new(&fs_path(&n)).exists(), "a reader must not unlink");
+        assert!(
+            std::path::Path::new(&fs_path(&n)).exists(),
+            "a reader must not unlink"
+        );
         drop(seg);
-        assert!(!std::path::Path::new(&fs_path(&n)).exists(), "the creator unlinks");
+        assert!(
+            !std::path::Path::new(&fs_path(&n)).exists(),
+            "the creator unlinks"
+        );
         assert!(matches!(Segment::open(&n), Err(SegmentError::Open { .. })));
     }
 
@@ -290,7 +351,10 @@ mod tests {
         let seg = Segment::create(&n, 4096, 1).unwrap();
         let mode = std::fs::metadata(fs_path(&n)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(matches!(Segment::create(&n, 4096, 1), Err(SegmentError::Exists { .. })));
+        assert!(matches!(
+            Segment::create(&n, 4096, 1),
+            Err(SegmentError::Exists { .. })
+        ));
         drop(seg);
     }
 
@@ -298,16 +362,38 @@ mod tests {
     fn out_of_bounds_regions_are_refused() {
         let n = name("bounds");
         let seg = Segment::create(&n, 8192, 1).unwrap();
-        assert!(seg.bytes(Region { offset: 8192, len: 1 }).is_err());
-        assert!(seg.bytes(Region { offset: u64::MAX, len: 2 }).is_err());
-        assert!(seg.bytes(Region { offset: 0, len: 8192 }).is_ok());
+        assert!(seg
+            .bytes(Region {
+                offset: 8192,
+                len: 1
+            })
+            .is_err());
+        assert!(seg
+            .bytes(Region {
+                offset: u64::MAX,
+                len: 2
+            })
+            .is_err());
+        assert!(seg
+            .bytes(Region {
+                offset: 0,
+                len: 8192
+            })
+            .is_ok());
     }
 
     #[test]
     fn a_foreign_object_is_not_taken_for_a_segment() {
         let n = name("foreign");
-        let mut other = ShmemConf::new().os_id(&n).size(HEADER_LEN * 2).create().unwrap();
-        assert!(matches!(Segment::open(&n), Err(SegmentError::BadHeader { .. })));
+        let mut other = ShmemConf::new()
+            .os_id(&n)
+            .size(HEADER_LEN * 2)
+            .create()
+            .unwrap();
+        assert!(matches!(
+            Segment::open(&n),
+            Err(SegmentError::BadHeader { .. })
+        ));
         other.set_owner(true);
         assert!(unlink(&n) || !std::path::Path::new(&fs_path(&n)).exists());
     }

@@ -40,8 +40,17 @@ pub fn bin(name: &str) -> PathBuf {
 /// A name no other test of this run, nor any parallel run, uses.
 pub fn unique_instance(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let tag: String = tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect();
-    format!("t{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), tag)
+    let tag: String = tag
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(20)
+        .collect();
+    format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        tag
+    )
 }
 
 /// Makes this process the child subreaper, so workers orphaned by a killed
@@ -73,36 +82,60 @@ pub fn proc_info(pid: u32) -> Option<Proc> {
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
     let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_owned();
-    Some(Proc { pid, ppid, state, cmdline })
+    let cmdline = String::from_utf8_lossy(&raw)
+        .replace('\0', " ")
+        .trim()
+        .to_owned();
+    Some(Proc {
+        pid,
+        ppid,
+        state,
+        cmdline,
+    })
 }
 
 /// Every process on the machine.
 pub fn all_processes() -> Vec<Proc> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter_map(proc_info).collect()
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(proc_info)
+        .collect()
 }
 
 /// Processes whose command line mentions `needle` (e.g. an instance or segment name).
 /// Zombies have an empty command line: find them with [`zombies_of`].
 pub fn processes_mentioning(needle: &str) -> Vec<Proc> {
     let me = std::process::id();
-    all_processes().into_iter().filter(|p| p.pid != me && p.cmdline.contains(needle)).collect()
+    all_processes()
+        .into_iter()
+        .filter(|p| p.pid != me && p.cmdline.contains(needle))
+        .collect()
 }
 
 /// Zombies (state `Z`) whose parent is one of `parents`.
 pub fn zombies_of(parents: &[u32]) -> Vec<Proc> {
-    all_processes().into_iter().filter(|p| p.state == 'Z' && parents.contains(&p.ppid)).collect()
+    all_processes()
+        .into_iter()
+        .filter(|p| p.state == 'Z' && parents.contains(&p.ppid))
+        .collect()
 }
 
 /// What an instance left behind: processes, segment, socket. Empty when clean.
 pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
     let mut found = Vec::new();
     for p in processes_mentioning(&paths.segment_name()) {
-        found.push(format!("process {} ({}) state {}", p.pid, p.cmdline, p.state));
+        found.push(format!(
+            "process {} ({}) state {}",
+            p.pid, p.cmdline, p.state
+        ));
     }
     for p in processes_mentioning(&format!("--instance {}", paths.instance())) {
-        found.push(format!("process {} ({}) state {}", p.pid, p.cmdline, p.state));
+        found.push(format!(
+            "process {} ({}) state {}",
+            p.pid, p.cmdline, p.state
+        ));
     }
     if paths.segment_path().exists() {
         found.push(format!("segment {}", paths.segment_path().display()));
@@ -149,7 +182,10 @@ impl Instance {
     pub fn start_with(tag: &str, args: &[&str], before: impl FnOnce(&RuntimePaths)) -> Instance {
         become_subreaper();
         let name = unique_instance(tag);
-        let dir = tempfile::Builder::new().prefix("osps-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("osps-")
+            .tempdir()
+            .expect("temp dir");
         let paths = RuntimePaths::new(&name, Some(dir.path())).expect("paths");
         before(&paths);
         let log = dir.path().join("dispatcher.log");
@@ -166,7 +202,13 @@ impl Instance {
             .spawn()
             .expect("spawn osps-dispatcher");
         let pid = child.id();
-        let mut inst = Instance { paths, dir, child: Some(child), pid, log };
+        let mut inst = Instance {
+            paths,
+            dir,
+            child: Some(child),
+            pid,
+            log,
+        };
         inst.wait_ready();
         inst
     }
@@ -175,12 +217,19 @@ impl Instance {
     pub fn wait_ready(&mut self) {
         let ready = wait_for(PATIENCE, || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("dispatcher exited during start-up ({status}); log:\n{}", self.log());
+                panic!(
+                    "dispatcher exited during start-up ({status}); log:\n{}",
+                    self.log()
+                );
             }
             let s = self.try_status()?;
             s.workers.iter().all(|w| w.state == "idle").then_some(())
         });
-        assert!(ready.is_some(), "dispatcher not ready within {PATIENCE:?}; log:\n{}", self.log());
+        assert!(
+            ready.is_some(),
+            "dispatcher not ready within {PATIENCE:?}; log:\n{}",
+            self.log()
+        );
     }
 
     /// The instance name.
@@ -205,7 +254,8 @@ impl Instance {
 
     /// A new connected client.
     pub fn client(&self) -> Client {
-        let mut c = Client::connect(&self.endpoint()).unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.log()));
+        let mut c = Client::connect(&self.endpoint())
+            .unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.log()));
         c.set_timeout(Some(PATIENCE * 3)).expect("timeout");
         c
     }
@@ -219,7 +269,8 @@ impl Instance {
 
     /// The status report.
     pub fn status(&self) -> StatusReport {
-        self.try_status().unwrap_or_else(|| panic!("no status; log:\n{}", self.log()))
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status; log:\n{}", self.log()))
     }
 
     /// Worker pids according to the status report.
@@ -255,7 +306,10 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        let workers: Vec<u32> = processes_mentioning(&self.paths.segment_name()).iter().map(|p| p.pid).collect();
+        let workers: Vec<u32> = processes_mentioning(&self.paths.segment_name())
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -265,9 +319,11 @@ impl Drop for Instance {
         }
         // Workers orphaned by the kill are our children (we are the subreaper): reap them.
         for &pid in &workers {
-            let _ = wait_for(Duration::from_secs(5), || match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
-                _ => Some(()),
+            let _ = wait_for(Duration::from_secs(5), || {
+                match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
+                    _ => Some(()),
+                }
             });
         }
         ipc_core::segment::unlink(&self.paths.segment_name());

@@ -10,7 +10,9 @@ use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, PROTOCOL_VERSION};
+use ipc_core::proto::{
+    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, PROTOCOL_VERSION,
+};
 use ipc_core::{Segment, SegmentError};
 
 /// How a worker is started.
@@ -42,7 +44,8 @@ pub enum WorkerError {
 /// Runs the worker until its stdin closes.
 pub fn run(config: &Config) -> Result<(), WorkerError> {
     if let Some(expected) = config.parent_pid {
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(WorkerError::Prctl)?;
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(WorkerError::Prctl)?;
         // The parent may have died before the line above: then we were reparented.
         let actual = nix::unistd::getppid().as_raw();
         if actual != expected as i32 {
@@ -55,7 +58,10 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
     let mut output = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
     let mut scratch = Vec::with_capacity(256);
     let mut out_buf = Vec::with_capacity(256);
-    let ready = FromWorker::Ready { pid: std::process::id(), version: PROTOCOL_VERSION };
+    let ready = FromWorker::Ready {
+        pid: std::process::id(),
+        version: PROTOCOL_VERSION,
+    };
     frame::write_frame(&mut output, &ready, &mut out_buf)?;
     tracing::debug!(segment = %config.segment, "worker ready");
     loop {
@@ -78,16 +84,26 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
 pub fn run_job(segment: &Segment, job: &Job, allow_fault_injection: bool) -> JobDone {
     let result = (|| {
         let spec = ops::lookup(&job.op, allow_fault_injection)?;
-        let slot = segment
-            .bytes_mut(job.slot)
-            .map_err(|e| RemoteError::new(ErrorKind::Internal, format!("bad slot from dispatcher: {e}")))?;
+        let slot = segment.bytes_mut(job.slot).map_err(|e| {
+            RemoteError::new(
+                ErrorKind::Internal,
+                format!("bad slot from dispatcher: {e}"),
+            )
+        })?;
         let input_len = usize::try_from(job.input_len)
             .ok()
             .filter(|&n| n <= slot.len())
             .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
-        let mut ctx = ops::JobCtx { args: &job.args, slot, input_len };
+        let mut ctx = ops::JobCtx {
+            args: &job.args,
+            slot,
+            input_len,
+        };
         catch_unwind(AssertUnwindSafe(|| (spec.run)(&mut ctx))).unwrap_or_else(|_| {
-            Err(RemoteError::new(ErrorKind::Internal, format!("operation {:?} panicked (a bug in OSPS)", job.op)))
+            Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!("operation {:?} panicked (a bug in OSPS)", job.op),
+            ))
         })
     })();
     match result {
@@ -99,7 +115,12 @@ pub fn run_job(segment: &Segment, job: &Job, allow_fault_injection: bool) -> Job
         },
         Err(e) => {
             tracing::debug!(job = job.job_id, op = %job.op, error = %e, "job failed");
-            JobDone { job_id: job.job_id, outcome: Outcome::Err(e), result_offset: 0, result_len: 0 }
+            JobDone {
+                job_id: job.job_id,
+                outcome: Outcome::Err(e),
+                result_offset: 0,
+                result_len: 0,
+            }
         }
     }
 }

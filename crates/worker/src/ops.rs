@@ -47,10 +47,16 @@ impl JobCtx<'_> {
         } else if bytes.len() <= self.slot.len() {
             0
         } else {
-            return Err(RemoteError::new(ErrorKind::Internal, format!("result of {} bytes exceeds the slot", bytes.len())));
+            return Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!("result of {} bytes exceeds the slot", bytes.len()),
+            ));
         };
         self.slot[offset..offset + bytes.len()].copy_from_slice(bytes);
-        Ok(Output { offset, len: bytes.len() })
+        Ok(Output {
+            offset,
+            len: bytes.len(),
+        })
     }
 
     /// Checks that exactly `n` arguments were given.
@@ -60,7 +66,10 @@ impl JobCtx<'_> {
         } else {
             Err(RemoteError::new(
                 ErrorKind::InvalidInput,
-                format!("expected {n} argument(s), got {}; usage: {usage}", self.args.len()),
+                format!(
+                    "expected {n} argument(s), got {}; usage: {usage}",
+                    self.args.len()
+                ),
             ))
         }
     }
@@ -81,13 +90,48 @@ pub struct OpSpec {
 
 /// Every operation a worker knows.
 pub const OPS: &[OpSpec] = &[
-    OpSpec { name: "ping", usage: "ping", fault_injection: false, run: ping },
-    OpSpec { name: "echo", usage: "echo (payload returned as is)", fault_injection: false, run: echo },
-    OpSpec { name: "upper", usage: "upper (ASCII upper case)", fault_injection: false, run: upper },
-    OpSpec { name: "sha256", usage: "sha256 (hex digest and newline)", fault_injection: false, run: sha256 },
-    OpSpec { name: "wc", usage: "wc (\"LINES WORDS BYTES\\n\")", fault_injection: false, run: wc },
-    OpSpec { name: "sleep", usage: "sleep MS (at most 3600000)", fault_injection: false, run: sleep },
-    OpSpec { name: "crash", usage: "crash (aborts the worker; fault injection only)", fault_injection: true, run: crash },
+    OpSpec {
+        name: "ping",
+        usage: "ping",
+        fault_injection: false,
+        run: ping,
+    },
+    OpSpec {
+        name: "echo",
+        usage: "echo (payload returned as is)",
+        fault_injection: false,
+        run: echo,
+    },
+    OpSpec {
+        name: "upper",
+        usage: "upper (ASCII upper case)",
+        fault_injection: false,
+        run: upper,
+    },
+    OpSpec {
+        name: "sha256",
+        usage: "sha256 (hex digest and newline)",
+        fault_injection: false,
+        run: sha256,
+    },
+    OpSpec {
+        name: "wc",
+        usage: "wc (\"LINES WORDS BYTES\\n\")",
+        fault_injection: false,
+        run: wc,
+    },
+    OpSpec {
+        name: "sleep",
+        usage: "sleep MS (at most 3600000)",
+        fault_injection: false,
+        run: sleep,
+    },
+    OpSpec {
+        name: "crash",
+        usage: "crash (aborts the worker; fault injection only)",
+        fault_injection: true,
+        run: crash,
+    },
 ];
 
 /// Finds an operation; the error lists what exists.
@@ -112,7 +156,10 @@ fn ping(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 
 fn echo(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     ctx.expect_args(0, "echo")?;
-    Ok(Output { offset: 0, len: ctx.input_len })
+    Ok(Output {
+        offset: 0,
+        len: ctx.input_len,
+    })
 }
 
 fn upper(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
@@ -137,7 +184,10 @@ fn wc(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     ctx.expect_args(0, "wc")?;
     let input = ctx.input();
     let lines = input.iter().filter(|&&b| b == b'\n').count();
-    let words = input.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()).count();
+    let words = input
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .count();
     let text = format!("{lines} {words} {}\n", input.len());
     ctx.reply(text.as_bytes())
 }
@@ -148,7 +198,15 @@ fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
         .parse()
         .ok()
         .filter(|&ms| ms <= 3_600_000)
-        .ok_or_else(|| RemoteError::new(ErrorKind::InvalidInput, format!("sleep takes milliseconds from 0 to 3600000, got {:?}", ctx.args[0])))?;
+        .ok_or_else(|| {
+            RemoteError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "sleep takes milliseconds from 0 to 3600000, got {:?}",
+                    ctx.args[0]
+                ),
+            )
+        })?;
     std::thread::sleep(std::time::Duration::from_millis(ms));
     ctx.reply(format!("slept {ms} ms\n").as_bytes())
 }
@@ -167,7 +225,11 @@ mod tests {
         let mut slot = vec![0u8; input.len() + 4096];
         slot[..input.len()].copy_from_slice(input);
         let spec = lookup(op, false)?;
-        let mut ctx = JobCtx { args: &args, slot: &mut slot, input_len: input.len() };
+        let mut ctx = JobCtx {
+            args: &args,
+            slot: &mut slot,
+            input_len: input.len(),
+        };
         let out = (spec.run)(&mut ctx)?;
         Ok(slot[out.offset..out.offset + out.len].to_vec())
     }
@@ -176,12 +238,18 @@ mod tests {
     fn operations_compute_what_they_say() {
         assert_eq!(run("ping", &[], b"").unwrap(), b"pong\n");
         assert_eq!(run("echo", &[], b"a\0b").unwrap(), b"a\0b");
-        assert_eq!(run("upper", &[], b"abc, d\xc3\xa9!").unwrap(), b"ABC, D\xc3\xa9!");
+        assert_eq!(
+            run("upper", &[], b"abc, d\xc3\xa9!").unwrap(),
+            b"ABC, D\xc3\xa9!"
+        );
         assert_eq!(
             run("sha256", &[], b"abc").unwrap(),
             b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
         );
-        assert_eq!(run("wc", &[], b"one two\nthree\n\n  four").unwrap(), b"3 4 21\n");
+        assert_eq!(
+            run("wc", &[], b"one two\nthree\n\n  four").unwrap(),
+            b"3 4 21\n"
+        );
         assert_eq!(run("sleep", &["1"], b"").unwrap(), b"slept 1 ms\n");
     }
 
@@ -189,7 +257,11 @@ mod tests {
     fn small_results_leave_the_input_intact() {
         let mut slot = b"abc".to_vec();
         slot.resize(4096, 0);
-        let mut ctx = JobCtx { args: &[], slot: &mut slot, input_len: 3 };
+        let mut ctx = JobCtx {
+            args: &[],
+            slot: &mut slot,
+            input_len: 3,
+        };
         let out = sha256(&mut ctx).unwrap();
         assert_eq!(out.offset, 3);
         assert_eq!(&slot[..3], b"abc");
@@ -197,11 +269,26 @@ mod tests {
 
     #[test]
     fn bad_requests_get_typed_errors() {
-        assert_eq!(run("nope", &[], b"").unwrap_err().kind, ErrorKind::UnknownOp);
-        assert_eq!(run("crash", &[], b"").unwrap_err().kind, ErrorKind::FaultInjectionDisabled);
-        assert_eq!(run("sleep", &[], b"").unwrap_err().kind, ErrorKind::InvalidInput);
-        assert_eq!(run("sleep", &["soon"], b"").unwrap_err().kind, ErrorKind::InvalidInput);
-        assert_eq!(run("ping", &["x"], b"").unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(
+            run("nope", &[], b"").unwrap_err().kind,
+            ErrorKind::UnknownOp
+        );
+        assert_eq!(
+            run("crash", &[], b"").unwrap_err().kind,
+            ErrorKind::FaultInjectionDisabled
+        );
+        assert_eq!(
+            run("sleep", &[], b"").unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            run("sleep", &["soon"], b"").unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            run("ping", &["x"], b"").unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
         assert!(lookup("crash", true).is_ok());
     }
 }
