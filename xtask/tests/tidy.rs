@@ -18,7 +18,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn workspace_files() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let mut files = Vec::new();
     for dir in ["crates", "xtask"] {
         rust_files(&root.join(dir), &mut files);
@@ -33,7 +36,10 @@ fn every_file_starts_with_a_doc_line_saying_what_it_is_for() {
         .into_iter()
         .filter(|p| !std::fs::read_to_string(p).unwrap().starts_with("//!"))
         .collect();
-    assert!(missing.is_empty(), "files without a leading //! line: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "files without a leading //! line: {missing:?}"
+    );
 }
 
 #[test]
@@ -48,7 +54,10 @@ fn unsafe_code_lives_only_in_the_segment_module() {
             })
         })
         .collect();
-    assert!(offenders.is_empty(), "unsafe outside ipc-core/src/segment.rs: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "unsafe outside ipc-core/src/segment.rs: {offenders:?}"
+    );
 }
 
 #[test]

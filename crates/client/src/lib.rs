@@ -147,7 +147,7 @@ impl Client {
         writer.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
-        let got = read_up_to(&mut reader, &mut hello)?;
+        let got = frame::fill(&mut reader, &mut hello)?;
         let Some((_version, status)) = (got == HELLO_LEN)
             .then(|| proto::decode_hello(&hello))
             .flatten()
@@ -356,18 +356,4 @@ impl Client {
             )))
         }
     }
-}
-
-/// Reads until `buf` is full or EOF; returns the count.
-fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }

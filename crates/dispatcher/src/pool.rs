@@ -269,30 +269,29 @@ fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) {
         );
         return;
     }
-    shared.count(&done.outcome);
     let result = Region {
         offset: slot.offset + done.result_offset,
         len: done.result_len,
     };
-    let QueuedJob {
-        req_id,
-        lease,
-        reply,
-        permit,
-        ..
-    } = job;
-    let _ = reply.send(Reply::Job {
-        req_id,
-        outcome: done.outcome,
-        result,
-        lease,
-        permit,
-    });
+    send(shared, job, done.outcome, result);
 }
 
 /// Answers a job with an error.
 pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: String) {
-    let outcome = Outcome::Err(RemoteError::new(kind, message));
+    let empty = Region {
+        offset: job.lease.region().offset,
+        len: 0,
+    };
+    send(
+        shared,
+        job,
+        Outcome::Err(RemoteError::new(kind, message)),
+        empty,
+    );
+}
+
+/// Counts the outcome and hands the reply, with the slot and permit, to the connection's writer.
+fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: Region) {
     shared.count(&outcome);
     let QueuedJob {
         req_id,
@@ -304,10 +303,7 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
     let _ = reply.send(Reply::Job {
         req_id,
         outcome,
-        result: Region {
-            offset: lease.region().offset,
-            len: 0,
-        },
+        result,
         lease,
         permit,
     });

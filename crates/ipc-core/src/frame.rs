@@ -105,7 +105,7 @@ pub fn try_decode<T: DeserializeOwned>(
 }
 
 /// Fills `buf` from `r`; `Ok(n < buf.len())` only at end of stream.
-fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+pub fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -125,27 +125,35 @@ pub fn read_frame<T: DeserializeOwned, R: Read>(
     max: usize,
 ) -> Result<T, FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    match fill(r, &mut prefix)? {
-        0 => return Err(FrameError::Closed),
-        PREFIX_LEN => {}
-        got => {
-            return Err(FrameError::Truncated {
-                expected: PREFIX_LEN,
-                got,
-            })
-        }
-    }
-    let len = body_len(prefix, max)?;
+    let len = check_prefix(fill(r, &mut prefix)?, prefix, max)?;
     scratch.clear();
     scratch.resize(len, 0);
-    let got = fill(r, scratch)?;
+    check_body(fill(r, scratch)?, len)?;
+    decode_body(scratch)
+}
+
+/// What a prefix read of `got` bytes means: the body length, a clean close
+/// (nothing read), or truncation.
+fn check_prefix(got: usize, prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, FrameError> {
+    match got {
+        0 => Err(FrameError::Closed),
+        PREFIX_LEN => body_len(prefix, max),
+        got => Err(FrameError::Truncated {
+            expected: PREFIX_LEN,
+            got,
+        }),
+    }
+}
+
+/// A body read of `got` of `len` bytes: short means truncated.
+fn check_body(got: usize, len: usize) -> Result<(), FrameError> {
     if got < len {
         return Err(FrameError::Truncated {
             expected: PREFIX_LEN + len,
             got: PREFIX_LEN + got,
         });
     }
-    decode_body(scratch)
+    Ok(())
 }
 
 /// Writes one frame to a blocking writer (through `scratch`, one write call).
@@ -179,26 +187,10 @@ pub async fn read_frame_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<T, FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    match fill_async(r, &mut prefix).await? {
-        0 => return Err(FrameError::Closed),
-        PREFIX_LEN => {}
-        got => {
-            return Err(FrameError::Truncated {
-                expected: PREFIX_LEN,
-                got,
-            })
-        }
-    }
-    let len = body_len(prefix, max)?;
+    let len = check_prefix(fill_async(r, &mut prefix).await?, prefix, max)?;
     scratch.clear();
     scratch.resize(len, 0);
-    let got = fill_async(r, scratch).await?;
-    if got < len {
-        return Err(FrameError::Truncated {
-            expected: PREFIX_LEN + len,
-            got: PREFIX_LEN + got,
-        });
-    }
+    check_body(fill_async(r, scratch).await?, len)?;
     decode_body(scratch)
 }
 
