@@ -27,7 +27,8 @@ pub enum HelloStatus {
     Accepted = 0,
     /// The client's protocol version is not served; a text line follows and the server closes.
     VersionUnsupported = 1,
-    /// The server refuses the connection (shutting down, full); a text line follows and it closes.
+    /// Reserved for refusing a connection (e.g. a connection limit); a text
+    /// line follows and the server closes. Not sent by this version.
     Refused = 2,
 }
 
@@ -120,7 +121,8 @@ impl RemoteError {
 /// format: append new kinds at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorKind {
-    /// The request was malformed (bad arguments, bad frame).
+    /// The request frame was malformed (over the size cap, undecodable), or
+    /// `status` came with a payload. Bad operation arguments are `InvalidInput`.
     BadRequest,
     /// No such operation.
     UnknownOp,

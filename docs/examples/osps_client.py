@@ -1,0 +1,596 @@
+#!/usr/bin/env python3
+"""A standalone OSPS client, Python 3 standard library only.
+
+Written from docs/PROTOCOL.md alone, as a check that the document is enough
+to talk to the dispatcher. Section numbers in comments refer to that document.
+
+Command line:
+
+    osps_client.py [--socket PATH | --tcp HOST:PORT | --instance NAME] OP [ARGS...]
+        Sends OP with ARGS and the bytes of stdin as the payload (no payload
+        when stdin is a terminal), writes the result bytes to stdout.
+        Exit status: 0 on success; 1 when the server answered with an error
+        (printed as "error: <kind name>: <message>" on stderr); 2 when the
+        dispatcher could not be reached or broke the protocol.
+
+    osps_client.py --socket PATH --selftest
+        Runs a series of checks against a running dispatcher; prints
+        "selftest ok" and exits 0, or says what failed and exits 1.
+
+As a module:
+
+    with Client.connect_unix("/run/user/1000/osps/default/default.sock") as c:
+        digest = c.call("sha256", [], b"hello")
+        report = c.status()
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import sys
+
+# --- constants (PROTOCOL.md sections 3, 4 and 11) ---------------------------
+
+MAGIC = b"OSPS"
+PROTOCOL_VERSION = 1
+HELLO_LEN = 8
+HELLO_ACCEPTED = 0
+HELLO_VERSION_UNSUPPORTED = 1
+HELLO_REFUSED = 2
+PREFIX_LEN = 4
+MAX_FRAME = 64 * 1024  # the dispatcher's default; replies are a few bytes anyway
+
+# ErrorKind, by variant index (section 6): (Rust name, name shown to people).
+ERROR_KINDS = [
+    ("BadRequest", "bad request"),
+    ("UnknownOp", "unknown operation"),
+    ("TooLarge", "too large"),
+    ("Timeout", "timeout"),
+    ("WorkerCrashed", "worker crashed"),
+    ("FaultInjectionDisabled", "fault injection disabled"),
+    ("ShuttingDown", "shutting down"),
+    ("InvalidInput", "invalid input"),
+    ("Internal", "internal error"),
+]
+KIND_INDEX = {rust: i for i, (rust, _) in enumerate(ERROR_KINDS)}
+
+# Largest varint per integer type, and the largest value its last byte may
+# hold (section 5.1: postcard rejects anything else).
+VARINT_LIMITS = {"u16": (3, 0x03), "u32": (5, 0x0F), "u64": (10, 0x01)}
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol, is not an OSPS dispatcher, or went away."""
+
+
+class RemoteError(Exception):
+    """The dispatcher answered a request with an error (Outcome::Err)."""
+
+    def __init__(self, kind, message, req_id=None):
+        self.kind = kind  # the variant index
+        self.message = message
+        self.req_id = req_id
+        super().__init__(f"{self.kind_name}: {message}")
+
+    @property
+    def kind_rust(self):
+        """The Rust variant name, e.g. "UnknownOp" (or "Kind<N>" if unknown to us)."""
+        return ERROR_KINDS[self.kind][0] if self.kind < len(ERROR_KINDS) else f"Kind{self.kind}"
+
+    @property
+    def kind_name(self):
+        """The short stable name, e.g. "unknown operation"."""
+        return ERROR_KINDS[self.kind][1] if self.kind < len(ERROR_KINDS) else f"error kind {self.kind}"
+
+
+# --- postcard primitives (section 5) ----------------------------------------
+
+def encode_varint(n):
+    """Unsigned LEB128: 7 bits per byte, least significant first, high bit = more."""
+    if n < 0:
+        raise ValueError("varints here are unsigned")
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def decode_varint(buf, pos, kind="u64"):
+    """Decodes a varint of integer type `kind` at buf[pos]; returns (value, new pos)."""
+    max_len, max_last = VARINT_LIMITS[kind]
+    value = 0
+    for i in range(max_len):
+        if pos >= len(buf):
+            raise ProtocolError("message ends inside a varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            if i == max_len - 1 and b > max_last:
+                raise ProtocolError(f"varint too large for {kind}")
+            return value, pos
+    raise ProtocolError(f"varint longer than {max_len} bytes for {kind}")
+
+
+def encode_string(s):
+    data = s.encode("utf-8")
+    return encode_varint(len(data)) + data
+
+
+def decode_string(buf, pos):
+    n, pos = decode_varint(buf, pos, "u64")
+    if pos + n > len(buf):
+        raise ProtocolError("message ends inside a string")
+    try:
+        return buf[pos:pos + n].decode("utf-8"), pos + n
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"string is not UTF-8: {e}") from None
+
+
+# --- hello (section 3) --------------------------------------------------------
+
+def encode_hello(version=PROTOCOL_VERSION, field=0):
+    """The 8 bytes: "OSPS", version u16 LE, then flags (client) / status (server) u16 LE."""
+    return MAGIC + version.to_bytes(2, "little") + field.to_bytes(2, "little")
+
+
+def decode_hello(data):
+    """Returns (version, field), or None when the magic is wrong."""
+    if len(data) != HELLO_LEN or data[:4] != MAGIC:
+        return None
+    return int.from_bytes(data[4:6], "little"), int.from_bytes(data[6:8], "little")
+
+
+# --- messages (section 5.3) ---------------------------------------------------
+
+def encode_request(req_id, op, args, payload_len):
+    """Body of a Request: id u64, op String, args Vec<String>, payload_len u64."""
+    body = encode_varint(req_id) + encode_string(op) + encode_varint(len(args))
+    for a in args:
+        body += encode_string(a)
+    return body + encode_varint(payload_len)
+
+
+def encode_frame(body):
+    """A frame: body length as u32 little-endian, then the body."""
+    return len(body).to_bytes(PREFIX_LEN, "little") + body
+
+
+def decode_response(body):
+    """Decodes a whole Response body.
+
+    Returns (id, error, result_len) where error is None for Outcome::Ok, else
+    a RemoteError. Trailing bytes after the message are an error.
+    """
+    req_id, pos = decode_varint(body, 0, "u64")
+    outcome, pos = decode_varint(body, pos, "u32")  # enum variant index
+    error = None
+    if outcome == 0:  # Outcome::Ok: no fields
+        pass
+    elif outcome == 1:  # Outcome::Err(RemoteError { kind, message })
+        kind, pos = decode_varint(body, pos, "u32")
+        message, pos = decode_string(body, pos)
+        error = RemoteError(kind, message, req_id)
+    else:
+        raise ProtocolError(f"unknown Outcome variant {outcome}")
+    result_len, pos = decode_varint(body, pos, "u64")
+    if pos != len(body):
+        raise ProtocolError(f"{len(body) - pos} trailing bytes after the response")
+    if error is not None and result_len != 0:
+        raise ProtocolError("an error reply announced result bytes")
+    return req_id, error, result_len
+
+
+# --- connection ---------------------------------------------------------------
+
+def default_socket_path(instance=None):
+    """<base>/<instance>/<instance>.sock, base as in section 2."""
+    instance = instance or os.environ.get("OSPS_INSTANCE") or "default"
+    base = os.environ.get("OSPS_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "osps") if xdg else f"/tmp/osps-{os.getuid()}"
+    return os.path.join(base, instance, f"{instance}.sock")
+
+
+class Client:
+    """One connection to a dispatcher. Not thread-safe."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.rfile = sock.makefile("rb", buffering=64 * 1024)
+        self.next_id = 1
+        self.early = {}  # replies read while waiting for another id
+
+    @classmethod
+    def connect_unix(cls, path, timeout=None):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(path)
+        return cls._handshake(s)
+
+    @classmethod
+    def connect_tcp(cls, host, port, timeout=None):
+        s = socket.create_connection((host, port), timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls._handshake(s)
+
+    @classmethod
+    def _handshake(cls, s):
+        c = cls(s)
+        try:
+            hello(c)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def close(self):
+        try:
+            self.rfile.close()
+        finally:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def read_exact(self, n):
+        data = self.rfile.read(n)
+        if data is None or len(data) < n:
+            got = 0 if data is None else len(data)
+            raise ProtocolError(f"connection closed after {got} of {n} bytes")
+        return data
+
+    def send(self, op, args=(), payload=b""):
+        """Sends one request without waiting for the reply; returns its id."""
+        req_id = self.next_id
+        self.next_id += 1
+        body = encode_request(req_id, op, list(args), len(payload))
+        self.sock.sendall(encode_frame(body) + bytes(payload))
+        return req_id
+
+    def recv(self):
+        """Reads the next reply, whatever its id: (id, result bytes or RemoteError)."""
+        if self.early:
+            req_id = next(iter(self.early))
+            return req_id, self.early.pop(req_id)
+        return self._recv_fresh()
+
+    def _recv_fresh(self):
+        prefix = self.rfile.read(PREFIX_LEN)
+        if not prefix:
+            raise ProtocolError("the dispatcher closed the connection")
+        if len(prefix) < PREFIX_LEN:
+            raise ProtocolError("connection closed inside a frame prefix")
+        n = int.from_bytes(prefix, "little")
+        if n > MAX_FRAME:
+            raise ProtocolError(f"reply frame of {n} bytes exceeds {MAX_FRAME}")
+        req_id, error, result_len = decode_response(self.read_exact(n))
+        if error is not None:
+            return req_id, error
+        return req_id, self.read_exact(result_len)
+
+    def wait(self, req_id):
+        """Waits for the reply to `req_id`, keeping others; raises RemoteError on error."""
+        while True:
+            if req_id in self.early:
+                rid, result = req_id, self.early.pop(req_id)
+            else:
+                rid, result = self._recv_fresh()
+            if rid == req_id:
+                if isinstance(result, RemoteError):
+                    raise result
+                return result
+            if rid == 0 and isinstance(result, RemoteError):
+                # About the connection itself (section 9): it closes next.
+                raise result
+            self.early[rid] = result
+
+    def call(self, op, args=(), payload=b""):
+        """Runs `op` and returns its result bytes (RemoteError on a server error)."""
+        return self.wait(self.send(op, args, payload))
+
+    def status(self):
+        """The dispatcher's status report, as a dict (section 7)."""
+        return json.loads(self.call("status").decode("utf-8"))
+
+
+def hello(client):
+    """Performs the handshake on a fresh Client (section 3)."""
+    client.sock.sendall(encode_hello(PROTOCOL_VERSION, 0))
+    answer = client.rfile.read(HELLO_LEN) or b""
+    decoded = decode_hello(answer) if len(answer) == HELLO_LEN else None
+    if decoded is None:
+        rest = client.rfile.read(512) or b""
+        text = (answer + rest).decode("utf-8", "replace").strip()
+        raise ProtocolError(f"not an OSPS dispatcher (it answered {text!r})")
+    version, status = decoded
+    if status != HELLO_ACCEPTED:
+        line = (client.rfile.read(1024) or b"").decode("utf-8", "replace").strip()
+        what = {HELLO_VERSION_UNSUPPORTED: "version unsupported", HELLO_REFUSED: "refused"}
+        raise ProtocolError(
+            f"connection {what.get(status, f'status {status}')} (server speaks v{version}): {line}"
+        )
+    return version
+
+
+def call(op, args=(), payload=b"", socket_path=None, timeout=None):
+    """One-shot: connect, run `op`, close."""
+    with Client.connect_unix(socket_path or default_socket_path(), timeout) as c:
+        return c.call(op, args, payload)
+
+
+def status(socket_path=None, timeout=None):
+    """One-shot status report."""
+    with Client.connect_unix(socket_path or default_socket_path(), timeout) as c:
+        return c.status()
+
+
+# --- self test ------------------------------------------------------------------
+
+ASCII_WHITESPACE = b" \t\n\x0c\r"  # Rust's u8::is_ascii_whitespace (no \x0b)
+
+
+def expected_wc(data):
+    words, in_word = 0, False
+    for b in data:
+        if b in ASCII_WHITESPACE:
+            in_word = False
+        elif not in_word:
+            in_word, words = True, words + 1
+    lines = data.count(b"\n")
+    return f"{lines} {words} {len(data)}\n".encode()
+
+
+def expect_remote(fn, kind):
+    try:
+        got = fn()
+    except RemoteError as e:
+        if e.kind != KIND_INDEX[kind]:
+            raise AssertionError(f"expected {kind}, got {e.kind_rust}: {e.message}") from None
+        return e
+    raise AssertionError(f"expected a {kind} error, got a result {got[:60]!r}")
+
+
+def read_to_eof(sock, limit=1 << 20):
+    out = bytearray()
+    while len(out) < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def raw_socket(path, timeout):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def selftest(path, timeout=60.0):
+    checks = []
+
+    def check(name):
+        def register(fn):
+            checks.append((name, fn))
+            return fn
+        return register
+
+    c = Client.connect_unix(path, timeout)
+
+    @check("ping")
+    def _():
+        got = c.call("ping")
+        assert got == b"pong\n", got
+
+    @check("echo 100 KB")
+    def _():
+        data = os.urandom(100 * 1024)
+        got = c.call("echo", [], data)
+        assert got == data, f"{len(got)} bytes back, differ"
+
+    @check("upper")
+    def _():
+        data = b"Hello, World! caf\xc3\xa9 \x00\xff z"
+        got = c.call("upper", [], data)
+        assert got == b"HELLO, WORLD! CAF\xc3\xa9 \x00\xff Z", got
+
+    @check("sha256")
+    def _():
+        data = os.urandom(70000)
+        got = c.call("sha256", [], data)
+        want = (hashlib.sha256(data).hexdigest() + "\n").encode()
+        assert got == want, (got, want)
+        assert c.call("sha256", [], b"abc") == (
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n")
+
+    @check("wc")
+    def _():
+        for data in [b"one two\nthree\n\n  four", b"", b"a\x0bb\tc\r\n", b"\n\n"]:
+            got = c.call("wc", [], data)
+            assert got == expected_wc(data), (data, got, expected_wc(data))
+        assert c.call("wc", [], b"one two\nthree\n\n  four") == b"3 4 21\n"
+
+    @check("status")
+    def _():
+        s = c.status()
+        assert isinstance(s["dispatcher_pid"], int) and not isinstance(s["dispatcher_pid"], bool), s
+        assert s["protocol_version"] == PROTOCOL_VERSION, s
+        for key in ["instance", "uptime_ms", "socket", "tcp", "segment", "workers", "jobs_done",
+                    "jobs_failed", "queue_depth", "in_flight", "connections", "shutting_down"]:
+            assert key in s, f"status lacks {key!r}"
+        for key in ["backend", "name", "path", "size", "generation", "slots_in_use",
+                    "slot_bytes_in_use", "max_payload"]:
+            assert key in s["segment"], f"status.segment lacks {key!r}"
+        for w in s["workers"]:
+            assert set(w) == {"index", "pid", "state", "jobs_done", "restarts"}, w
+
+    @check("unknown op")
+    def _():
+        e = expect_remote(lambda: c.call("frobnicate", [], b"x"), "UnknownOp")
+        assert "frobnicate" in e.message, e.message
+        assert c.call("ping") == b"pong\n", "connection unusable after an error"
+
+    @check("bad arguments")
+    def _():
+        expect_remote(lambda: c.call("sleep", ["soon"]), "InvalidInput")
+        expect_remote(lambda: c.call("ping", ["x"]), "InvalidInput")
+        assert c.call("sleep", ["1"]) == b"slept 1 ms\n"
+
+    @check("status with a payload")
+    def _():
+        expect_remote(lambda: c.call("status", [], b"xyz"), "BadRequest")
+        assert c.call("ping") == b"pong\n"
+
+    @check("20 pipelined upper requests")
+    def _():
+        inputs = {}
+        for i in range(20):
+            data = (f"request {i}: " + "abcdefghij" * (i * 37 % 50)).encode()
+            inputs[c.send("upper", [], data)] = data
+        seen = []
+        for _ in range(20):
+            rid, result = c.recv()
+            assert rid in inputs, f"reply to unknown id {rid}"
+            assert rid not in seen, f"two replies to id {rid}"
+            assert not isinstance(result, Exception), result
+            assert result == inputs[rid].upper(), rid
+            seen.append(rid)
+        assert sorted(seen) == sorted(inputs)
+
+    @check("hello and first request in one write")
+    def _():
+        s = raw_socket(path, timeout)
+        try:
+            s.sendall(encode_hello() + encode_frame(encode_request(5, "ping", [], 0)))
+            s.shutdown(socket.SHUT_WR)  # the dispatcher still answers, then closes
+            data = read_to_eof(s)
+        finally:
+            s.close()
+        assert data[:8] == encode_hello(PROTOCOL_VERSION, HELLO_ACCEPTED), data
+        assert data[8:] == bytes.fromhex("03000000 05 00 05") + b"pong\n", data.hex()
+
+    @check("wrong version")
+    def _():
+        s = raw_socket(path, timeout)
+        try:
+            s.sendall(encode_hello(99, 0))
+            data = read_to_eof(s)
+        finally:
+            s.close()
+        assert decode_hello(data[:8]) == (PROTOCOL_VERSION, HELLO_VERSION_UNSUPPORTED), data
+        assert data.endswith(b"\n") and b"99" in data[8:], data
+
+    @check("not OSPS: text and HTTP")
+    def _():
+        for probe, start in [(b"hello there\n", b"OSPS job server"),
+                             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.0 400 Bad Request\r\n")]:
+            s = raw_socket(path, timeout)
+            try:
+                s.sendall(probe)
+                data = read_to_eof(s)
+            finally:
+                s.close()
+            assert data.startswith(start) and data.endswith(b"\n"), data
+
+    @check("corrupt frame: id 0 bad request, then close")
+    def _():
+        with Client.connect_unix(path, timeout) as k:
+            k.sock.sendall(encode_frame(b"\x05\x03\xff\xfe\xfd"))  # op is not UTF-8
+            rid, result = k.recv()
+            assert rid == 0 and isinstance(result, RemoteError), (rid, result)
+            assert result.kind == KIND_INDEX["BadRequest"], result
+            assert k.rfile.read(1) == b"", "connection not closed"
+
+    @check("payload over the limit: too large, then close")
+    def _():
+        limit = c.status()["segment"]["max_payload"]
+        with Client.connect_unix(path, timeout) as k:
+            k.sock.sendall(encode_frame(encode_request(7, "echo", [], limit + 1)))
+            rid, result = k.recv()  # answered from the header alone
+            assert rid == 7 and isinstance(result, RemoteError), (rid, result)
+            assert result.kind == KIND_INDEX["TooLarge"], result
+            assert k.rfile.read(1) == b"", "connection not closed"
+
+    failed = []
+    try:
+        for name, fn in checks:
+            try:
+                fn()
+                print(f"  ok    {name}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - report every failure
+                failed.append(name)
+                print(f"  FAIL  {name}: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        c.close()
+    if failed:
+        print(f"selftest failed: {', '.join(failed)}")
+        return 1
+    print("selftest ok")
+    return 0
+
+
+# --- command line ----------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="OSPS client (Python, standard library only; see docs/PROTOCOL.md).")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--socket", metavar="PATH", help="the dispatcher's Unix socket")
+    target.add_argument("--tcp", metavar="HOST:PORT", help="the dispatcher's loopback TCP address")
+    target.add_argument("--instance", help="instance name (socket path derived as in PROTOCOL.md)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait on the socket")
+    p.add_argument("--selftest", action="store_true", help="run the self test against --socket")
+    p.add_argument("op", nargs="?", help="operation, e.g. ping, sha256, status (options go before it)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="operation arguments")
+    a = p.parse_args(argv)
+
+    if a.selftest:
+        if not a.socket:
+            p.error("--selftest needs --socket PATH")
+        try:
+            return selftest(a.socket, a.timeout or 60.0)
+        except (OSError, ProtocolError, RemoteError) as e:
+            print(f"selftest failed: cannot run: {e}")
+            return 1
+    if not a.op:
+        p.error("an operation is required (or --selftest)")
+
+    payload = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    where = f"tcp:{a.tcp}" if a.tcp else (a.socket or default_socket_path(a.instance))
+    try:
+        if a.tcp:
+            host, _, port = a.tcp.rpartition(":")
+            c = Client.connect_tcp(host.strip("[]"), int(port), a.timeout)
+        else:
+            c = Client.connect_unix(where, a.timeout)
+        with c:
+            result = c.call(a.op, a.args, payload)
+    except RemoteError as e:
+        print(f"error: {e.kind_name}: {e.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"error: {where}: {e}", file=sys.stderr)
+        return 2
+    except ProtocolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.buffer.write(result)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
