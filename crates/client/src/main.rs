@@ -150,6 +150,23 @@ fn print_status(r: &ipc_core::status::StatusReport) {
             ""
         }
     );
+    match &r.watchdog {
+        Some(w) => {
+            let cause = if w.last_restart_cause.is_empty() {
+                "none".to_owned()
+            } else {
+                w.last_restart_cause.clone()
+            };
+            let _ = writeln!(
+                o,
+                "watchdog      pid {}; dispatcher restarts {}; last restart cause: {cause}",
+                w.pid, w.restarts
+            );
+        }
+        None => {
+            let _ = writeln!(o, "watchdog      none (dispatcher started directly)");
+        }
+    }
     let _ = writeln!(o, "socket        {}", r.socket);
     if let Some(tcp) = &r.tcp {
         let _ = writeln!(o, "tcp           {tcp}");

@@ -52,6 +52,8 @@ pub struct Config {
     pub allow_fault_injection: bool,
     /// The worker program.
     pub worker_exe: PathBuf,
+    /// The watchdog that started us, if any: we stop (SIGTERM) when it dies.
+    pub watchdog: Option<ipc_core::status::WatchdogStatus>,
 }
 
 impl Config {
@@ -70,6 +72,7 @@ impl Config {
             tcp: None,
             allow_fault_injection: false,
             worker_exe: default_worker_exe(),
+            watchdog: None,
         }
     }
 }
@@ -107,6 +110,20 @@ pub enum DispatcherError {
 /// Runs the dispatcher until SIGTERM or SIGINT; returns after an ordered shutdown.
 pub fn run(config: Config) -> Result<(), DispatcherError> {
     check(&config)?;
+    if let Some(w) = &config.watchdog {
+        // Follow the watchdog: if it dies, stop in order (SIGTERM), so a
+        // supervisor's death never leaves an unsupervised server behind.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(|e| {
+            DispatcherError::Config(format!("cannot set the parent-death signal: {e}"))
+        })?;
+        let parent = nix::unistd::getppid().as_raw();
+        if parent != w.pid as i32 {
+            return Err(DispatcherError::Config(format!(
+                "the watchdog (pid {}) that started this dispatcher is gone",
+                w.pid
+            )));
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -48,6 +48,19 @@ struct Args {
     worker_exe: Option<PathBuf>,
 }
 
+/// What `osps-watchdog` passes in the environment when it starts us.
+fn watchdog_from_env() -> Option<ipc_core::status::WatchdogStatus> {
+    let pid = std::env::var("OSPS_WATCHDOG_PID").ok()?.parse().ok()?;
+    Some(ipc_core::status::WatchdogStatus {
+        pid,
+        restarts: std::env::var("OSPS_RESTARTS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0),
+        last_restart_cause: std::env::var("OSPS_LAST_RESTART_CAUSE").unwrap_or_default(),
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let _span = ipc_core::logging::init("dispatcher");
@@ -67,6 +80,7 @@ fn main() -> std::process::ExitCode {
     if let Some(exe) = args.worker_exe {
         config.worker_exe = exe;
     }
+    config.watchdog = watchdog_from_env();
     match dispatcher::run(config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -240,6 +240,7 @@ impl Shared {
             in_flight: alloc.in_use(),
             connections: self.connections.get(),
             shutting_down: self.draining.get(),
+            watchdog: self.config.watchdog.clone(),
         }
     }
 }

@@ -34,6 +34,19 @@ pub struct StatusReport {
     pub connections: usize,
     /// True once shutdown has begun.
     pub shutting_down: bool,
+    /// The supervising watchdog, when there is one.
+    pub watchdog: Option<WatchdogStatus>,
+}
+
+/// What the watchdog told the dispatcher at its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchdogStatus {
+    /// The watchdog's pid.
+    pub pid: u32,
+    /// How many times the watchdog restarted the dispatcher before this one.
+    pub restarts: u64,
+    /// Why the last restart happened (empty before the first).
+    pub last_restart_cause: String,
 }
 
 /// The segment as seen by its owner.

@@ -1,22 +1,79 @@
-//! `osps-watchdog`: will start and supervise the dispatcher (issue 3). Until
-//! then it says so and exits non-zero, so nothing mistakes it for a supervisor.
+//! `osps-watchdog`: starts `osps-dispatcher` and supervises it. Parses
+//! arguments, starts logging, and runs the watchdog library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
-/// Supervises an OSPS dispatcher (not implemented yet).
+/// Starts an OSPS dispatcher and keeps it alive: restarts it on crash or hang,
+/// stops it in order on SIGTERM/SIGINT.
 #[derive(Debug, Parser)]
-#[command(name = "osps-watchdog", version)]
+#[command(
+    name = "osps-watchdog",
+    version,
+    after_help = "Arguments after -- go to osps-dispatcher, e.g.: osps-watchdog --instance demo -- --workers 4"
+)]
 struct Args {
     /// Instance name.
     #[arg(long, env = "OSPS_INSTANCE", default_value = "default")]
     instance: String,
+    /// Base runtime directory [default: $XDG_RUNTIME_DIR/osps, else /tmp/osps-<uid>].
+    #[arg(long, env = "OSPS_RUNTIME_DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Heartbeat period in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    heartbeat_ms: u64,
+    /// Consecutive missed heartbeats that make the dispatcher count as hung.
+    #[arg(long, default_value_t = 3)]
+    miss_limit: u32,
+    /// A new dispatcher that has not answered within this many milliseconds is hung.
+    #[arg(long, default_value_t = 10_000)]
+    start_timeout_ms: u64,
+    /// Milliseconds an ordered stop may take before the dispatcher is killed.
+    #[arg(long, default_value_t = 15_000)]
+    stop_grace_ms: u64,
+    /// At most this many restarts...
+    #[arg(long, default_value_t = 5)]
+    max_restarts: u32,
+    /// ...within this many seconds; one more failure and the watchdog gives up.
+    #[arg(long, default_value_t = 10)]
+    within: u64,
+    /// The dispatcher program [default: osps-dispatcher beside this program, else from PATH].
+    #[arg(long)]
+    dispatcher_exe: Option<PathBuf>,
+    /// Arguments passed to osps-dispatcher.
+    #[arg(last = true)]
+    dispatcher_args: Vec<String>,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    eprintln!(
-        "osps-watchdog: supervision is not implemented yet (instance {:?}); run osps-dispatcher directly",
-        args.instance
-    );
-    std::process::ExitCode::from(2)
+    let _span = ipc_core::logging::init("watchdog");
+    let policy = watchdog::RestartPolicy {
+        max_restarts: args.max_restarts,
+        within: Duration::from_secs(args.within),
+        ..Default::default()
+    };
+    let config = watchdog::Config {
+        instance: args.instance,
+        runtime_dir: args.runtime_dir,
+        heartbeat: Duration::from_millis(args.heartbeat_ms.max(1)),
+        miss_limit: args.miss_limit.max(1),
+        start_timeout: Duration::from_millis(args.start_timeout_ms),
+        stop_grace: Duration::from_millis(args.stop_grace_ms),
+        policy,
+        dispatcher_exe: args
+            .dispatcher_exe
+            .unwrap_or_else(watchdog::default_dispatcher_exe),
+        dispatcher_args: args.dispatcher_args,
+    };
+    match watchdog::run(config) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("osps-watchdog: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,145 @@
+//! The heartbeat: every interval, ask the dispatcher for its status over its
+//! own socket (a request it answers itself, without a worker) and count the
+//! misses. A stopped (SIGSTOP) or wedged dispatcher still has its socket in
+//! the kernel, so connecting works but the answer never comes: that is a miss.
+
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
+use ipc_core::proto::{self, Outcome, Request, Response, HELLO_LEN, PROTOCOL_VERSION};
+use ipc_core::status::StatusReport;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Heartbeat settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub socket: PathBuf,
+    pub interval: Duration,
+    pub miss_limit: u32,
+    /// A new dispatcher that never answers within this is hung too.
+    pub start_timeout: Duration,
+}
+
+/// A report to the supervisor: `pid` missed `misses` heartbeats in a row
+/// (0 misses: it never answered within the start timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Missed {
+    pub pid: u32,
+    pub misses: u32,
+}
+
+/// Watches whichever dispatcher pid `watched` names, forever.
+pub async fn run(
+    settings: Settings,
+    watched: Rc<Cell<Option<u32>>>,
+    tx: mpsc::UnboundedSender<Missed>,
+) {
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn: Option<UnixStream> = None;
+    let mut current: Option<u32> = None;
+    let mut since = Instant::now();
+    let mut answered = false;
+    let mut misses = 0u32;
+    let mut next_id = 1u64;
+    loop {
+        tick.tick().await;
+        let pid = watched.get();
+        if pid != current {
+            (current, conn, since, answered, misses) = (pid, None, Instant::now(), false, 0);
+        }
+        let Some(pid) = pid else { continue };
+        next_id += 1;
+        let ok = matches!(
+            tokio::time::timeout(
+                settings.interval,
+                probe(&mut conn, &settings.socket, pid, next_id)
+            )
+            .await,
+            Ok(Ok(()))
+        );
+        if ok {
+            if !answered {
+                answered = true;
+                tracing::info!(pid, "dispatcher answers its heartbeat");
+            }
+            if misses > 0 {
+                tracing::info!(pid, "heartbeat answered again after {misses} miss(es)");
+            }
+            misses = 0;
+            continue;
+        }
+        conn = None;
+        if answered {
+            misses += 1;
+            tracing::debug!(pid, misses, "heartbeat missed");
+            if misses >= settings.miss_limit {
+                let _ = tx.send(Missed { pid, misses });
+                misses = 0;
+            }
+        } else if since.elapsed() > settings.start_timeout {
+            let _ = tx.send(Missed { pid, misses: 0 });
+            since = Instant::now();
+        }
+    }
+}
+
+/// One status round trip; reconnects when needed. Checks that the answer
+/// comes from the dispatcher we watch.
+async fn probe(
+    conn: &mut Option<UnixStream>,
+    socket: &PathBuf,
+    pid: u32,
+    id: u64,
+) -> Result<(), String> {
+    if conn.is_none() {
+        let mut s = UnixStream::connect(socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut hello = [0u8; HELLO_LEN];
+        s.read_exact(&mut hello).await.map_err(|e| e.to_string())?;
+        if proto::decode_hello(&hello) != Some((PROTOCOL_VERSION, 0)) {
+            return Err("bad hello".into());
+        }
+        *conn = Some(s);
+    }
+    let s = conn.as_mut().expect("connected above");
+    let mut out = Vec::with_capacity(64);
+    frame::encode(
+        &Request {
+            id,
+            op: proto::OP_STATUS.into(),
+            args: vec![],
+            payload_len: 0,
+        },
+        &mut out,
+    )
+    .map_err(|e| e.to_string())?;
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    let resp: Response = frame::read_frame_async(s, &mut out, DEFAULT_MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; resp.result_len.min(1 << 20) as usize];
+    frame::read_payload_async(s, &mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.id != id || resp.outcome != Outcome::Ok {
+        return Err(format!("unexpected reply {resp:?}"));
+    }
+    let report: StatusReport = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    if report.dispatcher_pid != pid {
+        return Err(format!(
+            "answered by pid {}, expected {pid}",
+            report.dispatcher_pid
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The OSPS watchdog: starts the dispatcher as its child and keeps it alive.
+//! It is the child subreaper, so workers orphaned by a dispatcher crash are
+//! reaped here; it restarts the dispatcher when it exits (SIGCHLD) or hangs
+//! (heartbeat misses), with backoff and an intensity limit; and on
+//! SIGTERM/SIGINT it stops the dispatcher in order and exits 0.
+//!
+//! The decisions live in [`policy::Supervisor`], a pure state machine; this
+//! module is the thin loop that does the I/O.
+
+pub mod heartbeat;
+pub mod policy;
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ipc_core::RuntimePaths;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+pub use policy::{Action, Event, RestartPolicy, State, Supervisor};
+
+/// Environment variables through which the watchdog tells the dispatcher
+/// about itself (shown by `osps-client status`).
+pub const ENV_WATCHDOG_PID: &str = "OSPS_WATCHDOG_PID";
+pub const ENV_RESTARTS: &str = "OSPS_RESTARTS";
+pub const ENV_LAST_RESTART_CAUSE: &str = "OSPS_LAST_RESTART_CAUSE";
+
+/// How the watchdog is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub instance: String,
+    pub runtime_dir: Option<PathBuf>,
+    pub heartbeat: Duration,
+    pub miss_limit: u32,
+    pub start_timeout: Duration,
+    /// How long an ordered stop may take before SIGKILL.
+    pub stop_grace: Duration,
+    pub policy: RestartPolicy,
+    pub dispatcher_exe: PathBuf,
+    /// Extra arguments for the dispatcher.
+    pub dispatcher_args: Vec<String>,
+}
+
+/// `osps-dispatcher` beside the running program, else from `PATH`.
+pub fn default_dispatcher_exe() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("osps-dispatcher")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("osps-dispatcher"))
+}
+
+/// Why the watchdog could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchdogError {
+    #[error(transparent)]
+    Paths(#[from] ipc_core::PathError),
+    #[error("cannot become child subreaper: {0}")]
+    Subreaper(nix::Error),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the watchdog; returns its exit code (0 after a requested stop, 1 after giving up).
+pub fn run(config: Config) -> Result<u8, WatchdogError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, supervise(config))
+}
+
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exit status {code}"),
+        WaitStatus::Signaled(_, sig, core) => format!(
+            "killed by {sig}{}",
+            if core { " (core dumped)" } else { "" }
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn supervise(config: Config) -> Result<u8, WatchdogError> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(WatchdogError::Subreaper)?;
+    let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
+    paths.ensure_dir()?;
+    // Signal handlers before the first child, so no SIGCHLD or SIGTERM is lost.
+    let mut sigchld = signal(SignalKind::child())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let watched = Rc::new(Cell::new(None));
+    let (hb_tx, mut hb_rx) = mpsc::unbounded_channel();
+    let settings = heartbeat::Settings {
+        socket: paths.socket(),
+        interval: config.heartbeat,
+        miss_limit: config.miss_limit,
+        start_timeout: config.start_timeout,
+    };
+    let hb = tokio::task::spawn_local(heartbeat::run(settings, Rc::clone(&watched), hb_tx));
+    tracing::info!(instance = %config.instance, heartbeat_ms = config.heartbeat.as_millis() as u64, miss_limit = config.miss_limit, "watchdog started");
+
+    let mut sup = Supervisor::new(config.policy.clone());
+    let mut pending: VecDeque<Action> = sup.start().into();
+    let mut backoff_at: Option<tokio::time::Instant> = None;
+    let mut grace_at: Option<tokio::time::Instant> = None;
+    loop {
+        while let Some(action) = pending.pop_front() {
+            match action {
+                Action::Spawn => {
+                    let event = match spawn(&config, &sup) {
+                        Ok(pid) => {
+                            tracing::info!(pid, restarts = sup.restarts(), "dispatcher started");
+                            watched.set(Some(pid));
+                            Event::Spawned { pid }
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot start the dispatcher: {e}");
+                            Event::SpawnFailed {
+                                error: e.to_string(),
+                            }
+                        }
+                    };
+                    pending.extend(sup.handle(event, Instant::now()));
+                }
+                Action::Kill { pid } => {
+                    tracing::warn!(pid, "killing the dispatcher (SIGKILL)");
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                Action::Terminate { pid } => {
+                    tracing::info!(
+                        pid,
+                        "stopping the dispatcher (SIGTERM), grace {:?}",
+                        config.stop_grace
+                    );
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                    grace_at = Some(tokio::time::Instant::now() + config.stop_grace);
+                }
+                Action::ScheduleRestart { delay, cause } => {
+                    watched.set(None);
+                    tracing::warn!(
+                        restart = sup.restarts(),
+                        "dispatcher lost ({cause}); restarting in {} ms",
+                        delay.as_millis()
+                    );
+                    backoff_at = Some(tokio::time::Instant::now() + delay);
+                }
+                Action::Exit { code, message } => {
+                    watched.set(None);
+                    hb.abort();
+                    reap_remaining(Duration::from_secs(3)).await;
+                    if code == 0 {
+                        tracing::info!("watchdog {message}");
+                    } else {
+                        tracing::error!("{message}");
+                        eprintln!("osps-watchdog: {message}");
+                    }
+                    return Ok(code);
+                }
+            }
+        }
+        let event = tokio::select! {
+            _ = sigchld.recv() => reap(&sup),
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); Some(Event::StopRequested) }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); Some(Event::StopRequested) }
+            Some(m) = hb_rx.recv() => {
+                if Some(m.pid) == sup.pid() {
+                    if m.misses == 0 {
+                        tracing::warn!(pid = m.pid, "dispatcher never answered within {:?} of its start: hung", config.start_timeout);
+                    } else {
+                        tracing::warn!(pid = m.pid, misses = m.misses, "dispatcher hung: {} heartbeats missed", m.misses);
+                    }
+                    Some(Event::Hung { misses: m.misses })
+                } else {
+                    None
+                }
+            }
+            _ = sleep_until(backoff_at) => { backoff_at = None; Some(Event::BackoffElapsed) }
+            _ = sleep_until(grace_at) => {
+                grace_at = None;
+                tracing::warn!("the dispatcher did not stop within {:?}", config.stop_grace);
+                Some(Event::GraceExpired)
+            }
+        };
+        if let Some(event) = event {
+            pending.extend(sup.handle(event, Instant::now()));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reaps every child that has exited. The dispatcher's exit becomes an event;
+/// anything else is an orphan (a worker of a dead dispatcher) handed to us as
+/// subreaper, reaped and logged.
+fn reap(sup: &Supervisor) -> Option<Event> {
+    let mut event = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return event,
+            Ok(status) => {
+                let Some(pid) = status.pid() else {
+                    return event;
+                };
+                let pid = pid.as_raw() as u32;
+                let how = describe(status);
+                if Some(pid) == sup.pid() {
+                    tracing::info!(pid, "dispatcher exited: {how}");
+                    event = Some(Event::Exited { pid, how });
+                } else {
+                    tracing::info!(pid, "reaped orphan: {how}");
+                }
+            }
+        }
+    }
+}
+
+/// At exit: wait (bounded) for children still dying, so none is left a zombie.
+async fn reap_remaining(within: Duration) {
+    let end = Instant::now() + within;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if Instant::now() >= end {
+                    tracing::warn!("children still running at exit");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(status) => tracing::info!("reaped {:?}: {}", status.pid(), describe(status)),
+            Err(_) => return, // ECHILD: none left
+        }
+    }
+}
+
+/// Starts the dispatcher in its own process group (so a terminal's Ctrl-C
+/// reaches only the watchdog, which stops it in order).
+fn spawn(config: &Config, sup: &Supervisor) -> std::io::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(&config.dispatcher_exe);
+    cmd.arg("--instance").arg(&config.instance);
+    if let Some(dir) = &config.runtime_dir {
+        cmd.arg("--runtime-dir").arg(dir);
+    }
+    cmd.args(&config.dispatcher_args)
+        .env(ENV_WATCHDOG_PID, std::process::id().to_string())
+        .env(ENV_RESTARTS, sup.restarts().to_string())
+        .env(ENV_LAST_RESTART_CAUSE, sup.last_cause().unwrap_or(""))
+        .stdin(Stdio::null())
+        .process_group(0);
+    // The Child handle is dropped without waiting: children are reaped by `reap`.
+    let child = cmd.spawn()?;
+    Ok(child.id())
+}
