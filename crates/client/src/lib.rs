@@ -13,7 +13,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
@@ -46,6 +46,138 @@ pub enum ClientError {
     Remote(#[from] RemoteError),
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl ClientError {
+    /// True for failures a new connection may cure: the dispatcher is gone,
+    /// restarting, stopping, or did not answer in time. All of today's
+    /// operations are idempotent, so such a request can be sent again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Refused(_) => true,
+            ClientError::Frame(e) => e.is_disconnect() || matches!(e, FrameError::Io(_)),
+            ClientError::Remote(e) => e.kind == proto::ErrorKind::ShuttingDown,
+            ClientError::Paths(_) | ClientError::NotOsps { .. } | ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+/// How a [`RetryingClient`] retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Give up when the next attempt would start after this long.
+    pub deadline: Duration,
+    /// First pause between attempts; doubled each time up to `max_delay`.
+    pub first_delay: Duration,
+    /// Longest pause between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            deadline: Duration::from_secs(10),
+            first_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A client that reconnects and retries idempotent requests, so a restart
+/// of the dispatcher costs the caller only latency.
+#[derive(Debug)]
+pub struct RetryingClient {
+    endpoint: Endpoint,
+    policy: RetryPolicy,
+    client: Option<Client>,
+    /// Attempts that failed and were retried, since creation.
+    pub retries: u64,
+}
+
+impl RetryingClient {
+    /// A client for `endpoint`; it connects on first use.
+    pub fn new(endpoint: Endpoint, policy: RetryPolicy) -> Self {
+        RetryingClient {
+            endpoint,
+            policy,
+            client: None,
+            retries: 0,
+        }
+    }
+
+    /// A client for the Unix socket of `instance`.
+    pub fn for_instance(
+        instance: &str,
+        runtime_dir: Option<&Path>,
+        policy: RetryPolicy,
+    ) -> Result<Self, ClientError> {
+        let paths = RuntimePaths::new(instance, runtime_dir)?;
+        Ok(RetryingClient::new(Endpoint::Unix(paths.socket()), policy))
+    }
+
+    /// The endpoint it connects to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Runs `attempt` on a connected client until it succeeds, fails for a
+    /// reason a retry cannot cure, or the deadline passes. Each attempt's
+    /// reads are bounded by the time left.
+    pub fn run<T>(
+        &mut self,
+        mut attempt: impl FnMut(&mut Client) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let start = Instant::now();
+        let mut delay = self.policy.first_delay;
+        loop {
+            let left = self
+                .policy
+                .deadline
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(1));
+            let result = match self.client.as_mut() {
+                Some(c) => Ok(c),
+                None => Client::connect(&self.endpoint).map(|c| self.client.insert(c)),
+            }
+            .and_then(|c| {
+                c.set_timeout(Some(left))?;
+                attempt(c)
+            });
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() => {
+                    self.client = None;
+                    if start.elapsed() + delay >= self.policy.deadline {
+                        return Err(e);
+                    }
+                    self.retries += 1;
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(self.policy.max_delay);
+                }
+                Err(e) => {
+                    if !matches!(e, ClientError::Remote(_)) {
+                        self.client = None; // the connection's state is unknown
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// [`Client::call`] with reconnection and retries.
+    pub fn call(
+        &mut self,
+        op: &str,
+        args: &[&str],
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        self.run(|c| c.call(op, args, payload))
+    }
+
+    /// [`Client::status`] with reconnection and retries.
+    pub fn status(&mut self) -> Result<StatusReport, ClientError> {
+        self.run(Client::status)
+    }
 }
 
 /// A socket to a dispatcher.

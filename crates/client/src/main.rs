@@ -1,14 +1,14 @@
 //! `osps-client`: the command-line client. Errors print one line and exit non-zero.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ipc_core::Endpoint;
-use osps_client::{Client, ClientError};
+use osps_client::{Client, ClientError, RetryPolicy, RetryingClient};
 
 /// Talks to an OSPS dispatcher.
 #[derive(Debug, Parser)]
@@ -23,6 +23,9 @@ struct Args {
     /// Connect here instead of the instance's socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, global = true)]
     connect: Option<Endpoint>,
+    /// Keep reconnecting and retrying (e.g. across a dispatcher restart) for this many milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    retry_ms: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,7 +34,7 @@ struct Args {
 enum Command {
     /// Round trip through the dispatcher and a worker; exits 0 when the whole path answers.
     Ping {
-        /// Give up after this many milliseconds.
+        /// Give up after this many milliseconds (retrying until then).
         #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
     },
@@ -67,22 +70,92 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect(args: &Args) -> Result<Client, ClientError> {
+fn retrying(args: &Args, deadline_ms: u64) -> Result<RetryingClient, ClientError> {
+    let policy = RetryPolicy {
+        deadline: Duration::from_millis(deadline_ms.max(1)),
+        ..RetryPolicy::default()
+    };
     match &args.connect {
-        Some(ep) => Client::connect(ep),
-        None => Client::connect_instance(&args.instance, args.runtime_dir.as_deref()),
+        Some(ep) => Ok(RetryingClient::new(ep.clone(), policy)),
+        None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy),
     }
 }
 
+/// Where a result goes; can start over when a request is retried.
+enum Sink {
+    Stdout { written: u64 },
+    File(File),
+}
+
+impl Sink {
+    fn open(path: &Path) -> io::Result<Sink> {
+        if path.as_os_str() == "-" {
+            return Ok(Sink::Stdout { written: 0 });
+        }
+        File::create(path)
+            .map(Sink::File)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    /// Prepares for an attempt: a file is emptied; stdout cannot take back
+    /// bytes already written, so then the retry is refused.
+    fn restart(&mut self) -> Result<(), ClientError> {
+        match self {
+            Sink::Stdout { written: 0 } => Ok(()),
+            Sink::Stdout { written } => Err(ClientError::Protocol(format!(
+                "connection lost after {written} result bytes went to stdout; not retrying"
+            ))),
+            Sink::File(f) => {
+                f.set_len(0)?;
+                f.seek(SeekFrom::Start(0))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Stdout { written } => {
+                let n = io::stdout().write(buf)?;
+                *written += n as u64;
+                Ok(n)
+            }
+            Sink::File(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout { .. } => io::stdout().flush(),
+            Sink::File(f) => f.flush(),
+        }
+    }
+}
+
+enum Payload<'a> {
+    Bytes(Vec<u8>),
+    File(&'a Path),
+}
+
+fn open_input(p: &Path) -> io::Result<File> {
+    File::open(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+}
+
 fn run(args: Args) -> Result<(), ClientError> {
-    let mut client = connect(&args)?;
-    match args.command {
+    match &args.command {
         Command::Ping { timeout_ms } => {
-            client.set_timeout(Some(Duration::from_millis(timeout_ms.max(1))))?;
+            let mut client = retrying(&args, *timeout_ms)?;
             let start = std::time::Instant::now();
-            client.ping()?;
+            client.run(Client::ping)?;
+            let how = if client.retries > 0 {
+                format!(" after {} retries", client.retries)
+            } else {
+                String::new()
+            };
             println!(
-                "pong from {} in {:.3} ms",
+                "pong from {} in {:.3} ms{how}",
                 client.endpoint(),
                 start.elapsed().as_secs_f64() * 1e3
             );
@@ -93,36 +166,40 @@ fn run(args: Args) -> Result<(), ClientError> {
             input,
             output,
         } => {
+            let mut client = retrying(&args, args.retry_ms)?;
             let op_args: Vec<&str> = op_args.iter().map(String::as_str).collect();
-            let mut out: Box<dyn Write> =
-                if output.as_os_str() == "-" {
-                    Box::new(io::stdout().lock())
-                } else {
-                    Box::new(File::create(&output).map_err(|e| {
-                        io::Error::new(e.kind(), format!("{}: {e}", output.display()))
-                    })?)
-                };
-            match input {
-                None => {
-                    client.call_streaming(&op, &op_args, 0, io::empty(), &mut out)?;
-                }
+            let mut sink = Sink::open(output)?;
+            // A file is reopened on each attempt; stdin can only be read once, so it is kept.
+            let payload = match input {
                 Some(p) if p.as_os_str() == "-" => {
                     let mut buf = Vec::new();
                     io::stdin().lock().read_to_end(&mut buf)?;
-                    client.call_streaming(&op, &op_args, buf.len() as u64, &buf[..], &mut out)?;
+                    Payload::Bytes(buf)
                 }
                 Some(p) => {
-                    let f = File::open(&p)
-                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-                    let len = f.metadata()?.len();
-                    client.call_streaming(&op, &op_args, len, f, &mut out)?;
+                    open_input(p)?; // report a missing file at once, not after retries
+                    Payload::File(p)
                 }
-            }
-            out.flush()?;
+                None => Payload::Bytes(Vec::new()),
+            };
+            client.run(|c| {
+                sink.restart()?;
+                match &payload {
+                    Payload::Bytes(bytes) => {
+                        c.call_streaming(op, &op_args, bytes.len() as u64, &bytes[..], &mut sink)
+                    }
+                    Payload::File(p) => {
+                        let f = open_input(p)?;
+                        let len = f.metadata()?.len();
+                        c.call_streaming(op, &op_args, len, f, &mut sink)
+                    }
+                }
+            })?;
+            sink.flush()?;
         }
         Command::Status { json } => {
-            let report = client.status()?;
-            if json {
+            let report = retrying(&args, args.retry_ms)?.status()?;
+            if *json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&report).expect("report serialises")

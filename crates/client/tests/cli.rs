@@ -8,7 +8,13 @@ use sha2::{Digest, Sha256};
 
 fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
+        .args([
+            "--instance",
+            inst.name(),
+            "--retry-ms",
+            "300",
+            "--runtime-dir",
+        ])
         .arg(inst.runtime_dir())
         .args(args)
         .stdin(Stdio::piped())
