@@ -112,7 +112,7 @@ fn errors_are_one_line_and_exit_non_zero() {
             "/nonexistent/file",
         ),
         (
-            &["--connect", "unix:/nonexistent/osps.sock", "ping"][..],
+            &["--connect", "unix:/nonexistent/osps.sock", "ping", "--timeout-ms", "300"][..],
             "is the dispatcher running?",
         ),
     ] {
