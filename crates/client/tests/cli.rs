@@ -112,7 +112,13 @@ fn errors_are_one_line_and_exit_non_zero() {
             "/nonexistent/file",
         ),
         (
-            &["--connect", "unix:/nonexistent/osps.sock", "ping", "--timeout-ms", "300"][..],
+            &[
+                "--connect",
+                "unix:/nonexistent/osps.sock",
+                "ping",
+                "--timeout-ms",
+                "300",
+            ][..],
             "is the dispatcher running?",
         ),
     ] {

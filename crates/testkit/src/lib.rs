@@ -180,6 +180,25 @@ impl Instance {
     /// Like [`Instance::start`], running `before` on the paths first (e.g. to
     /// plant the leftovers of a crashed predecessor).
     pub fn start_with(tag: &str, args: &[&str], before: impl FnOnce(&RuntimePaths)) -> Instance {
+        Instance::launch("osps-dispatcher", tag, args, before)
+    }
+
+    /// Starts `osps-watchdog` with `watchdog_args`, passing `dispatcher_args`
+    /// to its dispatcher, and waits until the dispatcher's workers are idle.
+    /// [`Instance::pid`] is then the watchdog's pid.
+    pub fn supervised(tag: &str, watchdog_args: &[&str], dispatcher_args: &[&str]) -> Instance {
+        let mut args = watchdog_args.to_vec();
+        args.push("--");
+        args.extend_from_slice(dispatcher_args);
+        Instance::launch("osps-watchdog", tag, &args, |_| {})
+    }
+
+    fn launch(
+        program: &str,
+        tag: &str,
+        args: &[&str],
+        before: impl FnOnce(&RuntimePaths),
+    ) -> Instance {
         become_subreaper();
         let name = unique_instance(tag);
         let dir = tempfile::Builder::new()
@@ -188,8 +207,8 @@ impl Instance {
             .expect("temp dir");
         let paths = RuntimePaths::new(&name, Some(dir.path())).expect("paths");
         before(&paths);
-        let log = dir.path().join("dispatcher.log");
-        let child = Command::new(bin("osps-dispatcher"))
+        let log = dir.path().join("osps.log");
+        let child = Command::new(bin(program))
             .arg("--instance")
             .arg(&name)
             .arg("--runtime-dir")
@@ -200,7 +219,7 @@ impl Instance {
             .stderr(fs::File::create(&log).expect("log file"))
             .env("RUST_LOG", "info")
             .spawn()
-            .expect("spawn osps-dispatcher");
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         let pid = child.id();
         let mut inst = Instance {
             paths,
@@ -242,9 +261,15 @@ impl Instance {
         self.dir.path()
     }
 
-    /// The dispatcher's pid.
+    /// The pid of the process started: the dispatcher, or the watchdog of a
+    /// [`Instance::supervised`] instance.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The serving dispatcher's pid, from its status report.
+    pub fn dispatcher_pid(&self) -> u32 {
+        self.status().dispatcher_pid
     }
 
     /// The Unix endpoint.
@@ -278,7 +303,7 @@ impl Instance {
         self.status().workers.iter().map(|w| w.pid).collect()
     }
 
-    /// The dispatcher's log so far.
+    /// The log (stderr of everything started) so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -306,30 +331,39 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        let workers: Vec<u32> = processes_mentioning(&self.paths.segment_name())
-            .iter()
-            .map(|p| p.pid)
-            .collect();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for &pid in &workers {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
-        // Workers orphaned by the kill are our children (we are the subreaper): reap them.
-        for &pid in &workers {
-            let _ = wait_for(Duration::from_secs(5), || {
-                match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
-                    _ => Some(()),
-                }
-            });
+        // Everything else of the instance (a dispatcher orphaned by a killed
+        // watchdog, workers): kill, then reap those that came back to us as
+        // subreaper. Twice, in case a dying watchdog had just spawned one.
+        for _ in 0..2 {
+            let mut pids: Vec<u32> = processes_mentioning(&self.paths.segment_name())
+                .iter()
+                .map(|p| p.pid)
+                .collect();
+            pids.extend(
+                processes_mentioning(&format!("--instance {}", self.paths.instance()))
+                    .iter()
+                    .map(|p| p.pid),
+            );
+            for &pid in &pids {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            for &pid in &pids {
+                let _ = wait_for(Duration::from_secs(5), || {
+                    match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                        Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
+                        _ => Some(()),
+                    }
+                });
+            }
         }
         ipc_core::segment::unlink(&self.paths.segment_name());
         let _ = fs::remove_file(self.paths.socket());
         if std::thread::panicking() {
-            eprintln!("--- dispatcher log of {} ---\n{}", self.name(), self.log());
+            eprintln!("--- log of {} ---\n{}", self.name(), self.log());
         }
     }
 }

@@ -55,15 +55,12 @@ pub async fn run(
         }
         let Some(pid) = pid else { continue };
         next_id += 1;
-        let ok = matches!(
-            tokio::time::timeout(
-                settings.interval,
-                probe(&mut conn, &settings.socket, pid, next_id)
-            )
-            .await,
-            Ok(Ok(()))
-        );
-        if ok {
+        let probe = probe(&mut conn, &settings.socket, pid, next_id);
+        let outcome = match tokio::time::timeout(settings.interval, probe).await {
+            Ok(r) => r,
+            Err(_) => Err(Probe::Unanswered("no answer in time".into())),
+        };
+        let Err(failure) = outcome else {
             if !answered {
                 answered = true;
                 tracing::info!(pid, "dispatcher answers its heartbeat");
@@ -73,11 +70,18 @@ pub async fn run(
             }
             misses = 0;
             continue;
-        }
+        };
         conn = None;
-        if answered {
+        // Before its first answer, a dispatcher whose socket refuses us is
+        // still starting (bounded by the start timeout); one that accepts the
+        // connection and then does not answer is as hung as a running one.
+        if answered || matches!(failure, Probe::Unanswered(_)) {
             misses += 1;
-            tracing::debug!(pid, misses, "heartbeat missed");
+            let why = match &failure {
+                Probe::NotListening => "socket not listening",
+                Probe::Unanswered(why) => why.as_str(),
+            };
+            tracing::debug!(pid, misses, "heartbeat missed: {why}");
             if misses >= settings.miss_limit {
                 let _ = tx.send(Missed { pid, misses });
                 misses = 0;
@@ -89,6 +93,19 @@ pub async fn run(
     }
 }
 
+/// Why a probe failed.
+#[derive(Debug)]
+enum Probe {
+    /// Nobody accepts connections on the socket (yet).
+    NotListening,
+    /// Connected, but no valid answer.
+    Unanswered(String),
+}
+
+fn unanswered(e: impl std::fmt::Display) -> Probe {
+    Probe::Unanswered(e.to_string())
+}
+
 /// One status round trip; reconnects when needed. Checks that the answer
 /// comes from the dispatcher we watch.
 async fn probe(
@@ -96,50 +113,47 @@ async fn probe(
     socket: &PathBuf,
     pid: u32,
     id: u64,
-) -> Result<(), String> {
+) -> Result<(), Probe> {
     if conn.is_none() {
         let mut s = UnixStream::connect(socket)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| Probe::NotListening)?;
         s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(unanswered)?;
         let mut hello = [0u8; HELLO_LEN];
-        s.read_exact(&mut hello).await.map_err(|e| e.to_string())?;
+        s.read_exact(&mut hello).await.map_err(unanswered)?;
         if proto::decode_hello(&hello) != Some((PROTOCOL_VERSION, 0)) {
-            return Err("bad hello".into());
+            return Err(unanswered("bad hello"));
         }
         *conn = Some(s);
     }
     let s = conn.as_mut().expect("connected above");
     let mut out = Vec::with_capacity(64);
-    frame::encode(
-        &Request {
-            id,
-            op: proto::OP_STATUS.into(),
-            args: vec![],
-            payload_len: 0,
-        },
-        &mut out,
-    )
-    .map_err(|e| e.to_string())?;
-    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    let req = Request {
+        id,
+        op: proto::OP_STATUS.into(),
+        args: vec![],
+        payload_len: 0,
+    };
+    frame::encode(&req, &mut out).map_err(unanswered)?;
+    s.write_all(&out).await.map_err(unanswered)?;
     let resp: Response = frame::read_frame_async(s, &mut out, DEFAULT_MAX_FRAME)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(unanswered)?;
     let mut body = vec![0u8; resp.result_len.min(1 << 20) as usize];
     frame::read_payload_async(s, &mut body)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(unanswered)?;
     if resp.id != id || resp.outcome != Outcome::Ok {
-        return Err(format!("unexpected reply {resp:?}"));
+        return Err(unanswered(format!("unexpected reply {resp:?}")));
     }
-    let report: StatusReport = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let report: StatusReport = serde_json::from_slice(&body).map_err(unanswered)?;
     if report.dispatcher_pid != pid {
-        return Err(format!(
+        return Err(unanswered(format!(
             "answered by pid {}, expected {pid}",
             report.dispatcher_pid
-        ));
+        )));
     }
     Ok(())
 }
