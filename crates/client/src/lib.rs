@@ -90,6 +90,10 @@ pub struct RetryingClient {
     endpoint: Endpoint,
     policy: RetryPolicy,
     client: Option<Client>,
+    /// The instance's lock file, when known: while it is absent no dispatcher
+    /// runs or is being restarted (a crash leaves it; an ordered stop removes
+    /// it), so waiting would be pointless.
+    lock_file: Option<std::path::PathBuf>,
     /// Attempts that failed and were retried, since creation.
     pub retries: u64,
 }
@@ -101,6 +105,7 @@ impl RetryingClient {
             endpoint,
             policy,
             client: None,
+            lock_file: None,
             retries: 0,
         }
     }
@@ -112,7 +117,9 @@ impl RetryingClient {
         policy: RetryPolicy,
     ) -> Result<Self, ClientError> {
         let paths = RuntimePaths::new(instance, runtime_dir)?;
-        Ok(RetryingClient::new(Endpoint::Unix(paths.socket()), policy))
+        let mut c = RetryingClient::new(Endpoint::Unix(paths.socket()), policy);
+        c.lock_file = Some(paths.lock_file());
+        Ok(c)
     }
 
     /// The endpoint it connects to.
@@ -145,6 +152,11 @@ impl RetryingClient {
             });
             match result {
                 Ok(v) => return Ok(v),
+                Err(e @ ClientError::Connect { .. })
+                    if self.lock_file.as_ref().is_some_and(|l| !l.exists()) =>
+                {
+                    return Err(e);
+                }
                 Err(e) if e.is_retryable() => {
                     self.client = None;
                     if start.elapsed() + delay >= self.policy.deadline {

@@ -132,3 +132,29 @@ fn errors_are_one_line_and_exit_non_zero() {
         );
     }
 }
+
+#[test]
+fn an_instance_that_is_not_running_fails_at_once_instead_of_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let out = Command::new(bin("osps-client"))
+        .args([
+            "--instance",
+            "not-running",
+            "--retry-ms",
+            "60000",
+            "--runtime-dir",
+        ])
+        .arg(dir.path())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the dispatcher running?"));
+    // No lock file means no dispatcher and none restarting: no minute of retries.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+}
