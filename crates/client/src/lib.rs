@@ -259,6 +259,9 @@ pub struct Client {
     early: HashMap<u64, Reply>,
 }
 
+/// How long `connect` waits for the server's hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Payloads up to this size are sent in the same write as their header.
 const COALESCE: usize = 16 * 1024;
 
@@ -289,9 +292,12 @@ impl Client {
         };
         let mut writer = stream.try_clone()?;
         writer.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))?;
+        // A stopped or wedged server accepts the connection but never answers.
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
         let got = frame::fill(&mut reader, &mut hello)?;
+        reader.get_ref().set_read_timeout(None)?;
         let Some((_version, status)) = (got == HELLO_LEN)
             .then(|| proto::decode_hello(&hello))
             .flatten()

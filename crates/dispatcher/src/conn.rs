@@ -125,13 +125,15 @@ where
 {
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     let mut scratch = Vec::with_capacity(256);
-    let fail = |id: u64, kind: ErrorKind, message: String| {
+    let inline = |req_id: u64, outcome: Outcome, bytes: Vec<u8>, permit| {
         let _ = tx.send(Reply::Inline {
-            req_id: id,
-            outcome: Outcome::Err(RemoteError::new(kind, message)),
-            bytes: Vec::new(),
+            req_id,
+            outcome,
+            bytes,
+            permit,
         });
     };
+    let error = |kind: ErrorKind, message: String| Outcome::Err(RemoteError::new(kind, message));
     loop {
         let req: Request =
             match frame::read_frame_async(rd, &mut scratch, shared.config.max_frame).await {
@@ -139,10 +141,14 @@ where
                 Err(FrameError::Closed) => return false,
                 Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
                     tracing::info!("closing connection: {e}");
-                    fail(
+                    inline(
                         0,
-                        ErrorKind::BadRequest,
-                        format!("{e}; closing the connection"),
+                        error(
+                            ErrorKind::BadRequest,
+                            format!("{e}; closing the connection"),
+                        ),
+                        Vec::new(),
+                        None,
                     );
                     return true;
                 }
@@ -151,53 +157,57 @@ where
                     return false;
                 }
             };
-        if req.op == proto::OP_STATUS && req.payload_len == 0 {
-            let bytes = serde_json::to_vec(&shared.status()).expect("status serialises");
-            let _ = tx.send(Reply::Inline {
-                req_id: req.id,
-                outcome: Outcome::Ok,
-                bytes,
-            });
-            continue;
-        }
-        if req.payload_len > shared.max_payload {
-            fail(
-                req.id,
-                ErrorKind::TooLarge,
-                format!(
-                    "payload of {} bytes exceeds the limit of {} bytes; closing the connection",
-                    req.payload_len, shared.max_payload
-                ),
-            );
-            return true;
-        }
-        if shared.draining.get() || req.op == proto::OP_STATUS {
-            // Skip the payload to stay in step with the stream.
-            if let Err(e) = skip(rd, req.payload_len).await {
-                tracing::debug!("connection ended inside a payload: {e}");
-                return false;
-            }
-            let (kind, msg) = if shared.draining.get() {
-                (
-                    ErrorKind::ShuttingDown,
-                    "the dispatcher is shutting down; retry later".to_owned(),
-                )
-            } else {
-                (ErrorKind::BadRequest, "status takes no payload".to_owned())
-            };
-            fail(req.id, kind, msg);
-            continue;
-        }
+        // Every answer, even one the dispatcher makes itself, holds one of the
+        // connection's in-flight permits until it is written: a client that
+        // never reads cannot make the dispatcher queue replies without bound.
         let permit = in_flight
             .clone()
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let lease = shared.lease(req.payload_len + RESULT_RESERVE).await;
-        let region = lease.region();
+        if req.payload_len > shared.max_payload {
+            let msg = format!(
+                "payload of {} bytes exceeds the limit of {} bytes; closing the connection",
+                req.payload_len, shared.max_payload
+            );
+            inline(
+                req.id,
+                error(ErrorKind::TooLarge, msg),
+                Vec::new(),
+                Some(permit),
+            );
+            return true;
+        }
+        if req.op == proto::OP_STATUS && req.payload_len == 0 {
+            let bytes = serde_json::to_vec(&shared.status()).expect("status serialises");
+            inline(req.id, Outcome::Ok, bytes, Some(permit));
+            continue;
+        }
+        // A slot, unless the request is refused; waiting for one ends if shutdown begins.
+        let lease = match req.op.as_str() {
+            proto::OP_STATUS => None,
+            _ => shared.lease(req.payload_len + RESULT_RESERVE).await,
+        };
+        let Some(lease) = lease else {
+            // Skip the payload to stay in step with the stream, then refuse.
+            if let Err(e) = skip(rd, req.payload_len).await {
+                tracing::debug!("connection ended inside a payload: {e}");
+                return false;
+            }
+            let outcome = if req.op == proto::OP_STATUS {
+                error(ErrorKind::BadRequest, "status takes no payload".into())
+            } else {
+                error(
+                    ErrorKind::ShuttingDown,
+                    "the dispatcher is shutting down; retry later".into(),
+                )
+            };
+            inline(req.id, outcome, Vec::new(), Some(permit));
+            continue;
+        };
         let buf = shared
             .segment
-            .bytes_mut(region)
+            .bytes_mut(lease.region())
             .expect("allocator regions lie in the arena");
         if let Err(e) = frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]).await {
             tracing::info!(
@@ -206,6 +216,16 @@ where
                 req.payload_len
             );
             return false;
+        }
+        if shared.workers_stopped.get() {
+            // The drain deadline passed while the payload arrived: no worker will take it.
+            drop(lease);
+            let outcome = error(
+                ErrorKind::ShuttingDown,
+                "the dispatcher is shutting down; retry later".into(),
+            );
+            inline(req.id, outcome, Vec::new(), Some(permit));
+            continue;
         }
         let job = QueuedJob {
             job_id: shared.next_job_id(),
@@ -275,6 +295,7 @@ where
                     req_id,
                     outcome,
                     bytes,
+                    permit: _held_until_written,
                 } => {
                     let resp = Response {
                         id: req_id,

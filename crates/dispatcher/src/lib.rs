@@ -155,11 +155,14 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
         ));
     };
     let max_slot = ipc_core::SlotAllocator::new(arena).max_slot();
-    if c.max_payload + RESULT_RESERVE > max_slot {
+    if c.max_payload
+        .checked_add(RESULT_RESERVE)
+        .is_none_or(|need| need > max_slot)
+    {
         return bad(format!(
             "a payload of {} bytes needs a slot of {} bytes, but a {} MiB segment's largest slot is {} bytes; raise --segment-mib or lower --max-payload",
             c.max_payload,
-            (c.max_payload + RESULT_RESERVE).next_power_of_two(),
+            c.max_payload.saturating_add(RESULT_RESERVE).checked_next_power_of_two().unwrap_or(u64::MAX),
             c.segment_mib,
             max_slot
         ));
@@ -222,7 +225,10 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         socket: socket_path.clone(),
         segment: seg_name.clone(),
     };
-    let seg = Segment::create(&seg_name, (config.segment_mib * MIB) as usize, generation)?;
+    let mut seg = Segment::create(&seg_name, (config.segment_mib * MIB) as usize, generation)?;
+    // The name is unlinked by `cleanup`, before the lock is released; the
+    // mapping itself may outlive it in tasks still being torn down.
+    seg.disown();
     let max_payload = config.max_payload;
     let workers = config.workers;
     let dir = paths.clone();
@@ -284,7 +290,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     drop(unix);
     drop(tcp);
     let _ = std::fs::remove_file(&socket_path);
-    shared.draining.set(true);
+    shared.begin_draining();
     let drain = Duration::from_millis(shared.config.drain_timeout_ms);
     let in_flight = shared.in_flight();
     if in_flight > 0 {
@@ -310,6 +316,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         );
     }
     tracing::info!("closing the workers' job pipes and reaping them");
+    shared.workers_stopped.set(true);
     let _ = stop_tx.send(true);
     for d in drivers {
         let _ = d.await;

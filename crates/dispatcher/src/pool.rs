@@ -26,6 +26,8 @@ use crate::shared::{QueuedJob, Reply, Shared};
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker has to exit after its stdin closes.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// Failed starts in a row after which waiting jobs are answered with an error.
+const GIVE_UP_JOBS_AFTER_FAILED_STARTS: u32 = 3;
 /// Attempts per job: the first run plus one retry after a worker crash.
 const MAX_ATTEMPTS: u8 = 2;
 
@@ -67,6 +69,14 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                     worker = index,
                     "cannot start worker: {e}; retrying in {delay:?}"
                 );
+                if failures_in_a_row >= GIVE_UP_JOBS_AFTER_FAILED_STARTS {
+                    // Jobs must not wait forever on a pool that cannot start:
+                    // answer what is waiting, keep trying to start.
+                    let msg = format!("no worker can be started ({e}); see the dispatcher's log");
+                    for job in retry.take().into_iter().chain(shared.take_queue()) {
+                        answer_err(&shared, job, ErrorKind::Internal, msg.clone());
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.wait_for(|s| *s) => {}

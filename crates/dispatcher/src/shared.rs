@@ -31,10 +31,12 @@ pub enum Reply {
         permit: OwnedSemaphorePermit,
     },
     /// An answer the dispatcher made itself (status, errors), bytes inline.
+    /// With the request's in-flight permit, if it had one.
     Inline {
         req_id: u64,
         outcome: Outcome,
         bytes: Vec<u8>,
+        permit: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -94,6 +96,8 @@ pub struct Shared {
     pub started: Instant,
     /// Set once shutdown begins: new jobs are refused.
     pub draining: Cell<bool>,
+    /// Set once the workers are told to stop: nothing queued will run any more.
+    pub workers_stopped: Cell<bool>,
     pub connections: Cell<usize>,
     pub jobs_done: Cell<u64>,
     pub jobs_failed: Cell<u64>,
@@ -130,6 +134,7 @@ impl Shared {
             next_job_id: Cell::new(1),
             started: Instant::now(),
             draining: Cell::new(false),
+            workers_stopped: Cell::new(false),
             connections: Cell::new(0),
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
@@ -143,17 +148,22 @@ impl Shared {
         self.alloc.borrow().in_use()
     }
 
-    /// Waits for a slot of `len` bytes (back-pressure when the arena is full).
-    /// `len` must not exceed [`Shared::max_slot`].
-    pub async fn lease(self: &Rc<Self>, len: u64) -> SlotLease {
+    /// Waits for a slot of `len` bytes (back-pressure when the arena is
+    /// full); `None` once shutdown has begun. `len` must not exceed the
+    /// largest slot (the configuration check guarantees it for any payload
+    /// up to `max_payload`).
+    pub async fn lease(self: &Rc<Self>, len: u64) -> Option<SlotLease> {
         loop {
             let freed = self.slot_freed.notified();
+            if self.draining.get() {
+                return None;
+            }
             match self.alloc.borrow_mut().alloc(len) {
                 Ok(slot) => {
-                    return SlotLease {
+                    return Some(SlotLease {
                         shared: Rc::clone(self),
                         slot: Some(slot),
-                    }
+                    })
                 }
                 Err(AllocError::Exhausted { .. }) => {}
                 Err(e @ AllocError::TooLarge { .. }) => {
@@ -162,6 +172,13 @@ impl Shared {
             }
             freed.await;
         }
+    }
+
+    /// Begins shutdown: new jobs are refused, and requests waiting for a slot
+    /// are woken to be refused too.
+    pub fn begin_draining(&self) {
+        self.draining.set(true);
+        self.slot_freed.notify_waiters();
     }
 
     /// Numbers a new job.

@@ -67,11 +67,19 @@ pub fn default_base_dir() -> PathBuf {
     }
 }
 
+/// FNV-1a: a small, stable hash (the name must not change between builds).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 impl RuntimePaths {
     /// Paths of `instance` under `base` (or [`default_base_dir`] when `None`).
     pub fn new(instance: &str, base: Option<&Path>) -> Result<Self, PathError> {
         validate_instance(instance)?;
         let base = base.map(Path::to_path_buf).unwrap_or_else(default_base_dir);
+        let base = std::path::absolute(&base).unwrap_or(base);
         let paths = RuntimePaths {
             instance: instance.to_owned(),
             dir: base.join(instance),
@@ -105,10 +113,19 @@ impl RuntimePaths {
         self.dir.join(format!("{}.lock", self.instance))
     }
 
-    /// The POSIX shared-memory name (`/dev/shm/<name without the slash>`).
-    /// It carries the uid so two users' instances of the same name never meet.
+    /// The POSIX shared-memory name (`/dev/shm/<name without the slash>`):
+    /// `/osps-<uid>-<instance>-<8 hex digits>`. The uid keeps two users'
+    /// instances apart; the digits hash the runtime directory, because the
+    /// lock that guards the name lives there: two runtime directories (say,
+    /// one with `XDG_RUNTIME_DIR` set and one without) hold two locks, so they
+    /// must not share a segment either.
     pub fn segment_name(&self) -> String {
-        format!("/osps-{}-{}", self.uid, self.instance)
+        format!(
+            "/osps-{}-{}-{:08x}",
+            self.uid,
+            self.instance,
+            fnv1a(self.dir.as_os_str().as_encoded_bytes()) as u32
+        )
     }
 
     /// Where the segment shows up in the file system.
@@ -174,7 +191,20 @@ mod tests {
         assert_eq!(p.dir(), Path::new("/run/test/blue"));
         assert!(p.socket().to_str().unwrap().contains("blue"));
         assert!(p.lock_file().to_str().unwrap().contains("blue"));
-        assert!(p.segment_name().starts_with("/osps-") && p.segment_name().ends_with("-blue"));
+        assert!(p.segment_name().starts_with("/osps-") && p.segment_name().contains("-blue-"));
+    }
+
+    #[test]
+    fn the_same_instance_in_two_runtime_directories_gets_two_segments() {
+        let a = RuntimePaths::new("blue", Some(Path::new("/run/user/1000/osps"))).unwrap();
+        let b = RuntimePaths::new("blue", Some(Path::new("/tmp/osps-1000"))).unwrap();
+        assert_ne!(a.segment_name(), b.segment_name());
+        assert_eq!(
+            a.segment_name(),
+            RuntimePaths::new("blue", Some(Path::new("/run/user/1000/osps")))
+                .unwrap()
+                .segment_name()
+        );
     }
 
     #[test]

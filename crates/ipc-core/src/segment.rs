@@ -76,6 +76,18 @@ pub enum SegmentError {
         len: u64,
         arena_len: u64,
     },
+    #[error("/dev/shm has room for {available} bytes, but segment {name} needs {size}: free space there, enlarge it (e.g. docker --shm-size), or lower --segment-mib")]
+    NoSpace {
+        name: String,
+        size: usize,
+        available: u64,
+    },
+    #[error("cannot reserve {size} bytes for segment {name}: {detail}")]
+    Reserve {
+        name: String,
+        size: usize,
+        detail: String,
+    },
     #[error("cannot set mode 0600 on {path}: {source}")]
     Mode {
         path: String,
@@ -108,6 +120,41 @@ fn shm_detail(e: ShmemError) -> String {
             std::io::Error::from_raw_os_error(errno as i32).to_string()
         }
         other => other.to_string(),
+    }
+}
+
+/// Reserves the segment's tmpfs pages now, so that a `/dev/shm` too small
+/// for it is a clear error at start instead of a SIGBUS when a page is first
+/// touched under load.
+fn reserve(path: &str, name: &str, size: usize) -> Result<(), SegmentError> {
+    use std::os::fd::AsRawFd;
+    let fail = |detail: String| SegmentError::Reserve {
+        name: name.to_owned(),
+        size,
+        detail,
+    };
+    // Check first: asking tmpfs for more than it has would fill it before failing.
+    let fs = nix::sys::statvfs::statvfs(path).map_err(|e| fail(e.to_string()))?;
+    let available = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+    if size as u64 > available {
+        return Err(SegmentError::NoSpace {
+            name: name.to_owned(),
+            size,
+            available,
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::ENOSPC) => Err(SegmentError::NoSpace {
+            name: name.to_owned(),
+            size,
+            available,
+        }),
+        Err(e) => Err(fail(e.to_string())),
     }
 }
 
@@ -148,8 +195,13 @@ impl Segment {
         // shm_open applied the umask to 0600; make the mode exact.
         let path = fs_path(name);
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| SegmentError::Mode { path, source })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| SegmentError::Mode {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        reserve(&path, name, size)?;
         let header = SegmentHeader {
             magic: SEGMENT_MAGIC,
             layout_version: LAYOUT_VERSION,
@@ -356,6 +408,21 @@ mod tests {
             Err(SegmentError::Exists { .. })
         ));
         drop(seg);
+    }
+
+    #[test]
+    fn a_segment_larger_than_dev_shm_is_refused_at_creation_and_leaves_nothing() {
+        let n = name("huge");
+        let fs = nix::sys::statvfs::statvfs("/dev/shm").unwrap();
+        let size = (fs.blocks_available() as u64 * fs.fragment_size() as u64 + (1 << 20)) as usize; // more than there is
+        match Segment::create(&n, size, 1) {
+            Err(SegmentError::NoSpace { available, .. }) => assert!(available < size as u64),
+            other => panic!("expected NoSpace, got {other:?}"),
+        }
+        assert!(
+            !std::path::Path::new(&fs_path(&n)).exists(),
+            "the failed segment is unlinked"
+        );
     }
 
     #[test]

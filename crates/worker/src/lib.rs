@@ -39,6 +39,8 @@ pub enum WorkerError {
     Orphaned { expected: u32, actual: i32 },
     #[error("cannot set the parent-death signal: {0}")]
     Prctl(nix::Error),
+    #[error("the segment belongs to dispatcher {owner}, not to our parent {parent}; exiting")]
+    ForeignSegment { owner: u32, parent: u32 },
 }
 
 /// Runs the worker until its stdin closes.
@@ -53,6 +55,16 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
         }
     }
     let segment = Segment::open(&config.segment)?;
+    if let Some(parent) = config.parent_pid {
+        // Never work in another dispatcher's segment.
+        let owner = segment
+            .header()
+            .owner_pid
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if owner != parent {
+            return Err(WorkerError::ForeignSegment { owner, parent });
+        }
+    }
     let mut input = io::stdin().lock();
     // Write frames straight to fd 1: one write(2) per frame, no line buffering.
     let mut output = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
