@@ -349,3 +349,86 @@ fn tcp_on_loopback_serves_and_other_addresses_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }
+
+#[test]
+fn the_same_instance_name_in_two_runtime_directories_runs_twice_without_interference() {
+    let name = osps_testkit::unique_instance("twodirs");
+    let a = Instance::start_named(&name, SMALL);
+    let b = Instance::start_named(&name, SMALL);
+    assert_ne!(a.status().segment.name, b.status().segment.name);
+    assert!(
+        a.paths.segment_path().exists(),
+        "starting B did not remove A's segment"
+    );
+    // A replaces a worker: the new one must work in A's segment, not B's.
+    let victim = a.worker_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    wait_for(PATIENCE, || {
+        (a.status()
+            .workers
+            .iter()
+            .all(|w| w.state == "idle" && w.pid != victim))
+        .then_some(())
+    })
+    .expect("replaced");
+    for i in 0..20u64 {
+        let d = payload(i, 3000);
+        assert_eq!(a.client().call("sha256", &[], &d).unwrap(), hex_line(&d));
+        assert_eq!(
+            b.client().call("upper", &[], &d).unwrap(),
+            d.to_ascii_uppercase()
+        );
+    }
+}
+
+#[test]
+fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
+    // Two slots' worth of arena: two long jobs take them, a third request waits.
+    let mut inst = Instance::start(
+        "slotwait",
+        &[
+            "--workers",
+            "2",
+            "--segment-mib",
+            "1",
+            "--max-payload",
+            "400000",
+            "--drain-timeout-ms",
+            "300",
+        ],
+    );
+    let big = vec![b'x'; 400_000];
+    let long: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = inst.client();
+            let big = big.clone();
+            thread::spawn(move || c.call("sleep", &["5000"], &big))
+        })
+        .collect();
+    wait_for(PATIENCE, || {
+        (inst.status().segment.slots_in_use == 2).then_some(())
+    })
+    .expect("both slots taken");
+    let mut c = inst.client();
+    let waiting = {
+        let big = big.clone();
+        thread::spawn(move || c.call("sha256", &[], &big))
+    };
+    thread::sleep(Duration::from_millis(200)); // let it reach the wait for a slot
+    assert_eq!(inst.status().segment.slots_in_use, 2);
+    inst.signal(Signal::SIGTERM);
+    assert_eq!(
+        remote_kind(waiting.join().unwrap().unwrap_err()),
+        ErrorKind::ShuttingDown
+    );
+    for h in long {
+        // The drain deadline (300 ms) is shorter than the jobs: they are cut short, with an answer.
+        assert_eq!(
+            remote_kind(h.join().unwrap().unwrap_err()),
+            ErrorKind::ShuttingDown
+        );
+    }
+    let status = inst.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(inst.leftovers(), Vec::<String>::new());
+}

@@ -180,7 +180,13 @@ impl Instance {
     /// Like [`Instance::start`], running `before` on the paths first (e.g. to
     /// plant the leftovers of a crashed predecessor).
     pub fn start_with(tag: &str, args: &[&str], before: impl FnOnce(&RuntimePaths)) -> Instance {
-        Instance::launch("osps-dispatcher", tag, args, before)
+        Instance::launch("osps-dispatcher", unique_instance(tag), args, before)
+    }
+
+    /// Starts a dispatcher for exactly `instance` (in its own private
+    /// runtime directory, like every instance here).
+    pub fn start_named(instance: &str, args: &[&str]) -> Instance {
+        Instance::launch("osps-dispatcher", instance.to_owned(), args, |_| {})
     }
 
     /// Starts `osps-watchdog` with `watchdog_args`, passing `dispatcher_args`
@@ -190,17 +196,16 @@ impl Instance {
         let mut args = watchdog_args.to_vec();
         args.push("--");
         args.extend_from_slice(dispatcher_args);
-        Instance::launch("osps-watchdog", tag, &args, |_| {})
+        Instance::launch("osps-watchdog", unique_instance(tag), &args, |_| {})
     }
 
     fn launch(
         program: &str,
-        tag: &str,
+        name: String,
         args: &[&str],
         before: impl FnOnce(&RuntimePaths),
     ) -> Instance {
         become_subreaper();
-        let name = unique_instance(tag);
         let dir = tempfile::Builder::new()
             .prefix("osps-")
             .tempdir()
