@@ -2,6 +2,7 @@
 //! system under its watchdog and proves a clean shutdown; `chaos` kills and
 //! stops processes at random under load and counts what was lost.
 
+mod bench;
 mod chaos;
 mod demo;
 
@@ -13,11 +14,21 @@ use osps_testkit::{all_processes, Proc};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().cloned().unwrap_or_default();
+    match bench::helper(&task, &args[1.min(args.len())..]) {
+        Ok(true) => return ExitCode::SUCCESS,
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("xtask {task}: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match task.as_str() {
         "demo" => demo::run(),
+        "bench" => bench::Options::parse(&args[1..]).and_then(bench::run),
+        "__bench-run" => bench::Options::parse(&args[1..]).and_then(bench::run_here),
         "chaos" => chaos::Options::parse(&args[1..]).and_then(chaos::run),
         _ => {
-            eprintln!("usage: cargo xtask demo | cargo xtask chaos [--seconds N] [--clients N] [--seed N]");
+            eprintln!("usage: cargo xtask demo | chaos [--seconds N] [--clients N] [--seed N] | bench [--quick] [--json PATH] [--plot PATH.svg]");
             return ExitCode::from(2);
         }
     };

@@ -40,6 +40,9 @@ struct Args {
     /// ...within this many seconds; one more failure and the watchdog gives up.
     #[arg(long, default_value_t = 10)]
     within: u64,
+    /// A dispatcher that stayed up this many milliseconds resets the restart backoff.
+    #[arg(long, default_value_t = 5_000)]
+    backoff_reset_ms: u64,
     /// The dispatcher program [default: osps-dispatcher beside this program, else from PATH].
     #[arg(long)]
     dispatcher_exe: Option<PathBuf>,
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
     let policy = watchdog::RestartPolicy {
         max_restarts: args.max_restarts,
         within: Duration::from_secs(args.within),
+        stable_after: Duration::from_millis(args.backoff_reset_ms),
         ..Default::default()
     };
     let config = watchdog::Config {

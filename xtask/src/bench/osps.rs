@@ -1,0 +1,186 @@
+//! The OSPS side of the bench: ping round trip (o1), small-request
+//! throughput at 1, 8 and 64 clients (o2), 64 MiB echo and sha256 (o3),
+//! dispatcher memory with 1,000 idle connections (o4), and recovery times
+//! (o5) — all against real release binaries started by the test kit.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use osps_client::Client;
+use osps_testkit::{wait_for, Instance, PATIENCE};
+use sha2::{Digest, Sha256};
+
+use super::{load, Plan};
+use crate::bench::report::Report;
+
+fn connect(inst: &Instance) -> Result<Client> {
+    Ok(Client::connect(&inst.endpoint())?)
+}
+
+/// Best (shortest) of `n` timings of `f`.
+fn best_of(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
+}
+
+pub fn measure(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&str)) -> Result<()> {
+    step("o1 OSPS ping round trip");
+    let inst = Instance::start("bench", &["--workers", "2"]);
+    let mut c = connect(&inst)?;
+    for _ in 0..plan.warmup {
+        c.ping()?;
+    }
+    r.o1 = (0..plan.iters)
+        .map(|_| {
+            let t = Instant::now();
+            c.ping()?;
+            Ok(t.elapsed().as_nanos() as u64)
+        })
+        .collect::<Result<_>>()?;
+
+    for (i, conns) in [1, 8, 64].into_iter().enumerate() {
+        step(&format!("o2 OSPS echo 64 B, {conns} client(s)"));
+        let ep = inst.endpoint();
+        r.o2[i] = load(conns, Duration::from_secs_f64(plan.load_secs), |_| {
+            let mut cl = Client::connect(&ep)?;
+            let msg = [1u8; 64];
+            Ok(move || -> Result<()> {
+                cl.call("echo", &[], &msg)?;
+                Ok(())
+            })
+        })?;
+    }
+
+    step("o3 OSPS echo and sha256 of 64 MiB, in-process sha256");
+    let data: Vec<u8> = (0..plan.stream).map(|i| (i % 251) as u8).collect();
+    let secs = |d: Duration| plan.stream as f64 / d.as_secs_f64();
+    r.o3_echo = secs(best_of(3, || {
+        let back = c.call("echo", &[], &data)?;
+        anyhow::ensure!(
+            back.len() == data.len(),
+            "echo returned {} bytes",
+            back.len()
+        );
+        Ok(())
+    })?);
+    let mut remote = Vec::new();
+    r.o3_sha256 = secs(best_of(3, || {
+        remote = c.call("sha256", &[], &data)?;
+        Ok(())
+    })?);
+    let mut local = String::new();
+    r.sha256_inprocess = secs(best_of(3, || {
+        local = Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(())
+    })?);
+    anyhow::ensure!(
+        remote == format!("{local}\n").into_bytes(),
+        "OSPS and in-process digests differ"
+    );
+    drop(c);
+    drop(inst);
+
+    step("o4 dispatcher memory with 1,000 idle connections");
+    let inst = Instance::start("benchrss", &["--workers", "2"]);
+    let clients: Vec<Client> = (0..plan.idle_conns)
+        .map(|_| connect(&inst))
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    r.rss_kib = rss_kib(inst.pid())?;
+    r.rss_anon_kib = status_kib(inst.pid(), "RssAnon:")?;
+    drop(clients);
+    drop(inst);
+
+    step("o5 recovery: SIGKILL of the dispatcher under the watchdog");
+    let inst = Instance::supervised(
+        "benchrec",
+        &[
+            "--max-restarts",
+            "10000",
+            "--within",
+            "1",
+            "--backoff-reset-ms",
+            "200",
+        ],
+        &[
+            "--workers",
+            "2",
+            "--segment-mib",
+            "64",
+            "--max-payload",
+            "16777216",
+        ],
+    );
+    for _ in 0..plan.recovery_trials {
+        std::thread::sleep(Duration::from_millis(300)); // past the backoff reset: each kill is a first crash
+        let old = inst.dispatcher_pid();
+        kill(Pid::from_raw(old as i32), Signal::SIGKILL)?;
+        let t = Instant::now();
+        // Any successful ping after the kill is served by the new dispatcher.
+        wait_for(PATIENCE, || {
+            Client::connect(&inst.endpoint()).ok()?.ping().ok()
+        })
+        .context("no recovery")?;
+        r.recovery_dispatcher_ms
+            .push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(inst);
+
+    step("o5 recovery: SIGKILL of a busy worker");
+    let inst = Instance::start(
+        "benchwk",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "1048576",
+        ],
+    );
+    let mut status = connect(&inst)?;
+    for _ in 0..plan.recovery_trials {
+        let old = status.status()?.workers[0].pid;
+        let mut job = connect(&inst)?;
+        let id = job.send("sleep", &["30"], &[])?;
+        wait_for(PATIENCE, || {
+            (status.status().ok()?.workers[0].state == "busy").then_some(())
+        })
+        .context("worker busy")?;
+        kill(Pid::from_raw(old as i32), Signal::SIGKILL)?;
+        let t = Instant::now();
+        // Serving again: a new worker has taken the retried job (or already answered it).
+        wait_for(PATIENCE, || {
+            let w = &status.status().ok()?.workers[0];
+            // The pid is published once the replacement has said it is ready.
+            (w.pid != old && w.pid != 0).then_some(())
+        })
+        .context("worker not replaced")?;
+        r.recovery_worker_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        job.wait(id)?; // the retried job is answered
+    }
+    Ok(())
+}
+
+fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("{key} missing"))?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS:")
+}

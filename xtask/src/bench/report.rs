@@ -1,0 +1,355 @@
+//! The bench's results: the table on stdout, the JSON file (keys documented
+//! in the README) and the SVG chart of latency distributions.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+/// Every figure of one run.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub quick: bool,
+    /// Latencies in ns.
+    pub f1: Vec<u64>,
+    pub f2: Vec<u64>,
+    pub f3: Vec<u64>,
+    /// (requests/s, latencies ns) at 1, 8, 64 connections.
+    pub f4: [(f64, Vec<u64>); 3],
+    /// Bytes/s.
+    pub f5: f64,
+    pub f6: f64,
+    pub o1: Vec<u64>,
+    pub o2: [(f64, Vec<u64>); 3],
+    pub o3_echo: f64,
+    pub o3_sha256: f64,
+    pub sha256_inprocess: f64,
+    pub rss_kib: u64,
+    pub rss_anon_kib: u64,
+    pub recovery_dispatcher_ms: Vec<f64>,
+    pub recovery_worker_ms: Vec<f64>,
+}
+
+/// The `q` quantile of latencies (ns) in µs.
+pub fn pct(v: &[u64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let i = ((s.len() as f64 - 1.0) * q).round() as usize;
+    s[i] as f64 / 1e3
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+fn lat(v: &[u64]) -> Value {
+    json!({ "p50": pct(v, 0.5), "p99": pct(v, 0.99), "p999": pct(v, 0.999), "count": v.len() })
+}
+
+const GB: f64 = 1e9;
+
+impl Report {
+    fn ratios(&self) -> [(&'static str, f64, &'static str); 5] {
+        [
+            (
+                "ping_p50_vs_chain_floor",
+                pct(&self.o1, 0.5) / pct(&self.f3, 0.5),
+                "<= 1.3",
+            ),
+            (
+                "ping_p99_vs_chain_floor",
+                pct(&self.o1, 0.99) / pct(&self.f3, 0.99),
+                "<= 2",
+            ),
+            (
+                "throughput64_vs_echo_floor",
+                self.o2[2].0 / self.f4[2].0,
+                ">= 0.5",
+            ),
+            ("echo64mib_vs_uds_stream", self.o3_echo / self.f5, ">= 0.8"),
+            (
+                "sha256_vs_inprocess",
+                self.sha256_inprocess / self.o3_sha256,
+                "<= 1.3",
+            ),
+        ]
+    }
+
+    fn met(&self, name: &str, value: f64) -> bool {
+        match name {
+            "ping_p50_vs_chain_floor" | "sha256_vs_inprocess" => value <= 1.3,
+            "ping_p99_vs_chain_floor" => value <= 2.0,
+            "throughput64_vs_echo_floor" => value >= 0.5,
+            "echo64mib_vs_uds_stream" => value >= 0.8,
+            _ => false,
+        }
+    }
+
+    /// The table printed on stdout.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "\nOSPS bench ({} run; {} cores; figures in µs unless said)",
+            if self.quick { "quick" } else { "full" },
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10} {:>10} {:>10}",
+            "latency (round trip)", "p50", "p99", "p99.9"
+        );
+        for (name, v) in [
+            ("f1 UDS ping-pong 64 B", &self.f1),
+            ("f2 pipe ping-pong 64 B", &self.f2),
+            ("f3 chain floor UDS+pipe+pipe+UDS 64 B", &self.f3),
+            ("o1 OSPS ping (client→dispatcher→worker)", &self.o1),
+        ] {
+            let _ = writeln!(
+                t,
+                "{name:<44} {:>10.1} {:>10.1} {:>10.1}",
+                pct(v, 0.5),
+                pct(v, 0.99),
+                pct(v, 0.999)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "\n{:<44} {:>10} {:>10} {:>10}",
+            "throughput (requests/s)", "1 conn", "8 conns", "64 conns"
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.0} {:>10.0} {:>10.0}",
+            "f4 raw UDS echo server 64 B", self.f4[0].0, self.f4[1].0, self.f4[2].0
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.0} {:>10.0} {:>10.0}",
+            "o2 OSPS echo 64 B", self.o2[0].0, self.o2[1].0, self.o2[2].0
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1} {:>10.1} {:>10.1}",
+            "o2 OSPS latency p50 under load (µs)",
+            pct(&self.o2[0].1, 0.5),
+            pct(&self.o2[1].1, 0.5),
+            pct(&self.o2[2].1, 0.5)
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1} {:>10.1} {:>10.1}",
+            "o2 OSPS latency p99 under load (µs)",
+            pct(&self.o2[0].1, 0.99),
+            pct(&self.o2[1].1, 0.99),
+            pct(&self.o2[2].1, 0.99)
+        );
+        let _ = writeln!(t, "\n{:<44} {:>10}", "bulk (64 MiB)", "GB/s");
+        for (name, v) in [
+            ("f5 raw UDS stream, each way", self.f5),
+            ("f6 memcpy", self.f6),
+            ("o3 OSPS echo end to end", self.o3_echo),
+            ("o3 OSPS sha256 end to end", self.o3_sha256),
+            ("sha256 in process, same bytes", self.sha256_inprocess),
+        ] {
+            let _ = writeln!(t, "{name:<44} {:>10.2}", v / GB);
+        }
+        let _ = writeln!(
+            t,
+            "\n{:<44} {:>10} {:>10}",
+            "memory and recovery", "value", "target"
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1} {:>10}",
+            "o4 dispatcher RSS, 1,000 idle conns (MiB)",
+            self.rss_kib as f64 / 1024.0,
+            "<= 32"
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1}",
+            "   of which anonymous (MiB)",
+            self.rss_anon_kib as f64 / 1024.0
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1} {:>10}",
+            "o5 dispatcher kill → served, median (ms)",
+            median(&self.recovery_dispatcher_ms),
+            "< 100"
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1}",
+            "o5 dispatcher kill → served, max (ms)",
+            max(&self.recovery_dispatcher_ms)
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1} {:>10}",
+            "o5 busy worker kill → replaced, median (ms)",
+            median(&self.recovery_worker_ms),
+            "< 20"
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.1}",
+            "o5 busy worker kill → replaced, max (ms)",
+            max(&self.recovery_worker_ms)
+        );
+        let _ = writeln!(
+            t,
+            "\n{:<44} {:>10} {:>10} {:>6}",
+            "ratios", "value", "target", "met"
+        );
+        for (name, v, target) in self.ratios() {
+            let _ = writeln!(
+                t,
+                "{name:<44} {v:>10.2} {target:>10} {:>6}",
+                if self.met(name, v) { "yes" } else { "NO" }
+            );
+        }
+        t
+    }
+
+    /// The JSON document (`--json`).
+    pub fn json(&self) -> Value {
+        let ratios: serde_json::Map<String, Value> = self
+            .ratios()
+            .iter()
+            .map(|(k, v, _)| (k.to_string(), json!(v)))
+            .collect();
+        json!({
+            "quick": self.quick,
+            "machine": { "cores": std::thread::available_parallelism().map_or(0, |n| n.get()), "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim() },
+            "latency_us": { "uds_pingpong_f1": lat(&self.f1), "pipe_pingpong_f2": lat(&self.f2), "chain_floor_f3": lat(&self.f3), "osps_ping_o1": lat(&self.o1) },
+            "throughput_rps": {
+                "uds_echo_f4": { "c1": self.f4[0].0, "c8": self.f4[1].0, "c64": self.f4[2].0 },
+                "osps_echo_o2": { "c1": self.o2[0].0, "c8": self.o2[1].0, "c64": self.o2[2].0 },
+            },
+            "latency_under_load_us": { "c1": lat(&self.o2[0].1), "c8": lat(&self.o2[1].1), "c64": lat(&self.o2[2].1) },
+            "bulk_gbps": {
+                "uds_stream_f5": self.f5 / GB, "memcpy_f6": self.f6 / GB,
+                "osps_echo64mib_o3": self.o3_echo / GB, "osps_sha256_64mib_o3": self.o3_sha256 / GB, "sha256_inprocess": self.sha256_inprocess / GB,
+            },
+            "ratios": ratios,
+            "rss_mib_1000_idle": self.rss_kib as f64 / 1024.0,
+            "rss_anon_mib_1000_idle": self.rss_anon_kib as f64 / 1024.0,
+            "recovery_ms": {
+                "dispatcher_median": median(&self.recovery_dispatcher_ms), "dispatcher_max": max(&self.recovery_dispatcher_ms),
+                "worker_median": median(&self.recovery_worker_ms), "worker_max": max(&self.recovery_worker_ms),
+                "dispatcher_trials": self.recovery_dispatcher_ms, "worker_trials": self.recovery_worker_ms,
+            },
+        })
+    }
+
+    /// Latency distributions (CDF, log time axis) of o1 against f1–f3.
+    pub fn svg(&self) -> String {
+        let (w, h, left, right, top, bottom) = (760.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+        let series = [
+            ("f1 UDS ping-pong", &self.f1, "#1f77b4"),
+            ("f2 pipe ping-pong", &self.f2, "#2ca02c"),
+            ("f3 chain floor", &self.f3, "#ff7f0e"),
+            ("o1 OSPS ping", &self.o1, "#d62728"),
+        ];
+        let all: Vec<f64> = series
+            .iter()
+            .flat_map(|(_, v, _)| [pct(v, 0.0), pct(v, 0.999)])
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .collect();
+        let lo = all
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .max(0.1)
+            .log10()
+            .floor();
+        let hi = all
+            .iter()
+            .copied()
+            .fold(0.0, f64::max)
+            .log10()
+            .ceil()
+            .max(lo + 1.0);
+        let x = |us: f64| left + (us.max(1e-3).log10() - lo) / (hi - lo) * (w - left - right);
+        let y = |q: f64| top + (1.0 - q) * (h - top - bottom);
+        let mut s = format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = write!(
+            s,
+            r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="22" font-size="15">Round-trip latency distribution (64 B; cumulative fraction vs µs, log scale)</text>"#,
+            left
+        );
+        let mut d = lo;
+        while d <= hi {
+            let xv = x(10f64.powf(d));
+            let _ = write!(
+                s,
+                r##"<line x1="{xv}" y1="{top}" x2="{xv}" y2="{}" stroke="#ddd"/><text x="{xv}" y="{}" text-anchor="middle">{}</text>"##,
+                h - bottom,
+                h - bottom + 18.0,
+                10f64.powf(d)
+            );
+            d += 1.0;
+        }
+        for q in [0.0, 0.5, 0.9, 1.0] {
+            let yv = y(q);
+            let _ = write!(
+                s,
+                r##"<line x1="{left}" y1="{yv}" x2="{}" y2="{yv}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{q}</text>"##,
+                w - right,
+                left - 6.0,
+                yv + 4.0
+            );
+        }
+        for (i, (name, v, color)) in series.iter().enumerate() {
+            let mut sorted = v.to_vec();
+            sorted.sort_unstable();
+            let n = sorted.len().max(1);
+            let step = (n / 400).max(1);
+            let pts: Vec<String> = (0..n)
+                .step_by(step)
+                .chain([n - 1])
+                .map(|k| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(sorted.get(k).copied().unwrap_or(0) as f64 / 1e3),
+                        y((k + 1) as f64 / n as f64)
+                    )
+                })
+                .collect();
+            let _ = write!(
+                s,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+            let ly = top + 16.0 + 18.0 * i as f64;
+            let _ = write!(
+                s,
+                r#"<rect x="{}" y="{}" width="14" height="4" fill="{color}"/><text x="{}" y="{}">{name} (p50 {:.1} µs)</text>"#,
+                w - right - 230.0,
+                ly - 4.0,
+                w - right - 210.0,
+                ly,
+                pct(v, 0.5)
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">µs</text></svg>"#,
+            (left + w - right) / 2.0,
+            h - 10.0
+        );
+        s
+    }
+}
