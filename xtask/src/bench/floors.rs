@@ -21,6 +21,7 @@ pub fn helper(mode: &str, args: &[String]) -> Result<bool> {
         "__uds-echo" => uds_echo_server(Path::new(&args[0]))?,
         "__pipe-echo" => pipe_echo()?,
         "__chain-middle" => chain_middle(Path::new(&args[0]))?,
+        "__uds-bulk" => uds_bulk_server(Path::new(&args[0]), args[1].parse()?)?,
         _ => return Ok(false),
     }
     Ok(true)
@@ -210,10 +211,48 @@ pub fn uds_echo_rps(dir: &Path, conns: usize, dur: Duration) -> Result<(f64, Vec
     })
 }
 
-/// f5: streams `len` bytes each way through a UDS echo server; bytes/s one way.
-pub fn uds_stream(dir: &Path, len: usize) -> Result<f64> {
-    let sock = dir.join("f5.sock");
-    let _server = start_server("__uds-echo", &sock)?;
+/// A server that reads a whole `len`-byte request, then writes it back: the
+/// request/response shape of an OSPS echo, without OSPS.
+fn uds_bulk_server(path: &Path, len: usize) -> Result<()> {
+    // Fault the buffer in before listening: OSPS's slot is warm after its first use too.
+    let mut buf = vec![1u8; len];
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    for s in l.incoming() {
+        let mut s = s?;
+        if s.read_exact(&mut buf).is_ok() {
+            let _ = s.write_all(&buf);
+        }
+    }
+    Ok(())
+}
+
+/// f5: 64 MiB each way through a raw UDS server. `in_turn`: the whole request,
+/// then the whole response (the shape of an OSPS echo, used for the ratio);
+/// otherwise both directions at once (full duplex, for information).
+/// Returns payload bytes per second (`len` / time).
+pub fn uds_stream(dir: &Path, len: usize, in_turn: bool) -> Result<f64> {
+    let sock = dir.join(if in_turn {
+        "f5-turn.sock"
+    } else {
+        "f5-duplex.sock"
+    });
+    let _server = if in_turn {
+        let child = Command::new(std::env::current_exe()?)
+            .arg("__uds-bulk")
+            .arg(&sock)
+            .arg(len.to_string())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let h = Helper {
+            child,
+            socket: Some(sock.clone()),
+        };
+        osps_testkit::wait_for(Duration::from_secs(10), || sock.exists().then_some(()))
+            .context("bulk server did not start")?;
+        h
+    } else {
+        start_server("__uds-echo", &sock)?
+    };
     let s = UnixStream::connect(&sock)?;
     let mut w = s.try_clone()?;
     let mut r = s;

@@ -15,8 +15,10 @@ pub struct Report {
     pub f3: Vec<u64>,
     /// (requests/s, latencies ns) at 1, 8, 64 connections.
     pub f4: [(f64, Vec<u64>); 3],
-    /// Bytes/s.
+    /// Bytes/s: 64 MiB in, then 64 MiB back (the shape of an OSPS echo).
     pub f5: f64,
+    /// Bytes/s: both directions at once.
+    pub f5_duplex: f64,
     pub f6: f64,
     pub o1: Vec<u64>,
     pub o2: [(f64, Vec<u64>); 3],
@@ -154,7 +156,8 @@ impl Report {
         );
         let _ = writeln!(t, "\n{:<44} {:>10}", "bulk (64 MiB)", "GB/s");
         for (name, v) in [
-            ("f5 raw UDS stream, each way", self.f5),
+            ("f5 raw UDS, 64 MiB in then 64 MiB back", self.f5),
+            ("f5 raw UDS, both ways at once (info)", self.f5_duplex),
             ("f6 memcpy", self.f6),
             ("o3 OSPS echo end to end", self.o3_echo),
             ("o3 OSPS sha256 end to end", self.o3_sha256),
@@ -238,7 +241,7 @@ impl Report {
             },
             "latency_under_load_us": { "c1": lat(&self.o2[0].1), "c8": lat(&self.o2[1].1), "c64": lat(&self.o2[2].1) },
             "bulk_gbps": {
-                "uds_stream_f5": self.f5 / GB, "memcpy_f6": self.f6 / GB,
+                "uds_stream_f5": self.f5 / GB, "uds_stream_duplex_f5": self.f5_duplex / GB, "memcpy_f6": self.f6 / GB,
                 "osps_echo64mib_o3": self.o3_echo / GB, "osps_sha256_64mib_o3": self.o3_sha256 / GB, "sha256_inprocess": self.sha256_inprocess / GB,
             },
             "ratios": ratios,
