@@ -133,67 +133,64 @@ pub fn start_server(mode: &str, socket: &Path) -> Result<Helper> {
     Ok(h)
 }
 
-/// Round trips of `MSG` bytes over a stream: each iteration's latency in ns.
-pub fn ping_pong<S: Read + Write>(s: &mut S, iters: usize) -> Result<Vec<u64>> {
+/// A round trip to measure, and the helper processes that answer it.
+pub struct Pinger {
+    _peers: Vec<Helper>,
+    pub once: Box<dyn FnMut() -> Result<()>>,
+}
+
+/// One `MSG`-byte round trip on a stream.
+fn round_trip<S: Read + Write>(s: &mut S) -> Result<()> {
     let mut msg = [7u8; MSG];
-    let mut out = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        s.write_all(&msg)?;
-        s.read_exact(&mut msg)?;
-        out.push(t.elapsed().as_nanos() as u64);
-    }
-    Ok(out)
+    s.write_all(&msg)?;
+    s.read_exact(&mut msg)?;
+    Ok(())
 }
 
 /// f1: UDS ping-pong with an echo server process.
-pub fn uds_rtt(dir: &Path, iters: usize, warmup: usize) -> Result<Vec<u64>> {
+pub fn uds_pinger(dir: &Path) -> Result<Pinger> {
     let sock = dir.join("f1.sock");
-    let _server = start_server("__uds-echo", &sock)?;
+    let server = start_server("__uds-echo", &sock)?;
     let mut s = UnixStream::connect(&sock)?;
-    ping_pong(&mut s, warmup)?;
-    ping_pong(&mut s, iters)
+    Ok(Pinger {
+        _peers: vec![server],
+        once: Box::new(move || round_trip(&mut s)),
+    })
 }
 
 /// f2: pipe ping-pong with a child process.
-pub fn pipe_rtt(iters: usize, warmup: usize) -> Result<Vec<u64>> {
+pub fn pipe_pinger() -> Result<Pinger> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg("__pipe-echo")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
-    struct Duplex(std::process::ChildStdin, std::process::ChildStdout);
-    impl Read for Duplex {
-        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-            self.1.read(b)
-        }
-    }
-    impl Write for Duplex {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.write(b)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.0.flush()
-        }
-    }
-    let mut d = Duplex(
-        child.stdin.take().expect("piped"),
-        child.stdout.take().expect("piped"),
-    );
-    ping_pong(&mut d, warmup)?;
-    let r = ping_pong(&mut d, iters);
-    drop(d);
-    let _ = child.wait();
-    r
+    let mut to = child.stdin.take().expect("piped");
+    let mut from = child.stdout.take().expect("piped");
+    let peer = Helper {
+        child,
+        socket: None,
+    };
+    Ok(Pinger {
+        _peers: vec![peer],
+        once: Box::new(move || {
+            let mut msg = [7u8; MSG];
+            to.write_all(&msg)?;
+            from.read_exact(&mut msg)?;
+            Ok(())
+        }),
+    })
 }
 
 /// f3: the chain client —UDS→ middle —pipe→ end —pipe→ middle —UDS→ client.
-pub fn chain_rtt(dir: &Path, iters: usize, warmup: usize) -> Result<Vec<u64>> {
+pub fn chain_pinger(dir: &Path) -> Result<Pinger> {
     let sock = dir.join("f3.sock");
-    let _middle = start_server("__chain-middle", &sock)?;
+    let middle = start_server("__chain-middle", &sock)?;
     let mut s = UnixStream::connect(&sock)?;
-    ping_pong(&mut s, warmup)?;
-    ping_pong(&mut s, iters)
+    Ok(Pinger {
+        _peers: vec![middle],
+        once: Box::new(move || round_trip(&mut s)),
+    })
 }
 
 /// f4: requests per second against a UDS echo server with `conns` concurrent connections.

@@ -149,12 +149,14 @@ impl Progress {
     }
 }
 
-/// The measurements, in the bench binary itself.
+/// The measurements, in the bench binary itself. Floors and OSPS are
+/// interleaved (latency in rounds, throughput and bulk in alternating
+/// halves) so that both see the same machine: only their ratios are compared.
 pub fn run_here(o: Options) -> Result<()> {
     let plan = Plan::new(o.quick);
     let dir = tempfile::Builder::new().prefix("osps-bench-").tempdir()?;
     let mut p = Progress {
-        total: 17,
+        total: 10,
         done: 0,
         started: Instant::now(),
     };
@@ -163,30 +165,59 @@ pub fn run_here(o: Options) -> Result<()> {
         ..Default::default()
     };
 
-    p.step("f1 UDS ping-pong 64 B");
-    r.f1 = floors::uds_rtt(dir.path(), plan.iters, plan.warmup)?;
-    p.step("f2 pipe ping-pong 64 B");
-    r.f2 = floors::pipe_rtt(plan.iters, plan.warmup)?;
-    p.step("f3 chain UDS→middle→pipe→end→pipe→middle→UDS 64 B");
-    r.f3 = floors::chain_rtt(dir.path(), plan.iters, plan.warmup)?;
+    p.step("starting the floors' helpers and OSPS (dispatcher, 2 workers)");
+    let inst = osps::start();
+    let mut f1 = floors::uds_pinger(dir.path())?;
+    let mut f2 = floors::pipe_pinger()?;
+    let mut f3 = floors::chain_pinger(dir.path())?;
+    let mut client = osps_client::Client::connect(&inst.endpoint())?;
+    let mut o1 = move || -> Result<()> { Ok(client.ping()?) };
+
+    p.step(
+        "latency, interleaved: f1 UDS, f2 pipe, f3 chain floor, o1 OSPS ping (64 B round trips)",
+    );
+    let mut series: [&mut dyn FnMut() -> Result<()>; 4] =
+        [&mut *f1.once, &mut *f2.once, &mut *f3.once, &mut o1];
+    let lat = interleave(&mut series, plan.iters, plan.warmup)?;
+    [r.f1, r.f2, r.f3, r.o1] = lat.try_into().map_err(|_| anyhow::anyhow!("four series"))?;
+    drop((f1, f2, f3));
+
     for (i, c) in [1, 8, 64].into_iter().enumerate() {
-        p.step(&format!("f4 UDS echo server, {c} connection(s)"));
-        r.f4[i] = floors::uds_echo_rps(dir.path(), c, Duration::from_secs_f64(plan.load_secs))?;
+        p.step(&format!(
+            "throughput with {c} connection(s): f4 raw UDS echo and o2 OSPS echo, alternating"
+        ));
+        let half = Duration::from_secs_f64(plan.load_secs / 2.0);
+        let (mut f4, mut o2) = ((0.0, Vec::new()), (0.0, Vec::new()));
+        for _ in 0..2 {
+            let (rps, lat) = floors::uds_echo_rps(dir.path(), c, half)?;
+            f4.0 += rps / 2.0;
+            f4.1.extend(lat);
+            let (rps, lat) = osps::echo_rps(&inst, c, half)?;
+            o2.0 += rps / 2.0;
+            o2.1.extend(lat);
+        }
+        (r.f4[i], r.o2[i]) = (f4, o2);
     }
-    p.step("f5 UDS streaming 64 MiB each way (in turn, and full duplex)");
-    let best = |in_turn| -> Result<f64> {
-        let runs = (0..3).map(|_| floors::uds_stream(dir.path(), plan.stream, in_turn));
-        Ok(runs
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .fold(0.0, f64::max))
-    };
-    r.f5 = best(true)?;
-    r.f5_duplex = best(false)?;
+
+    p.step("bulk, alternating: f5 raw UDS 64 MiB each way, o3 OSPS echo and sha256 of 64 MiB, in-process sha256");
+    let data: Vec<u8> = (0..plan.stream).map(|i| (i % 251) as u8).collect();
+    let mut c = osps_client::Client::connect(&inst.endpoint())?;
+    for _ in 0..3 {
+        r.f5 = r.f5.max(floors::uds_stream(dir.path(), plan.stream, true)?);
+        r.f5_duplex = r
+            .f5_duplex
+            .max(floors::uds_stream(dir.path(), plan.stream, false)?);
+        let (echo, sha, local) = osps::bulk(&mut c, &data)?;
+        r.o3_echo = r.o3_echo.max(echo);
+        r.o3_sha256 = r.o3_sha256.max(sha);
+        r.sha256_inprocess = r.sha256_inprocess.max(local);
+    }
     p.step("f6 memcpy 64 MiB");
     r.f6 = floors::memcpy(plan.stream);
+    drop(c);
+    drop(inst);
 
-    osps::measure(&plan, &mut r, &mut |what: &str| p.step(what))?;
+    osps::memory_and_recovery(&plan, &mut r, &mut |what: &str| p.step(what))?;
 
     let table = r.table();
     println!("{table}");
@@ -199,6 +230,35 @@ pub fn run_here(o: Options) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Latencies (ns) of each series, measured in rounds that take turns, after a warm-up.
+fn interleave(
+    series: &mut [&mut dyn FnMut() -> Result<()>],
+    iters: usize,
+    warmup: usize,
+) -> Result<Vec<Vec<u64>>> {
+    for s in series.iter_mut() {
+        for _ in 0..warmup {
+            s()?;
+        }
+    }
+    const ROUNDS: usize = 20;
+    let per = iters.div_ceil(ROUNDS);
+    let mut out: Vec<Vec<u64>> = series
+        .iter()
+        .map(|_| Vec::with_capacity(per * ROUNDS))
+        .collect();
+    for _ in 0..ROUNDS {
+        for (s, lat) in series.iter_mut().zip(out.iter_mut()) {
+            for _ in 0..per {
+                let t = Instant::now();
+                s()?;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `conns` client threads for `dur`, each doing `make(i)`'s request in

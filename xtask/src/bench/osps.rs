@@ -19,77 +19,54 @@ fn connect(inst: &Instance) -> Result<Client> {
     Ok(Client::connect(&inst.endpoint())?)
 }
 
-/// Best (shortest) of `n` timings of `f`.
-fn best_of(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
-    let mut best = Duration::MAX;
-    for _ in 0..n {
-        let t = Instant::now();
-        f()?;
-        best = best.min(t.elapsed());
-    }
-    Ok(best)
+/// The instance measured for o1–o3: default settings, 2 workers.
+pub fn start() -> Instance {
+    Instance::start("bench", &["--workers", "2"])
 }
 
-pub fn measure(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&str)) -> Result<()> {
-    step("o1 OSPS ping round trip");
-    let inst = Instance::start("bench", &["--workers", "2"]);
-    let mut c = connect(&inst)?;
-    for _ in 0..plan.warmup {
-        c.ping()?;
-    }
-    r.o1 = (0..plan.iters)
-        .map(|_| {
-            let t = Instant::now();
-            c.ping()?;
-            Ok(t.elapsed().as_nanos() as u64)
+/// o2: small-request (64 B echo) throughput with `conns` clients.
+pub fn echo_rps(inst: &Instance, conns: usize, dur: Duration) -> Result<(f64, Vec<u64>)> {
+    let ep = inst.endpoint();
+    load(conns, dur, |_| {
+        let mut cl = Client::connect(&ep)?;
+        let msg = [1u8; 64];
+        Ok(move || -> Result<()> {
+            cl.call("echo", &[], &msg)?;
+            Ok(())
         })
-        .collect::<Result<_>>()?;
+    })
+}
 
-    for (i, conns) in [1, 8, 64].into_iter().enumerate() {
-        step(&format!("o2 OSPS echo 64 B, {conns} client(s)"));
-        let ep = inst.endpoint();
-        r.o2[i] = load(conns, Duration::from_secs_f64(plan.load_secs), |_| {
-            let mut cl = Client::connect(&ep)?;
-            let msg = [1u8; 64];
-            Ok(move || -> Result<()> {
-                cl.call("echo", &[], &msg)?;
-                Ok(())
-            })
-        })?;
-    }
-
-    step("o3 OSPS echo and sha256 of 64 MiB, in-process sha256");
-    let data: Vec<u8> = (0..plan.stream).map(|i| (i % 251) as u8).collect();
-    let secs = |d: Duration| plan.stream as f64 / d.as_secs_f64();
-    r.o3_echo = secs(best_of(3, || {
-        let back = c.call("echo", &[], &data)?;
-        anyhow::ensure!(
-            back.len() == data.len(),
-            "echo returned {} bytes",
-            back.len()
-        );
-        Ok(())
-    })?);
-    let mut remote = Vec::new();
-    r.o3_sha256 = secs(best_of(3, || {
-        remote = c.call("sha256", &[], &data)?;
-        Ok(())
-    })?);
-    let mut local = String::new();
-    r.sha256_inprocess = secs(best_of(3, || {
-        local = Sha256::digest(&data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Ok(())
-    })?);
+/// o3: one 64 MiB echo and sha256 through OSPS, and sha256 in process on the
+/// same bytes; bytes/s of each.
+pub fn bulk(c: &mut Client, data: &[u8]) -> Result<(f64, f64, f64)> {
+    let rate = |t: Instant| data.len() as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let back = c.call("echo", &[], data)?;
+    let echo = rate(t);
+    anyhow::ensure!(
+        back.len() == data.len(),
+        "echo returned {} bytes",
+        back.len()
+    );
+    let t = Instant::now();
+    let remote = c.call("sha256", &[], data)?;
+    let sha = rate(t);
+    let t = Instant::now();
+    let local: String = Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let inproc = rate(t);
     anyhow::ensure!(
         remote == format!("{local}\n").into_bytes(),
         "OSPS and in-process digests differ"
     );
-    drop(c);
-    drop(inst);
+    Ok((echo, sha, inproc))
+}
 
+/// o4 and o5.
+pub fn memory_and_recovery(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&str)) -> Result<()> {
     step("o4 dispatcher memory with 1,000 idle connections");
     let inst = Instance::start("benchrss", &["--workers", "2"]);
     let clients: Vec<Client> = (0..plan.idle_conns)
