@@ -1,10 +1,13 @@
 //! The worker pool: one driver task per worker. A driver spawns its worker
-//! (stdin = job pipe, stdout = result pipe, own process group), feeds it one
-//! job at a time from the shared queue, enforces the per-job timeout, and on
-//! a crash or hang kills the worker's process group, reaps it, answers or
-//! retries the job, and spawns a replacement. The dispatcher never blocks on
-//! a worker: every wait here is an `.await` with a bound.
+//! (stdin = job pipe, stdout = result pipe, own process group) and feeds it
+//! jobs from the shared queue, several at a time when the queue is deep (one
+//! pipe write for a batch of job frames; the worker answers them in order).
+//! It enforces the per-job timeout on the job the worker is running (the
+//! oldest unanswered), and on a crash or hang kills the worker's process
+//! group, reaps it, answers or requeues its jobs, and spawns a replacement.
+//! The dispatcher never blocks on a worker: every wait is a bounded `.await`.
 
+use std::collections::VecDeque;
 use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
@@ -16,9 +19,10 @@ use ipc_core::proto::{
 use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::shared::{QueuedJob, Reply, Shared};
 
@@ -30,6 +34,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 const GIVE_UP_JOBS_AFTER_FAILED_STARTS: u32 = 3;
 /// Attempts per job: the first run plus one retry after a worker crash.
 const MAX_ATTEMPTS: u8 = 2;
+/// Jobs one worker may have been sent and not yet answered. More than one
+/// only when no worker is idle, so a long job holds back few others.
+const MAX_BATCH: usize = 8;
 
 struct Worker {
     child: Child,
@@ -43,18 +50,18 @@ struct Worker {
 enum End {
     /// Asked to stop while idle: its stdin is closed and it exits by itself.
     Stop,
-    /// It died, hung or broke protocol: its process group is killed. A job it
-    /// held is answered only once it is dead, so its slot cannot be reused
+    /// It died, hung or broke protocol: its process group is killed. Its jobs
+    /// are answered or requeued only once it is dead, so no slot is reused
     /// while the worker could still write into it.
     Kill {
         why: String,
-        unanswered: Option<(QueuedJob, ErrorKind, String)>,
+        answer: Vec<(QueuedJob, ErrorKind, String)>,
+        requeue: Vec<QueuedJob>,
     },
 }
 
 /// Drives pool slot `index` until `stop` turns true.
 pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<bool>) {
-    let mut retry: Option<QueuedJob> = None;
     let mut failures_in_a_row = 0u32;
     while !*stop.borrow() {
         let mut worker = match spawn(&shared).await {
@@ -73,7 +80,7 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                     // Jobs must not wait forever on a pool that cannot start:
                     // answer what is waiting, keep trying to start.
                     let msg = format!("no worker can be started ({e}); see the dispatcher's log");
-                    for job in retry.take().into_iter().chain(shared.take_queue()) {
+                    for job in shared.take_queue() {
                         answer_err(&shared, job, ErrorKind::Internal, msg.clone());
                     }
                 }
@@ -85,42 +92,40 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
             }
         };
         tracing::info!(worker = index, pid = worker.pid, "worker started");
-        shared.set_worker(index, |w| {
-            w.pid = worker.pid;
-            w.state = "idle".into();
-        });
-        let end = serve(&shared, index, &mut worker, &mut retry, &mut stop).await;
+        shared.set_worker(index, |w| w.pid = worker.pid);
+        shared.set_state(index, "idle");
+        let end = serve(&shared, index, &mut worker, &mut stop).await;
         let status = finish(&mut worker, &end).await;
-        shared.set_worker(index, |w| w.state = "stopped".into());
+        shared.set_state(index, "stopped");
         match end {
             End::Stop => {
                 tracing::info!(worker = index, pid = worker.pid, "worker stopped: {status}");
                 break;
             }
-            End::Kill { why, unanswered } => {
+            End::Kill {
+                why,
+                answer,
+                requeue,
+            } => {
                 tracing::warn!(
                     worker = index,
                     pid = worker.pid,
                     "worker ended ({why}): {status}; replacing it"
                 );
-                if let Some((job, kind, message)) = unanswered {
+                for (job, kind, message) in answer {
                     answer_err(&shared, job, kind, message);
+                }
+                // Back to the front of the queue, in their order.
+                for job in requeue.into_iter().rev() {
+                    shared.enqueue(job, true);
                 }
             }
         }
         shared.set_worker(index, |w| {
             w.restarts += 1;
             w.pid = 0;
-            w.state = "starting".into();
         });
-    }
-    if let Some(job) = retry.take() {
-        answer_err(
-            &shared,
-            job,
-            ErrorKind::ShuttingDown,
-            "the dispatcher stopped before the job could be retried".into(),
-        );
+        shared.set_state(index, "starting");
     }
 }
 
@@ -169,7 +174,8 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         &mut worker,
         &End::Kill {
             why: failed.clone(),
-            unanswered: None,
+            answer: vec![],
+            requeue: vec![],
         },
     )
     .await;
@@ -181,86 +187,148 @@ async fn serve(
     shared: &Rc<Shared>,
     index: usize,
     w: &mut Worker,
-    retry: &mut Option<QueuedJob>,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
     let timeout = Duration::from_millis(shared.config.job_timeout_ms);
-    let mut out = Vec::with_capacity(256);
-    let mut scratch = Vec::with_capacity(256);
-    let kill = |why: String, unanswered| End::Kill { why, unanswered };
+    // Jobs sent and not yet answered, oldest (the one running) first; the
+    // first `written` of them are in the pipe.
+    let mut sent: VecDeque<QueuedJob> = VecDeque::new();
+    let mut written = 0usize;
+    let mut head_since = Instant::now();
+    let mut out = Vec::with_capacity(4096);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
     loop {
-        let mut job = match retry.take() {
-            Some(job) => job,
-            None => tokio::select! {
+        if sent.is_empty() {
+            shared.set_state(index, "idle");
+            let job = tokio::select! {
                 job = shared.next_job() => job,
-                status = w.child.wait() => return kill(format!("exited while idle: {}", describe(status)), None),
+                status = w.child.wait() => return died(format!("exited while idle: {}", describe(status)), sent),
                 _ = stop.wait_for(|s| *s) => return End::Stop,
-            },
-        };
-        let region = job.lease.region();
-        let msg = Job {
-            job_id: job.job_id,
-            op: job.op.clone(),
-            args: job.args.clone(),
-            slot: region,
-            input_len: job.input_len,
-        };
-        out.clear();
-        frame::encode(&msg, &mut out).expect("jobs encode");
-        shared.set_worker(index, |s| s.state = "busy".into());
-        let stdin = w.stdin.as_mut().expect("open while serving");
-        let stdout = &mut w.stdout;
-        let round_trip = async {
-            stdin
-                .write_all(&out)
-                .await
-                .map_err(|e| format!("job pipe: {e}"))?;
-            frame::read_frame_async::<FromWorker, _>(stdout, &mut scratch, DEFAULT_MAX_FRAME)
-                .await
-                .map_err(|e| format!("result pipe: {e}"))
-        };
-        let result = tokio::select! {
-            r = tokio::time::timeout(timeout, round_trip) => r,
-            // Stop arrives while busy only when the drain deadline has passed.
-            _ = stop.wait_for(|s| *s) => {
-                let msg = "the dispatcher is shutting down and the job did not finish within the drain deadline".to_owned();
-                return kill("stopped during a job".into(), Some((job, ErrorKind::ShuttingDown, msg)));
-            }
-        };
-        shared.set_worker(index, |s| s.state = "idle".into());
-        match result {
-            Ok(Ok(FromWorker::Done(done))) if done.job_id == job.job_id => {
-                shared.set_worker(index, |s| s.jobs_done += 1);
-                answer(shared, job, done, region);
-            }
-            Ok(Ok(other)) => {
-                let msg = "the worker broke protocol; it was replaced".to_owned();
-                return kill(
-                    format!("protocol violation: {other:?}"),
-                    Some((job, ErrorKind::Internal, msg)),
-                );
-            }
-            Ok(Err(why)) => {
-                job.attempts += 1;
-                if job.attempts < MAX_ATTEMPTS {
-                    tracing::warn!(worker = index, job = job.job_id, op = %job.op, "worker died during the job; retrying it once");
-                    *retry = Some(job);
-                    return kill(why, None);
-                }
-                let msg = format!(
-                    "the worker running {:?} died on each of {} attempts; the job was given up",
-                    job.op, job.attempts
-                );
-                return kill(why, Some((job, ErrorKind::WorkerCrashed, msg)));
-            }
-            Err(_) => {
-                tracing::warn!(worker = index, job = job.job_id, op = %job.op, "job timed out after {timeout:?}");
-                let msg = format!(
-                    "the job ran longer than {timeout:?}; its worker was killed and replaced"
-                );
-                return kill("job timeout".into(), Some((job, ErrorKind::Timeout, msg)));
+            };
+            head_since = Instant::now();
+            sent.push_back(job);
+        }
+        // More in the same write while jobs wait and no other worker is idle.
+        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 {
+            match shared.try_next_job() {
+                Some(job) => sent.push_back(job),
+                None => break,
             }
         }
+        if written < sent.len() {
+            out.clear();
+            for job in sent.range(written..) {
+                let msg = Job {
+                    job_id: job.job_id,
+                    op: job.op.clone(),
+                    args: job.args.clone(),
+                    slot: job.lease.region(),
+                    input_len: job.input_len,
+                };
+                frame::encode(&msg, &mut out).expect("jobs encode");
+            }
+            let stdin = w.stdin.as_mut().expect("open while serving");
+            if let Err(e) = stdin.write_all(&out).await {
+                return died(format!("job pipe: {e}"), sent);
+            }
+            written = sent.len();
+        }
+        shared.set_state(index, "busy");
+        let read = tokio::select! {
+            r = w.stdout.read_buf(&mut inbuf) => r,
+            _ = tokio::time::sleep_until(head_since + timeout) => {
+                let head = sent.pop_front().expect("a job runs");
+                tracing::warn!(worker = index, job = head.job_id, op = %head.op, "job timed out after {timeout:?}");
+                let msg = format!("the job ran longer than {timeout:?}; its worker was killed and replaced");
+                return End::Kill { why: "job timeout".into(), answer: vec![(head, ErrorKind::Timeout, msg)], requeue: sent.into() };
+            }
+            // Stop arrives while busy only when the drain deadline has passed.
+            _ = stop.wait_for(|s| *s) => {
+                let msg = "the dispatcher is shutting down and the job did not finish within the drain deadline";
+                let answer = sent.into_iter().map(|j| (j, ErrorKind::ShuttingDown, msg.to_owned())).collect();
+                return End::Kill { why: "stopped during a job".into(), answer, requeue: vec![] };
+            }
+        };
+        match read {
+            Ok(0) => return died("result pipe closed".into(), sent),
+            Err(e) => return died(format!("result pipe: {e}"), sent),
+            Ok(_) => {}
+        }
+        let mut consumed = 0;
+        loop {
+            let msg = match frame::try_decode::<FromWorker>(&inbuf[consumed..], DEFAULT_MAX_FRAME) {
+                Ok(Some((msg, n))) => {
+                    consumed += n;
+                    msg
+                }
+                Ok(None) => break,
+                Err(e) => return broke(format!("bad result frame: {e}"), sent),
+            };
+            match msg {
+                FromWorker::Done(done) if sent.front().is_some_and(|j| j.job_id == done.job_id) => {
+                    let job = sent.pop_front().expect("checked above");
+                    written -= 1;
+                    head_since = Instant::now();
+                    shared.set_worker(index, |s| s.jobs_done += 1);
+                    let slot = job.lease.region();
+                    answer(shared, job, done, slot);
+                }
+                other => return broke(format!("unexpected message {other:?}"), sent),
+            }
+        }
+        inbuf.drain(..consumed);
+    }
+}
+
+/// The worker died with `sent` jobs on it: the oldest was running and is
+/// retried once (then answered `worker crashed`); the others had not started
+/// and go back to the queue without counting an attempt.
+fn died(why: String, mut sent: VecDeque<QueuedJob>) -> End {
+    let Some(mut head) = sent.pop_front() else {
+        return End::Kill {
+            why,
+            answer: vec![],
+            requeue: vec![],
+        };
+    };
+    head.attempts += 1;
+    let mut requeue: Vec<QueuedJob> = Vec::new();
+    let mut answer = Vec::new();
+    if head.attempts < MAX_ATTEMPTS {
+        tracing::warn!(job = head.job_id, op = %head.op, "worker died during the job; retrying it once");
+        requeue.push(head);
+    } else {
+        let msg = format!(
+            "the worker running {:?} died on each of {} attempts; the job was given up",
+            head.op, head.attempts
+        );
+        answer.push((head, ErrorKind::WorkerCrashed, msg));
+    }
+    requeue.extend(sent);
+    End::Kill {
+        why,
+        answer,
+        requeue,
+    }
+}
+
+/// The worker broke protocol: its running job gets an internal error, the rest are requeued.
+fn broke(why: String, mut sent: VecDeque<QueuedJob>) -> End {
+    let answer = sent
+        .pop_front()
+        .map(|head| {
+            (
+                head,
+                ErrorKind::Internal,
+                "the worker broke protocol; it was replaced".to_owned(),
+            )
+        })
+        .into_iter()
+        .collect();
+    End::Kill {
+        why: format!("protocol violation: {why}"),
+        answer,
+        requeue: sent.into(),
     }
 }
 

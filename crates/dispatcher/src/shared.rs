@@ -92,6 +92,7 @@ pub struct Shared {
     pub slot_freed: Notify,
     queue: RefCell<VecDeque<QueuedJob>>,
     job_ready: Notify,
+    idle_workers: Cell<usize>,
     next_job_id: Cell<u64>,
     pub started: Instant,
     /// Set once shutdown begins: new jobs are refused.
@@ -131,6 +132,7 @@ impl Shared {
             slot_freed: Notify::new(),
             queue: RefCell::new(VecDeque::new()),
             job_ready: Notify::new(),
+            idle_workers: Cell::new(0),
             next_job_id: Cell::new(1),
             started: Instant::now(),
             draining: Cell::new(false),
@@ -198,8 +200,16 @@ impl Shared {
         self.job_ready.notify_one();
     }
 
-    /// Waits for the next queued job.
+    /// Waits for the next queued job; while waiting, this worker counts as idle.
     pub async fn next_job(&self) -> QueuedJob {
+        struct Idle<'a>(&'a Cell<usize>);
+        impl Drop for Idle<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
+        self.idle_workers.set(self.idle_workers.get() + 1);
+        let _idle = Idle(&self.idle_workers); // also when the wait is cancelled
         loop {
             let ready = self.job_ready.notified();
             if let Some(job) = self.queue.borrow_mut().pop_front() {
@@ -209,9 +219,27 @@ impl Shared {
         }
     }
 
+    /// The next queued job, if there is one now.
+    pub fn try_next_job(&self) -> Option<QueuedJob> {
+        self.queue.borrow_mut().pop_front()
+    }
+
+    /// Workers waiting for a job right now.
+    pub fn idle_workers(&self) -> usize {
+        self.idle_workers.get()
+    }
+
     /// Removes every queued job (at shutdown, to answer them).
     pub fn take_queue(&self) -> Vec<QueuedJob> {
         self.queue.borrow_mut().drain(..).collect()
+    }
+
+    /// Sets a worker's state (allocating only when it changes).
+    pub fn set_state(&self, index: usize, state: &'static str) {
+        let mut workers = self.workers.borrow_mut();
+        if workers[index].state != state {
+            workers[index].state = state.to_owned();
+        }
     }
 
     /// Updates one worker's status entry.

@@ -432,3 +432,47 @@ fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(inst.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn jobs_batched_behind_a_crashing_job_are_requeued_without_losing_an_attempt() {
+    let inst = Instance::start(
+        "batch",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--allow-fault-injection",
+        ],
+    );
+    let mut c = inst.client();
+    // Occupy the only worker, so the next jobs queue up and go to it as one batch.
+    let busy = c.send("sleep", &["300"], &[]).unwrap();
+    wait_for(PATIENCE, || {
+        (inst.status().workers[0].state == "busy").then_some(())
+    })
+    .expect("busy");
+    let crash = c.send("crash", &[], &[]).unwrap();
+    let uppers: Vec<(u64, Vec<u8>)> = (0..5u64)
+        .map(|i| {
+            let d = payload(i + 7, 500);
+            (c.send("upper", &[], &d).unwrap(), d)
+        })
+        .collect();
+    assert_eq!(c.wait(busy).unwrap(), b"slept 300 ms\n");
+    // The crash kills two workers (first run and its one retry) ...
+    assert_eq!(
+        remote_kind(c.wait(crash).unwrap_err()),
+        ErrorKind::WorkerCrashed
+    );
+    // ... and the jobs that waited behind it are run by the next worker, correctly.
+    for (id, d) in uppers {
+        assert_eq!(c.wait(id).unwrap(), d.to_ascii_uppercase());
+    }
+    let s = inst.status();
+    assert_eq!(s.workers[0].restarts, 2);
+    assert_eq!(s.jobs_failed, 1);
+    assert!(zombies_of(&[inst.pid()]).is_empty());
+}

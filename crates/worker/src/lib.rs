@@ -65,9 +65,16 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
             return Err(WorkerError::ForeignSegment { owner, parent });
         }
     }
-    let mut input = io::stdin().lock();
-    // Write frames straight to fd 1: one write(2) per frame, no line buffering.
-    let mut output = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    let mut input = io::BufReader::with_capacity(
+        64 * 1024,
+        std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?),
+    );
+    // Results go to fd 1 through our own buffer, flushed once no more jobs
+    // are waiting in the input buffer: a batch of jobs gets one write(2).
+    let mut output = io::BufWriter::with_capacity(
+        64 * 1024,
+        std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?),
+    );
     let mut scratch = Vec::with_capacity(256);
     let mut out_buf = Vec::with_capacity(256);
     let ready = FromWorker::Ready {
@@ -75,6 +82,7 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
         version: PROTOCOL_VERSION,
     };
     frame::write_frame(&mut output, &ready, &mut out_buf)?;
+    output.flush()?;
     tracing::debug!(segment = %config.segment, "worker ready");
     loop {
         let job: Job = match frame::read_frame(&mut input, &mut scratch, DEFAULT_MAX_FRAME) {
@@ -88,7 +96,9 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
         let done = run_job(&segment, &job, config.allow_fault_injection);
         segment.header().count_job();
         frame::write_frame(&mut output, &FromWorker::Done(done), &mut out_buf)?;
-        output.flush()?;
+        if input.buffer().is_empty() {
+            output.flush()?;
+        }
     }
 }
 
