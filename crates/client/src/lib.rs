@@ -262,6 +262,9 @@ pub struct Client {
 /// How long `connect` waits for the server's hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Chunk size when streaming a payload from a reader (e.g. a file).
+const STREAM_CHUNK: usize = 256 * 1024;
+
 /// Payloads up to this size are sent in the same write as their header.
 const COALESCE: usize = 16 * 1024;
 
@@ -343,7 +346,17 @@ impl Client {
 
     /// Sends a request without waiting for its reply; returns its id.
     pub fn send(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<u64, ClientError> {
-        self.send_from(op, args, payload.len() as u64, payload)
+        let id = self.encode_header(op, args, payload.len() as u64)?;
+        if payload.len() <= COALESCE {
+            self.out.extend_from_slice(payload);
+            self.writer.write_all(&self.out)?;
+        } else {
+            // Large payloads go out straight from the caller's buffer, in as
+            // few system calls as the socket allows.
+            self.writer.write_all(&self.out)?;
+            self.writer.write_all(payload)?;
+        }
+        Ok(id)
     }
 
     /// Sends a request whose `len` payload bytes are read from `payload`
@@ -353,8 +366,33 @@ impl Client {
         op: &str,
         args: &[&str],
         len: u64,
-        mut payload: R,
+        payload: R,
     ) -> Result<u64, ClientError> {
+        let id = self.encode_header(op, args, len)?;
+        self.writer.write_all(&self.out)?;
+        let mut payload = payload.take(len);
+        let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
+        let mut copied = 0u64;
+        loop {
+            let n = match payload.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.writer.write_all(&buf[..n])?;
+            copied += n as u64;
+        }
+        if copied != len {
+            return Err(ClientError::Protocol(format!(
+                "payload source gave {copied} of {len} bytes"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Numbers a request and encodes its frame into `self.out`.
+    fn encode_header(&mut self, op: &str, args: &[&str], len: u64) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let req = Request {
@@ -365,20 +403,6 @@ impl Client {
         };
         self.out.clear();
         frame::encode(&req, &mut self.out)?;
-        if len as usize <= COALESCE {
-            let start = self.out.len();
-            self.out.resize(start + len as usize, 0);
-            payload.read_exact(&mut self.out[start..])?;
-            self.writer.write_all(&self.out)?;
-        } else {
-            self.writer.write_all(&self.out)?;
-            let copied = io::copy(&mut payload.take(len), &mut self.writer)?;
-            if copied != len {
-                return Err(ClientError::Protocol(format!(
-                    "payload source gave {copied} of {len} bytes"
-                )));
-            }
-        }
         Ok(id)
     }
 
@@ -476,8 +500,21 @@ impl Client {
         if let Outcome::Err(e) = resp.outcome {
             return Err(e.into());
         }
-        let copied = io::copy(&mut (&mut self.reader).take(resp.result_len), output)?;
-        if copied != resp.result_len {
+        let mut left = resp.result_len;
+        let mut buf = vec![0u8; (left as usize).clamp(1, STREAM_CHUNK)];
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = match self.reader.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            output.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        let copied = resp.result_len - left;
+        if left > 0 {
             return Err(FrameError::Truncated {
                 expected: resp.result_len as usize,
                 got: copied as usize,
