@@ -264,6 +264,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         "dispatcher ready"
     );
     let heartbeat = tokio::task::spawn_local(beat(Rc::clone(&shared)));
+    // Now that we serve: map the whole segment so no request pays a page fault.
+    shared.segment.populate_in_background();
 
     let why = loop {
         tokio::select! {

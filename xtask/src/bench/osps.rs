@@ -75,6 +75,7 @@ pub fn memory_and_recovery(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&st
     std::thread::sleep(Duration::from_millis(300));
     r.rss_kib = rss_kib(inst.pid())?;
     r.rss_anon_kib = status_kib(inst.pid(), "RssAnon:")?;
+    r.rss_shmem_kib = status_kib(inst.pid(), "RssShmem:")?;
     drop(clients);
     drop(inst);
 
