@@ -19,6 +19,8 @@ use crate::shared::{QueuedJob, Reply, Shared, RESULT_RESERVE};
 /// Requests one connection may have in flight before the dispatcher stops
 /// reading from it (back-pressure instead of unbounded memory).
 const MAX_IN_FLIGHT_PER_CONNECTION: usize = 128;
+/// Bytes a connection reads ahead (headers of pipelined requests).
+const READ_BUFFER: usize = 4096;
 /// How long a closing connection's leftover input is drained so the client
 /// reads our last answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
@@ -29,7 +31,10 @@ where
     S: AsyncRead + AsyncWrite + 'static,
 {
     shared.connections.set(shared.connections.get() + 1);
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
+    // A small read buffer: a request's prefix and header arrive in one read
+    // (large payloads bypass it, straight into their slot).
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let deadline = Duration::from_millis(shared.config.handshake_timeout_ms);
     match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, &peer)).await {
         Ok(Ok(())) => {

@@ -24,6 +24,8 @@ use tokio::sync::watch;
 use crate::shared::{Shared, RESULT_RESERVE};
 
 const MIB: u64 = 1 << 20;
+/// Delay before the segment is prefaulted: out of start-up, so out of recovery time.
+const POPULATE_AFTER: Duration = Duration::from_millis(200);
 
 /// Everything the dispatcher is told at start.
 #[derive(Debug, Clone)]
@@ -264,8 +266,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         "dispatcher ready"
     );
     let heartbeat = tokio::task::spawn_local(beat(Rc::clone(&shared)));
-    // Now that we serve: map the whole segment so no request pays a page fault.
-    shared.segment.populate_in_background();
+    // Soon after we serve: map the whole segment so no request pays a page fault.
+    shared.segment.populate_in_background(POPULATE_AFTER);
 
     let why = loop {
         tokio::select! {

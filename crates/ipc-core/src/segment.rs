@@ -100,15 +100,18 @@ pub enum SegmentError {
 pub struct Segment {
     shmem: Shmem,
     name: String,
-    /// A thread filling in this process's page tables for the mapping.
-    populating: std::cell::RefCell<Option<std::thread::JoinHandle<()>>>,
+    /// A thread filling in this process's page tables for the mapping, and
+    /// the sender whose drop cancels it if it has not started yet.
+    populating:
+        std::cell::RefCell<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
         // The populating thread works on our mapping: it must be done before
         // the mapping goes (the `shmem` field is dropped after this).
-        if let Some(t) = self.populating.get_mut().take() {
+        if let Some((cancel, t)) = self.populating.get_mut().take() {
+            drop(cancel);
             let _ = t.join();
         }
     }
@@ -354,25 +357,30 @@ impl Segment {
     }
 
     /// Fills in this process's page tables for the whole mapping on a
-    /// background thread (`MADV_POPULATE_WRITE`), so that no request pays a
-    /// page fault the first time it uses a slot, without delaying start-up.
-    /// Best effort: on kernels before 5.14 the pages fault in on first use.
-    /// Call it once the process is ready: the kernel holds the process's
-    /// memory-map lock while it works, which would slow a start-up that maps
-    /// memory (thread stacks, large allocations).
-    pub fn populate_in_background(&self) {
+    /// background thread (`MADV_POPULATE_WRITE`), `after` a delay, so that no
+    /// request pays a page fault the first time it uses a slot. The delay
+    /// keeps the work out of start-up (and so out of recovery time): the
+    /// kernel holds the process's memory-map lock while it works. Dropping
+    /// the segment before the delay is over cancels it. Best effort: on
+    /// kernels before 5.14 the pages fault in on first use.
+    pub fn populate_in_background(&self, after: std::time::Duration) {
         if self.populating.borrow().is_some() {
             return;
         }
         let (addr, len) = (self.shmem.as_ptr() as usize, self.shmem.len());
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name("osps-populate".into())
             .spawn(move || {
+                if cancelled.recv_timeout(after) != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return; // the segment is going away
+                }
                 // SAFETY: setpriority and madvise take no pointers we dereference:
-                // the first lowers this thread's priority (start-up and requests
-                // go first); the second only fills in the kernel's page tables for
-                // a range this process has mapped. The mapping outlives this
-                // thread: `Segment::drop` joins it before `shmem` unmaps the range.
+                // the first lowers this thread's priority (requests go first); the
+                // second only fills in the kernel's page tables for a range this
+                // process has mapped. The mapping outlives this thread:
+                // `Segment::drop` joins it before `shmem` unmaps the range.
                 let rc = unsafe {
                     libc::setpriority(libc::PRIO_PROCESS, 0, 19);
                     libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
@@ -381,13 +389,17 @@ impl Segment {
                     tracing::debug!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error());
                 }
             });
-        *self.populating.borrow_mut() = spawned.ok();
+        if let Ok(t) = spawned {
+            *self.populating.borrow_mut() = Some((cancel, t));
+        }
     }
 
     /// Waits until [`Segment::populate_in_background`] is done.
     pub fn wait_populated(&self) {
-        if let Some(t) = self.populating.borrow_mut().take() {
+        let taken = self.populating.borrow_mut().take();
+        if let Some((cancel, t)) = taken {
             let _ = t.join();
+            drop(cancel);
         }
     }
 
@@ -481,7 +493,7 @@ mod tests {
     fn populating_maps_every_page_so_first_use_takes_no_fault() {
         let n = name("populate");
         let seg = Segment::create(&n, 8 << 20, 1).unwrap();
-        seg.populate_in_background();
+        seg.populate_in_background(std::time::Duration::ZERO);
         seg.wait_populated();
         let faults = || -> u64 {
             let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();

@@ -83,8 +83,8 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
     };
     frame::write_frame(&mut output, &ready, &mut out_buf)?;
     output.flush()?;
-    // Ready: now map the whole segment so no job pays a page fault.
-    segment.populate_in_background();
+    // Soon after ready: map the whole segment so no job pays a page fault.
+    segment.populate_in_background(std::time::Duration::from_millis(200));
     tracing::debug!(segment = %config.segment, "worker ready");
     loop {
         let job: Job = match frame::read_frame(&mut input, &mut scratch, DEFAULT_MAX_FRAME) {

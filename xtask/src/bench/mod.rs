@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use osps_testkit::Instance;
 
 pub use floors::helper;
 
@@ -165,22 +166,27 @@ pub fn run_here(o: Options) -> Result<()> {
         ..Default::default()
     };
 
-    p.step("starting the floors' helpers and OSPS (dispatcher, 2 workers)");
+    p.step("latency, interleaved, every process on one CPU: f1 UDS, f2 pipe, f3 chain floor, o1 OSPS ping (64 B)");
+    {
+        // Pinned (children inherit the affinity): on a 2-vCPU VM, whether a
+        // chain of processes shares a core or wakes across cores swings
+        // round trips between ~20 and ~100 µs from run to run. Pinned, the
+        // floors and OSPS pay the same kind of switches and the ratio holds.
+        let _pinned = Pinned::to_one_cpu()?;
+        let lat_inst = Instance::start("benchlat", &["--workers", "1"]);
+        std::thread::sleep(Duration::from_millis(1500)); // settle: prefaulting done
+        let mut f1 = floors::uds_pinger(dir.path())?;
+        let mut f2 = floors::pipe_pinger()?;
+        let mut f3 = floors::chain_pinger(dir.path())?;
+        let mut client = osps_client::Client::connect(&lat_inst.endpoint())?;
+        let mut o1 = move || -> Result<()> { Ok(client.ping()?) };
+        let mut series: [&mut dyn FnMut() -> Result<()>; 4] =
+            [&mut *f1.once, &mut *f2.once, &mut *f3.once, &mut o1];
+        let lat = interleave(&mut series, plan.iters, plan.warmup)?;
+        [r.f1, r.f2, r.f3, r.o1] = lat.try_into().map_err(|_| anyhow::anyhow!("four series"))?;
+    }
+    p.step("starting OSPS (dispatcher, 2 workers) for throughput and bulk");
     let inst = osps::start();
-    let mut f1 = floors::uds_pinger(dir.path())?;
-    let mut f2 = floors::pipe_pinger()?;
-    let mut f3 = floors::chain_pinger(dir.path())?;
-    let mut client = osps_client::Client::connect(&inst.endpoint())?;
-    let mut o1 = move || -> Result<()> { Ok(client.ping()?) };
-
-    p.step(
-        "latency, interleaved: f1 UDS, f2 pipe, f3 chain floor, o1 OSPS ping (64 B round trips)",
-    );
-    let mut series: [&mut dyn FnMut() -> Result<()>; 4] =
-        [&mut *f1.once, &mut *f2.once, &mut *f3.once, &mut o1];
-    let lat = interleave(&mut series, plan.iters, plan.warmup)?;
-    [r.f1, r.f2, r.f3, r.o1] = lat.try_into().map_err(|_| anyhow::anyhow!("four series"))?;
-    drop((f1, f2, f3));
 
     for (i, c) in [1, 8, 64].into_iter().enumerate() {
         p.step(&format!(
@@ -230,6 +236,31 @@ pub fn run_here(o: Options) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Keeps this process (and the children it starts meanwhile) on one CPU
+/// until dropped.
+struct Pinned(nix::sched::CpuSet);
+
+impl Pinned {
+    fn to_one_cpu() -> Result<Pinned> {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        let before = sched_getaffinity(Pid::from_raw(0))?;
+        let first = (0..CpuSet::count())
+            .find(|&c| before.is_set(c).unwrap_or(false))
+            .context("no CPU")?;
+        let mut one = CpuSet::new();
+        one.set(first)?;
+        sched_setaffinity(Pid::from_raw(0), &one)?;
+        Ok(Pinned(before))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
 }
 
 /// Latencies (ns) of each series, measured in rounds that take turns, after a warm-up.

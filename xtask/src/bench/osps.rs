@@ -21,7 +21,11 @@ fn connect(inst: &Instance) -> Result<Client> {
 
 /// The instance measured for o1–o3: default settings, 2 workers.
 pub fn start() -> Instance {
-    Instance::start("bench", &["--workers", "2"])
+    let inst = Instance::start("bench", &["--workers", "2"]);
+    // Steady state: let every process finish prefaulting the segment
+    // (it starts 200 ms after each is ready).
+    std::thread::sleep(Duration::from_millis(1500));
+    inst
 }
 
 /// o2: small-request (64 B echo) throughput with `conns` clients.
