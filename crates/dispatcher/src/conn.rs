@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
-    self, ErrorKind, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, MAGIC,
+    self, ErrorKind, HelloStatus, Outcome, RemoteError, RequestRef, Response, HELLO_LEN, MAGIC,
     PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::shared::{QueuedJob, Reply, Shared, RESULT_RESERVE};
+use crate::shared::{OpName, QueuedJob, Reply, Shared, RESULT_RESERVE};
 
 /// Requests one connection may have in flight before the dispatcher stops
 /// reading from it (back-pressure instead of unbounded memory).
@@ -140,8 +140,12 @@ where
     };
     let error = |kind: ErrorKind, message: String| Outcome::Err(RemoteError::new(kind, message));
     loop {
-        let req: Request =
-            match frame::read_frame_async(rd, &mut scratch, shared.config.max_frame).await {
+        // Decoded in place: the request borrows its strings from `scratch`.
+        let req: RequestRef<'_> =
+            match frame::read_body_async(rd, &mut scratch, shared.config.max_frame)
+                .await
+                .and_then(|()| frame::decode_body(&scratch))
+            {
                 Ok(r) => r,
                 Err(FrameError::Closed) => return false,
                 Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
@@ -189,7 +193,7 @@ where
             continue;
         }
         // A slot, unless the request is refused; waiting for one ends if shutdown begins.
-        let lease = match req.op.as_str() {
+        let lease = match req.op {
             proto::OP_STATUS => None,
             _ => shared.lease(req.payload_len + RESULT_RESERVE).await,
         };
@@ -235,8 +239,8 @@ where
         let job = QueuedJob {
             job_id: shared.next_job_id(),
             req_id: req.id,
-            op: req.op,
-            args: req.args,
+            op: OpName::new(req.op),
+            args: req.args.iter().map(|a| a.to_string()).collect(),
             lease,
             input_len: req.payload_len,
             reply: tx.clone(),

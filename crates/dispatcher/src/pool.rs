@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, PROTOCOL_VERSION,
+    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, PROTOCOL_VERSION,
 };
 use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
@@ -218,10 +218,10 @@ async fn serve(
         if written < sent.len() {
             out.clear();
             for job in sent.range(written..) {
-                let msg = Job {
+                let msg = JobRef {
                     job_id: job.job_id,
-                    op: job.op.clone(),
-                    args: job.args.clone(),
+                    op: job.op.as_str(),
+                    args: &job.args,
                     slot: job.lease.region(),
                     input_len: job.input_len,
                 };
@@ -300,7 +300,8 @@ fn died(why: String, mut sent: VecDeque<QueuedJob>) -> End {
     } else {
         let msg = format!(
             "the worker running {:?} died on each of {} attempts; the job was given up",
-            head.op, head.attempts
+            head.op.as_str(),
+            head.attempts
         );
         answer.push((head, ErrorKind::WorkerCrashed, msg));
     }

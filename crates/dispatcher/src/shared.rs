@@ -40,12 +40,50 @@ pub enum Reply {
     },
 }
 
+/// An operation name, kept inline when short (every real one is): no
+/// allocation per request.
+#[derive(Debug, Clone)]
+pub enum OpName {
+    Inline { len: u8, bytes: [u8; 31] },
+    Heap(String),
+}
+
+impl OpName {
+    pub fn new(s: &str) -> Self {
+        if s.len() <= 31 {
+            let mut bytes = [0u8; 31];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            OpName::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            OpName::Heap(s.to_owned())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            OpName::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).expect("built from a str")
+            }
+            OpName::Heap(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for OpName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A job waiting for, or running on, a worker.
 #[derive(Debug)]
 pub struct QueuedJob {
     pub job_id: u64,
     pub req_id: u64,
-    pub op: String,
+    pub op: OpName,
     pub args: Vec<String>,
     pub lease: SlotLease,
     pub input_len: u64,
@@ -103,6 +141,9 @@ pub struct Shared {
     pub jobs_done: Cell<u64>,
     pub jobs_failed: Cell<u64>,
     pub workers: RefCell<Vec<WorkerStatus>>,
+    /// Each worker's state, kept apart from `workers` so that changing it
+    /// costs no allocation (it changes twice per job).
+    worker_states: Vec<Cell<&'static str>>,
     pub tcp_addr: RefCell<Option<String>>,
 }
 
@@ -114,7 +155,8 @@ impl Shared {
         max_payload: u64,
     ) -> Rc<Self> {
         let alloc = SlotAllocator::new(segment.arena_len() as u64);
-        let workers = (0..config.workers)
+        let n_workers = config.workers;
+        let workers = (0..n_workers)
             .map(|index| WorkerStatus {
                 index,
                 pid: 0,
@@ -140,6 +182,7 @@ impl Shared {
             connections: Cell::new(0),
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
+            worker_states: (0..n_workers).map(|_| Cell::new("starting")).collect(),
             workers: RefCell::new(workers),
             tcp_addr: RefCell::new(None),
         })
@@ -234,12 +277,9 @@ impl Shared {
         self.queue.borrow_mut().drain(..).collect()
     }
 
-    /// Sets a worker's state (allocating only when it changes).
+    /// Sets a worker's state.
     pub fn set_state(&self, index: usize, state: &'static str) {
-        let mut workers = self.workers.borrow_mut();
-        if workers[index].state != state {
-            workers[index].state = state.to_owned();
-        }
+        self.worker_states[index].set(state);
     }
 
     /// Updates one worker's status entry.
@@ -278,7 +318,16 @@ impl Shared {
                 slot_bytes_in_use: alloc.bytes_in_use(),
                 max_payload: self.max_payload,
             },
-            workers: self.workers.borrow().clone(),
+            workers: self
+                .workers
+                .borrow()
+                .iter()
+                .zip(&self.worker_states)
+                .map(|(w, state)| WorkerStatus {
+                    state: state.get().to_owned(),
+                    ..w.clone()
+                })
+                .collect(),
             jobs_done: self.jobs_done.get(),
             jobs_failed: self.jobs_failed.get(),
             queue_depth: self.queue.borrow().len(),

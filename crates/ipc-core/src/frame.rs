@@ -75,8 +75,8 @@ pub fn body_len(prefix: [u8; PREFIX_LEN], max: usize) -> Result<usize, FrameErro
     Ok(len)
 }
 
-/// Decodes a whole body; trailing bytes are corruption.
-pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+/// Decodes a whole body (the message may borrow from it); trailing bytes are corruption.
+pub fn decode_body<'de, T: serde::Deserialize<'de>>(body: &'de [u8]) -> Result<T, FrameError> {
     let (msg, rest) =
         postcard::take_from_bytes(body).map_err(|e| FrameError::Corrupt(e.to_string()))?;
     if !rest.is_empty() {
@@ -156,6 +156,16 @@ fn check_body(got: usize, len: usize) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// Reads one frame's body into `scratch` from a blocking reader (for a
+/// message that borrows from it: decode with [`decode_body`]).
+pub fn read_body<R: Read>(r: &mut R, scratch: &mut Vec<u8>, max: usize) -> Result<(), FrameError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    let len = check_prefix(fill(r, &mut prefix)?, prefix, max)?;
+    scratch.clear();
+    scratch.resize(len, 0);
+    check_body(fill(r, scratch)?, len)
+}
+
 /// Writes one frame to a blocking writer (through `scratch`, one write call).
 pub fn write_frame<T: Serialize, W: Write>(
     w: &mut W,
@@ -186,12 +196,22 @@ pub async fn read_frame_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     scratch: &mut Vec<u8>,
     max: usize,
 ) -> Result<T, FrameError> {
+    read_body_async(r, scratch, max).await?;
+    decode_body(scratch)
+}
+
+/// Reads one frame's body into `scratch` (for a message that borrows from
+/// it: decode with [`decode_body`]).
+pub async fn read_body_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    scratch: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
     let len = check_prefix(fill_async(r, &mut prefix).await?, prefix, max)?;
     scratch.clear();
     scratch.resize(len, 0);
-    check_body(fill_async(r, scratch).await?, len)?;
-    decode_body(scratch)
+    check_body(fill_async(r, scratch).await?, len)
 }
 
 /// Reads exactly `buf.len()` payload bytes; a short stream is [`FrameError::Truncated`].

@@ -77,6 +77,23 @@ pub struct Request {
     pub payload_len: u64,
 }
 
+/// A [`Request`] decoded in place, borrowing its strings from the frame
+/// (the dispatcher's hot path: no allocation unless there are arguments).
+/// Same bytes on the wire as [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RequestRef<'a> {
+    /// See [`Request::id`].
+    pub id: u64,
+    /// See [`Request::op`].
+    #[serde(borrow)]
+    pub op: &'a str,
+    /// See [`Request::args`].
+    #[serde(borrow)]
+    pub args: Vec<&'a str>,
+    /// See [`Request::payload_len`].
+    pub payload_len: u64,
+}
+
 /// The dispatcher's answer; `result_len` bytes of result follow the frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
@@ -181,6 +198,40 @@ pub struct Job {
     pub input_len: u64,
 }
 
+/// A [`Job`] as the dispatcher encodes it, borrowing its strings: the same
+/// bytes on the wire, without copying the operation and arguments per job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct JobRef<'a> {
+    /// See [`Job::job_id`].
+    pub job_id: u64,
+    /// See [`Job::op`].
+    pub op: &'a str,
+    /// See [`Job::args`].
+    pub args: &'a [String],
+    /// See [`Job::slot`].
+    pub slot: Region,
+    /// See [`Job::input_len`].
+    pub input_len: u64,
+}
+
+/// A [`Job`] decoded in place by the worker, borrowing its strings from the
+/// frame: no allocation per job unless it has arguments. Same wire format.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct JobIn<'a> {
+    /// See [`Job::job_id`].
+    pub job_id: u64,
+    /// See [`Job::op`].
+    #[serde(borrow)]
+    pub op: &'a str,
+    /// See [`Job::args`].
+    #[serde(borrow)]
+    pub args: Vec<&'a str>,
+    /// See [`Job::slot`].
+    pub slot: Region,
+    /// See [`Job::input_len`].
+    pub input_len: u64,
+}
+
 /// Worker → dispatcher messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromWorker {
@@ -237,6 +288,43 @@ mod tests {
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);
         }
+    }
+
+    #[test]
+    fn borrowed_twins_have_the_same_wire_format() {
+        let job = Job {
+            job_id: 9,
+            op: "sleep".into(),
+            args: vec!["5".into()],
+            slot: Region {
+                offset: 4096,
+                len: 8192,
+            },
+            input_len: 3,
+        };
+        let by_ref = JobRef {
+            job_id: 9,
+            op: "sleep",
+            args: &job.args,
+            slot: job.slot,
+            input_len: 3,
+        };
+        assert_eq!(
+            postcard::to_stdvec(&job).unwrap(),
+            postcard::to_stdvec(&by_ref).unwrap()
+        );
+        let req = Request {
+            id: 300,
+            op: "upper".into(),
+            args: vec!["a".into(), "b".into()],
+            payload_len: 70_000,
+        };
+        let bytes = postcard::to_stdvec(&req).unwrap();
+        let r: RequestRef<'_> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            (r.id, r.op, r.args, r.payload_len),
+            (300, "upper", vec!["a", "b"], 70_000)
+        );
     }
 
     #[test]

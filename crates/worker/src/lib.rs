@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, PROTOCOL_VERSION,
+    ErrorKind, FromWorker, JobDone, JobIn, Outcome, RemoteError, PROTOCOL_VERSION,
 };
 use ipc_core::{Segment, SegmentError};
 
@@ -87,7 +87,10 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
     segment.populate_in_background(std::time::Duration::from_millis(200));
     tracing::debug!(segment = %config.segment, "worker ready");
     loop {
-        let job: Job = match frame::read_frame(&mut input, &mut scratch, DEFAULT_MAX_FRAME) {
+        // Decoded in place: the job borrows its strings from `scratch`.
+        let job: JobIn<'_> = match frame::read_body(&mut input, &mut scratch, DEFAULT_MAX_FRAME)
+            .and_then(|()| frame::decode_body(&scratch))
+        {
             Ok(job) => job,
             Err(FrameError::Closed) => {
                 tracing::debug!("job pipe closed; exiting");
@@ -105,9 +108,9 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
 }
 
 /// Runs one job on its slot and describes the result.
-pub fn run_job(segment: &Segment, job: &Job, allow_fault_injection: bool) -> JobDone {
+pub fn run_job(segment: &Segment, job: &JobIn<'_>, allow_fault_injection: bool) -> JobDone {
     let result = (|| {
-        let spec = ops::lookup(&job.op, allow_fault_injection)?;
+        let spec = ops::lookup(job.op, allow_fault_injection)?;
         let slot = segment.bytes_mut(job.slot).map_err(|e| {
             RemoteError::new(
                 ErrorKind::Internal,

@@ -8,8 +8,6 @@
 //! same bytes. In-place operations must be idempotent (`upper` is) for the
 //! same reason.
 
-use std::fmt::Write as _;
-
 use ipc_core::proto::{ErrorKind, RemoteError};
 use sha2::{Digest, Sha256};
 
@@ -26,7 +24,7 @@ pub struct Output {
 #[derive(Debug)]
 pub struct JobCtx<'a> {
     /// The job's arguments.
-    pub args: &'a [String],
+    pub args: &'a [&'a str],
     /// The whole slot; the input is `slot[..input_len]`.
     pub slot: &'a mut [u8],
     /// Length of the input.
@@ -172,12 +170,13 @@ fn upper(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 fn sha256(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     ctx.expect_args(0, "sha256")?;
     let digest = Sha256::digest(ctx.input());
-    let mut hex = String::with_capacity(65);
-    for b in digest {
-        let _ = write!(hex, "{b:02x}");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [b'\n'; 65];
+    for (i, b) in digest.iter().enumerate() {
+        hex[2 * i] = HEX[(b >> 4) as usize];
+        hex[2 * i + 1] = HEX[(b & 15) as usize];
     }
-    hex.push('\n');
-    ctx.reply(hex.as_bytes())
+    ctx.reply(&hex)
 }
 
 fn wc(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
@@ -188,8 +187,12 @@ fn wc(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
         .split(|b| b.is_ascii_whitespace())
         .filter(|w| !w.is_empty())
         .count();
-    let text = format!("{lines} {words} {}\n", input.len());
-    ctx.reply(text.as_bytes())
+    let len = input.len();
+    let mut text = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{lines} {words} {len}\n"));
+    let n = cursor.position() as usize;
+    ctx.reply(&text[..n])
 }
 
 fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
@@ -221,7 +224,7 @@ mod tests {
     use super::*;
 
     fn run(op: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>, RemoteError> {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let args: Vec<&str> = args.to_vec();
         let mut slot = vec![0u8; input.len() + 4096];
         slot[..input.len()].copy_from_slice(input);
         let spec = lookup(op, false)?;
