@@ -101,7 +101,9 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
         let done = run_job(&segment, &job, config.allow_fault_injection);
         segment.header().count_job();
         frame::write_frame(&mut output, &FromWorker::Done(done), &mut out_buf)?;
-        if input.buffer().is_empty() {
+        // Flush before the next read could block: unless a whole job is
+        // already buffered (a batch), answer now.
+        if !frame::holds_complete_frame(input.buffer()) {
             output.flush()?;
         }
     }
