@@ -11,22 +11,62 @@ use ipc_core::proto::{
     self, ErrorKind, HelloStatus, Outcome, RemoteError, RequestRef, Response, HELLO_LEN, MAGIC,
     PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
 use tokio::sync::mpsc;
 
 use crate::shared::{OpName, QueuedJob, Reply, Shared, RESULT_RESERVE};
 
-/// Requests one connection may have in flight before the dispatcher stops
-/// reading from it (back-pressure instead of unbounded memory).
-const MAX_IN_FLIGHT_PER_CONNECTION: usize = 128;
 /// Bytes a connection reads ahead (headers of pipelined requests).
 const READ_BUFFER: usize = 4096;
 /// How long a closing connection's leftover input is drained so the client
 /// reads our last answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Takes an accepted connection: serves it, or refuses it when the
+/// connection limit is reached.
+pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + 'static,
+{
+    if shared.connections.get() >= shared.config.max_connections {
+        refuse(&shared, stream, &peer).await;
+    } else {
+        serve(shared, stream, peer).await;
+    }
+}
+
+/// Refuses a connection over the limit: reads its hello (briefly), answers
+/// with the `Refused` status and one line saying why, and closes.
+async fn refuse<S>(shared: &Shared, stream: S, peer: &str)
+where
+    S: AsyncRead + AsyncWrite,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut hello = [0u8; HELLO_LEN];
+    let _ = tokio::time::timeout(Duration::from_secs(1), rd.read_exact(&mut hello)).await;
+    let limit = shared.config.max_connections;
+    let mut msg = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Refused as u16).to_vec();
+    msg.extend_from_slice(format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later\n").as_bytes());
+    let _ = wr.write_all(&msg).await;
+    let _ = wr.shutdown().await;
+    if LAST_REFUSAL_LOG.with(|t| {
+        t.replace(Some(std::time::Instant::now()))
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+    }) {
+        tracing::warn!(%peer, "connection refused: {limit} connections open (limit); further refusals within a second are not logged");
+    }
+    linger(&mut rd).await;
+}
+
+thread_local! {
+    /// When a refusal was last logged (one line per second at most, so a flood does not flood the log).
+    static LAST_REFUSAL_LOG: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
 /// Serves one accepted connection to its end.
-pub async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String)
+async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
@@ -126,9 +166,11 @@ fn garbage_reply(first: &[u8]) -> String {
 /// client's leftover bytes are drained before closing).
 async fn read_requests<R>(shared: &Rc<Shared>, rd: &mut R, tx: mpsc::UnboundedSender<Reply>) -> bool
 where
-    R: AsyncRead + Unpin,
+    R: AsyncBufRead + Unpin,
 {
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let idle = Duration::from_millis(shared.config.idle_timeout_ms);
+    let frame_deadline = Duration::from_millis(shared.config.frame_timeout_ms);
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(shared.config.max_in_flight));
     let mut scratch = Vec::with_capacity(256);
     let inline = |req_id: u64, outcome: Outcome, bytes: Vec<u8>, permit| {
         let _ = tx.send(Reply::Inline {
@@ -140,32 +182,55 @@ where
     };
     let error = |kind: ErrorKind, message: String| Outcome::Err(RemoteError::new(kind, message));
     loop {
+        // Wait for the next request (idle deadline), then for all of it (frame deadline).
+        match tokio::time::timeout(idle, rd.fill_buf()).await {
+            Err(_) => {
+                tracing::info!("closing a connection idle for {idle:?}");
+                return false;
+            }
+            Ok(Ok([])) => return false,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!("connection ended: {e}");
+                return false;
+            }
+        }
         // Decoded in place: the request borrows its strings from `scratch`.
-        let req: RequestRef<'_> =
-            match frame::read_body_async(rd, &mut scratch, shared.config.max_frame)
-                .await
-                .and_then(|()| frame::decode_body(&scratch))
-            {
-                Ok(r) => r,
-                Err(FrameError::Closed) => return false,
-                Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
-                    tracing::info!("closing connection: {e}");
-                    inline(
-                        0,
-                        error(
-                            ErrorKind::BadRequest,
-                            format!("{e}; closing the connection"),
-                        ),
-                        Vec::new(),
-                        None,
-                    );
-                    return true;
-                }
-                Err(e) => {
-                    tracing::debug!("connection ended: {e}");
-                    return false;
-                }
-            };
+        let header = tokio::time::timeout(
+            frame_deadline,
+            frame::read_body_async(rd, &mut scratch, shared.config.max_frame),
+        );
+        let req: RequestRef<'_> = match header
+            .await
+            .unwrap_or(Err(FrameError::Stalled))
+            .and_then(|()| frame::decode_body(&scratch))
+        {
+            Ok(r) => r,
+            Err(FrameError::Closed) => return false,
+            Err(FrameError::Stalled) => {
+                tracing::info!(
+                    "dropping a connection that stalled inside a request for {frame_deadline:?}"
+                );
+                return false;
+            }
+            Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
+                tracing::info!("closing connection: {e}");
+                inline(
+                    0,
+                    error(
+                        ErrorKind::BadRequest,
+                        format!("{e}; closing the connection"),
+                    ),
+                    Vec::new(),
+                    None,
+                );
+                return true;
+            }
+            Err(e) => {
+                tracing::debug!("connection ended: {e}");
+                return false;
+            }
+        };
         // Every answer, even one the dispatcher makes itself, holds one of the
         // connection's in-flight permits until it is written: a client that
         // never reads cannot make the dispatcher queue replies without bound.
@@ -218,7 +283,11 @@ where
             .segment
             .bytes_mut(lease.region())
             .expect("allocator regions lie in the arena");
-        if let Err(e) = frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]).await {
+        let payload = tokio::time::timeout(
+            frame_deadline,
+            frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]),
+        );
+        if let Err(e) = payload.await.unwrap_or(Err(FrameError::Stalled)) {
             tracing::info!(
                 id = req.id,
                 "client left inside a {}-byte payload: {e}",

@@ -42,6 +42,14 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// Deadline for a client's hello.
     pub handshake_timeout_ms: u64,
+    /// Deadline to receive the rest of a frame (and its payload) once its first byte came.
+    pub frame_timeout_ms: u64,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Client connections served at once; more are refused with a clear message.
+    pub max_connections: usize,
+    /// Requests one connection may have in flight (back-pressure beyond).
+    pub max_in_flight: usize,
     /// Size of the slot arena in MiB.
     pub segment_mib: u64,
     /// Largest payload accepted, in bytes.
@@ -68,6 +76,10 @@ impl Config {
             job_timeout_ms: 30_000,
             drain_timeout_ms: 5_000,
             handshake_timeout_ms: 10_000,
+            frame_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            max_connections: 1024,
+            max_in_flight: 128,
             segment_mib: 256,
             max_payload: 64 * MIB,
             max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
@@ -137,6 +149,9 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
     let bad = |m: String| Err(DispatcherError::Config(m));
     if c.workers == 0 {
         return bad("--workers must be at least 1".into());
+    }
+    if c.max_connections == 0 || c.max_in_flight == 0 {
+        return bad("--max-connections and --max-in-flight must be at least 1".into());
     }
     if c.job_timeout_ms == 0 {
         return bad("--job-timeout-ms must be at least 1".into());
@@ -273,14 +288,14 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         tokio::select! {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
-                    tokio::task::spawn_local(conn::serve(Rc::clone(&shared), stream, "unix".into()));
+                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, "unix".into()));
                 }
                 Err(e) => accept_error(e).await,
             },
             r = accept_tcp(tcp.as_ref()) => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::task::spawn_local(conn::serve(Rc::clone(&shared), stream, peer.to_string()));
+                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer.to_string()));
                 }
                 Err(e) => accept_error(e).await,
             },

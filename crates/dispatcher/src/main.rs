@@ -28,6 +28,18 @@ struct Args {
     /// Deadline for a client's handshake, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     handshake_timeout_ms: u64,
+    /// Deadline to receive the rest of a request (header and payload) once it has begun, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    frame_timeout_ms: u64,
+    /// Close a connection that sends no request for this many milliseconds.
+    #[arg(long, default_value_t = 300_000)]
+    idle_timeout_ms: u64,
+    /// Client connections served at once; more are refused with a clear message.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Requests one connection may have in flight; beyond, the dispatcher stops reading it.
+    #[arg(long, default_value_t = 128)]
+    max_in_flight: usize,
     /// Size of the shared segment's slot arena, in MiB.
     #[arg(long, default_value_t = 256)]
     segment_mib: u64,
@@ -72,6 +84,10 @@ fn main() -> std::process::ExitCode {
     config.job_timeout_ms = args.job_timeout_ms;
     config.drain_timeout_ms = args.drain_timeout_ms;
     config.handshake_timeout_ms = args.handshake_timeout_ms;
+    config.frame_timeout_ms = args.frame_timeout_ms;
+    config.idle_timeout_ms = args.idle_timeout_ms;
+    config.max_connections = args.max_connections;
+    config.max_in_flight = args.max_in_flight;
     config.segment_mib = args.segment_mib;
     config.max_payload = args.max_payload;
     config.max_frame = args.max_frame;

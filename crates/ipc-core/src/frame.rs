@@ -29,6 +29,9 @@ pub enum FrameError {
     /// The body is not a valid message of the expected type.
     #[error("corrupt frame: {0}")]
     Corrupt(String),
+    /// The peer began a frame and did not finish it within the deadline.
+    #[error("the peer stalled inside a frame past the deadline")]
+    Stalled,
     /// An I/O error other than end of stream.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),

@@ -1,0 +1,153 @@
+//! Limits: connections beyond the maximum are refused with a clear message
+//! while the others are served; a peer that stalls inside a request or stays
+//! idle is dropped; everyone else is served throughout.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ipc_core::proto::{self, PROTOCOL_VERSION};
+use osps_client::ClientError;
+use osps_testkit::{Instance, PATIENCE};
+
+fn raw_after_hello(inst: &Instance) -> UnixStream {
+    let mut s = UnixStream::connect(inst.paths.socket()).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
+        .unwrap();
+    let mut hello = [0u8; 8];
+    s.read_exact(&mut hello).unwrap();
+    s
+}
+
+/// Waits until the server closes `s`; returns how long it took.
+fn closed_after(s: &mut UnixStream) -> Duration {
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    t.elapsed()
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
+    let limit = 50;
+    let inst = Instance::start(
+        "connlimit",
+        &[
+            "--workers",
+            "2",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--max-connections",
+            "50",
+        ],
+    );
+    let mut first: Vec<_> = (0..limit).map(|_| inst.client()).collect();
+    let mut refused = 0;
+    for _ in 0..100 {
+        match osps_client::Client::connect(&inst.endpoint()) {
+            Err(ClientError::Refused(msg)) => {
+                assert!(
+                    msg.contains("full") && msg.contains("50 connections"),
+                    "{msg}"
+                );
+                refused += 1;
+            }
+            other => panic!("connection over the limit not refused: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 100);
+    for c in &mut first {
+        assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
+    }
+    // Room again once some leave.
+    first.truncate(40);
+    osps_testkit::wait_for(PATIENCE, || {
+        osps_client::Client::connect(&inst.endpoint()).ok()
+    })
+    .expect("admitted again");
+    let log = inst.log();
+    assert!(
+        log.matches("connection refused").count() < 100,
+        "refusals are not logged one by one"
+    );
+}
+
+#[test]
+fn a_peer_that_stalls_inside_a_request_is_dropped() {
+    let inst = Instance::start(
+        "stall",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--frame-timeout-ms",
+            "500",
+        ],
+    );
+    // Two bytes of a length prefix, then nothing.
+    let mut header = raw_after_hello(&inst);
+    header.write_all(&[9, 0]).unwrap();
+    // A whole header announcing a payload, then only part of the payload.
+    let mut payload = raw_after_hello(&inst);
+    let mut buf = Vec::new();
+    ipc_core::frame::encode(
+        &proto::Request {
+            id: 1,
+            op: "echo".into(),
+            args: vec![],
+            payload_len: 1000,
+        },
+        &mut buf,
+    )
+    .unwrap();
+    buf.extend_from_slice(&[1u8; 10]);
+    payload.write_all(&buf).unwrap();
+    let mut c = inst.client();
+    for s in [&mut header, &mut payload] {
+        let took = closed_after(s);
+        assert!(took < PATIENCE, "not dropped");
+        assert_eq!(c.call("upper", &[], b"served").unwrap(), b"SERVED");
+    }
+    assert!(inst.log().contains("stalled"), "{}", inst.log());
+    osps_testkit::wait_for(PATIENCE, || {
+        (inst.status().segment.slots_in_use == 0).then_some(())
+    })
+    .expect("the stalled payload's slot is back");
+}
+
+#[test]
+fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let inst = Instance::start(
+        "idle",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--idle-timeout-ms",
+            "600",
+        ],
+    );
+    let mut idle = raw_after_hello(&inst);
+    let mut busy = inst.client();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(busy.call("ping", &[], &[]).unwrap(), b"pong\n");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(closed_after(&mut idle) < PATIENCE);
+    assert_eq!(
+        busy.call("ping", &[], &[]).unwrap(),
+        b"pong\n",
+        "a connection in use stays open"
+    );
+    assert!(inst.log().contains("idle"));
+}

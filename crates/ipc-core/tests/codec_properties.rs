@@ -1,0 +1,119 @@
+//! Property tests of the wire: every message round-trips through a frame, and
+//! no byte string makes a decoder panic or grow its buffer beyond the cap.
+
+use ipc_core::frame::{self, FrameError};
+use ipc_core::proto::{
+    ErrorKind, FromWorker, Job, JobDone, JobIn, Outcome, RemoteError, Request, RequestRef, Response,
+};
+use ipc_core::Region;
+use proptest::prelude::*;
+
+fn kind() -> impl Strategy<Value = ErrorKind> {
+    prop_oneof![
+        Just(ErrorKind::BadRequest),
+        Just(ErrorKind::UnknownOp),
+        Just(ErrorKind::TooLarge),
+        Just(ErrorKind::Timeout),
+        Just(ErrorKind::WorkerCrashed),
+        Just(ErrorKind::FaultInjectionDisabled),
+        Just(ErrorKind::ShuttingDown),
+        Just(ErrorKind::InvalidInput),
+        Just(ErrorKind::Internal),
+    ]
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        Just(Outcome::Ok),
+        (kind(), ".{0,80}").prop_map(|(k, m)| Outcome::Err(RemoteError::new(k, m)))
+    ]
+}
+
+fn region() -> impl Strategy<Value = Region> {
+    (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Region { offset, len })
+}
+
+fn round_trip<T>(msg: &T)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let mut buf = Vec::new();
+    frame::encode(msg, &mut buf).unwrap();
+    let (back, used) = frame::try_decode::<T>(&buf, usize::MAX).unwrap().unwrap();
+    assert_eq!(&back, msg);
+    assert_eq!(used, buf.len());
+    let mut r = &buf[..];
+    let again: T = frame::read_frame(&mut r, &mut Vec::new(), usize::MAX).unwrap();
+    assert_eq!(&again, msg);
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(
+        id in any::<u64>(),
+        op in ".{0,40}",
+        args in prop::collection::vec(".{0,20}", 0..5),
+        payload_len in any::<u64>(),
+    ) {
+        let req = Request { id, op, args, payload_len };
+        round_trip(&req);
+        // The dispatcher's borrowing decoder reads the same bytes.
+        let mut buf = Vec::new();
+        frame::encode(&req, &mut buf).unwrap();
+        let r: RequestRef<'_> = frame::decode_body(&buf[4..]).unwrap();
+        prop_assert_eq!((r.id, r.op, r.payload_len), (req.id, req.op.as_str(), req.payload_len));
+        prop_assert_eq!(r.args, req.args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn responses_round_trip(id in any::<u64>(), outcome in outcome(), result_len in any::<u64>()) {
+        round_trip(&Response { id, outcome, result_len });
+    }
+
+    #[test]
+    fn jobs_and_answers_round_trip(
+        job_id in any::<u64>(),
+        op in ".{0,40}",
+        args in prop::collection::vec(".{0,20}", 0..5),
+        slot in region(),
+        input_len in any::<u64>(),
+        outcome in outcome(),
+        off in any::<u64>(),
+        len in any::<u64>(),
+        pid in any::<u32>(),
+    ) {
+        let job = Job { job_id, op, args, slot, input_len };
+        round_trip(&job);
+        let mut buf = Vec::new();
+        frame::encode(&job, &mut buf).unwrap();
+        let j: JobIn<'_> = frame::decode_body(&buf[4..]).unwrap();
+        prop_assert_eq!((j.job_id, j.op, j.slot, j.input_len), (job.job_id, job.op.as_str(), job.slot, job.input_len));
+        round_trip(&FromWorker::Done(JobDone { job_id, outcome, result_offset: off, result_len: len }));
+        round_trip(&FromWorker::Ready { pid, version: 1 });
+    }
+
+    #[test]
+    fn no_byte_string_makes_the_decoders_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = frame::try_decode::<Request>(&bytes, 1024);
+        let _ = frame::try_decode::<Response>(&bytes, 1024);
+        let _ = frame::try_decode::<FromWorker>(&bytes, 1024);
+        let _ = frame::decode_body::<RequestRef<'_>>(&bytes);
+        let _ = frame::decode_body::<JobIn<'_>>(&bytes);
+    }
+
+    #[test]
+    fn a_frame_never_grows_the_buffer_beyond_the_cap(
+        len in any::<u32>(),
+        tail in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let max = 1024;
+        let mut bytes = len.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&tail);
+        let mut scratch = Vec::new();
+        let r = frame::read_frame::<Request, _>(&mut &bytes[..], &mut scratch, max);
+        prop_assert!(scratch.capacity() <= max, "buffer grew to {}", scratch.capacity());
+        if len as usize > max {
+            prop_assert!(matches!(r, Err(FrameError::TooLarge { .. })), "{:?}", r);
+        }
+    }
+}
