@@ -43,26 +43,53 @@ async fn refuse<S>(shared: &Shared, stream: S, peer: &str)
 where
     S: AsyncRead + AsyncWrite,
 {
+    let limit = shared.config.max_connections;
+    let line = format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later");
+    refuse_with(stream, peer, &line).await;
+}
+
+/// Refuses a peer whose uid is not admitted (SO_PEERCRED).
+pub async fn refuse_uid<S>(stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite,
+{
+    let line = format!(
+        "OSPS dispatcher refuses {peer}: only its own user and root are admitted (see --allow-uid)"
+    );
+    refuse_with(stream, &peer, &line).await;
+}
+
+async fn refuse_with<S>(stream: S, peer: &str, line: &str)
+where
+    S: AsyncRead + AsyncWrite,
+{
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut hello = [0u8; HELLO_LEN];
     let _ = tokio::time::timeout(Duration::from_secs(1), rd.read_exact(&mut hello)).await;
-    let limit = shared.config.max_connections;
     let mut msg = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Refused as u16).to_vec();
-    msg.extend_from_slice(format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later\n").as_bytes());
+    msg.extend_from_slice(line.as_bytes());
+    msg.push(b'\n');
     let _ = wr.write_all(&msg).await;
     let _ = wr.shutdown().await;
-    if LAST_REFUSAL_LOG.with(|t| {
-        t.replace(Some(std::time::Instant::now()))
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-    }) {
-        tracing::warn!(%peer, "connection refused: {limit} connections open (limit); further refusals within a second are not logged");
-    }
+    log_rate_limited(|| tracing::warn!(%peer, "connection refused: {line}"));
     linger(&mut rd).await;
 }
 
 thread_local! {
-    /// When a refusal was last logged (one line per second at most, so a flood does not flood the log).
-    static LAST_REFUSAL_LOG: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    /// When a refusal or a garbage peer was last logged.
+    static LAST_NOISY_LOG: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Logs at most once a second: a flood of bad peers must not flood the log.
+fn log_rate_limited(log: impl FnOnce()) {
+    let now = std::time::Instant::now();
+    if LAST_NOISY_LOG.with(|t| {
+        t.get()
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
+    }) {
+        LAST_NOISY_LOG.with(|t| t.set(Some(now)));
+        log();
+    }
 }
 
 /// Serves one accepted connection to its end.
@@ -87,7 +114,9 @@ where
             }
         }
         Ok(Err(reason)) => {
-            tracing::info!(%peer, "connection refused at handshake: {reason}");
+            log_rate_limited(
+                || tracing::info!(%peer, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
+            );
             let _ = wr.shutdown().await;
             linger(&mut rd).await;
         }

@@ -50,6 +50,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Requests one connection may have in flight (back-pressure beyond).
     pub max_in_flight: usize,
+    /// Uids admitted on the Unix socket besides our own and root's (checked with SO_PEERCRED).
+    pub allow_uids: Vec<u32>,
     /// Size of the slot arena in MiB.
     pub segment_mib: u64,
     /// Largest payload accepted, in bytes.
@@ -80,6 +82,7 @@ impl Config {
             idle_timeout_ms: 300_000,
             max_connections: 1024,
             max_in_flight: 128,
+            allow_uids: Vec::new(),
             segment_mib: 256,
             max_payload: 64 * MIB,
             max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
@@ -288,7 +291,15 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         tokio::select! {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
-                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, "unix".into()));
+                    // The kernel tells who is on the other end: admit only our
+                    // own uid, root, and those allowed by --allow-uid.
+                    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                    let peer = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
+                    if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
+                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer));
+                    } else {
+                        tokio::task::spawn_local(conn::refuse_uid(stream, peer));
+                    }
                 }
                 Err(e) => accept_error(e).await,
             },

@@ -40,6 +40,9 @@ struct Args {
     /// Requests one connection may have in flight; beyond, the dispatcher stops reading it.
     #[arg(long, default_value_t = 128)]
     max_in_flight: usize,
+    /// Also admit this uid on the Unix socket (repeatable); our own uid and root always are.
+    #[arg(long = "allow-uid")]
+    allow_uid: Vec<u32>,
     /// Size of the shared segment's slot arena, in MiB.
     #[arg(long, default_value_t = 256)]
     segment_mib: u64,
@@ -88,6 +91,7 @@ fn main() -> std::process::ExitCode {
     config.idle_timeout_ms = args.idle_timeout_ms;
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
+    config.allow_uids = args.allow_uid;
     config.segment_mib = args.segment_mib;
     config.max_payload = args.max_payload;
     config.max_frame = args.max_frame;
