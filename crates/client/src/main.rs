@@ -251,13 +251,10 @@ fn print_status(r: &ipc_core::status::StatusReport) {
     let s = &r.segment;
     let _ = writeln!(
         o,
-        "segment       {} ({}, {} MiB, generation {}) — see: ls -l {}",
-        s.name,
-        s.backend,
-        s.size >> 20,
-        s.generation,
-        s.path
+        "segment       {} ({}, {} MiB, mode {}, owner uid {}, {} process(es) attached, generation {})",
+        s.name, s.backend, s.size >> 20, s.mode, s.owner_uid, s.attached, s.generation
     );
+    let _ = writeln!(o, "              see it: {}", s.see);
     let _ = writeln!(
         o,
         "slots         {} in use ({} KiB); max payload {} bytes",

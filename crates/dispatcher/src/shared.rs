@@ -308,15 +308,30 @@ impl Shared {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             socket: self.paths.socket().display().to_string(),
             tcp: self.tcp_addr.borrow().clone(),
-            segment: SegmentStatus {
-                backend: "posix".into(),
-                name: self.segment.name().to_owned(),
-                path: ipc_core::segment::fs_path(self.segment.name()),
-                size: self.segment.len() as u64,
-                generation: header.generation.load(std::sync::atomic::Ordering::Relaxed),
-                slots_in_use: alloc.in_use(),
-                slot_bytes_in_use: alloc.bytes_in_use(),
-                max_payload: self.max_payload,
+            segment: {
+                let path = ipc_core::segment::fs_path(self.segment.name());
+                let meta = std::fs::metadata(&path).ok();
+                use std::os::unix::fs::MetadataExt;
+                SegmentStatus {
+                    backend: "posix".into(),
+                    name: self.segment.name().to_owned(),
+                    see: format!("ls -l {path}"),
+                    path,
+                    size: self.segment.len() as u64,
+                    generation: header.generation.load(std::sync::atomic::Ordering::Relaxed),
+                    slots_in_use: alloc.in_use(),
+                    slot_bytes_in_use: alloc.bytes_in_use(),
+                    max_payload: self.max_payload,
+                    mode: meta
+                        .as_ref()
+                        .map_or("?".into(), |m| format!("{:04o}", m.mode() & 0o7777)),
+                    owner_uid: meta.as_ref().map_or(u32::MAX, |m| m.uid()),
+                    attached: 1 + self
+                        .worker_states
+                        .iter()
+                        .filter(|s| matches!(s.get(), "idle" | "busy"))
+                        .count(),
+                }
             },
             workers: self
                 .workers

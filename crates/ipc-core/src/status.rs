@@ -68,6 +68,14 @@ pub struct SegmentStatus {
     pub slot_bytes_in_use: u64,
     /// Largest payload accepted.
     pub max_payload: u64,
+    /// Permission bits, octal (e.g. `0600`).
+    pub mode: String,
+    /// Owner's uid.
+    pub owner_uid: u32,
+    /// Processes that have it mapped (the dispatcher and its live workers).
+    pub attached: usize,
+    /// A command that shows it with the system's own tools.
+    pub see: String,
 }
 
 /// One worker.
