@@ -54,6 +54,8 @@ pub struct Config {
     pub allow_uids: Vec<u32>,
     /// Size of the slot arena in MiB.
     pub segment_mib: u64,
+    /// The segment's backend: POSIX (`/dev/shm`) or System V (`ipcs -m`).
+    pub sysv: bool,
     /// Largest payload accepted, in bytes.
     pub max_payload: u64,
     /// Largest request frame (header) accepted, in bytes.
@@ -84,6 +86,7 @@ impl Config {
             max_in_flight: 128,
             allow_uids: Vec::new(),
             segment_mib: 256,
+            sysv: false,
             max_payload: 64 * MIB,
             max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
             tcp: None,
@@ -224,7 +227,13 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
 
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     // We hold the lock: anything under our names belongs to a dead predecessor.
-    let seg_name = paths.segment_name();
+    let posix_name = paths.segment_name();
+    let sysv_name = format!("{}{posix_name}", segment::SYSV_PREFIX);
+    let seg_name = if config.sysv {
+        sysv_name.clone()
+    } else {
+        posix_name.clone()
+    };
     let generation = match Segment::open(&seg_name) {
         Ok(old) => {
             old.header()
@@ -234,8 +243,11 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         }
         Err(_) => 1,
     };
-    if segment::unlink(&seg_name) {
-        tracing::warn!(segment = %seg_name, "removed the segment of a dead predecessor");
+    // Both backends' names are ours while we hold the lock.
+    for name in [&posix_name, &sysv_name] {
+        if segment::unlink(name) {
+            tracing::warn!(segment = %name, "removed the segment of a dead predecessor");
+        }
     }
     let socket_path = paths.socket();
     if std::fs::remove_file(&socket_path).is_ok() {

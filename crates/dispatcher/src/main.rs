@@ -43,6 +43,9 @@ struct Args {
     /// Also admit this uid on the Unix socket (repeatable); our own uid and root always are.
     #[arg(long = "allow-uid")]
     allow_uid: Vec<u32>,
+    /// The shared segment's backend: posix (shm_open, under /dev/shm) or sysv (shmget, listed by ipcs -m).
+    #[arg(long, value_parser = ["posix", "sysv"], default_value = "posix")]
+    segment: String,
     /// Size of the shared segment's slot arena, in MiB.
     #[arg(long, default_value_t = 256)]
     segment_mib: u64,
@@ -93,6 +96,7 @@ fn main() -> std::process::ExitCode {
     config.max_in_flight = args.max_in_flight;
     config.allow_uids = args.allow_uid;
     config.segment_mib = args.segment_mib;
+    config.sysv = args.segment == "sysv";
     config.max_payload = args.max_payload;
     config.max_frame = args.max_frame;
     config.tcp = args.tcp;

@@ -309,28 +309,52 @@ impl Shared {
             socket: self.paths.socket().display().to_string(),
             tcp: self.tcp_addr.borrow().clone(),
             segment: {
-                let path = ipc_core::segment::fs_path(self.segment.name());
-                let meta = std::fs::metadata(&path).ok();
-                use std::os::unix::fs::MetadataExt;
+                let attached_here = 1 + self
+                    .worker_states
+                    .iter()
+                    .filter(|s| matches!(s.get(), "idle" | "busy"))
+                    .count();
+                let (backend, path, see, mode, owner_uid, attached) = match self.segment.sysv_info()
+                {
+                    Some(i) => (
+                        "sysv",
+                        String::new(),
+                        format!("ipcs -m -i {} (key 0x{:08x})", i.id, i.key),
+                        format!("{:04o}", i.mode),
+                        i.uid,
+                        i.nattch as usize,
+                    ),
+                    None => {
+                        use std::os::unix::fs::MetadataExt;
+                        let path = ipc_core::segment::fs_path(self.segment.name());
+                        let meta = std::fs::metadata(&path).ok();
+                        let mode = meta
+                            .as_ref()
+                            .map_or("?".into(), |m| format!("{:04o}", m.mode() & 0o7777));
+                        let uid = meta.as_ref().map_or(u32::MAX, |m| m.uid());
+                        (
+                            "posix",
+                            path.clone(),
+                            format!("ls -l {path}"),
+                            mode,
+                            uid,
+                            attached_here,
+                        )
+                    }
+                };
                 SegmentStatus {
-                    backend: "posix".into(),
+                    backend: backend.into(),
                     name: self.segment.name().to_owned(),
-                    see: format!("ls -l {path}"),
                     path,
+                    see,
                     size: self.segment.len() as u64,
                     generation: header.generation.load(std::sync::atomic::Ordering::Relaxed),
                     slots_in_use: alloc.in_use(),
                     slot_bytes_in_use: alloc.bytes_in_use(),
                     max_payload: self.max_payload,
-                    mode: meta
-                        .as_ref()
-                        .map_or("?".into(), |m| format!("{:04o}", m.mode() & 0o7777)),
-                    owner_uid: meta.as_ref().map_or(u32::MAX, |m| m.uid()),
-                    attached: 1 + self
-                        .worker_states
-                        .iter()
-                        .filter(|s| matches!(s.get(), "idle" | "busy"))
-                        .count(),
+                    mode,
+                    owner_uid,
+                    attached,
                 }
             },
             workers: self

@@ -96,9 +96,122 @@ pub enum SegmentError {
     },
 }
 
+/// Names that start with this select the System V backend (`shmget`, listed
+/// by `ipcs -m`); other names are POSIX (`shm_open`, under `/dev/shm`).
+pub const SYSV_PREFIX: &str = "sysv:";
+
+/// The System V key of a segment name (with or without [`SYSV_PREFIX`]):
+/// a stable hash, positive and never `IPC_PRIVATE`.
+pub fn sysv_key(name: &str) -> i32 {
+    let base = name.strip_prefix(SYSV_PREFIX).unwrap_or(name);
+    let h = base.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    ((h as u32) & 0x7fff_ffff).max(1) as i32
+}
+
+/// What the kernel says of a System V segment (`IPC_STAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SysvInfo {
+    /// The key (`ipcs -m` shows it in hex).
+    pub key: i32,
+    /// The id (`ipcs -m -i ID`).
+    pub id: i32,
+    /// Processes attached.
+    pub nattch: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner's uid.
+    pub uid: u32,
+}
+
+/// A System V mapping: attached with `shmat`, detached on drop, and removed
+/// (`IPC_RMID`) by its owner.
+struct SysvMap {
+    id: i32,
+    addr: *mut u8,
+    len: usize,
+    owner: bool,
+}
+
+impl Drop for SysvMap {
+    fn drop(&mut self) {
+        // SAFETY: `addr` is the address `shmat` returned for this mapping and
+        // nothing borrows from it any more (borrows are tied to the Segment,
+        // which is being dropped); `shmctl(IPC_RMID)` takes no buffer.
+        unsafe {
+            libc::shmdt(self.addr.cast());
+            if self.owner {
+                libc::shmctl(self.id, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+/// The mapping behind a segment, of either backend.
+enum Mapping {
+    Posix(Shmem),
+    Sysv(SysvMap),
+}
+
+impl Mapping {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            Mapping::Posix(m) => m.as_ptr(),
+            Mapping::Sysv(m) => m.addr,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Mapping::Posix(m) => m.len(),
+            Mapping::Sysv(m) => m.len,
+        }
+    }
+
+    fn is_owner(&self) -> bool {
+        match self {
+            Mapping::Posix(m) => m.is_owner(),
+            Mapping::Sysv(m) => m.owner,
+        }
+    }
+
+    fn disown(&mut self) {
+        match self {
+            Mapping::Posix(m) => {
+                m.set_owner(false);
+            }
+            Mapping::Sysv(m) => m.owner = false,
+        }
+    }
+}
+
+fn sysv_stat(id: i32) -> std::io::Result<libc::shmid_ds> {
+    // SAFETY: shmid_ds is plain old data (integers), valid when zeroed, and
+    // IPC_STAT writes exactly one into the buffer we pass.
+    unsafe {
+        let mut ds: libc::shmid_ds = std::mem::zeroed();
+        if libc::shmctl(id, libc::IPC_STAT, &mut ds) == 0 {
+            Ok(ds)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+fn sysv_attach(id: i32) -> std::io::Result<*mut u8> {
+    // SAFETY: shmat with a null address lets the kernel choose where to map;
+    // it returns (void*)-1 on failure, checked here.
+    let addr = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+    if addr as isize == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(addr.cast())
+}
+
 /// A mapped segment. Dropping the creator's handle unlinks the name.
 pub struct Segment {
-    shmem: Shmem,
+    shmem: Mapping,
     name: String,
     /// A thread filling in this process's page tables for the mapping, and
     /// the sender whose drop cancels it if it has not started yet.
@@ -123,6 +236,7 @@ impl std::fmt::Debug for Segment {
             .field("name", &self.name)
             .field("len", &self.shmem.len())
             .field("owner", &self.shmem.is_owner())
+            .field("sysv", &matches!(self.shmem, Mapping::Sysv(_)))
             .finish()
     }
 }
@@ -173,9 +287,27 @@ fn reserve(path: &str, name: &str, size: usize) -> Result<(), SegmentError> {
     }
 }
 
-/// Removes a segment by name; returns whether one was there.
+/// Removes a segment by name (either backend); returns whether one was there.
 pub fn unlink(name: &str) -> bool {
-    nix::sys::mman::shm_unlink(name).is_ok()
+    if name.starts_with(SYSV_PREFIX) {
+        // SAFETY: shmget and shmctl(IPC_RMID) take no buffers.
+        unsafe {
+            let id = libc::shmget(sysv_key(name), 0, 0);
+            id >= 0 && libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) == 0
+        }
+    } else {
+        nix::sys::mman::shm_unlink(name).is_ok()
+    }
+}
+
+/// Whether a segment of that name exists (either backend).
+pub fn exists(name: &str) -> bool {
+    if name.starts_with(SYSV_PREFIX) {
+        // SAFETY: shmget takes no buffer.
+        unsafe { libc::shmget(sysv_key(name), 0, 0) >= 0 }
+    } else {
+        std::path::Path::new(&fs_path(name)).exists()
+    }
 }
 
 /// Where a POSIX segment name shows up in the file system.
@@ -189,35 +321,11 @@ impl Segment {
     /// Fails with [`SegmentError::Exists`] if the name is taken.
     pub fn create(name: &str, arena_len: usize, generation: u64) -> Result<Segment, SegmentError> {
         let size = HEADER_LEN + arena_len;
-        let shmem = ShmemConf::new()
-            .os_id(name)
-            .size(size)
-            .create()
-            .map_err(|e| match e {
-                ShmemError::MappingIdExists => SegmentError::Exists {
-                    name: name.to_owned(),
-                },
-                e => SegmentError::Create {
-                    name: name.to_owned(),
-                    size,
-                    detail: shm_detail(e),
-                },
-            })?;
-        let seg = Segment {
-            shmem,
-            name: name.to_owned(),
-            populating: Default::default(),
+        let seg = if name.starts_with(SYSV_PREFIX) {
+            Segment::create_sysv(name, size)?
+        } else {
+            Segment::create_posix(name, size)?
         };
-        // shm_open applied the umask to 0600; make the mode exact.
-        let path = fs_path(name);
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| SegmentError::Mode {
-                path: path.clone(),
-                source,
-            },
-        )?;
-        reserve(&path, name, size)?;
         let header = SegmentHeader {
             magic: SEGMENT_MAGIC,
             layout_version: LAYOUT_VERSION,
@@ -237,15 +345,130 @@ impl Segment {
         Ok(seg)
     }
 
-    /// Opens an existing segment and checks its header.
-    pub fn open(name: &str) -> Result<Segment, SegmentError> {
+    fn create_posix(name: &str, size: usize) -> Result<Segment, SegmentError> {
         let shmem = ShmemConf::new()
             .os_id(name)
-            .open()
-            .map_err(|e| SegmentError::Open {
-                name: name.to_owned(),
-                detail: shm_detail(e),
+            .size(size)
+            .create()
+            .map_err(|e| match e {
+                ShmemError::MappingIdExists => SegmentError::Exists {
+                    name: name.to_owned(),
+                },
+                e => SegmentError::Create {
+                    name: name.to_owned(),
+                    size,
+                    detail: shm_detail(e),
+                },
             })?;
+        let seg = Segment {
+            shmem: Mapping::Posix(shmem),
+            name: name.to_owned(),
+            populating: Default::default(),
+        };
+        // shm_open applied the umask to 0600; make the mode exact.
+        let path = fs_path(name);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| SegmentError::Mode {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        reserve(&path, name, size)?;
+        Ok(seg)
+    }
+
+    fn create_sysv(name: &str, size: usize) -> Result<Segment, SegmentError> {
+        let err = |e: std::io::Error| match e.raw_os_error() {
+            Some(libc::EEXIST) => SegmentError::Exists {
+                name: name.to_owned(),
+            },
+            _ => SegmentError::Create {
+                name: name.to_owned(),
+                size,
+                detail: e.to_string(),
+            },
+        };
+        // SAFETY: shmget takes no buffer. Mode 0600 is exact: System V
+        // permissions are not filtered by the umask.
+        let id = unsafe {
+            libc::shmget(
+                sysv_key(name),
+                size,
+                libc::IPC_CREAT | libc::IPC_EXCL | 0o600,
+            )
+        };
+        if id < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        let addr = match sysv_attach(id) {
+            Ok(a) => a,
+            Err(e) => {
+                // SAFETY: shmctl(IPC_RMID) takes no buffer; the id is ours, just made.
+                unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+                return Err(err(e));
+            }
+        };
+        let map = SysvMap {
+            id,
+            addr,
+            len: size,
+            owner: true,
+        };
+        Ok(Segment {
+            shmem: Mapping::Sysv(map),
+            name: name.to_owned(),
+            populating: Default::default(),
+        })
+    }
+
+    fn open_mapping(name: &str) -> Result<Mapping, SegmentError> {
+        let open_err = |detail: String| SegmentError::Open {
+            name: name.to_owned(),
+            detail,
+        };
+        if !name.starts_with(SYSV_PREFIX) {
+            let shmem = ShmemConf::new()
+                .os_id(name)
+                .open()
+                .map_err(|e| open_err(shm_detail(e)))?;
+            return Ok(Mapping::Posix(shmem));
+        }
+        // SAFETY: shmget takes no buffer.
+        let id = unsafe { libc::shmget(sysv_key(name), 0, 0) };
+        if id < 0 {
+            return Err(open_err(std::io::Error::last_os_error().to_string()));
+        }
+        let len = sysv_stat(id)
+            .map_err(|e| open_err(e.to_string()))?
+            .shm_segsz;
+        let addr = sysv_attach(id).map_err(|e| open_err(e.to_string()))?;
+        Ok(Mapping::Sysv(SysvMap {
+            id,
+            addr,
+            len,
+            owner: false,
+        }))
+    }
+
+    /// For a System V segment, what the kernel says of it now.
+    pub fn sysv_info(&self) -> Option<SysvInfo> {
+        let Mapping::Sysv(m) = &self.shmem else {
+            return None;
+        };
+        let ds = sysv_stat(m.id).ok()?;
+        Some(SysvInfo {
+            key: sysv_key(&self.name),
+            id: m.id,
+            nattch: ds.shm_nattch,
+            mode: ds.shm_perm.mode as u32 & 0o777,
+            uid: ds.shm_perm.uid,
+        })
+    }
+
+    /// Opens an existing segment and checks its header.
+    pub fn open(name: &str) -> Result<Segment, SegmentError> {
+        let shmem = Segment::open_mapping(name)?;
         let bad = |detail: String| SegmentError::BadHeader {
             name: name.to_owned(),
             detail,
@@ -405,7 +628,7 @@ impl Segment {
 
     /// Stops this handle from unlinking the name on drop (e.g. after fork).
     pub fn disown(&mut self) {
-        self.shmem.set_owner(false);
+        self.shmem.disown();
     }
 }
 
@@ -425,11 +648,37 @@ mod tests {
         format!("/osps-unit-{}-{tag}", std::process::id())
     }
 
+    /// The same segment name for each backend: every segment test runs on both.
+    fn both(tag: &str) -> [String; 2] {
+        [name(tag), format!("{SYSV_PREFIX}{}", name(tag))]
+    }
+
+    /// Permission bits of a segment, as its backend reports them.
+    fn mode_of(seg: &Segment) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        match seg.sysv_info() {
+            Some(info) => info.mode,
+            None => {
+                std::fs::metadata(fs_path(seg.name()))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777
+            }
+        }
+    }
+
     #[test]
     fn create_open_share_and_unlink() {
-        let n = name("share");
+        for n in both("share") {
+            share_and_unlink(&n);
+        }
+    }
+
+    fn share_and_unlink(n: &str) {
+        let n = n.to_owned();
         let seg = Segment::create(&n, 1 << 20, 7).unwrap();
-        assert!(std::path::Path::new(&fs_path(&n)).exists());
+        assert!(exists(&n), "{n}");
         let r = Region {
             offset: 4096,
             len: 5,
@@ -448,30 +697,57 @@ mod tests {
         other.header().count_job();
         assert_eq!(seg.header().jobs_done.load(Ordering::Relaxed), 1);
         drop(other);
-        assert!(
-            std::path::Path::new(&fs_path(&n)).exists(),
-            "a reader must not unlink"
-        );
+        assert!(exists(&n), "a reader must not unlink {n}");
         drop(seg);
-        assert!(
-            !std::path::Path::new(&fs_path(&n)).exists(),
-            "the creator unlinks"
-        );
+        assert!(!exists(&n), "the creator unlinks {n}");
         assert!(matches!(Segment::open(&n), Err(SegmentError::Open { .. })));
     }
 
     #[test]
     fn mode_is_0600_and_names_are_exclusive() {
-        use std::os::unix::fs::PermissionsExt;
-        let n = name("mode");
+        for n in both("mode") {
+            let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            let seg = Segment::create(&n, 4096, 1);
+            nix::sys::stat::umask(old);
+            let seg = seg.unwrap();
+            assert_eq!(mode_of(&seg), 0o600, "{n} under umask 000");
+            assert!(
+                matches!(
+                    Segment::create(&n, 4096, 1),
+                    Err(SegmentError::Exists { .. })
+                ),
+                "{n}"
+            );
+            drop(seg);
+            assert!(!exists(&n));
+        }
+    }
+
+    #[test]
+    fn a_sysv_segment_is_listed_by_the_kernel_with_its_attachments() {
+        let n = format!("{SYSV_PREFIX}{}", name("ipcs"));
         let seg = Segment::create(&n, 4096, 1).unwrap();
-        let mode = std::fs::metadata(fs_path(&n)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert!(matches!(
-            Segment::create(&n, 4096, 1),
-            Err(SegmentError::Exists { .. })
-        ));
+        let info = seg.sysv_info().expect("sysv");
+        assert_eq!((info.key, info.mode, info.nattch), (sysv_key(&n), 0o600, 1));
+        let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+        assert!(
+            table
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&info.key.to_string())),
+            "key {} not in /proc/sysvipc/shm",
+            info.key
+        );
+        let other = Segment::open(&n).unwrap();
+        assert_eq!(other.sysv_info().unwrap().nattch, 2);
+        drop(other);
         drop(seg);
+        let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+        assert!(
+            !table
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&info.key.to_string())),
+            "removed on drop"
+        );
     }
 
     #[test]
@@ -491,8 +767,13 @@ mod tests {
 
     #[test]
     fn populating_maps_every_page_so_first_use_takes_no_fault() {
-        let n = name("populate");
-        let seg = Segment::create(&n, 8 << 20, 1).unwrap();
+        for n in both("populate") {
+            populate(&n);
+        }
+    }
+
+    fn populate(n: &str) {
+        let seg = Segment::create(n, 8 << 20, 1).unwrap();
         seg.populate_in_background(std::time::Duration::ZERO);
         seg.wait_populated();
         let faults = || -> u64 {
@@ -520,8 +801,13 @@ mod tests {
 
     #[test]
     fn out_of_bounds_regions_are_refused() {
-        let n = name("bounds");
-        let seg = Segment::create(&n, 8192, 1).unwrap();
+        for n in both("bounds") {
+            bounds(&n);
+        }
+    }
+
+    fn bounds(n: &str) {
+        let seg = Segment::create(n, 8192, 1).unwrap();
         assert!(seg
             .bytes(Region {
                 offset: 8192,

@@ -140,10 +140,22 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
     if paths.segment_path().exists() {
         found.push(format!("segment {}", paths.segment_path().display()));
     }
+    let sysv = sysv_name(paths);
+    if ipc_core::segment::exists(&sysv) {
+        found.push(format!(
+            "System V segment key {} ({sysv})",
+            ipc_core::segment::sysv_key(&sysv)
+        ));
+    }
     if paths.socket().exists() {
         found.push(format!("socket {}", paths.socket().display()));
     }
     found
+}
+
+/// The name of an instance's segment when it runs with `--segment sysv`.
+pub fn sysv_name(paths: &RuntimePaths) -> String {
+    format!("{}{}", ipc_core::segment::SYSV_PREFIX, paths.segment_name())
 }
 
 /// Polls `f` until it returns `Some` or `within` passes.
@@ -366,6 +378,7 @@ impl Drop for Instance {
             }
         }
         ipc_core::segment::unlink(&self.paths.segment_name());
+        ipc_core::segment::unlink(&sysv_name(&self.paths));
         let _ = fs::remove_file(self.paths.socket());
         if std::thread::panicking() {
             eprintln!("--- log of {} ---\n{}", self.name(), self.log());
