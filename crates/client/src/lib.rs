@@ -265,6 +265,29 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Chunk size when streaming a payload from a reader (e.g. a file).
 const STREAM_CHUNK: usize = 256 * 1024;
 
+/// Copies up to `len` bytes from `r` to `w` in chunks of at most
+/// [`STREAM_CHUNK`]; returns how many were copied (fewer only at end of input).
+fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(
+    r: &mut R,
+    w: &mut W,
+    len: u64,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
+    let mut copied = 0u64;
+    while copied < len {
+        let want = buf.len().min((len - copied) as usize);
+        let n = match r.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        copied += n as u64;
+    }
+    Ok(copied)
+}
+
 /// Payloads up to this size are sent in the same write as their header.
 const COALESCE: usize = 16 * 1024;
 
@@ -370,19 +393,7 @@ impl Client {
     ) -> Result<u64, ClientError> {
         let id = self.encode_header(op, args, len)?;
         self.writer.write_all(&self.out)?;
-        let mut payload = payload.take(len);
-        let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
-        let mut copied = 0u64;
-        loop {
-            let n = match payload.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            self.writer.write_all(&buf[..n])?;
-            copied += n as u64;
-        }
+        let copied = copy_chunked(&mut payload.take(len), &mut self.writer, len)?;
         if copied != len {
             return Err(ClientError::Protocol(format!(
                 "payload source gave {copied} of {len} bytes"
@@ -500,21 +511,8 @@ impl Client {
         if let Outcome::Err(e) = resp.outcome {
             return Err(e.into());
         }
-        let mut left = resp.result_len;
-        let mut buf = vec![0u8; (left as usize).clamp(1, STREAM_CHUNK)];
-        while left > 0 {
-            let want = buf.len().min(left as usize);
-            let n = match self.reader.read(&mut buf[..want]) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            output.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        let copied = resp.result_len - left;
-        if left > 0 {
+        let copied = copy_chunked(&mut self.reader, output, resp.result_len)?;
+        if copied < resp.result_len {
             return Err(FrameError::Truncated {
                 expected: resp.result_len as usize,
                 got: copied as usize,
