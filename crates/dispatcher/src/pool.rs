@@ -37,6 +37,8 @@ const MAX_ATTEMPTS: u8 = 2;
 /// Jobs one worker may have been sent and not yet answered. More than one
 /// only when no worker is idle, so a long job holds back few others.
 const MAX_BATCH: usize = 8;
+/// Bytes of job frames sent ahead to a busy worker, at most (well under a pipe's capacity).
+const MAX_BATCH_BYTES: usize = 4096;
 
 struct Worker {
     child: Child,
@@ -115,9 +117,21 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                 for (job, kind, message) in answer {
                     answer_err(&shared, job, kind, message);
                 }
-                // Back to the front of the queue, in their order.
-                for job in requeue.into_iter().rev() {
-                    shared.enqueue(job, true);
+                if *stop.borrow() {
+                    // Shutdown has taken the queue already: answer, do not requeue.
+                    for job in requeue {
+                        answer_err(
+                            &shared,
+                            job,
+                            ErrorKind::ShuttingDown,
+                            "the dispatcher is shutting down; retry later".into(),
+                        );
+                    }
+                } else {
+                    // Back to the front of the queue, in their order.
+                    for job in requeue.into_iter().rev() {
+                        shared.enqueue(job, true);
+                    }
                 }
             }
         }
@@ -208,12 +222,22 @@ async fn serve(
             head_since = Instant::now();
             sent.push_back(job);
         }
-        // More in the same write while jobs wait and no other worker is idle.
+        // More in the same write while jobs wait and no other worker is idle,
+        // small ones only: what is sent ahead must fit the pipe with room to
+        // spare, so neither side can block writing while the other does.
+        let mut ahead = 0;
         while sent.len() < MAX_BATCH && shared.idle_workers() == 0 {
-            match shared.try_next_job() {
-                Some(job) => sent.push_back(job),
-                None => break,
+            let Some(job) = shared.try_next_job() else {
+                break;
+            };
+            let size =
+                64 + job.op.as_str().len() + job.args.iter().map(|a| a.len() + 8).sum::<usize>();
+            if ahead + size > MAX_BATCH_BYTES {
+                shared.enqueue(job, true);
+                break;
             }
+            ahead += size;
+            sent.push_back(job);
         }
         if written < sent.len() {
             out.clear();

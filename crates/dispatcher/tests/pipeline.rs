@@ -476,3 +476,116 @@ fn jobs_batched_behind_a_crashing_job_are_requeued_without_losing_an_attempt() {
     assert_eq!(s.jobs_failed, 1);
     assert!(zombies_of(&[inst.pid()]).is_empty());
 }
+
+/// Waits until the only worker is busy.
+fn worker_busy(inst: &Instance) {
+    wait_for(PATIENCE, || {
+        (inst.status().workers[0].state == "busy").then_some(())
+    })
+    .expect("busy");
+}
+
+#[test]
+fn a_job_batched_before_a_crashing_one_gets_its_own_answer() {
+    let inst = Instance::start(
+        "blamecrash",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--allow-fault-injection",
+        ],
+    );
+    let mut c = inst.client();
+    let busy = c.send("sleep", &["300"], &[]).unwrap();
+    worker_busy(&inst);
+    let up = c.send("upper", &[], b"abc").unwrap();
+    let crash = c.send("crash", &[], &[]).unwrap();
+    c.wait(busy).unwrap();
+    // The crash must be blamed on `crash`, not on the job answered before it.
+    assert_eq!(c.wait(up).unwrap(), b"ABC");
+    assert_eq!(
+        remote_kind(c.wait(crash).unwrap_err()),
+        ErrorKind::WorkerCrashed
+    );
+    assert_eq!(
+        inst.status().workers[0].restarts,
+        2,
+        "the crash's two attempts, nothing more"
+    );
+}
+
+#[test]
+fn a_job_batched_before_a_hanging_one_gets_its_own_answer() {
+    let inst = Instance::start(
+        "blamehang",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--job-timeout-ms",
+            "1000",
+        ],
+    );
+    let mut c = inst.client();
+    let busy = c.send("sleep", &["300"], &[]).unwrap();
+    worker_busy(&inst);
+    let ping = c.send("ping", &[], &[]).unwrap();
+    let slow = c.send("sleep", &["3000"], &[]).unwrap();
+    c.wait(busy).unwrap();
+    assert_eq!(
+        c.wait(ping).unwrap(),
+        b"pong\n",
+        "answered, not timed out with the sleep behind it"
+    );
+    assert_eq!(remote_kind(c.wait(slow).unwrap_err()), ErrorKind::Timeout);
+}
+
+#[test]
+fn large_requests_and_answers_cannot_wedge_a_worker_or_shutdown() {
+    let mut inst = Instance::start(
+        "bigframes",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--job-timeout-ms",
+            "2000",
+            "--drain-timeout-ms",
+            "1000",
+        ],
+    );
+    let mut c = inst.client();
+    // Unknown operations with 50 KB names: big job frames, and errors that echo them.
+    let op = "x".repeat(50_000);
+    let ids: Vec<u64> = (0..9).map(|_| c.send(&op, &[], &[]).unwrap()).collect();
+    for id in ids {
+        match c.wait(id) {
+            Err(ClientError::Remote(e)) => {
+                assert_eq!(e.kind, ErrorKind::UnknownOp);
+                assert!(
+                    e.message.len() <= 1100,
+                    "error messages are capped: {} bytes",
+                    e.message.len()
+                );
+            }
+            other => panic!("request {id}: {other:?}"),
+        }
+    }
+    inst.signal(Signal::SIGTERM);
+    assert_eq!(
+        inst.wait_exit(Duration::from_secs(20))
+            .expect("exits")
+            .code(),
+        Some(0)
+    );
+}

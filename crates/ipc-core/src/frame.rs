@@ -107,14 +107,6 @@ pub fn try_decode<T: DeserializeOwned>(
     Ok(Some((decode_body(body)?, PREFIX_LEN + len)))
 }
 
-/// True when `buf` starts with a whole frame (prefix and body), so the next
-/// read of a frame from it needs no system call.
-pub fn holds_complete_frame(buf: &[u8]) -> bool {
-    buf.get(..PREFIX_LEN).is_some_and(|p| {
-        buf.len() - PREFIX_LEN >= u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize
-    })
-}
-
 /// Fills `buf` from `r`; `Ok(n < buf.len())` only at end of stream.
 pub fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
@@ -308,16 +300,6 @@ mod tests {
                 "cut {cut}: {e:?}"
             );
             assert!(matches!(try_decode::<Request>(&buf[..cut], 1024), Ok(None)));
-        }
-    }
-
-    #[test]
-    fn a_complete_frame_is_told_from_a_partial_one() {
-        let mut buf = Vec::new();
-        encode(&req(3), &mut buf).unwrap();
-        assert!(holds_complete_frame(&buf));
-        for cut in 0..buf.len() {
-            assert!(!holds_complete_frame(&buf[..cut]), "cut {cut}");
         }
     }
 

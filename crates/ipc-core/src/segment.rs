@@ -599,17 +599,34 @@ impl Segment {
                 {
                     return; // the segment is going away
                 }
-                // SAFETY: setpriority and madvise take no pointers we dereference:
-                // the first lowers this thread's priority (requests go first); the
-                // second only fills in the kernel's page tables for a range this
-                // process has mapped. The mapping outlives this thread:
-                // `Segment::drop` joins it before `shmem` unmaps the range.
-                let rc = unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-                    libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
-                };
-                if rc != 0 {
-                    tracing::debug!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error());
+                // SAFETY: setpriority takes no pointer; it lowers this thread's
+                // priority so requests go first.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                // In chunks: the kernel holds the memory-map lock while it works on
+                // one, and the process may need it (spawning a worker, allocating);
+                // between chunks, a drop of the segment cancels the rest.
+                const CHUNK: usize = 8 << 20;
+                for start in (0..len).step_by(CHUNK) {
+                    if cancelled.try_recv() != Err(std::sync::mpsc::TryRecvError::Empty) {
+                        return;
+                    }
+                    let n = CHUNK.min(len - start);
+                    // SAFETY: madvise only fills in the kernel's page tables for a
+                    // range of this process's mapping (inside it: start < len and
+                    // n <= len - start); it reads or writes no memory through Rust
+                    // references. The mapping outlives this thread: `Segment::drop`
+                    // signals and joins it before the mapping goes.
+                    let rc = unsafe {
+                        libc::madvise(
+                            (addr + start) as *mut libc::c_void,
+                            n,
+                            libc::MADV_POPULATE_WRITE,
+                        )
+                    };
+                    if rc != 0 {
+                        tracing::debug!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error());
+                        return;
+                    }
                 }
             });
         if let Ok(t) = spawned {

@@ -15,6 +15,9 @@ use ipc_core::proto::{
 };
 use ipc_core::{Segment, SegmentError};
 
+/// Longest error message a worker sends back, in bytes.
+const MAX_MESSAGE: usize = 1024;
+
 /// How a worker is started.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -101,11 +104,9 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
         let done = run_job(&segment, &job, config.allow_fault_injection);
         segment.header().count_job();
         frame::write_frame(&mut output, &FromWorker::Done(done), &mut out_buf)?;
-        // Flush before the next read could block: unless a whole job is
-        // already buffered (a batch), answer now.
-        if !frame::holds_complete_frame(input.buffer()) {
-            output.flush()?;
-        }
+        // Answer at once: holding a result back while the next job runs
+        // would make a crash or a hang of that job look like this one's.
+        output.flush()?;
     }
 }
 
@@ -142,7 +143,16 @@ pub fn run_job(segment: &Segment, job: &JobIn<'_>, allow_fault_injection: bool) 
             result_offset: out.offset as u64,
             result_len: out.len as u64,
         },
-        Err(e) => {
+        Err(mut e) => {
+            // Keep result frames small (a message may echo what the client sent).
+            if e.message.len() > MAX_MESSAGE {
+                let mut cut = MAX_MESSAGE;
+                while !e.message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.message.truncate(cut);
+                e.message.push('…');
+            }
             tracing::debug!(job = job.job_id, op = %job.op, error = %e, "job failed");
             JobDone {
                 job_id: job.job_id,
