@@ -293,9 +293,17 @@ where
         };
         let Some(lease) = lease else {
             // Skip the payload to stay in step with the stream, then refuse.
-            if let Err(e) = skip(rd, req.payload_len).await {
-                tracing::debug!("connection ended inside a payload: {e}");
-                return false;
+            // Under the same deadline as any payload: a refused one cannot be trickled forever.
+            match tokio::time::timeout(frame_deadline, skip(rd, req.payload_len)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!("connection ended inside a payload: {e}");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::info!("dropping a connection that stalled inside a request for {frame_deadline:?}");
+                    return false;
+                }
             }
             let outcome = if req.op == proto::OP_STATUS {
                 error(ErrorKind::BadRequest, "status takes no payload".into())

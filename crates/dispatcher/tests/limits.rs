@@ -108,8 +108,23 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
     .unwrap();
     buf.extend_from_slice(&[1u8; 10]);
     payload.write_all(&buf).unwrap();
+    // A payload the dispatcher refuses (status takes none) and skips, trickled then stalled.
+    let mut refused = raw_after_hello(&inst);
+    let mut buf = Vec::new();
+    ipc_core::frame::encode(
+        &proto::Request {
+            id: 2,
+            op: "status".into(),
+            args: vec![],
+            payload_len: 1000,
+        },
+        &mut buf,
+    )
+    .unwrap();
+    buf.extend_from_slice(&[1u8; 10]);
+    refused.write_all(&buf).unwrap();
     let mut c = inst.client();
-    for s in [&mut header, &mut payload] {
+    for s in [&mut header, &mut payload, &mut refused] {
         let took = closed_after(s);
         assert!(took < PATIENCE, "not dropped");
         assert_eq!(c.call("upper", &[], b"served").unwrap(), b"SERVED");

@@ -433,27 +433,31 @@ fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
     assert_eq!(inst.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn jobs_batched_behind_a_crashing_job_are_requeued_without_losing_an_attempt() {
-    let inst = Instance::start(
-        "batch",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--allow-fault-injection",
-        ],
-    );
+/// A dispatcher with one worker, kept busy by a 300 ms `sleep` (whose id is
+/// returned), so the jobs sent next queue up and go to it as one batch.
+fn one_busy_worker(tag: &str, extra: &[&str]) -> (Instance, osps_client::Client, u64) {
+    let mut args = vec![
+        "--workers",
+        "1",
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    args.extend_from_slice(extra);
+    let inst = Instance::start(tag, &args);
     let mut c = inst.client();
-    // Occupy the only worker, so the next jobs queue up and go to it as one batch.
     let busy = c.send("sleep", &["300"], &[]).unwrap();
     wait_for(PATIENCE, || {
         (inst.status().workers[0].state == "busy").then_some(())
     })
     .expect("busy");
+    (inst, c, busy)
+}
+
+#[test]
+fn jobs_batched_behind_a_crashing_job_are_requeued_without_losing_an_attempt() {
+    let (inst, mut c, busy) = one_busy_worker("batch", &["--allow-fault-injection"]);
     let crash = c.send("crash", &[], &[]).unwrap();
     let uppers: Vec<(u64, Vec<u8>)> = (0..5u64)
         .map(|i| {
@@ -477,31 +481,9 @@ fn jobs_batched_behind_a_crashing_job_are_requeued_without_losing_an_attempt() {
     assert!(zombies_of(&[inst.pid()]).is_empty());
 }
 
-/// Waits until the only worker is busy.
-fn worker_busy(inst: &Instance) {
-    wait_for(PATIENCE, || {
-        (inst.status().workers[0].state == "busy").then_some(())
-    })
-    .expect("busy");
-}
-
 #[test]
 fn a_job_batched_before_a_crashing_one_gets_its_own_answer() {
-    let inst = Instance::start(
-        "blamecrash",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--allow-fault-injection",
-        ],
-    );
-    let mut c = inst.client();
-    let busy = c.send("sleep", &["300"], &[]).unwrap();
-    worker_busy(&inst);
+    let (inst, mut c, busy) = one_busy_worker("blamecrash", &["--allow-fault-injection"]);
     let up = c.send("upper", &[], b"abc").unwrap();
     let crash = c.send("crash", &[], &[]).unwrap();
     c.wait(busy).unwrap();
@@ -520,22 +502,7 @@ fn a_job_batched_before_a_crashing_one_gets_its_own_answer() {
 
 #[test]
 fn a_job_batched_before_a_hanging_one_gets_its_own_answer() {
-    let inst = Instance::start(
-        "blamehang",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--job-timeout-ms",
-            "1000",
-        ],
-    );
-    let mut c = inst.client();
-    let busy = c.send("sleep", &["300"], &[]).unwrap();
-    worker_busy(&inst);
+    let (_inst, mut c, busy) = one_busy_worker("blamehang", &["--job-timeout-ms", "1000"]);
     let ping = c.send("ping", &[], &[]).unwrap();
     let slow = c.send("sleep", &["3000"], &[]).unwrap();
     c.wait(busy).unwrap();
