@@ -39,6 +39,9 @@ HELLO_LEN = 8
 HELLO_ACCEPTED = 0
 HELLO_VERSION_UNSUPPORTED = 1
 HELLO_REFUSED = 2
+HELLO_DENIED = 3
+HELLO_FLAG_TOKEN = 1  # client hello flag: u16 LE length + token bytes follow
+MAX_TOKEN_LEN = 256
 PREFIX_LEN = 4
 MAX_FRAME = 64 * 1024  # the dispatcher's default; replies are a few bytes anyway
 
@@ -217,16 +220,17 @@ class Client:
         return cls._handshake(s)
 
     @classmethod
-    def connect_tcp(cls, host, port, timeout=None):
+    def connect_tcp(cls, host, port, timeout=None, token=None):
+        """`token`: bytes, for a port started with --token-file (see load_token)."""
         s = socket.create_connection((host, port), timeout=timeout)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls._handshake(s)
+        return cls._handshake(s, token)
 
     @classmethod
-    def _handshake(cls, s):
+    def _handshake(cls, s, token=None):
         c = cls(s)
         try:
-            hello(c)
+            hello(c, token)
         except BaseException:
             c.close()
             raise
@@ -305,9 +309,31 @@ class Client:
         return json.loads(self.call("status").decode("utf-8"))
 
 
-def hello(client):
+def load_token(path):
+    """Reads a token file as the Rust tools do (section 3.1): mode 0600 or
+    stricter, owned by this user, 16 to 256 bytes once trailing whitespace is cut."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise ProtocolError(f"token file {path}: mode {st.st_mode & 0o7777:04o} is readable by others; chmod 600")
+    if st.st_uid != os.geteuid():
+        raise ProtocolError(f"token file {path}: owned by uid {st.st_uid}, not by this user")
+    with open(path, "rb") as f:
+        token = f.read().rstrip()
+    if not 16 <= len(token) <= MAX_TOKEN_LEN:
+        raise ProtocolError(f"token file {path}: a token is 16 to {MAX_TOKEN_LEN} bytes, not {len(token)}")
+    return token
+
+
+def encode_opening(token=None):
+    """What a client sends first: the hello, then its token if it has one."""
+    if token is None:
+        return encode_hello(PROTOCOL_VERSION, 0)
+    return encode_hello(PROTOCOL_VERSION, HELLO_FLAG_TOKEN) + len(token).to_bytes(2, "little") + token
+
+
+def hello(client, token=None):
     """Performs the handshake on a fresh Client (section 3)."""
-    client.sock.sendall(encode_hello(PROTOCOL_VERSION, 0))
+    client.sock.sendall(encode_opening(token))
     answer = client.rfile.read(HELLO_LEN) or b""
     decoded = decode_hello(answer) if len(answer) == HELLO_LEN else None
     if decoded is None:
@@ -317,7 +343,8 @@ def hello(client):
     version, status = decoded
     if status != HELLO_ACCEPTED:
         line = (client.rfile.read(1024) or b"").decode("utf-8", "replace").strip()
-        what = {HELLO_VERSION_UNSUPPORTED: "version unsupported", HELLO_REFUSED: "refused"}
+        what = {HELLO_VERSION_UNSUPPORTED: "version unsupported", HELLO_REFUSED: "refused",
+                HELLO_DENIED: "denied"}
         raise ProtocolError(
             f"connection {what.get(status, f'status {status}')} (server speaks v{version}): {line}"
         )
@@ -379,7 +406,10 @@ def raw_socket(path, timeout):
     return s
 
 
-def selftest(path, timeout=60.0):
+def selftest(path, timeout=60.0, tcp=None, token_file=None):
+    """Checks every section against the dispatcher at `path`; with `tcp`
+    (HOST:PORT of a port started with --token-file) and `token_file`, also
+    the token handshake."""
     checks = []
 
     def check(name):
@@ -524,6 +554,33 @@ def selftest(path, timeout=60.0):
             assert result.kind == KIND_INDEX["TooLarge"], result
             assert k.rfile.read(1) == b"", "connection not closed"
 
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        host, port = host.strip("[]"), int(port)
+
+        def opening_answer(opening):
+            s = socket.create_connection((host, port), timeout=timeout)
+            try:
+                s.sendall(opening)
+                return read_to_eof(s)
+            finally:
+                s.close()
+
+        @check("tcp: the right token is admitted")
+        def _():
+            with Client.connect_tcp(host, port, timeout, load_token(token_file)) as k:
+                assert k.call("upper", [], b"token ok") == b"TOKEN OK"
+
+        @check("tcp: no token, a wrong token, an oversized token: denied with a line")
+        def _():
+            token = load_token(token_file)
+            wrong = bytes([token[0] ^ 1]) + token[1:]
+            for opening in [encode_opening(None), encode_opening(wrong),
+                            encode_hello(PROTOCOL_VERSION, HELLO_FLAG_TOKEN) + (300).to_bytes(2, "little")]:
+                data = opening_answer(opening)
+                assert decode_hello(data[:8]) == (PROTOCOL_VERSION, HELLO_DENIED), data
+                assert data.endswith(b"\n") and b"token" in data[8:], data
+
     failed = []
     try:
         for name, fn in checks:
@@ -552,7 +609,10 @@ def main(argv=None):
     target.add_argument("--tcp", metavar="HOST:PORT", help="the dispatcher's loopback TCP address")
     target.add_argument("--instance", help="instance name (socket path derived as in PROTOCOL.md)")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait on the socket")
+    p.add_argument("--token-file", metavar="PATH", help="present this token (file mode 0600) on --tcp")
     p.add_argument("--selftest", action="store_true", help="run the self test against --socket")
+    p.add_argument("--selftest-tcp", metavar="HOST:PORT",
+                   help="with --selftest: also test the token handshake on this port (needs --token-file)")
     p.add_argument("op", nargs="?", help="operation, e.g. ping, sha256, status (options go before it)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="operation arguments")
     a = p.parse_args(argv)
@@ -561,7 +621,7 @@ def main(argv=None):
         if not a.socket:
             p.error("--selftest needs --socket PATH")
         try:
-            return selftest(a.socket, a.timeout or 60.0)
+            return selftest(a.socket, a.timeout or 60.0, a.selftest_tcp, a.token_file)
         except (OSError, ProtocolError, RemoteError) as e:
             print(f"selftest failed: cannot run: {e}")
             return 1
@@ -573,7 +633,8 @@ def main(argv=None):
     try:
         if a.tcp:
             host, _, port = a.tcp.rpartition(":")
-            c = Client.connect_tcp(host.strip("[]"), int(port), a.timeout)
+            token = load_token(a.token_file) if a.token_file else None
+            c = Client.connect_tcp(host.strip("[]"), int(port), a.timeout, token)
         else:
             c = Client.connect_unix(where, a.timeout)
         with c:

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN, PROTOCOL_VERSION,
+    self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_FLAG_TOKEN, HELLO_LEN,
+    PROTOCOL_VERSION,
 };
 use ipc_core::status::StatusReport;
+use ipc_core::token::MAX_TOKEN_LEN;
 use ipc_core::{Endpoint, PathError, RuntimePaths};
 
 /// Errors of the client library.
@@ -37,6 +39,12 @@ pub enum ClientError {
     NotOsps { endpoint: String, answer: String },
     #[error("the dispatcher refused the connection: {0}")]
     Refused(String),
+    /// The token file cannot be used.
+    #[error(transparent)]
+    Token(#[from] ipc_core::token::TokenError),
+    /// The dispatcher does not admit this client (uid or token).
+    #[error("the dispatcher denied the connection: {0}")]
+    Denied(String),
     #[error("connection: {0}")]
     Frame(#[from] FrameError),
     #[error("i/o error: {0}")]
@@ -57,7 +65,11 @@ impl ClientError {
             ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Refused(_) => true,
             ClientError::Frame(e) => e.is_disconnect() || matches!(e, FrameError::Io(_)),
             ClientError::Remote(e) => e.kind == proto::ErrorKind::ShuttingDown,
-            ClientError::Paths(_) | ClientError::NotOsps { .. } | ClientError::Protocol(_) => false,
+            ClientError::Paths(_)
+            | ClientError::NotOsps { .. }
+            | ClientError::Protocol(_)
+            | ClientError::Denied(_)
+            | ClientError::Token(_) => false,
         }
     }
 }
@@ -94,6 +106,8 @@ pub struct RetryingClient {
     /// runs or is being restarted (a crash leaves it; an ordered stop removes
     /// it), so waiting would be pointless.
     lock_file: Option<std::path::PathBuf>,
+    /// Presented in each hello, when set.
+    token: Option<Vec<u8>>,
     /// Attempts that failed and were retried, since creation.
     pub retries: u64,
 }
@@ -106,8 +120,15 @@ impl RetryingClient {
             policy,
             client: None,
             lock_file: None,
+            token: None,
             retries: 0,
         }
+    }
+
+    /// Presents `token` in every hello (see [`Client::connect_with_token`]).
+    pub fn with_token(mut self, token: Vec<u8>) -> Self {
+        self.token = Some(token);
+        self
     }
 
     /// A client for the Unix socket of `instance`.
@@ -144,7 +165,8 @@ impl RetryingClient {
                 .max(Duration::from_millis(1));
             let result = match self.client.as_mut() {
                 Some(c) => Ok(c),
-                None => Client::connect(&self.endpoint).map(|c| self.client.insert(c)),
+                None => Client::connect_with_token(&self.endpoint, self.token.as_deref())
+                    .map(|c| self.client.insert(c)),
             }
             .and_then(|c| {
                 c.set_timeout(Some(left))?;
@@ -303,6 +325,15 @@ impl Client {
 
     /// Connects to `endpoint` and performs the handshake.
     pub fn connect(endpoint: &Endpoint) -> Result<Client, ClientError> {
+        Client::connect_with_token(endpoint, None)
+    }
+
+    /// Connects to `endpoint`, presenting `token` in the hello (needed on a
+    /// TCP listener started with `--token-file`; see [`ipc_core::token::load`]).
+    pub fn connect_with_token(
+        endpoint: &Endpoint,
+        token: Option<&[u8]>,
+    ) -> Result<Client, ClientError> {
         let name = endpoint.to_string();
         let connect_err = |source| ClientError::Connect {
             endpoint: name.clone(),
@@ -317,7 +348,25 @@ impl Client {
             }
         };
         let mut writer = stream.try_clone()?;
-        writer.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))?;
+        let mut opening = Vec::with_capacity(HELLO_LEN + 2 + token.map_or(0, <[u8]>::len));
+        match token {
+            Some(t) => {
+                let len = u16::try_from(t.len())
+                    .ok()
+                    .filter(|&l| usize::from(l) <= MAX_TOKEN_LEN)
+                    .ok_or_else(|| {
+                        ClientError::Protocol(format!(
+                            "a token of {} bytes is longer than {MAX_TOKEN_LEN}",
+                            t.len()
+                        ))
+                    })?;
+                opening.extend_from_slice(&proto::encode_hello(PROTOCOL_VERSION, HELLO_FLAG_TOKEN));
+                opening.extend_from_slice(&len.to_le_bytes());
+                opening.extend_from_slice(t);
+            }
+            None => opening.extend_from_slice(&proto::encode_hello(PROTOCOL_VERSION, 0)),
+        }
+        writer.write_all(&opening)?;
         // A stopped or wedged server accepts the connection but never answers.
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -337,13 +386,15 @@ impl Client {
                 answer: String::from_utf8_lossy(&answer).trim().to_owned(),
             });
         };
-        match HelloStatus::from_u16(status) {
-            Some(HelloStatus::Accepted) => {}
-            _ => {
-                let mut line = String::new();
-                let _ = reader.take(1024).read_to_string(&mut line);
-                return Err(ClientError::Refused(line.trim().to_owned()));
-            }
+        let status = HelloStatus::from_u16(status);
+        if status != Some(HelloStatus::Accepted) {
+            let mut line = String::new();
+            let _ = reader.take(1024).read_to_string(&mut line);
+            let line = line.trim().to_owned();
+            return Err(match status {
+                Some(HelloStatus::Denied) => ClientError::Denied(line),
+                _ => ClientError::Refused(line),
+            });
         }
         Ok(Client {
             reader,

@@ -23,6 +23,9 @@ struct Args {
     /// Connect here instead of the instance's socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, global = true)]
     connect: Option<Endpoint>,
+    /// Present the token in this file (mode 0600) in the hello: needed on a TCP port started with --token-file.
+    #[arg(long, global = true, env = "OSPS_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Keep reconnecting and retrying (e.g. across a dispatcher restart) for this many milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     retry_ms: u64,
@@ -75,10 +78,14 @@ fn retrying(args: &Args, deadline_ms: u64) -> Result<RetryingClient, ClientError
         deadline: Duration::from_millis(deadline_ms.max(1)),
         ..RetryPolicy::default()
     };
-    match &args.connect {
-        Some(ep) => Ok(RetryingClient::new(ep.clone(), policy)),
-        None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy),
-    }
+    let client = match &args.connect {
+        Some(ep) => RetryingClient::new(ep.clone(), policy),
+        None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy)?,
+    };
+    Ok(match &args.token_file {
+        Some(path) => client.with_token(ipc_core::token::load(path)?),
+        None => client,
+    })
 }
 
 /// Where a result goes; can start over when a request is retried.

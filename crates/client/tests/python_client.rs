@@ -8,6 +8,9 @@ use osps_testkit::Instance;
 
 #[test]
 fn the_python_client_written_from_the_protocol_document_passes_its_selftest() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    osps_testkit::write_token_file(&token_file, b"python-selftest-token-0123456789");
     let inst = Instance::start(
         "python",
         &[
@@ -17,8 +20,13 @@ fn the_python_client_written_from_the_protocol_document_passes_its_selftest() {
             "16",
             "--max-payload",
             "4194304",
+            "--tcp",
+            "127.0.0.1:0",
+            "--token-file",
+            token_file.to_str().unwrap(),
         ],
     );
+    let tcp = inst.status().tcp.expect("the TCP address in the status");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/examples/osps_client.py"
@@ -28,6 +36,10 @@ fn the_python_client_written_from_the_protocol_document_passes_its_selftest() {
         .arg("--socket")
         .arg(inst.paths.socket())
         .arg("--selftest")
+        .arg("--selftest-tcp")
+        .arg(&tcp)
+        .arg("--token-file")
+        .arg(&token_file)
         .output()
         .expect("python3 runs (the machine has Python 3)");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
-    self, ErrorKind, HelloStatus, Outcome, RemoteError, RequestRef, Response, HELLO_LEN, MAGIC,
-    PROTOCOL_VERSION,
+    self, ErrorKind, HelloStatus, Outcome, RemoteError, RequestRef, Response, HELLO_FLAG_TOKEN,
+    HELLO_LEN, MAGIC, PROTOCOL_VERSION,
 };
+use ipc_core::token::MAX_TOKEN_LEN;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
 };
@@ -26,14 +27,16 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// Takes an accepted connection: serves it, or refuses it when the
 /// connection limit is reached.
-pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String)
+/// `needs_token`: the peer must present the dispatcher's token (TCP with
+/// `--token-file`).
+pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String, needs_token: bool)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
     if shared.connections.get() >= shared.config.max_connections {
         refuse(&shared, stream, &peer).await;
     } else {
-        serve(shared, stream, peer).await;
+        serve(shared, stream, peer, needs_token).await;
     }
 }
 
@@ -45,7 +48,7 @@ where
 {
     let limit = shared.config.max_connections;
     let line = format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later");
-    refuse_with(stream, peer, &line).await;
+    refuse_with(stream, peer, HelloStatus::Refused, &line).await;
 }
 
 /// Refuses a peer whose uid is not admitted (SO_PEERCRED).
@@ -56,20 +59,17 @@ where
     let line = format!(
         "OSPS dispatcher refuses {peer}: only its own user and root are admitted (see --allow-uid)"
     );
-    refuse_with(stream, &peer, &line).await;
+    refuse_with(stream, &peer, HelloStatus::Denied, &line).await;
 }
 
-async fn refuse_with<S>(stream: S, peer: &str, line: &str)
+async fn refuse_with<S>(stream: S, peer: &str, status: HelloStatus, line: &str)
 where
     S: AsyncRead + AsyncWrite,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut hello = [0u8; HELLO_LEN];
     let _ = tokio::time::timeout(Duration::from_secs(1), rd.read_exact(&mut hello)).await;
-    let mut msg = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Refused as u16).to_vec();
-    msg.extend_from_slice(line.as_bytes());
-    msg.push(b'\n');
-    let _ = wr.write_all(&msg).await;
+    refuse_hello(&mut wr, status, line).await;
     let _ = wr.shutdown().await;
     log_rate_limited(|| tracing::warn!(%peer, "connection refused: {line}"));
     linger(&mut rd).await;
@@ -93,7 +93,7 @@ fn log_rate_limited(log: impl FnOnce()) {
 }
 
 /// Serves one accepted connection to its end.
-async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String)
+async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String, needs_token: bool)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
@@ -103,7 +103,8 @@ where
     // (large payloads bypass it, straight into their slot).
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let deadline = Duration::from_millis(shared.config.handshake_timeout_ms);
-    match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, &peer)).await {
+    let token = shared.tcp_token.as_deref().filter(|_| needs_token);
+    match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, &peer, token)).await {
         Ok(Ok(())) => {
             let (tx, rx) = mpsc::unbounded_channel();
             let writer = tokio::task::spawn_local(write_replies(Rc::clone(&shared), wr, rx));
@@ -125,9 +126,15 @@ where
     shared.connections.set(shared.connections.get() - 1);
 }
 
-/// Reads the client's hello and answers it. On garbage, answers one line of
-/// text saying what this port expects.
-async fn handshake<R, W>(rd: &mut R, wr: &mut W, peer: &str) -> Result<(), String>
+/// Reads the client's hello (and its token, if it sends one) and answers it.
+/// On garbage, answers one line of text saying what this port expects. When
+/// `token` is set, the client must present that token.
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    peer: &str,
+    token: Option<&[u8]>,
+) -> Result<(), String>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -153,7 +160,7 @@ where
             ));
         }
     }
-    let (version, _flags) = proto::decode_hello(&hello).expect("magic checked");
+    let (version, flags) = proto::decode_hello(&hello).expect("magic checked");
     if version != PROTOCOL_VERSION {
         let mut msg =
             proto::encode_hello(PROTOCOL_VERSION, HelloStatus::VersionUnsupported as u16).to_vec();
@@ -163,6 +170,35 @@ where
         let _ = wr.write_all(&msg).await;
         return Err(format!("protocol version {version} not supported"));
     }
+    let mut presented = [0u8; MAX_TOKEN_LEN];
+    let presented = if flags & HELLO_FLAG_TOKEN != 0 {
+        let mut len = [0u8; 2];
+        rd.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+        let len = usize::from(u16::from_le_bytes(len));
+        if len > MAX_TOKEN_LEN {
+            return Err(refuse_hello(wr, HelloStatus::Denied, &format!("OSPS dispatcher refuses a token of {len} bytes: tokens are at most {MAX_TOKEN_LEN} bytes")).await);
+        }
+        rd.read_exact(&mut presented[..len])
+            .await
+            .map_err(|e| e.to_string())?;
+        Some(&presented[..len])
+    } else {
+        None
+    };
+    match (token, presented) {
+        (Some(_), None) => {
+            return Err(refuse_hello(wr, HelloStatus::Denied, "OSPS dispatcher: this TCP port needs a token; give the client the dispatcher's token file (osps-client --token-file FILE)").await);
+        }
+        (Some(expected), Some(p)) if !ipc_core::token::matches(expected, p) => {
+            return Err(refuse_hello(
+                wr,
+                HelloStatus::Denied,
+                "OSPS dispatcher refuses the connection: wrong token",
+            )
+            .await);
+        }
+        _ => {}
+    }
     wr.write_all(&proto::encode_hello(
         PROTOCOL_VERSION,
         HelloStatus::Accepted as u16,
@@ -171,6 +207,20 @@ where
     .map_err(|e| e.to_string())?;
     tracing::debug!(%peer, "client connected");
     Ok(())
+}
+
+/// Answers a hello with `status` and `line`; returns `line` (the reason, for the log).
+async fn refuse_hello<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    status: HelloStatus,
+    line: &str,
+) -> String {
+    let mut msg = proto::encode_hello(PROTOCOL_VERSION, status as u16).to_vec();
+    msg.extend_from_slice(line.as_bytes());
+    msg.push(b'\n');
+    let _ = wr.write_all(&msg).await;
+    let _ = wr.flush().await;
+    line.to_owned()
 }
 
 /// The one-line answer to a peer that does not speak OSPS.

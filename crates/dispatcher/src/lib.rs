@@ -60,8 +60,12 @@ pub struct Config {
     pub max_payload: u64,
     /// Largest request frame (header) accepted, in bytes.
     pub max_frame: usize,
-    /// Also listen on this TCP address (must be loopback).
+    /// Also listen on this TCP address (loopback, unless `tcp_allow_remote`).
     pub tcp: Option<SocketAddr>,
+    /// Allow a non-loopback `tcp` address (then `token_file` is required).
+    pub tcp_allow_remote: bool,
+    /// TCP clients must present the token in this file (mode 0600) in their hello.
+    pub token_file: Option<PathBuf>,
     /// Allow the `crash` operation.
     pub allow_fault_injection: bool,
     /// The worker program.
@@ -90,6 +94,8 @@ impl Config {
             max_payload: 64 * MIB,
             max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
             tcp: None,
+            tcp_allow_remote: false,
+            token_file: None,
             allow_fault_injection: false,
             worker_exe: default_worker_exe(),
             watchdog: None,
@@ -162,10 +168,20 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
     if c.job_timeout_ms == 0 {
         return bad("--job-timeout-ms must be at least 1".into());
     }
-    if let Some(addr) = c.tcp {
-        if !addr.ip().is_loopback() {
-            return bad(format!("--tcp {addr} is not a loopback address; OSPS only listens on loopback (127.0.0.0/8, ::1)"));
+    match c.tcp {
+        Some(addr) if !addr.ip().is_loopback() && !c.tcp_allow_remote => {
+            return bad(format!("--tcp {addr} is not a loopback address; OSPS listens on loopback (127.0.0.0/8, ::1) unless given --tcp-allow-remote and --token-file"));
         }
+        Some(addr) if !addr.ip().is_loopback() && c.token_file.is_none() => {
+            return bad(format!("--tcp {addr} with --tcp-allow-remote needs --token-file: remote clients must present a token ({})", ipc_core::token::HOW_TO_MAKE));
+        }
+        None if c.tcp_allow_remote || c.token_file.is_some() => {
+            return bad(
+                "--tcp-allow-remote and --token-file apply to a TCP listener: add --tcp ADDR"
+                    .into(),
+            );
+        }
+        _ => {}
     }
     let arena = c
         .segment_mib
@@ -218,6 +234,14 @@ fn raise_fd_limit() {
 }
 
 async fn serve(config: Config) -> Result<(), DispatcherError> {
+    let tcp_token = match &config.token_file {
+        Some(path) => Some(
+            ipc_core::token::load(path)
+                .map_err(|e| DispatcherError::Config(e.to_string()))?
+                .into_boxed_slice(),
+        ),
+        None => None,
+    };
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
     paths.ensure_dir()?;
     raise_fd_limit();
@@ -264,7 +288,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     let max_payload = config.max_payload;
     let workers = config.workers;
     let dir = paths.clone();
-    let shared = Shared::new(config, paths, seg, max_payload);
+    let shared = Shared::new(config, paths, seg, max_payload, tcp_token);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let drivers: Vec<_> = (0..workers)
@@ -290,6 +314,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         instance = shared.paths.instance(),
         socket = %socket_path.display(),
         tcp = ?shared.tcp_addr.borrow(),
+        tcp_token = shared.tcp_token.is_some(),
         segment = %seg_name,
         generation,
         workers,
@@ -308,7 +333,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
                     let uid = stream.peer_cred().map(|c| c.uid()).ok();
                     let peer = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
                     if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
-                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer));
+                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, false));
                     } else {
                         tokio::task::spawn_local(conn::refuse_uid(stream, peer));
                     }
@@ -318,7 +343,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             r = accept_tcp(tcp.as_ref()) => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer.to_string()));
+                    let needs_token = shared.tcp_token.is_some();
+                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer.to_string(), needs_token));
                 }
                 Err(e) => accept_error(e).await,
             },

@@ -55,9 +55,15 @@ struct Args {
     /// Largest request header frame accepted, in bytes.
     #[arg(long, default_value_t = ipc_core::frame::DEFAULT_MAX_FRAME)]
     max_frame: usize,
-    /// Also listen on this TCP address (loopback only), e.g. 127.0.0.1:7070.
+    /// Also listen on this TCP address, e.g. 127.0.0.1:7070 (loopback unless --tcp-allow-remote).
     #[arg(long)]
     tcp: Option<SocketAddr>,
+    /// Allow a non-loopback --tcp address; requires --token-file.
+    #[arg(long)]
+    tcp_allow_remote: bool,
+    /// TCP clients must present the token in this file (mode 0600, owned by this user) in their hello.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Enable the fault-injection operation `crash` (for tests and demos).
     #[arg(long)]
     allow_fault_injection: bool,
@@ -100,6 +106,8 @@ fn main() -> std::process::ExitCode {
     config.max_payload = args.max_payload;
     config.max_frame = args.max_frame;
     config.tcp = args.tcp;
+    config.tcp_allow_remote = args.tcp_allow_remote;
+    config.token_file = args.token_file;
     config.allow_fault_injection = args.allow_fault_injection;
     if let Some(exe) = args.worker_exe {
         config.worker_exe = exe;

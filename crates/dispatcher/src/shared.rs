@@ -145,6 +145,8 @@ pub struct Shared {
     /// costs no allocation (it changes twice per job).
     worker_states: Vec<Cell<&'static str>>,
     pub tcp_addr: RefCell<Option<String>>,
+    /// The token TCP clients must present (from `--token-file`), if any.
+    pub tcp_token: Option<Box<[u8]>>,
 }
 
 impl Shared {
@@ -153,6 +155,7 @@ impl Shared {
         paths: RuntimePaths,
         segment: Segment,
         max_payload: u64,
+        tcp_token: Option<Box<[u8]>>,
     ) -> Rc<Self> {
         let alloc = SlotAllocator::new(segment.arena_len() as u64);
         let n_workers = config.workers;
@@ -185,6 +188,7 @@ impl Shared {
             worker_states: (0..n_workers).map(|_| Cell::new("starting")).collect(),
             workers: RefCell::new(workers),
             tcp_addr: RefCell::new(None),
+            tcp_token,
         })
     }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the pipeline with the real binaries: client → socket →
 //! dispatcher → pipe → worker (payload in the segment) → back.
 
+use std::os::unix::fs::PermissionsExt;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -340,14 +341,106 @@ fn tcp_on_loopback_serves_and_other_addresses_are_refused() {
     let mut c = osps_client::Client::connect(&format!("tcp:{addr}").parse().unwrap()).unwrap();
     assert_eq!(c.call("upper", &[], b"over tcp").unwrap(), b"OVER TCP");
 
-    let out = std::process::Command::new(osps_testkit::bin("osps-dispatcher"))
-        .args(["--instance", "tcp-refused", "--runtime-dir"])
-        .arg(inst.runtime_dir())
-        .args(["--tcp", "0.0.0.0:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+    // Not loopback: needs --tcp-allow-remote, and that needs a private token file.
+    let dir = tempfile::tempdir().unwrap();
+    let loose = dir.path().join("loose");
+    std::fs::write(&loose, "0123456789abcdef0123").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (extra, why) in [
+        (vec![], "not a loopback address"),
+        (vec!["--tcp-allow-remote"], "needs --token-file"),
+        (
+            vec![
+                "--tcp-allow-remote",
+                "--token-file",
+                loose.to_str().unwrap(),
+            ],
+            "chmod 600",
+        ),
+    ] {
+        let out = std::process::Command::new(osps_testkit::bin("osps-dispatcher"))
+            .args(["--instance", "tcp-refused", "--runtime-dir"])
+            .arg(inst.runtime_dir())
+            .args(["--tcp", "0.0.0.0:0"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{extra:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_remote_tcp_port_admits_only_clients_with_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = b"s3cret-token-for-the-remote-port-test";
+    osps_testkit::write_token_file(&token_file, token);
+    let mut args = SMALL.to_vec();
+    args.extend(["--tcp", "0.0.0.0:0", "--tcp-allow-remote", "--token-file"]);
+    args.push(token_file.to_str().unwrap());
+    let inst = Instance::start("tcp-token", &args);
+    let port = inst
+        .status()
+        .tcp
+        .expect("tcp address in status")
+        .parse::<std::net::SocketAddr>()
+        .unwrap()
+        .port();
+    let ep: ipc_core::Endpoint = format!("tcp:127.0.0.1:{port}").parse().unwrap();
+    // A Unix-socket client needs no token (its uid is checked instead).
+    let mut local = inst.client();
+
+    let mut good = osps_client::Client::connect_with_token(&ep, Some(token)).unwrap();
+    assert_eq!(good.call("upper", &[], b"admitted").unwrap(), b"ADMITTED");
+    let mut wrong = token.to_vec();
+    wrong[5] ^= 1;
+    for presented in [None, Some(&wrong[..]), Some(&token[..10])] {
+        match osps_client::Client::connect_with_token(&ep, presented) {
+            Err(osps_client::ClientError::Denied(line)) => {
+                assert!(line.contains("token"), "{line}")
+            }
+            other => panic!("{presented:?} was not denied: {other:?}"),
+        }
+        assert_eq!(good.call("ping", &[], &[]).unwrap(), b"pong\n");
+        assert_eq!(local.call("ping", &[], &[]).unwrap(), b"pong\n");
+    }
+    // The command-line client reads the token file, and is not retried when denied.
+    let cli = |file: &std::path::Path| {
+        std::process::Command::new(osps_testkit::bin("osps-client"))
+            .args([
+                "--connect",
+                &format!("tcp:127.0.0.1:{port}"),
+                "--token-file",
+            ])
+            .arg(file)
+            .args(["run", "upper"])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&token_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = dir.path().join("other");
+    osps_testkit::write_token_file(&other, b"not-the-token-of-this-dispatcher");
+    let started = std::time::Instant::now();
+    let out = cli(&other);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("wrong token"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a denied client must not retry for its whole deadline (took {:?})",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -86,7 +86,7 @@ fn an_unprivileged_uid_is_refused_by_its_peer_credentials() {
     let (code, err) = ping_as_nobody(&inst.paths.socket());
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("refused") && err.contains("uid 65534") && err.contains("--allow-uid"),
+        err.contains("denied") && err.contains("uid 65534") && err.contains("--allow-uid"),
         "{err}"
     );
     assert_eq!(

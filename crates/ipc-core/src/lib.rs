@@ -14,6 +14,7 @@ pub mod paths;
 pub mod proto;
 pub mod segment;
 pub mod status;
+pub mod token;
 
 pub use alloc::{AllocError, Slot, SlotAllocator};
 pub use endpoint::Endpoint;

@@ -19,6 +19,11 @@ pub const HELLO_LEN: usize = 8;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
 
+/// Client hello flag: a token follows the hello (u16 LE length, then that
+/// many bytes, at most [`crate::token::MAX_TOKEN_LEN`]). Needed on a TCP
+/// listener started with `--token-file`.
+pub const HELLO_FLAG_TOKEN: u16 = 1;
+
 /// The server's verdict on a client's hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -27,9 +32,12 @@ pub enum HelloStatus {
     Accepted = 0,
     /// The client's protocol version is not served; a text line follows and the server closes.
     VersionUnsupported = 1,
-    /// Reserved for refusing a connection (e.g. a connection limit); a text
-    /// line follows and the server closes. Not sent by this version.
+    /// The server is full (connection limit); a text line says so and the
+    /// server closes. Trying again later may succeed.
     Refused = 2,
+    /// The peer is not admitted (its uid, or a missing or wrong token); a text
+    /// line says why and the server closes. Trying again will not help.
+    Denied = 3,
 }
 
 impl HelloStatus {
@@ -39,6 +47,7 @@ impl HelloStatus {
             0 => Some(Self::Accepted),
             1 => Some(Self::VersionUnsupported),
             2 => Some(Self::Refused),
+            3 => Some(Self::Denied),
             _ => None,
         }
     }

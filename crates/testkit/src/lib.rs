@@ -158,6 +158,19 @@ pub fn sysv_name(paths: &RuntimePaths) -> String {
     format!("{}{}", ipc_core::segment::SYSV_PREFIX, paths.segment_name())
 }
 
+/// Writes a token file as an operator would: mode 0600 from the start.
+pub fn write_token_file(path: &Path, token: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(token))
+        .expect("write the token file");
+}
+
 /// Polls `f` until it returns `Some` or `within` passes.
 pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + within;
