@@ -16,10 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{
-    self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_FLAG_TOKEN, HELLO_LEN,
-    PROTOCOL_VERSION,
-};
+use ipc_core::proto::{self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN};
 use ipc_core::status::StatusReport;
 use ipc_core::token::MAX_TOKEN_LEN;
 use ipc_core::{Endpoint, PathError, RuntimePaths};
@@ -348,24 +345,13 @@ impl Client {
             }
         };
         let mut writer = stream.try_clone()?;
-        let mut opening = Vec::with_capacity(HELLO_LEN + 2 + token.map_or(0, <[u8]>::len));
-        match token {
-            Some(t) => {
-                let len = u16::try_from(t.len())
-                    .ok()
-                    .filter(|&l| usize::from(l) <= MAX_TOKEN_LEN)
-                    .ok_or_else(|| {
-                        ClientError::Protocol(format!(
-                            "a token of {} bytes is longer than {MAX_TOKEN_LEN}",
-                            t.len()
-                        ))
-                    })?;
-                opening.extend_from_slice(&proto::encode_hello(PROTOCOL_VERSION, HELLO_FLAG_TOKEN));
-                opening.extend_from_slice(&len.to_le_bytes());
-                opening.extend_from_slice(t);
-            }
-            None => opening.extend_from_slice(&proto::encode_hello(PROTOCOL_VERSION, 0)),
-        }
+        let mut opening = Vec::with_capacity(proto::MAX_OPENING_LEN);
+        proto::encode_opening(token, &mut opening).ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "a token of {} bytes is longer than {MAX_TOKEN_LEN}",
+                token.map_or(0, <[u8]>::len)
+            ))
+        })?;
         writer.write_all(&opening)?;
         // A stopped or wedged server accepts the connection but never answers.
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
-    self, ErrorKind, HelloStatus, Outcome, RemoteError, RequestRef, Response, HELLO_FLAG_TOKEN,
-    HELLO_LEN, MAGIC, PROTOCOL_VERSION,
+    self, ErrorKind, HelloStatus, Opening, Outcome, RemoteError, RequestRef, Response, HELLO_LEN,
+    PROTOCOL_VERSION,
 };
 use ipc_core::token::MAX_TOKEN_LEN;
 use tokio::io::{
@@ -139,28 +139,34 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut hello = [0u8; HELLO_LEN];
+    // Read no further than the opening needs: what follows is the first request.
+    let mut buf = [0u8; proto::MAX_OPENING_LEN];
     let mut got = 0;
-    while got < HELLO_LEN {
+    let (version, presented) = loop {
+        let need = match proto::parse_opening(&buf[..got]) {
+            Opening::NeedMore(need) => need,
+            Opening::NotOsps => {
+                let _ = wr.write_all(garbage_reply(&buf[..got]).as_bytes()).await;
+                let _ = wr.flush().await;
+                return Err(format!(
+                    "not an OSPS client (first bytes {:?})",
+                    String::from_utf8_lossy(&buf[..got])
+                ));
+            }
+            Opening::TokenTooLong(len) => {
+                return Err(refuse_hello(wr, HelloStatus::Denied, &format!("OSPS dispatcher refuses a token of {len} bytes: tokens are at most {MAX_TOKEN_LEN} bytes")).await);
+            }
+            Opening::Hello { version, token, .. } => break (version, token),
+        };
         let n = rd
-            .read(&mut hello[got..])
+            .read(&mut buf[got..need])
             .await
             .map_err(|e| e.to_string())?;
         if n == 0 {
-            return Err(format!("peer closed after {got} bytes of hello"));
+            return Err(format!("peer closed after {got} bytes of its opening"));
         }
         got += n;
-        let seen = got.min(MAGIC.len());
-        if hello[..seen] != MAGIC[..seen] {
-            let _ = wr.write_all(garbage_reply(&hello[..got]).as_bytes()).await;
-            let _ = wr.flush().await;
-            return Err(format!(
-                "not an OSPS client (first bytes {:?})",
-                String::from_utf8_lossy(&hello[..got])
-            ));
-        }
-    }
-    let (version, flags) = proto::decode_hello(&hello).expect("magic checked");
+    };
     if version != PROTOCOL_VERSION {
         let mut msg =
             proto::encode_hello(PROTOCOL_VERSION, HelloStatus::VersionUnsupported as u16).to_vec();
@@ -170,21 +176,6 @@ where
         let _ = wr.write_all(&msg).await;
         return Err(format!("protocol version {version} not supported"));
     }
-    let mut presented = [0u8; MAX_TOKEN_LEN];
-    let presented = if flags & HELLO_FLAG_TOKEN != 0 {
-        let mut len = [0u8; 2];
-        rd.read_exact(&mut len).await.map_err(|e| e.to_string())?;
-        let len = usize::from(u16::from_le_bytes(len));
-        if len > MAX_TOKEN_LEN {
-            return Err(refuse_hello(wr, HelloStatus::Denied, &format!("OSPS dispatcher refuses a token of {len} bytes: tokens are at most {MAX_TOKEN_LEN} bytes")).await);
-        }
-        rd.read_exact(&mut presented[..len])
-            .await
-            .map_err(|e| e.to_string())?;
-        Some(&presented[..len])
-    } else {
-        None
-    };
     match (token, presented) {
         (Some(_), None) => {
             return Err(refuse_hello(wr, HelloStatus::Denied, "OSPS dispatcher: this TCP port needs a token; give the client the dispatcher's token file (osps-client --token-file FILE)").await);

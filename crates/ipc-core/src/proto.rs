@@ -73,6 +73,91 @@ pub fn decode_hello(bytes: &[u8; HELLO_LEN]) -> Option<(u16, u16)> {
     })
 }
 
+/// The most a client's opening can take: hello, token length, longest token.
+pub const MAX_OPENING_LEN: usize = HELLO_LEN + 2 + crate::token::MAX_TOKEN_LEN;
+
+/// What the first bytes a client sent amount to (see [`parse_opening`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening<'a> {
+    /// Undecided: at least this many bytes in all are needed (never more
+    /// than [`MAX_OPENING_LEN`]).
+    NeedMore(usize),
+    /// The bytes so far do not start with the magic: not an OSPS client.
+    NotOsps,
+    /// The token length field is over [`crate::token::MAX_TOKEN_LEN`].
+    TokenTooLong(usize),
+    /// A whole opening in the first `len` bytes. For a version other than
+    /// [`PROTOCOL_VERSION`] it is the 8-byte hello alone (the flags of an
+    /// unknown version mean nothing here) and `token` is `None`.
+    Hello {
+        /// The client's protocol version.
+        version: u16,
+        /// The client's flags.
+        flags: u16,
+        /// The token, when flag [`HELLO_FLAG_TOKEN`] is set.
+        token: Option<&'a [u8]>,
+        /// Bytes the opening took.
+        len: usize,
+    },
+}
+
+/// Decodes a client's opening from the bytes received so far: the hello,
+/// then, with flag [`HELLO_FLAG_TOKEN`], a u16 LE length and the token.
+/// Decides as early as it can: a byte off the magic is enough for
+/// [`Opening::NotOsps`].
+pub fn parse_opening(buf: &[u8]) -> Opening<'_> {
+    let seen = buf.len().min(MAGIC.len());
+    if buf[..seen] != MAGIC[..seen] {
+        return Opening::NotOsps;
+    }
+    let Some(hello) = buf.first_chunk::<HELLO_LEN>() else {
+        return Opening::NeedMore(HELLO_LEN);
+    };
+    let (version, flags) = decode_hello(hello).expect("magic checked");
+    if version != PROTOCOL_VERSION || flags & HELLO_FLAG_TOKEN == 0 {
+        return Opening::Hello {
+            version,
+            flags,
+            token: None,
+            len: HELLO_LEN,
+        };
+    }
+    let Some(&[lo, hi]) = buf[HELLO_LEN..].first_chunk::<2>() else {
+        return Opening::NeedMore(HELLO_LEN + 2);
+    };
+    let token_len = usize::from(u16::from_le_bytes([lo, hi]));
+    if token_len > crate::token::MAX_TOKEN_LEN {
+        return Opening::TokenTooLong(token_len);
+    }
+    let len = HELLO_LEN + 2 + token_len;
+    match buf.get(HELLO_LEN + 2..len) {
+        Some(token) => Opening::Hello {
+            version,
+            flags,
+            token: Some(token),
+            len,
+        },
+        None => Opening::NeedMore(len),
+    }
+}
+
+/// Encodes a client's opening: the hello, and the token if there is one.
+/// `None` when the token is longer than [`crate::token::MAX_TOKEN_LEN`].
+pub fn encode_opening(token: Option<&[u8]>, out: &mut Vec<u8>) -> Option<()> {
+    match token {
+        None => out.extend_from_slice(&encode_hello(PROTOCOL_VERSION, 0)),
+        Some(t) => {
+            let len = u16::try_from(t.len())
+                .ok()
+                .filter(|&l| usize::from(l) <= crate::token::MAX_TOKEN_LEN)?;
+            out.extend_from_slice(&encode_hello(PROTOCOL_VERSION, HELLO_FLAG_TOKEN));
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(t);
+        }
+    }
+    Some(())
+}
+
 /// A client's request; `payload_len` bytes of payload follow the frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -271,6 +356,54 @@ pub struct JobDone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openings_are_decided_as_early_as_possible() {
+        assert_eq!(parse_opening(b""), Opening::NeedMore(8));
+        assert_eq!(parse_opening(b"OS"), Opening::NeedMore(8));
+        assert_eq!(parse_opening(b"G"), Opening::NotOsps);
+        assert_eq!(parse_opening(b"OSPX"), Opening::NotOsps);
+        let plain = encode_hello(PROTOCOL_VERSION, 0);
+        assert_eq!(
+            parse_opening(&plain),
+            Opening::Hello {
+                version: 1,
+                flags: 0,
+                token: None,
+                len: 8
+            }
+        );
+        let mut with = Vec::new();
+        encode_opening(Some(b"0123456789abcdef"), &mut with).unwrap();
+        assert_eq!(parse_opening(&with[..8]), Opening::NeedMore(10));
+        assert_eq!(parse_opening(&with[..9]), Opening::NeedMore(10));
+        assert_eq!(parse_opening(&with[..20]), Opening::NeedMore(26));
+        with.extend_from_slice(b"first frame");
+        assert_eq!(
+            parse_opening(&with),
+            Opening::Hello {
+                version: 1,
+                flags: 1,
+                token: Some(b"0123456789abcdef"),
+                len: 26
+            }
+        );
+        let mut long = encode_hello(PROTOCOL_VERSION, HELLO_FLAG_TOKEN).to_vec();
+        long.extend_from_slice(&300u16.to_le_bytes());
+        assert_eq!(parse_opening(&long), Opening::TokenTooLong(300));
+        // Another version: the hello alone, whatever its flags.
+        let v2 = encode_hello(2, HELLO_FLAG_TOKEN);
+        assert_eq!(
+            parse_opening(&v2),
+            Opening::Hello {
+                version: 2,
+                flags: 1,
+                token: None,
+                len: 8
+            }
+        );
+        assert!(encode_opening(Some(&[0; 257]), &mut Vec::new()).is_none());
+    }
 
     #[test]
     fn hello_round_trips_and_rejects_wrong_magic() {
