@@ -158,6 +158,42 @@ pub fn encode_opening(token: Option<&[u8]>, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
+/// Most arguments a request or job may carry; a frame with more is corrupt.
+/// (Today's operations take at most one; the cap keeps a small frame from
+/// decoding into a large vector.)
+pub const MAX_ARGS: usize = 64;
+
+/// Deserializes an argument list of at most [`MAX_ARGS`] elements, refusing a
+/// longer one from its length field, before allocating.
+fn bounded_args<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_ARGS} arguments")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let declared = seq.size_hint().unwrap_or(0);
+            if declared > MAX_ARGS {
+                return Err(serde::de::Error::invalid_length(declared, &self));
+            }
+            let mut out = Vec::with_capacity(declared);
+            while let Some(arg) = seq.next_element()? {
+                if out.len() == MAX_ARGS {
+                    return Err(serde::de::Error::invalid_length(MAX_ARGS + 1, &self));
+                }
+                out.push(arg);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded(std::marker::PhantomData))
+}
+
 /// A client's request; `payload_len` bytes of payload follow the frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -166,6 +202,7 @@ pub struct Request {
     /// Operation name, e.g. `sha256`; `status` is answered by the dispatcher.
     pub op: String,
     /// Operation arguments, e.g. `["250"]` for `sleep`.
+    #[serde(deserialize_with = "bounded_args")]
     pub args: Vec<String>,
     /// Number of payload bytes that follow the frame.
     pub payload_len: u64,
@@ -182,7 +219,7 @@ pub struct RequestRef<'a> {
     #[serde(borrow)]
     pub op: &'a str,
     /// See [`Request::args`].
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_args")]
     pub args: Vec<&'a str>,
     /// See [`Request::payload_len`].
     pub payload_len: u64,
@@ -285,6 +322,7 @@ pub struct Job {
     /// Operation name.
     pub op: String,
     /// Operation arguments.
+    #[serde(deserialize_with = "bounded_args")]
     pub args: Vec<String>,
     /// The slot: the input sits at its start, the result is written inside it.
     pub slot: Region,
@@ -318,7 +356,7 @@ pub struct JobIn<'a> {
     #[serde(borrow)]
     pub op: &'a str,
     /// See [`Job::args`].
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_args")]
     pub args: Vec<&'a str>,
     /// See [`Job::slot`].
     pub slot: Region,
@@ -356,6 +394,28 @@ pub struct JobDone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_than_max_args_is_corrupt() {
+        let req = |n| Request {
+            id: 1,
+            op: "echo".into(),
+            args: vec![String::new(); n],
+            payload_len: 0,
+        };
+        let mut buf = Vec::new();
+        crate::frame::encode(&req(MAX_ARGS), &mut buf).unwrap();
+        assert_eq!(
+            crate::frame::decode_body::<Request>(&buf[4..]).unwrap(),
+            req(MAX_ARGS)
+        );
+        assert!(crate::frame::decode_body::<RequestRef<'_>>(&buf[4..]).is_ok());
+        buf.clear();
+        crate::frame::encode(&req(MAX_ARGS + 1), &mut buf).unwrap();
+        let e = crate::frame::decode_body::<Request>(&buf[4..]).unwrap_err();
+        assert!(matches!(e, crate::frame::FrameError::Corrupt(_)), "{e}");
+        assert!(crate::frame::decode_body::<RequestRef<'_>>(&buf[4..]).is_err());
+    }
 
     #[test]
     fn openings_are_decided_as_early_as_possible() {
