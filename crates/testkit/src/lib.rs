@@ -224,10 +224,33 @@ impl Instance {
         Instance::launch("osps-watchdog", unique_instance(tag), &args, |_| {})
     }
 
+    /// [`Instance::supervised`], with `env` added to the watchdog's environment.
+    pub fn supervised_env(
+        tag: &str,
+        env: &[(&str, &str)],
+        watchdog_args: &[&str],
+        dispatcher_args: &[&str],
+    ) -> Instance {
+        let mut args = watchdog_args.to_vec();
+        args.push("--");
+        args.extend_from_slice(dispatcher_args);
+        Instance::launch_env("osps-watchdog", unique_instance(tag), &args, env, |_| {})
+    }
+
     fn launch(
         program: &str,
         name: String,
         args: &[&str],
+        before: impl FnOnce(&RuntimePaths),
+    ) -> Instance {
+        Instance::launch_env(program, name, args, &[], before)
+    }
+
+    fn launch_env(
+        program: &str,
+        name: String,
+        args: &[&str],
+        env: &[(&str, &str)],
         before: impl FnOnce(&RuntimePaths),
     ) -> Instance {
         become_subreaper();
@@ -248,6 +271,7 @@ impl Instance {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log file"))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         let pid = child.id();

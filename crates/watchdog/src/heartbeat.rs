@@ -25,19 +25,22 @@ pub struct Settings {
     pub start_timeout: Duration,
 }
 
-/// A report to the supervisor: `pid` missed `misses` heartbeats in a row
-/// (0 misses: it never answered within the start timeout).
+/// A report to the supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Missed {
-    pub pid: u32,
-    pub misses: u32,
+pub enum Beat {
+    /// `pid` missed `misses` heartbeats in a row (0 misses: it never
+    /// answered within the start timeout).
+    Missed { pid: u32, misses: u32 },
+    /// `pid` answered and has `workers` workers up (idle or busy): the whole
+    /// path serves. Sent once per dispatcher.
+    Serving { pid: u32, workers: usize },
 }
 
 /// Watches whichever dispatcher pid `watched` names, forever.
 pub async fn run(
     settings: Settings,
     watched: Rc<Cell<Option<u32>>>,
-    tx: mpsc::UnboundedSender<Missed>,
+    tx: mpsc::UnboundedSender<Beat>,
 ) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -45,13 +48,15 @@ pub async fn run(
     let mut current: Option<u32> = None;
     let mut since = Instant::now();
     let mut answered = false;
+    let mut serving = false;
     let mut misses = 0u32;
     let mut next_id = 1u64;
     loop {
         tick.tick().await;
         let pid = watched.get();
         if pid != current {
-            (current, conn, since, answered, misses) = (pid, None, Instant::now(), false, 0);
+            (current, conn, since, answered, serving, misses) =
+                (pid, None, Instant::now(), false, false, 0);
         }
         let Some(pid) = pid else { continue };
         next_id += 1;
@@ -60,16 +65,28 @@ pub async fn run(
             Ok(r) => r,
             Err(_) => Err(Probe::Unanswered("no answer in time".into())),
         };
-        let Err(failure) = outcome else {
-            if !answered {
-                answered = true;
-                tracing::info!(pid, "dispatcher answers its heartbeat");
+        let failure = match outcome {
+            Ok(report) => {
+                if !answered {
+                    answered = true;
+                    tracing::info!(pid, "dispatcher answers its heartbeat");
+                }
+                if misses > 0 {
+                    tracing::info!(pid, "heartbeat answered again after {misses} miss(es)");
+                }
+                misses = 0;
+                let workers = report
+                    .workers
+                    .iter()
+                    .filter(|w| matches!(w.state.as_str(), "idle" | "busy"))
+                    .count();
+                if !serving && workers > 0 {
+                    serving = true;
+                    let _ = tx.send(Beat::Serving { pid, workers });
+                }
+                continue;
             }
-            if misses > 0 {
-                tracing::info!(pid, "heartbeat answered again after {misses} miss(es)");
-            }
-            misses = 0;
-            continue;
+            Err(failure) => failure,
         };
         conn = None;
         // Before its first answer, a dispatcher whose socket refuses us is
@@ -83,11 +100,11 @@ pub async fn run(
             };
             tracing::debug!(pid, misses, "heartbeat missed: {why}");
             if misses >= settings.miss_limit {
-                let _ = tx.send(Missed { pid, misses });
+                let _ = tx.send(Beat::Missed { pid, misses });
                 misses = 0;
             }
         } else if since.elapsed() > settings.start_timeout {
-            let _ = tx.send(Missed { pid, misses: 0 });
+            let _ = tx.send(Beat::Missed { pid, misses: 0 });
             since = Instant::now();
         }
     }
@@ -107,13 +124,13 @@ fn unanswered(e: impl std::fmt::Display) -> Probe {
 }
 
 /// One status round trip; reconnects when needed. Checks that the answer
-/// comes from the dispatcher we watch.
+/// comes from the dispatcher we watch, and returns its report.
 async fn probe(
     conn: &mut Option<UnixStream>,
     socket: &PathBuf,
     pid: u32,
     id: u64,
-) -> Result<(), Probe> {
+) -> Result<StatusReport, Probe> {
     if conn.is_none() {
         let mut s = UnixStream::connect(socket)
             .await
@@ -155,5 +172,5 @@ async fn probe(
             report.dispatcher_pid
         )));
     }
-    Ok(())
+    Ok(report)
 }

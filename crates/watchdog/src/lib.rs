@@ -8,6 +8,7 @@
 //! module is the thin loop that does the I/O.
 
 pub mod heartbeat;
+pub mod notify;
 pub mod policy;
 
 use std::cell::Cell;
@@ -31,6 +32,8 @@ pub use policy::{Action, Event, RestartPolicy, State, Supervisor};
 pub const ENV_WATCHDOG_PID: &str = "OSPS_WATCHDOG_PID";
 pub const ENV_RESTARTS: &str = "OSPS_RESTARTS";
 pub const ENV_LAST_RESTART_CAUSE: &str = "OSPS_LAST_RESTART_CAUSE";
+/// When the watchdog started, in milliseconds since the Unix epoch.
+pub const ENV_WATCHDOG_STARTED_MS: &str = "OSPS_WATCHDOG_STARTED_MS";
 
 /// How the watchdog is set up.
 #[derive(Debug, Clone)]
@@ -107,6 +110,23 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     };
     let hb = tokio::task::spawn_local(heartbeat::run(settings, Rc::clone(&watched), hb_tx));
     tracing::info!(instance = %config.instance, heartbeat_ms = config.heartbeat.as_millis() as u64, miss_limit = config.miss_limit, "watchdog started");
+    // Run by systemd as Type=notify: tell it when we serve and stop, and ping
+    // its watchdog from this loop (a wedged loop stops the pings).
+    let notifier = notify::Notifier::from_env();
+    let ping_every = notifier.as_ref().and_then(notify::Notifier::ping_every);
+    let mut systemd_ping = ping_every.map(|every| {
+        let mut i = tokio::time::interval(every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    if let Some(n) = &notifier {
+        if let Some(every) = ping_every {
+            tracing::info!("systemd watchdog enabled: WATCHDOG=1 every {every:?}");
+        }
+        n.send("STATUS=starting the dispatcher");
+    }
+    let mut told_ready = false;
+    let started_ms = unix_ms();
 
     let mut sup = Supervisor::new(config.policy.clone());
     let mut pending: VecDeque<Action> = sup.start().into();
@@ -116,7 +136,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
         while let Some(action) = pending.pop_front() {
             match action {
                 Action::Spawn => {
-                    let event = match spawn(&config, &sup) {
+                    let event = match spawn(&config, &sup, started_ms) {
                         Ok(pid) => {
                             tracing::info!(pid, restarts = sup.restarts(), "dispatcher started");
                             watched.set(Some(pid));
@@ -146,6 +166,9 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                 }
                 Action::ScheduleRestart { delay, cause } => {
                     watched.set(None);
+                    if let Some(n) = &notifier {
+                        n.send(&format!("STATUS=restarting the dispatcher ({cause})"));
+                    }
                     tracing::warn!(
                         restart = sup.restarts(),
                         "dispatcher lost ({cause}); restarting in {} ms",
@@ -155,6 +178,9 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                 }
                 Action::Exit { code, message } => {
                     watched.set(None);
+                    if let Some(n) = &notifier {
+                        n.send(&format!("STOPPING=1\nSTATUS={message}"));
+                    }
                     hb.abort();
                     reap_remaining(Duration::from_secs(3)).await;
                     if code == 0 {
@@ -169,19 +195,33 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
         }
         let event = tokio::select! {
             _ = sigchld.recv() => reap(&sup),
-            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); Some(Event::StopRequested) }
-            _ = sigint.recv() => { tracing::info!("SIGINT received"); Some(Event::StopRequested) }
-            Some(m) = hb_rx.recv() => {
-                if Some(m.pid) == sup.pid() {
-                    if m.misses == 0 {
-                        tracing::warn!(pid = m.pid, "dispatcher never answered within {:?} of its start: hung", config.start_timeout);
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); stopping(&notifier); Some(Event::StopRequested) }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); stopping(&notifier); Some(Event::StopRequested) }
+            Some(beat) = hb_rx.recv() => match beat {
+                heartbeat::Beat::Missed { pid, misses } if Some(pid) == sup.pid() => {
+                    if misses == 0 {
+                        tracing::warn!(pid, "dispatcher never answered within {:?} of its start: hung", config.start_timeout);
                     } else {
-                        tracing::warn!(pid = m.pid, misses = m.misses, "dispatcher hung: {} heartbeats missed", m.misses);
+                        tracing::warn!(pid, misses, "dispatcher hung: {misses} heartbeats missed");
                     }
-                    Some(Event::Hung { misses: m.misses })
-                } else {
+                    Some(Event::Hung { misses })
+                }
+                heartbeat::Beat::Serving { pid, workers } if Some(pid) == sup.pid() => {
+                    tracing::info!(pid, workers, restarts = sup.restarts(), "ready: the dispatcher answers and {workers} worker(s) are up");
+                    if let Some(n) = &notifier {
+                        let status = format!("STATUS=serving: dispatcher pid {pid}, {workers} worker(s), {} restart(s)", sup.restarts());
+                        n.send(&if told_ready { status } else { format!("READY=1\n{status}") });
+                    }
+                    told_ready = true;
                     None
                 }
+                _ => None,
+            },
+            _ = tick(systemd_ping.as_mut()) => {
+                if let Some(n) = &notifier {
+                    n.send("WATCHDOG=1");
+                }
+                None
             }
             _ = sleep_until(backoff_at) => { backoff_at = None; Some(Event::BackoffElapsed) }
             _ = sleep_until(grace_at) => {
@@ -194,6 +234,29 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
             pending.extend(sup.handle(event, Instant::now()));
         }
     }
+}
+
+/// Tells systemd that the service is stopping (`STOPPING=1`).
+fn stopping(notifier: &Option<notify::Notifier>) {
+    if let Some(n) = notifier {
+        n.send("STOPPING=1\nSTATUS=stopping the dispatcher in order");
+    }
+}
+
+/// The next tick of `interval`, or never.
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -248,7 +311,7 @@ async fn reap_remaining(within: Duration) {
 
 /// Starts the dispatcher in its own process group (so a terminal's Ctrl-C
 /// reaches only the watchdog, which stops it in order).
-fn spawn(config: &Config, sup: &Supervisor) -> std::io::Result<u32> {
+fn spawn(config: &Config, sup: &Supervisor, started_ms: u64) -> std::io::Result<u32> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(&config.dispatcher_exe);
     cmd.arg("--instance").arg(&config.instance);
@@ -259,8 +322,12 @@ fn spawn(config: &Config, sup: &Supervisor) -> std::io::Result<u32> {
         .env(ENV_WATCHDOG_PID, std::process::id().to_string())
         .env(ENV_RESTARTS, sup.restarts().to_string())
         .env(ENV_LAST_RESTART_CAUSE, sup.last_cause().unwrap_or(""))
+        .env(ENV_WATCHDOG_STARTED_MS, started_ms.to_string())
         .stdin(Stdio::null())
         .process_group(0);
+    for var in notify::SERVICE_ONLY_ENV {
+        cmd.env_remove(var);
+    }
     // The Child handle is dropped without waiting: children are reaped by `reap`.
     let child = cmd.spawn()?;
     Ok(child.id())
