@@ -10,6 +10,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "osps-dispatcher", version)]
 struct Args {
+    /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
+    #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
+    log_format: ipc_core::logging::LogFormat,
     /// Instance name: the socket, lock file and segment names contain it.
     #[arg(long, env = "OSPS_INSTANCE", default_value = "default")]
     instance: String,
@@ -87,7 +90,7 @@ fn watchdog_from_env() -> Option<ipc_core::status::WatchdogStatus> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let _span = ipc_core::logging::init("dispatcher");
+    let _span = ipc_core::logging::init("dispatcher", args.log_format);
     let mut config = dispatcher::Config::new(&args.instance);
     config.runtime_dir = args.runtime_dir;
     if let Some(n) = args.workers {

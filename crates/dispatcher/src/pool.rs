@@ -152,6 +152,10 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .env(
+            ipc_core::logging::ENV_LOG_FORMAT,
+            ipc_core::logging::format().as_str(),
+        )
         .process_group(0)
         .kill_on_drop(true);
     if shared.config.allow_fault_injection {

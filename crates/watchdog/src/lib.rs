@@ -323,6 +323,10 @@ fn spawn(config: &Config, sup: &Supervisor, started_ms: u64) -> std::io::Result<
         .env(ENV_RESTARTS, sup.restarts().to_string())
         .env(ENV_LAST_RESTART_CAUSE, sup.last_cause().unwrap_or(""))
         .env(ENV_WATCHDOG_STARTED_MS, started_ms.to_string())
+        .env(
+            ipc_core::logging::ENV_LOG_FORMAT,
+            ipc_core::logging::format().as_str(),
+        )
         .stdin(Stdio::null())
         .process_group(0);
     for var in notify::SERVICE_ONLY_ENV {

@@ -16,6 +16,9 @@ use clap::Parser;
     after_help = "Arguments after -- go to osps-dispatcher, e.g.: osps-watchdog --instance demo -- --workers 4"
 )]
 struct Args {
+    /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
+    #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
+    log_format: ipc_core::logging::LogFormat,
     /// Instance name.
     #[arg(long, env = "OSPS_INSTANCE", default_value = "default")]
     instance: String,
@@ -53,7 +56,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let _span = ipc_core::logging::init("watchdog");
+    let _span = ipc_core::logging::init("watchdog", args.log_format);
     let policy = watchdog::RestartPolicy {
         max_restarts: args.max_restarts,
         within: Duration::from_secs(args.within),

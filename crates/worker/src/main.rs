@@ -8,6 +8,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "osps-worker", version)]
 struct Args {
+    /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
+    #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
+    log_format: ipc_core::logging::LogFormat,
     /// Name of the shared-memory segment to open (e.g. /osps-1000-default).
     #[arg(long)]
     segment: String,
@@ -21,7 +24,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let _span = ipc_core::logging::init("worker");
+    let _span = ipc_core::logging::init("worker", args.log_format);
     let config = worker::Config {
         segment: args.segment,
         allow_fault_injection: args.allow_fault_injection,
