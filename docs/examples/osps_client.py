@@ -459,13 +459,17 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
         assert isinstance(s["dispatcher_pid"], int) and not isinstance(s["dispatcher_pid"], bool), s
         assert s["protocol_version"] == PROTOCOL_VERSION, s
         for key in ["instance", "uptime_ms", "socket", "tcp", "segment", "workers", "jobs_done",
-                    "jobs_failed", "queue_depth", "in_flight", "connections", "shutting_down"]:
+                    "jobs_failed", "queue_depth", "in_flight", "connections", "shutting_down",
+                    "latency"]:
             assert key in s, f"status lacks {key!r}"
         for key in ["backend", "name", "path", "size", "generation", "slots_in_use",
                     "slot_bytes_in_use", "max_payload"]:
             assert key in s["segment"], f"status.segment lacks {key!r}"
         for w in s["workers"]:
-            assert set(w) == {"index", "pid", "state", "jobs_done", "restarts"}, w
+            assert set(w) == {"index", "pid", "state", "jobs_done", "restarts", "jobs_failed",
+                              "uptime_ms", "last_exit"}, w
+        assert set(s["latency"]) == {"window_s", "count", "p50_us", "p90_us", "p99_us",
+                                     "max_us"}, s["latency"]
 
     @check("unknown op")
     def _():

@@ -8,6 +8,8 @@
 //! # Ok::<(), osps_client::ClientError>(())
 //! ```
 
+pub mod render;
+
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;

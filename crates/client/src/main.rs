@@ -54,11 +54,17 @@ enum Command {
         #[arg(long, short, default_value = "-")]
         output: PathBuf,
     },
-    /// Shows the dispatcher's status: processes, counters, socket and segment.
+    /// Shows the dispatcher's status: processes, queue, latency, segment, endpoints.
     Status {
-        /// Print the raw JSON report.
+        /// Print the JSON report (with --watch: one report per line).
         #[arg(long)]
         json: bool,
+        /// Refresh until interrupted (Ctrl-C).
+        #[arg(long, short)]
+        watch: bool,
+        /// With --watch: milliseconds between refreshes.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
     },
 }
 
@@ -204,87 +210,60 @@ fn run(args: Args) -> Result<(), ClientError> {
             })?;
             sink.flush()?;
         }
-        Command::Status { json } => {
-            let report = retrying(&args, args.retry_ms)?.status()?;
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
-                );
-            } else {
-                print_status(&report);
+        Command::Status {
+            json,
+            watch,
+            interval_ms,
+        } => {
+            let mut client = retrying(&args, args.retry_ms)?;
+            if !*watch {
+                let report = client.status()?;
+                if *json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).expect("report serialises")
+                    );
+                } else {
+                    print!("{}", osps_client::render::status_table(&report));
+                }
+                return Ok(());
             }
+            watch_status(
+                &mut client,
+                *json,
+                Duration::from_millis((*interval_ms).max(50)),
+            )?;
         }
     }
     Ok(())
 }
 
-fn print_status(r: &ipc_core::status::StatusReport) {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let _ = writeln!(o, "instance      {}", r.instance);
-    let _ = writeln!(
-        o,
-        "dispatcher    pid {}, up {:.1} s{}",
-        r.dispatcher_pid,
-        r.uptime_ms as f64 / 1e3,
-        if r.shutting_down {
-            ", shutting down"
+/// `status --watch`: redraws the table in place on a terminal (a new table
+/// after a blank line otherwise; with `--json`, one JSON report per line),
+/// and keeps going across dispatcher restarts.
+fn watch_status(client: &mut RetryingClient, json: bool, every: Duration) -> io::Result<()> {
+    use std::io::IsTerminal;
+    let tty = io::stdout().is_terminal();
+    let mut out = io::stdout().lock();
+    loop {
+        let frame = match client.status() {
+            Ok(r) if json => serde_json::to_string(&r).expect("report serialises") + "\n",
+            Ok(r) => osps_client::render::status_table(&r),
+            Err(e) => format!("waiting for the dispatcher: {e}\n"),
+        };
+        if tty && !json {
+            // Home, draw, clear what the previous (longer) frame left below.
+            write!(
+                out,
+                "\x1b[H\x1b[2J{frame}\n(every {} ms; Ctrl-C to quit)\n",
+                every.as_millis()
+            )?;
+        } else if json {
+            write!(out, "{frame}")?;
         } else {
-            ""
+            write!(out, "{frame}\n")?;
         }
-    );
-    match &r.watchdog {
-        Some(w) => {
-            let cause = if w.last_restart_cause.is_empty() {
-                "none".to_owned()
-            } else {
-                w.last_restart_cause.clone()
-            };
-            let _ = writeln!(
-                o,
-                "watchdog      pid {}; dispatcher restarts {}; last restart cause: {cause}",
-                w.pid, w.restarts
-            );
-        }
-        None => {
-            let _ = writeln!(o, "watchdog      none (dispatcher started directly)");
-        }
+        out.flush()?;
+        std::thread::sleep(every);
     }
-    let _ = writeln!(o, "socket        {}", r.socket);
-    if let Some(tcp) = &r.tcp {
-        let _ = writeln!(o, "tcp           {tcp}");
-    }
-    let s = &r.segment;
-    let _ = writeln!(
-        o,
-        "segment       {} ({}, {} MiB, mode {}, owner uid {}, {} process(es) attached, generation {})",
-        s.name, s.backend, s.size >> 20, s.mode, s.owner_uid, s.attached, s.generation
-    );
-    let _ = writeln!(o, "              see it: {}", s.see);
-    let _ = writeln!(
-        o,
-        "slots         {} in use ({} KiB); max payload {} bytes",
-        s.slots_in_use,
-        s.slot_bytes_in_use >> 10,
-        s.max_payload
-    );
-    let _ = writeln!(
-        o,
-        "jobs          {} done, {} failed, {} in flight, {} queued; {} connection(s)",
-        r.jobs_done, r.jobs_failed, r.in_flight, r.queue_depth, r.connections
-    );
-    let _ = writeln!(
-        o,
-        "workers       {:>5} {:>8} {:>9} {:>9} {:>8}",
-        "#", "pid", "state", "jobs", "restarts"
-    );
-    for w in &r.workers {
-        let _ = writeln!(
-            o,
-            "              {:>5} {:>8} {:>9} {:>9} {:>8}",
-            w.index, w.pid, w.state, w.jobs_done, w.restarts
-        );
-    }
-    print!("{o}");
 }

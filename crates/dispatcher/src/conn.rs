@@ -393,6 +393,7 @@ where
             reply: tx.clone(),
             attempts: 0,
             permit,
+            received: std::time::Instant::now(),
         };
         shared.enqueue(job, false);
     }

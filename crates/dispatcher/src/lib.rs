@@ -8,6 +8,7 @@
 //! the workers do the work.
 
 mod conn;
+mod latency;
 mod pool;
 mod shared;
 
@@ -72,6 +73,8 @@ pub struct Config {
     pub worker_exe: PathBuf,
     /// The watchdog that started us, if any: we stop (SIGTERM) when it dies.
     pub watchdog: Option<ipc_core::status::WatchdogStatus>,
+    /// When that watchdog started (milliseconds since the Unix epoch).
+    pub watchdog_started_unix_ms: Option<u64>,
 }
 
 impl Config {
@@ -99,6 +102,7 @@ impl Config {
             allow_fault_injection: false,
             worker_exe: default_worker_exe(),
             watchdog: None,
+            watchdog_started_unix_ms: None,
         }
     }
 }
@@ -414,14 +418,19 @@ async fn drained(shared: &Shared) {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Refreshes the heartbeat word in the segment header once a second.
 async fn beat(shared: Rc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = unix_ms();
         shared
             .segment
             .header()

@@ -85,6 +85,7 @@ fn watchdog_from_env() -> Option<ipc_core::status::WatchdogStatus> {
             .and_then(|r| r.parse().ok())
             .unwrap_or(0),
         last_restart_cause: std::env::var("OSPS_LAST_RESTART_CAUSE").unwrap_or_default(),
+        uptime_ms: 0,
     })
 }
 
@@ -116,6 +117,9 @@ fn main() -> std::process::ExitCode {
         config.worker_exe = exe;
     }
     config.watchdog = watchdog_from_env();
+    config.watchdog_started_unix_ms = std::env::var("OSPS_WATCHDOG_STARTED_MS")
+        .ok()
+        .and_then(|t| t.parse().ok());
     match dispatcher::run(config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -95,10 +95,12 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
         };
         tracing::info!(worker = index, pid = worker.pid, "worker started");
         shared.set_worker(index, |w| w.pid = worker.pid);
+        shared.set_worker_started(index, Some(std::time::Instant::now()));
         shared.set_state(index, "idle");
         let end = serve(&shared, index, &mut worker, &mut stop).await;
         let status = finish(&mut worker, &end).await;
         shared.set_state(index, "stopped");
+        shared.set_worker_started(index, None);
         match end {
             End::Stop => {
                 tracing::info!(worker = index, pid = worker.pid, "worker stopped: {status}");
@@ -114,6 +116,11 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                     pid = worker.pid,
                     "worker ended ({why}): {status}; replacing it"
                 );
+                let lost = answer.len() as u64;
+                shared.set_worker(index, |w| {
+                    w.jobs_failed += lost;
+                    w.last_exit = format!("{status}: {why}");
+                });
                 for (job, kind, message) in answer {
                     answer_err(&shared, job, kind, message);
                 }
@@ -297,7 +304,10 @@ async fn serve(
                     let job = sent.pop_front().expect("checked above");
                     written -= 1;
                     head_since = Instant::now();
-                    shared.set_worker(index, |s| s.jobs_done += 1);
+                    shared.set_worker(index, |s| match &done.outcome {
+                        Outcome::Ok => s.jobs_done += 1,
+                        Outcome::Err(_) => s.jobs_failed += 1,
+                    });
                     let slot = job.lease.region();
                     answer(shared, job, done, slot);
                 }
@@ -400,6 +410,7 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
 /// Counts the outcome and hands the reply, with the slot and permit, to the connection's writer.
 fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: Region) {
     shared.count(&outcome);
+    shared.record_latency(job.received);
     let QueuedJob {
         req_id,
         lease,

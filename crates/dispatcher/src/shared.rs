@@ -13,6 +13,7 @@ use ipc_core::status::{SegmentStatus, StatusReport, WorkerStatus};
 use ipc_core::{Region, RuntimePaths, Segment, Slot, SlotAllocator};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
+use crate::latency::LatencyWindow;
 use crate::Config;
 
 /// Room kept after every payload for small results (digests, counts), so an
@@ -92,6 +93,8 @@ pub struct QueuedJob {
     pub attempts: u8,
     /// The connection's in-flight allowance, returned when the reply is written.
     pub permit: OwnedSemaphorePermit,
+    /// When the request (header and payload) had been read.
+    pub received: Instant,
 }
 
 /// A slot on loan from the allocator; returned when dropped, wherever that is
@@ -145,6 +148,10 @@ pub struct Shared {
     /// costs no allocation (it changes twice per job).
     worker_states: Vec<Cell<&'static str>>,
     pub tcp_addr: RefCell<Option<String>>,
+    /// When each worker's current process started (`None` while starting).
+    worker_started: Vec<Cell<Option<Instant>>>,
+    /// Job latencies over the last minute.
+    latency: RefCell<LatencyWindow>,
     /// The token TCP clients must present (from `--token-file`), if any.
     pub tcp_token: Option<Box<[u8]>>,
 }
@@ -166,6 +173,9 @@ impl Shared {
                 state: "starting".into(),
                 jobs_done: 0,
                 restarts: 0,
+                jobs_failed: 0,
+                uptime_ms: 0,
+                last_exit: String::new(),
             })
             .collect();
         Rc::new(Shared {
@@ -188,6 +198,8 @@ impl Shared {
             worker_states: (0..n_workers).map(|_| Cell::new("starting")).collect(),
             workers: RefCell::new(workers),
             tcp_addr: RefCell::new(None),
+            worker_started: (0..n_workers).map(|_| Cell::new(None)).collect(),
+            latency: RefCell::new(LatencyWindow::new()),
             tcp_token,
         })
     }
@@ -281,6 +293,19 @@ impl Shared {
         self.queue.borrow_mut().drain(..).collect()
     }
 
+    /// Notes that worker `index`'s process started (`Some(now)`) or ended (`None`).
+    pub fn set_worker_started(&self, index: usize, at: Option<Instant>) {
+        self.worker_started[index].set(at);
+    }
+
+    /// Records how long a job took, from its request to its answer.
+    pub fn record_latency(&self, received: Instant) {
+        let now = Instant::now();
+        self.latency
+            .borrow_mut()
+            .record(now.saturating_duration_since(received), now);
+    }
+
     /// Sets a worker's state.
     pub fn set_state(&self, index: usize, state: &'static str) {
         self.worker_states[index].set(state);
@@ -366,8 +391,10 @@ impl Shared {
                 .borrow()
                 .iter()
                 .zip(&self.worker_states)
-                .map(|(w, state)| WorkerStatus {
+                .zip(&self.worker_started)
+                .map(|((w, state), started)| WorkerStatus {
                     state: state.get().to_owned(),
+                    uptime_ms: started.get().map_or(0, |t| t.elapsed().as_millis() as u64),
                     ..w.clone()
                 })
                 .collect(),
@@ -377,7 +404,14 @@ impl Shared {
             in_flight: alloc.in_use(),
             connections: self.connections.get(),
             shutting_down: self.draining.get(),
-            watchdog: self.config.watchdog.clone(),
+            watchdog: self.config.watchdog.clone().map(|mut w| {
+                w.uptime_ms = self
+                    .config
+                    .watchdog_started_unix_ms
+                    .map_or(0, |t| crate::unix_ms().saturating_sub(t));
+                w
+            }),
+            latency: self.latency.borrow().report(Instant::now()),
         }
     }
 }

@@ -36,6 +36,30 @@ pub struct StatusReport {
     pub shutting_down: bool,
     /// The supervising watchdog, when there is one.
     pub watchdog: Option<WatchdogStatus>,
+    /// How long jobs took over the last minute.
+    #[serde(default)]
+    pub latency: LatencyStatus,
+}
+
+/// Job latency percentiles over a recent window: from the moment a request
+/// (header and payload) was read to the moment its answer was ready, queueing
+/// included; failed jobs count too. Requests the dispatcher answers itself
+/// (`status`, refusals) do not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyStatus {
+    /// The window, in seconds (60).
+    pub window_s: u64,
+    /// Jobs answered in the window.
+    pub count: u64,
+    /// Median, in microseconds (0 when `count` is 0); percentiles are
+    /// rounded up to their histogram bucket's top, at most 12.5% high.
+    pub p50_us: u64,
+    /// 90th percentile, in microseconds.
+    pub p90_us: u64,
+    /// 99th percentile, in microseconds.
+    pub p99_us: u64,
+    /// Slowest, in microseconds.
+    pub max_us: u64,
 }
 
 /// What the watchdog told the dispatcher at its start.
@@ -47,6 +71,9 @@ pub struct WatchdogStatus {
     pub restarts: u64,
     /// Why the last restart happened (empty before the first).
     pub last_restart_cause: String,
+    /// Milliseconds since the watchdog started.
+    #[serde(default)]
+    pub uptime_ms: u64,
 }
 
 /// The segment as seen by its owner.
@@ -87,8 +114,19 @@ pub struct WorkerStatus {
     pub pid: u32,
     /// `starting`, `idle`, `busy` or `stopped`.
     pub state: String,
-    /// Jobs this pool slot has completed.
+    /// Jobs this pool slot has completed successfully.
     pub jobs_done: u64,
     /// Times this worker was replaced after dying or timing out.
     pub restarts: u64,
+    /// Jobs of this pool slot that ended in an error: answered with one by
+    /// the worker, or lost with a worker that died or timed out on them.
+    #[serde(default)]
+    pub jobs_failed: u64,
+    /// Milliseconds since the current process started (0 while starting).
+    #[serde(default)]
+    pub uptime_ms: u64,
+    /// How the previous process of this slot ended, and why (empty before
+    /// the first restart), e.g. `killed by signal 9 (SIGKILL): job timed out`.
+    #[serde(default)]
+    pub last_exit: String,
 }
