@@ -261,7 +261,7 @@ fn watch_status(client: &mut RetryingClient, json: bool, every: Duration) -> io:
         } else if json {
             write!(out, "{frame}")?;
         } else {
-            write!(out, "{frame}\n")?;
+            writeln!(out, "{frame}")?;
         }
         out.flush()?;
         std::thread::sleep(every);
