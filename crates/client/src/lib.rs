@@ -534,6 +534,21 @@ impl Client {
         input: R,
         output: &mut W,
     ) -> Result<u64, ClientError> {
+        self.call_streaming_observed(op, args, len, input, output, |_| {})
+    }
+
+    /// [`Client::call_streaming`], calling `on_result(result_len)` once the
+    /// answer's header has come and before its bytes are copied (e.g. to
+    /// size a progress bar).
+    pub fn call_streaming_observed<R: Read, W: Write>(
+        &mut self,
+        op: &str,
+        args: &[&str],
+        len: u64,
+        input: R,
+        output: &mut W,
+        on_result: impl FnOnce(u64),
+    ) -> Result<u64, ClientError> {
         if !self.early.is_empty() {
             return Err(ClientError::Protocol(
                 "call_streaming with replies pending".into(),
@@ -550,6 +565,7 @@ impl Client {
         if let Outcome::Err(e) = resp.outcome {
             return Err(e.into());
         }
+        on_result(resp.result_len);
         let copied = copy_chunked(&mut self.reader, output, resp.result_len)?;
         if copied < resp.result_len {
             return Err(FrameError::Truncated {

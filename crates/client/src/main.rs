@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod progress;
+
 use clap::{Parser, Subcommand};
 use ipc_core::Endpoint;
 use osps_client::{Client, ClientError, RetryPolicy, RetryingClient};
@@ -197,16 +199,22 @@ fn run(args: Args) -> Result<(), ClientError> {
             };
             client.run(|c| {
                 sink.restart()?;
-                match &payload {
-                    Payload::Bytes(bytes) => {
-                        c.call_streaming(op, &op_args, bytes.len() as u64, &bytes[..], &mut sink)
-                    }
+                let (len, input): (u64, Box<dyn Read>) = match &payload {
+                    Payload::Bytes(bytes) => (bytes.len() as u64, Box::new(&bytes[..])),
                     Payload::File(p) => {
                         let f = open_input(p)?;
-                        let len = f.metadata()?.len();
-                        c.call_streaming(op, &op_args, len, f, &mut sink)
+                        (f.metadata()?.len(), Box::new(f))
                     }
-                }
+                };
+                let mut progress = progress::Progress::new(op, len);
+                let input = progress.reader(input);
+                let mut output = progress.writer(&mut sink);
+                let result =
+                    c.call_streaming_observed(op, &op_args, len, input, &mut output, |n| {
+                        progress.receiving(n)
+                    });
+                progress.clear();
+                result
             })?;
             sink.flush()?;
         }

@@ -58,6 +58,11 @@ fn run_ping_and_status_do_what_they_say() {
         .map(|b| format!("{b:02x}"))
         .collect();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{want}\n"));
+    assert!(
+        out.stderr.is_empty(),
+        "no progress when stderr is not a terminal: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = cli(&inst, &["run", "upper", "--input", "-"], b"from stdin\n");
     assert_eq!(out.stdout, b"FROM STDIN\n");
@@ -92,7 +97,10 @@ fn run_ping_and_status_do_what_they_say() {
         "{text}"
     );
     assert!(text.contains(&inst.paths.segment_name()), "{text}");
-    assert!(text.contains(&format!("pid {}", inst.pid())), "{text}");
+    assert!(
+        text.contains(&format!("dispatcher  {}", inst.pid())),
+        "{text}"
+    );
 
     let out = cli(&inst, &["status", "--json"], b"");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -157,4 +165,40 @@ fn an_instance_that_is_not_running_fails_at_once_instead_of_retrying() {
         "took {:?}",
         t.elapsed()
     );
+}
+
+#[test]
+fn run_shows_progress_on_a_terminal() {
+    // `script` (util-linux) gives the client a pseudo-terminal.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` is not installed, so no pseudo-terminal");
+        return;
+    }
+    let inst = Instance::start("progress", ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
+    let command = format!(
+        "{} --instance {} --runtime-dir {} run echo --input {} --output {}",
+        bin("osps-client").display(),
+        inst.name(),
+        inst.runtime_dir().display(),
+        input.display(),
+        output.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&output).unwrap(), data);
+    let screen = String::from_utf8_lossy(&out.stdout);
+    for needle in ["sending", "receiving", "MiB"] {
+        assert!(
+            screen.contains(needle),
+            "no {needle:?} on the terminal: {screen:?}"
+        );
+    }
 }
