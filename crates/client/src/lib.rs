@@ -164,8 +164,12 @@ impl RetryingClient {
                 .max(Duration::from_millis(1));
             let result = match self.client.as_mut() {
                 Some(c) => Ok(c),
-                None => Client::connect_with_token(&self.endpoint, self.token.as_deref())
-                    .map(|c| self.client.insert(c)),
+                None => Client::connect_within(
+                    &self.endpoint,
+                    self.token.as_deref(),
+                    left.min(HANDSHAKE_TIMEOUT),
+                )
+                .map(|c| self.client.insert(c)),
             }
             .and_then(|c| {
                 c.set_timeout(Some(left))?;
@@ -333,6 +337,16 @@ impl Client {
         endpoint: &Endpoint,
         token: Option<&[u8]>,
     ) -> Result<Client, ClientError> {
+        Client::connect_within(endpoint, token, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`Client::connect_with_token`], waiting at most `handshake_timeout`
+    /// for the server's hello (a stopped server accepts but never answers).
+    pub fn connect_within(
+        endpoint: &Endpoint,
+        token: Option<&[u8]>,
+        handshake_timeout: Duration,
+    ) -> Result<Client, ClientError> {
         let name = endpoint.to_string();
         let connect_err = |source| ClientError::Connect {
             endpoint: name.clone(),
@@ -356,7 +370,7 @@ impl Client {
         })?;
         writer.write_all(&opening)?;
         // A stopped or wedged server accepts the connection but never answers.
-        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream.set_read_timeout(Some(handshake_timeout.max(Duration::from_millis(1))))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
         let got = frame::fill(&mut reader, &mut hello)?;

@@ -37,10 +37,11 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Round trip through the dispatcher and a worker; exits 0 when the whole path answers.
+    /// Round trip through the dispatcher and a worker; exits 0 only when the
+    /// whole path answers (a liveness probe).
     Ping {
-        /// Give up after this many milliseconds (retrying until then).
-        #[arg(long, default_value_t = 5_000)]
+        /// Give up after this many milliseconds, retrying until then (exit 1).
+        #[arg(long, visible_alias = "timeout", default_value_t = 5_000)]
         timeout_ms: u64,
     },
     /// Runs an operation: ping, echo, upper, sha256, wc, sleep MS.

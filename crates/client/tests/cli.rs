@@ -202,3 +202,34 @@ fn run_shows_progress_on_a_terminal() {
         );
     }
 }
+
+#[test]
+fn ping_is_a_liveness_probe_of_the_whole_path_within_its_timeout() {
+    let probe = |inst: &Instance| {
+        let started = std::time::Instant::now();
+        let out = cli(inst, &["ping", "--timeout", "700"], b"");
+        (out.status.code(), started.elapsed(), out)
+    };
+    // Healthy: exit 0.
+    let inst = Instance::start("probe", ARGS);
+    assert_eq!(probe(&inst).0, Some(0));
+
+    // A stopped dispatcher accepts connections but never answers: exit 1,
+    // after about the timeout (not the 10 s handshake timeout).
+    inst.signal(nix::sys::signal::Signal::SIGSTOP);
+    let (code, took, out) = probe(&inst);
+    inst.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(code, Some(1), "{out:?}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+
+    // The dispatcher answers but no worker can start: still exit 1.
+    let mut args = ARGS.to_vec();
+    args.extend(["--worker-exe", "/bin/false"]);
+    let no_workers = Instance::start_answering("probe-noworker", &args);
+    assert!(
+        no_workers.try_status().is_some(),
+        "the dispatcher answers status"
+    );
+    let (code, _, out) = probe(&no_workers);
+    assert_eq!(code, Some(1), "{out:?}");
+}

@@ -234,7 +234,14 @@ impl Instance {
         let mut args = watchdog_args.to_vec();
         args.push("--");
         args.extend_from_slice(dispatcher_args);
-        Instance::launch_env("osps-watchdog", unique_instance(tag), &args, env, |_| {})
+        Instance::launch_env(
+            "osps-watchdog",
+            unique_instance(tag),
+            &args,
+            env,
+            true,
+            |_| {},
+        )
     }
 
     fn launch(
@@ -243,7 +250,20 @@ impl Instance {
         args: &[&str],
         before: impl FnOnce(&RuntimePaths),
     ) -> Instance {
-        Instance::launch_env(program, name, args, &[], before)
+        Instance::launch_env(program, name, args, &[], true, before)
+    }
+
+    /// Starts `osps-dispatcher` with `args` and waits only until it answers
+    /// `status` (its workers may never come up).
+    pub fn start_answering(tag: &str, args: &[&str]) -> Instance {
+        Instance::launch_env(
+            "osps-dispatcher",
+            unique_instance(tag),
+            args,
+            &[],
+            false,
+            |_| {},
+        )
     }
 
     fn launch_env(
@@ -251,6 +271,7 @@ impl Instance {
         name: String,
         args: &[&str],
         env: &[(&str, &str)],
+        workers_idle: bool,
         before: impl FnOnce(&RuntimePaths),
     ) -> Instance {
         become_subreaper();
@@ -282,12 +303,18 @@ impl Instance {
             pid,
             log,
         };
-        inst.wait_ready();
+        inst.wait_until(workers_idle);
         inst
     }
 
     /// Waits until the dispatcher answers and all its workers are idle.
     pub fn wait_ready(&mut self) {
+        self.wait_until(true);
+    }
+
+    /// Waits until the dispatcher answers (and, with `workers_idle`, all its
+    /// workers are idle).
+    fn wait_until(&mut self, workers_idle: bool) {
         let ready = wait_for(PATIENCE, || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
@@ -296,7 +323,7 @@ impl Instance {
                 );
             }
             let s = self.try_status()?;
-            s.workers.iter().all(|w| w.state == "idle").then_some(())
+            (!workers_idle || s.workers.iter().all(|w| w.state == "idle")).then_some(())
         });
         assert!(
             ready.is_some(),
