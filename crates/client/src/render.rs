@@ -202,11 +202,9 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 || v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[unit])
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    let shown = format!("{v:.1}");
+    let shown = shown.strip_suffix(".0").unwrap_or(&shown);
+    format!("{shown} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -227,6 +225,7 @@ mod tests {
         assert_eq!(bytes(4096), "4 KiB");
         assert_eq!(bytes(1536 * 1024), "1.5 MiB");
         assert_eq!(bytes(256 << 20), "256 MiB");
+        assert_eq!(bytes((256 << 20) + 4096), "256 MiB");
     }
 
     #[test]
