@@ -94,8 +94,8 @@ pub fn status_table(r: &StatusReport) -> String {
 
     let _ = writeln!(
         o,
-        "\nqueue    {} waiting · {} in flight · {} connection(s)",
-        r.queue_depth, r.in_flight, r.connections
+        "\nqueue    {} waiting · {} in flight · {} sent ahead to busy workers · {} connection(s)",
+        r.queue_depth, r.in_flight, r.jobs_sent_ahead, r.connections
     );
     let l = &r.latency;
     if l.count == 0 {

@@ -249,6 +249,7 @@ async fn serve(
             }
             ahead += size;
             sent.push_back(job);
+            shared.jobs_sent_ahead.set(shared.jobs_sent_ahead.get() + 1);
         }
         if written < sent.len() {
             out.clear();

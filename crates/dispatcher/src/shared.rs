@@ -143,6 +143,8 @@ pub struct Shared {
     pub connections: Cell<usize>,
     pub jobs_done: Cell<u64>,
     pub jobs_failed: Cell<u64>,
+    /// Jobs sent to a worker behind another (batched).
+    pub jobs_sent_ahead: Cell<u64>,
     pub workers: RefCell<Vec<WorkerStatus>>,
     /// Each worker's state, kept apart from `workers` so that changing it
     /// costs no allocation (it changes twice per job).
@@ -195,6 +197,7 @@ impl Shared {
             connections: Cell::new(0),
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
+            jobs_sent_ahead: Cell::new(0),
             worker_states: (0..n_workers).map(|_| Cell::new("starting")).collect(),
             workers: RefCell::new(workers),
             tcp_addr: RefCell::new(None),
@@ -411,6 +414,7 @@ impl Shared {
                     .map_or(0, |t| crate::unix_ms().saturating_sub(t));
                 w
             }),
+            jobs_sent_ahead: self.jobs_sent_ahead.get(),
             latency: self.latency.borrow().report(Instant::now()),
         }
     }

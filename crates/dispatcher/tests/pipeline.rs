@@ -571,6 +571,9 @@ fn jobs_batched_behind_a_crashing_job_are_requeued_without_losing_an_attempt() {
     let s = inst.status();
     assert_eq!(s.workers[0].restarts, 2);
     assert_eq!(s.jobs_failed, 1);
+    // The uppers were batched behind the crash (then again behind nothing
+    // once requeued, as the lone worker ran them one after another).
+    assert!(s.jobs_sent_ahead >= 5, "{}", s.jobs_sent_ahead);
     assert!(zombies_of(&[inst.pid()]).is_empty());
 }
 
@@ -648,4 +651,16 @@ fn large_requests_and_answers_cannot_wedge_a_worker_or_shutdown() {
             .code(),
         Some(0)
     );
+}
+
+#[test]
+fn jobs_are_not_batched_while_a_worker_is_idle() {
+    let inst = Instance::start("nobatch", SMALL);
+    let mut c = inst.client();
+    for i in 0..20u64 {
+        let d = payload(i, 100);
+        assert_eq!(c.call("upper", &[], &d).unwrap(), d.to_ascii_uppercase());
+    }
+    let s = inst.status();
+    assert_eq!((s.jobs_done, s.jobs_sent_ahead), (20, 0));
 }

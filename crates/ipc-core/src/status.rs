@@ -36,6 +36,10 @@ pub struct StatusReport {
     pub shutting_down: bool,
     /// The supervising watchdog, when there is one.
     pub watchdog: Option<WatchdogStatus>,
+    /// Jobs written to a worker's pipe while it was still running another
+    /// (batching: only when no worker is idle).
+    #[serde(default)]
+    pub jobs_sent_ahead: u64,
     /// How long jobs took over the last minute.
     #[serde(default)]
     pub latency: LatencyStatus,
