@@ -352,10 +352,18 @@ impl Client {
             endpoint: name.clone(),
             source,
         };
+        // A wedged server's full backlog makes connect itself wait: bounded too.
+        let within = handshake_timeout.max(Duration::from_millis(1));
         let stream = match endpoint {
-            Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(connect_err)?),
+            Endpoint::Unix(p) => {
+                let addr = socket2::SockAddr::unix(p).map_err(connect_err)?;
+                let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+                    .map_err(connect_err)?;
+                s.connect_timeout(&addr, within).map_err(connect_err)?;
+                Stream::Unix(UnixStream::from(s))
+            }
             Endpoint::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(connect_err)?;
+                let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
@@ -370,7 +378,7 @@ impl Client {
         })?;
         writer.write_all(&opening)?;
         // A stopped or wedged server accepts the connection but never answers.
-        stream.set_read_timeout(Some(handshake_timeout.max(Duration::from_millis(1))))?;
+        stream.set_read_timeout(Some(within))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
         let got = frame::fill(&mut reader, &mut hello)?;

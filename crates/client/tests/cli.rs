@@ -233,3 +233,39 @@ fn ping_is_a_liveness_probe_of_the_whole_path_within_its_timeout() {
     let (code, _, out) = probe(&no_workers);
     assert_eq!(code, Some(1), "{out:?}");
 }
+
+#[test]
+fn ping_gives_up_in_time_on_a_listener_whose_backlog_is_full() {
+    // A wedged server's listening socket: nobody accepts, the queue is full,
+    // so a blocking connect would wait forever.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wedged.sock");
+    let listener =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&socket2::SockAddr::unix(&path).unwrap())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        if s.connect(&socket2::SockAddr::unix(&path).unwrap()).is_err() {
+            break; // EAGAIN: the backlog is full
+        }
+        queued.push(s);
+        assert!(queued.len() < 1000, "the backlog never filled");
+    }
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("osps-client"))
+        .args(["--connect", &format!("unix:{}", path.display())])
+        .args(["ping", "--timeout", "500"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -25,18 +25,58 @@ const READ_BUFFER: usize = 4096;
 /// reads our last answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Connections still in their handshake, per listener, at most. They do not
+/// count against `--max-connections` (only admitted clients do), so peers
+/// that connect and say nothing, or fail the token, cannot lock admitted
+/// clients out; beyond this, new connections on that listener are closed at
+/// once, without a word.
+pub const MAX_HANDSHAKING: usize = 128;
+/// Refusals being answered at once, at most; beyond, closed without a word.
+const MAX_REFUSING: usize = 64;
+
+/// Which listener a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The Unix socket (the peer's uid was checked already).
+    Unix,
+    /// TCP; `needs_token`: the peer must present the dispatcher's token.
+    Tcp { needs_token: bool },
+}
+
+/// Counts one holder of a budget while alive.
+struct Held<'a>(&'a std::cell::Cell<usize>);
+
+impl<'a> Held<'a> {
+    fn new(count: &'a std::cell::Cell<usize>) -> Self {
+        count.set(count.get() + 1);
+        Held(count)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// Takes an accepted connection: serves it, or refuses it when the
 /// connection limit is reached.
-/// `needs_token`: the peer must present the dispatcher's token (TCP with
-/// `--token-file`).
-pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String, needs_token: bool)
+pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String, via: Via)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
+    let handshaking = match via {
+        Via::Unix => &shared.handshaking_unix,
+        Via::Tcp { .. } => &shared.handshaking_tcp,
+    };
     if shared.connections.get() >= shared.config.max_connections {
         refuse(&shared, stream, &peer).await;
+    } else if handshaking.get() >= MAX_HANDSHAKING {
+        log_rate_limited(
+            || tracing::warn!(%peer, "{MAX_HANDSHAKING} connections on this listener have not finished their handshake; closing new ones at once"),
+        );
     } else {
-        serve(shared, stream, peer, needs_token).await;
+        serve(shared, stream, peer, via).await;
     }
 }
 
@@ -47,25 +87,33 @@ where
     S: AsyncRead + AsyncWrite,
 {
     let limit = shared.config.max_connections;
-    let line = format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later");
-    refuse_with(stream, peer, HelloStatus::Refused, &line).await;
+    let line = full_line(limit);
+    refuse_with(shared, stream, peer, HelloStatus::Refused, &line).await;
+}
+
+fn full_line(limit: usize) -> String {
+    format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later")
 }
 
 /// Refuses a peer whose uid is not admitted (SO_PEERCRED).
-pub async fn refuse_uid<S>(stream: S, peer: String)
+pub async fn refuse_uid<S>(shared: Rc<Shared>, stream: S, peer: String)
 where
     S: AsyncRead + AsyncWrite,
 {
     let line = format!(
         "OSPS dispatcher refuses {peer}: only its own user and root are admitted (see --allow-uid)"
     );
-    refuse_with(stream, &peer, HelloStatus::Denied, &line).await;
+    refuse_with(&shared, stream, &peer, HelloStatus::Denied, &line).await;
 }
 
-async fn refuse_with<S>(stream: S, peer: &str, status: HelloStatus, line: &str)
+async fn refuse_with<S>(shared: &Shared, stream: S, peer: &str, status: HelloStatus, line: &str)
 where
     S: AsyncRead + AsyncWrite,
 {
+    if shared.refusing.get() >= MAX_REFUSING {
+        return; // a flood: close without a word rather than hold descriptors
+    }
+    let _held = Held::new(&shared.refusing);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut hello = [0u8; HELLO_LEN];
     let _ = tokio::time::timeout(Duration::from_secs(1), rd.read_exact(&mut hello)).await;
@@ -78,34 +126,81 @@ where
 thread_local! {
     /// When a refusal or a garbage peer was last logged.
     static LAST_NOISY_LOG: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    /// When a token denial was last logged (apart, so garbage cannot hide them).
+    static LAST_DENIAL_LOG: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Logs a failed token at most once a second.
+fn log_denied(log: impl FnOnce()) {
+    once_a_second(&LAST_DENIAL_LOG, log);
 }
 
 /// Logs at most once a second: a flood of bad peers must not flood the log.
 fn log_rate_limited(log: impl FnOnce()) {
+    once_a_second(&LAST_NOISY_LOG, log);
+}
+
+fn once_a_second(
+    last: &'static std::thread::LocalKey<std::cell::Cell<Option<std::time::Instant>>>,
+    log: impl FnOnce(),
+) {
     let now = std::time::Instant::now();
-    if LAST_NOISY_LOG.with(|t| {
+    let due = last.with(|t| {
         t.get()
-            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
-    }) {
-        LAST_NOISY_LOG.with(|t| t.set(Some(now)));
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+    });
+    if due {
+        last.with(|t| t.set(Some(now)));
         log();
     }
 }
 
+/// Why a handshake failed, and whether to drain the peer's input before
+/// closing (so it reads our answer rather than a reset).
+struct Failed {
+    reason: String,
+    linger: bool,
+}
+
 /// Serves one accepted connection to its end.
-async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String, needs_token: bool)
+async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String, via: Via)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
-    shared.connections.set(shared.connections.get() + 1);
+    let handshaking = Held::new(match via {
+        Via::Unix => &shared.handshaking_unix,
+        Via::Tcp { .. } => &shared.handshaking_tcp,
+    });
     let (rd, mut wr) = tokio::io::split(stream);
     // A small read buffer: a request's prefix and header arrive in one read
     // (large payloads bypass it, straight into their slot).
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let deadline = Duration::from_millis(shared.config.handshake_timeout_ms);
-    let token = shared.tcp_token.as_deref().filter(|_| needs_token);
-    match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, &peer, token)).await {
+    let token = match via {
+        Via::Tcp { needs_token: true } => shared.tcp_token.as_deref(),
+        _ => None,
+    };
+    match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, token)).await {
+        Ok(Ok(())) if shared.connections.get() >= shared.config.max_connections => {
+            // Others were admitted while this one said hello.
+            refuse_hello(
+                &mut wr,
+                HelloStatus::Refused,
+                &full_line(shared.config.max_connections),
+            )
+            .await;
+            let _ = wr.shutdown().await;
+            linger(&mut rd).await;
+        }
         Ok(Ok(())) => {
+            // Counted before the first await, so the limit holds exactly.
+            let _admitted = Held::new(&shared.connections);
+            drop(handshaking);
+            let accepted = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16);
+            if wr.write_all(&accepted).await.is_err() {
+                return;
+            }
+            tracing::debug!(%peer, "client connected");
             let (tx, rx) = mpsc::unbounded_channel();
             let writer = tokio::task::spawn_local(write_replies(Rc::clone(&shared), wr, rx));
             let closing = read_requests(&shared, &mut rd, tx).await;
@@ -114,31 +209,37 @@ where
                 linger(&mut rd).await;
             }
         }
-        Ok(Err(reason)) => {
-            log_rate_limited(
-                || tracing::info!(%peer, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
-            );
+        Ok(Err(Failed {
+            reason,
+            linger: drain,
+        })) => {
+            if matches!(via, Via::Tcp { needs_token: true }) && !drain {
+                log_denied(
+                    || tracing::warn!(%peer, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
+                );
+            } else {
+                log_rate_limited(
+                    || tracing::info!(%peer, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
+                );
+            }
             let _ = wr.shutdown().await;
-            linger(&mut rd).await;
+            if drain {
+                linger(&mut rd).await;
+            }
         }
         Err(_) => tracing::info!(%peer, "connection dropped: no handshake within {deadline:?}"),
     }
-    shared.connections.set(shared.connections.get() - 1);
 }
 
 /// Reads the client's hello (and its token, if it sends one) and answers it.
 /// On garbage, answers one line of text saying what this port expects. When
 /// `token` is set, the client must present that token.
-async fn handshake<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    peer: &str,
-    token: Option<&[u8]>,
-) -> Result<(), String>
+async fn handshake<R, W>(rd: &mut R, wr: &mut W, token: Option<&[u8]>) -> Result<(), Failed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let fail = |reason: String, linger: bool| Err(Failed { reason, linger });
     // Read no further than the opening needs: what follows is the first request.
     let mut buf = [0u8; proto::MAX_OPENING_LEN];
     let mut got = 0;
@@ -148,24 +249,25 @@ where
             Opening::NotOsps => {
                 let _ = wr.write_all(garbage_reply(&buf[..got]).as_bytes()).await;
                 let _ = wr.flush().await;
-                return Err(format!(
-                    "not an OSPS client (first bytes {:?})",
-                    String::from_utf8_lossy(&buf[..got])
-                ));
+                let first = String::from_utf8_lossy(&buf[..got]).into_owned();
+                return fail(format!("not an OSPS client (first bytes {first:?})"), true);
             }
             Opening::TokenTooLong(len) => {
-                return Err(refuse_hello(wr, HelloStatus::Denied, &format!("OSPS dispatcher refuses a token of {len} bytes: tokens are at most {MAX_TOKEN_LEN} bytes")).await);
+                let line = format!("OSPS dispatcher refuses a token of {len} bytes: tokens are at most {MAX_TOKEN_LEN} bytes");
+                return fail(refuse_hello(wr, HelloStatus::Denied, &line).await, true);
             }
             Opening::Hello { version, token, .. } => break (version, token),
         };
-        let n = rd
-            .read(&mut buf[got..need])
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err(format!("peer closed after {got} bytes of its opening"));
+        match rd.read(&mut buf[got..need]).await {
+            Ok(0) => {
+                return fail(
+                    format!("peer closed after {got} bytes of its opening"),
+                    false,
+                )
+            }
+            Ok(n) => got += n,
+            Err(e) => return fail(e.to_string(), false),
         }
-        got += n;
     };
     if version != PROTOCOL_VERSION {
         let mut msg =
@@ -174,30 +276,20 @@ where
             format!("OSPS dispatcher speaks protocol version {PROTOCOL_VERSION}, client asked for {version}; upgrade the client\n").as_bytes(),
         );
         let _ = wr.write_all(&msg).await;
-        return Err(format!("protocol version {version} not supported"));
+        return fail(format!("protocol version {version} not supported"), true);
     }
+    // A denied peer's opening has been read whole: close without draining.
     match (token, presented) {
         (Some(_), None) => {
-            return Err(refuse_hello(wr, HelloStatus::Denied, "OSPS dispatcher: this TCP port needs a token; give the client the dispatcher's token file (osps-client --token-file FILE)").await);
+            let line = "OSPS dispatcher: this TCP port needs a token; give the client the dispatcher's token file (osps-client --token-file FILE)";
+            fail(refuse_hello(wr, HelloStatus::Denied, line).await, false)
         }
         (Some(expected), Some(p)) if !ipc_core::token::matches(expected, p) => {
-            return Err(refuse_hello(
-                wr,
-                HelloStatus::Denied,
-                "OSPS dispatcher refuses the connection: wrong token",
-            )
-            .await);
+            let line = "OSPS dispatcher refuses the connection: wrong token";
+            fail(refuse_hello(wr, HelloStatus::Denied, line).await, false)
         }
-        _ => {}
+        _ => Ok(()),
     }
-    wr.write_all(&proto::encode_hello(
-        PROTOCOL_VERSION,
-        HelloStatus::Accepted as u16,
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
-    tracing::debug!(%peer, "client connected");
-    Ok(())
 }
 
 /// Answers a hello with `status` and `line`; returns `line` (the reason, for the log).

@@ -337,9 +337,9 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
                     let uid = stream.peer_cred().map(|c| c.uid()).ok();
                     let peer = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
                     if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
-                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, false));
+                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, conn::Via::Unix));
                     } else {
-                        tokio::task::spawn_local(conn::refuse_uid(stream, peer));
+                        tokio::task::spawn_local(conn::refuse_uid(Rc::clone(&shared), stream, peer));
                     }
                 }
                 Err(e) => accept_error(e).await,
@@ -347,8 +347,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             r = accept_tcp(tcp.as_ref()) => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let needs_token = shared.tcp_token.is_some();
-                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer.to_string(), needs_token));
+                    let via = conn::Via::Tcp { needs_token: shared.tcp_token.is_some() };
+                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer.to_string(), via));
                 }
                 Err(e) => accept_error(e).await,
             },

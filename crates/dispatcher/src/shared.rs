@@ -140,7 +140,13 @@ pub struct Shared {
     pub draining: Cell<bool>,
     /// Set once the workers are told to stop: nothing queued will run any more.
     pub workers_stopped: Cell<bool>,
+    /// Clients admitted (handshake done) and not gone.
     pub connections: Cell<usize>,
+    /// Connections in their handshake, per listener (see `conn::MAX_HANDSHAKING`).
+    pub handshaking_unix: Cell<usize>,
+    pub handshaking_tcp: Cell<usize>,
+    /// Refusals being answered.
+    pub refusing: Cell<usize>,
     pub jobs_done: Cell<u64>,
     pub jobs_failed: Cell<u64>,
     /// Jobs sent to a worker behind another (batched).
@@ -195,6 +201,9 @@ impl Shared {
             draining: Cell::new(false),
             workers_stopped: Cell::new(false),
             connections: Cell::new(0),
+            handshaking_unix: Cell::new(0),
+            handshaking_tcp: Cell::new(0),
+            refusing: Cell::new(0),
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
             jobs_sent_ahead: Cell::new(0),

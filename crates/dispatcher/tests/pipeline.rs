@@ -664,3 +664,45 @@ fn jobs_are_not_batched_while_a_worker_is_idle() {
     let s = inst.status();
     assert_eq!((s.jobs_done, s.jobs_sent_ahead), (20, 0));
 }
+
+#[test]
+fn silent_or_denied_tcp_peers_do_not_lock_out_admitted_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = b"a-token-for-the-lockout-test-0123";
+    osps_testkit::write_token_file(&token_file, token);
+    let mut args = SMALL.to_vec();
+    args.extend([
+        "--max-connections",
+        "8",
+        "--tcp",
+        "127.0.0.1:0",
+        "--token-file",
+    ]);
+    args.push(token_file.to_str().unwrap());
+    let inst = Instance::start("lockout", &args);
+    let addr: std::net::SocketAddr = inst.status().tcp.unwrap().parse().unwrap();
+    let ep: ipc_core::Endpoint = format!("tcp:{addr}").parse().unwrap();
+
+    // More silent peers than the whole connection limit, and more than the
+    // TCP handshake budget; and as many that fail the token.
+    let silent: Vec<_> = (0..200)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    for _ in 0..20 {
+        let _ = osps_client::Client::connect_with_token(&ep, Some(b"wrong-token-wrong-token"));
+    }
+    // Admitted clients on the Unix socket are still served, up to the limit.
+    let mut locals: Vec<_> = (0..8).map(|_| inst.client()).collect();
+    for c in &mut locals {
+        assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
+    }
+    drop(locals);
+    // Once the silent peers are gone, a client with the token is admitted.
+    drop(silent);
+    let mut good = wait_for(PATIENCE, || {
+        osps_client::Client::connect_with_token(&ep, Some(token)).ok()
+    })
+    .expect("the token client is admitted once the flood is gone");
+    assert_eq!(good.call("upper", &[], b"in").unwrap(), b"IN");
+}
