@@ -318,7 +318,7 @@ def load_token(path):
     if st.st_uid != os.geteuid():
         raise ProtocolError(f"token file {path}: owned by uid {st.st_uid}, not by this user")
     with open(path, "rb") as f:
-        token = f.read().rstrip()
+        token = f.read(MAX_TOKEN_LEN + 64).rstrip(b" \t\n\r\x0c")  # as Rust's is_ascii_whitespace
     if not 16 <= len(token) <= MAX_TOKEN_LEN:
         raise ProtocolError(f"token file {path}: a token is 16 to {MAX_TOKEN_LEN} bytes, not {len(token)}")
     return token

@@ -116,11 +116,14 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                     pid = worker.pid,
                     "worker ended ({why}): {status}; replacing it"
                 );
-                let lost = answer.len() as u64;
-                shared.set_worker(index, |w| {
-                    w.jobs_failed += lost;
-                    w.last_exit = format!("{status}: {why}");
-                });
+                let stopping = *stop.borrow();
+                if !stopping {
+                    let lost = answer.len() as u64;
+                    shared.set_worker(index, |w| {
+                        w.jobs_failed += lost;
+                        w.last_exit = format!("{status}: {why}");
+                    });
+                }
                 for (job, kind, message) in answer {
                     answer_err(&shared, job, kind, message);
                 }
@@ -141,6 +144,11 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
                     }
                 }
             }
+        }
+        if *stop.borrow() {
+            // Killed at the end of shutdown, not replaced.
+            shared.set_worker(index, |w| w.pid = 0);
+            break;
         }
         shared.set_worker(index, |w| {
             w.restarts += 1;
@@ -305,12 +313,15 @@ async fn serve(
                     let job = sent.pop_front().expect("checked above");
                     written -= 1;
                     head_since = Instant::now();
-                    shared.set_worker(index, |s| match &done.outcome {
-                        Outcome::Ok => s.jobs_done += 1,
-                        Outcome::Err(_) => s.jobs_failed += 1,
-                    });
                     let slot = job.lease.region();
-                    answer(shared, job, done, slot);
+                    let ok = answer(shared, job, done, slot);
+                    shared.set_worker(index, |s| {
+                        if ok {
+                            s.jobs_done += 1;
+                        } else {
+                            s.jobs_failed += 1;
+                        }
+                    });
                 }
                 other => return broke(format!("unexpected message {other:?}"), sent),
             }
@@ -373,7 +384,8 @@ fn broke(why: String, mut sent: VecDeque<QueuedJob>) -> End {
 }
 
 /// Checks a worker's answer and sends the reply to the job's connection.
-fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) {
+/// Returns whether the reply is a success.
+fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) -> bool {
     let in_slot = done
         .result_offset
         .checked_add(done.result_len)
@@ -385,13 +397,15 @@ fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) {
             ErrorKind::Internal,
             "the worker described a result outside its slot".into(),
         );
-        return;
+        return false;
     }
     let result = Region {
         offset: slot.offset + done.result_offset,
         len: done.result_len,
     };
+    let ok = matches!(done.outcome, Outcome::Ok);
     send(shared, job, done.outcome, result);
+    ok
 }
 
 /// Answers a job with an error.

@@ -655,14 +655,33 @@ fn large_requests_and_answers_cannot_wedge_a_worker_or_shutdown() {
 
 #[test]
 fn jobs_are_not_batched_while_a_worker_is_idle() {
-    let inst = Instance::start("nobatch", SMALL);
+    let inst = Instance::start(
+        "nobatch",
+        &[
+            "--workers",
+            "4",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+        ],
+    );
     let mut c = inst.client();
-    for i in 0..20u64 {
-        let d = payload(i, 100);
-        assert_eq!(c.call("upper", &[], &d).unwrap(), d.to_ascii_uppercase());
+    // Three jobs at a time for four workers: each goes to an idle worker,
+    // none is queued behind another (bursts arrive together in one read).
+    for round in 0..30u64 {
+        let ids: Vec<(u64, Vec<u8>)> = (0..3)
+            .map(|i| {
+                let d = payload(round * 3 + i, 64);
+                (c.send("upper", &[], &d).unwrap(), d)
+            })
+            .collect();
+        for (id, d) in ids {
+            assert_eq!(c.wait(id).unwrap(), d.to_ascii_uppercase());
+        }
     }
     let s = inst.status();
-    assert_eq!((s.jobs_done, s.jobs_sent_ahead), (20, 0));
+    assert_eq!((s.jobs_done, s.jobs_sent_ahead), (90, 0));
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub enum LogFormat {
     /// `2026-11-24T08:03:24.319Z  INFO osps{role="dispatcher" pid=11252}: message key=value`
     #[default]
     Text,
-    /// `{"timestamp":...,"level":"INFO","fields":{"message":...},"span":{"role":...,"pid":...}}`
+    /// `{"timestamp":...,"level":"INFO","fields":{"message":...},"spans":[{"role":...,"pid":...,"name":"osps"}]}`
     Json,
 }
 

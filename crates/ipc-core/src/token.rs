@@ -50,7 +50,9 @@ pub fn load(path: &Path) -> Result<Vec<u8>, TokenError> {
         path: path.to_owned(),
         why,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    // One open: the checks apply to the very file that is read.
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
     }
@@ -67,7 +69,13 @@ pub fn load(path: &Path) -> Result<Vec<u8>, TokenError> {
             meta.uid()
         )));
     }
-    let mut token = std::fs::read(path).map_err(io)?;
+    let mut token = Vec::with_capacity(MAX_TOKEN_LEN + 1);
+    // Enough to see that it is too long, whatever its size.
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&file, (MAX_TOKEN_LEN + 64) as u64),
+        &mut token,
+    )
+    .map_err(io)?;
     while token.last().is_some_and(u8::is_ascii_whitespace) {
         token.pop();
     }

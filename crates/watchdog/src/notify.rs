@@ -14,7 +14,7 @@ use std::time::Duration;
 pub struct Notifier {
     socket: UnixDatagram,
     addr: SocketAddr,
-    watchdog: Option<Duration>,
+    ping_every: Option<Duration>,
 }
 
 impl Notifier {
@@ -40,26 +40,21 @@ impl Notifier {
                 return None;
             }
         };
-        let for_us = std::env::var("WATCHDOG_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_none_or(|pid| pid == std::process::id());
-        let watchdog = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|u| u.parse::<u64>().ok())
-            .filter(|&u| u > 0 && for_us)
-            .map(Duration::from_micros);
+        let ping_every = ping_interval(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        );
         Some(Notifier {
             socket,
             addr,
-            watchdog,
+            ping_every,
         })
     }
 
-    /// How often to send `WATCHDOG=1`: half of `WatchdogSec`, as
-    /// `sd_watchdog_enabled(3)` advises; `None` when not asked for.
+    /// How often to send `WATCHDOG=1`; `None` when not asked for.
     pub fn ping_every(&self) -> Option<Duration> {
-        self.watchdog.map(|w| w / 2)
+        self.ping_every
     }
 
     /// Sends one notification (newline-separated `KEY=VALUE` lines). A failure
@@ -71,6 +66,16 @@ impl Notifier {
     }
 }
 
+/// The keep-alive period for `WATCHDOG_USEC` and `WATCHDOG_PID` as systemd
+/// sets them, seen from process `me`: half of the timeout, as
+/// `sd_watchdog_enabled(3)` advises; `None` when unset, zero, unreadable, or
+/// meant for another process.
+pub fn ping_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let for_us = pid.is_none_or(|p| p.parse::<u32>().ok() == Some(me));
+    let usec = usec?.parse::<u64>().ok().filter(|&u| u > 0 && for_us)?;
+    Some(Duration::from_micros(usec) / 2)
+}
+
 /// The variables systemd sets for the service itself; the dispatcher must not
 /// inherit them (it would be taken for the service's main process).
 pub const SERVICE_ONLY_ENV: [&str; 4] = [
@@ -79,3 +84,20 @@ pub const SERVICE_ONLY_ENV: [&str; 4] = [
     "WATCHDOG_PID",
     "LISTEN_FDS",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_at_half_the_timeout_and_only_for_this_process() {
+        let half = Some(Duration::from_millis(5000));
+        assert_eq!(ping_interval(Some("10000000"), None, 7), half);
+        assert_eq!(ping_interval(Some("10000000"), Some("7"), 7), half);
+        assert_eq!(ping_interval(Some("10000000"), Some("8"), 7), None);
+        assert_eq!(ping_interval(Some("10000000"), Some("x"), 7), None);
+        assert_eq!(ping_interval(Some("0"), None, 7), None);
+        assert_eq!(ping_interval(Some("soon"), None, 7), None);
+        assert_eq!(ping_interval(None, Some("7"), 7), None);
+    }
+}
