@@ -373,23 +373,35 @@ fn tcp_on_loopback_serves_and_other_addresses_are_refused() {
     }
 }
 
-#[test]
-fn a_remote_tcp_port_admits_only_clients_with_the_token() {
+/// A dispatcher (`SMALL` and `extra`, which must open a TCP port) whose TCP
+/// clients need `token`. Returns it, the directory holding the token file
+/// (`token`; keep it alive), and the address its TCP port is bound to.
+fn with_token(
+    tag: &str,
+    token: &[u8],
+    extra: &[&str],
+) -> (Instance, tempfile::TempDir, std::net::SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    let token = b"s3cret-token-for-the-remote-port-test";
     osps_testkit::write_token_file(&token_file, token);
     let mut args = SMALL.to_vec();
-    args.extend(["--tcp", "0.0.0.0:0", "--tcp-allow-remote", "--token-file"]);
-    args.push(token_file.to_str().unwrap());
-    let inst = Instance::start("tcp-token", &args);
-    let port = inst
-        .status()
-        .tcp
-        .expect("tcp address in status")
-        .parse::<std::net::SocketAddr>()
-        .unwrap()
-        .port();
+    args.extend_from_slice(extra);
+    args.extend(["--token-file", token_file.to_str().unwrap()]);
+    let inst = Instance::start(tag, &args);
+    let addr = inst.status().tcp.expect("tcp address in status");
+    (inst, dir, addr.parse().unwrap())
+}
+
+#[test]
+fn a_remote_tcp_port_admits_only_clients_with_the_token() {
+    let token = b"s3cret-token-for-the-remote-port-test";
+    let (inst, dir, addr) = with_token(
+        "tcp-token",
+        token,
+        &["--tcp", "0.0.0.0:0", "--tcp-allow-remote"],
+    );
+    let token_file = dir.path().join("token");
+    let port = addr.port();
     let ep: ipc_core::Endpoint = format!("tcp:127.0.0.1:{port}").parse().unwrap();
     // A Unix-socket client needs no token (its uid is checked instead).
     let mut local = inst.client();
@@ -686,21 +698,12 @@ fn jobs_are_not_batched_while_a_worker_is_idle() {
 
 #[test]
 fn silent_or_denied_tcp_peers_do_not_lock_out_admitted_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
     let token = b"a-token-for-the-lockout-test-0123";
-    osps_testkit::write_token_file(&token_file, token);
-    let mut args = SMALL.to_vec();
-    args.extend([
-        "--max-connections",
-        "8",
-        "--tcp",
-        "127.0.0.1:0",
-        "--token-file",
-    ]);
-    args.push(token_file.to_str().unwrap());
-    let inst = Instance::start("lockout", &args);
-    let addr: std::net::SocketAddr = inst.status().tcp.unwrap().parse().unwrap();
+    let (inst, _dir, addr) = with_token(
+        "lockout",
+        token,
+        &["--max-connections", "8", "--tcp", "127.0.0.1:0"],
+    );
     let ep: ipc_core::Endpoint = format!("tcp:{addr}").parse().unwrap();
 
     // More silent peers than the whole connection limit, and more than the
