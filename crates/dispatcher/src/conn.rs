@@ -43,6 +43,16 @@ pub enum Via {
     Tcp { needs_token: bool },
 }
 
+impl Via {
+    /// The count of this listener's connections still in their handshake.
+    fn handshaking(self, shared: &Shared) -> &std::cell::Cell<usize> {
+        match self {
+            Via::Unix => &shared.handshaking_unix,
+            Via::Tcp { .. } => &shared.handshaking_tcp,
+        }
+    }
+}
+
 /// Counts one holder of a budget while alive.
 struct Held<'a>(&'a std::cell::Cell<usize>);
 
@@ -65,13 +75,9 @@ pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String, via: Via)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
-    let handshaking = match via {
-        Via::Unix => &shared.handshaking_unix,
-        Via::Tcp { .. } => &shared.handshaking_tcp,
-    };
     if shared.connections.get() >= shared.config.max_connections {
         refuse(&shared, stream, &peer).await;
-    } else if handshaking.get() >= MAX_HANDSHAKING {
+    } else if via.handshaking(&shared).get() >= MAX_HANDSHAKING {
         log_rate_limited(
             || tracing::warn!(%peer, "{MAX_HANDSHAKING} connections on this listener have not finished their handshake; closing new ones at once"),
         );
@@ -155,11 +161,22 @@ fn once_a_second(
     }
 }
 
-/// Why a handshake failed, and whether to drain the peer's input before
-/// closing (so it reads our answer rather than a reset).
+/// Why a handshake failed (`reason`, for the log) and how.
 struct Failed {
     reason: String,
-    linger: bool,
+    how: Failure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Not an OSPS client, another version, or an oversized token: answered;
+    /// its input is drained before closing so it reads the answer, not a reset.
+    Answered,
+    /// Missing or wrong token: `Denied` answered; the opening was read whole,
+    /// so no draining. Logged at warn, on its own limiter.
+    Denied,
+    /// The peer left or the connection failed: nothing to answer.
+    Gone,
 }
 
 /// Serves one accepted connection to its end.
@@ -167,10 +184,7 @@ async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String, via: Via)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
-    let handshaking = Held::new(match via {
-        Via::Unix => &shared.handshaking_unix,
-        Via::Tcp { .. } => &shared.handshaking_tcp,
-    });
+    let handshaking = Held::new(via.handshaking(&shared));
     let (rd, mut wr) = tokio::io::split(stream);
     // A small read buffer: a request's prefix and header arrive in one read
     // (large payloads bypass it, straight into their slot).
@@ -209,11 +223,8 @@ where
                 linger(&mut rd).await;
             }
         }
-        Ok(Err(Failed {
-            reason,
-            linger: drain,
-        })) => {
-            if matches!(via, Via::Tcp { needs_token: true }) && !drain {
+        Ok(Err(Failed { reason, how })) => {
+            if how == Failure::Denied {
                 log_denied(
                     || tracing::warn!(%peer, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
                 );
@@ -223,7 +234,7 @@ where
                 );
             }
             let _ = wr.shutdown().await;
-            if drain {
+            if how == Failure::Answered {
                 linger(&mut rd).await;
             }
         }
@@ -231,15 +242,17 @@ where
     }
 }
 
-/// Reads the client's hello (and its token, if it sends one) and answers it.
-/// On garbage, answers one line of text saying what this port expects. When
-/// `token` is set, the client must present that token.
+/// Reads the client's opening (hello, and its token if it sends one) and
+/// checks it; the caller answers an opening that passes (`Accepted`, or
+/// `Refused` when the server is full). On garbage, answers one line of text
+/// saying what this port expects. When `token` is set, the client must
+/// present that token.
 async fn handshake<R, W>(rd: &mut R, wr: &mut W, token: Option<&[u8]>) -> Result<(), Failed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let fail = |reason: String, linger: bool| Err(Failed { reason, linger });
+    let fail = |reason: String, how| Err(Failed { reason, how });
     // Read no further than the opening needs: what follows is the first request.
     let mut buf = [0u8; proto::MAX_OPENING_LEN];
     let mut got = 0;
@@ -250,11 +263,17 @@ where
                 let _ = wr.write_all(garbage_reply(&buf[..got]).as_bytes()).await;
                 let _ = wr.flush().await;
                 let first = String::from_utf8_lossy(&buf[..got]).into_owned();
-                return fail(format!("not an OSPS client (first bytes {first:?})"), true);
+                return fail(
+                    format!("not an OSPS client (first bytes {first:?})"),
+                    Failure::Answered,
+                );
             }
             Opening::TokenTooLong(len) => {
                 let line = format!("OSPS dispatcher refuses a token of {len} bytes: tokens are at most {MAX_TOKEN_LEN} bytes");
-                return fail(refuse_hello(wr, HelloStatus::Denied, &line).await, true);
+                return fail(
+                    refuse_hello(wr, HelloStatus::Denied, &line).await,
+                    Failure::Answered,
+                );
             }
             Opening::Hello { version, token, .. } => break (version, token),
         };
@@ -262,11 +281,11 @@ where
             Ok(0) => {
                 return fail(
                     format!("peer closed after {got} bytes of its opening"),
-                    false,
+                    Failure::Gone,
                 )
             }
             Ok(n) => got += n,
-            Err(e) => return fail(e.to_string(), false),
+            Err(e) => return fail(e.to_string(), Failure::Gone),
         }
     };
     if version != PROTOCOL_VERSION {
@@ -276,17 +295,26 @@ where
             format!("OSPS dispatcher speaks protocol version {PROTOCOL_VERSION}, client asked for {version}; upgrade the client\n").as_bytes(),
         );
         let _ = wr.write_all(&msg).await;
-        return fail(format!("protocol version {version} not supported"), true);
+        return fail(
+            format!("protocol version {version} not supported"),
+            Failure::Answered,
+        );
     }
     // A denied peer's opening has been read whole: close without draining.
     match (token, presented) {
         (Some(_), None) => {
             let line = "OSPS dispatcher: this TCP port needs a token; give the client the dispatcher's token file (osps-client --token-file FILE)";
-            fail(refuse_hello(wr, HelloStatus::Denied, line).await, false)
+            fail(
+                refuse_hello(wr, HelloStatus::Denied, line).await,
+                Failure::Denied,
+            )
         }
         (Some(expected), Some(p)) if !ipc_core::token::matches(expected, p) => {
             let line = "OSPS dispatcher refuses the connection: wrong token";
-            fail(refuse_hello(wr, HelloStatus::Denied, line).await, false)
+            fail(
+                refuse_hello(wr, HelloStatus::Denied, line).await,
+                Failure::Denied,
+            )
         }
         _ => Ok(()),
     }

@@ -418,19 +418,12 @@ async fn drained(shared: &Shared) {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Refreshes the heartbeat word in the segment header once a second.
 async fn beat(shared: Rc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now = unix_ms();
+        let now = ipc_core::status::unix_ms();
         shared
             .segment
             .header()

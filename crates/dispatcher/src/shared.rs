@@ -420,7 +420,7 @@ impl Shared {
                 w.uptime_ms = self
                     .config
                     .watchdog_started_unix_ms
-                    .map_or(0, |t| crate::unix_ms().saturating_sub(t));
+                    .map_or(0, |t| ipc_core::status::unix_ms().saturating_sub(t));
                 w
             }),
             jobs_sent_ahead: self.jobs_sent_ahead.get(),

@@ -3,6 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the
+/// clock of heartbeat stamps and of start times passed between processes.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// What the dispatcher reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {

@@ -126,7 +126,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
         n.send("STATUS=starting the dispatcher");
     }
     let mut told_ready = false;
-    let started_ms = unix_ms();
+    let started_ms = ipc_core::status::unix_ms();
 
     let mut sup = Supervisor::new(config.policy.clone());
     let mut pending: VecDeque<Action> = sup.start().into();
@@ -251,12 +251,6 @@ async fn tick(interval: Option<&mut tokio::time::Interval>) {
         }
         None => std::future::pending().await,
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
