@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipc_core::frame::{self, FrameError};
-use ipc_core::proto::{FromWorker, Job, JobIn, Request, RequestRef, Response};
+use ipc_core::proto::{FromWorker, Job, JobIn, Request, RequestRef, Response, ToWorker, ToWorkerIn};
 use libfuzzer_sys::fuzz_target;
 
 /// The cap the targets use (the dispatcher's default is 64 KiB).
@@ -77,7 +77,16 @@ fn borrowed(data: &[u8]) {
         }
         if let Ok(job) = frame::decode_body::<JobIn<'_>>(&scratch) {
             let owned: Job = frame::decode_body(&scratch).expect("twin decodes too");
-            assert_eq!((job.job_id, job.op, job.slot), (owned.job_id, owned.op.as_str(), owned.slot));
+            assert_eq!((job.job_id, job.op, job.slot, job.ready), (owned.job_id, owned.op.as_str(), owned.slot, owned.ready));
+        }
+        if let Ok(msg) = frame::decode_body::<ToWorkerIn<'_>>(&scratch) {
+            let owned: ToWorker = frame::decode_body(&scratch).expect("twin decodes too");
+            match (msg, owned) {
+                (ToWorkerIn::Job(j), ToWorker::Job(o)) => assert_eq!((j.job_id, j.op, j.ready), (o.job_id, o.op.as_str(), o.ready)),
+                (ToWorkerIn::More { job_id, ready }, ToWorker::More { job_id: j, ready: r }) => assert_eq!((job_id, ready), (j, r)),
+                (ToWorkerIn::Abort { job_id }, ToWorker::Abort { job_id: j }) => assert_eq!(job_id, j),
+                (m, o) => panic!("twins disagree: {m:?} vs {o:?}"),
+            }
         }
     }
 }
@@ -87,6 +96,7 @@ fuzz_target!(|data: &[u8]| {
     owned::<Request>(data);
     owned::<Response>(data);
     owned::<Job>(data);
+    owned::<ToWorker>(data);
     owned::<FromWorker>(data);
     borrowed(data);
     let largest = LARGEST.load(Ordering::Relaxed);

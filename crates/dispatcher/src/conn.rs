@@ -17,7 +17,7 @@ use tokio::io::{
 };
 use tokio::sync::mpsc;
 
-use crate::shared::{OpName, QueuedJob, Reply, Shared, RESULT_RESERVE};
+use crate::shared::{JobSlot, OpName, QueuedJob, Reply, Shared, Streamed, Upload, RESULT_RESERVE};
 
 /// Bytes a connection reads ahead (headers of pipelined requests).
 const READ_BUFFER: usize = 4096;
@@ -477,10 +477,53 @@ where
             inline(req.id, outcome, Vec::new(), Some(permit));
             continue;
         };
+        let job = |lease, permit, received| QueuedJob {
+            job_id: shared.next_job_id(),
+            req_id: req.id,
+            op: OpName::new(req.op),
+            args: req.args.iter().map(|a| a.to_string()).collect(),
+            lease,
+            input_len: req.payload_len,
+            reply: tx.clone(),
+            attempts: 0,
+            permit,
+            received,
+        };
+        let region = lease.region();
         let buf = shared
             .segment
-            .bytes_mut(lease.region())
+            .bytes_mut(region)
             .expect("allocator regions lie in the arena");
+        if shared.should_stream(req.op, req.payload_len) {
+            // The job goes to an idle worker now and reads the payload as it
+            // comes; the slot is shared with the job until both are done.
+            let streamed = Rc::new(Streamed {
+                lease,
+                upload: Upload::new(req.payload_len),
+            });
+            let now = std::time::Instant::now();
+            shared.enqueue(
+                job(JobSlot::Streamed(Rc::clone(&streamed)), permit, now),
+                false,
+            );
+            let payload = tokio::time::timeout(
+                frame_deadline,
+                frame::read_payload_observed(rd, &mut buf[..req.payload_len as usize], |got| {
+                    streamed.upload.advance(got as u64)
+                }),
+            );
+            let read = payload.await.unwrap_or(Err(FrameError::Stalled));
+            streamed.upload.end(read.is_ok());
+            if let Err(e) = read {
+                tracing::info!(
+                    id = req.id,
+                    "client left inside a {}-byte payload: {e}",
+                    req.payload_len
+                );
+                return false;
+            }
+            continue;
+        }
         let payload = tokio::time::timeout(
             frame_deadline,
             frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]),
@@ -503,19 +546,10 @@ where
             inline(req.id, outcome, Vec::new(), Some(permit));
             continue;
         }
-        let job = QueuedJob {
-            job_id: shared.next_job_id(),
-            req_id: req.id,
-            op: OpName::new(req.op),
-            args: req.args.iter().map(|a| a.to_string()).collect(),
-            lease,
-            input_len: req.payload_len,
-            reply: tx.clone(),
-            attempts: 0,
-            permit,
-            received: std::time::Instant::now(),
-        };
-        shared.enqueue(job, false);
+        shared.enqueue(
+            job(JobSlot::Own(lease), permit, std::time::Instant::now()),
+            false,
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, PROTOCOL_VERSION,
+    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, ToWorkerRef, PROTOCOL_VERSION,
 };
 use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
@@ -24,7 +24,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::shared::{QueuedJob, Reply, Shared};
+use crate::shared::{News, QueuedJob, Reply, Shared, Streamed};
 
 /// How long a new worker has to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,8 +197,12 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
     let failed = match tokio::time::timeout(READY_TIMEOUT, hello).await {
         Ok(Ok(FromWorker::Ready {
             version: PROTOCOL_VERSION,
+            streams,
             ..
-        })) => return Ok(worker),
+        })) => {
+            shared.set_streaming_ops(streams);
+            return Ok(worker);
+        }
         Ok(Ok(other)) => format!("unexpected first message {other:?}"),
         Ok(Err(e)) => format!("no ready message: {e}"),
         Err(_) => format!("not ready within {READY_TIMEOUT:?}"),
@@ -228,6 +232,10 @@ async fn serve(
     let mut sent: VecDeque<QueuedJob> = VecDeque::new();
     let mut written = 0usize;
     let mut head_since = Instant::now();
+    // While the running job's payload is still arriving: its upload, and how
+    // many bytes the worker was told are in. No timeout runs meanwhile (the
+    // connection's frame deadline bounds the upload); it starts once all is in.
+    let mut arriving: Option<(Rc<Streamed>, u64)> = None;
     let mut out = Vec::with_capacity(4096);
     let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -244,14 +252,16 @@ async fn serve(
         // More in the same write while jobs wait and no other worker is idle,
         // small ones only: what is sent ahead must fit the pipe with room to
         // spare, so neither side can block writing while the other does.
+        // Never behind or ahead of a job whose payload is arriving: the
+        // worker reads that payload's news from its pipe until it is all in.
         let mut ahead = 0;
-        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 {
+        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 && arriving.is_none() {
             let Some(job) = shared.try_next_job() else {
                 break;
             };
             let size =
                 64 + job.op.as_str().len() + job.args.iter().map(|a| a.len() + 8).sum::<usize>();
-            if ahead + size > MAX_BATCH_BYTES {
+            if ahead + size > MAX_BATCH_BYTES || job.lease.upload().is_some() {
                 shared.enqueue(job, true);
                 break;
             }
@@ -262,13 +272,21 @@ async fn serve(
         if written < sent.len() {
             out.clear();
             for job in sent.range(written..) {
-                let msg = JobRef {
+                let ready = match job.lease.upload() {
+                    Some(streamed) => {
+                        arriving = Some((Rc::clone(streamed), streamed.upload.ready()));
+                        streamed.upload.ready()
+                    }
+                    None => job.input_len,
+                };
+                let msg = ToWorkerRef::Job(JobRef {
                     job_id: job.job_id,
                     op: job.op.as_str(),
                     args: &job.args,
                     slot: job.lease.region(),
                     input_len: job.input_len,
-                };
+                    ready,
+                });
                 frame::encode(&msg, &mut out).expect("jobs encode");
             }
             let stdin = w.stdin.as_mut().expect("open while serving");
@@ -278,9 +296,35 @@ async fn serve(
             written = sent.len();
         }
         shared.set_state(index, "busy");
+        // Tell the worker of its payload's progress, if there is news.
+        if let Some((streamed, told)) = &mut arriving {
+            if let Some(news) = streamed.upload.news(*told) {
+                let job_id = sent.front().expect("a job runs").job_id;
+                let msg = match news {
+                    News::More { ready, .. } => ToWorkerRef::More { job_id, ready },
+                    News::Abort => ToWorkerRef::Abort { job_id },
+                };
+                out.clear();
+                frame::encode(&msg, &mut out).expect("news encodes");
+                let stdin = w.stdin.as_mut().expect("open while serving");
+                if let Err(e) = stdin.write_all(&out).await {
+                    return died(format!("job pipe: {e}"), sent);
+                }
+                match news {
+                    News::More { ready, last: false } => *told = ready,
+                    News::More { last: true, .. } | News::Abort => {
+                        arriving = None;
+                        head_since = Instant::now();
+                    }
+                }
+                continue;
+            }
+        }
+        let upload = arriving.as_ref().map(|(s, _)| Rc::clone(s));
         let read = tokio::select! {
             r = w.stdout.read_buf(&mut inbuf) => r,
-            _ = tokio::time::sleep_until(head_since + timeout) => {
+            _ = async { upload.as_ref().expect("checked").upload.changed().await }, if upload.is_some() => continue,
+            _ = tokio::time::sleep_until(head_since + timeout), if upload.is_none() => {
                 let head = sent.pop_front().expect("a job runs");
                 tracing::warn!(worker = index, job = head.job_id, op = %head.op, "job timed out after {timeout:?}");
                 let msg = format!("the job ran longer than {timeout:?}; its worker was killed and replaced");
@@ -309,7 +353,23 @@ async fn serve(
                 Err(e) => return broke(format!("bad result frame: {e}"), sent),
             };
             match msg {
+                FromWorker::Done(done)
+                    if arriving.is_some() && matches!(done.outcome, Outcome::Ok) =>
+                {
+                    // Success before the payload was all in: the result would be
+                    // read from a slot the connection may still be writing.
+                    return broke(
+                        format!(
+                            "job {} succeeded before its payload had arrived",
+                            done.job_id
+                        ),
+                        sent,
+                    );
+                }
                 FromWorker::Done(done) if sent.front().is_some_and(|j| j.job_id == done.job_id) => {
+                    // An error may come early (bad arguments); the news still
+                    // sent for that job is ignored by the worker.
+                    arriving = None;
                     let job = sent.pop_front().expect("checked above");
                     written -= 1;
                     head_since = Instant::now();

@@ -20,6 +20,11 @@ use crate::Config;
 /// operation never has to overwrite its input to answer.
 pub const RESULT_RESERVE: u64 = 4096;
 
+/// Payloads from this size up, of an operation that streams, may go to an
+/// idle worker as soon as their header is read: the worker starts on the
+/// first bytes while the rest arrives (hashing overlaps the upload).
+pub const STREAM_MIN: u64 = 1 << 20;
+
 /// What a connection's writer sends back to its client.
 #[derive(Debug)]
 pub enum Reply {
@@ -28,7 +33,7 @@ pub enum Reply {
         req_id: u64,
         outcome: Outcome,
         result: Region,
-        lease: SlotLease,
+        lease: JobSlot,
         permit: OwnedSemaphorePermit,
     },
     /// An answer the dispatcher made itself (status, errors), bytes inline.
@@ -86,15 +91,147 @@ pub struct QueuedJob {
     pub req_id: u64,
     pub op: OpName,
     pub args: Vec<String>,
-    pub lease: SlotLease,
+    pub lease: JobSlot,
     pub input_len: u64,
     pub reply: mpsc::UnboundedSender<Reply>,
     /// Runs so far that ended with the worker dying.
     pub attempts: u8,
     /// The connection's in-flight allowance, returned when the reply is written.
     pub permit: OwnedSemaphorePermit,
-    /// When the request (header and payload) had been read.
+    /// When the request (header and payload; only the header for a job
+    /// sent while its payload arrives) had been read.
     pub received: Instant,
+}
+
+/// A job's hold on its slot.
+#[derive(Debug)]
+pub enum JobSlot {
+    /// The payload is all in: the job alone holds the slot.
+    Own(SlotLease),
+    /// The payload may still be arriving: the connection reading it holds
+    /// the slot too, so it is freed only once neither writes nor reads it.
+    Streamed(Rc<Streamed>),
+}
+
+impl JobSlot {
+    /// The slot's bytes in the arena.
+    pub fn region(&self) -> Region {
+        match self {
+            JobSlot::Own(lease) => lease.region(),
+            JobSlot::Streamed(s) => s.lease.region(),
+        }
+    }
+
+    /// The payload's upload, unless it has arrived in full.
+    pub fn upload(&self) -> Option<&Rc<Streamed>> {
+        match self {
+            JobSlot::Streamed(s) if s.upload.state() != UploadState::Complete => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A slot whose payload arrives while its job may already run.
+#[derive(Debug)]
+pub struct Streamed {
+    pub lease: SlotLease,
+    pub upload: Upload,
+}
+
+/// How far a payload has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadState {
+    Arriving,
+    Complete,
+    /// The client left or stalled: the rest will never come.
+    Failed,
+}
+
+/// What the worker running a streamed job must be told next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum News {
+    /// `ready` bytes are in; `last` when that is all of them.
+    More { ready: u64, last: bool },
+    /// The payload will not arrive in full.
+    Abort,
+}
+
+/// Progress of a payload being read into its slot, written by the
+/// connection and read by the worker driver running its job.
+#[derive(Debug)]
+pub struct Upload {
+    len: u64,
+    ready: Cell<u64>,
+    state: Cell<UploadState>,
+    /// `ready` at the last wake-up of the driver.
+    woken_at: Cell<u64>,
+    /// Bytes between wake-ups: the worker hears of progress at most 64 times
+    /// per payload (and every 256 KiB at most often).
+    step: u64,
+    progress: Notify,
+}
+
+impl Upload {
+    pub fn new(len: u64) -> Self {
+        Upload {
+            len,
+            ready: Cell::new(0),
+            state: Cell::new(UploadState::Arriving),
+            woken_at: Cell::new(0),
+            step: (len / 64).max(256 << 10),
+            progress: Notify::new(),
+        }
+    }
+
+    pub fn state(&self) -> UploadState {
+        self.state.get()
+    }
+
+    /// Bytes in the slot so far.
+    pub fn ready(&self) -> u64 {
+        self.ready.get()
+    }
+
+    /// Notes that `ready` bytes are in; wakes the driver every `step` bytes.
+    pub fn advance(&self, ready: u64) {
+        self.ready.set(ready);
+        if ready >= self.woken_at.get() + self.step {
+            self.woken_at.set(ready);
+            self.progress.notify_one();
+        }
+    }
+
+    /// Ends the upload: `complete` when all bytes are in, else failed.
+    pub fn end(&self, complete: bool) {
+        let state = if complete && self.ready.get() == self.len {
+            UploadState::Complete
+        } else {
+            UploadState::Failed
+        };
+        self.state.set(state);
+        self.progress.notify_one();
+    }
+
+    /// What a worker told of `told` bytes must hear now, if anything.
+    pub fn news(&self, told: u64) -> Option<News> {
+        match self.state.get() {
+            UploadState::Failed => Some(News::Abort),
+            UploadState::Complete => Some(News::More {
+                ready: self.len,
+                last: true,
+            }),
+            UploadState::Arriving if self.ready.get() >= told + self.step => Some(News::More {
+                ready: self.ready.get(),
+                last: false,
+            }),
+            UploadState::Arriving => None,
+        }
+    }
+
+    /// Waits for the next wake-up (a permit given while nobody waited is kept).
+    pub async fn changed(&self) {
+        self.progress.notified().await
+    }
 }
 
 /// A slot on loan from the allocator; returned when dropped, wherever that is
@@ -162,6 +299,8 @@ pub struct Shared {
     latency: RefCell<LatencyWindow>,
     /// The token TCP clients must present (from `--token-file`), if any.
     pub tcp_token: Option<Box<[u8]>>,
+    /// Operations the workers read front to back (from their `Ready`).
+    streaming_ops: RefCell<Vec<String>>,
 }
 
 impl Shared {
@@ -213,6 +352,7 @@ impl Shared {
             worker_started: (0..n_workers).map(|_| Cell::new(None)).collect(),
             latency: RefCell::new(LatencyWindow::new()),
             tcp_token,
+            streaming_ops: RefCell::new(Vec::new()),
         })
     }
 
@@ -293,6 +433,24 @@ impl Shared {
     /// The next queued job, if there is one now.
     pub fn try_next_job(&self) -> Option<QueuedJob> {
         self.queue.borrow_mut().pop_front()
+    }
+
+    /// Records the operations a worker said it streams.
+    pub fn set_streaming_ops(&self, ops: Vec<String>) {
+        *self.streaming_ops.borrow_mut() = ops;
+    }
+
+    /// Whether a request should go to a worker as soon as its header is read,
+    /// its payload following as it arrives. Only for large payloads of an
+    /// operation that streams, and only when another worker stays idle and
+    /// nothing waits: a job whose upload is slow holds its worker, and at
+    /// least one worker is always left for everything else.
+    pub fn should_stream(&self, op: &str, payload_len: u64) -> bool {
+        payload_len >= STREAM_MIN
+            && self.idle_workers.get() >= 2
+            && self.queue.borrow().is_empty()
+            && !self.draining.get()
+            && self.streaming_ops.borrow().iter().any(|o| o == op)
     }
 
     /// Workers waiting for a job right now.

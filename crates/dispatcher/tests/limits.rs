@@ -6,19 +6,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ipc_core::proto::{self, PROTOCOL_VERSION};
+use ipc_core::proto;
 use osps_client::ClientError;
 use osps_testkit::{Instance, PATIENCE};
-
-fn raw_after_hello(inst: &Instance) -> UnixStream {
-    let mut s = UnixStream::connect(inst.paths.socket()).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
-        .unwrap();
-    let mut hello = [0u8; 8];
-    s.read_exact(&mut hello).unwrap();
-    s
-}
 
 /// Waits until the server closes `s`; returns how long it took.
 fn closed_after(s: &mut UnixStream) -> Duration {
@@ -91,10 +81,10 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
         ],
     );
     // Two bytes of a length prefix, then nothing.
-    let mut header = raw_after_hello(&inst);
+    let mut header = inst.raw_client();
     header.write_all(&[9, 0]).unwrap();
     // A whole header announcing a payload, then only part of the payload.
-    let mut payload = raw_after_hello(&inst);
+    let mut payload = inst.raw_client();
     let mut buf = Vec::new();
     ipc_core::frame::encode(
         &proto::Request {
@@ -109,7 +99,7 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
     buf.extend_from_slice(&[1u8; 10]);
     payload.write_all(&buf).unwrap();
     // A payload the dispatcher refuses (status takes none) and skips, trickled then stalled.
-    let mut refused = raw_after_hello(&inst);
+    let mut refused = inst.raw_client();
     let mut buf = Vec::new();
     ipc_core::frame::encode(
         &proto::Request {
@@ -151,7 +141,7 @@ fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
             "600",
         ],
     );
-    let mut idle = raw_after_hello(&inst);
+    let mut idle = inst.raw_client();
     let mut busy = inst.client();
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(1500) {

@@ -28,16 +28,6 @@ fn raw(inst: &Instance) -> UnixStream {
     s
 }
 
-fn raw_after_hello(inst: &Instance) -> UnixStream {
-    let mut s = raw(inst);
-    s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
-        .unwrap();
-    let mut hello = [0u8; 8];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(proto::decode_hello(&hello), Some((PROTOCOL_VERSION, 0)));
-    s
-}
-
 /// Everything the server sends until it closes.
 fn read_all(s: &mut UnixStream) -> Vec<u8> {
     let mut out = Vec::new();
@@ -136,7 +126,7 @@ fn a_silent_peer_is_dropped_after_the_handshake_deadline() {
 #[test]
 fn a_frame_longer_than_the_maximum_gets_bad_request_and_close() {
     let inst = Instance::start("oversize", ARGS);
-    let mut s = raw_after_hello(&inst);
+    let mut s = inst.raw_client();
     s.write_all(&(10u32 << 20).to_le_bytes()).unwrap();
     let resp = read_response(&mut s);
     assert_eq!(resp.id, 0);
@@ -154,7 +144,7 @@ fn a_frame_longer_than_the_maximum_gets_bad_request_and_close() {
 #[test]
 fn a_corrupt_header_gets_bad_request_and_close() {
     let inst = Instance::start("corrupt", ARGS);
-    let mut s = raw_after_hello(&inst);
+    let mut s = inst.raw_client();
     let body = [0x05u8, 0x03, 0xff, 0xfe, 0xfd]; // op string of invalid UTF-8
     s.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
     s.write_all(&body).unwrap();
@@ -189,7 +179,7 @@ fn an_unknown_operation_is_a_typed_error_and_the_connection_goes_on() {
 #[test]
 fn a_payload_over_the_limit_is_refused_before_it_is_read() {
     let inst = Instance::start("toolarge", ARGS);
-    let mut s = raw_after_hello(&inst);
+    let mut s = inst.raw_client();
     let req = Request {
         id: 7,
         op: "echo".into(),
@@ -213,7 +203,7 @@ fn a_payload_over_the_limit_is_refused_before_it_is_read() {
 #[test]
 fn a_connection_closed_mid_payload_frees_its_slot() {
     let inst = Instance::start("midpayload", ARGS);
-    let mut s = raw_after_hello(&inst);
+    let mut s = inst.raw_client();
     let req = Request {
         id: 1,
         op: "sha256".into(),

@@ -222,12 +222,27 @@ pub async fn read_payload_async<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],
 ) -> Result<(), FrameError> {
-    let got = fill_async(r, buf).await?;
-    if got < buf.len() {
-        return Err(FrameError::Truncated {
-            expected: buf.len(),
-            got,
-        });
+    read_payload_observed(r, buf, |_| {}).await
+}
+
+/// [`read_payload_async`], calling `progress` with the bytes read so far after each read.
+pub async fn read_payload_observed<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    mut progress: impl FnMut(usize),
+) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]).await? {
+            0 => {
+                return Err(FrameError::Truncated {
+                    expected: buf.len(),
+                    got,
+                })
+            }
+            n => got += n,
+        }
+        progress(got);
     }
     Ok(())
 }

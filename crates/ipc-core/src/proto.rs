@@ -328,6 +328,9 @@ pub struct Job {
     pub slot: Region,
     /// Number of input bytes at the start of the slot.
     pub input_len: u64,
+    /// Input bytes in the slot already. Less than `input_len` when the job is
+    /// sent while its payload still arrives: [`ToWorker::More`] frames follow.
+    pub ready: u64,
 }
 
 /// A [`Job`] as the dispatcher encodes it, borrowing its strings: the same
@@ -344,6 +347,8 @@ pub struct JobRef<'a> {
     pub slot: Region,
     /// See [`Job::input_len`].
     pub input_len: u64,
+    /// See [`Job::ready`].
+    pub ready: u64,
 }
 
 /// A [`Job`] decoded in place by the worker, borrowing its strings from the
@@ -362,6 +367,52 @@ pub struct JobIn<'a> {
     pub slot: Region,
     /// See [`Job::input_len`].
     pub input_len: u64,
+    /// See [`Job::ready`].
+    pub ready: u64,
+}
+
+/// Dispatcher → worker messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Run a job.
+    Job(Job),
+    /// More of the running job's input has arrived: the first `ready` bytes
+    /// of its slot are in place.
+    More {
+        /// The job whose input grew.
+        job_id: u64,
+        /// Input bytes in the slot now; `input_len` once all has arrived.
+        ready: u64,
+    },
+    /// The running job's input will never arrive in full (the client left or
+    /// stalled): stop and answer an error.
+    Abort {
+        /// The job to give up.
+        job_id: u64,
+    },
+}
+
+/// A [`ToWorker`] as the dispatcher encodes it, borrowing its strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ToWorkerRef<'a> {
+    /// See [`ToWorker::Job`].
+    Job(JobRef<'a>),
+    /// See [`ToWorker::More`].
+    More { job_id: u64, ready: u64 },
+    /// See [`ToWorker::Abort`].
+    Abort { job_id: u64 },
+}
+
+/// A [`ToWorker`] decoded in place by the worker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub enum ToWorkerIn<'a> {
+    /// See [`ToWorker::Job`].
+    #[serde(borrow)]
+    Job(JobIn<'a>),
+    /// See [`ToWorker::More`].
+    More { job_id: u64, ready: u64 },
+    /// See [`ToWorker::Abort`].
+    Abort { job_id: u64 },
 }
 
 /// Worker → dispatcher messages.
@@ -373,6 +424,10 @@ pub enum FromWorker {
         pid: u32,
         /// The worker's protocol version ([`PROTOCOL_VERSION`]).
         version: u16,
+        /// Operations that read their input front to back and so may be sent
+        /// before their payload has arrived in full (then `More` frames follow).
+        #[serde(deserialize_with = "bounded_args")]
+        streams: Vec<String>,
     },
     /// A job finished; the slot goes back to the dispatcher.
     Done(JobDone),
@@ -503,6 +558,7 @@ mod tests {
                 len: 8192,
             },
             input_len: 3,
+            ready: 2,
         };
         let by_ref = JobRef {
             job_id: 9,
@@ -510,10 +566,54 @@ mod tests {
             args: &job.args,
             slot: job.slot,
             input_len: 3,
+            ready: 2,
         };
         assert_eq!(
             postcard::to_stdvec(&job).unwrap(),
             postcard::to_stdvec(&by_ref).unwrap()
+        );
+        let owned = [
+            ToWorker::Job(job.clone()),
+            ToWorker::More {
+                job_id: 9,
+                ready: 3,
+            },
+            ToWorker::Abort { job_id: 9 },
+        ];
+        let by_ref = [
+            ToWorkerRef::Job(by_ref),
+            ToWorkerRef::More {
+                job_id: 9,
+                ready: 3,
+            },
+            ToWorkerRef::Abort { job_id: 9 },
+        ];
+        for (o, r) in owned.iter().zip(&by_ref) {
+            let bytes = postcard::to_stdvec(o).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(r).unwrap());
+            let back: ToWorkerIn<'_> = postcard::from_bytes(&bytes).unwrap();
+            let again: ToWorker = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(&again, o);
+            match (back, o) {
+                (ToWorkerIn::Job(j), ToWorker::Job(o)) => {
+                    assert_eq!((j.job_id, j.op, j.input_len, j.ready), (9, "sleep", 3, 2));
+                    assert_eq!((j.args, j.slot), (vec!["5"], o.slot));
+                }
+                (ToWorkerIn::More { job_id, ready }, ToWorker::More { .. }) => {
+                    assert_eq!((job_id, ready), (9, 3))
+                }
+                (ToWorkerIn::Abort { job_id }, ToWorker::Abort { .. }) => assert_eq!(job_id, 9),
+                (b, o) => panic!("{b:?} decoded from {o:?}"),
+            }
+        }
+        // The pinned bytes of section 13 of docs/PROTOCOL.md.
+        assert_eq!(
+            postcard::to_stdvec(&ToWorker::More {
+                job_id: 1,
+                ready: 300
+            })
+            .unwrap(),
+            b"\x01\x01\xac\x02"
         );
         let req = Request {
             id: 300,
@@ -526,6 +626,46 @@ mod tests {
         assert_eq!(
             (r.id, r.op, r.args, r.payload_len),
             (300, "upper", vec!["a", "b"], 70_000)
+        );
+    }
+
+    #[test]
+    fn worker_pipe_examples_match_the_protocol_document() {
+        let slot = Region {
+            offset: 0,
+            len: 8192,
+        };
+        let job = |job_id, op: &str| {
+            ToWorker::Job(Job {
+                job_id,
+                op: op.into(),
+                args: vec![],
+                slot,
+                input_len: 11,
+                ready: 11,
+            })
+        };
+        let framed = |msg: &dyn Fn(&mut Vec<u8>)| {
+            let mut out = Vec::new();
+            msg(&mut out);
+            out
+        };
+        assert_eq!(
+            framed(&|o| crate::frame::encode(&job(1, "upper"), o).unwrap()),
+            b"\x0e\0\0\0\x00\x01\x05upper\x00\x00\x80\x40\x0b\x0b"
+        );
+        assert_eq!(
+            framed(&|o| crate::frame::encode(&job(2, "wc"), o).unwrap()),
+            b"\x0b\0\0\0\x00\x02\x02wc\x00\x00\x80\x40\x0b\x0b"
+        );
+        let ready = FromWorker::Ready {
+            pid: 19227,
+            version: 1,
+            streams: vec!["sha256".into(), "wc".into()],
+        };
+        assert_eq!(
+            framed(&|o| crate::frame::encode(&ready, o).unwrap()),
+            b"\x10\0\0\0\x00\x9b\x96\x01\x01\x02\x06sha256\x02wc"
         );
     }
 

@@ -3,7 +3,8 @@
 
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, Job, JobDone, JobIn, Outcome, RemoteError, Request, RequestRef, Response,
+    ErrorKind, FromWorker, Job, JobDone, JobIn, Outcome, RemoteError, Request, RequestRef,
+    Response, ToWorker, ToWorkerIn,
 };
 use ipc_core::Region;
 use proptest::prelude::*;
@@ -82,14 +83,17 @@ proptest! {
         len in any::<u64>(),
         pid in any::<u32>(),
     ) {
-        let job = Job { job_id, op, args, slot, input_len };
+        let job = Job { job_id, op, args, slot, input_len, ready: off };
         round_trip(&job);
         let mut buf = Vec::new();
         frame::encode(&job, &mut buf).unwrap();
         let j: JobIn<'_> = frame::decode_body(&buf[4..]).unwrap();
-        prop_assert_eq!((j.job_id, j.op, j.slot, j.input_len), (job.job_id, job.op.as_str(), job.slot, job.input_len));
+        prop_assert_eq!((j.job_id, j.op, j.slot, j.input_len, j.ready), (job.job_id, job.op.as_str(), job.slot, job.input_len, off));
+        round_trip(&ToWorker::Job(job.clone()));
+        round_trip(&ToWorker::More { job_id, ready: len });
+        round_trip(&ToWorker::Abort { job_id });
         round_trip(&FromWorker::Done(JobDone { job_id, outcome, result_offset: off, result_len: len }));
-        round_trip(&FromWorker::Ready { pid, version: 1 });
+        round_trip(&FromWorker::Ready { pid, version: 1, streams: vec!["sha256".into()] });
     }
 
     #[test]
@@ -97,6 +101,8 @@ proptest! {
         let _ = frame::try_decode::<Request>(&bytes, 1024);
         let _ = frame::try_decode::<Response>(&bytes, 1024);
         let _ = frame::try_decode::<FromWorker>(&bytes, 1024);
+        let _ = frame::try_decode::<ToWorker>(&bytes, 1024);
+        let _ = frame::decode_body::<ToWorkerIn<'_>>(&bytes);
         let _ = frame::decode_body::<RequestRef<'_>>(&bytes);
         let _ = frame::decode_body::<JobIn<'_>>(&bytes);
     }

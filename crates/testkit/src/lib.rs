@@ -366,6 +366,21 @@ impl Instance {
         c
     }
 
+    /// A raw connection to the Unix socket, past the hello (accepted), with
+    /// a read timeout: for tests that write frames and bytes by hand.
+    pub fn raw_client(&self) -> std::os::unix::net::UnixStream {
+        use ipc_core::proto::{self, PROTOCOL_VERSION};
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.paths.socket()).expect("connect");
+        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        s.write_all(&proto::encode_hello(PROTOCOL_VERSION, 0))
+            .expect("hello");
+        let mut hello = [0u8; proto::HELLO_LEN];
+        s.read_exact(&mut hello).expect("the server's hello");
+        assert_eq!(proto::decode_hello(&hello), Some((PROTOCOL_VERSION, 0)));
+        s
+    }
+
     /// The status report, or `None` if the dispatcher does not answer.
     pub fn try_status(&self) -> Option<StatusReport> {
         let mut c = Client::connect(&self.endpoint()).ok()?;

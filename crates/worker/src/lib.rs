@@ -1,5 +1,8 @@
 //! The OSPS worker: reads [`Job`]s as frames on stdin, runs each on its slot
 //! of the shared segment in place, and answers a [`JobDone`] frame on stdout.
+//! A job of a streaming operation may come before its input has arrived in
+//! full: then `More` frames on stdin say how far the input has come (or
+//! `Abort` that it never will), and the operation reads it as it comes.
 //! Logs go to stderr. It exits cleanly on EOF, which is how the dispatcher
 //! stops it, and dies with its dispatcher (`PR_SET_PDEATHSIG`) as a backstop.
 
@@ -11,9 +14,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, JobDone, JobIn, Outcome, RemoteError, PROTOCOL_VERSION,
+    ErrorKind, FromWorker, JobDone, JobIn, Outcome, RemoteError, ToWorkerIn, PROTOCOL_VERSION,
 };
-use ipc_core::{Segment, SegmentError};
+use ipc_core::{Region, Segment, SegmentError};
 
 /// Longest error message a worker sends back, in bytes.
 const MAX_MESSAGE: usize = 1024;
@@ -44,6 +47,8 @@ pub enum WorkerError {
     Prctl(nix::Error),
     #[error("the segment belongs to dispatcher {owner}, not to our parent {parent}; exiting")]
     ForeignSegment { owner: u32, parent: u32 },
+    #[error("job {running}'s input was still arriving when job {next} came")]
+    JobDuringInput { running: u64, next: u64 },
 }
 
 /// Runs the worker until its stdin closes.
@@ -83,58 +88,222 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
     let ready = FromWorker::Ready {
         pid: std::process::id(),
         version: PROTOCOL_VERSION,
+        streams: ops::OPS
+            .iter()
+            .filter(|o| o.streams() && (config.allow_fault_injection || !o.fault_injection))
+            .map(|o| o.name.to_owned())
+            .collect(),
     };
     frame::write_frame(&mut output, &ready, &mut out_buf)?;
     output.flush()?;
     // Soon after ready: map the whole segment so no job pays a page fault.
     segment.populate_in_background(std::time::Duration::from_millis(200));
     tracing::debug!(segment = %config.segment, "worker ready");
+    let mut news_scratch = Vec::with_capacity(64);
     loop {
         // Decoded in place: the job borrows its strings from `scratch`.
-        let job: JobIn<'_> = match frame::read_body(&mut input, &mut scratch, DEFAULT_MAX_FRAME)
-            .and_then(|()| frame::decode_body(&scratch))
-        {
-            Ok(job) => job,
-            Err(FrameError::Closed) => {
-                tracing::debug!("job pipe closed; exiting");
-                return Ok(());
+        let msg: ToWorkerIn<'_> =
+            match frame::read_body(&mut input, &mut scratch, DEFAULT_MAX_FRAME)
+                .and_then(|()| frame::decode_body(&scratch))
+            {
+                Ok(msg) => msg,
+                Err(FrameError::Closed) => {
+                    tracing::debug!("job pipe closed; exiting");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+        let job = match msg {
+            ToWorkerIn::Job(job) => job,
+            // News of a job answered before its input was in (it failed early).
+            ToWorkerIn::More { job_id, .. } | ToWorkerIn::Abort { job_id } => {
+                tracing::trace!(job = job_id, "input news for an answered job; ignored");
+                continue;
             }
-            Err(e) => return Err(e.into()),
         };
-        let done = run_job(&segment, &job, config.allow_fault_injection);
+        let mut pipe = Pipe {
+            input: &mut input,
+            scratch: &mut news_scratch,
+            broken: None,
+        };
+        let done = run_job(&segment, &job, config.allow_fault_injection, &mut pipe);
         segment.header().count_job();
         frame::write_frame(&mut output, &FromWorker::Done(done), &mut out_buf)?;
         // Answer at once: holding a result back while the next job runs
         // would make a crash or a hang of that job look like this one's.
         output.flush()?;
+        if let Some(e) = pipe.broken {
+            return Err(e);
+        }
     }
 }
 
-/// Runs one job on its slot and describes the result.
-pub fn run_job(segment: &Segment, job: &JobIn<'_>, allow_fault_injection: bool) -> JobDone {
+/// Where a job whose input is still arriving learns that more has come.
+pub trait Arrivals {
+    /// Waits until the dispatcher says more of job `job_id`'s input is in the
+    /// slot, and returns how many bytes are there now; an error when the
+    /// input will never arrive in full.
+    fn more(&mut self, job_id: u64) -> Result<u64, RemoteError>;
+}
+
+/// [`Arrivals`] read from the job pipe.
+struct Pipe<'a, R> {
+    input: &'a mut R,
+    scratch: &'a mut Vec<u8>,
+    /// Set when the pipe failed or broke protocol: the worker exits after
+    /// answering the job.
+    broken: Option<WorkerError>,
+}
+
+impl<R: io::Read> Arrivals for Pipe<'_, R> {
+    fn more(&mut self, job_id: u64) -> Result<u64, RemoteError> {
+        loop {
+            let msg = frame::read_body(self.input, self.scratch, DEFAULT_MAX_FRAME)
+                .and_then(|()| frame::decode_body::<ToWorkerIn<'_>>(self.scratch));
+            let next = match msg {
+                Ok(ToWorkerIn::More { job_id: id, ready }) if id == job_id => return Ok(ready),
+                Ok(ToWorkerIn::Abort { job_id: id }) if id == job_id => {
+                    return Err(RemoteError::new(
+                        ErrorKind::BadRequest,
+                        "the payload did not arrive in full (the client left or stalled)",
+                    ))
+                }
+                Ok(ToWorkerIn::More { .. } | ToWorkerIn::Abort { .. }) => continue, // an older job's
+                Ok(ToWorkerIn::Job(next)) => {
+                    self.broken = Some(WorkerError::JobDuringInput {
+                        running: job_id,
+                        next: next.job_id,
+                    });
+                    "a new job came while the input was still arriving".to_owned()
+                }
+                Err(e) => {
+                    let why = format!("job pipe failed while the input was arriving: {e}");
+                    self.broken = Some(e.into());
+                    why
+                }
+            };
+            return Err(RemoteError::new(ErrorKind::Internal, next));
+        }
+    }
+}
+
+/// A streaming job's input, read from the slot as it arrives.
+struct Arriving<'a> {
+    segment: &'a Segment,
+    arrivals: &'a mut dyn Arrivals,
+    job_id: u64,
+    slot: Region,
+    input_len: u64,
+    /// Bytes handed to the operation.
+    seen: u64,
+    /// Bytes in the slot.
+    ready: u64,
+}
+
+impl Arriving<'_> {
+    /// Waits for more of the input.
+    fn wait(&mut self) -> Result<(), RemoteError> {
+        let ready = self.arrivals.more(self.job_id)?;
+        if ready < self.ready || ready > self.input_len {
+            return Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!(
+                    "the dispatcher said {ready} input bytes were in, after {} of {}",
+                    self.ready, self.input_len
+                ),
+            ));
+        }
+        self.ready = ready;
+        Ok(())
+    }
+
+    /// Waits until all of the input is in.
+    fn wait_all(&mut self) -> Result<(), RemoteError> {
+        while self.ready < self.input_len {
+            self.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl ops::Input for Arriving<'_> {
+    fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError> {
+        while self.seen == self.ready {
+            if self.seen == self.input_len {
+                return Ok(None);
+            }
+            self.wait()?;
+        }
+        // A fresh view of what has arrived, taken after the dispatcher said so;
+        // the bytes beyond `ready` are still being written and are not touched.
+        let region = Region {
+            offset: self.slot.offset + self.seen,
+            len: self.ready - self.seen,
+        };
+        self.seen = self.ready;
+        self.segment
+            .bytes(region)
+            .map(Some)
+            .map_err(|e| RemoteError::new(ErrorKind::Internal, format!("bad slot: {e}")))
+    }
+}
+
+/// Runs one job on its slot and describes the result. A job whose input is
+/// still arriving (`ready < input_len`) learns of its progress from `arrivals`.
+pub fn run_job(
+    segment: &Segment,
+    job: &JobIn<'_>,
+    allow_fault_injection: bool,
+    arrivals: &mut dyn Arrivals,
+) -> JobDone {
     let result = (|| {
         let spec = ops::lookup(job.op, allow_fault_injection)?;
-        let slot = segment.bytes_mut(job.slot).map_err(|e| {
-            RemoteError::new(
-                ErrorKind::Internal,
-                format!("bad slot from dispatcher: {e}"),
-            )
-        })?;
+        let slot_len = segment
+            .bytes(job.slot)
+            .map_err(|e| {
+                RemoteError::new(
+                    ErrorKind::Internal,
+                    format!("bad slot from dispatcher: {e}"),
+                )
+            })?
+            .len();
         let input_len = usize::try_from(job.input_len)
             .ok()
-            .filter(|&n| n <= slot.len())
+            .filter(|&n| n <= slot_len && job.ready <= job.input_len)
             .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
+        let mut arriving = Arriving {
+            segment,
+            arrivals,
+            job_id: job.job_id,
+            slot: job.slot,
+            input_len: job.input_len,
+            seen: 0,
+            ready: job.ready,
+        };
+        let streamed = match spec.run {
+            ops::Run::Stream(f) if arriving.ready < arriving.input_len => {
+                let short = catch_unwind(AssertUnwindSafe(|| f(&job.args, &mut arriving)))
+                    .unwrap_or_else(|_| Err(panicked(job.op)))?;
+                // An operation that answered without reading all of its input:
+                // the reply goes in the slot only once nothing more is written there.
+                arriving.wait_all()?;
+                Some(short)
+            }
+            _ => {
+                arriving.wait_all()?;
+                None
+            }
+        };
         let mut ctx = ops::JobCtx {
             args: &job.args,
-            slot,
+            slot: segment.bytes_mut(job.slot).expect("checked above"),
             input_len,
         };
-        catch_unwind(AssertUnwindSafe(|| (spec.run)(&mut ctx))).unwrap_or_else(|_| {
-            Err(RemoteError::new(
-                ErrorKind::Internal,
-                format!("operation {:?} panicked (a bug in OSPS)", job.op),
-            ))
-        })
+        match streamed {
+            Some(short) => ctx.reply(short.as_bytes()),
+            None => catch_unwind(AssertUnwindSafe(|| spec.run_whole(&mut ctx)))
+                .unwrap_or_else(|_| Err(panicked(job.op))),
+        }
     })();
     match result {
         Ok(out) => JobDone {
@@ -162,4 +331,11 @@ pub fn run_job(segment: &Segment, job: &JobIn<'_>, allow_fault_injection: bool) 
             }
         }
     }
+}
+
+fn panicked(op: &str) -> RemoteError {
+    RemoteError::new(
+        ErrorKind::Internal,
+        format!("operation {op:?} panicked (a bug in OSPS)"),
+    )
 }

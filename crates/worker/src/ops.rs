@@ -1,12 +1,17 @@
 //! The operations a worker runs, in one table: adding an operation is adding
 //! one function and one row to [`OPS`].
 //!
-//! An operation sees its slot: the input at the start, free room after it. It
-//! either transforms the input in place (the result is the first bytes of the
-//! slot) or writes a small result after the input with [`JobCtx::reply`], which
-//! leaves the input intact so that a job retried after a worker crash sees the
-//! same bytes. In-place operations must be idempotent (`upper` is) for the
-//! same reason.
+//! An operation is one of two kinds ([`Run`]):
+//! - **whole**: it sees its slot, the input at the start and free room after
+//!   it, once all of the input is there. It either transforms the input in
+//!   place (the result is the first bytes of the slot) or writes a small
+//!   result after the input with [`JobCtx::reply`], which leaves the input
+//!   intact so that a job retried after a worker crash sees the same bytes.
+//!   In-place operations must be idempotent (`upper` is) for the same reason.
+//! - **streaming**: it reads the input front to back, chunk by chunk, and
+//!   answers a short result ([`Short`]). The dispatcher may send such a job
+//!   while its payload is still arriving (the worker announces these
+//!   operations in its `Ready` message), so hashing overlaps the upload.
 
 use ipc_core::proto::{ErrorKind, RemoteError};
 use sha2::{Digest, Sha256};
@@ -59,18 +64,83 @@ impl JobCtx<'_> {
 
     /// Checks that exactly `n` arguments were given.
     fn expect_args(&self, n: usize, usage: &str) -> Result<(), RemoteError> {
-        if self.args.len() == n {
-            Ok(())
-        } else {
-            Err(RemoteError::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "expected {n} argument(s), got {}; usage: {usage}",
-                    self.args.len()
-                ),
-            ))
-        }
+        expect_args(self.args, n, usage)
     }
+}
+
+/// Checks that exactly `n` arguments were given.
+fn expect_args(args: &[&str], n: usize, usage: &str) -> Result<(), RemoteError> {
+    if args.len() == n {
+        Ok(())
+    } else {
+        Err(RemoteError::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "expected {n} argument(s), got {}; usage: {usage}",
+                args.len()
+            ),
+        ))
+    }
+}
+
+/// The input of a streaming operation, front to back.
+pub trait Input {
+    /// The next piece of the input (waiting for it to arrive if need be), or
+    /// `None` once all of it has been seen. An error means the input will
+    /// never arrive in full; the operation should return it.
+    fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError>;
+}
+
+/// A whole input already in memory, as one chunk.
+#[derive(Debug)]
+pub struct Whole<'a>(pub Option<&'a [u8]>);
+
+impl Input for Whole<'_> {
+    fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError> {
+        Ok(self.0.take())
+    }
+}
+
+/// Longest result of a streaming operation.
+pub const SHORT_MAX: usize = 128;
+
+/// A streaming operation's result: a few bytes, kept inline (no allocation).
+#[derive(Clone, Copy)]
+pub struct Short {
+    bytes: [u8; SHORT_MAX],
+    len: usize,
+}
+
+impl Short {
+    /// `bytes`, which must be at most [`SHORT_MAX`] long.
+    pub fn new(bytes: &[u8]) -> Self {
+        let mut s = Short {
+            bytes: [0; SHORT_MAX],
+            len: bytes.len(),
+        };
+        s.bytes[..bytes.len()].copy_from_slice(bytes);
+        s
+    }
+
+    /// The result's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::fmt::Debug for Short {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Short({:?})", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+/// How an operation runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Run {
+    /// On the whole input, in its slot.
+    Whole(fn(&mut JobCtx<'_>) -> Result<Output, RemoteError>),
+    /// On the input front to back, possibly while it arrives.
+    Stream(fn(&[&str], &mut dyn Input) -> Result<Short, RemoteError>),
 }
 
 /// One operation.
@@ -83,7 +153,25 @@ pub struct OpSpec {
     /// Only available when the dispatcher allows fault injection.
     pub fault_injection: bool,
     /// The implementation.
-    pub run: fn(&mut JobCtx<'_>) -> Result<Output, RemoteError>,
+    pub run: Run,
+}
+
+impl OpSpec {
+    /// Whether it reads its input front to back (and may start before all of it has arrived).
+    pub fn streams(&self) -> bool {
+        matches!(self.run, Run::Stream(_))
+    }
+
+    /// Runs it on a slot holding its whole input.
+    pub fn run_whole(&self, ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+        match self.run {
+            Run::Whole(f) => f(ctx),
+            Run::Stream(f) => {
+                let short = f(ctx.args, &mut Whole(Some(ctx.input())))?;
+                ctx.reply(short.as_bytes())
+            }
+        }
+    }
 }
 
 /// Every operation a worker knows.
@@ -92,43 +180,43 @@ pub const OPS: &[OpSpec] = &[
         name: "ping",
         usage: "ping",
         fault_injection: false,
-        run: ping,
+        run: Run::Whole(ping),
     },
     OpSpec {
         name: "echo",
         usage: "echo (payload returned as is)",
         fault_injection: false,
-        run: echo,
+        run: Run::Whole(echo),
     },
     OpSpec {
         name: "upper",
         usage: "upper (ASCII upper case)",
         fault_injection: false,
-        run: upper,
+        run: Run::Whole(upper),
     },
     OpSpec {
         name: "sha256",
         usage: "sha256 (hex digest and newline)",
         fault_injection: false,
-        run: sha256,
+        run: Run::Stream(sha256),
     },
     OpSpec {
         name: "wc",
         usage: "wc (\"LINES WORDS BYTES\\n\")",
         fault_injection: false,
-        run: wc,
+        run: Run::Stream(wc),
     },
     OpSpec {
         name: "sleep",
         usage: "sleep MS (at most 3600000)",
         fault_injection: false,
-        run: sleep,
+        run: Run::Whole(sleep),
     },
     OpSpec {
         name: "crash",
         usage: "crash (aborts the worker; fault injection only)",
         fault_injection: true,
-        run: crash,
+        run: Run::Whole(crash),
     },
 ];
 
@@ -167,32 +255,40 @@ fn upper(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     Ok(Output { offset: 0, len: n })
 }
 
-fn sha256(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    ctx.expect_args(0, "sha256")?;
-    let digest = Sha256::digest(ctx.input());
+fn sha256(args: &[&str], input: &mut dyn Input) -> Result<Short, RemoteError> {
+    expect_args(args, 0, "sha256")?;
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = input.next_chunk()? {
+        hasher.update(chunk);
+    }
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [b'\n'; 65];
-    for (i, b) in digest.iter().enumerate() {
+    for (i, b) in hasher.finalize().iter().enumerate() {
         hex[2 * i] = HEX[(b >> 4) as usize];
         hex[2 * i + 1] = HEX[(b & 15) as usize];
     }
-    ctx.reply(&hex)
+    Ok(Short::new(&hex))
 }
 
-fn wc(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    ctx.expect_args(0, "wc")?;
-    let input = ctx.input();
-    let lines = input.iter().filter(|&&b| b == b'\n').count();
-    let words = input
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|w| !w.is_empty())
-        .count();
-    let len = input.len();
+fn wc(args: &[&str], input: &mut dyn Input) -> Result<Short, RemoteError> {
+    expect_args(args, 0, "wc")?;
+    let (mut lines, mut words, mut len) = (0usize, 0usize, 0usize);
+    // Whether the byte before this chunk was inside a word: words may span chunks.
+    let mut in_word = false;
+    while let Some(chunk) = input.next_chunk()? {
+        len += chunk.len();
+        for &b in chunk {
+            lines += usize::from(b == b'\n');
+            let space = b.is_ascii_whitespace();
+            words += usize::from(!space && !in_word);
+            in_word = !space;
+        }
+    }
     let mut text = [0u8; 64];
     let mut cursor = std::io::Cursor::new(&mut text[..]);
     let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{lines} {words} {len}\n"));
     let n = cursor.position() as usize;
-    ctx.reply(&text[..n])
+    Ok(Short::new(&text[..n]))
 }
 
 fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
@@ -233,7 +329,7 @@ mod tests {
             slot: &mut slot,
             input_len: input.len(),
         };
-        let out = (spec.run)(&mut ctx)?;
+        let out = spec.run_whole(&mut ctx)?;
         Ok(slot[out.offset..out.offset + out.len].to_vec())
     }
 
@@ -265,9 +361,53 @@ mod tests {
             slot: &mut slot,
             input_len: 3,
         };
-        let out = sha256(&mut ctx).unwrap();
+        let out = lookup("sha256", false)
+            .unwrap()
+            .run_whole(&mut ctx)
+            .unwrap();
         assert_eq!(out.offset, 3);
         assert_eq!(&slot[..3], b"abc");
+    }
+
+    /// Feeds an input in the chunks given.
+    struct Chunked<'a>(std::collections::VecDeque<&'a [u8]>);
+
+    impl Input for Chunked<'_> {
+        fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError> {
+            Ok(self.0.pop_front())
+        }
+    }
+
+    #[test]
+    fn streaming_operations_give_the_same_answer_whatever_the_chunks() {
+        let text = b"one two\nthree\n\n  four five  six\tseven\n eight".repeat(7);
+        let streaming: Vec<&OpSpec> = OPS.iter().filter(|o| o.streams()).collect();
+        assert_eq!(
+            streaming.iter().map(|o| o.name).collect::<Vec<_>>(),
+            ["sha256", "wc"]
+        );
+        for spec in streaming {
+            let Run::Stream(f) = spec.run else {
+                unreachable!()
+            };
+            let whole = run(spec.name, &[], &text).unwrap();
+            // Every split into up to three pieces, empty ones included.
+            for a in (0..=text.len()).step_by(3) {
+                for b in (a..=text.len()).step_by(5) {
+                    let pieces = [&text[..a], &text[a..b], &text[b..]];
+                    let got = f(&[], &mut Chunked(pieces.into_iter().collect())).unwrap();
+                    assert_eq!(
+                        got.as_bytes(),
+                        &whole[..],
+                        "{} split at {a}, {b}",
+                        spec.name
+                    );
+                }
+            }
+            // One byte at a time.
+            let bytes = Chunked(text.chunks(1).collect());
+            assert_eq!(f(&[], &mut { bytes }).unwrap().as_bytes(), &whole[..]);
+        }
     }
 
     #[test]

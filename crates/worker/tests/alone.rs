@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
 use ipc_core::frame;
-use ipc_core::proto::{ErrorKind, FromWorker, Job, Outcome};
+use ipc_core::proto::{ErrorKind, FromWorker, Job, JobDone, Outcome, ToWorker};
 use ipc_core::{Region, Segment};
 
 struct Reaped(Child);
@@ -37,7 +37,9 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
     let mut stdout = w.0.stdout.take().unwrap();
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
-    assert!(matches!(ready, FromWorker::Ready { pid, version: 1 } if pid == w.0.id()));
+    assert!(
+        matches!(ready, FromWorker::Ready { pid, version: 1, ref streams } if pid == w.0.id() && streams == &["sha256", "wc"])
+    );
 
     let slot = Region {
         offset: 8192,
@@ -52,6 +54,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
             args: vec![],
             slot,
             input_len: 11,
+            ready: 11,
         },
         Job {
             job_id: 2,
@@ -59,6 +62,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
             args: vec![],
             slot,
             input_len: 11,
+            ready: 11,
         },
         Job {
             job_id: 3,
@@ -66,11 +70,12 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
             args: vec![],
             slot,
             input_len: 0,
+            ready: 0,
         },
     ];
     let mut buf = Vec::new();
-    for j in &jobs {
-        frame::encode(j, &mut buf).unwrap();
+    for j in jobs {
+        frame::encode(&ToWorker::Job(j), &mut buf).unwrap();
     }
     stdin.write_all(&buf).unwrap();
 
@@ -137,4 +142,132 @@ fn a_worker_without_its_segment_fails_clearly() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open shared-memory segment"));
+}
+
+/// Writes one message to the worker's stdin.
+fn send(stdin: &mut impl Write, msg: ToWorker) {
+    let mut buf = Vec::new();
+    frame::encode(&msg, &mut buf).unwrap();
+    stdin.write_all(&buf).unwrap();
+}
+
+fn done(stdout: &mut impl std::io::Read) -> JobDone {
+    let mut scratch = Vec::new();
+    match frame::read_frame(stdout, &mut scratch, 4096).unwrap() {
+        FromWorker::Done(d) => d,
+        other => panic!("done expected, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
+    use sha2::{Digest, Sha256};
+    let name = format!("/osps-test-stream-{}", std::process::id());
+    let seg = Segment::create(&name, 1 << 20, 1).unwrap();
+    let mut w = spawn(&name, &[]);
+    let mut stdout = w.0.stdout.take().unwrap();
+    let mut stdin = w.0.stdin.take().unwrap();
+    let mut scratch = Vec::new();
+    let _ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
+    let slot = Region {
+        offset: 0,
+        len: 256 << 10,
+    };
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let job = |job_id, op: &str, args: Vec<String>, ready| {
+        ToWorker::Job(Job {
+            job_id,
+            op: op.into(),
+            args,
+            slot,
+            input_len: data.len() as u64,
+            ready,
+        })
+    };
+    // The bytes past `ready` are garbage when the job starts; they are
+    // written, then announced, in three steps.
+    seg.bytes_mut(slot).unwrap().fill(0xee);
+    let cuts = [0usize, 70_000, 150_001, data.len()];
+    seg.bytes_mut(slot).unwrap()[..cuts[1]].copy_from_slice(&data[..cuts[1]]);
+    send(&mut stdin, job(1, "sha256", vec![], cuts[1] as u64));
+    // News of another job (one answered already) is ignored.
+    send(
+        &mut stdin,
+        ToWorker::More {
+            job_id: 77,
+            ready: 5,
+        },
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for pair in cuts[1..].windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        seg.bytes_mut(slot).unwrap()[from..to].copy_from_slice(&data[from..to]);
+        send(
+            &mut stdin,
+            ToWorker::More {
+                job_id: 1,
+                ready: to as u64,
+            },
+        );
+    }
+    let d = done(&mut stdout);
+    assert_eq!((d.job_id, &d.outcome), (1, &Outcome::Ok));
+    let result = Region {
+        offset: slot.offset + d.result_offset,
+        len: d.result_len,
+    };
+    let hex: String = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(seg.bytes(result).unwrap(), format!("{hex}\n").as_bytes());
+
+    // Abort: the input will not come; the job is answered with an error.
+    send(&mut stdin, job(2, "wc", vec![], 10));
+    send(&mut stdin, ToWorker::Abort { job_id: 2 });
+    let d = done(&mut stdout);
+    assert!(
+        matches!(d.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::BadRequest && e.message.contains("did not arrive")),
+        "{d:?}"
+    );
+
+    // Bad arguments are answered at once, before the input is in; the news
+    // that follows is ignored, and the next job runs.
+    send(&mut stdin, job(3, "sha256", vec!["x".into()], 0));
+    let d = done(&mut stdout);
+    assert!(matches!(d.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::InvalidInput));
+    send(
+        &mut stdin,
+        ToWorker::More {
+            job_id: 3,
+            ready: data.len() as u64,
+        },
+    );
+    send(&mut stdin, job(4, "wc", vec![], data.len() as u64));
+    let d = done(&mut stdout);
+    assert_eq!((d.job_id, &d.outcome), (4, &Outcome::Ok));
+
+    // A whole (not streaming) operation sent early waits for all of its input.
+    send(&mut stdin, job(5, "echo", vec![], 1000));
+    send(
+        &mut stdin,
+        ToWorker::More {
+            job_id: 5,
+            ready: data.len() as u64,
+        },
+    );
+    let d = done(&mut stdout);
+    assert_eq!((d.outcome, d.result_len), (Outcome::Ok, data.len() as u64));
+
+    // A new job while one's input is arriving breaks the protocol: that job
+    // gets an internal error and the worker exits 1.
+    send(&mut stdin, job(6, "sha256", vec![], 10));
+    send(&mut stdin, job(7, "ping", vec![], 0));
+    let d = done(&mut stdout);
+    assert!(
+        matches!(d.outcome, Outcome::Err(ref e) if e.kind == ErrorKind::Internal),
+        "{d:?}"
+    );
+    let status = w.0.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
 }

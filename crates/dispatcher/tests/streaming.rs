@@ -1,0 +1,230 @@
+//! Large payloads of streaming operations (`sha256`, `wc`) go to an idle
+//! worker as soon as their header is read, and the worker reads the payload
+//! as it arrives. These tests hold uploads half-way (raw sockets) to see it:
+//! the answer is right, a client that leaves or stalls costs no worker, one
+//! worker is always left for everyone else, a worker killed mid-upload is
+//! replaced and the job retried, and bad arguments are answered at once.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use ipc_core::frame;
+use ipc_core::proto::{ErrorKind, Outcome, Request, Response};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use osps_testkit::{wait_for, Instance, PATIENCE};
+use sha2::{Digest, Sha256};
+
+const TOTAL: usize = 4 << 20;
+/// Sent before the upload is held: more than the streaming threshold's worth
+/// of progress news, less than all.
+const FIRST: usize = 1_500_000;
+
+fn args(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut a = vec![
+        "--workers",
+        "2",
+        "--segment-mib",
+        "32",
+        "--max-payload",
+        "8388608",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn data() -> Vec<u8> {
+    (0..TOTAL as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn hex_line(bytes: &[u8]) -> Vec<u8> {
+    let mut s: String = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    s.push('\n');
+    s.into_bytes()
+}
+
+/// Starts a request on a raw connection and sends the first `first` bytes of `data`.
+fn start_upload(inst: &Instance, op: &str, args: &[&str], data: &[u8], first: usize) -> UnixStream {
+    let mut s = inst.raw_client();
+    let req = Request {
+        id: 1,
+        op: op.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        payload_len: data.len() as u64,
+    };
+    let mut buf = Vec::new();
+    frame::encode(&req, &mut buf).unwrap();
+    s.write_all(&buf).unwrap();
+    s.write_all(&data[..first]).unwrap();
+    s
+}
+
+/// Reads one reply: its outcome and result bytes.
+fn reply(s: &mut UnixStream) -> (Outcome, Vec<u8>) {
+    let resp: Response = frame::read_frame(s, &mut Vec::new(), 4096).expect("a reply");
+    let mut result = vec![0u8; resp.result_len as usize];
+    s.read_exact(&mut result).unwrap();
+    (resp.outcome, result)
+}
+
+fn busy_workers(inst: &Instance) -> usize {
+    inst.status()
+        .workers
+        .iter()
+        .filter(|w| w.state == "busy")
+        .count()
+}
+
+/// Waits until exactly `n` workers are busy and nothing is queued.
+fn wait_busy(inst: &Instance, n: usize) {
+    wait_for(PATIENCE, || {
+        let st = inst.status();
+        let busy = st.workers.iter().filter(|w| w.state == "busy").count();
+        (busy == n && st.queue_depth == 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{n} busy worker(s) expected: {:?}", inst.status()));
+}
+
+fn wait_slots_free(inst: &Instance) {
+    wait_for(PATIENCE, || {
+        (inst.status().segment.slots_in_use == 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("slots not returned: {:?}", inst.status()));
+}
+
+#[test]
+fn a_large_sha256_or_wc_starts_before_its_payload_is_in_and_is_right() {
+    let inst = Instance::start("stream-ok", &args(&[]));
+    let data = data();
+    let wc = {
+        let lines = data.iter().filter(|&&b| b == b'\n').count();
+        let words = data
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+            .count();
+        format!("{lines} {words} {}\n", data.len()).into_bytes()
+    };
+    for (op, expected) in [("sha256", hex_line(&data)), ("wc", wc)] {
+        let mut s = start_upload(&inst, op, &[], &data, FIRST);
+        // A worker runs the job while most of the payload has not been sent.
+        wait_busy(&inst, 1);
+        s.write_all(&data[FIRST..]).unwrap();
+        let (outcome, result) = reply(&mut s);
+        assert_eq!(outcome, Outcome::Ok, "{op}");
+        assert_eq!(result, expected, "{op}");
+    }
+    wait_slots_free(&inst);
+    let st = inst.status();
+    assert_eq!((st.jobs_done, st.jobs_failed), (2, 0));
+}
+
+#[test]
+fn a_client_that_leaves_or_stalls_mid_upload_costs_no_worker() {
+    let inst = Instance::start("stream-gone", &args(&["--frame-timeout-ms", "1500"]));
+    let pids = inst.worker_pids();
+    let data = data();
+    let left = start_upload(&inst, "sha256", &[], &data, FIRST);
+    wait_busy(&inst, 1);
+    drop(left);
+    wait_busy(&inst, 0);
+    let _stalled = start_upload(&inst, "sha256", &[], &data, FIRST);
+    wait_busy(&inst, 1);
+    // The frame deadline ends the upload; the worker is told and freed.
+    wait_busy(&inst, 0);
+    wait_slots_free(&inst);
+    let st = inst.status();
+    assert_eq!(inst.worker_pids(), pids, "no worker was replaced");
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
+    assert_eq!(st.jobs_failed, 2, "{st:?}");
+    let log = inst.log();
+    assert!(
+        log.contains("client left inside a 4194304-byte payload"),
+        "{log}"
+    );
+    let mut c = inst.client();
+    assert_eq!(c.call("sha256", &[], &data).unwrap(), hex_line(&data));
+}
+
+#[test]
+fn one_worker_is_always_left_for_others_while_uploads_hold_workers() {
+    let inst = Instance::start("stream-fair", &args(&[]));
+    let data = data();
+    let mut a = start_upload(&inst, "sha256", &[], &data, FIRST);
+    wait_busy(&inst, 1);
+    // A second large upload is not sent ahead: it would take the last idle worker.
+    let mut b = start_upload(&inst, "sha256", &[], &data, FIRST);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(busy_workers(&inst), 1, "{:?}", inst.status());
+    // So a third client is served while both uploads are held.
+    let mut c = inst.client();
+    c.set_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    c.ping().expect("served while two uploads are held");
+    for s in [&mut a, &mut b] {
+        s.write_all(&data[FIRST..]).unwrap();
+    }
+    for s in [&mut a, &mut b] {
+        assert_eq!(reply(s), (Outcome::Ok, hex_line(&data)));
+    }
+    wait_slots_free(&inst);
+}
+
+#[test]
+fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
+    let inst = Instance::start("stream-kill", &args(&[]));
+    let data = data();
+    let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
+    wait_busy(&inst, 1);
+    let victim = inst
+        .status()
+        .workers
+        .iter()
+        .find(|w| w.state == "busy")
+        .map(|w| w.pid)
+        .unwrap();
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    wait_for(PATIENCE, || {
+        let st = inst.status();
+        let replaced = st.workers.iter().map(|w| w.restarts).sum::<u64>() == 1;
+        (replaced && !st.workers.iter().any(|w| w.pid == victim)).then_some(())
+    })
+    .expect("the killed worker is replaced");
+    // The retry runs on a worker while the payload is still held.
+    wait_busy(&inst, 1);
+    s.write_all(&data[FIRST..]).unwrap();
+    assert_eq!(reply(&mut s), (Outcome::Ok, hex_line(&data)));
+    wait_slots_free(&inst);
+}
+
+#[test]
+fn bad_arguments_are_answered_before_the_payload_is_in_and_the_connection_goes_on() {
+    let inst = Instance::start("stream-badargs", &args(&[]));
+    let data = data();
+    let mut s = start_upload(&inst, "sha256", &["extra"], &data, FIRST);
+    let (outcome, result) = reply(&mut s);
+    assert!(
+        matches!(outcome, Outcome::Err(ref e) if e.kind == ErrorKind::InvalidInput),
+        "{outcome:?}"
+    );
+    assert!(result.is_empty());
+    // The rest of the payload is still read (into its slot), then the next request runs.
+    s.write_all(&data[FIRST..]).unwrap();
+    let mut buf = Vec::new();
+    let req = Request {
+        id: 2,
+        op: "upper".into(),
+        args: vec![],
+        payload_len: 2,
+    };
+    frame::encode(&req, &mut buf).unwrap();
+    buf.extend_from_slice(b"ok");
+    s.write_all(&buf).unwrap();
+    assert_eq!(reply(&mut s), (Outcome::Ok, b"OK".to_vec()));
+    wait_slots_free(&inst);
+    assert!(inst.status().workers.iter().all(|w| w.restarts == 0));
+}
