@@ -205,7 +205,7 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
         return bad(format!(
             "a payload of {} bytes needs a slot of {} bytes, but a {} MiB segment's largest slot is {} bytes; raise --segment-mib or lower --max-payload",
             c.max_payload,
-            c.max_payload.saturating_add(RESULT_RESERVE).checked_next_power_of_two().unwrap_or(u64::MAX),
+            ipc_core::SlotAllocator::slot_len(c.max_payload.saturating_add(RESULT_RESERVE)),
             c.segment_mib,
             max_slot
         ));

@@ -1,16 +1,27 @@
-//! The slot allocator: a binary buddy allocator over the segment's arena.
+//! The slot allocator: a two-level segregated fit (TLSF) allocator over the
+//! segment's arena, in pages of [`MIN_BLOCK`] bytes.
 //!
-//! Only the dispatcher allocates. Blocks are powers of two from
-//! [`MIN_BLOCK`] up to the largest that fits; allocation and release are
-//! O(log(arena / MIN_BLOCK)) — at most a few dozen steps — with intrusive
-//! doubly-linked free lists, and freed buddies merge back, so mixed sizes do
-//! not fragment the arena into failure. Pure logic: no memory is touched.
+//! Only the dispatcher allocates. Free blocks sit in lists by size class:
+//! first level the power of two, second level one of 16 steps within it, with
+//! a bitmap of non-empty lists at each level. Allocation finds a list whose
+//! every block fits with two bit scans, takes its first block and splits off
+//! the rest; release merges the block with its free physical neighbours. Both
+//! take a fixed number of steps whatever the number or sizes of live slots:
+//! O(1). A slot is the request rounded up to whole pages (no power-of-two
+//! rounding), and freed neighbours always merge, so mixed sizes do not
+//! fragment the arena into failure: once everything is freed the arena is one
+//! block again. Pure logic: no memory in the segment is touched.
 
 use crate::segment::Region;
 
 /// Smallest block: one page.
 pub const MIN_BLOCK: u64 = 4096;
 const NIL: u32 = u32::MAX;
+/// Second-level lists per power of two: 2^SL_BITS.
+const SL_BITS: u32 = 4;
+const SL: u32 = 1 << SL_BITS;
+/// First-level classes: sizes below 16 pages, then one per power of two up to 2^31 pages.
+const FL: usize = 32 - SL_BITS as usize + 1;
 
 /// Why an allocation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,31 +38,70 @@ pub enum AllocError {
 /// freed twice.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Slot {
-    index: u32,
-    order: u8,
+    start: u32,
+    pages: u32,
 }
 
 impl Slot {
     /// The slot's bytes in the arena.
     pub fn region(&self) -> Region {
         Region {
-            offset: self.index as u64 * MIN_BLOCK,
-            len: MIN_BLOCK << self.order,
+            offset: self.start as u64 * MIN_BLOCK,
+            len: self.pages as u64 * MIN_BLOCK,
         }
     }
 }
 
-/// The buddy allocator's state.
+/// The size class (first level, second level) of a block of `pages` pages.
+fn class(pages: u32) -> (usize, u32) {
+    if pages < SL {
+        (0, pages)
+    } else {
+        let log = 31 - pages.leading_zeros();
+        (
+            (log - SL_BITS + 1) as usize,
+            (pages >> (log - SL_BITS)) - SL,
+        )
+    }
+}
+
+/// The smallest size of a class.
+fn class_floor(fl: usize, sl: u32) -> u64 {
+    if fl == 0 {
+        sl as u64
+    } else {
+        ((SL + sl) as u64) << (fl as u32 - 1)
+    }
+}
+
+/// The class to search for a request of `pages`: the lowest one whose every
+/// block holds `pages` (the request rounded up to its class's next boundary).
+fn search_class(pages: u32) -> Option<(usize, u32)> {
+    if pages < SL {
+        return Some((0, pages));
+    }
+    let log = 31 - pages.leading_zeros();
+    pages.checked_add((1 << (log - SL_BITS)) - 1).map(class)
+}
+
+/// The allocator's state: per page, what the block starting there is.
 #[derive(Debug)]
 pub struct SlotAllocator {
-    blocks: u32,
-    max_order: u8,
-    /// Per order: first free block, or NIL.
-    heads: Vec<u32>,
-    next: Vec<u32>,
-    prev: Vec<u32>,
-    /// For each block that starts a free run: its order; `u8::MAX` otherwise.
-    free_order: Vec<u8>,
+    pages: u32,
+    /// Largest request, in pages, that an empty arena always satisfies.
+    max_pages: u32,
+    fl_bitmap: u32,
+    sl_bitmap: [u32; FL],
+    heads: [[u32; SL as usize]; FL],
+    /// For each block start: its length in pages.
+    size: Vec<u32>,
+    /// For each block start: the start of the block before it, or NIL.
+    prev_phys: Vec<u32>,
+    /// For each free block start: its neighbours in its free list.
+    next_free: Vec<u32>,
+    prev_free: Vec<u32>,
+    /// For each block start: whether it is free.
+    free: Vec<bool>,
     in_use: usize,
     bytes_in_use: u64,
 }
@@ -59,42 +109,41 @@ pub struct SlotAllocator {
 impl SlotAllocator {
     /// An allocator over `arena_len` bytes (rounded down to [`MIN_BLOCK`]).
     pub fn new(arena_len: u64) -> Self {
-        let blocks = u32::try_from(arena_len / MIN_BLOCK).expect("arena below 16 TiB");
-        let max_order = if blocks == 0 {
-            0
-        } else {
-            (31 - blocks.leading_zeros()) as u8
-        };
+        let pages = u32::try_from(arena_len / MIN_BLOCK).expect("arena below 16 TiB");
+        let n = pages as usize;
         let mut a = SlotAllocator {
-            blocks,
-            max_order,
-            heads: vec![NIL; max_order as usize + 1],
-            next: vec![NIL; blocks as usize],
-            prev: vec![NIL; blocks as usize],
-            free_order: vec![u8::MAX; blocks as usize],
+            pages,
+            max_pages: 0,
+            fl_bitmap: 0,
+            sl_bitmap: [0; FL],
+            heads: [[NIL; SL as usize]; FL],
+            size: vec![0; n],
+            prev_phys: vec![NIL; n],
+            next_free: vec![NIL; n],
+            prev_free: vec![NIL; n],
+            free: vec![false; n],
             in_use: 0,
             bytes_in_use: 0,
         };
-        // Carve the arena into maximal aligned power-of-two blocks.
-        let mut i = 0u32;
-        while i < blocks {
-            let mut order = max_order;
-            while !i.is_multiple_of(1 << order) || i + (1 << order) > blocks {
-                order -= 1;
-            }
-            a.push(i, order);
-            i += 1 << order;
+        if pages > 0 {
+            // One free block: the whole arena.
+            a.size[0] = pages;
+            a.insert(0);
+            let (fl, sl) = class(pages);
+            a.max_pages = class_floor(fl, sl) as u32;
         }
         a
     }
 
-    /// The largest slot this arena can give, in bytes (0 if the arena is empty).
+    /// The largest slot this arena can give, in bytes (0 if the arena is
+    /// empty): any request up to it succeeds once every slot is free.
     pub fn max_slot(&self) -> u64 {
-        if self.blocks == 0 {
-            0
-        } else {
-            MIN_BLOCK << self.max_order
-        }
+        self.max_pages as u64 * MIN_BLOCK
+    }
+
+    /// The bytes a request of `len` bytes takes: `len` rounded up to whole pages (at least one).
+    pub fn slot_len(len: u64) -> u64 {
+        len.div_ceil(MIN_BLOCK).max(1).saturating_mul(MIN_BLOCK)
     }
 
     /// Slots currently allocated.
@@ -102,82 +151,122 @@ impl SlotAllocator {
         self.in_use
     }
 
-    /// Bytes currently allocated (whole blocks).
+    /// Bytes currently allocated (whole pages).
     pub fn bytes_in_use(&self) -> u64 {
         self.bytes_in_use
     }
 
-    /// Allocates a slot of at least `len` bytes (at least one block).
+    /// Allocates a slot of at least `len` bytes (at least one page).
     pub fn alloc(&mut self, len: u64) -> Result<Slot, AllocError> {
-        let blocks_needed = len.div_ceil(MIN_BLOCK).max(1);
-        let order = blocks_needed.next_power_of_two().trailing_zeros();
-        if self.blocks == 0 || order > self.max_order as u32 {
+        let pages = len.div_ceil(MIN_BLOCK).max(1);
+        if pages > self.max_pages as u64 {
             return Err(AllocError::TooLarge {
                 requested: len,
                 max: self.max_slot(),
             });
         }
-        let order = order as u8;
-        let mut k = order;
-        while self.heads[k as usize] == NIL {
-            if k == self.max_order {
-                return Err(AllocError::Exhausted { requested: len });
+        let pages = pages as u32;
+        let exhausted = AllocError::Exhausted { requested: len };
+        let (fl, sl) = search_class(pages).ok_or(exhausted.clone())?;
+        // A non-empty list at (fl, >= sl), else at the next first level up.
+        let (fl, sl) = match self.sl_bitmap[fl] & (u32::MAX << sl) {
+            0 => {
+                let above = self.fl_bitmap & u32::MAX.checked_shl(fl as u32 + 1).unwrap_or(0);
+                if above == 0 {
+                    return Err(exhausted);
+                }
+                let fl = above.trailing_zeros() as usize;
+                (fl, self.sl_bitmap[fl].trailing_zeros())
             }
-            k += 1;
-        }
-        let index = self.heads[k as usize];
-        self.remove(index, k);
-        while k > order {
-            k -= 1;
-            self.push(index + (1 << k), k);
+            map => (fl, map.trailing_zeros()),
+        };
+        let start = self.heads[fl][sl as usize];
+        self.remove(start);
+        let have = self.size[start as usize];
+        debug_assert!(have >= pages);
+        if have > pages {
+            // Split: the rest is a free block of its own.
+            let rest = start + pages;
+            self.size[rest as usize] = have - pages;
+            self.prev_phys[rest as usize] = start;
+            self.link_next(rest);
+            self.size[start as usize] = pages;
+            self.insert(rest);
         }
         self.in_use += 1;
-        self.bytes_in_use += MIN_BLOCK << order;
-        Ok(Slot { index, order })
+        self.bytes_in_use += pages as u64 * MIN_BLOCK;
+        Ok(Slot { start, pages })
     }
 
-    /// Returns a slot; merges it with its free buddies.
+    /// Returns a slot; merges it with its free neighbours.
     pub fn free(&mut self, slot: Slot) {
-        let Slot {
-            mut index,
-            mut order,
-        } = slot;
+        let Slot { mut start, pages } = slot;
+        debug_assert_eq!(self.size[start as usize], pages);
+        debug_assert!(!self.free[start as usize]);
         self.in_use -= 1;
-        self.bytes_in_use -= MIN_BLOCK << order;
-        while order < self.max_order {
-            let buddy = index ^ (1 << order);
-            if buddy >= self.blocks || self.free_order[buddy as usize] != order {
-                break;
-            }
-            self.remove(buddy, order);
-            index = index.min(buddy);
-            order += 1;
+        self.bytes_in_use -= pages as u64 * MIN_BLOCK;
+        let mut size = pages;
+        let next = start + size;
+        if next < self.pages && self.free[next as usize] {
+            self.remove(next);
+            size += self.size[next as usize];
         }
-        self.push(index, order);
+        let prev = self.prev_phys[start as usize];
+        if prev != NIL && self.free[prev as usize] {
+            self.remove(prev);
+            size += self.size[prev as usize];
+            start = prev;
+        }
+        self.size[start as usize] = size;
+        self.link_next(start);
+        self.insert(start);
     }
 
-    fn push(&mut self, i: u32, order: u8) {
-        let head = self.heads[order as usize];
-        self.next[i as usize] = head;
-        self.prev[i as usize] = NIL;
+    /// Points the block after `start` back at it.
+    fn link_next(&mut self, start: u32) {
+        let after = start + self.size[start as usize];
+        if after < self.pages {
+            self.prev_phys[after as usize] = start;
+        }
+    }
+
+    /// Puts a block in the free list of its class.
+    fn insert(&mut self, start: u32) {
+        let (fl, sl) = class(self.size[start as usize]);
+        let head = self.heads[fl][sl as usize];
+        self.next_free[start as usize] = head;
+        self.prev_free[start as usize] = NIL;
         if head != NIL {
-            self.prev[head as usize] = i;
+            self.prev_free[head as usize] = start;
         }
-        self.heads[order as usize] = i;
-        self.free_order[i as usize] = order;
+        self.heads[fl][sl as usize] = start;
+        self.free[start as usize] = true;
+        self.sl_bitmap[fl] |= 1 << sl;
+        self.fl_bitmap |= 1 << fl;
     }
 
-    fn remove(&mut self, i: u32, order: u8) {
-        let (p, n) = (self.prev[i as usize], self.next[i as usize]);
+    /// Takes a free block out of its list.
+    fn remove(&mut self, start: u32) {
+        let (fl, sl) = class(self.size[start as usize]);
+        let (p, n) = (
+            self.prev_free[start as usize],
+            self.next_free[start as usize],
+        );
         if p == NIL {
-            self.heads[order as usize] = n;
+            self.heads[fl][sl as usize] = n;
+            if n == NIL {
+                self.sl_bitmap[fl] &= !(1 << sl);
+                if self.sl_bitmap[fl] == 0 {
+                    self.fl_bitmap &= !(1 << fl);
+                }
+            }
         } else {
-            self.next[p as usize] = n;
+            self.next_free[p as usize] = n;
         }
         if n != NIL {
-            self.prev[n as usize] = p;
+            self.prev_free[n as usize] = p;
         }
-        self.free_order[i as usize] = u8::MAX;
+        self.free[start as usize] = false;
     }
 }
 
@@ -188,7 +277,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn sizes_round_up_to_powers_of_two_pages() {
+    fn sizes_round_up_to_whole_pages() {
         let mut a = SlotAllocator::new(16 * MIB);
         assert_eq!(a.max_slot(), 16 * MIB);
         for (len, want) in [
@@ -196,8 +285,10 @@ mod tests {
             (1, 4096),
             (4096, 4096),
             (4097, 8192),
-            (MIB + 1, 2 * MIB),
+            (MIB + 1, MIB + 4096),
+            (64 * 4096 + 4096, 65 * 4096),
         ] {
+            assert_eq!(SlotAllocator::slot_len(len), want);
             let s = a.alloc(len).unwrap();
             assert_eq!(s.region().len, want, "len {len}");
             a.free(s);
@@ -265,6 +356,48 @@ mod tests {
         // After all frees the largest block is available again.
         let big = a.alloc(a.max_slot()).unwrap();
         a.free(big);
+    }
+
+    #[test]
+    fn classes_hold_what_their_search_promises() {
+        for pages in 1..=(1u32 << 20) {
+            let (fl, sl) = class(pages);
+            assert!(class_floor(fl, sl) <= pages as u64);
+            // Every block in the searched class holds the request.
+            let (sfl, ssl) = search_class(pages).unwrap();
+            assert!(class_floor(sfl, ssl) >= pages as u64, "{pages}");
+            assert!((sfl, ssl) >= (fl, sl));
+        }
+    }
+
+    #[test]
+    fn up_to_max_slot_always_fits_an_empty_arena_and_beyond_never() {
+        for arena in [
+            4096,
+            15 * 4096,
+            16 * 4096,
+            17 * 4096,
+            10 * MIB + 12 * 1024,
+            256 * MIB,
+            300 * MIB + 4096,
+        ] {
+            let mut a = SlotAllocator::new(arena);
+            let max = a.max_slot();
+            assert!(max <= arena && max * 17 / 16 >= arena, "{arena}: {max}");
+            let s = a.alloc(max).unwrap();
+            assert_eq!(s.region().len, max);
+            a.free(s);
+            assert!(matches!(a.alloc(max + 1), Err(AllocError::TooLarge { .. })));
+        }
+        // The default configuration: a 64 MiB payload and its 4 KiB reserve
+        // take their own size, and three fit in 256 MiB.
+        let mut a = SlotAllocator::new(256 * MIB);
+        let slots: Vec<Slot> = (0..3).map(|_| a.alloc(64 * MIB + 4096).unwrap()).collect();
+        assert_eq!(slots[2].region().len, 64 * MIB + 4096);
+        for s in slots {
+            a.free(s);
+        }
+        assert_eq!(a.alloc(256 * MIB).unwrap().region().offset, 0);
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Segment {
         self.check(r)?;
         // SAFETY: in bounds (checked above); the mapping outlives the borrow.
         // Exclusivity comes from the slot protocol: one owner per slot at a
-        // time, and slots never overlap (buddy allocator in `alloc`).
+        // time, and slots never overlap (TLSF allocator in `alloc`).
         Ok(unsafe {
             std::slice::from_raw_parts_mut(
                 self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize),
