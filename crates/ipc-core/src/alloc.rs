@@ -4,8 +4,9 @@
 //! Only the dispatcher allocates. Free blocks sit in lists by size class:
 //! first level the power of two, second level one of 16 steps within it, with
 //! a bitmap of non-empty lists at each level. Allocation finds a list whose
-//! every block fits with two bit scans, takes its first block and splits off
-//! the rest; release merges the block with its free physical neighbours. Both
+//! every block fits with two bit scans (failing that, it tries the first
+//! block of the request's own class), takes that block and splits off the
+//! rest; release merges the block with its free physical neighbours. Both
 //! take a fixed number of steps whatever the number or sizes of live slots:
 //! O(1). A slot is the request rounded up to whole pages (no power-of-two
 //! rounding), and freed neighbours always merge, so mixed sizes do not
@@ -65,15 +66,6 @@ fn class(pages: u32) -> (usize, u32) {
     }
 }
 
-/// The smallest size of a class.
-fn class_floor(fl: usize, sl: u32) -> u64 {
-    if fl == 0 {
-        sl as u64
-    } else {
-        ((SL + sl) as u64) << (fl as u32 - 1)
-    }
-}
-
 /// The class to search for a request of `pages`: the lowest one whose every
 /// block holds `pages` (the request rounded up to its class's next boundary).
 fn search_class(pages: u32) -> Option<(usize, u32)> {
@@ -88,7 +80,7 @@ fn search_class(pages: u32) -> Option<(usize, u32)> {
 #[derive(Debug)]
 pub struct SlotAllocator {
     pages: u32,
-    /// Largest request, in pages, that an empty arena always satisfies.
+    /// Largest request, in pages: the whole arena.
     max_pages: u32,
     fl_bitmap: u32,
     sl_bitmap: [u32; FL],
@@ -129,8 +121,7 @@ impl SlotAllocator {
             // One free block: the whole arena.
             a.size[0] = pages;
             a.insert(0);
-            let (fl, sl) = class(pages);
-            a.max_pages = class_floor(fl, sl) as u32;
+            a.max_pages = pages;
         }
         a
     }
@@ -166,21 +157,20 @@ impl SlotAllocator {
             });
         }
         let pages = pages as u32;
-        let exhausted = AllocError::Exhausted { requested: len };
-        let (fl, sl) = search_class(pages).ok_or(exhausted.clone())?;
-        // A non-empty list at (fl, >= sl), else at the next first level up.
-        let (fl, sl) = match self.sl_bitmap[fl] & (u32::MAX << sl) {
-            0 => {
-                let above = self.fl_bitmap & u32::MAX.checked_shl(fl as u32 + 1).unwrap_or(0);
-                if above == 0 {
-                    return Err(exhausted);
+        // A list whose every block fits; failing that, the first block of the
+        // request's own class, if it happens to be big enough (so that an
+        // empty arena gives all of itself).
+        let start = match search_class(pages).and_then(|(fl, sl)| self.fitting_list(fl, sl)) {
+            Some((fl, sl)) => self.heads[fl][sl as usize],
+            None => {
+                let (fl, sl) = class(pages);
+                let head = self.heads[fl][sl as usize];
+                if head == NIL || self.size[head as usize] < pages {
+                    return Err(AllocError::Exhausted { requested: len });
                 }
-                let fl = above.trailing_zeros() as usize;
-                (fl, self.sl_bitmap[fl].trailing_zeros())
+                head
             }
-            map => (fl, map.trailing_zeros()),
         };
-        let start = self.heads[fl][sl as usize];
         self.remove(start);
         let have = self.size[start as usize];
         debug_assert!(have >= pages);
@@ -196,6 +186,18 @@ impl SlotAllocator {
         self.in_use += 1;
         self.bytes_in_use += pages as u64 * MIN_BLOCK;
         Ok(Slot { start, pages })
+    }
+
+    /// The first non-empty list at (`fl`, `sl` or above), else at the lowest first level above `fl`.
+    fn fitting_list(&self, fl: usize, sl: u32) -> Option<(usize, u32)> {
+        match self.sl_bitmap[fl] & (u32::MAX << sl) {
+            0 => {
+                let above = self.fl_bitmap & u32::MAX.checked_shl(fl as u32 + 1).unwrap_or(0);
+                let fl = (above != 0).then(|| above.trailing_zeros() as usize)?;
+                Some((fl, self.sl_bitmap[fl].trailing_zeros()))
+            }
+            map => Some((fl, map.trailing_zeros())),
+        }
     }
 
     /// Returns a slot; merges it with its free neighbours.
@@ -275,6 +277,15 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    /// The smallest size of a class.
+    fn class_floor(fl: usize, sl: u32) -> u64 {
+        if fl == 0 {
+            sl as u64
+        } else {
+            ((SL + sl) as u64) << (fl as u32 - 1)
+        }
+    }
 
     #[test]
     fn sizes_round_up_to_whole_pages() {
@@ -383,7 +394,7 @@ mod tests {
         ] {
             let mut a = SlotAllocator::new(arena);
             let max = a.max_slot();
-            assert!(max <= arena && max * 17 / 16 >= arena, "{arena}: {max}");
+            assert_eq!(max, arena / 4096 * 4096, "the whole arena");
             let s = a.alloc(max).unwrap();
             assert_eq!(s.region().len, max);
             a.free(s);
@@ -398,6 +409,9 @@ mod tests {
             a.free(s);
         }
         assert_eq!(a.alloc(256 * MIB).unwrap().region().offset, 0);
+        // 64 MiB and its reserve fit a 65 MiB segment.
+        let mut a = SlotAllocator::new(65 * MIB);
+        assert!(a.alloc(64 * MIB + 4096).is_ok());
     }
 
     #[test]
