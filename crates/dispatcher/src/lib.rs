@@ -197,7 +197,7 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
             c.segment_mib
         ));
     };
-    let max_slot = ipc_core::SlotAllocator::new(arena).max_slot();
+    let max_slot = ipc_core::SlotAllocator::max_slot_for(arena);
     if c.max_payload
         .checked_add(RESULT_RESERVE)
         .is_none_or(|need| need > max_slot)

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, ToWorkerRef, PROTOCOL_VERSION,
+    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, ToWorkerRef, PIPE_VERSION,
 };
 use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
@@ -196,15 +196,20 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
     );
     let failed = match tokio::time::timeout(READY_TIMEOUT, hello).await {
         Ok(Ok(FromWorker::Ready {
-            version: PROTOCOL_VERSION,
+            version: PIPE_VERSION,
             streams,
             ..
         })) => {
             shared.set_streaming_ops(streams);
             return Ok(worker);
         }
+        Ok(Ok(FromWorker::Ready { version, .. })) => format!(
+            "it speaks worker pipe version {version}, this dispatcher {PIPE_VERSION} (osps-worker must come from the same build as osps-dispatcher)"
+        ),
         Ok(Ok(other)) => format!("unexpected first message {other:?}"),
-        Ok(Err(e)) => format!("no ready message: {e}"),
+        Ok(Err(e)) => format!(
+            "no ready message: {e} (osps-worker must come from the same build as osps-dispatcher)"
+        ),
         Err(_) => format!("not ready within {READY_TIMEOUT:?}"),
     };
     let status = finish(
@@ -255,7 +260,10 @@ async fn serve(
         // Never behind or ahead of a job whose payload is arriving: the
         // worker reads that payload's news from its pipe until it is all in.
         let mut ahead = 0;
-        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 && arriving.is_none() {
+        // (Arriving: not yet sent, or the worker not yet told it is all in.)
+        let head_arriving =
+            arriving.is_some() || sent.front().is_some_and(|j| j.lease.upload().is_some());
+        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 && !head_arriving {
             let Some(job) = shared.try_next_job() else {
                 break;
             };

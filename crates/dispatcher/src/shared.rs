@@ -212,7 +212,8 @@ impl Upload {
         self.progress.notify_one();
     }
 
-    /// What a worker told of `told` bytes must hear now, if anything.
+    /// What a worker told of `told` bytes must hear now, if anything (asked
+    /// on each wake-up, so progress is told at the pace of `advance`).
     pub fn news(&self, told: u64) -> Option<News> {
         match self.state.get() {
             UploadState::Failed => Some(News::Abort),
@@ -220,7 +221,7 @@ impl Upload {
                 ready: self.len,
                 last: true,
             }),
-            UploadState::Arriving if self.ready.get() >= told + self.step => Some(News::More {
+            UploadState::Arriving if self.ready.get() > told => Some(News::More {
                 ready: self.ready.get(),
                 last: false,
             }),

@@ -3,7 +3,8 @@
 //! as it arrives. These tests hold uploads half-way (raw sockets) to see it:
 //! the answer is right, a client that leaves or stalls costs no worker, one
 //! worker is always left for everyone else, a worker killed mid-upload is
-//! replaced and the job retried, and bad arguments are answered at once.
+//! replaced and the job retried (with nothing batched behind it), the job
+//! timeout waits for the payload, and bad arguments are answered at once.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -99,7 +100,9 @@ fn wait_slots_free(inst: &Instance) {
 
 #[test]
 fn a_large_sha256_or_wc_starts_before_its_payload_is_in_and_is_right() {
-    let inst = Instance::start("stream-ok", &args(&[]));
+    // The job timeout is shorter than the upload is held: it counts from the
+    // moment the payload is all in.
+    let inst = Instance::start("stream-ok", &args(&["--job-timeout-ms", "1000"]));
     let data = data();
     let wc = {
         let lines = data.iter().filter(|&&b| b == b'\n').count();
@@ -113,6 +116,7 @@ fn a_large_sha256_or_wc_starts_before_its_payload_is_in_and_is_right() {
         let mut s = start_upload(&inst, op, &[], &data, FIRST);
         // A worker runs the job while most of the payload has not been sent.
         wait_busy(&inst, 1);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
         s.write_all(&data[FIRST..]).unwrap();
         let (outcome, result) = reply(&mut s);
         assert_eq!(outcome, Outcome::Ok, "{op}");
@@ -198,6 +202,43 @@ fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
     wait_busy(&inst, 1);
     s.write_all(&data[FIRST..]).unwrap();
     assert_eq!(reply(&mut s), (Outcome::Ok, hex_line(&data)));
+    wait_slots_free(&inst);
+}
+
+#[test]
+fn a_retried_streamed_job_gets_no_job_batched_behind_it() {
+    let inst = Instance::start("stream-retry-busy", &args(&[]));
+    let data = data();
+    let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
+    wait_busy(&inst, 1);
+    let st = inst.status();
+    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    // The other worker busy, and a small job waiting: the one that takes the
+    // retried job has no idle peer, the case where jobs are sent ahead.
+    let mut sleeper = inst.client();
+    let sleep = sleeper.send("sleep", &["4000"], b"").unwrap();
+    wait_busy(&inst, 2);
+    let mut pinger = inst.client();
+    let ping = pinger.send("ping", &[], b"").unwrap();
+    wait_for(PATIENCE, || (inst.status().queue_depth == 1).then_some(())).expect("the ping waits");
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    wait_for(PATIENCE, || {
+        let st = inst.status();
+        let replaced = st.workers.iter().all(|w| w.pid != victim && w.pid != 0);
+        (replaced && st.workers.iter().all(|w| w.state == "busy")).then_some(())
+    })
+    .expect("the retry runs on the replacement");
+    s.write_all(&data[FIRST..]).unwrap();
+    let got = reply(&mut s);
+    assert_eq!(got, (Outcome::Ok, hex_line(&data)), "{}", inst.log());
+    assert_eq!(pinger.wait(ping).unwrap(), b"pong\n");
+    assert_eq!(sleeper.wait(sleep).unwrap(), b"slept 4000 ms\n");
+    let st = inst.status();
+    assert_eq!(
+        st.workers.iter().map(|w| w.restarts).sum::<u64>(),
+        1,
+        "only the killed worker was replaced: {st:?}"
+    );
     wait_slots_free(&inst);
 }
 

@@ -132,6 +132,12 @@ impl SlotAllocator {
         self.max_pages as u64 * MIN_BLOCK
     }
 
+    /// [`SlotAllocator::max_slot`] of an allocator over `arena_len` bytes,
+    /// without building one: the whole arena, in whole pages.
+    pub fn max_slot_for(arena_len: u64) -> u64 {
+        arena_len / MIN_BLOCK * MIN_BLOCK
+    }
+
     /// The bytes a request of `len` bytes takes: `len` rounded up to whole pages (at least one).
     pub fn slot_len(len: u64) -> u64 {
         len.div_ceil(MIN_BLOCK).max(1).saturating_mul(MIN_BLOCK)
@@ -157,19 +163,14 @@ impl SlotAllocator {
             });
         }
         let pages = pages as u32;
-        // A list whose every block fits; failing that, the first block of the
-        // request's own class, if it happens to be big enough (so that an
-        // empty arena gives all of itself).
+        // A list whose every block fits; failing that, a block of the
+        // request's own class that happens to be big enough (the only other
+        // place one can be), so allocation fails only when no free block fits.
         let start = match search_class(pages).and_then(|(fl, sl)| self.fitting_list(fl, sl)) {
             Some((fl, sl)) => self.heads[fl][sl as usize],
-            None => {
-                let (fl, sl) = class(pages);
-                let head = self.heads[fl][sl as usize];
-                if head == NIL || self.size[head as usize] < pages {
-                    return Err(AllocError::Exhausted { requested: len });
-                }
-                head
-            }
+            None => self
+                .own_class_fit(pages)
+                .ok_or(AllocError::Exhausted { requested: len })?,
         };
         self.remove(start);
         let have = self.size[start as usize];
@@ -198,6 +199,17 @@ impl SlotAllocator {
             }
             map => Some((fl, map.trailing_zeros())),
         }
+    }
+
+    /// The first free block of `pages`' own class holding `pages`: a walk of
+    /// that one list, taken only when no class above has a free block.
+    fn own_class_fit(&self, pages: u32) -> Option<u32> {
+        let (fl, sl) = class(pages);
+        let mut at = self.heads[fl][sl as usize];
+        while at != NIL && self.size[at as usize] < pages {
+            at = self.next_free[at as usize];
+        }
+        (at != NIL).then_some(at)
     }
 
     /// Returns a slot; merges it with its free neighbours.
@@ -395,6 +407,7 @@ mod tests {
             let mut a = SlotAllocator::new(arena);
             let max = a.max_slot();
             assert_eq!(max, arena / 4096 * 4096, "the whole arena");
+            assert_eq!(SlotAllocator::max_slot_for(arena), max);
             let s = a.alloc(max).unwrap();
             assert_eq!(s.region().len, max);
             a.free(s);
@@ -412,6 +425,30 @@ mod tests {
         // 64 MiB and its reserve fit a 65 MiB segment.
         let mut a = SlotAllocator::new(65 * MIB);
         assert!(a.alloc(64 * MIB + 4096).is_ok());
+    }
+
+    #[test]
+    fn a_free_block_that_fits_is_found_even_in_the_requests_own_class() {
+        // Free blocks of 16384 and 17000 pages (one class), the smaller first
+        // in its list, nothing larger free: 16385 pages (64 MiB + 4 KiB) must
+        // come from the 17000-page one.
+        let mut a = SlotAllocator::new(256 * MIB);
+        let page = MIN_BLOCK;
+        let first = a.alloc(16384 * page).unwrap();
+        let _wall = a.alloc(page).unwrap();
+        let second = a.alloc(17000 * page).unwrap();
+        let _wall2 = a.alloc(page).unwrap();
+        let _rest = a.alloc((65536 - 16384 - 17000 - 2) * page).unwrap();
+        a.free(second);
+        a.free(first);
+        let s = a.alloc(16385 * page).expect("the 17000-page block fits");
+        assert_eq!(s.region().offset, (16384 + 1) * page);
+        assert_eq!(
+            a.alloc(16385 * page),
+            Err(AllocError::Exhausted {
+                requested: 16385 * page
+            })
+        );
     }
 
     #[test]

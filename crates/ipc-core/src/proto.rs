@@ -16,6 +16,10 @@ pub const MAGIC: [u8; 4] = *b"OSPS";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Length of the client's hello and of the server's answer to it.
 pub const HELLO_LEN: usize = 8;
+/// Version of the dispatcher ⇄ worker pipe protocol, in the worker's `Ready`
+/// (2: `ToWorker` frames with `More`/`Abort`, and `Ready` lists streaming
+/// operations). Dispatcher and workers come from the same build.
+pub const PIPE_VERSION: u16 = 2;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
 
@@ -422,7 +426,7 @@ pub enum FromWorker {
     Ready {
         /// The worker's pid.
         pid: u32,
-        /// The worker's protocol version ([`PROTOCOL_VERSION`]).
+        /// The worker's pipe protocol version ([`PIPE_VERSION`]).
         version: u16,
         /// Operations that read their input front to back and so may be sent
         /// before their payload has arrived in full (then `More` frames follow).
@@ -660,12 +664,12 @@ mod tests {
         );
         let ready = FromWorker::Ready {
             pid: 19227,
-            version: 1,
+            version: PIPE_VERSION,
             streams: vec!["sha256".into(), "wc".into()],
         };
         assert_eq!(
             framed(&|o| crate::frame::encode(&ready, o).unwrap()),
-            b"\x10\0\0\0\x00\x9b\x96\x01\x01\x02\x06sha256\x02wc"
+            b"\x10\0\0\0\x00\x9b\x96\x01\x02\x02\x06sha256\x02wc"
         );
     }
 

@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, JobDone, JobIn, Outcome, RemoteError, ToWorkerIn, PROTOCOL_VERSION,
+    ErrorKind, FromWorker, JobDone, JobIn, Outcome, RemoteError, ToWorkerIn, PIPE_VERSION,
 };
 use ipc_core::{Region, Segment, SegmentError};
 
@@ -87,7 +87,7 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
     let mut out_buf = Vec::with_capacity(256);
     let ready = FromWorker::Ready {
         pid: std::process::id(),
-        version: PROTOCOL_VERSION,
+        version: PIPE_VERSION,
         streams: ops::OPS
             .iter()
             .filter(|o| o.streams() && (config.allow_fault_injection || !o.fault_injection))
