@@ -16,7 +16,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_client::{ClientError, RetryPolicy, RetryingClient};
 use osps_testkit::{processes_mentioning, zombies_of, Instance};
-use sha2::{Digest, Sha256};
 
 use crate::{build, step};
 
@@ -85,19 +84,11 @@ fn request(rng: &mut Rng) -> (&'static str, Vec<String>, Vec<u8>, Vec<u8>) {
         0 => ("echo", vec![], data.clone(), data),
         1 => ("upper", vec![], data.clone(), data.to_ascii_uppercase()),
         2 => {
-            let hex: String = Sha256::digest(&data)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            ("sha256", vec![], data, format!("{hex}\n").into_bytes())
+            let want = osps_testkit::sha256_line(&data);
+            ("sha256", vec![], data, want)
         }
         3 => {
-            let lines = data.iter().filter(|&&b| b == b'\n').count();
-            let words = data
-                .split(|b| b.is_ascii_whitespace())
-                .filter(|w| !w.is_empty())
-                .count();
-            let want = format!("{lines} {words} {}\n", data.len()).into_bytes();
+            let want = osps_testkit::wc_line(&data);
             ("wc", vec![], data, want)
         }
         _ => ("ping", vec![], vec![], b"pong\n".to_vec()),

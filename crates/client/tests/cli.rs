@@ -4,7 +4,6 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use osps_testkit::{bin, Instance};
-use sha2::{Digest, Sha256};
 
 fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(bin("osps-client"))
@@ -53,11 +52,7 @@ fn run_ping_and_status_do_what_they_say() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want: String = Sha256::digest(&data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{want}\n"));
+    assert_eq!(out.stdout, osps_testkit::sha256_line(&data));
     assert!(
         out.stderr.is_empty(),
         "no progress when stderr is not a terminal: {:?}",

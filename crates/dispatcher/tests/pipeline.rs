@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use ipc_core::ErrorKind;
 use nix::sys::signal::Signal;
 use osps_client::ClientError;
-use osps_testkit::{wait_for, zombies_of, Instance, PATIENCE};
-use sha2::{Digest, Sha256};
+use osps_testkit::{sha256_line, wait_for, zombies_of, Instance, PATIENCE};
 
 const SMALL: &[&str] = &[
     "--workers",
@@ -19,15 +18,6 @@ const SMALL: &[&str] = &[
     "--max-payload",
     "8388608",
 ];
-
-fn hex_line(bytes: &[u8]) -> Vec<u8> {
-    let mut s: String = Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    s.push('\n');
-    s.into_bytes()
-}
 
 /// Deterministic bytes of varied length and content.
 fn payload(seed: u64, max_len: usize) -> Vec<u8> {
@@ -65,7 +55,7 @@ fn hundred_clients_hundred_requests_each_all_correct() {
                             c.call("upper", &[], &data).unwrap(),
                             data.to_ascii_uppercase()
                         ),
-                        2 => assert_eq!(c.call("sha256", &[], &data).unwrap(), hex_line(&data)),
+                        2 => assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data)),
                         _ => assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n"),
                     }
                 }
@@ -111,7 +101,7 @@ fn eight_mib_sha256_matches() {
         .collect::<Vec<u8>>();
     assert_eq!(data.len(), 8 << 20);
     let mut c = inst.client();
-    assert_eq!(c.call("sha256", &[], &data).unwrap(), hex_line(&data));
+    assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data));
     // And the same bytes come back intact through echo.
     assert!(c.call("echo", &[], &data).unwrap() == data);
 }
@@ -478,7 +468,7 @@ fn the_same_instance_name_in_two_runtime_directories_runs_twice_without_interfer
     .expect("replaced");
     for i in 0..20u64 {
         let d = payload(i, 3000);
-        assert_eq!(a.client().call("sha256", &[], &d).unwrap(), hex_line(&d));
+        assert_eq!(a.client().call("sha256", &[], &d).unwrap(), sha256_line(&d));
         assert_eq!(
             b.client().call("upper", &[], &d).unwrap(),
             d.to_ascii_uppercase()

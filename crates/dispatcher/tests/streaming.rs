@@ -13,8 +13,7 @@ use ipc_core::frame;
 use ipc_core::proto::{ErrorKind, Outcome, Request, Response};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osps_testkit::{wait_for, Instance, PATIENCE};
-use sha2::{Digest, Sha256};
+use osps_testkit::{sha256_line, wait_for, wc_line, Instance, PATIENCE};
 
 const TOTAL: usize = 4 << 20;
 /// Sent before the upload is held: more than the streaming threshold's worth
@@ -38,15 +37,6 @@ fn data() -> Vec<u8> {
     (0..TOTAL as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect()
-}
-
-fn hex_line(bytes: &[u8]) -> Vec<u8> {
-    let mut s: String = Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    s.push('\n');
-    s.into_bytes()
 }
 
 /// Starts a request on a raw connection and sends the first `first` bytes of `data`.
@@ -104,15 +94,7 @@ fn a_large_sha256_or_wc_starts_before_its_payload_is_in_and_is_right() {
     // moment the payload is all in.
     let inst = Instance::start("stream-ok", &args(&["--job-timeout-ms", "1000"]));
     let data = data();
-    let wc = {
-        let lines = data.iter().filter(|&&b| b == b'\n').count();
-        let words = data
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|w| !w.is_empty())
-            .count();
-        format!("{lines} {words} {}\n", data.len()).into_bytes()
-    };
-    for (op, expected) in [("sha256", hex_line(&data)), ("wc", wc)] {
+    for (op, expected) in [("sha256", sha256_line(&data)), ("wc", wc_line(&data))] {
         let mut s = start_upload(&inst, op, &[], &data, FIRST);
         // A worker runs the job while most of the payload has not been sent.
         wait_busy(&inst, 1);
@@ -151,7 +133,7 @@ fn a_client_that_leaves_or_stalls_mid_upload_costs_no_worker() {
         "{log}"
     );
     let mut c = inst.client();
-    assert_eq!(c.call("sha256", &[], &data).unwrap(), hex_line(&data));
+    assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data));
 }
 
 #[test]
@@ -173,7 +155,7 @@ fn one_worker_is_always_left_for_others_while_uploads_hold_workers() {
         s.write_all(&data[FIRST..]).unwrap();
     }
     for s in [&mut a, &mut b] {
-        assert_eq!(reply(s), (Outcome::Ok, hex_line(&data)));
+        assert_eq!(reply(s), (Outcome::Ok, sha256_line(&data)));
     }
     wait_slots_free(&inst);
 }
@@ -201,7 +183,7 @@ fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
     // The retry runs on a worker while the payload is still held.
     wait_busy(&inst, 1);
     s.write_all(&data[FIRST..]).unwrap();
-    assert_eq!(reply(&mut s), (Outcome::Ok, hex_line(&data)));
+    assert_eq!(reply(&mut s), (Outcome::Ok, sha256_line(&data)));
     wait_slots_free(&inst);
 }
 
@@ -230,7 +212,7 @@ fn a_retried_streamed_job_gets_no_job_batched_behind_it() {
     .expect("the retry runs on the replacement");
     s.write_all(&data[FIRST..]).unwrap();
     let got = reply(&mut s);
-    assert_eq!(got, (Outcome::Ok, hex_line(&data)), "{}", inst.log());
+    assert_eq!(got, (Outcome::Ok, sha256_line(&data)), "{}", inst.log());
     assert_eq!(pinger.wait(ping).unwrap(), b"pong\n");
     assert_eq!(sleeper.wait(sleep).unwrap(), b"slept 4000 ms\n");
     let st = inst.status();

@@ -171,6 +171,28 @@ pub fn write_token_file(path: &Path, token: &[u8]) {
         .expect("write the token file");
 }
 
+/// What the `sha256` operation answers for `bytes`, computed here: the hex
+/// digest and a newline.
+pub fn sha256_line(bytes: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut line: String = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// What the `wc` operation answers for `bytes`, computed here: "LINES WORDS BYTES\n".
+pub fn wc_line(bytes: &[u8]) -> Vec<u8> {
+    let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+    let words = bytes
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .count();
+    format!("{lines} {words} {}\n", bytes.len()).into_bytes()
+}
+
 /// Polls `f` until it returns `Some` or `within` passes.
 pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + within;

@@ -161,7 +161,6 @@ fn done(stdout: &mut impl std::io::Read) -> JobDone {
 
 #[test]
 fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
-    use sha2::{Digest, Sha256};
     let name = format!("/osps-test-stream-{}", std::process::id());
     let seg = Segment::create(&name, 1 << 20, 1).unwrap();
     let mut w = spawn(&name, &[]);
@@ -216,11 +215,7 @@ fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
         offset: slot.offset + d.result_offset,
         len: d.result_len,
     };
-    let hex: String = Sha256::digest(&data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(seg.bytes(result).unwrap(), format!("{hex}\n").as_bytes());
+    assert_eq!(seg.bytes(result).unwrap(), osps_testkit::sha256_line(&data));
 
     // Abort: the input will not come; the job is answered with an error.
     send(&mut stdin, job(2, "wc", vec![], 10));

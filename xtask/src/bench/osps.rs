@@ -10,7 +10,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_client::Client;
 use osps_testkit::{wait_for, Instance, PATIENCE};
-use sha2::{Digest, Sha256};
 
 use super::{load, Plan};
 use crate::bench::report::Report;
@@ -57,15 +56,9 @@ pub fn bulk(c: &mut Client, data: &[u8]) -> Result<(f64, f64, f64)> {
     let remote = c.call("sha256", &[], data)?;
     let sha = rate(t);
     let t = Instant::now();
-    let local: String = Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let local = osps_testkit::sha256_line(data);
     let inproc = rate(t);
-    anyhow::ensure!(
-        remote == format!("{local}\n").into_bytes(),
-        "OSPS and in-process digests differ"
-    );
+    anyhow::ensure!(remote == local, "OSPS and in-process digests differ");
     Ok((echo, sha, inproc))
 }
 
