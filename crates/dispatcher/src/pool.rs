@@ -24,7 +24,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::shared::{News, QueuedJob, Reply, Shared, Streamed};
+use crate::shared::{News, QueuedJob, Reply, Shared, Streamed, UploadState};
 
 /// How long a new worker has to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -237,8 +237,10 @@ async fn serve(
     let mut sent: VecDeque<QueuedJob> = VecDeque::new();
     let mut written = 0usize;
     let mut head_since = Instant::now();
-    // While the running job's payload is still arriving: its upload, and how
-    // many bytes the worker was told are in. No timeout runs meanwhile (the
+    // While the running job's payload is still arriving, from the moment the
+    // job is taken until the worker has been told all of it is in (or that it
+    // never will be): its upload, and how many bytes the worker was told are
+    // in. Nothing is sent ahead meanwhile, and no timeout runs (the
     // connection's frame deadline bounds the upload); it starts once all is in.
     let mut arriving: Option<(Rc<Streamed>, u64)> = None;
     let mut out = Vec::with_capacity(4096);
@@ -252,6 +254,7 @@ async fn serve(
                 _ = stop.wait_for(|s| *s) => return End::Stop,
             };
             head_since = Instant::now();
+            arriving = job.lease.upload().map(|s| (Rc::clone(s), 0));
             sent.push_back(job);
         }
         // More in the same write while jobs wait and no other worker is idle,
@@ -260,10 +263,7 @@ async fn serve(
         // Never behind or ahead of a job whose payload is arriving: the
         // worker reads that payload's news from its pipe until it is all in.
         let mut ahead = 0;
-        // (Arriving: not yet sent, or the worker not yet told it is all in.)
-        let head_arriving =
-            arriving.is_some() || sent.front().is_some_and(|j| j.lease.upload().is_some());
-        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 && !head_arriving {
+        while sent.len() < MAX_BATCH && shared.idle_workers() == 0 && arriving.is_none() {
             let Some(job) = shared.try_next_job() else {
                 break;
             };
@@ -280,10 +280,15 @@ async fn serve(
         if written < sent.len() {
             out.clear();
             for job in sent.range(written..) {
-                let ready = match job.lease.upload() {
-                    Some(streamed) => {
-                        arriving = Some((Rc::clone(streamed), streamed.upload.ready()));
-                        streamed.upload.ready()
+                // Only a job taken alone can be arriving: this one. If its
+                // payload came in meanwhile, there is nothing more to tell.
+                let ready = match arriving.take() {
+                    Some((streamed, _)) => {
+                        let ready = streamed.upload.ready();
+                        if streamed.upload.state() != UploadState::Complete {
+                            arriving = Some((streamed, ready));
+                        }
+                        ready
                     }
                     None => job.input_len,
                 };
