@@ -120,10 +120,9 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
         assert_eq!(c.call("upper", &[], b"served").unwrap(), b"SERVED");
     }
     assert!(inst.log().contains("stalled"), "{}", inst.log());
-    osps_testkit::wait_for(PATIENCE, || {
-        (inst.status().segment.slots_in_use == 0).then_some(())
-    })
-    .expect("the stalled payload's slot is back");
+    inst.wait_status("the stalled payload's slot is back", |s| {
+        s.segment.slots_in_use == 0
+    });
 }
 
 #[test]

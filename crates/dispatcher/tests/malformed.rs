@@ -9,7 +9,7 @@ use std::time::Duration;
 use ipc_core::frame;
 use ipc_core::proto::{self, ErrorKind, Outcome, Request, Response, PROTOCOL_VERSION};
 use osps_client::ClientError;
-use osps_testkit::{wait_for, Instance, PATIENCE};
+use osps_testkit::{Instance, PATIENCE};
 
 const ARGS: &[&str] = &[
     "--workers",
@@ -214,15 +214,11 @@ fn a_connection_closed_mid_payload_frees_its_slot() {
     frame::encode(&req, &mut buf).unwrap();
     buf.extend_from_slice(&[b'x'; 10_000]);
     s.write_all(&buf).unwrap();
-    wait_for(PATIENCE, || {
-        (inst.status().segment.slots_in_use == 1).then_some(())
-    })
-    .expect("slot taken while the payload arrives");
+    inst.wait_status("slot taken while the payload arrives", |s| {
+        s.segment.slots_in_use == 1
+    });
     drop(s);
-    wait_for(PATIENCE, || {
-        (inst.status().segment.slots_in_use == 0).then_some(())
-    })
-    .expect("slot returned");
+    inst.wait_status("slot returned", |s| s.segment.slots_in_use == 0);
     others_still_served(&inst);
     assert!(inst
         .log()

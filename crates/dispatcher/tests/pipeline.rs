@@ -126,14 +126,9 @@ fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
         let t = Instant::now();
         (slow.call("sleep", &["30000"], &[]), t.elapsed())
     });
-    wait_for(PATIENCE, || {
-        inst.status()
-            .workers
-            .iter()
-            .any(|w| w.state == "busy")
-            .then_some(())
-    })
-    .expect("a worker picks up the slow job");
+    inst.wait_status("a worker picks up the slow job", |s| {
+        s.workers.iter().any(|w| w.state == "busy")
+    });
     let mut fast = inst.client();
     for i in 0..50u64 {
         let d = payload(i, 500);
@@ -146,13 +141,10 @@ fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
         "timeout answered after {took:?}"
     );
     // The hung worker was replaced and the pool serves again.
-    wait_for(PATIENCE, || {
-        let s = inst.status();
-        (s.workers.iter().map(|w| w.restarts).sum::<u64>() == 1
-            && s.workers.iter().all(|w| w.state == "idle"))
-        .then_some(())
-    })
-    .expect("the hung worker is replaced");
+    inst.wait_status("the hung worker is replaced", |s| {
+        s.workers.iter().map(|w| w.restarts).sum::<u64>() == 1
+            && s.workers.iter().all(|w| w.state == "idle")
+    });
     assert_eq!(fast.call("ping", &[], &[]).unwrap(), b"pong\n");
 }
 
@@ -172,10 +164,7 @@ fn sigkill_of_a_busy_worker_still_answers_and_respawns() {
     let old_pid = inst.worker_pids()[0];
     let mut c = inst.client();
     let job = thread::spawn(move || c.call("sleep", &["800"], &[]));
-    wait_for(PATIENCE, || {
-        (inst.status().workers[0].state == "busy").then_some(())
-    })
-    .expect("worker busy");
+    inst.wait_status("worker busy", |s| s.workers[0].state == "busy");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
     // The job is retried once on the replacement, so the client gets the real answer.
     assert_eq!(job.join().unwrap().unwrap(), b"slept 800 ms\n");
@@ -210,10 +199,9 @@ fn crash_is_refused_without_fault_injection_and_retried_once_with_it() {
         ErrorKind::WorkerCrashed
     );
     // Two attempts, two dead workers, both replaced; the service goes on.
-    wait_for(PATIENCE, || {
-        (on.status().workers.iter().map(|w| w.restarts).sum::<u64>() == 2).then_some(())
-    })
-    .expect("two restarts");
+    on.wait_status("two restarts", |s| {
+        s.workers.iter().map(|w| w.restarts).sum::<u64>() == 2
+    });
     assert_eq!(c.call("upper", &[], b"still here").unwrap(), b"STILL HERE");
     assert!(zombies_of(&[on.pid()]).is_empty());
 }
@@ -227,14 +215,7 @@ fn sigterm_drains_exits_zero_and_leaves_nothing() {
     assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
     // A job in flight when SIGTERM arrives is finished, not dropped.
     let id = c.send("sleep", &["400"], &[]).unwrap();
-    wait_for(PATIENCE, || {
-        inst.status()
-            .workers
-            .iter()
-            .any(|w| w.state == "busy")
-            .then_some(())
-    })
-    .expect("busy");
+    inst.wait_status("busy", |s| s.workers.iter().any(|w| w.state == "busy"));
     let t = Instant::now();
     inst.signal(Signal::SIGTERM);
     assert_eq!(c.wait(id).unwrap(), b"slept 400 ms\n");
@@ -458,14 +439,11 @@ fn the_same_instance_name_in_two_runtime_directories_runs_twice_without_interfer
     // A replaces a worker: the new one must work in A's segment, not B's.
     let victim = a.worker_pids()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    wait_for(PATIENCE, || {
-        (a.status()
-            .workers
+    a.wait_status("replaced", |s| {
+        s.workers
             .iter()
-            .all(|w| w.state == "idle" && w.pid != victim))
-        .then_some(())
-    })
-    .expect("replaced");
+            .all(|w| w.state == "idle" && w.pid != victim)
+    });
     for i in 0..20u64 {
         let d = payload(i, 3000);
         assert_eq!(a.client().call("sha256", &[], &d).unwrap(), sha256_line(&d));
@@ -500,10 +478,7 @@ fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
             thread::spawn(move || c.call("sleep", &["5000"], &big))
         })
         .collect();
-    wait_for(PATIENCE, || {
-        (inst.status().segment.slots_in_use == 2).then_some(())
-    })
-    .expect("both slots taken");
+    inst.wait_status("both slots taken", |s| s.segment.slots_in_use == 2);
     let mut c = inst.client();
     let waiting = {
         let big = big.clone();
@@ -543,10 +518,7 @@ fn one_busy_worker(tag: &str, extra: &[&str]) -> (Instance, osps_client::Client,
     let inst = Instance::start(tag, &args);
     let mut c = inst.client();
     let busy = c.send("sleep", &["300"], &[]).unwrap();
-    wait_for(PATIENCE, || {
-        (inst.status().workers[0].state == "busy").then_some(())
-    })
-    .expect("busy");
+    inst.wait_status("busy", |s| s.workers[0].state == "busy");
     (inst, c, busy)
 }
 

@@ -11,9 +11,10 @@ use std::os::unix::net::UnixStream;
 
 use ipc_core::frame;
 use ipc_core::proto::{ErrorKind, Outcome, Request, Response};
+use ipc_core::status::StatusReport;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osps_testkit::{sha256_line, wait_for, wc_line, Instance, PATIENCE};
+use osps_testkit::{sha256_line, wc_line, Instance};
 
 const TOTAL: usize = 4 << 20;
 /// Sent before the upload is held: more than the streaming threshold's worth
@@ -63,29 +64,19 @@ fn reply(s: &mut UnixStream) -> (Outcome, Vec<u8>) {
     (resp.outcome, result)
 }
 
-fn busy_workers(inst: &Instance) -> usize {
-    inst.status()
-        .workers
-        .iter()
-        .filter(|w| w.state == "busy")
-        .count()
+fn busy_workers(st: &StatusReport) -> usize {
+    st.workers.iter().filter(|w| w.state == "busy").count()
 }
 
-/// Waits until exactly `n` workers are busy and nothing is queued.
-fn wait_busy(inst: &Instance, n: usize) {
-    wait_for(PATIENCE, || {
-        let st = inst.status();
-        let busy = st.workers.iter().filter(|w| w.state == "busy").count();
-        (busy == n && st.queue_depth == 0).then_some(())
+/// Waits until exactly `n` workers are busy and nothing is queued; returns that status.
+fn wait_busy(inst: &Instance, n: usize) -> StatusReport {
+    inst.wait_status(&format!("{n} busy worker(s), none queued"), |st| {
+        busy_workers(st) == n && st.queue_depth == 0
     })
-    .unwrap_or_else(|| panic!("{n} busy worker(s) expected: {:?}", inst.status()));
 }
 
 fn wait_slots_free(inst: &Instance) {
-    wait_for(PATIENCE, || {
-        (inst.status().segment.slots_in_use == 0).then_some(())
-    })
-    .unwrap_or_else(|| panic!("slots not returned: {:?}", inst.status()));
+    inst.wait_status("slots returned", |st| st.segment.slots_in_use == 0);
 }
 
 #[test]
@@ -145,7 +136,8 @@ fn one_worker_is_always_left_for_others_while_uploads_hold_workers() {
     // A second large upload is not sent ahead: it would take the last idle worker.
     let mut b = start_upload(&inst, "sha256", &[], &data, FIRST);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(busy_workers(&inst), 1, "{:?}", inst.status());
+    let st = inst.status();
+    assert_eq!(busy_workers(&st), 1, "{st:?}");
     // So a third client is served while both uploads are held.
     let mut c = inst.client();
     c.set_timeout(Some(std::time::Duration::from_secs(5)))
@@ -165,21 +157,13 @@ fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
     let inst = Instance::start("stream-kill", &args(&[]));
     let data = data();
     let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
-    wait_busy(&inst, 1);
-    let victim = inst
-        .status()
-        .workers
-        .iter()
-        .find(|w| w.state == "busy")
-        .map(|w| w.pid)
-        .unwrap();
+    let st = wait_busy(&inst, 1);
+    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    wait_for(PATIENCE, || {
-        let st = inst.status();
-        let replaced = st.workers.iter().map(|w| w.restarts).sum::<u64>() == 1;
-        (replaced && !st.workers.iter().any(|w| w.pid == victim)).then_some(())
-    })
-    .expect("the killed worker is replaced");
+    inst.wait_status("the killed worker is replaced", |st| {
+        st.workers.iter().map(|w| w.restarts).sum::<u64>() == 1
+            && !st.workers.iter().any(|w| w.pid == victim)
+    });
     // The retry runs on a worker while the payload is still held.
     wait_busy(&inst, 1);
     s.write_all(&data[FIRST..]).unwrap();
@@ -192,8 +176,7 @@ fn a_retried_streamed_job_gets_no_job_batched_behind_it() {
     let inst = Instance::start("stream-retry-busy", &args(&[]));
     let data = data();
     let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
-    wait_busy(&inst, 1);
-    let st = inst.status();
+    let st = wait_busy(&inst, 1);
     let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
     // The other worker busy, and a small job waiting: the one that takes the
     // retried job has no idle peer, the case where jobs are sent ahead.
@@ -202,14 +185,12 @@ fn a_retried_streamed_job_gets_no_job_batched_behind_it() {
     wait_busy(&inst, 2);
     let mut pinger = inst.client();
     let ping = pinger.send("ping", &[], b"").unwrap();
-    wait_for(PATIENCE, || (inst.status().queue_depth == 1).then_some(())).expect("the ping waits");
+    inst.wait_status("the ping waits", |st| st.queue_depth == 1);
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    wait_for(PATIENCE, || {
-        let st = inst.status();
-        let replaced = st.workers.iter().all(|w| w.pid != victim && w.pid != 0);
-        (replaced && st.workers.iter().all(|w| w.state == "busy")).then_some(())
-    })
-    .expect("the retry runs on the replacement");
+    inst.wait_status("the retry runs on the replacement", |st| {
+        st.workers.iter().all(|w| w.pid != victim && w.pid != 0)
+            && st.workers.iter().all(|w| w.state == "busy")
+    });
     s.write_all(&data[FIRST..]).unwrap();
     let got = reply(&mut s);
     assert_eq!(got, (Outcome::Ok, sha256_line(&data)), "{}", inst.log());

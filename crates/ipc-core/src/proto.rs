@@ -649,17 +649,17 @@ mod tests {
                 ready: 11,
             })
         };
-        let framed = |msg: &dyn Fn(&mut Vec<u8>)| {
+        fn framed(msg: &impl Serialize) -> Vec<u8> {
             let mut out = Vec::new();
-            msg(&mut out);
+            crate::frame::encode(msg, &mut out).unwrap();
             out
-        };
+        }
         assert_eq!(
-            framed(&|o| crate::frame::encode(&job(1, "upper"), o).unwrap()),
+            framed(&job(1, "upper")),
             b"\x0e\0\0\0\x00\x01\x05upper\x00\x00\x80\x40\x0b\x0b"
         );
         assert_eq!(
-            framed(&|o| crate::frame::encode(&job(2, "wc"), o).unwrap()),
+            framed(&job(2, "wc")),
             b"\x0b\0\0\0\x00\x02\x02wc\x00\x00\x80\x40\x0b\x0b"
         );
         let ready = FromWorker::Ready {
@@ -668,7 +668,7 @@ mod tests {
             streams: vec!["sha256".into(), "wc".into()],
         };
         assert_eq!(
-            framed(&|o| crate::frame::encode(&ready, o).unwrap()),
+            framed(&ready),
             b"\x10\0\0\0\x00\x9b\x96\x01\x02\x02\x06sha256\x02wc"
         );
     }

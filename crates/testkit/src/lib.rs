@@ -416,6 +416,27 @@ impl Instance {
             .unwrap_or_else(|| panic!("no status; log:\n{}", self.log()))
     }
 
+    /// Polls the status report until `pred` holds (for up to [`PATIENCE`])
+    /// and returns that report; panics saying `what` was awaited, with the
+    /// last report and the log.
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&StatusReport) -> bool) -> StatusReport {
+        let mut last = None;
+        wait_for(PATIENCE, || {
+            let st = self.try_status()?;
+            if pred(&st) {
+                return Some(st);
+            }
+            last = Some(st);
+            None
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "waited for: {what}; last status: {last:?}; log:\n{}",
+                self.log()
+            )
+        })
+    }
+
     /// Worker pids according to the status report.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.status().workers.iter().map(|w| w.pid).collect()
