@@ -299,6 +299,8 @@ async fn serve(
                     slot: job.lease.region(),
                     input_len: job.input_len,
                     ready,
+                    // Runs that ended with the worker's death, plus this one.
+                    attempt: u32::from(job.attempts) + 1,
                 });
                 frame::encode(&msg, &mut out).expect("jobs encode");
             }
