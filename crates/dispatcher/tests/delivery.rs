@@ -36,3 +36,41 @@ fn a_job_retried_after_its_worker_crashed_reaches_the_worker_as_attempt_2() {
         s.workers.iter().map(|w| w.restarts).sum::<u64>() == 3
     });
 }
+
+#[test]
+fn a_job_cut_off_by_a_dispatcher_kill_runs_again_on_the_next_one() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use osps_client::{RetryPolicy, RetryingClient};
+    use osps_testkit::{wait_for, PATIENCE};
+    use std::time::Duration;
+
+    let inst = Instance::supervised("twice", &["--heartbeat-ms", "100"], ARGS);
+    let first = inst.dispatcher_pid();
+    let mut c = RetryingClient::new(
+        inst.endpoint(),
+        RetryPolicy {
+            deadline: PATIENCE,
+            ..RetryPolicy::default()
+        },
+    );
+    let job = std::thread::spawn(move || {
+        let r = c.call("sleep", &["1500"], &[]);
+        (r, c.retries)
+    });
+    // Once the sleep runs on the first dispatcher, kill it.
+    inst.wait_status("the sleep running", |s| {
+        s.workers.iter().any(|w| w.state == "busy")
+    });
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let (answer, retries) = job.join().unwrap();
+    assert_eq!(answer.unwrap(), b"slept 1500 ms\n");
+    assert!(retries >= 1, "the client resent the request");
+    // The answer came from the second dispatcher, which ran the whole sleep
+    // again: the job ran twice (at least once, not exactly once).
+    let again = wait_for(Duration::from_secs(5), || {
+        let s = inst.try_status()?;
+        (s.dispatcher_pid != first && s.jobs_done >= 1).then_some(s)
+    });
+    assert!(again.is_some(), "log:\n{}", inst.log());
+}
