@@ -82,7 +82,7 @@ fn borrowed(data: &[u8]) {
         if let Ok(msg) = frame::decode_body::<ToWorkerIn<'_>>(&scratch) {
             let owned: ToWorker = frame::decode_body(&scratch).expect("twin decodes too");
             match (msg, owned) {
-                (ToWorkerIn::Job(j), ToWorker::Job(o)) => assert_eq!((j.job_id, j.op, j.ready), (o.job_id, o.op.as_str(), o.ready)),
+                (ToWorkerIn::Job(j), ToWorker::Job(o)) => assert_eq!((j.job_id, j.op, j.ready, j.attempt), (o.job_id, o.op.as_str(), o.ready, o.attempt)),
                 (ToWorkerIn::More { job_id, ready }, ToWorker::More { job_id: j, ready: r }) => assert_eq!((job_id, ready), (j, r)),
                 (ToWorkerIn::Abort { job_id }, ToWorker::Abort { job_id: j }) => assert_eq!(job_id, j),
                 (m, o) => panic!("twins disagree: {m:?} vs {o:?}"),

@@ -299,6 +299,8 @@ async fn serve(
                     slot: job.lease.region(),
                     input_len: job.input_len,
                     ready,
+                    // Runs that ended with the worker's death, plus this one.
+                    attempt: u32::from(job.attempts) + 1,
                 });
                 frame::encode(&msg, &mut out).expect("jobs encode");
             }
@@ -517,12 +519,16 @@ fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: Region) {
 
 /// Ends a worker: on `Stop`, closes its stdin and waits a grace period; in
 /// every other case (or when the grace runs out) kills its whole process
-/// group. Always reaps it. Returns how it exited.
+/// group. Always reaps it, and kills what is left of its process group
+/// (processes its jobs started and left behind). Returns how it exited.
 async fn finish(w: &mut Worker, end: &End) -> String {
     if matches!(end, End::Stop) {
         // Closing stdin is the polite stop: the worker sees EOF and exits 0.
         drop(w.stdin.take());
         if let Ok(status) = tokio::time::timeout(EXIT_GRACE, w.child.wait()).await {
+            // The group's id stays taken while it has members, so this
+            // reaches only what the worker left in its group (ESRCH if none).
+            let _ = killpg(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
             return describe(status);
         }
         tracing::warn!(

@@ -18,8 +18,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HELLO_LEN: usize = 8;
 /// Version of the dispatcher ⇄ worker pipe protocol, in the worker's `Ready`
 /// (2: `ToWorker` frames with `More`/`Abort`, and `Ready` lists streaming
-/// operations). Dispatcher and workers come from the same build.
-pub const PIPE_VERSION: u16 = 2;
+/// operations; 3: a [`Job`] carries its `attempt`). Dispatcher and workers
+/// come from the same build.
+pub const PIPE_VERSION: u16 = 3;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
 
@@ -335,6 +336,10 @@ pub struct Job {
     /// Input bytes in the slot already. Less than `input_len` when the job is
     /// sent while its payload still arrives: [`ToWorker::More`] frames follow.
     pub ready: u64,
+    /// Which run of this job it is in this dispatcher: 1 the first time, 2
+    /// when it is run again because its worker died during the first run.
+    /// (A client's resend after a lost connection is a new job: 1 again.)
+    pub attempt: u32,
 }
 
 /// A [`Job`] as the dispatcher encodes it, borrowing its strings: the same
@@ -353,6 +358,8 @@ pub struct JobRef<'a> {
     pub input_len: u64,
     /// See [`Job::ready`].
     pub ready: u64,
+    /// See [`Job::attempt`].
+    pub attempt: u32,
 }
 
 /// A [`Job`] decoded in place by the worker, borrowing its strings from the
@@ -373,6 +380,8 @@ pub struct JobIn<'a> {
     pub input_len: u64,
     /// See [`Job::ready`].
     pub ready: u64,
+    /// See [`Job::attempt`].
+    pub attempt: u32,
 }
 
 /// Dispatcher → worker messages.
@@ -563,6 +572,7 @@ mod tests {
             },
             input_len: 3,
             ready: 2,
+            attempt: 2,
         };
         let by_ref = JobRef {
             job_id: 9,
@@ -571,6 +581,7 @@ mod tests {
             slot: job.slot,
             input_len: 3,
             ready: 2,
+            attempt: 2,
         };
         assert_eq!(
             postcard::to_stdvec(&job).unwrap(),
@@ -600,7 +611,10 @@ mod tests {
             assert_eq!(&again, o);
             match (back, o) {
                 (ToWorkerIn::Job(j), ToWorker::Job(o)) => {
-                    assert_eq!((j.job_id, j.op, j.input_len, j.ready), (9, "sleep", 3, 2));
+                    assert_eq!(
+                        (j.job_id, j.op, j.input_len, j.ready, j.attempt),
+                        (9, "sleep", 3, 2, 2)
+                    );
                     assert_eq!((j.args, j.slot), (vec!["5"], o.slot));
                 }
                 (ToWorkerIn::More { job_id, ready }, ToWorker::More { .. }) => {
@@ -639,7 +653,7 @@ mod tests {
             offset: 0,
             len: 8192,
         };
-        let job = |job_id, op: &str| {
+        let job = |job_id, op: &str, attempt| {
             ToWorker::Job(Job {
                 job_id,
                 op: op.into(),
@@ -647,6 +661,7 @@ mod tests {
                 slot,
                 input_len: 11,
                 ready: 11,
+                attempt,
             })
         };
         fn framed(msg: &impl Serialize) -> Vec<u8> {
@@ -655,12 +670,17 @@ mod tests {
             out
         }
         assert_eq!(
-            framed(&job(1, "upper")),
-            b"\x0e\0\0\0\x00\x01\x05upper\x00\x00\x80\x40\x0b\x0b"
+            framed(&job(1, "upper", 1)),
+            b"\x0f\0\0\0\x00\x01\x05upper\x00\x00\x80\x40\x0b\x0b\x01"
         );
         assert_eq!(
-            framed(&job(2, "wc")),
-            b"\x0b\0\0\0\x00\x02\x02wc\x00\x00\x80\x40\x0b\x0b"
+            framed(&job(2, "wc", 1)),
+            b"\x0c\0\0\0\x00\x02\x02wc\x00\x00\x80\x40\x0b\x0b\x01"
+        );
+        // The same job run again after its worker died.
+        assert_eq!(
+            framed(&job(2, "wc", 2)),
+            b"\x0c\0\0\0\x00\x02\x02wc\x00\x00\x80\x40\x0b\x0b\x02"
         );
         let ready = FromWorker::Ready {
             pid: 19227,
@@ -669,7 +689,7 @@ mod tests {
         };
         assert_eq!(
             framed(&ready),
-            b"\x10\0\0\0\x00\x9b\x96\x01\x02\x02\x06sha256\x02wc"
+            b"\x10\0\0\0\x00\x9b\x96\x01\x03\x02\x06sha256\x02wc"
         );
     }
 

@@ -82,13 +82,14 @@ proptest! {
         off in any::<u64>(),
         len in any::<u64>(),
         pid in any::<u32>(),
+        attempt in any::<u32>(),
     ) {
-        let job = Job { job_id, op, args, slot, input_len, ready: off };
+        let job = Job { job_id, op, args, slot, input_len, ready: off, attempt };
         round_trip(&job);
         let mut buf = Vec::new();
         frame::encode(&job, &mut buf).unwrap();
         let j: JobIn<'_> = frame::decode_body(&buf[4..]).unwrap();
-        prop_assert_eq!((j.job_id, j.op, j.slot, j.input_len, j.ready), (job.job_id, job.op.as_str(), job.slot, job.input_len, off));
+        prop_assert_eq!((j.job_id, j.op, j.slot, j.input_len, j.ready, j.attempt), (job.job_id, job.op.as_str(), job.slot, job.input_len, off, attempt));
         round_trip(&ToWorker::Job(job.clone()));
         round_trip(&ToWorker::More { job_id, ready: len });
         round_trip(&ToWorker::Abort { job_id });

@@ -1,12 +1,14 @@
 //! The OSPS watchdog: starts the dispatcher as its child and keeps it alive.
-//! It is the child subreaper, so workers orphaned by a dispatcher crash are
-//! reaped here; it restarts the dispatcher when it exits (SIGCHLD) or hangs
+//! It is the child subreaper: whatever a dead dispatcher started, directly or
+//! not, is killed and reaped here before the next one starts
+//! ([`descendants`]); it restarts the dispatcher when it exits (SIGCHLD) or hangs
 //! (heartbeat misses), with backoff and an intensity limit; and on
 //! SIGTERM/SIGINT it stops the dispatcher in order and exits 0.
 //!
 //! The decisions live in [`policy::Supervisor`], a pure state machine; this
 //! module is the thin loop that does the I/O.
 
+pub mod descendants;
 pub mod heartbeat;
 pub mod notify;
 pub mod policy;
@@ -182,7 +184,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                         n.send(&format!("STOPPING=1\nSTATUS={message}"));
                     }
                     hb.abort();
-                    reap_remaining(Duration::from_secs(3)).await;
+                    descendants::sweep(descendants::SWEEP_WITHIN).await;
                     if code == 0 {
                         tracing::info!("watchdog {message}");
                     } else {
@@ -230,6 +232,10 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                 Some(Event::GraceExpired)
             }
         };
+        if let Some(Event::Exited { .. }) = event {
+            // What the dead dispatcher started dies before anything else happens.
+            descendants::sweep(descendants::SWEEP_WITHIN).await;
+        }
         if let Some(event) = event {
             pending.extend(sup.handle(event, Instant::now()));
         }
@@ -281,24 +287,6 @@ fn reap(sup: &Supervisor) -> Option<Event> {
                     tracing::info!(pid, "reaped orphan: {how}");
                 }
             }
-        }
-    }
-}
-
-/// At exit: wait (bounded) for children still dying, so none is left a zombie.
-async fn reap_remaining(within: Duration) {
-    let end = Instant::now() + within;
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {
-                if Instant::now() >= end {
-                    tracing::warn!("children still running at exit");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Ok(status) => tracing::info!("reaped {:?}: {}", status.pid(), describe(status)),
-            Err(_) => return, // ECHILD: none left
         }
     }
 }

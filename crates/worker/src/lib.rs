@@ -282,7 +282,11 @@ pub fn run_job(
         };
         let streamed = match spec.run {
             ops::Run::Stream(f) if arriving.ready < arriving.input_len => {
-                let short = catch_unwind(AssertUnwindSafe(|| f(&job.args, &mut arriving)))
+                let call = ops::Call {
+                    args: &job.args,
+                    attempt: job.attempt,
+                };
+                let short = catch_unwind(AssertUnwindSafe(|| f(&call, &mut arriving)))
                     .unwrap_or_else(|_| Err(panicked(job.op)))?;
                 // An operation that answered without reading all of its input:
                 // the reply goes in the slot only once nothing more is written there.
@@ -296,6 +300,7 @@ pub fn run_job(
         };
         let mut ctx = ops::JobCtx {
             args: &job.args,
+            attempt: job.attempt,
             slot: segment.bytes_mut(job.slot).expect("checked above"),
             input_len,
         };

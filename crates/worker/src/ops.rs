@@ -12,6 +12,10 @@
 //!   answers a short result ([`Short`]). The dispatcher may send such a job
 //!   while its payload is still arriving (the worker announces these
 //!   operations in its `Ready` message), so hashing overlaps the upload.
+//!
+//! Both see which run of the job this is ([`Call::attempt`]): jobs are
+//! delivered at least once, so an operation with effects outside its slot
+//! can tell a retry after a worker crash (attempt 2) from a first run.
 
 use ipc_core::proto::{ErrorKind, RemoteError};
 use sha2::{Digest, Sha256};
@@ -25,11 +29,25 @@ pub struct Output {
     pub len: usize,
 }
 
+/// What an operation is told about its job, besides its input.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// The job's arguments.
+    pub args: &'a [&'a str],
+    /// Which run of the job this is in the dispatcher: 1 the first time, 2
+    /// when it runs again because its worker died during the first run. A
+    /// client's resend (after it lost the dispatcher) arrives as a new job
+    /// with attempt 1: an attempt of 1 does not prove a first delivery.
+    pub attempt: u32,
+}
+
 /// What an operation works on.
 #[derive(Debug)]
 pub struct JobCtx<'a> {
     /// The job's arguments.
     pub args: &'a [&'a str],
+    /// See [`Call::attempt`].
+    pub attempt: u32,
     /// The whole slot; the input is `slot[..input_len]`.
     pub slot: &'a mut [u8],
     /// Length of the input.
@@ -60,6 +78,14 @@ impl JobCtx<'_> {
             offset,
             len: bytes.len(),
         })
+    }
+
+    /// The arguments and attempt.
+    pub fn call(&self) -> Call<'_> {
+        Call {
+            args: self.args,
+            attempt: self.attempt,
+        }
     }
 
     /// Checks that exactly `n` arguments were given.
@@ -140,7 +166,7 @@ pub enum Run {
     /// On the whole input, in its slot.
     Whole(fn(&mut JobCtx<'_>) -> Result<Output, RemoteError>),
     /// On the input front to back, possibly while it arrives.
-    Stream(fn(&[&str], &mut dyn Input) -> Result<Short, RemoteError>),
+    Stream(fn(&Call<'_>, &mut dyn Input) -> Result<Short, RemoteError>),
 }
 
 /// One operation.
@@ -167,7 +193,7 @@ impl OpSpec {
         match self.run {
             Run::Whole(f) => f(ctx),
             Run::Stream(f) => {
-                let short = f(ctx.args, &mut Whole(Some(ctx.input())))?;
+                let short = f(&ctx.call(), &mut Whole(Some(ctx.input())))?;
                 ctx.reply(short.as_bytes())
             }
         }
@@ -214,7 +240,7 @@ pub const OPS: &[OpSpec] = &[
     },
     OpSpec {
         name: "crash",
-        usage: "crash (aborts the worker; fault injection only)",
+        usage: "crash [N] (aborts the worker on attempts up to N, all if no N; later attempts answer \"attempt K\\n\"; fault injection only)",
         fault_injection: true,
         run: Run::Whole(crash),
     },
@@ -255,8 +281,8 @@ fn upper(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     Ok(Output { offset: 0, len: n })
 }
 
-fn sha256(args: &[&str], input: &mut dyn Input) -> Result<Short, RemoteError> {
-    expect_args(args, 0, "sha256")?;
+fn sha256(call: &Call<'_>, input: &mut dyn Input) -> Result<Short, RemoteError> {
+    expect_args(call.args, 0, "sha256")?;
     let mut hasher = Sha256::new();
     while let Some(chunk) = input.next_chunk()? {
         hasher.update(chunk);
@@ -270,8 +296,8 @@ fn sha256(args: &[&str], input: &mut dyn Input) -> Result<Short, RemoteError> {
     Ok(Short::new(&hex))
 }
 
-fn wc(args: &[&str], input: &mut dyn Input) -> Result<Short, RemoteError> {
-    expect_args(args, 0, "wc")?;
+fn wc(call: &Call<'_>, input: &mut dyn Input) -> Result<Short, RemoteError> {
+    expect_args(call.args, 0, "wc")?;
     let (mut lines, mut words, mut len) = (0usize, 0usize, 0usize);
     // Whether the byte before this chunk was inside a word: words may span chunks.
     let mut in_word = false;
@@ -310,8 +336,33 @@ fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     ctx.reply(format!("slept {ms} ms\n").as_bytes())
 }
 
-fn crash(_ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    tracing::warn!("crash operation: aborting on purpose (fault injection)");
+fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    let usage = "crash [N]";
+    let upto = match ctx.args {
+        [] => None,
+        [n] => Some(n.parse::<u32>().map_err(|_| {
+            RemoteError::new(
+                ErrorKind::InvalidInput,
+                format!("crash takes the last attempt to crash on, got {n:?}; usage: {usage}"),
+            )
+        })?),
+        more => {
+            return Err(RemoteError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "expected at most 1 argument, got {}; usage: {usage}",
+                    more.len()
+                ),
+            ))
+        }
+    };
+    if upto.is_some_and(|n| ctx.attempt > n) {
+        return ctx.reply(format!("attempt {}\n", ctx.attempt).as_bytes());
+    }
+    tracing::warn!(
+        attempt = ctx.attempt,
+        "crash operation: aborting on purpose (fault injection)"
+    );
     std::process::abort()
 }
 
@@ -320,12 +371,23 @@ mod tests {
     use super::*;
 
     fn run(op: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        run_as(op, args, input, 1, false)
+    }
+
+    fn run_as(
+        op: &str,
+        args: &[&str],
+        input: &[u8],
+        attempt: u32,
+        allow_fault_injection: bool,
+    ) -> Result<Vec<u8>, RemoteError> {
         let args: Vec<&str> = args.to_vec();
         let mut slot = vec![0u8; input.len() + 4096];
         slot[..input.len()].copy_from_slice(input);
-        let spec = lookup(op, false)?;
+        let spec = lookup(op, allow_fault_injection)?;
         let mut ctx = JobCtx {
             args: &args,
+            attempt,
             slot: &mut slot,
             input_len: input.len(),
         };
@@ -358,6 +420,7 @@ mod tests {
         slot.resize(4096, 0);
         let mut ctx = JobCtx {
             args: &[],
+            attempt: 1,
             slot: &mut slot,
             input_len: 3,
         };
@@ -386,6 +449,10 @@ mod tests {
             streaming.iter().map(|o| o.name).collect::<Vec<_>>(),
             ["sha256", "wc"]
         );
+        let call = Call {
+            args: &[],
+            attempt: 1,
+        };
         for spec in streaming {
             let Run::Stream(f) = spec.run else {
                 unreachable!()
@@ -395,7 +462,7 @@ mod tests {
             for a in (0..=text.len()).step_by(3) {
                 for b in (a..=text.len()).step_by(5) {
                     let pieces = [&text[..a], &text[a..b], &text[b..]];
-                    let got = f(&[], &mut Chunked(pieces.into_iter().collect())).unwrap();
+                    let got = f(&call, &mut Chunked(pieces.into_iter().collect())).unwrap();
                     assert_eq!(
                         got.as_bytes(),
                         &whole[..],
@@ -406,7 +473,7 @@ mod tests {
             }
             // One byte at a time.
             let bytes = Chunked(text.chunks(1).collect());
-            assert_eq!(f(&[], &mut { bytes }).unwrap().as_bytes(), &whole[..]);
+            assert_eq!(f(&call, &mut { bytes }).unwrap().as_bytes(), &whole[..]);
         }
     }
 
@@ -433,5 +500,26 @@ mod tests {
             ErrorKind::InvalidInput
         );
         assert!(lookup("crash", true).is_ok());
+        assert_eq!(
+            run_as("crash", &["soon"], b"", 2, true).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            run_as("crash", &["1", "2"], b"", 2, true).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn crash_with_a_bound_answers_its_attempt_past_it() {
+        // (Attempts up to the bound abort the process: see the dispatcher's tests.)
+        assert_eq!(
+            run_as("crash", &["1"], b"", 2, true).unwrap(),
+            b"attempt 2\n"
+        );
+        assert_eq!(
+            run_as("crash", &["0"], b"", 1, true).unwrap(),
+            b"attempt 1\n"
+        );
     }
 }

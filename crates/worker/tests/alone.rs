@@ -38,7 +38,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
     assert!(
-        matches!(ready, FromWorker::Ready { pid, version: 2, ref streams } if pid == w.0.id() && streams == &["sha256", "wc"])
+        matches!(ready, FromWorker::Ready { pid, version: 3, ref streams } if pid == w.0.id() && streams == &["sha256", "wc"])
     );
 
     let slot = Region {
@@ -55,6 +55,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
             slot,
             input_len: 11,
             ready: 11,
+            attempt: 1,
         },
         Job {
             job_id: 2,
@@ -63,6 +64,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
             slot,
             input_len: 11,
             ready: 11,
+            attempt: 1,
         },
         Job {
             job_id: 3,
@@ -71,6 +73,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
             slot,
             input_len: 0,
             ready: 0,
+            attempt: 1,
         },
     ];
     let mut buf = Vec::new();
@@ -181,6 +184,7 @@ fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
             slot,
             input_len: data.len() as u64,
             ready,
+            attempt: 1,
         })
     };
     // The bytes past `ready` are garbage when the job starts; they are
