@@ -330,13 +330,13 @@ mod tests {
         // (slot, conn held, peer held, arena in use, admitted)
         let table = [
             (big, 0, 0, 0, true),
-            (big, big, big, big, false),              // the connection's cap
-            (small, big - small, big, big, true),      // up to the cap exactly
-            (big, 0, 6 * MIB, 6 * MIB, false),         // the peer's cap
-            (small, 0, 6 * MIB, 6 * MIB, true),        // small: past it, into the reserve
+            (big, big, big, big, false),          // the connection's cap
+            (small, big - small, big, big, true), // up to the cap exactly
+            (big, 0, 6 * MIB, 6 * MIB, false),    // the peer's cap
+            (small, 0, 6 * MIB, 6 * MIB, true),   // small: past it, into the reserve
             (small, 0, 6 * MIB + (512 << 10), 7 * MIB, false), // not past the reserve too
-            (big, 0, 0, 6 * MIB, false),               // another peer: large leave the reserve
-            (small, 0, 0, 8 * MIB - small, true),      // small use it
+            (big, 0, 0, 6 * MIB, false),          // another peer: large leave the reserve
+            (small, 0, 0, 8 * MIB - small, true), // small use it
         ];
         for (slot, conn, peer, in_use, want) in table {
             assert_eq!(
@@ -351,7 +351,10 @@ mod tests {
     fn a_connection_may_always_send_the_largest_request() {
         // Largest request bigger than the shares: the caps grow to it, the reserve shrinks.
         let l = SlotLimits::new(8 * MIB, 8 * MIB - 4096, 25, 75);
-        assert_eq!((l.conn, l.peer, l.reserve), (8 * MIB - 4096, 8 * MIB - 4096, 4096));
+        assert_eq!(
+            (l.conn, l.peer, l.reserve),
+            (8 * MIB - 4096, 8 * MIB - 4096, 4096)
+        );
         assert!(l.admits(8 * MIB - 4096, 0, 0, 0));
     }
 

@@ -263,7 +263,9 @@ where
                 linger(&mut rd).await;
             }
         }
-        Err(_) => tracing::info!(peer = %name, "connection dropped: no handshake within {deadline:?}"),
+        Err(_) => {
+            tracing::info!(peer = %name, "connection dropped: no handshake within {deadline:?}")
+        }
     }
 }
 
@@ -718,9 +720,9 @@ async fn written(
             false
         }
         Err(_) => {
-            log_rate_limited(
-                || tracing::info!("dropping a connection that did not read its replies within {deadline:?} (--write-timeout-ms); its slots are freed (logged at most once a second)"),
-            );
+            log_rate_limited(|| {
+                tracing::info!("dropping a connection that did not read its replies within {deadline:?} (--write-timeout-ms); its slots are freed (logged at most once a second)")
+            });
             false
         }
     }

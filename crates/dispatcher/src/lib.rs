@@ -252,7 +252,9 @@ impl Drop for Cleanup {
 fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() => {
+        Ok((soft, hard))
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() =>
+        {
             tracing::debug!("open-file limit raised from {soft} to {hard}");
             hard
         }
@@ -273,8 +275,16 @@ fn budgets(config: &Config) -> Result<admission::Budgets, DispatcherError> {
         )));
     };
     let clamped = [
-        ("--max-connections", config.max_connections, b.unix_connections),
-        ("--max-tcp-connections", config.tcp_connections(), b.tcp_connections),
+        (
+            "--max-connections",
+            config.max_connections,
+            b.unix_connections,
+        ),
+        (
+            "--max-tcp-connections",
+            config.tcp_connections(),
+            b.tcp_connections,
+        ),
     ];
     for (flag, asked, got) in clamped {
         if got < asked && (flag == "--max-connections" || config.tcp.is_some()) {

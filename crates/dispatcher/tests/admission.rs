@@ -227,7 +227,9 @@ fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
         println!("round {round}: admitted and answered in {took:?} behind 250 silent connections");
         assert!(took < Duration::from_secs(5));
         // More silent ones between rounds.
-        let _more: Vec<TcpStream> = (0..50).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+        let _more: Vec<TcpStream> = (0..50)
+            .filter_map(|_| TcpStream::connect(addr).ok())
+            .collect();
     }
     drop(silent);
     assert!(inst.log().contains("evicted"), "{}", inst.log());
@@ -278,7 +280,10 @@ fn a_flood_on_the_tcp_listener_does_not_refuse_unix_clients() {
 fn clamped_to(log: &str) -> Option<usize> {
     let line = log.lines().find(|l| l.contains("clamped to"))?;
     let rest = &line[line.find("clamped to ")? + "clamped to ".len()..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -303,23 +308,26 @@ fn under_a_low_fd_limit_connections_are_clamped_and_a_killed_worker_is_replaced(
             "65536",
         ],
     );
-    let log = inst.log();
-    let limit = clamped_to(&log).unwrap_or_else(|| panic!("no clamp said at start:\n{log}"));
-    assert!(
-        log.contains("--max-connections 1024 clamped to") && log.contains("open-file limit is 64"),
-        "{log}"
-    );
-    assert!(limit >= 1 && limit < 64, "{limit}");
     // Fill the budget (and try past it: refused, or held off).
     let mut clients = Vec::new();
-    for _ in 0..limit + 20 {
-        match Client::connect_within(&inst.endpoint(), None, Duration::from_secs(2)) {
-            Ok(c) => clients.push(c),
+    let mut failed_in_a_row = 0;
+    for _ in 0..100 {
+        match Client::connect_within(&inst.endpoint(), None, Duration::from_millis(500)) {
+            Ok(c) => {
+                clients.push(c);
+                failed_in_a_row = 0;
+            }
             Err(ClientError::Refused(_)) => {}
-            Err(e) => println!("over the limit: {e}"),
+            Err(e) => {
+                println!("over the limit: {e}");
+                failed_in_a_row += 1;
+                if failed_in_a_row == 3 {
+                    break;
+                }
+            }
         }
     }
-    assert_eq!(clients.len(), limit, "admitted clients");
+    println!("{} clients admitted under an fd limit of 64", clients.len());
     let before = clients[0].status().unwrap();
     let victim = before.workers[0].pid;
     nix::sys::signal::kill(
@@ -337,8 +345,19 @@ fn under_a_low_fd_limit_connections_are_clamped_and_a_killed_worker_is_replaced(
         "the killed worker was not replaced; log:\n{}",
         inst.log()
     );
-    assert!(!inst.log().contains("Too many open files"), "{}", inst.log());
+    assert!(
+        !inst.log().contains("Too many open files"),
+        "{}",
+        inst.log()
+    );
     for c in &mut clients {
         assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
     }
+    let log = inst.log();
+    let limit = clamped_to(&log).unwrap_or_else(|| panic!("no clamp said at start:\n{log}"));
+    assert!(
+        log.contains("--max-connections 1024 clamped to") && log.contains("open-file limit is 64"),
+        "{log}"
+    );
+    assert_eq!(clients.len(), limit, "admitted clients");
 }

@@ -12,9 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{
-    self, HelloStatus, Outcome, Request, Response, HELLO_LEN, PROTOCOL_VERSION,
-};
+use ipc_core::proto::{self, HelloStatus, Outcome, Request, Response, HELLO_LEN, PROTOCOL_VERSION};
 use ipc_core::status::StatusReport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -93,7 +91,10 @@ pub async fn run(
             }
             Err(Probe::Refused) => {
                 // Only a live event loop answers a hello: alive, if full.
-                tracing::debug!(pid, "the dispatcher refused the heartbeat's connection (full): alive, not a miss");
+                tracing::debug!(
+                    pid,
+                    "the dispatcher refused the heartbeat's connection (full): alive, not a miss"
+                );
                 answered = true;
                 misses = 0;
                 conn = None;
