@@ -81,11 +81,25 @@ impl Budgets {
         }
         let handshakes = (avail / (4 * listeners)).clamp(1, MAX_HANDSHAKING as u64);
         let refusing = (avail / 8).clamp(1, MAX_REFUSING as u64);
-        let room = avail - listeners * handshakes - refusing;
-        let per_listener = (room / listeners).max(1) as usize;
+        let room = (avail - listeners * handshakes - refusing) as usize;
+        // Each listener gets what it asks if both fit; else an equal share,
+        // and what one leaves of its share goes to the other.
+        let unix_ask = config.max_connections;
+        let tcp_ask = if config.tcp.is_some() {
+            config.tcp_connections()
+        } else {
+            0
+        };
+        let share = (room / listeners as usize).max(1);
+        let unix = unix_ask.min(share.max(room.saturating_sub(tcp_ask)));
+        let tcp = tcp_ask.min(share.max(room.saturating_sub(unix)));
         Some(Budgets {
-            unix_connections: config.max_connections.min(per_listener),
-            tcp_connections: config.tcp_connections().min(per_listener),
+            unix_connections: unix.max(1),
+            tcp_connections: if config.tcp.is_some() {
+                tcp.max(1)
+            } else {
+                config.tcp_connections()
+            },
             handshakes: handshakes as usize,
             refusing: refusing as usize,
             fd_limit,
@@ -388,6 +402,13 @@ mod tests {
         let b = Budgets::for_fd_limit(&c, 64).expect("fits");
         let clients = b.unix_connections + b.tcp_connections + 2 * b.handshakes + b.refusing;
         assert!(clients as u64 + fd_reserve(2) <= 64, "{b:?}");
+        // What one listener does not ask goes to the other.
+        c.max_tcp_connections = Some(2);
+        let b = Budgets::for_fd_limit(&c, 64).expect("fits");
+        let clients = b.unix_connections + b.tcp_connections + 2 * b.handshakes + b.refusing;
+        assert_eq!(b.tcp_connections, 2, "{b:?}");
+        assert_eq!(clients as u64 + fd_reserve(2), 64, "{b:?}");
+        c.max_tcp_connections = None;
         // A high limit leaves the configured values alone.
         let b = Budgets::for_fd_limit(&c, 1 << 20).expect("fits");
         assert_eq!((b.unix_connections, b.tcp_connections), (1024, 1024));

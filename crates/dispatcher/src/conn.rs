@@ -198,7 +198,9 @@ where
         Via::Tcp { needs_token: true } => shared.tcp_token.as_deref(),
         _ => None,
     };
-    let evicted = async {
+    // Until admitted, a newer connection may evict this one (also while it
+    // lingers after a refusal: every descriptor stays within a budget).
+    let evicted = || async {
         match &ticket {
             Some(t) => t.evicted().await,
             None => std::future::pending().await,
@@ -206,7 +208,7 @@ where
     };
     let opened = tokio::select! {
         r = tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, token)) => r,
-        () = evicted => {
+        () = evicted() => {
             log_rate_limited(
                 || tracing::info!(peer = %peer.name, "evicted the oldest connection still silent in its handshake: the listener's handshake budget is full (such evictions are logged at most once a second)"),
             );
@@ -220,7 +222,10 @@ where
             let gate = gate.expect("checked");
             refuse_hello(&mut wr, HelloStatus::Refused, &full_line(gate)).await;
             let _ = wr.shutdown().await;
-            linger(&mut rd).await;
+            tokio::select! {
+                () = linger(&mut rd) => {}
+                () = evicted() => {}
+            }
         }
         Ok(Ok(())) => {
             // Counted before the first await, so the limit holds exactly.
@@ -260,7 +265,10 @@ where
             }
             let _ = wr.shutdown().await;
             if how == Failure::Answered {
-                linger(&mut rd).await;
+                tokio::select! {
+                    () = linger(&mut rd) => {}
+                    () = evicted() => {}
+                }
             }
         }
         Err(_) => {
