@@ -210,10 +210,16 @@ fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
         ],
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
-    // 250 connections that never say a word (the budget is 128).
-    let silent: Vec<TcpStream> = (0..250)
+    // 250 connections that never say a word (the budget is 128), from the
+    // client's own address, and 100 more from four others (past any
+    // per-address share).
+    let mut silent: Vec<TcpStream> = (0..250)
         .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();
+    for i in 0..100u8 {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + i % 4);
+        silent.push(connect_from(from, addr).expect("connect from another loopback address"));
+    }
     std::thread::sleep(Duration::from_millis(300));
     for round in 0..3 {
         let t = Instant::now();
@@ -224,7 +230,7 @@ fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
                 });
         assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
         let took = t.elapsed();
-        println!("round {round}: admitted and answered in {took:?} behind 250 silent connections");
+        println!("round {round}: admitted and answered in {took:?} behind 350 silent connections");
         assert!(took < Duration::from_secs(5));
         // More silent ones between rounds.
         let _more: Vec<TcpStream> = (0..50)
@@ -233,6 +239,15 @@ fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
     }
     drop(silent);
     assert!(inst.log().contains("evicted"), "{}", inst.log());
+}
+
+/// A TCP connection to `to` from the local address `from`.
+fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((from, 0)).into())?;
+    s.connect(&to.into())?;
+    Ok(s.into())
 }
 
 #[test]
