@@ -15,7 +15,7 @@ use osps_testkit::Instance;
 fn a_supervised_dispatcher_under_a_connection_flood_keeps_its_heartbeat() {
     let inst = Instance::supervised(
         "hbflood",
-        &["--heartbeat-ms", "200", "--miss-limit", "5"],
+        &["--heartbeat-ms", "200", "--miss-limit", "8"],
         &[
             "--workers",
             "1",
@@ -54,10 +54,18 @@ fn a_supervised_dispatcher_under_a_connection_flood_keeps_its_heartbeat() {
     ));
     // A stall longer than the heartbeat's interval: the watchdog drops its
     // connection and must connect again while the dispatcher is full.
+    let signal = |sig| {
+        if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
+            panic!(
+                "the dispatcher (pid {pid}) is gone ({e}): killed under the flood; log:\n{}",
+                inst.log()
+            );
+        }
+    };
     for _ in 0..3 {
-        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        signal(Signal::SIGSTOP);
         std::thread::sleep(Duration::from_millis(300));
-        kill(Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+        signal(Signal::SIGCONT);
         std::thread::sleep(Duration::from_millis(1500));
     }
     let st = unix[0].status().unwrap_or_else(|e| {
