@@ -171,13 +171,11 @@ impl Handshakes {
     /// requires it. The ticket leaves the register when dropped.
     pub fn enter(&self, peer: PeerKey) -> Ticket<'_> {
         let mut live = self.live.borrow_mut();
-        let from_peer: Vec<u64> = live
-            .iter()
-            .filter(|(_, (p, _))| *p == peer)
-            .map(|(seq, _)| *seq)
-            .collect();
-        let victim = if from_peer.len() >= self.per_peer {
-            from_peer.first().copied()
+        let mut from_peer = live.iter().filter(|(_, (p, _))| *p == peer);
+        let oldest_of_peer = from_peer.next().map(|(seq, _)| *seq);
+        let of_peer = oldest_of_peer.map_or(0, |_| 1 + from_peer.count());
+        let victim = if of_peer >= self.per_peer {
+            oldest_of_peer
         } else if live.len() >= self.max {
             live.keys().next().copied()
         } else {
