@@ -17,22 +17,16 @@ use tokio::io::{
 };
 use tokio::sync::mpsc;
 
-use crate::shared::{JobSlot, OpName, QueuedJob, Reply, Shared, Streamed, Upload, RESULT_RESERVE};
+use crate::admission::{Gate, Holder, PeerKey};
+use crate::shared::{
+    JobSlot, OpName, QueuedJob, Reply, Shared, Streamed, Upload, UploadState, RESULT_RESERVE,
+};
 
 /// Bytes a connection reads ahead (headers of pipelined requests).
 const READ_BUFFER: usize = 4096;
 /// How long a closing connection's leftover input is drained so the client
 /// reads our last answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
-
-/// Connections still in their handshake, per listener, at most. They do not
-/// count against `--max-connections` (only admitted clients do), so peers
-/// that connect and say nothing, or fail the token, cannot lock admitted
-/// clients out; beyond this, new connections on that listener are closed at
-/// once, without a word.
-pub const MAX_HANDSHAKING: usize = 128;
-/// Refusals being answered at once, at most; beyond, closed without a word.
-const MAX_REFUSING: usize = 64;
 
 /// Which listener a connection came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,16 +35,28 @@ pub enum Via {
     Unix,
     /// TCP; `needs_token`: the peer must present the dispatcher's token.
     Tcp { needs_token: bool },
+    /// The watchdog's heartbeat, on the Unix socket (`SO_PEERCRED` pid is the
+    /// watchdog that started us): admitted outside every budget, so that no
+    /// flood of clients can make a healthy dispatcher look hung.
+    Watchdog,
 }
 
 impl Via {
-    /// The count of this listener's connections still in their handshake.
-    fn handshaking(self, shared: &Shared) -> &std::cell::Cell<usize> {
+    /// The listener's budgets; `None` for the watchdog, which has none.
+    fn gate(self, shared: &Shared) -> Option<&Gate> {
         match self {
-            Via::Unix => &shared.handshaking_unix,
-            Via::Tcp { .. } => &shared.handshaking_tcp,
+            Via::Unix => Some(&shared.unix_gate),
+            Via::Tcp { .. } => Some(&shared.tcp_gate),
+            Via::Watchdog => None,
         }
     }
+}
+
+/// Who is on the other end: a name for the log and a key for the budgets.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub key: PeerKey,
 }
 
 /// Counts one holder of a budget while alive.
@@ -69,36 +75,33 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Takes an accepted connection: serves it, or refuses it when the
-/// connection limit is reached.
-pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: String, via: Via)
+/// Takes an accepted connection: serves it, or refuses it when its
+/// listener's connection budget is spent.
+pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: Peer, via: Via)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
-    if shared.connections.get() >= shared.config.max_connections {
-        refuse(&shared, stream, &peer).await;
-    } else if via.handshaking(&shared).get() >= MAX_HANDSHAKING {
-        log_rate_limited(
-            || tracing::warn!(%peer, "{MAX_HANDSHAKING} connections on this listener have not finished their handshake; closing new ones at once"),
-        );
-    } else {
-        serve(shared, stream, peer, via).await;
+    match via.gate(&shared) {
+        Some(gate) if gate.is_full() => refuse(&shared, stream, &peer.name, gate).await,
+        _ => serve(shared, stream, peer, via).await,
     }
 }
 
 /// Refuses a connection over the limit: reads its hello (briefly), answers
 /// with the `Refused` status and one line saying why, and closes.
-async fn refuse<S>(shared: &Shared, stream: S, peer: &str)
+async fn refuse<S>(shared: &Shared, stream: S, peer: &str, gate: &Gate)
 where
     S: AsyncRead + AsyncWrite,
 {
-    let limit = shared.config.max_connections;
-    let line = full_line(limit);
+    let line = full_line(gate);
     refuse_with(shared, stream, peer, HelloStatus::Refused, &line).await;
 }
 
-fn full_line(limit: usize) -> String {
-    format!("OSPS dispatcher is full: {limit} connections open (the limit, --max-connections); try again later")
+fn full_line(gate: &Gate) -> String {
+    format!(
+        "OSPS dispatcher is full: {} connections open on this socket (the limit, {}); try again later",
+        gate.max_connections, gate.flag
+    )
 }
 
 /// Refuses a peer whose uid is not admitted (SO_PEERCRED).
@@ -116,7 +119,7 @@ async fn refuse_with<S>(shared: &Shared, stream: S, peer: &str, status: HelloSta
 where
     S: AsyncRead + AsyncWrite,
 {
-    if shared.refusing.get() >= MAX_REFUSING {
+    if shared.refusing.get() >= shared.max_refusing {
         return; // a flood: close without a word rather than hold descriptors
     }
     let _held = Held::new(&shared.refusing);
@@ -180,11 +183,12 @@ enum Failure {
 }
 
 /// Serves one accepted connection to its end.
-async fn serve<S>(shared: Rc<Shared>, stream: S, peer: String, via: Via)
+async fn serve<S>(shared: Rc<Shared>, stream: S, peer: Peer, via: Via)
 where
     S: AsyncRead + AsyncWrite + 'static,
 {
-    let handshaking = Held::new(via.handshaking(&shared));
+    let gate = via.gate(&shared);
+    let ticket = gate.map(|g| g.handshakes.enter(peer.key.clone()));
     let (rd, mut wr) = tokio::io::split(stream);
     // A small read buffer: a request's prefix and header arrive in one read
     // (large payloads bypass it, straight into their slot).
@@ -194,51 +198,82 @@ where
         Via::Tcp { needs_token: true } => shared.tcp_token.as_deref(),
         _ => None,
     };
-    match tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, token)).await {
-        Ok(Ok(())) if shared.connections.get() >= shared.config.max_connections => {
+    // Until admitted, a newer connection may evict this one (also while it
+    // lingers after a refusal: every descriptor stays within a budget).
+    let evicted = || async {
+        match &ticket {
+            Some(t) => t.evicted().await,
+            None => std::future::pending().await,
+        }
+    };
+    let opened = tokio::select! {
+        r = tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, token)) => r,
+        () = evicted() => {
+            log_rate_limited(
+                || tracing::info!(peer = %peer.name, "evicted the oldest connection still silent in its handshake: the listener's handshake budget is full (such evictions are logged at most once a second)"),
+            );
+            return;
+        }
+    };
+    let name = &peer.name;
+    match opened {
+        Ok(Ok(())) if gate.is_some_and(Gate::is_full) => {
             // Others were admitted while this one said hello.
-            refuse_hello(
-                &mut wr,
-                HelloStatus::Refused,
-                &full_line(shared.config.max_connections),
-            )
-            .await;
+            let gate = gate.expect("checked");
+            refuse_hello(&mut wr, HelloStatus::Refused, &full_line(gate)).await;
             let _ = wr.shutdown().await;
-            linger(&mut rd).await;
+            tokio::select! {
+                () = linger(&mut rd) => {}
+                () = evicted() => {}
+            }
         }
         Ok(Ok(())) => {
             // Counted before the first await, so the limit holds exactly.
-            let _admitted = Held::new(&shared.connections);
-            drop(handshaking);
+            let _admitted = gate.map(|g| Held::new(&g.connections));
+            drop(ticket);
             let accepted = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16);
             if wr.write_all(&accepted).await.is_err() {
                 return;
             }
-            tracing::debug!(%peer, "client connected");
+            tracing::debug!(peer = %name, "client connected");
+            let holder = Holder::new(peer.key);
             let (tx, rx) = mpsc::unbounded_channel();
-            let writer = tokio::task::spawn_local(write_replies(Rc::clone(&shared), wr, rx));
-            let closing = read_requests(&shared, &mut rd, tx).await;
-            let _ = writer.await;
-            if closing {
-                linger(&mut rd).await;
+            let mut writer = tokio::task::spawn_local(write_replies(Rc::clone(&shared), wr, rx));
+            tokio::select! {
+                closing = read_requests(&shared, &mut rd, tx, &holder) => {
+                    let _ = writer.await;
+                    if closing {
+                        linger(&mut rd).await;
+                    }
+                }
+                // The writer ends first only when it gave up (the client left,
+                // or did not read its replies in time): stop reading too, and
+                // close. What this connection still holds is freed as its
+                // jobs end.
+                _ = &mut writer => {}
             }
         }
         Ok(Err(Failed { reason, how })) => {
             if how == Failure::Denied {
                 log_denied(
-                    || tracing::warn!(%peer, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
+                    || tracing::warn!(peer = %name, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
                 );
             } else {
                 log_rate_limited(
-                    || tracing::info!(%peer, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
+                    || tracing::info!(peer = %name, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
                 );
             }
             let _ = wr.shutdown().await;
             if how == Failure::Answered {
-                linger(&mut rd).await;
+                tokio::select! {
+                    () = linger(&mut rd) => {}
+                    () = evicted() => {}
+                }
             }
         }
-        Err(_) => tracing::info!(%peer, "connection dropped: no handshake within {deadline:?}"),
+        Err(_) => {
+            tracing::info!(peer = %name, "connection dropped: no handshake within {deadline:?}")
+        }
     }
 }
 
@@ -354,7 +389,12 @@ fn garbage_reply(first: &[u8]) -> String {
 /// Reads requests until the client leaves or misbehaves. Returns true when
 /// the connection must close after the replies already queued (then the
 /// client's leftover bytes are drained before closing).
-async fn read_requests<R>(shared: &Rc<Shared>, rd: &mut R, tx: mpsc::UnboundedSender<Reply>) -> bool
+async fn read_requests<R>(
+    shared: &Rc<Shared>,
+    rd: &mut R,
+    tx: mpsc::UnboundedSender<Reply>,
+    holder: &Rc<Holder>,
+) -> bool
 where
     R: AsyncBufRead + Unpin,
 {
@@ -450,7 +490,7 @@ where
         // A slot, unless the request is refused; waiting for one ends if shutdown begins.
         let lease = match req.op {
             proto::OP_STATUS => None,
-            _ => shared.lease(req.payload_len + RESULT_RESERVE).await,
+            _ => shared.lease(req.payload_len + RESULT_RESERVE, holder).await,
         };
         let Some(lease) = lease else {
             // Skip the payload to stay in step with the stream, then refuse.
@@ -506,6 +546,9 @@ where
                 job(JobSlot::Streamed(Rc::clone(&streamed)), permit, now),
                 false,
             );
+            // If this connection is dropped while the payload arrives, the
+            // job hears that it never will.
+            let _ends = EndsUpload(&streamed.upload);
             let payload = tokio::time::timeout(
                 frame_deadline,
                 frame::read_payload_observed(rd, &mut buf[..req.payload_len as usize], |got| {
@@ -553,6 +596,18 @@ where
     }
 }
 
+/// Marks an upload failed if it is still arriving when dropped (its
+/// connection was closed in the middle).
+struct EndsUpload<'a>(&'a Upload);
+
+impl Drop for EndsUpload<'_> {
+    fn drop(&mut self) {
+        if self.0.state() == UploadState::Arriving {
+            self.0.end(false);
+        }
+    }
+}
+
 /// Reads and discards `len` bytes.
 async fn skip<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> std::io::Result<()> {
     let copied = tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink()).await?;
@@ -579,11 +634,15 @@ async fn skip_to_eof<R: AsyncRead + Unpin>(rd: &mut R) {
     }
 }
 
-/// Writes replies as they arrive, batching small ones into one write.
+/// Writes replies as they arrive, batching small ones into one write. Each
+/// write must end within the write deadline: a client that does not read
+/// its replies is dropped (this returns), and the slots of its replies are
+/// freed. Returns when every sender is gone, or on that failure.
 async fn write_replies<W>(shared: Rc<Shared>, mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>)
 where
     W: AsyncWrite + Unpin,
 {
+    let deadline = Duration::from_millis(shared.config.write_timeout_ms);
     let mut out = Vec::with_capacity(4096);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -629,7 +688,11 @@ where
                 out.extend_from_slice(bytes);
             } else {
                 // Large result: header, then the bytes straight from the slot.
-                if wr.write_all(&out).await.is_err() || wr.write_all(bytes).await.is_err() {
+                let write = async {
+                    wr.write_all(&out).await?;
+                    wr.write_all(bytes).await
+                };
+                if !written(write, deadline).await {
                     return;
                 }
                 out.clear();
@@ -640,14 +703,37 @@ where
             }
         }
         if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
+            if !written(wr.write_all(&out), deadline).await {
                 return;
             }
             out.clear();
         }
     }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(deadline, async {
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+    })
+    .await;
+}
+
+/// Whether `write` ended well within `deadline` (logs when it did not in time).
+async fn written(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+    deadline: Duration,
+) -> bool {
+    match tokio::time::timeout(deadline, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!("connection ended while writing a reply: {e}");
+            false
+        }
+        Err(_) => {
+            log_rate_limited(|| {
+                tracing::info!("dropping a connection that did not read its replies within {deadline:?} (--write-timeout-ms); its slots are freed (logged at most once a second)")
+            });
+            false
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! is not `Send`, and one thread is plenty to move descriptors around while
 //! the workers do the work.
 
+mod admission;
 mod conn;
 mod latency;
 mod pool;
@@ -47,8 +48,16 @@ pub struct Config {
     pub frame_timeout_ms: u64,
     /// A connection with no request for this long is closed.
     pub idle_timeout_ms: u64,
-    /// Client connections served at once; more are refused with a clear message.
+    /// Clients admitted at once on the Unix socket; more are refused with a clear message.
     pub max_connections: usize,
+    /// Clients admitted at once on the TCP listener (its own budget); `None`: as `max_connections`.
+    pub max_tcp_connections: Option<usize>,
+    /// Deadline to write one reply to a client; one that does not read it in time is dropped.
+    pub write_timeout_ms: u64,
+    /// Share of the slot arena (percent) one connection may hold at once.
+    pub conn_arena_percent: u64,
+    /// Share of the slot arena (percent) one peer (uid, or TCP address) may hold at once in large slots.
+    pub peer_arena_percent: u64,
     /// Requests one connection may have in flight (back-pressure beyond).
     pub max_in_flight: usize,
     /// Uids admitted on the Unix socket besides our own and root's (checked with SO_PEERCRED).
@@ -90,6 +99,10 @@ impl Config {
             frame_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
             max_connections: 1024,
+            max_tcp_connections: None,
+            write_timeout_ms: 10_000,
+            conn_arena_percent: 25,
+            peer_arena_percent: 75,
             max_in_flight: 128,
             allow_uids: Vec::new(),
             segment_mib: 256,
@@ -104,6 +117,13 @@ impl Config {
             watchdog: None,
             watchdog_started_unix_ms: None,
         }
+    }
+}
+
+impl Config {
+    /// The TCP listener's connection budget.
+    pub fn tcp_connections(&self) -> usize {
+        self.max_tcp_connections.unwrap_or(self.max_connections)
     }
 }
 
@@ -227,14 +247,55 @@ impl Drop for Cleanup {
     }
 }
 
-/// Raises the soft open-file limit to the hard one: each client costs an fd.
-fn raise_fd_limit() {
+/// Raises the soft open-file limit to the hard one (each client costs an
+/// fd) and returns the limit in force.
+fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard))
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() =>
+        {
             tracing::debug!("open-file limit raised from {soft} to {hard}");
+            hard
+        }
+        Ok((soft, _)) => soft,
+        Err(_) => u64::MAX,
+    }
+}
+
+/// The listeners' budgets under the open-file limit, said at start when the
+/// limit clamps what was asked.
+fn budgets(config: &Config) -> Result<admission::Budgets, DispatcherError> {
+    let limit = raise_fd_limit();
+    let Some(b) = admission::Budgets::for_fd_limit(config, limit) else {
+        return Err(DispatcherError::Config(format!(
+            "the open-file limit ({limit}) is too low: {} descriptors are kept for the dispatcher, {} worker(s) and the watchdog's probe, and clients need a few more; raise it (ulimit -n) or lower --workers",
+            admission::fd_reserve(config.workers),
+            config.workers
+        )));
+    };
+    let clamped = [
+        (
+            "--max-connections",
+            config.max_connections,
+            b.unix_connections,
+        ),
+        (
+            "--max-tcp-connections",
+            config.tcp_connections(),
+            b.tcp_connections,
+        ),
+    ];
+    for (flag, asked, got) in clamped {
+        if got < asked && (flag == "--max-connections" || config.tcp.is_some()) {
+            tracing::warn!(
+                "{flag} {asked} clamped to {got}: the open-file limit is {limit}, and {} descriptors are kept for the dispatcher, its {} worker(s) and the watchdog's probe (raise it with ulimit -n or LimitNOFILE=)",
+                b.fd_reserve,
+                config.workers
+            );
         }
     }
+    Ok(b)
 }
 
 async fn serve(config: Config) -> Result<(), DispatcherError> {
@@ -248,7 +309,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     };
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
     paths.ensure_dir()?;
-    raise_fd_limit();
+    let budgets = budgets(&config)?;
     // Signals first, so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -292,7 +353,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     let max_payload = config.max_payload;
     let workers = config.workers;
     let dir = paths.clone();
-    let shared = Shared::new(config, paths, seg, max_payload, tcp_token);
+    let shared = Shared::new(config, paths, seg, max_payload, tcp_token, budgets);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let drivers: Vec<_> = (0..workers)
@@ -333,22 +394,30 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
                     // The kernel tells who is on the other end: admit only our
-                    // own uid, root, and those allowed by --allow-uid.
-                    let uid = stream.peer_cred().map(|c| c.uid()).ok();
-                    let peer = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
+                    // own uid, root, and those allowed by --allow-uid; and
+                    // know the watchdog that started us by its pid.
+                    let cred = stream.peer_cred().ok();
+                    let uid = cred.map(|c| c.uid());
+                    let name = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
+                    let key = uid.map_or(admission::PeerKey::Unknown, admission::PeerKey::Uid);
+                    let peer = conn::Peer { name, key };
+                    let watchdog = shared.config.watchdog.as_ref().map(|w| w.pid as i32);
+                    let is_watchdog = watchdog.is_some() && cred.and_then(|c| c.pid()) == watchdog;
                     if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
-                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, conn::Via::Unix));
+                        let via = if is_watchdog { conn::Via::Watchdog } else { conn::Via::Unix };
+                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
                     } else {
-                        tokio::task::spawn_local(conn::refuse_uid(Rc::clone(&shared), stream, peer));
+                        tokio::task::spawn_local(conn::refuse_uid(Rc::clone(&shared), stream, peer.name));
                     }
                 }
                 Err(e) => accept_error(e).await,
             },
             r = accept_tcp(tcp.as_ref()) => match r {
-                Ok((stream, peer)) => {
+                Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
                     let via = conn::Via::Tcp { needs_token: shared.tcp_token.is_some() };
-                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer.to_string(), via));
+                    let peer = conn::Peer { name: addr.to_string(), key: admission::PeerKey::Addr(addr.ip()) };
+                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
                 }
                 Err(e) => accept_error(e).await,
             },

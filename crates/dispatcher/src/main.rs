@@ -37,9 +37,21 @@ struct Args {
     /// Close a connection that sends no request for this many milliseconds.
     #[arg(long, default_value_t = 300_000)]
     idle_timeout_ms: u64,
-    /// Client connections served at once; more are refused with a clear message.
+    /// Clients served at once on the Unix socket; more are refused with a clear message. Clamped to what the open-file limit allows.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Clients served at once on the TCP listener, a budget of its own [default: --max-connections].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_tcp_connections: Option<u64>,
+    /// Deadline to write a reply, in milliseconds: a client that does not read its replies in time is dropped and its slots freed.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    write_timeout_ms: u64,
+    /// Percent of the slot arena one connection may hold at once (at least one largest request); beyond, only that connection waits.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=100))]
+    conn_arena_percent: u64,
+    /// Percent of the slot arena one peer (a uid on the Unix socket, an address on TCP) may hold at once in large slots.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=100))]
+    peer_arena_percent: u64,
     /// Requests one connection may have in flight; beyond, the dispatcher stops reading it.
     #[arg(long, default_value_t = 128)]
     max_in_flight: usize,
@@ -103,6 +115,10 @@ fn main() -> std::process::ExitCode {
     config.frame_timeout_ms = args.frame_timeout_ms;
     config.idle_timeout_ms = args.idle_timeout_ms;
     config.max_connections = args.max_connections;
+    config.max_tcp_connections = args.max_tcp_connections.map(|n| n as usize);
+    config.write_timeout_ms = args.write_timeout_ms;
+    config.conn_arena_percent = args.conn_arena_percent;
+    config.peer_arena_percent = args.peer_arena_percent;
     config.max_in_flight = args.max_in_flight;
     config.allow_uids = args.allow_uid;
     config.segment_mib = args.segment_mib;

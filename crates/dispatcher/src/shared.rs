@@ -13,6 +13,7 @@ use ipc_core::status::{SegmentStatus, StatusReport, WorkerStatus};
 use ipc_core::{Region, RuntimePaths, Segment, Slot, SlotAllocator};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
+use crate::admission::{Budgets, Gate, Holder, PeerHoldings, SlotLimits};
 use crate::latency::LatencyWindow;
 use crate::Config;
 
@@ -237,10 +238,12 @@ impl Upload {
 
 /// A slot on loan from the allocator; returned when dropped, wherever that is
 /// (reply written, connection gone, job abandoned), so slots never leak.
+/// Its bytes count against its connection's and its peer's caps meanwhile.
 #[derive(Debug)]
 pub struct SlotLease {
     shared: Rc<Shared>,
     slot: Option<Slot>,
+    holder: Rc<Holder>,
 }
 
 impl SlotLease {
@@ -253,6 +256,9 @@ impl SlotLease {
 impl Drop for SlotLease {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
+            let len = slot.region().len;
+            self.holder.held.set(self.holder.held.get() - len);
+            self.shared.peer_held.sub(&self.holder.peer, len);
             self.shared.alloc.borrow_mut().free(slot);
             self.shared.slot_freed.notify_waiters();
         }
@@ -278,13 +284,16 @@ pub struct Shared {
     pub draining: Cell<bool>,
     /// Set once the workers are told to stop: nothing queued will run any more.
     pub workers_stopped: Cell<bool>,
-    /// Clients admitted (handshake done) and not gone.
-    pub connections: Cell<usize>,
-    /// Connections in their handshake, per listener (see `conn::MAX_HANDSHAKING`).
-    pub handshaking_unix: Cell<usize>,
-    pub handshaking_tcp: Cell<usize>,
-    /// Refusals being answered.
+    /// Each listener's admission budgets and counts.
+    pub unix_gate: Gate,
+    pub tcp_gate: Gate,
+    /// Refusals being answered, and at most.
     pub refusing: Cell<usize>,
+    pub max_refusing: usize,
+    /// Caps on the slot bytes a connection and a peer hold.
+    pub slot_limits: SlotLimits,
+    /// Slot bytes held per peer.
+    peer_held: PeerHoldings,
     pub jobs_done: Cell<u64>,
     pub jobs_failed: Cell<u64>,
     /// Jobs sent to a worker behind another (batched).
@@ -311,8 +320,15 @@ impl Shared {
         segment: Segment,
         max_payload: u64,
         tcp_token: Option<Box<[u8]>>,
+        budgets: Budgets,
     ) -> Rc<Self> {
         let alloc = SlotAllocator::new(segment.arena_len() as u64);
+        let slot_limits = SlotLimits::new(
+            segment.arena_len() as u64,
+            SlotAllocator::slot_len(max_payload + RESULT_RESERVE),
+            config.conn_arena_percent,
+            config.peer_arena_percent,
+        );
         let n_workers = config.workers;
         let workers = (0..n_workers)
             .map(|index| WorkerStatus {
@@ -340,10 +356,20 @@ impl Shared {
             started: Instant::now(),
             draining: Cell::new(false),
             workers_stopped: Cell::new(false),
-            connections: Cell::new(0),
-            handshaking_unix: Cell::new(0),
-            handshaking_tcp: Cell::new(0),
+            unix_gate: Gate::new(
+                "--max-connections",
+                budgets.unix_connections,
+                budgets.handshakes,
+            ),
+            tcp_gate: Gate::new(
+                "--max-tcp-connections",
+                budgets.tcp_connections,
+                budgets.handshakes,
+            ),
             refusing: Cell::new(0),
+            max_refusing: budgets.refusing,
+            slot_limits,
+            peer_held: PeerHoldings::default(),
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
             jobs_sent_ahead: Cell::new(0),
@@ -362,22 +388,39 @@ impl Shared {
         self.alloc.borrow().in_use()
     }
 
-    /// Waits for a slot of `len` bytes (back-pressure when the arena is
-    /// full); `None` once shutdown has begun. `len` must not exceed the
-    /// largest slot (the configuration check guarantees it for any payload
-    /// up to `max_payload`).
-    pub async fn lease(self: &Rc<Self>, len: u64) -> Option<SlotLease> {
+    /// Waits for a slot of `len` bytes for `holder`'s connection
+    /// (back-pressure when the arena is full, or when the connection or its
+    /// peer holds all its caps allow: then only this connection waits);
+    /// `None` once shutdown has begun. `len` must not exceed the largest slot
+    /// (the configuration check guarantees it for any payload up to
+    /// `max_payload`).
+    pub async fn lease(self: &Rc<Self>, len: u64, holder: &Rc<Holder>) -> Option<SlotLease> {
+        let slot_len = SlotAllocator::slot_len(len);
         loop {
             let freed = self.slot_freed.notified();
             if self.draining.get() {
                 return None;
             }
+            let admitted = self.slot_limits.admits(
+                slot_len,
+                holder.held.get(),
+                self.peer_held.get(&holder.peer),
+                self.alloc.borrow().bytes_in_use(),
+            );
+            if !admitted {
+                freed.await;
+                continue;
+            }
             match self.alloc.borrow_mut().alloc(len) {
                 Ok(slot) => {
+                    let got = slot.region().len;
+                    holder.held.set(holder.held.get() + got);
+                    self.peer_held.add(&holder.peer, got);
                     return Some(SlotLease {
                         shared: Rc::clone(self),
                         slot: Some(slot),
-                    })
+                        holder: Rc::clone(holder),
+                    });
                 }
                 Err(AllocError::Exhausted { .. }) => {}
                 Err(e @ AllocError::TooLarge { .. }) => {
@@ -573,7 +616,7 @@ impl Shared {
             jobs_failed: self.jobs_failed.get(),
             queue_depth: self.queue.borrow().len(),
             in_flight: alloc.in_use(),
-            connections: self.connections.get(),
+            connections: self.unix_gate.connections.get() + self.tcp_gate.connections.get(),
             shutting_down: self.draining.get(),
             watchdog: self.config.watchdog.clone().map(|mut w| {
                 w.uptime_ms = self

@@ -456,7 +456,8 @@ fn the_same_instance_name_in_two_runtime_directories_runs_twice_without_interfer
 
 #[test]
 fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
-    // Two slots' worth of arena: two long jobs take them, a third request waits.
+    // Two slots' worth of arena: two long jobs take them, a third request
+    // waits. (All three from one uid: let it hold the whole arena.)
     let mut inst = Instance::start(
         "slotwait",
         &[
@@ -468,6 +469,8 @@ fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
             "400000",
             "--drain-timeout-ms",
             "300",
+            "--peer-arena-percent",
+            "100",
         ],
     );
     let big = vec![b'x'; 400_000];

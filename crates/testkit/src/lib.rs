@@ -288,7 +288,34 @@ impl Instance {
         )
     }
 
+    /// Like [`Instance::start`], run through `wrapper` (a command that execs
+    /// the rest of its arguments, e.g. `["prlimit", "--nofile=64:64"]`), so
+    /// that [`Instance::pid`] is still the dispatcher's.
+    pub fn start_under(tag: &str, wrapper: &[&str], args: &[&str]) -> Instance {
+        Instance::launch_full(
+            wrapper,
+            "osps-dispatcher",
+            unique_instance(tag),
+            args,
+            &[],
+            true,
+            |_| {},
+        )
+    }
+
     fn launch_env(
+        program: &str,
+        name: String,
+        args: &[&str],
+        env: &[(&str, &str)],
+        workers_idle: bool,
+        before: impl FnOnce(&RuntimePaths),
+    ) -> Instance {
+        Instance::launch_full(&[], program, name, args, env, workers_idle, before)
+    }
+
+    fn launch_full(
+        wrapper: &[&str],
         program: &str,
         name: String,
         args: &[&str],
@@ -304,7 +331,15 @@ impl Instance {
         let paths = RuntimePaths::new(&name, Some(dir.path())).expect("paths");
         before(&paths);
         let log = dir.path().join("osps.log");
-        let child = Command::new(bin(program))
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin(program));
+                c
+            }
+            None => Command::new(bin(program)),
+        };
+        let child = cmd
             .arg("--instance")
             .arg(&name)
             .arg("--runtime-dir")

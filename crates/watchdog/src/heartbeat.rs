@@ -2,6 +2,9 @@
 //! own socket (a request it answers itself, without a worker) and count the
 //! misses. A stopped (SIGSTOP) or wedged dispatcher still has its socket in
 //! the kernel, so connecting works but the answer never comes: that is a miss.
+//! A dispatcher that answers the hello with `Refused` (full) is alive, not
+//! hung: never a miss. (It admits its watchdog outside its budgets anyway,
+//! knowing it by pid.)
 
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -9,7 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{self, Outcome, Request, Response, HELLO_LEN, PROTOCOL_VERSION};
+use ipc_core::proto::{self, HelloStatus, Outcome, Request, Response, HELLO_LEN, PROTOCOL_VERSION};
 use ipc_core::status::StatusReport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -86,6 +89,17 @@ pub async fn run(
                 }
                 continue;
             }
+            Err(Probe::Refused) => {
+                // Only a live event loop answers a hello: alive, if full.
+                tracing::debug!(
+                    pid,
+                    "the dispatcher refused the heartbeat's connection (full): alive, not a miss"
+                );
+                answered = true;
+                misses = 0;
+                conn = None;
+                continue;
+            }
             Err(failure) => failure,
         };
         conn = None;
@@ -97,6 +111,7 @@ pub async fn run(
             let why = match &failure {
                 Probe::NotListening => "socket not listening",
                 Probe::Unanswered(why) => why.as_str(),
+                Probe::Refused => unreachable!("handled above"),
             };
             tracing::debug!(pid, misses, "heartbeat missed: {why}");
             if misses >= settings.miss_limit {
@@ -117,6 +132,8 @@ enum Probe {
     NotListening,
     /// Connected, but no valid answer.
     Unanswered(String),
+    /// The dispatcher answered the hello with `Refused`: alive, but full.
+    Refused,
 }
 
 fn unanswered(e: impl std::fmt::Display) -> Probe {
@@ -140,8 +157,12 @@ async fn probe(
             .map_err(unanswered)?;
         let mut hello = [0u8; HELLO_LEN];
         s.read_exact(&mut hello).await.map_err(unanswered)?;
-        if proto::decode_hello(&hello) != Some((PROTOCOL_VERSION, 0)) {
-            return Err(unanswered("bad hello"));
+        match proto::decode_hello(&hello) {
+            Some((PROTOCOL_VERSION, 0)) => {}
+            Some((_, status)) if status == HelloStatus::Refused as u16 => {
+                return Err(Probe::Refused)
+            }
+            _ => return Err(unanswered("bad hello")),
         }
         *conn = Some(s);
     }
@@ -173,4 +194,57 @@ async fn probe(
         )));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that answers every hello with `Refused`, as a full dispatcher does.
+    async fn refuse_all(listener: tokio::net::UnixListener) {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::task::spawn_local(async move {
+                let mut hello = [0u8; HELLO_LEN];
+                let _ = s.read_exact(&mut hello).await;
+                let mut msg =
+                    proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Refused as u16).to_vec();
+                msg.extend_from_slice(b"OSPS dispatcher is full\n");
+                let _ = s.write_all(&msg).await;
+            });
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_hello_is_not_a_miss() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("full.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let local = tokio::task::LocalSet::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let settings = Settings {
+            socket,
+            interval: Duration::from_millis(20),
+            miss_limit: 2,
+            start_timeout: Duration::from_millis(100),
+        };
+        let watched = Rc::new(Cell::new(Some(4242)));
+        local
+            .run_until(async {
+                tokio::task::spawn_local(refuse_all(listener));
+                tokio::task::spawn_local(run(settings, watched, tx));
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            })
+            .await;
+        let mut beats = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            beats.push(b);
+        }
+        assert!(
+            beats.iter().all(|b| !matches!(b, Beat::Missed { .. })),
+            "a dispatcher that answers Refused counted as hung: {beats:?}"
+        );
+    }
 }
