@@ -263,7 +263,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     // predecessor. Its segment is removed only if ours, never opened.
     let before = ipc_core::start::clear_predecessor(&paths, &lock);
     for what in &before.removed {
-        tracing::warn!("removed the {what} of a dead predecessor");
+        let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
+        tracing::warn!(%name, "removed the {kind} of a dead predecessor");
     }
     let socket_path = paths.socket();
     let generation = before.generation.saturating_add(1);

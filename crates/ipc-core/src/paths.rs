@@ -386,7 +386,12 @@ mod tests {
         ] {
             assert!(!other.is_segment_name(&a), "{a}");
         }
-        for n in [&p.segment_prefix(), "/etc/passwd", &format!("{a}0"), "/osps-0-blue-../../x"] {
+        for n in [
+            &p.segment_prefix(),
+            "/etc/passwd",
+            &format!("{a}0"),
+            "/osps-0-blue-../../x",
+        ] {
             assert!(!p.is_segment_name(n), "{n}");
         }
     }
@@ -404,10 +409,7 @@ mod tests {
         p.write_state(&st).unwrap();
         assert_eq!(p.read_state().unwrap(), Some(st.clone()));
         assert_eq!(p.segment_name(), st.segment.strip_prefix("sysv:").unwrap());
-        assert_eq!(
-            fs::metadata(p.state_file()).unwrap().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(p.state_file()).unwrap().mode() & 0o777, 0o600);
         fs::write(p.state_file(), "generation 3\nsegment /dev/shm/../x\n").unwrap();
         assert!(matches!(p.read_state(), Err(PathError::State { .. })));
         p.remove_state();

@@ -283,6 +283,20 @@ impl Instance {
         )
     }
 
+    /// [`Instance::supervised`], running `before` on the paths first (e.g.
+    /// to hold the instance lock as a draining predecessor would).
+    pub fn supervised_with(
+        tag: &str,
+        watchdog_args: &[&str],
+        dispatcher_args: &[&str],
+        before: impl FnOnce(&RuntimePaths),
+    ) -> Instance {
+        let mut args = watchdog_args.to_vec();
+        args.push("--");
+        args.extend_from_slice(dispatcher_args);
+        Instance::launch("osps-watchdog", unique_instance(tag), &args, before)
+    }
+
     fn launch(
         program: &str,
         name: String,
