@@ -88,8 +88,8 @@ pub struct InstanceState {
 }
 
 /// Creates `dir` with `mode` if absent (exactly that mode, whatever the
-/// umask); else checks it without changing it. Returns its mode bits.
-fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<u32, PathError> {
+/// umask); else checks it without changing it. Returns its mode bits and group.
+fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<(u32, u32), PathError> {
     let err = |source| PathError::Dir {
         path: dir.to_path_buf(),
         source,
@@ -111,7 +111,7 @@ fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<u32, PathE
             let keep = meta.mode() & 0o7000; // e.g. setgid inherited from the parent
             fs::set_permissions(dir, fs::Permissions::from_mode(keep | mode)).map_err(err)?;
         }
-        return Ok(mode);
+        return Ok((mode, meta.gid()));
     }
     let owner_ok = meta.uid() == uid || (base && meta.uid() == 0);
     if !owner_ok {
@@ -129,7 +129,7 @@ fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<u32, PathE
             mode: m,
         });
     }
-    Ok(m)
+    Ok((m, meta.gid()))
 }
 
 impl RuntimePaths {
@@ -333,14 +333,21 @@ impl RuntimePaths {
     /// unless its sticky bit is set (like `/tmp`); else this refuses clearly.
     ///
     /// The instance directory is created with mode 0700 plus the base
-    /// directory's group read and search bits (so a group-shared base, the
-    /// `--allow-uid` recipe, extends to it). If it exists it must be ours
-    /// and not writable by group or others; its mode is kept as it is.
+    /// directory's group read and search bits, and then the base's group
+    /// (so a group-shared base, the `--allow-uid` recipe, extends to it). If
+    /// it exists it must be ours and not writable by group or others; its
+    /// mode is kept as it is.
     pub fn ensure_dir(&self) -> Result<(), PathError> {
         let uid = nix::unistd::geteuid().as_raw();
         let base = self.dir.parent().unwrap_or(&self.dir);
-        let base_mode = prepare_dir(base, 0o700, uid, true)?;
-        prepare_dir(&self.dir, 0o700 | (base_mode & 0o050), uid, false)?;
+        let (base_mode, base_gid) = prepare_dir(base, 0o700, uid, true)?;
+        let shared = base_mode & 0o050;
+        let (_, gid) = prepare_dir(&self.dir, 0o700 | shared, uid, false)?;
+        if shared != 0 && gid != base_gid {
+            // Best effort (allowed to root, or to a member of that group): a
+            // new instance directory shares the base's group with its bits.
+            let _ = std::os::unix::fs::chown(&self.dir, None, Some(base_gid));
+        }
         Ok(())
     }
     /// Removes the instance directory if it is empty (best effort).
