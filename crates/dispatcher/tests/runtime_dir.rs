@@ -150,6 +150,10 @@ fn the_allow_uid_recipe_survives_restarts() {
                 .unwrap(),
         ))
     };
+    let _leftovers = nobody::Leftovers {
+        dir: paths.dir().to_path_buf(),
+        prefix: format!("osps-0-{instance}-"),
+    };
     for round in 0..3 {
         let mut d = start();
         let mut last = (None, String::new());
@@ -171,7 +175,6 @@ fn the_allow_uid_recipe_survives_restarts() {
         );
         assert_eq!(d.stop(), Some(0));
     }
-    let _ = ipc_core::start::remove_leftovers(&paths);
 }
 
 fn open_to_everyone(inst: &Instance) {

@@ -295,6 +295,10 @@ fn an_unprivileged_instance_starts_and_restarts_past_roots_squats() {
         let instance = osps_testkit::unique_instance(&format!("nobody{backend}"));
         let squats = Squats::make(Squats::names(NOBODY, &instance, &runtime, 64), None);
         let socket = runtime.join(&instance).join(format!("{instance}.sock"));
+        let _leftovers = nobody::Leftovers {
+            dir: runtime.join(&instance),
+            prefix: format!("osps-{NOBODY}-{instance}-"),
+        };
         let start = || {
             let child = as_nobody(&base.path().join("osps-dispatcher"))
                 .arg("--instance")

@@ -903,6 +903,31 @@ mod tests {
     }
 
     #[test]
+    fn only_our_own_segments_are_removed_and_none_is_opened() {
+        use std::os::unix::fs::MetadataExt;
+        for n in both("ours") {
+            let mut seg = Segment::create(&n, 4096, 1).unwrap();
+            seg.disown();
+            drop(seg);
+            assert_eq!(remove_if_ours(&n), Removal::Removed, "{n}");
+            assert_eq!(remove_if_ours(&n), Removal::Absent, "{n}");
+        }
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped the foreign half: making another uid's file needs root");
+            return;
+        }
+        // Another uid's file under the name (a squatter's): left as it is.
+        let n = name("theirs");
+        let path = fs_path(&n);
+        std::fs::write(&path, b"not ours").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        assert_eq!(remove_if_ours(&n), Removal::Foreign { uid: 65534 });
+        assert_eq!(std::fs::read(&path).unwrap(), b"not ours");
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn a_foreign_object_is_not_taken_for_a_segment() {
         let n = name("foreign");
         let mut other = ShmemConf::new()

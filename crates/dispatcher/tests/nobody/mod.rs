@@ -83,3 +83,37 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Removes everything of an instance when dropped, after its processes are
+/// gone (declare it before the [`Proc`]s, so it drops after them): segments
+/// of any generation (`/dev/shm` entries with the instance's prefix, and the
+/// System V segment the state file names), socket, state and lock files.
+pub struct Leftovers {
+    /// The instance's runtime directory.
+    pub dir: PathBuf,
+    /// Segment names start with this (`osps-<uid>-<instance>-`, no slash).
+    pub prefix: String,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                for line in text.lines() {
+                    if let Some(name) = line.strip_prefix("segment ") {
+                        ipc_core::segment::unlink(name);
+                    }
+                }
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
