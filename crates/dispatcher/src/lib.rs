@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc_core::{segment, InstanceLock, LockError, PathError, RuntimePaths, Segment, SegmentError};
+use ipc_core::{segment, InstanceLock, LockError, PathError, RuntimePaths, SegmentError};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -145,6 +145,8 @@ pub enum DispatcherError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Start(#[from] ipc_core::start::StartError),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot listen on {what}: {source}")]
@@ -238,12 +240,15 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
 struct Cleanup {
     socket: PathBuf,
     segment: String,
+    /// The state file naming the segment: gone with it.
+    state: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         segment::unlink(&self.segment);
+        let _ = std::fs::remove_file(&self.state);
     }
 }
 
@@ -315,38 +320,28 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     let mut sigint = signal(SignalKind::interrupt())?;
 
     let lock = InstanceLock::acquire(&paths.lock_file())?;
-    // We hold the lock: anything under our names belongs to a dead predecessor.
-    let posix_name = paths.segment_name();
-    let sysv_name = format!("{}{posix_name}", segment::SYSV_PREFIX);
-    let seg_name = if config.sysv {
-        sysv_name.clone()
-    } else {
-        posix_name.clone()
-    };
-    let generation = match Segment::open(&seg_name) {
-        Ok(old) => {
-            old.header()
-                .generation
-                .load(std::sync::atomic::Ordering::Relaxed)
-                + 1
-        }
-        Err(_) => 1,
-    };
-    // Both backends' names are ours while we hold the lock.
-    for name in [&posix_name, &sysv_name] {
-        if segment::unlink(name) {
-            tracing::warn!(segment = %name, "removed the segment of a dead predecessor");
-        }
+    // We hold the lock: what the state file names belongs to a dead
+    // predecessor. Its segment is removed only if ours, never opened.
+    let before = ipc_core::start::clear_predecessor(&paths, &lock);
+    for what in &before.removed {
+        let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
+        tracing::warn!(%name, "removed the {kind} of a dead predecessor");
     }
     let socket_path = paths.socket();
-    if std::fs::remove_file(&socket_path).is_ok() {
-        tracing::warn!(socket = %socket_path.display(), "removed the socket of a dead predecessor");
-    }
+    let generation = before.generation.saturating_add(1);
+    let mut seg = ipc_core::start::create_segment(
+        &paths,
+        &lock,
+        config.sysv,
+        (config.segment_mib * MIB) as usize,
+        generation,
+    )?;
+    let seg_name = seg.name().to_owned();
     let cleanup = Cleanup {
         socket: socket_path.clone(),
         segment: seg_name.clone(),
+        state: paths.state_file(),
     };
-    let mut seg = Segment::create(&seg_name, (config.segment_mib * MIB) as usize, generation)?;
     // The name is unlinked by `cleanup`, before the lock is released; the
     // mapping itself may outlive it in tasks still being torn down.
     seg.disown();
@@ -360,7 +355,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         .map(|i| tokio::task::spawn_local(pool::drive(Rc::clone(&shared), i, stop_rx.clone())))
         .collect();
 
-    let unix = bind_unix(&socket_path)?;
+    let unix = bind_unix(&socket_path, !shared.config.allow_uids.is_empty())?;
     let tcp = match shared.config.tcp {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -501,14 +496,18 @@ async fn beat(shared: Rc<Shared>) {
     }
 }
 
-fn bind_unix(path: &std::path::Path) -> Result<UnixListener, DispatcherError> {
+/// Binds the Unix socket: mode 0600, or 0666 with `--allow-uid` (so the
+/// allowed uids can connect at all; the directories decide who reaches it
+/// and `SO_PEERCRED` who is admitted).
+fn bind_unix(path: &std::path::Path, others: bool) -> Result<UnixListener, DispatcherError> {
     use std::os::unix::fs::PermissionsExt;
     let listen_err = |source| DispatcherError::Listen {
         what: path.display().to_string(),
         source,
     };
     let l = UnixListener::bind(path).map_err(listen_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    let mode = if others { 0o666 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
     Ok(l)
 }
 

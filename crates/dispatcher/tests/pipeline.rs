@@ -260,8 +260,16 @@ fn a_second_dispatcher_is_refused_naming_the_first() {
 fn stale_segment_and_socket_of_a_dead_predecessor_are_replaced() {
     let inst = Instance::start_with("stale", SMALL, |paths| {
         paths.ensure_dir().unwrap();
-        let mut seg = ipc_core::Segment::create(&paths.segment_name(), 4096, 41).unwrap();
-        seg.disown(); // leave it behind, as a crashed dispatcher would
+        // Leave a segment and its record behind, as a crashed dispatcher would.
+        let name = paths.new_segment_name().unwrap();
+        paths
+            .write_state(&ipc_core::paths::InstanceState {
+                generation: 41,
+                segment: name.clone(),
+            })
+            .unwrap();
+        let mut seg = ipc_core::Segment::create(&name, 4096, 41).unwrap();
+        seg.disown();
         drop(std::os::unix::net::UnixListener::bind(paths.socket()).unwrap()); // a dead socket file
     });
     let s = inst.status();

@@ -1,6 +1,7 @@
 //! The System V backend, seen with `ipcs -m`: listed with perms 600 while the
 //! dispatcher runs, removed by an ordered shutdown, and a crashed
-//! dispatcher's segment removed at the next start.
+//! dispatcher's segment removed at the next start (which makes its own under
+//! a fresh name, so a fresh key).
 
 use std::process::Command;
 use std::time::Duration;
@@ -88,13 +89,22 @@ fn a_crashed_dispatchers_segment_is_removed_at_the_next_start() {
     assert!(inst
         .log()
         .contains("removed the segment of a dead predecessor"));
-    // Exactly one OSPS segment with our key: the live one, attached by the new processes only.
+    // The dead one's segment is gone; the new one (a fresh name, so a fresh
+    // key) is listed once, attached by the new processes only.
+    assert_eq!(
+        ipcs_line(key),
+        None,
+        "the dead dispatcher's segment is removed"
+    );
+    let new_key = ipc_core::segment::sysv_key(&s.segment.name);
+    assert_ne!(new_key, key);
     let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
     let ours = table
         .lines()
-        .filter(|l| l.split_whitespace().next() == Some(&key.to_string()))
+        .filter(|l| l.split_whitespace().next() == Some(&new_key.to_string()))
         .count();
     assert_eq!(ours, 1);
+    let key = new_key;
     let line = ipcs_line(key).expect("listed");
     assert!(
         wait_for(Duration::from_secs(5), || (ipcs_line(key)?

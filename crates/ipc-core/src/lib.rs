@@ -13,6 +13,7 @@ pub mod logging;
 pub mod paths;
 pub mod proto;
 pub mod segment;
+pub mod start;
 pub mod status;
 pub mod token;
 

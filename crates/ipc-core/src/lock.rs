@@ -90,6 +90,27 @@ impl InstanceLock {
     }
 }
 
+/// Whether a live process holds the lock at `path`: `Some(pid)` (as written
+/// in the file, or `unknown`) if so. A probe that creates nothing: it takes
+/// a shared lock without waiting and releases it at once.
+pub fn holder(path: &Path) -> Option<String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_released_on_drop) => None,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            Some(if pid.is_empty() { "unknown" } else { pid }.to_owned())
+        }
+        Err(_) => None,
+    }
+}
+
 impl Drop for InstanceLock {
     fn drop(&mut self) {
         // Unlink while still holding the lock, then release: a newcomer that
@@ -116,7 +137,9 @@ mod tests {
         drop(held);
         assert!(!path.exists(), "the lock file is removed on release");
         let again = InstanceLock::acquire(&path).unwrap();
+        assert_eq!(holder(&path), Some(std::process::id().to_string()));
         drop(again);
+        assert_eq!(holder(&path), None, "free once released");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -27,6 +27,10 @@ pub enum PathError {
     },
     #[error("runtime directory {path} is owned by uid {owner}, not by us (uid {uid}); remove it or choose another with --runtime-dir")]
     ForeignDir { path: PathBuf, owner: u32, uid: u32 },
+    #[error("runtime directory {path} has mode {mode:04o}: writable by other users without the sticky bit, so they could replace what OSPS puts there; OSPS does not change the mode of a directory it did not create: use another --runtime-dir, or fix its mode yourself (chmod go-w, or +t for a shared one)")]
+    UnsafeDir { path: PathBuf, mode: u32 },
+    #[error("state file {path} is not trusted: {why}; remove it if you know no dispatcher of this instance runs")]
+    State { path: PathBuf, why: String },
     #[error("socket path {path} is {len} bytes long; the limit is 107: choose a shorter --runtime-dir or instance name")]
     SocketPathTooLong { path: PathBuf, len: usize },
 }
@@ -67,11 +71,65 @@ pub fn default_base_dir() -> PathBuf {
     }
 }
 
-/// FNV-1a: a small, stable hash (the name must not change between builds).
+/// FNV-1a: a small, stable hash (the prefix must not change between builds).
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// What one dispatcher leaves for the next in [`RuntimePaths::state_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceState {
+    /// The generation of the segment last built (the next start adds one).
+    pub generation: u64,
+    /// That segment's name, with the `sysv:` prefix for the System V backend.
+    pub segment: String,
+}
+
+/// Creates `dir` with `mode` if absent (exactly that mode, whatever the
+/// umask); else checks it without changing it. Returns its mode bits and group.
+fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<(u32, u32), PathError> {
+    let err = |source| PathError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let created = match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(err(e)),
+    };
+    let meta = fs::symlink_metadata(dir).map_err(err)?;
+    if !meta.is_dir() {
+        return Err(err(std::io::Error::other(
+            "not a directory (a symlink or a file is not accepted)",
+        )));
+    }
+    if created {
+        // Ours, just made: the umask may have taken bits away.
+        if meta.mode() & 0o777 != mode {
+            let keep = meta.mode() & 0o7000; // e.g. setgid inherited from the parent
+            fs::set_permissions(dir, fs::Permissions::from_mode(keep | mode)).map_err(err)?;
+        }
+        return Ok((mode, meta.gid()));
+    }
+    let owner_ok = meta.uid() == uid || (base && meta.uid() == 0);
+    if !owner_ok {
+        return Err(PathError::ForeignDir {
+            path: dir.to_path_buf(),
+            owner: meta.uid(),
+            uid,
+        });
+    }
+    let m = meta.mode() & 0o7777;
+    let sticky = m & 0o1000 != 0;
+    if m & 0o022 != 0 && !(base && sticky) {
+        return Err(PathError::UnsafeDir {
+            path: dir.to_path_buf(),
+            mode: m,
+        });
+    }
+    Ok((m, meta.gid()))
 }
 
 impl RuntimePaths {
@@ -113,58 +171,185 @@ impl RuntimePaths {
         self.dir.join(format!("{}.lock", self.instance))
     }
 
-    /// The POSIX shared-memory name (`/dev/shm/<name without the slash>`):
-    /// `/osps-<uid>-<instance>-<8 hex digits>`. The uid keeps two users'
-    /// instances apart; the digits hash the runtime directory, because the
-    /// lock that guards the name lives there: two runtime directories (say,
-    /// one with `XDG_RUNTIME_DIR` set and one without) hold two locks, so they
-    /// must not share a segment either.
-    pub fn segment_name(&self) -> String {
+    /// The start of every segment name of this instance:
+    /// `/osps-<uid>-<instance>-<8 hex digits>-`. The uid keeps two users'
+    /// instances apart; the digits hash the runtime directory, so the same
+    /// instance name in two runtime directories (two locks) is told apart.
+    /// Each dispatcher appends 16 fresh random hex digits
+    /// ([`RuntimePaths::new_segment_name`]), so no other user can guess a
+    /// name before it is made, and records the name in the state file.
+    pub fn segment_prefix(&self) -> String {
         format!(
-            "/osps-{}-{}-{:08x}",
+            "/osps-{}-{}-{:08x}-",
             self.uid,
             self.instance,
             fnv1a(self.dir.as_os_str().as_encoded_bytes()) as u32
         )
     }
 
-    /// Where the segment shows up in the file system.
+    /// A fresh, unguessable segment name: [`RuntimePaths::segment_prefix`]
+    /// followed by 64 random bits (from the kernel) in hex.
+    pub fn new_segment_name(&self) -> std::io::Result<String> {
+        use std::io::Read;
+        let mut bytes = [0u8; 8];
+        fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(format!(
+            "{}{:016x}",
+            self.segment_prefix(),
+            u64::from_ne_bytes(bytes)
+        ))
+    }
+
+    /// Whether `name` (POSIX, or System V with its `sysv:` prefix) has the
+    /// form this instance gives its segments; the state file is trusted only
+    /// for such names.
+    pub fn is_segment_name(&self, name: &str) -> bool {
+        let bare = name
+            .strip_prefix(crate::segment::SYSV_PREFIX)
+            .unwrap_or(name);
+        bare.strip_prefix(&self.segment_prefix())
+            .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
+    /// The segment name the live (or last, crashed) dispatcher recorded in
+    /// the state file, without the System V prefix; when none is recorded,
+    /// [`RuntimePaths::segment_prefix`] (which names no segment). For tools
+    /// and tests: the dispatcher itself reads [`RuntimePaths::read_state`].
+    pub fn segment_name(&self) -> String {
+        match self.read_state() {
+            Ok(Some(st)) => st
+                .segment
+                .strip_prefix(crate::segment::SYSV_PREFIX)
+                .unwrap_or(&st.segment)
+                .to_owned(),
+            _ => self.segment_prefix(),
+        }
+    }
+
+    /// Where the recorded POSIX segment shows up in the file system.
     pub fn segment_path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/shm{}", self.segment_name()))
     }
 
-    /// Creates the base and instance directories with mode 0700 (set
-    /// explicitly, whatever the umask) and checks that we own them.
+    /// The state file: what one dispatcher leaves for the next (generation
+    /// and segment name), inside the instance's own directory so no other
+    /// user can write it.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join(format!("{}.state", self.instance))
+    }
+
+    /// Reads the state file: `None` if there is none. A file that is not a
+    /// regular file of ours, or does not parse, or names a segment not of
+    /// this instance's form, is an error (and is not trusted).
+    pub fn read_state(&self) -> Result<Option<InstanceState>, PathError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.state_file();
+        let bad = |why: String| PathError::State {
+            path: path.clone(),
+            why,
+        };
+        let mut file = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+        let euid = nix::unistd::geteuid().as_raw();
+        if !meta.is_file() || meta.uid() != euid {
+            return Err(bad(format!(
+                "not a regular file owned by uid {euid} (owner {})",
+                meta.uid()
+            )));
+        }
+        let mut text = String::new();
+        file.by_ref()
+            .take(4096)
+            .read_to_string(&mut text)
+            .map_err(|e| bad(e.to_string()))?;
+        let (mut generation, mut segment) = (None, None);
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("generation", g)) => generation = g.trim().parse::<u64>().ok(),
+                Some(("segment", s)) => segment = Some(s.trim().to_owned()),
+                _ => {}
+            }
+        }
+        match (generation, segment) {
+            (Some(generation), Some(segment)) if self.is_segment_name(&segment) => {
+                Ok(Some(InstanceState {
+                    generation,
+                    segment,
+                }))
+            }
+            _ => Err(bad(format!("unreadable contents {text:?}"))),
+        }
+    }
+
+    /// Writes the state file atomically (a temporary file beside it, mode
+    /// 0600, renamed over it).
+    pub fn write_state(&self, state: &InstanceState) -> Result<(), PathError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.state_file();
+        let tmp = self.dir.join(format!("{}.state.tmp", self.instance));
+        let err = |source| PathError::Dir {
+            path: path.clone(),
+            source,
+        };
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(err)?;
+        write!(
+            f,
+            "generation {}\nsegment {}\n",
+            state.generation, state.segment
+        )
+        .map_err(err)?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(err)
+    }
+
+    /// Removes the state file (after an ordered stop, or once a dead
+    /// dispatcher's leftovers are gone).
+    pub fn remove_state(&self) {
+        let _ = fs::remove_file(self.state_file());
+    }
+
+    /// Checks the base directory and creates the instance directory.
+    ///
+    /// The base directory is created (mode 0700) if absent. If it exists it
+    /// is used as it is, never chmodded: it must be a directory (not a
+    /// symlink) owned by us or by root, and not writable by group or others
+    /// unless its sticky bit is set (like `/tmp`); else this refuses clearly.
+    ///
+    /// The instance directory is created with mode 0700 plus the base
+    /// directory's group read and search bits, and then the base's group
+    /// (so a group-shared base, the `--allow-uid` recipe, extends to it). If
+    /// it exists it must be ours and not writable by group or others; its
+    /// mode is kept as it is.
     pub fn ensure_dir(&self) -> Result<(), PathError> {
-        let uid = self.uid;
-        for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
-            let err = |source| PathError::Dir {
-                path: dir.to_path_buf(),
-                source,
-            };
-            match fs::DirBuilder::new().mode(0o700).create(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(err(e)),
-            }
-            let meta = fs::symlink_metadata(dir).map_err(err)?;
-            if !meta.is_dir() {
-                return Err(err(std::io::Error::other("not a directory")));
-            }
-            if meta.uid() != uid {
-                return Err(PathError::ForeignDir {
-                    path: dir.to_path_buf(),
-                    owner: meta.uid(),
-                    uid,
-                });
-            }
-            if meta.mode() & 0o777 != 0o700 {
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
-            }
+        let uid = nix::unistd::geteuid().as_raw();
+        let base = self.dir.parent().unwrap_or(&self.dir);
+        let (base_mode, base_gid) = prepare_dir(base, 0o700, uid, true)?;
+        let shared = base_mode & 0o050;
+        let (_, gid) = prepare_dir(&self.dir, 0o700 | shared, uid, false)?;
+        if shared != 0 && gid != base_gid {
+            // Best effort (allowed to root, or to a member of that group): a
+            // new instance directory shares the base's group with its bits.
+            let _ = std::os::unix::fs::chown(&self.dir, None, Some(base_gid));
         }
         Ok(())
     }
-
     /// Removes the instance directory if it is empty (best effort).
     pub fn remove_dir_if_empty(&self) {
         let _ = fs::remove_dir(&self.dir);
@@ -195,16 +380,48 @@ mod tests {
     }
 
     #[test]
-    fn the_same_instance_in_two_runtime_directories_gets_two_segments() {
-        let a = RuntimePaths::new("blue", Some(Path::new("/run/user/1000/osps"))).unwrap();
-        let b = RuntimePaths::new("blue", Some(Path::new("/tmp/osps-1000"))).unwrap();
-        assert_ne!(a.segment_name(), b.segment_name());
-        assert_eq!(
-            a.segment_name(),
-            RuntimePaths::new("blue", Some(Path::new("/run/user/1000/osps")))
-                .unwrap()
-                .segment_name()
-        );
+    fn segment_names_are_fresh_and_recognised() {
+        let p = RuntimePaths::new("blue", Some(Path::new("/run/test"))).unwrap();
+        let (a, b) = (p.new_segment_name().unwrap(), p.new_segment_name().unwrap());
+        assert_ne!(a, b);
+        for n in [&a, &format!("sysv:{b}")] {
+            assert!(p.is_segment_name(n), "{n}");
+        }
+        for other in [
+            RuntimePaths::new("blue-x", Some(Path::new("/run/test"))).unwrap(),
+            RuntimePaths::new("blue", Some(Path::new("/run/other"))).unwrap(),
+        ] {
+            assert!(!other.is_segment_name(&a), "{a}");
+        }
+        for n in [
+            &p.segment_prefix(),
+            "/etc/passwd",
+            &format!("{a}0"),
+            "/osps-0-blue-../../x",
+        ] {
+            assert!(!p.is_segment_name(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_an_untrusted_one_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = RuntimePaths::new("st", Some(tmp.path())).unwrap();
+        p.ensure_dir().unwrap();
+        assert_eq!(p.read_state().unwrap(), None);
+        let st = InstanceState {
+            generation: u64::MAX,
+            segment: format!("sysv:{}", p.new_segment_name().unwrap()),
+        };
+        p.write_state(&st).unwrap();
+        assert_eq!(p.read_state().unwrap(), Some(st.clone()));
+        assert_eq!(p.segment_name(), st.segment.strip_prefix("sysv:").unwrap());
+        assert_eq!(fs::metadata(p.state_file()).unwrap().mode() & 0o777, 0o600);
+        fs::write(p.state_file(), "generation 3\nsegment /dev/shm/../x\n").unwrap();
+        assert!(matches!(p.read_state(), Err(PathError::State { .. })));
+        p.remove_state();
+        std::os::unix::fs::symlink("/etc/hostname", p.state_file()).unwrap();
+        assert!(matches!(p.read_state(), Err(PathError::State { .. })));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The shared-memory segment: a fixed header followed by the slot arena.
 //!
-//! The dispatcher creates it (mode 0600, set explicitly) and is its only
-//! allocator; workers open it by name. Ownership of a slot passes with the
+//! The dispatcher creates it (mode 0600, set explicitly, exclusively under a
+//! fresh random name) and is its only allocator; workers open it by the name
+//! the dispatcher gives them. A start never opens nor maps an object it finds:
+//! a dead predecessor's segment is removed with [`remove_if_ours`]. Ownership of a slot passes with the
 //! message that names it, so no cross-process lock guards the bytes. This is
 //! the one module with `unsafe` code.
 
@@ -58,7 +60,7 @@ const _: () = assert!(std::mem::size_of::<SegmentHeader>() <= HEADER_LEN);
 /// Errors creating, opening or using a segment.
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
-    #[error("shared-memory segment {name} already exists (a live or crashed dispatcher's); the dispatcher removes stale ones at start")]
+    #[error("shared-memory segment {name} already exists; its name is taken (a start picks a fresh random name and tries again)")]
     Exists { name: String },
     #[error("cannot create shared-memory segment {name} of {size} bytes: {detail}")]
     Create {
@@ -288,6 +290,8 @@ fn reserve(path: &str, name: &str, size: usize) -> Result<(), SegmentError> {
 }
 
 /// Removes a segment by name (either backend); returns whether one was there.
+/// For tests and clean-up of names known to be ours; a start uses
+/// [`remove_if_ours`].
 pub fn unlink(name: &str) -> bool {
     if name.starts_with(SYSV_PREFIX) {
         // SAFETY: shmget and shmctl(IPC_RMID) take no buffers.
@@ -297,6 +301,59 @@ pub fn unlink(name: &str) -> bool {
         }
     } else {
         nix::sys::mman::shm_unlink(name).is_ok()
+    }
+}
+
+/// What [`remove_if_ours`] found under a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Nothing of that name.
+    Absent,
+    /// Ours: removed.
+    Removed,
+    /// Someone else's (owner uid given), or not a plain segment: left alone.
+    Foreign { uid: u32 },
+}
+
+/// Removes a segment by name (either backend) only if it belongs to this
+/// process's effective uid, without ever opening or mapping it: for POSIX
+/// the `/dev/shm` entry is `lstat`ed (a regular file of ours; `/dev/shm` is
+/// sticky, so nobody else can swap it before the unlink), for System V the
+/// kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
+pub fn remove_if_ours(name: &str) -> Removal {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    if name.starts_with(SYSV_PREFIX) {
+        // SAFETY: shmget takes no buffer.
+        let id = unsafe { libc::shmget(sysv_key(name), 0, 0) };
+        if id < 0 {
+            return Removal::Absent;
+        }
+        let Ok(ds) = sysv_stat(id) else {
+            return Removal::Absent;
+        };
+        let (uid, cuid) = (ds.shm_perm.uid, ds.shm_perm.cuid);
+        if uid != euid || cuid != euid {
+            return Removal::Foreign { uid: cuid };
+        }
+        // SAFETY: shmctl(IPC_RMID) takes no buffer.
+        let rc = unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+        return if rc == 0 {
+            Removal::Removed
+        } else {
+            Removal::Absent
+        };
+    }
+    match std::fs::symlink_metadata(fs_path(name)) {
+        Err(_) => Removal::Absent,
+        Ok(m) if !m.file_type().is_file() || m.uid() != euid => Removal::Foreign { uid: m.uid() },
+        Ok(_) => {
+            if nix::sys::mman::shm_unlink(name).is_ok() {
+                Removal::Removed
+            } else {
+                Removal::Absent
+            }
+        }
     }
 }
 
@@ -843,6 +900,31 @@ mod tests {
                 len: 8192
             })
             .is_ok());
+    }
+
+    #[test]
+    fn only_our_own_segments_are_removed_and_none_is_opened() {
+        use std::os::unix::fs::MetadataExt;
+        for n in both("ours") {
+            let mut seg = Segment::create(&n, 4096, 1).unwrap();
+            seg.disown();
+            drop(seg);
+            assert_eq!(remove_if_ours(&n), Removal::Removed, "{n}");
+            assert_eq!(remove_if_ours(&n), Removal::Absent, "{n}");
+        }
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped the foreign half: making another uid's file needs root");
+            return;
+        }
+        // Another uid's file under the name (a squatter's): left as it is.
+        let n = name("theirs");
+        let path = fs_path(&n);
+        std::fs::write(&path, b"not ours").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        assert_eq!(remove_if_ours(&n), Removal::Foreign { uid: 65534 });
+        assert_eq!(std::fs::read(&path).unwrap(), b"not ours");
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

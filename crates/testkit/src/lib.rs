@@ -122,10 +122,25 @@ pub fn zombies_of(parents: &[u32]) -> Vec<Proc> {
         .collect()
 }
 
-/// What an instance left behind: processes, segment, socket. Empty when clean.
+/// POSIX segments of this instance in `/dev/shm` (any generation's name).
+pub fn instance_segments(paths: &RuntimePaths) -> Vec<PathBuf> {
+    let Ok(dir) = fs::read_dir("/dev/shm") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let name = format!("/{}", e.ok()?.file_name().to_str()?);
+        paths
+            .is_segment_name(&name)
+            .then(|| PathBuf::from(format!("/dev/shm{name}")))
+    })
+    .collect()
+}
+
+/// What an instance left behind: processes, segment, socket, state and
+/// lock files. Empty when clean.
 pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
     let mut found = Vec::new();
-    for p in processes_mentioning(&paths.segment_name()) {
+    for p in processes_mentioning(&paths.segment_prefix()) {
         found.push(format!(
             "process {} ({}) state {}",
             p.pid, p.cmdline, p.state
@@ -137,8 +152,8 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
             p.pid, p.cmdline, p.state
         ));
     }
-    if paths.segment_path().exists() {
-        found.push(format!("segment {}", paths.segment_path().display()));
+    for seg in instance_segments(paths) {
+        found.push(format!("segment {}", seg.display()));
     }
     let sysv = sysv_name(paths);
     if ipc_core::segment::exists(&sysv) {
@@ -147,8 +162,10 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
             ipc_core::segment::sysv_key(&sysv)
         ));
     }
-    if paths.socket().exists() {
-        found.push(format!("socket {}", paths.socket().display()));
+    for f in [paths.socket(), paths.state_file()] {
+        if f.exists() {
+            found.push(format!("file {}", f.display()));
+        }
     }
     found
 }
@@ -264,6 +281,20 @@ impl Instance {
             true,
             |_| {},
         )
+    }
+
+    /// [`Instance::supervised`], running `before` on the paths first (e.g.
+    /// to hold the instance lock as a draining predecessor would).
+    pub fn supervised_with(
+        tag: &str,
+        watchdog_args: &[&str],
+        dispatcher_args: &[&str],
+        before: impl FnOnce(&RuntimePaths),
+    ) -> Instance {
+        let mut args = watchdog_args.to_vec();
+        args.push("--");
+        args.extend_from_slice(dispatcher_args);
+        Instance::launch("osps-watchdog", unique_instance(tag), &args, before)
     }
 
     fn launch(
@@ -513,7 +544,7 @@ impl Drop for Instance {
         // watchdog, workers): kill, then reap those that came back to us as
         // subreaper. Twice, in case a dying watchdog had just spawned one.
         for _ in 0..2 {
-            let mut pids: Vec<u32> = processes_mentioning(&self.paths.segment_name())
+            let mut pids: Vec<u32> = processes_mentioning(&self.paths.segment_prefix())
                 .iter()
                 .map(|p| p.pid)
                 .collect();
@@ -534,8 +565,10 @@ impl Drop for Instance {
                 });
             }
         }
-        ipc_core::segment::unlink(&self.paths.segment_name());
         ipc_core::segment::unlink(&sysv_name(&self.paths));
+        for seg in instance_segments(&self.paths) {
+            let _ = fs::remove_file(seg);
+        }
         let _ = fs::remove_file(self.paths.socket());
         if std::thread::panicking() {
             eprintln!("--- log of {} ---\n{}", self.name(), self.log());

@@ -134,10 +134,30 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     let mut pending: VecDeque<Action> = sup.start().into();
     let mut backoff_at: Option<tokio::time::Instant> = None;
     let mut grace_at: Option<tokio::time::Instant> = None;
+    // While a previous dispatcher holds the instance lock: until when we
+    // wait for it (set once), and the next probe.
+    let mut lock_wait_until: Option<tokio::time::Instant> = None;
+    let mut lock_poll_at: Option<tokio::time::Instant> = None;
     loop {
         while let Some(action) = pending.pop_front() {
             match action {
                 Action::Spawn => {
+                    // A previous dispatcher of this instance still holds the
+                    // lock (draining after its own watchdog's stop): wait for
+                    // it, up to the stop grace in all, instead of starting one
+                    // that would only fail (and count as a crash).
+                    if let Some(holder) = ipc_core::lock::holder(&paths.lock_file()) {
+                        let now = tokio::time::Instant::now();
+                        let until = *lock_wait_until.get_or_insert_with(|| {
+                            tracing::info!("waiting for the previous dispatcher (pid {holder}) to finish (up to {:?})", config.stop_grace);
+                            now + config.stop_grace
+                        });
+                        if now < until {
+                            lock_poll_at = Some(now + LOCK_POLL);
+                            continue;
+                        }
+                        tracing::warn!("the previous dispatcher (pid {holder}) still holds the instance lock after {:?}; starting anyway", config.stop_grace);
+                    }
                     let event = match spawn(&config, &sup, started_ms) {
                         Ok(pid) => {
                             tracing::info!(pid, restarts = sup.restarts(), "dispatcher started");
@@ -185,6 +205,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                     }
                     hb.abort();
                     descendants::sweep(descendants::SWEEP_WITHIN).await;
+                    remove_leftovers(&paths);
                     if code == 0 {
                         tracing::info!("watchdog {message}");
                     } else {
@@ -226,6 +247,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                 None
             }
             _ = sleep_until(backoff_at) => { backoff_at = None; Some(Event::BackoffElapsed) }
+            _ = sleep_until(lock_poll_at) => { lock_poll_at = None; pending.push_back(Action::Spawn); None }
             _ = sleep_until(grace_at) => {
                 grace_at = None;
                 tracing::warn!("the dispatcher did not stop within {:?}", config.stop_grace);
@@ -239,6 +261,27 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
         if let Some(event) = event {
             pending.extend(sup.handle(event, Instant::now()));
         }
+    }
+}
+
+/// How often a watchdog waiting for a previous dispatcher probes its lock.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// At exit, whoever outlives the dispatcher clears what it could not (it
+/// was SIGKILLed, or crashed before the watchdog gave up): its segment,
+/// socket, state and lock files. Under the instance lock, so a live
+/// dispatcher's objects are never touched.
+fn remove_leftovers(paths: &RuntimePaths) {
+    match ipc_core::start::remove_leftovers(paths) {
+        Ok(removed) => {
+            for what in removed {
+                tracing::warn!("removed the {what} the dead dispatcher left");
+            }
+        }
+        Err(ipc_core::LockError::Held { pid, .. }) => {
+            tracing::warn!("a dispatcher (pid {pid}) still holds the instance lock: its objects are left to it");
+        }
+        Err(e) => tracing::warn!("cannot clear the dead dispatcher's leftovers: {e}"),
     }
 }
 

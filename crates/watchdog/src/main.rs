@@ -34,7 +34,8 @@ struct Args {
     /// A new dispatcher that has not answered within this many milliseconds is hung.
     #[arg(long, default_value_t = 10_000)]
     start_timeout_ms: u64,
-    /// Milliseconds an ordered stop may take before the dispatcher is killed.
+    /// Milliseconds an ordered stop may take before the dispatcher is killed; also how long a
+    /// new watchdog waits for a previous dispatcher still holding the instance lock.
     #[arg(long, default_value_t = 15_000)]
     stop_grace_ms: u64,
     /// At most this many restarts...

@@ -1,0 +1,125 @@
+//! What happens under the instance lock at a start, and when a watchdog gives
+//! up: clearing a dead dispatcher's leftovers (its segment, only if it is
+//! ours; its socket; its state file) and making a fresh segment under an
+//! unguessable name recorded in the state file.
+//!
+//! Nothing here opens, maps or trusts an object another uid could have made:
+//! what must survive a crash (the generation, the segment's name) lives in
+//! the state file inside the instance's own directory, and the segment of a
+//! predecessor is removed by name after an ownership check, never mapped.
+
+use crate::lock::{InstanceLock, LockError};
+use crate::paths::{InstanceState, PathError, RuntimePaths};
+use crate::segment::{self, Removal, Segment, SegmentError};
+
+/// Fresh names tried before giving up (each collision is a 1 in 2^64 chance,
+/// or an object someone made under that exact name).
+const NAME_ATTEMPTS: usize = 16;
+
+/// What a dead predecessor left, as found (and cleared) under the lock.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Predecessor {
+    /// Its segment's generation (0 if none was recorded).
+    pub generation: u64,
+    /// What was removed, for the log (`segment NAME`, `socket PATH`).
+    pub removed: Vec<String>,
+}
+
+/// Removes what a dead dispatcher of this instance left behind: the segment
+/// named in the state file (only if ours: [`segment::remove_if_ours`]) and
+/// the socket. Holding `_lock` proves no live dispatcher owns them. The state
+/// file is kept (the caller writes the next one, or removes it).
+pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predecessor {
+    let mut found = Predecessor::default();
+    match paths.read_state() {
+        Ok(Some(state)) => {
+            found.generation = state.generation;
+            match segment::remove_if_ours(&state.segment) {
+                Removal::Removed => found.removed.push(format!("segment {}", state.segment)),
+                Removal::Absent => {}
+                Removal::Foreign { uid } => tracing::warn!(
+                    segment = %state.segment,
+                    owner = uid,
+                    "the recorded segment's name is held by another uid; left alone"
+                ),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}; starting from generation 1"),
+    }
+    let socket = paths.socket();
+    if std::fs::remove_file(&socket).is_ok() {
+        found.removed.push(format!("socket {}", socket.display()));
+    }
+    found
+}
+
+/// Creates the instance's segment: a fresh random name (retried if taken),
+/// recorded with `generation` in the state file *before* the segment is
+/// made, so a crash at any point leaves nothing unrecorded. `sysv` selects
+/// the System V backend (the name then carries the `sysv:` prefix).
+pub fn create_segment(
+    paths: &RuntimePaths,
+    _lock: &InstanceLock,
+    sysv: bool,
+    arena_len: usize,
+    generation: u64,
+) -> Result<Segment, StartError> {
+    for _ in 0..NAME_ATTEMPTS {
+        let name = paths
+            .new_segment_name()
+            .map_err(|e| StartError::Random(e.to_string()))?;
+        let name = if sysv {
+            format!("{}{name}", segment::SYSV_PREFIX)
+        } else {
+            name
+        };
+        paths.write_state(&InstanceState {
+            generation,
+            segment: name.clone(),
+        })?;
+        match Segment::create(&name, arena_len, generation) {
+            Ok(seg) => return Ok(seg),
+            Err(SegmentError::Exists { .. }) => {
+                tracing::warn!(segment = %name, "segment name already taken; trying another");
+            }
+            Err(e) => {
+                paths.remove_state();
+                return Err(e.into());
+            }
+        }
+    }
+    paths.remove_state();
+    Err(StartError::NoFreeName(NAME_ATTEMPTS))
+}
+
+/// Why [`create_segment`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Paths(#[from] PathError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error("cannot read random bytes for a segment name: {0}")]
+    Random(String),
+    #[error("{0} fresh random segment names were all taken")]
+    NoFreeName(usize),
+}
+
+/// Clears a dead dispatcher's leftovers for whoever outlives it (a watchdog
+/// that gives up, or one whose dispatcher had to be SIGKILLed): takes the
+/// instance lock first, so a live dispatcher's objects are never touched
+/// ([`LockError::Held`] then), removes the segment, socket and state file,
+/// releases the lock (which removes the lock file) and removes the instance
+/// directory if that left it empty. Returns what was removed.
+pub fn remove_leftovers(paths: &RuntimePaths) -> Result<Vec<String>, LockError> {
+    if !paths.dir().is_dir() {
+        return Ok(Vec::new());
+    }
+    let lock = InstanceLock::acquire(&paths.lock_file())?;
+    let found = clear_predecessor(paths, &lock);
+    paths.remove_state();
+    drop(lock);
+    paths.remove_dir_if_empty();
+    Ok(found.removed)
+}
