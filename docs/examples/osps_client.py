@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import select
 import socket
 import sys
 
@@ -44,6 +45,8 @@ HELLO_FLAG_TOKEN = 1  # client hello flag: u16 LE length + token bytes follow
 MAX_TOKEN_LEN = 256
 PREFIX_LEN = 4
 MAX_FRAME = 64 * 1024  # the dispatcher's default; replies are a few bytes anyway
+COALESCE = 16 * 1024  # payloads up to this go out in the same write as their header
+SEND_CHUNK = 256 * 1024  # larger ones in chunks, looking for an early answer between them
 
 # ErrorKind, by variant index (section 6): (Rust name, name shown to people).
 ERROR_KINDS = [
@@ -256,12 +259,60 @@ class Client:
         return data
 
     def send(self, op, args=(), payload=b""):
-        """Sends one request without waiting for the reply; returns its id."""
+        """Sends one request without waiting for the reply; returns its id.
+
+        The server refuses an oversized payload from its header alone, then
+        closes (section 9). So between chunks of a large payload this looks
+        for answers: a `too large` answer to this request (or one about the
+        connection, id 0) stops the sending and is raised at once; other
+        answers are kept for recv/wait. If a write fails because the server
+        closed, its answer is raised instead of the write error when it sent one.
+        """
         req_id = self.next_id
         self.next_id += 1
         body = encode_request(req_id, op, list(args), len(payload))
-        self.sock.sendall(encode_frame(body) + bytes(payload))
+        header = encode_frame(body)
+        if len(payload) <= COALESCE:
+            chunks = [header + bytes(payload)]
+        else:
+            view = memoryview(payload)
+            chunks = [header] + [view[i:i + SEND_CHUNK] for i in range(0, len(view), SEND_CHUNK)]
+        for chunk in chunks:
+            while select.select([self.sock], [], [], 0)[0]:
+                self._take_answer(req_id)
+            try:
+                self.sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                answer = self._answer_after_write_failure(req_id)
+                if answer is not None:
+                    raise answer from None
+                raise
         return req_id
+
+    def _take_answer(self, req_id):
+        """Reads one reply while `req_id` is being sent: raises the one that
+        ends the request and the connection, keeps the others."""
+        rid, result = self._recv_fresh()
+        if isinstance(result, RemoteError) and (
+                rid == 0 or (rid == req_id and result.kind == KIND_INDEX["TooLarge"])):
+            raise result
+        self.early[rid] = result
+
+    def _answer_after_write_failure(self, req_id, within=1.0):
+        """The server's answer explaining a failed write, if it sent one."""
+        old = self.sock.gettimeout()
+        self.sock.settimeout(within)
+        try:
+            for _ in range(1024):
+                self._take_answer(req_id)
+        except RemoteError as e:
+            return e
+        except (OSError, ProtocolError):
+            pass
+        finally:
+            self.sock.settimeout(old)
+        result = self.early.pop(req_id, None)
+        return result if isinstance(result, RemoteError) else None
 
     def recv(self):
         """Reads the next reply, whatever its id: (id, result bytes or RemoteError)."""
@@ -644,7 +695,11 @@ def main(argv=None):
         with c:
             result = c.call(a.op, a.args, payload)
     except RemoteError as e:
-        print(f"error: {e.kind_name}: {e.message}", file=sys.stderr)
+        hint = ""
+        if e.kind == KIND_INDEX["TooLarge"]:
+            hint = (" (the limit is the dispatcher's --max-payload; raise it there,"
+                    " with a --segment-mib large enough to hold it)")
+        print(f"error: {e.kind_name}: {e.message}{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"error: {where}: {e}", file=sys.stderr)

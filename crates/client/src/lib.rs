@@ -622,15 +622,24 @@ impl Client {
                 token.map_or(0, <[u8]>::len)
             ))
         })?;
-        writer.write_all(&opening)?;
+        // Closed without a word (the opening unread, so perhaps with a
+        // reset): busy with other handshakes, or going away.
+        let closed = |e: io::Error| match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted => ClientError::ClosedAtHello {
+                endpoint: name.clone(),
+            },
+            _ => e.into(),
+        };
+        writer.write_all(&opening).map_err(closed)?;
         // A stopped or wedged server accepts the connection but never answers.
         stream.set_timeouts(Some(within))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
-        let got = frame::fill(&mut reader, &mut hello)?;
+        let got = frame::fill(&mut reader, &mut hello).map_err(closed)?;
         reader.get_ref().set_timeouts(None)?;
         if got == 0 {
-            // Closed without a word: busy with other handshakes, or going away.
             return Err(ClientError::ClosedAtHello { endpoint: name });
         }
         let Some((_version, status)) = (got == HELLO_LEN)
