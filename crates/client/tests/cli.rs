@@ -284,7 +284,11 @@ fn run_output_file_is_replaced_only_when_the_job_succeeds() {
         assert_eq!(out.status.code(), Some(1), "{args:?}");
     }
     assert!(!fresh.exists(), "a failed job leaves no file");
-    assert_eq!(std::fs::read(&kept).unwrap(), b"precious\n", "nor clobbers one");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        b"precious\n",
+        "nor clobbers one"
+    );
 
     let out = cli(
         &inst,

@@ -92,8 +92,9 @@ fn the_python_client_shows_too_large_at_once_instead_of_a_broken_pipe() {
     eprintln!("python: too large answered in {took:?}: {err}");
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.starts_with("error: too large: payload of 73400320 bytes exceeds the limit of 4194304 bytes")
-            && err.contains("--max-payload"),
+        err.starts_with(
+            "error: too large: payload of 73400320 bytes exceeds the limit of 4194304 bytes"
+        ) && err.contains("--max-payload"),
         "{err}"
     );
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");

@@ -231,5 +231,8 @@ fn a_server_that_answers_garbage_fails_at_once() {
         err.contains("is not an OSPS dispatcher") && err.contains("HTTP/1.1 200 OK"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10), "retried: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "retried: {err}"
+    );
 }
