@@ -12,6 +12,9 @@ Command line:
         Exit status: 0 on success; 1 when the server answered with an error
         (printed as "error: <kind name>: <message>" on stderr); 2 when the
         dispatcher could not be reached or broke the protocol.
+        Before sending anything, it checks who serves the socket or port
+        (section 3.2): our uid, root, or $OSPS_SERVER_UID (a uid or a name);
+        the Rust client's checks of the socket's directories are not repeated.
 
     osps_client.py --socket PATH --selftest
         Runs a series of checks against a running dispatcher; prints
@@ -26,10 +29,13 @@ As a module:
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import os
+import pwd
 import select
 import socket
+import struct
 import sys
 
 # --- constants (PROTOCOL.md sections 3, 4 and 11) ---------------------------
@@ -206,6 +212,68 @@ def default_socket_path(instance=None):
     return os.path.join(base, instance, f"{instance}.sock")
 
 
+# --- verifying the server (section 3.2) ---------------------------------------
+
+def trusted_uids(extra=()):
+    """Our uid, root, and the uids we were told to accept (OSPS_SERVER_UID)."""
+    uids = {os.getuid(), 0, *extra}
+    env = os.environ.get("OSPS_SERVER_UID")
+    if env:
+        uids.add(int(env) if env.isdigit() else pwd.getpwnam(env).pw_uid)
+    return uids
+
+
+def unix_server_uid(sock):
+    """The uid that listens on a connected Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _proc_addr(text):
+    """/proc/net/tcp{,6} address: 32-bit words in host order, then the port."""
+    addr, port = text.split(":")
+    raw = b"".join(struct.pack("=I", int(addr[i:i + 8], 16)) for i in range(0, len(addr), 8))
+    ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return ip.removeprefix("::ffff:"), int(port, 16)
+
+
+def tcp_server_uid(sock):
+    """The uid owning the server's side of a connected TCP socket, from the
+    row of /proc/net/tcp or tcp6 whose local address is the server's and
+    remote address ours; None when there is none (another host)."""
+    ours, theirs = sock.getsockname()[:2], sock.getpeername()[:2]
+    norm = lambda a: (a[0].removeprefix("::ffff:"), a[1])  # noqa: E731
+    ours, theirs = norm(ours), norm(theirs)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 7 and _proc_addr(f[1]) == theirs and _proc_addr(f[2]) == ours:
+                return int(f[7])
+    return None
+
+
+def verify_server(sock, where, accept=()):
+    """Raises ProtocolError unless the server is run by a trusted uid (before
+    anything is sent: no hello, no token, no payload)."""
+    if sock.family == socket.AF_UNIX:
+        uid = unix_server_uid(sock)
+    else:
+        uid = tcp_server_uid(sock)
+        if uid is None:
+            if not ipaddress.ip_address(sock.getpeername()[0]).is_loopback:
+                return  # another host: only a secure tunnel can vouch for it
+            raise ProtocolError(f"refusing to talk to {where}: cannot tell which user serves it")
+    if uid not in trusted_uids(accept):
+        raise ProtocolError(
+            f"refusing to talk to {where}: it is served by uid {uid}, not by us (uid {os.getuid()}) "
+            f"or root; if that user runs your dispatcher, set OSPS_SERVER_UID={uid}")
+
+
 class Client:
     """One connection to a dispatcher. Not thread-safe."""
 
@@ -216,16 +284,27 @@ class Client:
         self.early = {}  # replies read while waiting for another id
 
     @classmethod
-    def connect_unix(cls, path, timeout=None):
+    def connect_unix(cls, path, timeout=None, accept=()):
+        """`accept`: uids besides ours and root that may serve us (section 3.2)."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(path)
+        try:
+            s.connect(path)
+            verify_server(s, f"unix:{path}", accept)
+        except BaseException:
+            s.close()
+            raise
         return cls._handshake(s)
 
     @classmethod
-    def connect_tcp(cls, host, port, timeout=None, token=None):
+    def connect_tcp(cls, host, port, timeout=None, token=None, accept=()):
         """`token`: bytes, for a port started with --token-file (see load_token)."""
         s = socket.create_connection((host, port), timeout=timeout)
+        try:
+            verify_server(s, f"tcp:{host}:{port}", accept)
+        except BaseException:
+            s.close()
+            raise
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls._handshake(s, token)
 
@@ -476,6 +555,10 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
         got = c.call("ping")
         assert got == b"pong\n", got
 
+    @check("the server is verified: SO_PEERCRED gives our uid")
+    def _():
+        assert unix_server_uid(c.sock) == os.getuid(), unix_server_uid(c.sock)
+
     @check("echo 100 KB")
     def _():
         data = os.urandom(100 * 1024)
@@ -625,6 +708,7 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
         def _():
             with Client.connect_tcp(host, port, timeout, load_token(token_file)) as k:
                 assert k.call("upper", [], b"token ok") == b"TOKEN OK"
+                assert tcp_server_uid(k.sock) == os.getuid(), tcp_server_uid(k.sock)
 
         @check("tcp: no token, a wrong token, an oversized token: denied with a line")
         def _():

@@ -712,13 +712,13 @@ impl Client {
         let mut out = std::mem::take(&mut self.out);
         let result = if payload.len() <= COALESCE {
             out.extend_from_slice(payload);
-            self.write_watching(id, &out)
+            self.write_watching(id, &out, false)
         } else {
             // Large payloads go out straight from the caller's buffer.
-            self.write_watching(id, &out).and_then(|()| {
+            self.write_watching(id, &out, false).and_then(|()| {
                 payload
                     .chunks(STREAM_CHUNK)
-                    .try_for_each(|chunk| self.write_watching(id, chunk))
+                    .try_for_each(|chunk| self.write_watching(id, chunk, true))
             })
         };
         self.out = out;
@@ -737,7 +737,7 @@ impl Client {
     ) -> Result<u64, ClientError> {
         let id = self.encode_header(op, args, len)?;
         let out = std::mem::take(&mut self.out);
-        let sent = self.write_watching(id, &out);
+        let sent = self.write_watching(id, &out, false);
         self.out = out;
         sent?;
         let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
@@ -753,7 +753,7 @@ impl Client {
                     return Err(e.into());
                 }
             };
-            self.write_watching(id, &buf[..n])?;
+            self.write_watching(id, &buf[..n], true)?;
             copied += n as u64;
         }
         if copied != len {
@@ -765,12 +765,12 @@ impl Client {
         Ok(id)
     }
 
-    /// Writes `bytes` of request `id`, first taking in any answer already
-    /// there: an answer that ends the connection (`too large` for `id`, or
+    /// Writes `bytes` of request `id`, first (with `watch`: before payload
+    /// chunks, not before a header) taking in any answer already there: an answer that ends the connection (`too large` for `id`, or
     /// id 0) is returned as the error. A failed write is explained by the
     /// server's answer when there is one.
-    fn write_watching(&mut self, id: u64, bytes: &[u8]) -> Result<(), ClientError> {
-        while !self.reader.buffer().is_empty() || self.reader.get_ref().readable_now()? {
+    fn write_watching(&mut self, id: u64, bytes: &[u8], watch: bool) -> Result<(), ClientError> {
+        while watch && (!self.reader.buffer().is_empty() || self.reader.get_ref().readable_now()?) {
             if let Some(e) = self.take_answer(id)? {
                 return Err(e);
             }

@@ -53,19 +53,30 @@ impl Squatter {
         chmod(&exe, 0o755);
         let record = work.join("received");
         let ready = work.join("ready");
-        let child = Command::new(&exe)
-            .args([
-                "--exact",
-                "squatter_helper",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("OSPS_TEST_SQUATTER", format!("{what};{}", work.display()))
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        // Another test thread may fork while the copy is open for writing:
+        // its child holds the file open until it execs ("text file busy").
+        let mut tries = 0;
+        let child = loop {
+            let spawned = Command::new(&exe)
+                .args([
+                    "--exact",
+                    "squatter_helper",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("OSPS_TEST_SQUATTER", format!("{what};{}", work.display()))
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .stdout(Stdio::null())
+                .spawn();
+            match spawned {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
         let mut s = Squatter {
             child,
             record,
@@ -118,7 +129,8 @@ fn client(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    // It may refuse and exit before it reads its input.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
     child.wait_with_output().unwrap()
 }
 
@@ -207,7 +219,9 @@ fn a_unix_socket_served_by_another_uid_is_refused_by_its_peer_credentials() {
             ],
         );
     }
-    assert_eq!(squatter.received(2), [0, 0], "nothing was sent to it");
+    let out = python(&["--socket", sock.to_str().unwrap(), "echo"]);
+    python_refusal(&out, &format!("refusing to talk to {target}"));
+    assert_eq!(squatter.received(3), [0, 0, 0], "nothing was sent to it");
 
     // Told to accept that uid (by number, or by name in the environment),
     // the client talks to it: so the squatter would have been believed.
@@ -258,7 +272,52 @@ fn a_loopback_port_held_by_another_uid_gets_no_token() {
             "served by uid 65534",
         ],
     );
-    assert_eq!(squatter.received(1), [0], "no hello, no token, no payload");
+    let out = python(&[
+        "--tcp",
+        &format!("127.0.0.1:{port}"),
+        "--token-file",
+        token.to_str().unwrap(),
+        "echo",
+    ]);
+    python_refusal(&out, &format!("refusing to talk to {target}"));
+    assert_eq!(
+        squatter.received(2),
+        [0, 0],
+        "no hello, no token, no payload"
+    );
+}
+
+/// The Python example client (docs/examples/osps_client.py) with `args`,
+/// a payload on stdin.
+fn python(args: &[&str]) -> Output {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/examples/osps_client.py"
+    );
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"the victim's secret payload");
+    child.wait_with_output().unwrap()
+}
+
+fn python_refusal(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        err.contains(needle) && err.contains("served by uid 65534"),
+        "{err}"
+    );
 }
 
 /// The squatter's body, run as `nobody` when `OSPS_TEST_SQUATTER` is set

@@ -124,27 +124,52 @@ pub fn check_socket_dirs(socket: &Path, trusted: &TrustedUids) -> Result<(), Pee
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    for (depth, d) in dir.ancestors().enumerate() {
-        let meta = match fs::metadata(d) {
-            Ok(m) => m,
+    // The path as given, links included (whoever owns a link or the
+    // directory holding it could point it elsewhere), then where it leads.
+    let literal = std::path::absolute(parent)?;
+    for d in literal.ancestors() {
+        match fs::symlink_metadata(d) {
+            Ok(m) if m.file_type().is_symlink() && !trusted.contains(m.uid()) => {
+                return Err(PeerError::ForeignDir {
+                    path: d.to_path_buf(),
+                    uid: m.uid(),
+                    trusted: trusted.describe(),
+                })
+            }
+            Ok(m) if m.file_type().is_symlink() => {}
+            Ok(_) => check_dir(d, false, trusted)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
-        };
-        if !trusted.contains(meta.uid()) {
-            return Err(PeerError::ForeignDir {
-                path: d.to_path_buf(),
-                uid: meta.uid(),
-                trusted: trusted.describe(),
-            });
         }
-        let mode = meta.mode() & 0o7777;
-        let sticky = mode & 0o1000 != 0;
-        if mode & 0o022 != 0 && (depth == 0 || !sticky) {
-            return Err(PeerError::OpenDir {
-                path: d.to_path_buf(),
-                mode,
-            });
-        }
+    }
+    for (depth, d) in dir.ancestors().enumerate() {
+        check_dir(d, depth == 0, trusted)?;
+    }
+    Ok(())
+}
+
+/// Checks one directory on the way to a socket (`own`: the socket's own,
+/// where even a sticky directory writable by others is refused).
+fn check_dir(d: &Path, own: bool, trusted: &TrustedUids) -> Result<(), PeerError> {
+    let meta = match fs::metadata(d) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if !trusted.contains(meta.uid()) {
+        return Err(PeerError::ForeignDir {
+            path: d.to_path_buf(),
+            uid: meta.uid(),
+            trusted: trusted.describe(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && (own || !sticky) {
+        return Err(PeerError::OpenDir {
+            path: d.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -293,6 +318,10 @@ mod tests {
         fs::set_permissions(&inst, fs::Permissions::from_mode(0o700)).unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         check_socket_dirs(&sock, &TrustedUids::own()).unwrap();
+        // Through a link of ours: checked on both sides.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&inst, &link).unwrap();
+        check_socket_dirs(&link.join("x.sock"), &TrustedUids::own()).unwrap();
         // A missing directory has nothing to check.
         check_socket_dirs(&dir.path().join("none/x.sock"), &TrustedUids::own()).unwrap();
     }
