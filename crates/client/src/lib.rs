@@ -65,6 +65,10 @@ pub enum ClientError {
     /// No answer within the time the caller allowed (see [`RetryPolicy::overall`]).
     #[error("no answer from {endpoint} within {} ms", after.as_millis())]
     Timeout { endpoint: String, after: Duration },
+    /// Writing the result where the caller wanted it failed (e.g. a closed
+    /// pipe, a full disk): not the server's fault, so not retried.
+    #[error("cannot write the result: {0}")]
+    Output(#[source] io::Error),
     #[error("connection: {0}")]
     Frame(#[from] FrameError),
     #[error("i/o error: {0}")]
@@ -116,6 +120,7 @@ impl ClientError {
             | ClientError::Denied(_)
             | ClientError::Untrusted { .. }
             | ClientError::Timeout { .. }
+            | ClientError::Output(_)
             | ClientError::Token(_) => false,
         }
     }
@@ -366,7 +371,14 @@ impl RetryingClient {
                 .saturating_sub(reconnecting)
                 .min(ends.map_or(Duration::MAX, |end| end.saturating_duration_since(now)));
             if delay >= left {
-                return Err(e);
+                return Err(if e.is_timeout() {
+                    ClientError::Timeout {
+                        endpoint: self.endpoint.to_string(),
+                        after: self.policy.overall.unwrap_or_else(|| start.elapsed()),
+                    }
+                } else {
+                    e
+                });
             }
             let since = now.duration_since(*outage.get_or_insert(now));
             if !told && since >= WAITING_NOTICE_AFTER {
@@ -525,6 +537,22 @@ fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(
         copied += n as u64;
     }
     Ok(copied)
+}
+
+/// The caller's output, remembering whether it failed (as opposed to the socket).
+struct Output<'a, W> {
+    inner: &'a mut W,
+    failed: bool,
+}
+
+impl<W: Write> Write for Output<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
 }
 
 /// Payloads up to this size are sent in the same write as their header.
@@ -975,9 +1003,21 @@ impl Client {
             return Err(e.into());
         }
         on_result(resp.result_len);
-        let copied = copy_chunked(&mut self.reader, output, resp.result_len).inspect_err(|_| {
-            self.broken = true;
-        })?;
+        let mut output = Output {
+            inner: output,
+            failed: false,
+        };
+        let copied = match copy_chunked(&mut self.reader, &mut output, resp.result_len) {
+            Ok(n) => n,
+            Err(e) => {
+                self.broken = true;
+                return Err(if output.failed {
+                    ClientError::Output(e)
+                } else {
+                    e.into()
+                });
+            }
+        };
         if copied < resp.result_len {
             self.broken = true;
             return Err(FrameError::Truncated {

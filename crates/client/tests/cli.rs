@@ -216,6 +216,10 @@ fn ping_is_a_liveness_probe_of_the_whole_path_within_its_timeout() {
     inst.signal(nix::sys::signal::Signal::SIGCONT);
     assert_eq!(code, Some(1), "{out:?}");
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no answer from unix:"),
+        "{out:?}"
+    );
 
     // The dispatcher answers but no worker can start: still exit 1.
     let mut args = ARGS.to_vec();

@@ -66,7 +66,7 @@ pub enum PeerError {
     #[error("it is served by uid {uid}, not by {trusted}; if that user runs your dispatcher, accept it with --server-uid {uid} (or OSPS_SERVER_UID)")]
     ForeignServer { uid: u32, trusted: String },
     /// A directory on the way to the socket belongs to a uid not trusted.
-    #[error("directory {} is owned by uid {uid}, not by {trusted}, so that user could put any socket there; remove it or choose another --runtime-dir", path.display())]
+    #[error("directory {} is owned by uid {uid}, not by {trusted}, so that user could put any socket there; remove it or choose another --runtime-dir (or, if that user runs your dispatcher, pass --server-uid {uid})", path.display())]
     ForeignDir {
         path: PathBuf,
         uid: u32,
