@@ -136,6 +136,7 @@ fn client(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
 
 fn one_line_refusal(out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("refused: {err}");
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(out.stdout.is_empty(), "printed a result: {:?}", out.stdout);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -176,7 +177,7 @@ fn a_socket_in_a_runtime_directory_another_uid_made_is_refused() {
         &out,
         &[
             "refusing to talk to unix:",
-            &format!("directory {}", base.display()),
+            &format!("directory {} is owned by uid 65534", inst_dir.display()),
             "owned by uid 65534",
         ],
     );
