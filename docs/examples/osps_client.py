@@ -12,6 +12,9 @@ Command line:
         Exit status: 0 on success; 1 when the server answered with an error
         (printed as "error: <kind name>: <message>" on stderr); 2 when the
         dispatcher could not be reached or broke the protocol.
+        Before sending anything, it checks who serves the socket or port
+        (section 3.2): our uid, root, or $OSPS_SERVER_UID (a uid or a name);
+        the Rust client's checks of the socket's directories are not repeated.
 
     osps_client.py --socket PATH --selftest
         Runs a series of checks against a running dispatcher; prints
@@ -26,9 +29,13 @@ As a module:
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import os
+import pwd
+import select
 import socket
+import struct
 import sys
 
 # --- constants (PROTOCOL.md sections 3, 4 and 11) ---------------------------
@@ -44,6 +51,8 @@ HELLO_FLAG_TOKEN = 1  # client hello flag: u16 LE length + token bytes follow
 MAX_TOKEN_LEN = 256
 PREFIX_LEN = 4
 MAX_FRAME = 64 * 1024  # the dispatcher's default; replies are a few bytes anyway
+COALESCE = 16 * 1024  # payloads up to this go out in the same write as their header
+SEND_CHUNK = 256 * 1024  # larger ones in chunks, looking for an early answer between them
 
 # ErrorKind, by variant index (section 6): (Rust name, name shown to people).
 ERROR_KINDS = [
@@ -203,6 +212,68 @@ def default_socket_path(instance=None):
     return os.path.join(base, instance, f"{instance}.sock")
 
 
+# --- verifying the server (section 3.2) ---------------------------------------
+
+def trusted_uids(extra=()):
+    """Our uid, root, and the uids we were told to accept (OSPS_SERVER_UID)."""
+    uids = {os.getuid(), 0, *extra}
+    env = os.environ.get("OSPS_SERVER_UID")
+    if env:
+        uids.add(int(env) if env.isdigit() else pwd.getpwnam(env).pw_uid)
+    return uids
+
+
+def unix_server_uid(sock):
+    """The uid that listens on a connected Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _proc_addr(text):
+    """/proc/net/tcp{,6} address: 32-bit words in host order, then the port."""
+    addr, port = text.split(":")
+    raw = b"".join(struct.pack("=I", int(addr[i:i + 8], 16)) for i in range(0, len(addr), 8))
+    ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return ip.removeprefix("::ffff:"), int(port, 16)
+
+
+def tcp_server_uid(sock):
+    """The uid owning the server's side of a connected TCP socket, from the
+    row of /proc/net/tcp or tcp6 whose local address is the server's and
+    remote address ours; None when there is none (another host)."""
+    ours, theirs = sock.getsockname()[:2], sock.getpeername()[:2]
+    norm = lambda a: (a[0].removeprefix("::ffff:"), a[1])  # noqa: E731
+    ours, theirs = norm(ours), norm(theirs)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 7 and _proc_addr(f[1]) == theirs and _proc_addr(f[2]) == ours:
+                return int(f[7])
+    return None
+
+
+def verify_server(sock, where, accept=()):
+    """Raises ProtocolError unless the server is run by a trusted uid (before
+    anything is sent: no hello, no token, no payload)."""
+    if sock.family == socket.AF_UNIX:
+        uid = unix_server_uid(sock)
+    else:
+        uid = tcp_server_uid(sock)
+        if uid is None:
+            if not ipaddress.ip_address(sock.getpeername()[0]).is_loopback:
+                return  # another host: only a secure tunnel can vouch for it
+            raise ProtocolError(f"refusing to talk to {where}: cannot tell which user serves it")
+    if uid not in trusted_uids(accept):
+        raise ProtocolError(
+            f"refusing to talk to {where}: it is served by uid {uid}, not by us (uid {os.getuid()}) "
+            f"or root; if that user runs your dispatcher, set OSPS_SERVER_UID={uid}")
+
+
 class Client:
     """One connection to a dispatcher. Not thread-safe."""
 
@@ -213,16 +284,27 @@ class Client:
         self.early = {}  # replies read while waiting for another id
 
     @classmethod
-    def connect_unix(cls, path, timeout=None):
+    def connect_unix(cls, path, timeout=None, accept=()):
+        """`accept`: uids besides ours and root that may serve us (section 3.2)."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(path)
+        try:
+            s.connect(path)
+            verify_server(s, f"unix:{path}", accept)
+        except BaseException:
+            s.close()
+            raise
         return cls._handshake(s)
 
     @classmethod
-    def connect_tcp(cls, host, port, timeout=None, token=None):
+    def connect_tcp(cls, host, port, timeout=None, token=None, accept=()):
         """`token`: bytes, for a port started with --token-file (see load_token)."""
         s = socket.create_connection((host, port), timeout=timeout)
+        try:
+            verify_server(s, f"tcp:{host}:{port}", accept)
+        except BaseException:
+            s.close()
+            raise
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls._handshake(s, token)
 
@@ -256,12 +338,60 @@ class Client:
         return data
 
     def send(self, op, args=(), payload=b""):
-        """Sends one request without waiting for the reply; returns its id."""
+        """Sends one request without waiting for the reply; returns its id.
+
+        The server refuses an oversized payload from its header alone, then
+        closes (section 9). So between chunks of a large payload this looks
+        for answers: a `too large` answer to this request (or one about the
+        connection, id 0) stops the sending and is raised at once; other
+        answers are kept for recv/wait. If a write fails because the server
+        closed, its answer is raised instead of the write error when it sent one.
+        """
         req_id = self.next_id
         self.next_id += 1
         body = encode_request(req_id, op, list(args), len(payload))
-        self.sock.sendall(encode_frame(body) + bytes(payload))
+        header = encode_frame(body)
+        if len(payload) <= COALESCE:
+            chunks = [header + bytes(payload)]
+        else:
+            view = memoryview(payload)
+            chunks = [header] + [view[i:i + SEND_CHUNK] for i in range(0, len(view), SEND_CHUNK)]
+        for chunk in chunks:
+            while select.select([self.sock], [], [], 0)[0]:
+                self._take_answer(req_id)
+            try:
+                self.sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                answer = self._answer_after_write_failure(req_id)
+                if answer is not None:
+                    raise answer from None
+                raise
         return req_id
+
+    def _take_answer(self, req_id):
+        """Reads one reply while `req_id` is being sent: raises the one that
+        ends the request and the connection, keeps the others."""
+        rid, result = self._recv_fresh()
+        if isinstance(result, RemoteError) and (
+                rid == 0 or (rid == req_id and result.kind == KIND_INDEX["TooLarge"])):
+            raise result
+        self.early[rid] = result
+
+    def _answer_after_write_failure(self, req_id, within=1.0):
+        """The server's answer explaining a failed write, if it sent one."""
+        old = self.sock.gettimeout()
+        self.sock.settimeout(within)
+        try:
+            for _ in range(1024):
+                self._take_answer(req_id)
+        except RemoteError as e:
+            return e
+        except (OSError, ProtocolError):
+            pass
+        finally:
+            self.sock.settimeout(old)
+        result = self.early.pop(req_id, None)
+        return result if isinstance(result, RemoteError) else None
 
     def recv(self):
         """Reads the next reply, whatever its id: (id, result bytes or RemoteError)."""
@@ -425,6 +555,10 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
         got = c.call("ping")
         assert got == b"pong\n", got
 
+    @check("the server is verified: SO_PEERCRED gives our uid")
+    def _():
+        assert unix_server_uid(c.sock) == os.getuid(), unix_server_uid(c.sock)
+
     @check("echo 100 KB")
     def _():
         data = os.urandom(100 * 1024)
@@ -574,6 +708,7 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
         def _():
             with Client.connect_tcp(host, port, timeout, load_token(token_file)) as k:
                 assert k.call("upper", [], b"token ok") == b"TOKEN OK"
+                assert tcp_server_uid(k.sock) == os.getuid(), tcp_server_uid(k.sock)
 
         @check("tcp: no token, a wrong token, an oversized token: denied with a line")
         def _():
@@ -644,7 +779,11 @@ def main(argv=None):
         with c:
             result = c.call(a.op, a.args, payload)
     except RemoteError as e:
-        print(f"error: {e.kind_name}: {e.message}", file=sys.stderr)
+        hint = ""
+        if e.kind == KIND_INDEX["TooLarge"]:
+            hint = (" (the limit is the dispatcher's --max-payload; raise it there,"
+                    " with a --segment-mib large enough to hold it)")
+        print(f"error: {e.kind_name}: {e.message}{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"error: {where}: {e}", file=sys.stderr)

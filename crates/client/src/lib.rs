@@ -13,11 +13,13 @@ pub mod render;
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
+use ipc_core::peer::{self, PeerError, TrustedUids};
 use ipc_core::proto::{self, HelloStatus, Outcome, RemoteError, Request, Response, HELLO_LEN};
 use ipc_core::status::StatusReport;
 use ipc_core::token::MAX_TOKEN_LEN;
@@ -36,14 +38,37 @@ pub enum ClientError {
     Paths(#[from] PathError),
     #[error("{endpoint} is not an OSPS dispatcher (it answered {answer:?})")]
     NotOsps { endpoint: String, answer: String },
+    /// The server closed the connection without a word at the hello: it is
+    /// busy with other handshakes, or restarting. Trying again may work.
+    #[error("{endpoint} closed the connection without answering the hello (busy or restarting)")]
+    ClosedAtHello { endpoint: String },
+    /// The server is full (`--max-connections`); trying again may work.
     #[error("the dispatcher refused the connection: {0}")]
     Refused(String),
+    /// The server speaks another protocol version: trying again will not help.
+    #[error("the dispatcher does not speak our protocol version: {0}")]
+    VersionUnsupported(String),
     /// The token file cannot be used.
     #[error(transparent)]
     Token(#[from] ipc_core::token::TokenError),
     /// The dispatcher does not admit this client (uid or token).
     #[error("the dispatcher denied the connection: {0}")]
     Denied(String),
+    /// The server is not one this client trusts (its uid, or the directories
+    /// leading to its socket): nothing was sent to it.
+    #[error("refusing to talk to {endpoint}: {reason}")]
+    Untrusted {
+        endpoint: String,
+        #[source]
+        reason: PeerError,
+    },
+    /// No answer within the time the caller allowed (see [`RetryPolicy::overall`]).
+    #[error("no answer from {endpoint} within {} ms", after.as_millis())]
+    Timeout { endpoint: String, after: Duration },
+    /// Writing the result where the caller wanted it failed (e.g. a closed
+    /// pipe, a full disk): not the server's fault, so not retried.
+    #[error("cannot write the result: {0}")]
+    Output(#[source] io::Error),
     #[error("connection: {0}")]
     Frame(#[from] FrameError),
     #[error("i/o error: {0}")]
@@ -55,33 +80,95 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// I/O errors that mean the connection went away or did not answer in time,
+/// as opposed to errors of the caller's own files.
+fn is_transient_io(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::Interrupted
+    )
+}
+
 impl ClientError {
-    /// True for failures a new connection may cure: the dispatcher is gone,
-    /// restarting, stopping, or did not answer in time. All of today's
-    /// operations are idempotent, so such a request can be sent again.
+    /// True for transient failures a new connection may cure: the
+    /// connection was lost or refused, the dispatcher is restarting,
+    /// stopping or full. A deterministic refusal (too large, bad request,
+    /// unknown operation, denied, untrusted, not OSPS, ...) is never
+    /// retried: it would get the same answer. Requests may run more than
+    /// once when retried (at-least-once).
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Refused(_) => true,
-            ClientError::Frame(e) => e.is_disconnect() || matches!(e, FrameError::Io(_)),
+            ClientError::Connect { .. }
+            | ClientError::Refused(_)
+            | ClientError::ClosedAtHello { .. } => true,
+            ClientError::Io(e) => is_transient_io(e),
+            ClientError::Frame(FrameError::Io(e)) => is_transient_io(e),
+            ClientError::Frame(e) => e.is_disconnect(),
             ClientError::Remote(e) => e.kind == proto::ErrorKind::ShuttingDown,
             ClientError::Paths(_)
             | ClientError::NotOsps { .. }
+            | ClientError::VersionUnsupported(_)
             | ClientError::Protocol(_)
             | ClientError::Denied(_)
+            | ClientError::Untrusted { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Output(_)
             | ClientError::Token(_) => false,
+        }
+    }
+
+    /// True when a read or write gave up on its timeout.
+    fn is_timeout(&self) -> bool {
+        let kind = match self {
+            ClientError::Io(e) | ClientError::Frame(FrameError::Io(e)) => e.kind(),
+            _ => return false,
+        };
+        matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    }
+
+    /// A few words on why a connection attempt failed, for the waiting notice.
+    fn short_reason(&self) -> String {
+        match self {
+            ClientError::Connect { source, .. } => source.kind().to_string(),
+            e if e.is_timeout() => "no answer".to_owned(),
+            ClientError::Io(e) | ClientError::Frame(FrameError::Io(e)) => e.kind().to_string(),
+            ClientError::Frame(e) => e.to_string(),
+            ClientError::ClosedAtHello { .. } => "closed without a word".to_owned(),
+            ClientError::Refused(line) => line.clone(),
+            e => e.to_string(),
         }
     }
 }
 
-/// How a [`RetryingClient`] retries.
+/// How a [`RetryingClient`] retries, and how long it waits for answers.
+///
+/// Two deadlines, for two things: `deadline` bounds the time spent
+/// (re)connecting and retrying when the dispatcher is gone, restarting, full
+/// or stopping; once a request is sent, its answer is awaited as long as the
+/// server takes (the server's job timeout ends a job that runs too long),
+/// unless `overall` is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Give up when the next attempt would start after this long.
+    /// Give up reconnecting when the next attempt would start after this
+    /// long spent connecting and retrying (time spent waiting for an answer
+    /// on an open connection does not count).
     pub deadline: Duration,
     /// First pause between attempts; doubled each time up to `max_delay`.
     pub first_delay: Duration,
     /// Longest pause between attempts.
     pub max_delay: Duration,
+    /// When set, the whole call (connecting, retries and the wait for the
+    /// answer) ends within this: a liveness probe, or a caller's own bound.
+    /// `None`: an answer is awaited as long as the server takes.
+    pub overall: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -90,7 +177,48 @@ impl Default for RetryPolicy {
             deadline: Duration::from_secs(10),
             first_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(200),
+            overall: None,
         }
+    }
+}
+
+/// What a [`RetryingClient`] is waiting for, given to its waiting notice
+/// (see [`RetryingClient::on_waiting`]).
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    /// Where it tries to connect.
+    pub endpoint: &'a Endpoint,
+    /// The last failure.
+    pub error: &'a ClientError,
+    /// How long it has been trying.
+    pub since: Duration,
+    /// How long it will go on trying.
+    pub left: Duration,
+}
+
+impl std::fmt::Display for Waiting<'_> {
+    /// "waiting for the OSPS dispatcher at unix:/run/... (not answering:
+    /// connection refused); retrying for 9 s more"
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "waiting for the OSPS dispatcher at {} (not answering: {}); retrying for {} s more",
+            self.endpoint,
+            self.error.short_reason(),
+            self.left.as_secs_f64().ceil() as u64
+        )
+    }
+}
+
+/// How long a [`RetryingClient`] keeps retrying before its waiting notice.
+pub const WAITING_NOTICE_AFTER: Duration = Duration::from_secs(1);
+
+/// The callback of [`RetryingClient::on_waiting`].
+struct Notice(Box<dyn FnMut(&Waiting<'_>) + Send>);
+
+impl std::fmt::Debug for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notice(..)")
     }
 }
 
@@ -107,6 +235,10 @@ pub struct RetryingClient {
     lock_file: Option<std::path::PathBuf>,
     /// Presented in each hello, when set.
     token: Option<Vec<u8>>,
+    /// Who may serve us.
+    trusted: TrustedUids,
+    /// Called once per call when reconnecting lasts over [`WAITING_NOTICE_AFTER`].
+    notice: Option<Notice>,
     /// Attempts that failed and were retried, since creation.
     pub retries: u64,
 }
@@ -120,6 +252,8 @@ impl RetryingClient {
             client: None,
             lock_file: None,
             token: None,
+            trusted: TrustedUids::own(),
+            notice: None,
             retries: 0,
         }
     }
@@ -127,6 +261,20 @@ impl RetryingClient {
     /// Presents `token` in every hello (see [`Client::connect_with_token`]).
     pub fn with_token(mut self, token: Vec<u8>) -> Self {
         self.token = Some(token);
+        self
+    }
+
+    /// Also accepts a server run by `uid` (own uid and root always are).
+    pub fn with_server_uid(mut self, uid: u32) -> Self {
+        self.trusted = self.trusted.with(uid);
+        self
+    }
+
+    /// Calls `notice` once per call when the dispatcher has not answered for
+    /// [`WAITING_NOTICE_AFTER`] while reconnecting (e.g. to tell a person at
+    /// a terminal what the wait is for; [`Waiting`] displays as one line).
+    pub fn on_waiting(mut self, notice: impl FnMut(&Waiting<'_>) + Send + 'static) -> Self {
+        self.notice = Some(Notice(Box::new(notice)));
         self
     }
 
@@ -148,56 +296,105 @@ impl RetryingClient {
     }
 
     /// Runs `attempt` on a connected client until it succeeds, fails for a
-    /// reason a retry cannot cure, or the deadline passes. Each attempt's
-    /// reads are bounded by the time left.
+    /// reason a retry cannot cure, or the retry deadline passes (time spent
+    /// in `attempt`, waiting for the server's answer, does not count). With
+    /// [`RetryPolicy::overall`], reads are bounded by the time left to it.
     pub fn run<T>(
         &mut self,
         mut attempt: impl FnMut(&mut Client) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
+        const MIN: Duration = Duration::from_millis(1);
         let start = Instant::now();
+        let ends = self.policy.overall.map(|d| start + d);
+        let mut answering = Duration::ZERO; // spent in `attempt`, not reconnecting
+        let mut outage: Option<Instant> = None;
+        let mut told = false;
         let mut delay = self.policy.first_delay;
         loop {
+            let now = Instant::now();
+            let reconnecting = now.duration_since(start).saturating_sub(answering);
+            let overall_left = ends.map(|e| e.saturating_duration_since(now).max(MIN));
+            let connect_budget = self
+                .policy
+                .deadline
+                .saturating_sub(reconnecting)
+                .min(overall_left.unwrap_or(Duration::MAX))
+                .min(HANDSHAKE_TIMEOUT)
+                .max(MIN);
+            let connected = match self.client.as_mut() {
+                Some(c) => Ok(c),
+                None => Client::connect_trusting(
+                    &self.endpoint,
+                    self.token.as_deref(),
+                    connect_budget,
+                    &self.trusted,
+                )
+                .map(|c| self.client.insert(c)),
+            };
+            let result = match connected {
+                Ok(c) => {
+                    outage = None;
+                    let t = Instant::now();
+                    let r = c.set_timeout(overall_left).and_then(|()| attempt(c));
+                    answering += t.elapsed();
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            let e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if self
+                .client
+                .as_ref()
+                .is_none_or(|c| c.broken || !matches!(e, ClientError::Remote(_)))
+            {
+                self.client = None; // the connection's state is unknown
+            }
+            let now = Instant::now();
+            if e.is_timeout() && ends.is_some_and(|end| now + MIN >= end) {
+                return Err(ClientError::Timeout {
+                    endpoint: self.endpoint.to_string(),
+                    after: self.policy.overall.unwrap_or_default(),
+                });
+            }
+            let gone = matches!(e, ClientError::Connect { .. })
+                && self.lock_file.as_ref().is_some_and(|l| !l.exists());
+            if gone || !e.is_retryable() {
+                return Err(e);
+            }
+            let reconnecting = now.duration_since(start).saturating_sub(answering);
             let left = self
                 .policy
                 .deadline
-                .saturating_sub(start.elapsed())
-                .max(Duration::from_millis(1));
-            let result = match self.client.as_mut() {
-                Some(c) => Ok(c),
-                None => Client::connect_within(
-                    &self.endpoint,
-                    self.token.as_deref(),
-                    left.min(HANDSHAKE_TIMEOUT),
-                )
-                .map(|c| self.client.insert(c)),
+                .saturating_sub(reconnecting)
+                .min(ends.map_or(Duration::MAX, |end| end.saturating_duration_since(now)));
+            if delay >= left {
+                return Err(if e.is_timeout() {
+                    ClientError::Timeout {
+                        endpoint: self.endpoint.to_string(),
+                        after: self.policy.overall.unwrap_or_else(|| start.elapsed()),
+                    }
+                } else {
+                    e
+                });
             }
-            .and_then(|c| {
-                c.set_timeout(Some(left))?;
-                attempt(c)
-            });
-            match result {
-                Ok(v) => return Ok(v),
-                Err(e @ ClientError::Connect { .. })
-                    if self.lock_file.as_ref().is_some_and(|l| !l.exists()) =>
-                {
-                    return Err(e);
-                }
-                Err(e) if e.is_retryable() => {
-                    self.client = None;
-                    if start.elapsed() + delay >= self.policy.deadline {
-                        return Err(e);
-                    }
-                    self.retries += 1;
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(self.policy.max_delay);
-                }
-                Err(e) => {
-                    if !matches!(e, ClientError::Remote(_)) {
-                        self.client = None; // the connection's state is unknown
-                    }
-                    return Err(e);
+            let since = now.duration_since(*outage.get_or_insert(now));
+            if !told && since >= WAITING_NOTICE_AFTER {
+                if let Some(Notice(notice)) = self.notice.as_mut() {
+                    told = true;
+                    notice(&Waiting {
+                        endpoint: &self.endpoint,
+                        error: &e,
+                        since,
+                        left,
+                    });
                 }
             }
+            self.retries += 1;
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(self.policy.max_delay);
         }
     }
 
@@ -232,10 +429,29 @@ impl Stream {
         })
     }
 
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    /// Bounds reads and writes (the option belongs to the socket, so it
+    /// holds for every clone of it).
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
+            Stream::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
+        }
+    }
+
+    /// Whether a read would not block (bytes, end of stream or an error wait).
+    fn readable_now(&self) -> io::Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from)?;
+        Ok(fds[0].revents().is_some_and(|r| !r.is_empty()))
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
         }
     }
 }
@@ -280,14 +496,24 @@ pub struct Client {
     next_id: u64,
     out: Vec<u8>,
     scratch: Vec<u8>,
-    /// Replies read while waiting for another id.
+    /// Replies read while waiting for another id, or while sending.
     early: HashMap<u64, Reply>,
+    /// The timeout set by [`Client::set_timeout`].
+    timeout: Option<Duration>,
+    /// The connection cannot be used any more (the server said it closes,
+    /// or the byte stream is out of step).
+    broken: bool,
 }
 
 /// How long `connect` waits for the server's hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Chunk size when streaming a payload from a reader (e.g. a file).
+/// How long a client whose write failed waits for the server's answer
+/// saying why (e.g. `too large`) before reporting the write error itself.
+const ANSWER_AFTER_WRITE_FAILURE: Duration = Duration::from_secs(1);
+
+/// Chunk size when streaming a payload from a reader (e.g. a file); between
+/// chunks, the client looks for an early answer (see [`Client::send`]).
 const STREAM_CHUNK: usize = 256 * 1024;
 
 /// Copies up to `len` bytes from `r` to `w` in chunks of at most
@@ -311,6 +537,22 @@ fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(
         copied += n as u64;
     }
     Ok(copied)
+}
+
+/// The caller's output, remembering whether it failed (as opposed to the socket).
+struct Output<'a, W> {
+    inner: &'a mut W,
+    failed: bool,
+}
+
+impl<W: Write> Write for Output<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
 }
 
 /// Payloads up to this size are sent in the same write as their header.
@@ -347,23 +589,55 @@ impl Client {
         token: Option<&[u8]>,
         handshake_timeout: Duration,
     ) -> Result<Client, ClientError> {
+        Client::connect_trusting(endpoint, token, handshake_timeout, &TrustedUids::own())
+    }
+
+    /// [`Client::connect_within`], accepting a server run by any uid of
+    /// `trusted`. Every connection verifies its server before it sends
+    /// anything: on a Unix socket, the directories leading to it
+    /// ([`peer::check_socket_dirs`]) and the uid that listens
+    /// (`SO_PEERCRED`); on TCP, the uid that owns the server's side of the
+    /// connection when it is on this host ([`peer::tcp_server_uid`]; a
+    /// loopback server whose owner cannot be found is refused).
+    pub fn connect_trusting(
+        endpoint: &Endpoint,
+        token: Option<&[u8]>,
+        handshake_timeout: Duration,
+        trusted: &TrustedUids,
+    ) -> Result<Client, ClientError> {
         let name = endpoint.to_string();
         let connect_err = |source| ClientError::Connect {
             endpoint: name.clone(),
             source,
         };
+        let untrusted = |reason| ClientError::Untrusted {
+            endpoint: name.clone(),
+            reason,
+        };
         // A wedged server's full backlog makes connect itself wait: bounded too.
         let within = handshake_timeout.max(Duration::from_millis(1));
         let stream = match endpoint {
             Endpoint::Unix(p) => {
+                peer::check_socket_dirs(p, trusted).map_err(untrusted)?;
                 let addr = socket2::SockAddr::unix(p).map_err(connect_err)?;
                 let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
                     .map_err(connect_err)?;
                 s.connect_timeout(&addr, within).map_err(connect_err)?;
-                Stream::Unix(UnixStream::from(s))
+                let s = UnixStream::from(s);
+                let uid = peer::unix_peer_uid(&s).map_err(|e| untrusted(e.into()))?;
+                peer::check_uid(uid, trusted).map_err(untrusted)?;
+                Stream::Unix(s)
             }
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
+                let (local, server) = (s.local_addr()?, s.peer_addr()?);
+                match peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))? {
+                    Some(uid) => peer::check_uid(uid, trusted).map_err(untrusted)?,
+                    None if server.ip().is_loopback() => {
+                        return Err(untrusted(PeerError::UnknownTcpOwner))
+                    }
+                    None => {} // another host: only a secure tunnel can vouch for it
+                }
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
@@ -376,13 +650,26 @@ impl Client {
                 token.map_or(0, <[u8]>::len)
             ))
         })?;
-        writer.write_all(&opening)?;
+        // Closed without a word (the opening unread, so perhaps with a
+        // reset): busy with other handshakes, or going away.
+        let closed = |e: io::Error| match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted => ClientError::ClosedAtHello {
+                endpoint: name.clone(),
+            },
+            _ => e.into(),
+        };
+        writer.write_all(&opening).map_err(closed)?;
         // A stopped or wedged server accepts the connection but never answers.
-        stream.set_read_timeout(Some(within))?;
+        stream.set_timeouts(Some(within))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let mut hello = [0u8; HELLO_LEN];
-        let got = frame::fill(&mut reader, &mut hello)?;
-        reader.get_ref().set_read_timeout(None)?;
+        let got = frame::fill(&mut reader, &mut hello).map_err(closed)?;
+        reader.get_ref().set_timeouts(None)?;
+        if got == 0 {
+            return Err(ClientError::ClosedAtHello { endpoint: name });
+        }
         let Some((_version, status)) = (got == HELLO_LEN)
             .then(|| proto::decode_hello(&hello))
             .flatten()
@@ -403,6 +690,7 @@ impl Client {
             let line = line.trim().to_owned();
             return Err(match status {
                 Some(HelloStatus::Denied) => ClientError::Denied(line),
+                Some(HelloStatus::VersionUnsupported) => ClientError::VersionUnsupported(line),
                 _ => ClientError::Refused(line),
             });
         }
@@ -414,6 +702,8 @@ impl Client {
             out: Vec::with_capacity(COALESCE + 256),
             scratch: Vec::with_capacity(256),
             early: HashMap::new(),
+            timeout: None,
+            broken: false,
         })
     }
 
@@ -422,40 +712,80 @@ impl Client {
         &self.endpoint
     }
 
-    /// Bounds how long a read waits for the server (None: forever).
+    /// Bounds how long a read or a write waits for the server (None: forever).
     pub fn set_timeout(&mut self, t: Option<Duration>) -> Result<(), ClientError> {
-        self.reader.get_ref().set_read_timeout(t)?;
+        self.reader.get_ref().set_timeouts(t)?;
+        self.timeout = t;
         Ok(())
     }
 
+    /// False once the connection cannot carry more requests: the server
+    /// answered that it closes it (`too large`, or an error about the
+    /// connection), or a request could not be sent whole.
+    pub fn is_usable(&self) -> bool {
+        !self.broken
+    }
+
     /// Sends a request without waiting for its reply; returns its id.
+    ///
+    /// While a large payload goes out, the client watches for answers: the
+    /// server refuses an oversized payload from its header alone and then
+    /// closes, so such an answer (or one about the connection, id 0) ends
+    /// the sending and is returned as the error at once; other answers are
+    /// kept for [`Client::recv`] and [`Client::wait`]. When a write fails
+    /// because the server closed, its answer, if it sent one, is returned
+    /// instead of the write error.
     pub fn send(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<u64, ClientError> {
         let id = self.encode_header(op, args, payload.len() as u64)?;
-        if payload.len() <= COALESCE {
-            self.out.extend_from_slice(payload);
-            self.writer.write_all(&self.out)?;
+        let mut out = std::mem::take(&mut self.out);
+        let result = if payload.len() <= COALESCE {
+            out.extend_from_slice(payload);
+            self.write_watching(id, &out, false)
         } else {
-            // Large payloads go out straight from the caller's buffer, in as
-            // few system calls as the socket allows.
-            self.writer.write_all(&self.out)?;
-            self.writer.write_all(payload)?;
-        }
-        Ok(id)
+            // Large payloads go out straight from the caller's buffer.
+            self.write_watching(id, &out, false).and_then(|()| {
+                payload
+                    .chunks(STREAM_CHUNK)
+                    .try_for_each(|chunk| self.write_watching(id, chunk, true))
+            })
+        };
+        self.out = out;
+        result.map(|()| id)
     }
 
     /// Sends a request whose `len` payload bytes are read from `payload`
-    /// (e.g. a file), without holding them all in memory.
+    /// (e.g. a file), without holding them all in memory; watches for an
+    /// early answer as [`Client::send`] does.
     pub fn send_from<R: Read>(
         &mut self,
         op: &str,
         args: &[&str],
         len: u64,
-        payload: R,
+        mut payload: R,
     ) -> Result<u64, ClientError> {
         let id = self.encode_header(op, args, len)?;
-        self.writer.write_all(&self.out)?;
-        let copied = copy_chunked(&mut payload.take(len), &mut self.writer, len)?;
+        let out = std::mem::take(&mut self.out);
+        let sent = self.write_watching(id, &out, false);
+        self.out = out;
+        sent?;
+        let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
+        let mut copied = 0u64;
+        while copied < len {
+            let want = buf.len().min((len - copied) as usize);
+            let n = match payload.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.broken = true; // the request is cut short
+                    return Err(e.into());
+                }
+            };
+            self.write_watching(id, &buf[..n], true)?;
+            copied += n as u64;
+        }
         if copied != len {
+            self.broken = true;
             return Err(ClientError::Protocol(format!(
                 "payload source gave {copied} of {len} bytes"
             )));
@@ -463,8 +793,78 @@ impl Client {
         Ok(id)
     }
 
+    /// Writes `bytes` of request `id`, first (with `watch`: before payload
+    /// chunks, not before a header) taking in any answer already there: an answer that ends the connection (`too large` for `id`, or
+    /// id 0) is returned as the error. A failed write is explained by the
+    /// server's answer when there is one.
+    fn write_watching(&mut self, id: u64, bytes: &[u8], watch: bool) -> Result<(), ClientError> {
+        while watch && (!self.reader.buffer().is_empty() || self.reader.get_ref().readable_now()?) {
+            if let Some(e) = self.take_answer(id)? {
+                return Err(e);
+            }
+        }
+        match self.writer.write_all(bytes) {
+            Ok(()) => Ok(()),
+            Err(e) if is_transient_io(&e) => {
+                self.broken = true;
+                Err(self.answer_after_write_failure(id).unwrap_or(e.into()))
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Reads one reply while request `id` is being sent: returns the error
+    /// that ends the request and the connection, or keeps the reply for later.
+    fn take_answer(&mut self, id: u64) -> Result<Option<ClientError>, ClientError> {
+        let reply = self.recv_fresh().inspect_err(|_| self.broken = true)?;
+        let fatal = match &reply.result {
+            Err(e) if reply.id == 0 => Some(e.clone()),
+            Err(e) if reply.id == id && e.kind == proto::ErrorKind::TooLarge => Some(e.clone()),
+            _ => None,
+        };
+        if let Some(e) = fatal {
+            self.broken = true;
+            return Ok(Some(ClientError::Remote(e)));
+        }
+        self.early.insert(reply.id, reply);
+        Ok(None)
+    }
+
+    /// After a write failed because the server closed: its answer to `id`
+    /// (or about the connection), if it sent one, within a second.
+    fn answer_after_write_failure(&mut self, id: u64) -> Option<ClientError> {
+        let _ = self
+            .reader
+            .get_ref()
+            .set_timeouts(Some(ANSWER_AFTER_WRITE_FAILURE));
+        let mut found = None;
+        for _ in 0..1024 {
+            match self.take_answer(id) {
+                Ok(Some(e)) => {
+                    found = Some(e);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        if found.is_none() {
+            if let Some(Reply { result: Err(e), .. }) = self.early.remove(&id) {
+                found = Some(ClientError::Remote(e));
+            }
+        }
+        let _ = self.reader.get_ref().set_timeouts(self.timeout);
+        found
+    }
+
     /// Numbers a request and encodes its frame into `self.out`.
     fn encode_header(&mut self, op: &str, args: &[&str], len: u64) -> Result<u64, ClientError> {
+        if self.broken {
+            return Err(FrameError::Closed.into());
+        }
         let id = self.next_id;
         self.next_id += 1;
         let req = Request {
@@ -522,10 +922,14 @@ impl Client {
                 None => self.recv_fresh()?,
             };
             if reply.id == id {
+                if matches!(&reply.result, Err(e) if e.kind == proto::ErrorKind::TooLarge) {
+                    self.broken = true; // the server closes after it
+                }
                 return Ok(reply.result?);
             }
             if reply.id == 0 {
                 // The server could not even read a request: it is about the connection.
+                self.broken = true;
                 return Err(reply.result.err().map_or_else(
                     || ClientError::Protocol("reply to id 0".into()),
                     ClientError::Remote,
@@ -577,19 +981,45 @@ impl Client {
             ));
         }
         let id = self.send_from(op, args, len, input)?;
+        if let Some(reply) = self.early.remove(&id) {
+            // Answered while the payload was still going out.
+            let bytes = reply.result?;
+            on_result(bytes.len() as u64);
+            output.write_all(&bytes)?;
+            return Ok(bytes.len() as u64);
+        }
         let resp = self.recv_header()?;
         if resp.id != id {
-            return Err(ClientError::Protocol(format!(
-                "reply to {} while waiting for {id}",
-                resp.id
-            )));
+            self.broken = true;
+            return Err(match resp.outcome {
+                Outcome::Err(e) if resp.id == 0 => e.into(),
+                _ => ClientError::Protocol(format!("reply to {} while waiting for {id}", resp.id)),
+            });
         }
         if let Outcome::Err(e) = resp.outcome {
+            if e.kind == proto::ErrorKind::TooLarge {
+                self.broken = true;
+            }
             return Err(e.into());
         }
         on_result(resp.result_len);
-        let copied = copy_chunked(&mut self.reader, output, resp.result_len)?;
+        let mut output = Output {
+            inner: output,
+            failed: false,
+        };
+        let copied = match copy_chunked(&mut self.reader, &mut output, resp.result_len) {
+            Ok(n) => n,
+            Err(e) => {
+                self.broken = true;
+                return Err(if output.failed {
+                    ClientError::Output(e)
+                } else {
+                    e.into()
+                });
+            }
+        };
         if copied < resp.result_len {
+            self.broken = true;
             return Err(FrameError::Truncated {
                 expected: resp.result_len as usize,
                 got: copied as usize,
@@ -616,6 +1046,45 @@ impl Client {
                 "ping answered {:?}",
                 String::from_utf8_lossy(&r)
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        let io = |k: io::ErrorKind| ClientError::Io(k.into());
+        let remote = |k| ClientError::Remote(RemoteError::new(k, "x"));
+        for retried in [
+            io(io::ErrorKind::BrokenPipe),
+            io(io::ErrorKind::ConnectionReset),
+            ClientError::Frame(FrameError::Closed),
+            ClientError::Refused("full".into()),
+            ClientError::ClosedAtHello {
+                endpoint: "x".into(),
+            },
+            remote(proto::ErrorKind::ShuttingDown),
+        ] {
+            assert!(retried.is_retryable(), "{retried:?}");
+        }
+        for refused in [
+            remote(proto::ErrorKind::TooLarge),
+            remote(proto::ErrorKind::BadRequest),
+            remote(proto::ErrorKind::UnknownOp),
+            remote(proto::ErrorKind::InvalidInput),
+            ClientError::Denied("no".into()),
+            ClientError::VersionUnsupported("v2".into()),
+            ClientError::NotOsps {
+                endpoint: "x".into(),
+                answer: "HTTP/1.1 200 OK".into(),
+            },
+            io(io::ErrorKind::NotFound),
+            io(io::ErrorKind::PermissionDenied),
+        ] {
+            assert!(!refused.is_retryable(), "{refused:?}");
         }
     }
 }

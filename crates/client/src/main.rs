@@ -1,7 +1,8 @@
 //! `osps-client`: the command-line client. Errors print one line and exit non-zero.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,8 +30,14 @@ struct Args {
     #[arg(long, global = true, env = "OSPS_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Keep reconnecting and retrying (e.g. across a dispatcher restart) for this many milliseconds.
+    /// Only reconnecting counts: once a request is sent, its answer is awaited as long as the
+    /// dispatcher's job timeout allows (or `run --timeout-ms`).
     #[arg(long, global = true, default_value_t = 10_000)]
     retry_ms: u64,
+    /// Also accept a dispatcher run by this user (uid or name); our own uid and root always are.
+    /// The client checks who serves the socket or loopback port before it sends anything.
+    #[arg(long, global = true, env = "OSPS_SERVER_UID", value_parser = parse_uid)]
+    server_uid: Option<u32>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,9 +60,13 @@ enum Command {
         /// Payload: a file, or - for stdin [default: empty].
         #[arg(long, short)]
         input: Option<PathBuf>,
-        /// Where to write the result: a file, or - for stdout.
+        /// Where to write the result: a file (replaced only when the job succeeds), or - for stdout.
         #[arg(long, short, default_value = "-")]
         output: PathBuf,
+        /// Give up when the answer has not come within this many milliseconds of starting
+        /// (reconnecting included) [default: wait as long as the dispatcher's job timeout allows].
+        #[arg(long)]
+        timeout_ms: Option<u64>,
     },
     /// Shows the dispatcher's status: processes, queue, latency, segment, endpoints.
     Status {
@@ -76,31 +87,77 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("osps-client: {e}");
+            eprintln!("osps-client: {e}{}", hint(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn retrying(args: &Args, deadline_ms: u64) -> Result<RetryingClient, ClientError> {
+/// What to do about an error, when the server's line does not say it.
+fn hint(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Remote(r) if r.kind == ipc_core::ErrorKind::TooLarge => {
+            " (the limit is the dispatcher's --max-payload; raise it there, with a --segment-mib large enough to hold it)"
+        }
+        _ => "",
+    }
+}
+
+/// A uid, or the name of a user.
+fn parse_uid(s: &str) -> Result<u32, String> {
+    if let Ok(uid) = s.parse() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("no user named {s:?}")),
+        Err(e) => Err(format!("cannot look up user {s:?}: {e}")),
+    }
+}
+
+/// A client for the instance or `--connect` endpoint: it retries for
+/// `--retry-ms` (reconnecting) and, with `overall`, gives up after it.
+fn retrying(
+    args: &Args,
+    deadline_ms: u64,
+    overall: Option<u64>,
+) -> Result<RetryingClient, ClientError> {
     let policy = RetryPolicy {
         deadline: Duration::from_millis(deadline_ms.max(1)),
+        overall: overall.map(|ms| Duration::from_millis(ms.max(1))),
         ..RetryPolicy::default()
     };
-    let client = match &args.connect {
+    let mut client = match &args.connect {
         Some(ep) => RetryingClient::new(ep.clone(), policy),
         None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy)?,
     };
-    Ok(match &args.token_file {
-        Some(path) => client.with_token(ipc_core::token::load(path)?),
-        None => client,
-    })
+    if let Some(uid) = args.server_uid {
+        client = client.with_server_uid(uid);
+    }
+    if let Some(path) = &args.token_file {
+        client = client.with_token(ipc_core::token::load(path)?);
+    }
+    // A person at a terminal is told what a wait is for; scripts are not.
+    if io::stderr().is_terminal() && !matches!(args.command, Command::Status { watch: true, .. }) {
+        client = client.on_waiting(|w| eprintln!("osps-client: {w}"));
+    }
+    Ok(client)
 }
 
 /// Where a result goes; can start over when a request is retried.
 enum Sink {
-    Stdout { written: u64 },
-    File(File),
+    Stdout {
+        written: u64,
+    },
+    /// A temporary file beside the target, renamed over it once the job has
+    /// succeeded; removed (when dropped) if it fails, so a failed job leaves
+    /// no file and an existing one untouched.
+    Temp {
+        file: tempfile::NamedTempFile,
+        target: PathBuf,
+    },
+    /// Something other than a regular file (a device, a pipe): written in place.
+    Direct(File),
 }
 
 impl Sink {
@@ -108,9 +165,33 @@ impl Sink {
         if path.as_os_str() == "-" {
             return Ok(Sink::Stdout { written: 0 });
         }
-        File::create(path)
-            .map(Sink::File)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        let err = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let (target, mode) = match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => return File::create(path).map(Sink::Direct).map_err(err),
+            // Through a symbolic link: replace the file it points to, not the link.
+            Ok(m) => (std::fs::canonicalize(path).map_err(err)?, Some(m.mode())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (path.to_path_buf(), None),
+            Err(e) => return Err(err(e)),
+        };
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let file = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".part")
+            // As File::create would: 0666 less the umask for a new file.
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)
+            .map_err(err)?;
+        if let Some(mode) = mode {
+            // Replacing a file keeps its mode.
+            file.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(err)?;
+        }
+        Ok(Sink::Temp { file, target })
     }
 
     /// Prepares for an attempt: a file is emptied; stdout cannot take back
@@ -121,11 +202,26 @@ impl Sink {
             Sink::Stdout { written } => Err(ClientError::Protocol(format!(
                 "connection lost after {written} result bytes went to stdout; not retrying"
             ))),
-            Sink::File(f) => {
-                f.set_len(0)?;
-                f.seek(SeekFrom::Start(0))?;
+            Sink::Temp { file, .. } => {
+                file.as_file().set_len(0)?;
+                file.as_file_mut().seek(SeekFrom::Start(0))?;
                 Ok(())
             }
+            Sink::Direct(_) => Ok(()),
+        }
+    }
+
+    /// The job succeeded: flush, and put the file in place.
+    fn finish(self) -> io::Result<()> {
+        match self {
+            Sink::Stdout { .. } => io::stdout().flush(),
+            Sink::Temp { mut file, target } => {
+                file.flush()?;
+                file.persist(&target).map(drop).map_err(|e| {
+                    io::Error::new(e.error.kind(), format!("{}: {}", target.display(), e.error))
+                })
+            }
+            Sink::Direct(mut f) => f.flush(),
         }
     }
 }
@@ -138,14 +234,16 @@ impl Write for Sink {
                 *written += n as u64;
                 Ok(n)
             }
-            Sink::File(f) => f.write(buf),
+            Sink::Temp { file, .. } => file.write(buf),
+            Sink::Direct(f) => f.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Stdout { .. } => io::stdout().flush(),
-            Sink::File(f) => f.flush(),
+            Sink::Temp { file, .. } => file.flush(),
+            Sink::Direct(f) => f.flush(),
         }
     }
 }
@@ -162,7 +260,7 @@ fn open_input(p: &Path) -> io::Result<File> {
 fn run(args: Args) -> Result<(), ClientError> {
     match &args.command {
         Command::Ping { timeout_ms } => {
-            let mut client = retrying(&args, *timeout_ms)?;
+            let mut client = retrying(&args, *timeout_ms, Some(*timeout_ms))?;
             let start = std::time::Instant::now();
             client.run(Client::ping)?;
             let how = if client.retries > 0 {
@@ -181,10 +279,13 @@ fn run(args: Args) -> Result<(), ClientError> {
             args: op_args,
             input,
             output,
+            timeout_ms,
         } => {
-            let mut client = retrying(&args, args.retry_ms)?;
+            let mut client = retrying(&args, args.retry_ms, *timeout_ms)?;
             let op_args: Vec<&str> = op_args.iter().map(String::as_str).collect();
             let mut sink = Sink::open(output)?;
+            let result_on_terminal =
+                matches!(sink, Sink::Stdout { .. }) && io::stdout().is_terminal();
             // A file is reopened on each attempt; stdin can only be read once, so it is kept.
             let payload = match input {
                 Some(p) if p.as_os_str() == "-" => {
@@ -207,7 +308,7 @@ fn run(args: Args) -> Result<(), ClientError> {
                         (f.metadata()?.len(), Box::new(f))
                     }
                 };
-                let mut progress = progress::Progress::new(op, len);
+                let mut progress = progress::Progress::new(op, len, result_on_terminal);
                 let input = progress.reader(input);
                 let mut output = progress.writer(&mut sink);
                 let result =
@@ -217,14 +318,15 @@ fn run(args: Args) -> Result<(), ClientError> {
                 progress.clear();
                 result
             })?;
-            sink.flush()?;
+            sink.finish()?;
         }
         Command::Status {
             json,
             watch,
             interval_ms,
         } => {
-            let mut client = retrying(&args, args.retry_ms)?;
+            // Answered by the dispatcher itself, at once: no job to wait for.
+            let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms))?;
             if !*watch {
                 let report = client.status()?;
                 if *json {
@@ -251,7 +353,6 @@ fn run(args: Args) -> Result<(), ClientError> {
 /// after a blank line otherwise; with `--json`, one JSON report per line),
 /// and keeps going across dispatcher restarts.
 fn watch_status(client: &mut RetryingClient, json: bool, every: Duration) -> io::Result<()> {
-    use std::io::IsTerminal;
     let tty = io::stdout().is_terminal();
     let mut out = io::stdout().lock();
     loop {

@@ -15,6 +15,10 @@ pub const THRESHOLD: u64 = 1 << 20;
 pub struct Progress {
     bar: ProgressBar,
     drawing: bool,
+    /// The result goes to the terminal the bar is drawn on: the bar must be
+    /// gone before its bytes are written, or they land after it on its line
+    /// and the bar's text stays on the screen.
+    result_on_terminal: bool,
 }
 
 fn worth_drawing(len: u64) -> bool {
@@ -25,13 +29,15 @@ impl Progress {
     /// A display for sending `len` payload bytes to `op`; draws only on a
     /// terminal and when `len` is at least [`THRESHOLD`] (the result may still
     /// turn it on, see [`Progress::receiving`]).
-    pub fn new(op: &str, len: u64) -> Progress {
+    /// `result_on_terminal`: the result is written to stdout, which is a terminal.
+    pub fn new(op: &str, len: u64, result_on_terminal: bool) -> Progress {
         let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
         bar.set_style(bytes_style("sending"));
         bar.set_message(format!("running {op}"));
         let mut p = Progress {
             bar,
             drawing: false,
+            result_on_terminal,
         };
         if worth_drawing(len) {
             p.draw();
@@ -54,8 +60,15 @@ impl Progress {
         }
     }
 
-    /// The answer has come with `len` result bytes: a bar for them.
+    /// The answer has come with `len` result bytes: a bar for them, unless
+    /// they go to the terminal itself (then the display is removed first).
     pub fn receiving(&mut self, len: u64) {
+        if self.result_on_terminal {
+            self.clear();
+            self.bar.set_draw_target(ProgressDrawTarget::hidden());
+            self.drawing = false;
+            return;
+        }
         if !self.drawing && worth_drawing(len) {
             self.draw();
         }
@@ -76,6 +89,7 @@ impl Progress {
 
     /// Removes the display (on success, failure or retry alike).
     pub fn clear(&self) {
+        self.bar.disable_steady_tick();
         self.bar.finish_and_clear();
     }
 }

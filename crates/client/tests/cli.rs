@@ -216,6 +216,10 @@ fn ping_is_a_liveness_probe_of_the_whole_path_within_its_timeout() {
     inst.signal(nix::sys::signal::Signal::SIGCONT);
     assert_eq!(code, Some(1), "{out:?}");
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no answer from unix:"),
+        "{out:?}"
+    );
 
     // The dispatcher answers but no worker can start: still exit 1.
     let mut args = ARGS.to_vec();
@@ -263,4 +267,48 @@ fn ping_gives_up_in_time_on_a_listener_whose_backlog_is_full() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn run_output_file_is_replaced_only_when_the_job_succeeds() {
+    use std::os::unix::fs::PermissionsExt;
+    let inst = Instance::start("cliout", ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let (fresh, kept) = (dir.path().join("fresh.txt"), dir.path().join("kept.txt"));
+    std::fs::write(&kept, b"precious\n").unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o640)).unwrap();
+    for (args, file) in [
+        (&["run", "sleep", "x"][..], &fresh),
+        (&["run", "nope"][..], &kept),
+        (&["run", "sleep", "x"][..], &kept),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["-o", file.to_str().unwrap()]);
+        let out = cli(&inst, &args, b"");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+    }
+    assert!(!fresh.exists(), "a failed job leaves no file");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        b"precious\n",
+        "nor clobbers one"
+    );
+
+    let out = cli(
+        &inst,
+        &["run", "upper", "--input", "-", "-o", kept.to_str().unwrap()],
+        b"replaced\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&kept).unwrap(), b"REPLACED\n");
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o640,
+        "a replaced file keeps its mode"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["kept.txt"], "no temporary file left");
 }

@@ -52,3 +52,50 @@ fn the_python_client_written_from_the_protocol_document_passes_its_selftest() {
     // The dispatcher kept serving throughout.
     assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
 }
+
+#[test]
+fn the_python_client_shows_too_large_at_once_instead_of_a_broken_pipe() {
+    let inst = Instance::start(
+        "pytoolarge",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "4194304",
+        ],
+    );
+    // More than the limit plus the ~64 MiB the server drains before closing:
+    // a client that only writes meets a closed socket, not the answer.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.iso");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(70 << 20)
+        .unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/examples/osps_client.py"
+    );
+    let started = std::time::Instant::now();
+    let out = Command::new("python3")
+        .arg(script)
+        .arg("--socket")
+        .arg(inst.paths.socket())
+        .arg("sha256")
+        .stdin(std::fs::File::open(&big).unwrap())
+        .output()
+        .expect("python3 runs");
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("python: too large answered in {took:?}: {err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(
+            "error: too large: payload of 73400320 bytes exceeds the limit of 4194304 bytes"
+        ) && err.contains("--max-payload"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}

@@ -11,6 +11,7 @@ pub mod frame;
 pub mod lock;
 pub mod logging;
 pub mod paths;
+pub mod peer;
 pub mod proto;
 pub mod segment;
 pub mod start;
