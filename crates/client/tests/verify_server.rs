@@ -49,34 +49,22 @@ impl Squatter {
     /// `work` (a directory `nobody` may write).
     fn start(work: &Path, what: &str) -> Squatter {
         let exe = work.join("squatter");
-        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
-        chmod(&exe, 0o755);
+        osps_testkit::install_exe(&std::env::current_exe().unwrap(), &exe);
         let record = work.join("received");
         let ready = work.join("ready");
-        // Another test thread may fork while the copy is open for writing:
-        // its child holds the file open until it execs ("text file busy").
-        let mut tries = 0;
-        let child = loop {
-            let spawned = Command::new(&exe)
-                .args([
-                    "--exact",
-                    "squatter_helper",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("OSPS_TEST_SQUATTER", format!("{what};{}", work.display()))
-                .uid(NOBODY)
-                .gid(NOBODY)
-                .stdout(Stdio::null())
-                .spawn();
-            match spawned {
-                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => break other.unwrap(),
-            }
-        };
+        let child = Command::new(&exe)
+            .args([
+                "--exact",
+                "squatter_helper",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("OSPS_TEST_SQUATTER", format!("{what};{}", work.display()))
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let mut s = Squatter {
             child,
             record,

@@ -108,8 +108,9 @@ impl Squats {
                     .unwrap();
                 assert!(
                     out.status.success(),
-                    "squatter: {}",
-                    String::from_utf8_lossy(&out.stdout)
+                    "squatter: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
                 );
             }
             None => make_squats(&list),
@@ -216,8 +217,7 @@ fn a_root_instance_starts_and_restarts_past_nobodys_squats(backend: &str) {
     }
     let tools = tools_dir();
     let helper = tools.path().join("squatter");
-    std::fs::copy(std::env::current_exe().unwrap(), &helper).unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    osps_testkit::install_exe(&std::env::current_exe().unwrap(), &helper);
     let mut args = ARGS.to_vec();
     args.extend(["--segment", backend]);
     let mut squats = None;

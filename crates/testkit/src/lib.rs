@@ -175,6 +175,36 @@ pub fn sysv_name(paths: &RuntimePaths) -> String {
     format!("{}{}", ipc_core::segment::SYSV_PREFIX, paths.segment_name())
 }
 
+/// Puts an executable copy of `from` at `to` (mode 0755) for a test to run,
+/// perhaps as another uid. The copy is made by `install(1)`, not by this
+/// process: a file this multi-threaded test process had open for writing
+/// can be held open by a child another test thread forks at that moment,
+/// until that child execs, and running it then fails with "text file busy".
+pub fn install_exe(from: &Path, to: &Path) {
+    let out = std::process::Command::new("install")
+        .args(["-m", "0755"])
+        .arg(from)
+        .arg(to)
+        .output()
+        .expect("run install(1)");
+    assert!(
+        out.status.success(),
+        "install {} {}: {}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes a script (or any executable) at `path`, mode 0755, through
+/// [`install_exe`] so that running it never meets "text file busy".
+pub fn write_exe(path: &Path, contents: &[u8]) {
+    let draft = path.with_extension("draft");
+    std::fs::write(&draft, contents).unwrap();
+    install_exe(&draft, path);
+    std::fs::remove_file(&draft).unwrap();
+}
+
 /// Writes a token file as an operator would: mode 0600 from the start.
 pub fn write_token_file(path: &Path, token: &[u8]) {
     use std::io::Write;

@@ -62,7 +62,6 @@ struct LeavesChildren {
 
 impl LeavesChildren {
     fn new() -> Self {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix("osps-kids-")
             .tempdir()
@@ -77,8 +76,7 @@ impl LeavesChildren {
             pids = pidfile.display(),
             worker = osps_testkit::bin("osps-worker").display(),
         );
-        std::fs::write(&wrapper, script).unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        osps_testkit::write_exe(&wrapper, script.as_bytes());
         LeavesChildren {
             _dir: dir,
             wrapper,

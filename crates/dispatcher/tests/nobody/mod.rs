@@ -3,7 +3,6 @@
 
 #![allow(dead_code)] // each test file uses a part
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
@@ -23,8 +22,7 @@ pub fn root_or_skip(what: &str) -> bool {
 /// it: the checkout itself may sit where `nobody` cannot read.
 pub fn copy_bin(name: &str, dir: &Path) -> PathBuf {
     let to = dir.join(name);
-    std::fs::copy(osps_testkit::bin(name), &to).unwrap();
-    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    osps_testkit::install_exe(&osps_testkit::bin(name), &to);
     to
 }
 
