@@ -88,7 +88,10 @@ fn reap_exited(swept: &mut Swept) -> bool {
             Ok(WaitStatus::StillAlive) => return false,
             Ok(status) => {
                 swept.reaped += 1;
-                tracing::debug!(pid = ?status.pid(), "reaped {status:?}");
+                // Logged as the main loop logs an orphan it reaps: which of
+                // the two collects a dying worker is a race.
+                let pid = status.pid().map_or(0, |p| p.as_raw());
+                tracing::info!(pid, "reaped orphan: {}", crate::describe(status));
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return true, // ECHILD
