@@ -174,7 +174,7 @@ impl RuntimePaths {
 
     /// The start of every segment name of this instance:
     /// `/osps-<uid>-<instance>-<8 hex digits>-`. The uid keeps two users'
-    /// instances apart; the digits hash the runtime directory, so the same
+    /// instances apart; the digits hash the instance directory (`DIR/NAME`), so the same
     /// instance name in two runtime directories (two locks) is told apart.
     /// Each dispatcher appends 16 fresh random hex digits
     /// ([`RuntimePaths::new_segment_name`]), so no other user can guess a
