@@ -5,9 +5,12 @@
 //! any step fails, so CI can run it.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ipc_core::segment::{self, SYSV_PREFIX};
+use ipc_core::RuntimePaths;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_client::{RetryPolicy, RetryingClient};
@@ -58,6 +61,8 @@ pub fn run() -> Result<()> {
     println!("socket   {}", status.socket);
     println!("segment  {}", status.segment.name);
     print_tree(watchdog);
+    // Every segment name a dispatcher of the demo used: none may be left.
+    let mut seen = vec![status.segment.name.clone()];
 
     step("requests served (socket → dispatcher → pipe → worker, payload in the segment)");
     let mut c = RetryingClient::new(
@@ -127,6 +132,7 @@ pub fn run() -> Result<()> {
     let old = inst.dispatcher_pid();
     signal(old, Signal::SIGKILL)?;
     let (new, took) = new_dispatcher(&mut c, old)?;
+    seen.push(c.status()?.segment.name);
     println!(
         "  killed dispatcher {old}; dispatcher {new} serves again after {} ms",
         took.as_millis()
@@ -156,6 +162,7 @@ pub fn run() -> Result<()> {
     signal(stopped, Signal::SIGSTOP)?;
     let (new, took) = new_dispatcher(&mut c, stopped)?;
     let s = c.status()?;
+    seen.push(s.segment.name.clone());
     println!(
         "  stopped dispatcher {stopped}; dispatcher {new} serves again after {} ms",
         took.as_millis()
@@ -219,20 +226,9 @@ pub fn run() -> Result<()> {
         zombies_of(&[watchdog, dispatcher, std::process::id()]).is_empty(),
         "no zombie".into(),
     );
-    let left = inst.leftovers();
-    check(
-        left.iter().all(|l| !l.starts_with("process")),
-        format!("no process of the instance {left:?}"),
-    );
-    check(
-        !seg_path.exists(),
-        format!("no segment {}", seg_path.display()),
-    );
-    check(
-        !inst.paths.socket().exists(),
-        format!("no socket {}", inst.paths.socket().display()),
-    );
-    check(!inst.paths.lock_file().exists(), "no lock file".into());
+    for (ok, what) in leftover_checks(&inst.paths, &seen) {
+        check(ok, what);
+    }
     if !failures.is_empty() {
         bail!(
             "{} check(s) failed: {}",
@@ -242,4 +238,97 @@ pub fn run() -> Result<()> {
     }
     println!("\ndemo OK");
     Ok(())
+}
+
+/// What must be gone once the demo's instance stopped, each with whether it
+/// is: the segment of every generation the demo saw (`seen`: under both
+/// backends' forms, the POSIX file and the System V key), the socket, the
+/// lock and state files, and anything else of the instance (processes,
+/// segments of its name form: [`osps_testkit::leftovers`]).
+fn leftover_checks(paths: &RuntimePaths, seen: &[String]) -> Vec<(bool, String)> {
+    let mut checks = Vec::new();
+    for name in seen {
+        let bare = name.strip_prefix(SYSV_PREFIX).unwrap_or(name);
+        let file = segment::fs_path(bare);
+        checks.push((!Path::new(&file).exists(), format!("no segment {file}")));
+        let sysv = format!("{SYSV_PREFIX}{bare}");
+        checks.push((
+            !segment::exists(&sysv),
+            format!(
+                "no System V segment key {:#x} ({bare})",
+                segment::sysv_key(&sysv)
+            ),
+        ));
+    }
+    for (file, what) in [
+        (paths.socket(), "socket"),
+        (paths.lock_file(), "lock file"),
+        (paths.state_file(), "state file"),
+    ] {
+        checks.push((!file.exists(), format!("no {what} {}", file.display())));
+    }
+    let left = osps_testkit::leftovers(paths);
+    checks.push((
+        left.is_empty(),
+        format!("nothing else of the instance left {left:?}"),
+    ));
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The final check fails on a leaked segment of the last generation
+    /// (not only the first one's), on the state file, and on a System V
+    /// segment; it passes once they are gone.
+    #[test]
+    fn the_final_check_sees_what_the_last_generation_leaked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = RuntimePaths::new("democheck", Some(tmp.path())).unwrap();
+        paths.ensure_dir().unwrap();
+        let first = paths.new_segment_name().unwrap();
+        let last = paths.new_segment_name().unwrap();
+        let last_sysv = format!("{SYSV_PREFIX}{}", paths.new_segment_name().unwrap());
+        struct Unlink(Vec<String>);
+        impl Drop for Unlink {
+            fn drop(&mut self) {
+                for n in &self.0 {
+                    segment::unlink(n);
+                }
+            }
+        }
+        let _guard = Unlink(vec![last.clone(), last_sysv.clone()]);
+        for name in [&last, &last_sysv] {
+            ipc_core::Segment::create(name, 4096, 3).unwrap().disown();
+        }
+        paths
+            .write_state(&ipc_core::paths::InstanceState {
+                generation: 3,
+                segment: last.clone(),
+            })
+            .unwrap();
+        let seen = [first.clone(), last.clone(), last_sysv.clone()];
+        let failed: Vec<String> = leftover_checks(&paths, &seen)
+            .into_iter()
+            .filter(|(ok, _)| !ok)
+            .map(|(_, what)| what)
+            .collect();
+        let has = |s: &str| failed.iter().any(|f| f.contains(s));
+        assert!(has(&segment::fs_path(&last)), "{failed:?}");
+        assert!(has("no state file"), "{failed:?}");
+        assert!(
+            has(&format!("{:#x}", segment::sysv_key(&last_sysv))),
+            "{failed:?}"
+        );
+        assert!(!has(&segment::fs_path(&first)), "{failed:?}");
+        segment::unlink(&last);
+        segment::unlink(&last_sysv);
+        paths.remove_state();
+        let failed: Vec<_> = leftover_checks(&paths, &seen)
+            .into_iter()
+            .filter(|(ok, _)| !ok)
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
 }

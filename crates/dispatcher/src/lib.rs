@@ -313,7 +313,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         None => None,
     };
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
-    paths.ensure_dir()?;
+    // Only a directory this start made is removed at stop.
+    let made_dir = paths.ensure_dir()?;
     let budgets = budgets(&config)?;
     // Signals first, so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -466,7 +467,9 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     drop(shared);
     drop(cleanup);
     drop(lock);
-    dir.remove_dir_if_empty();
+    if made_dir {
+        dir.remove_dir_if_empty();
+    }
     tracing::info!("dispatcher stopped");
     Ok(())
 }

@@ -221,3 +221,63 @@ fn an_unprivileged_uid_is_refused_by_its_peer_credentials() {
     let (code, err) = ping_as_nobody(&client, &inst.paths.socket());
     assert_eq!(code, Some(0), "admitted with --allow-uid: {err}");
 }
+
+/// An instance directory that existed before OSPS started (mode 0750, a
+/// group other than the base's, under a group-shared base) keeps its mode
+/// and group and is not removed at stop, by a dispatcher or by a watchdog;
+/// one the dispatcher created is removed at its ordered stop.
+#[test]
+fn an_existing_instance_directory_keeps_its_mode_and_group_and_outlives_the_stop() {
+    let root = nix::unistd::getuid().is_root();
+    if !root {
+        eprintln!("not root: the group part is skipped (only root can give the directory another group); mode and removal are checked");
+    }
+    for supervised in [false, true] {
+        let mut expected = None;
+        let setup = |paths: &ipc_core::RuntimePaths| {
+            let base = paths.dir().parent().unwrap();
+            // A shared base: a directory OSPS makes would get its group and bits.
+            std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o750)).unwrap();
+            std::fs::create_dir(paths.dir()).unwrap();
+            std::fs::set_permissions(paths.dir(), std::fs::Permissions::from_mode(0o750)).unwrap();
+            if root {
+                std::os::unix::fs::chown(paths.dir(), None, Some(NOBODY)).unwrap();
+            }
+            let m = std::fs::metadata(paths.dir()).unwrap();
+            assert!(
+                !root || m.gid() != std::fs::metadata(base).unwrap().gid(),
+                "the test needs another group than the base's"
+            );
+            expected = Some((m.mode() & 0o7777, m.gid()));
+        };
+        let mut inst = if supervised {
+            Instance::supervised_with("olddirwd", &["--heartbeat-ms", "100"], ARGS, setup)
+        } else {
+            Instance::start_with("olddir", ARGS, setup)
+        };
+        assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
+        inst.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = inst.wait_exit(PATIENCE).expect("ordered stop");
+        assert!(status.success(), "{status}; log:\n{}", inst.log());
+        let m = std::fs::metadata(inst.paths.dir()).unwrap_or_else(|e| {
+            panic!(
+                "supervised {supervised}: the directory OSPS did not create was removed: {e}; log:\n{}",
+                inst.log()
+            )
+        });
+        assert_eq!(
+            Some((m.mode() & 0o7777, m.gid())),
+            expected,
+            "supervised {supervised}: mode and group left as they were"
+        );
+    }
+    // One the dispatcher made itself is its to remove.
+    let mut inst = Instance::start("madedir", ARGS);
+    assert!(inst.paths.dir().is_dir());
+    inst.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(inst.wait_exit(PATIENCE).expect("ordered stop").success());
+    assert!(
+        !inst.paths.dir().exists(),
+        "the directory it made is removed"
+    );
+}

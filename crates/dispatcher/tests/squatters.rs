@@ -356,3 +356,74 @@ fn an_unprivileged_instance_starts_and_restarts_past_roots_squats() {
         );
     }
 }
+
+/// Segments made here under names the test knows to be ours; removed on drop.
+struct Ours(Vec<String>);
+
+impl Drop for Ours {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            segment::unlink(name);
+        }
+    }
+}
+
+/// A crash of a version before the state file left its segment under the
+/// old fixed name (`/osps-<uid>-<inst>-<hash>`, or its System V key): the
+/// next start removes it (ours), and leaves alone the same name held by
+/// another uid (never opened).
+#[test]
+fn a_start_removes_our_segment_under_the_old_fixed_name_and_leaves_anothers() {
+    let root = nix::unistd::getuid().is_root();
+    if !root {
+        eprintln!("not root: nobody's old-name segment is not made; only ours is checked");
+    }
+    let tools = tools_dir();
+    let helper = tools.path().join("squatter");
+    osps_testkit::install_exe(&std::env::current_exe().unwrap(), &helper);
+    let uid = nix::unistd::getuid().as_raw();
+    // Ours in one backend, nobody's in the other, then the other way round.
+    for ours_sysv in [false, true] {
+        let mut ours = None;
+        let mut theirs = None;
+        let inst = Instance::start_with(&format!("oldname{ours_sysv}"), ARGS, |paths| {
+            let base = paths.dir().parent().unwrap();
+            let names = Squats::names(uid, paths.instance(), base, 0);
+            let (old_posix, old_sysv) = (names[0].clone(), names[1].clone());
+            assert_eq!(old_posix, paths.legacy_segment_name());
+            let (mine, other) = if ours_sysv {
+                (old_sysv, old_posix)
+            } else {
+                (old_posix, old_sysv)
+            };
+            make_squats(&mine);
+            assert!(segment::exists(&mine));
+            ours = Some(Ours(vec![mine]));
+            if root {
+                theirs = Some(Squats::make(vec![other], Some(&helper)));
+            }
+        });
+        let ours = ours.unwrap();
+        assert!(
+            !segment::exists(&ours.0[0]),
+            "our segment under the old name {} is left; log:\n{}",
+            ours.0[0],
+            inst.log()
+        );
+        assert!(
+            inst.log().contains(&format!(
+                "removed the segment of a dead predecessor name={}",
+                ours.0[0]
+            )),
+            "{}",
+            inst.log()
+        );
+        if let Some(theirs) = &theirs {
+            theirs.assert_untouched();
+            let mut pids = inst.worker_pids();
+            pids.push(inst.dispatcher_pid());
+            theirs.assert_not_mapped_by(&pids);
+        }
+        assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
+    }
+}

@@ -88,8 +88,9 @@ pub struct InstanceState {
 }
 
 /// Creates `dir` with `mode` if absent (exactly that mode, whatever the
-/// umask); else checks it without changing it. Returns its mode bits and group.
-fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<(u32, u32), PathError> {
+/// umask); else checks it without changing it. Returns its mode bits, its
+/// group, and whether this call created it.
+fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<(u32, u32, bool), PathError> {
     let err = |source| PathError::Dir {
         path: dir.to_path_buf(),
         source,
@@ -111,7 +112,7 @@ fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<(u32, u32)
             let keep = meta.mode() & 0o7000; // e.g. setgid inherited from the parent
             fs::set_permissions(dir, fs::Permissions::from_mode(keep | mode)).map_err(err)?;
         }
-        return Ok((mode, meta.gid()));
+        return Ok((mode, meta.gid(), true));
     }
     let owner_ok = meta.uid() == uid || (base && meta.uid() == 0);
     if !owner_ok {
@@ -129,7 +130,7 @@ fn prepare_dir(dir: &Path, mode: u32, uid: u32, base: bool) -> Result<(u32, u32)
             mode: m,
         });
     }
-    Ok((m, meta.gid()))
+    Ok((m, meta.gid(), false))
 }
 
 impl RuntimePaths {
@@ -173,7 +174,7 @@ impl RuntimePaths {
 
     /// The start of every segment name of this instance:
     /// `/osps-<uid>-<instance>-<8 hex digits>-`. The uid keeps two users'
-    /// instances apart; the digits hash the runtime directory, so the same
+    /// instances apart; the digits hash the instance directory (`DIR/NAME`), so the same
     /// instance name in two runtime directories (two locks) is told apart.
     /// Each dispatcher appends 16 fresh random hex digits
     /// ([`RuntimePaths::new_segment_name`]), so no other user can guess a
@@ -332,27 +333,41 @@ impl RuntimePaths {
     /// symlink) owned by us or by root, and not writable by group or others
     /// unless its sticky bit is set (like `/tmp`); else this refuses clearly.
     ///
-    /// The instance directory is created with mode 0700 plus the base
-    /// directory's group read and search bits, and then the base's group
-    /// (so a group-shared base, the `--allow-uid` recipe, extends to it). If
-    /// it exists it must be ours and not writable by group or others; its
-    /// mode is kept as it is.
-    pub fn ensure_dir(&self) -> Result<(), PathError> {
+    /// The instance directory, when this call creates it, gets mode 0700
+    /// plus the base directory's group read and search bits, and then the
+    /// base's group (so a group-shared base, the `--allow-uid` recipe,
+    /// extends to it). If it exists it must be ours and not writable by
+    /// group or others; its mode and group are kept as they are.
+    ///
+    /// Returns whether this call created the instance directory: only then
+    /// may the caller remove it ([`RuntimePaths::remove_dir_if_empty`]).
+    pub fn ensure_dir(&self) -> Result<bool, PathError> {
         let uid = nix::unistd::geteuid().as_raw();
         let base = self.dir.parent().unwrap_or(&self.dir);
-        let (base_mode, base_gid) = prepare_dir(base, 0o700, uid, true)?;
+        let (base_mode, base_gid, _) = prepare_dir(base, 0o700, uid, true)?;
         let shared = base_mode & 0o050;
-        let (_, gid) = prepare_dir(&self.dir, 0o700 | shared, uid, false)?;
-        if shared != 0 && gid != base_gid {
+        let (_, gid, created) = prepare_dir(&self.dir, 0o700 | shared, uid, false)?;
+        if created && shared != 0 && gid != base_gid {
             // Best effort (allowed to root, or to a member of that group): a
             // new instance directory shares the base's group with its bits.
             let _ = std::os::unix::fs::chown(&self.dir, None, Some(base_gid));
         }
-        Ok(())
+        Ok(created)
     }
-    /// Removes the instance directory if it is empty (best effort).
+
+    /// Removes the instance directory if it is empty (best effort). Only for
+    /// a directory the caller created ([`RuntimePaths::ensure_dir`] said
+    /// so): one OSPS did not create is never removed.
     pub fn remove_dir_if_empty(&self) {
         let _ = fs::remove_dir(&self.dir);
+    }
+
+    /// The name segments of this instance had before names got a random
+    /// part (`/osps-<uid>-<instance>-<8 hex digits>`, and its System V key
+    /// with the `sysv:` prefix): a segment a crashed dispatcher of that
+    /// version left under it is removed at start (only if ours).
+    pub fn legacy_segment_name(&self) -> String {
+        self.segment_prefix().trim_end_matches('-').to_owned()
     }
 }
 

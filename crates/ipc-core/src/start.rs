@@ -26,26 +26,39 @@ pub struct Predecessor {
 }
 
 /// Removes what a dead dispatcher of this instance left behind: the segment
-/// named in the state file (only if ours: [`segment::remove_if_ours`]) and
-/// the socket. Holding `_lock` proves no live dispatcher owns them. The state
-/// file is kept (the caller writes the next one, or removes it).
+/// named in the state file (only if ours: [`segment::remove_if_ours`]), a
+/// segment under the old fixed name of a version before the state file
+/// ([`RuntimePaths::legacy_segment_name`], both backends, also only if ours)
+/// and the socket. Holding `_lock` proves no live dispatcher owns them. The
+/// state file is kept (the caller writes the next one, or removes it).
 pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predecessor {
     let mut found = Predecessor::default();
-    match paths.read_state() {
-        Ok(Some(state)) => {
-            found.generation = state.generation;
-            match segment::remove_if_ours(&state.segment) {
-                Removal::Removed => found.removed.push(format!("segment {}", state.segment)),
-                Removal::Absent => {}
-                Removal::Foreign { uid } => tracing::warn!(
-                    segment = %state.segment,
-                    owner = uid,
-                    "the recorded segment's name is held by another uid; left alone"
-                ),
-            }
+    let mut remove = |name: &str, what: &str| match segment::remove_if_ours(name) {
+        Removal::Removed => found.removed.push(format!("segment {name}")),
+        Removal::Absent => {}
+        // Another uid's object under a name it could guess: never touched.
+        Removal::Foreign { uid } => tracing::warn!(
+            segment = %name,
+            owner = uid,
+            "the {what} name is held by another uid; left alone"
+        ),
+    };
+    let state = match paths.read_state() {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!("{e}; starting from generation 1");
+            None
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!("{e}; starting from generation 1"),
+    };
+    if let Some(state) = &state {
+        remove(&state.segment, "recorded segment's");
+    }
+    let legacy = paths.legacy_segment_name();
+    for name in [legacy.clone(), format!("{}{legacy}", segment::SYSV_PREFIX)] {
+        remove(&name, "old fixed segment");
+    }
+    if let Some(state) = state {
+        found.generation = state.generation;
     }
     let socket = paths.socket();
     if std::fs::remove_file(&socket).is_ok() {
@@ -110,9 +123,10 @@ pub enum StartError {
 /// that gives up, or one whose dispatcher had to be SIGKILLed): takes the
 /// instance lock first, so a live dispatcher's objects are never touched
 /// ([`LockError::Held`] then), removes the segment, socket and state file,
-/// releases the lock (which removes the lock file) and removes the instance
-/// directory if that left it empty. Returns what was removed.
-pub fn remove_leftovers(paths: &RuntimePaths) -> Result<Vec<String>, LockError> {
+/// releases the lock (which removes the lock file) and, with `remove_dir`
+/// (the caller created the instance directory), removes that directory if
+/// this left it empty. Returns what was removed.
+pub fn remove_leftovers(paths: &RuntimePaths, remove_dir: bool) -> Result<Vec<String>, LockError> {
     if !paths.dir().is_dir() {
         return Ok(Vec::new());
     }
@@ -120,6 +134,8 @@ pub fn remove_leftovers(paths: &RuntimePaths) -> Result<Vec<String>, LockError> 
     let found = clear_predecessor(paths, &lock);
     paths.remove_state();
     drop(lock);
-    paths.remove_dir_if_empty();
+    if remove_dir {
+        paths.remove_dir_if_empty();
+    }
     Ok(found.removed)
 }

@@ -96,7 +96,8 @@ fn describe(status: WaitStatus) -> String {
 async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     nix::sys::prctl::set_child_subreaper(true).map_err(WatchdogError::Subreaper)?;
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
-    paths.ensure_dir()?;
+    // Only a directory this watchdog made is removed when it exits.
+    let made_dir = paths.ensure_dir()?;
     // Signal handlers before the first child, so no SIGCHLD or SIGTERM is lost.
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -134,8 +135,9 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     let mut pending: VecDeque<Action> = sup.start().into();
     let mut backoff_at: Option<tokio::time::Instant> = None;
     let mut grace_at: Option<tokio::time::Instant> = None;
-    // While a previous dispatcher holds the instance lock: until when we
-    // wait for it (set once), and the next probe.
+    // While a previous dispatcher holds the instance lock: until when this
+    // spawn waits for it (set at the spawn's first probe, cleared once it
+    // spawns, so every spawn gets its own bounded wait), and the next probe.
     let mut lock_wait_until: Option<tokio::time::Instant> = None;
     let mut lock_poll_at: Option<tokio::time::Instant> = None;
     loop {
@@ -144,7 +146,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                 Action::Spawn => {
                     // A previous dispatcher of this instance still holds the
                     // lock (draining after its own watchdog's stop): wait for
-                    // it, up to the stop grace in all, instead of starting one
+                    // it, up to the stop grace per spawn, instead of starting one
                     // that would only fail (and count as a crash).
                     if let Some(holder) = ipc_core::lock::holder(&paths.lock_file()) {
                         let now = tokio::time::Instant::now();
@@ -158,6 +160,8 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                         }
                         tracing::warn!("the previous dispatcher (pid {holder}) still holds the instance lock after {:?}; starting anyway", config.stop_grace);
                     }
+                    // This spawn's wait (if any) is over; the next one waits afresh.
+                    lock_wait_until = None;
                     let event = match spawn(&config, &sup, started_ms) {
                         Ok(pid) => {
                             tracing::info!(pid, restarts = sup.restarts(), "dispatcher started");
@@ -205,7 +209,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
                     }
                     hb.abort();
                     descendants::sweep(descendants::SWEEP_WITHIN).await;
-                    remove_leftovers(&paths);
+                    remove_leftovers(&paths, made_dir);
                     if code == 0 {
                         tracing::info!("watchdog {message}");
                     } else {
@@ -271,8 +275,8 @@ const LOCK_POLL: Duration = Duration::from_millis(50);
 /// was SIGKILLed, or crashed before the watchdog gave up): its segment,
 /// socket, state and lock files. Under the instance lock, so a live
 /// dispatcher's objects are never touched.
-fn remove_leftovers(paths: &RuntimePaths) {
-    match ipc_core::start::remove_leftovers(paths) {
+fn remove_leftovers(paths: &RuntimePaths, made_dir: bool) {
+    match ipc_core::start::remove_leftovers(paths, made_dir) {
         Ok(removed) => {
             for what in removed {
                 tracing::warn!("removed the {what} the dead dispatcher left");

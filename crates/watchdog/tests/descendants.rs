@@ -252,3 +252,103 @@ fn a_job_timeout_kills_what_its_worker_left_in_its_process_group() {
     });
     assert!(gone.is_some(), "{group:?}; log:\n{}", inst.log());
 }
+
+/// The processes a `spawn` job started (fault injection: one `sleep` in its
+/// worker's process group, one in its own session), from its answer.
+/// Dropping it kills and reaps any still there.
+struct JobKids(Vec<Kid>);
+
+impl JobKids {
+    /// Runs `spawn` on `inst` and reads the pids it answers.
+    fn spawn(inst: &Instance) -> JobKids {
+        let out = inst
+            .client()
+            .call("spawn", &[], &[])
+            .unwrap_or_else(|e| panic!("spawn: {e}; log:\n{}", inst.log()));
+        let text = String::from_utf8(out).unwrap();
+        let kids: Vec<Kid> = text
+            .lines()
+            .map(|l| {
+                let (kind, pid) = l.split_once(' ').expect("KIND PID");
+                let pid = pid.parse().expect("a pid");
+                let (start, _) = stat(pid).unwrap_or_else(|| panic!("{l}: no such process"));
+                Kid {
+                    kind: kind.into(),
+                    pid,
+                    start,
+                }
+            })
+            .collect();
+        let kids = JobKids(kids);
+        assert_eq!(
+            kids.0.iter().map(|k| k.kind.as_str()).collect::<Vec<_>>(),
+            ["group", "session"],
+            "{text}"
+        );
+        // The second really left: setsid(1) made it a session (and group) leader.
+        let session = &kids.0[1];
+        let own = wait_for(PATIENCE, || {
+            let s = std::fs::read_to_string(format!("/proc/{}/stat", session.pid)).ok()?;
+            let f: Vec<&str> = s[s.rfind(')')? + 2..].split(' ').collect();
+            (f[3] == session.pid.to_string()).then_some(())
+        });
+        assert!(own.is_some(), "{session:?} never got its own session");
+        kids
+    }
+
+    fn of(&self, kind: &str) -> Vec<Kid> {
+        self.0.iter().filter(|k| k.kind == kind).cloned().collect()
+    }
+}
+
+impl Drop for JobKids {
+    fn drop(&mut self) {
+        for k in &self.0 {
+            if k.state().is_some() {
+                let _ = kill(Pid::from_raw(k.pid as i32), Signal::SIGKILL);
+                let _ = wait_for(Duration::from_secs(5), || k.reaped().then_some(()));
+            }
+        }
+    }
+}
+
+const SPAWN_ARGS: &[&str] = &[
+    "--workers",
+    "1",
+    "--segment-mib",
+    "8",
+    "--max-payload",
+    "65536",
+    "--allow-fault-injection",
+];
+
+#[test]
+fn sigkill_of_a_supervised_dispatcher_kills_and_reaps_what_a_job_started() {
+    let inst = Instance::supervised("jobkidskill", &["--heartbeat-ms", "100"], SPAWN_ARGS);
+    let kids = JobKids::spawn(&inst);
+    assert!(kids.0.iter().all(|k| k.state().is_some_and(|s| s != 'Z')));
+    let old = inst.dispatcher_pid();
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    let took = wait_reaped(&kids.0, &inst, "after the dispatcher's SIGKILL");
+    eprintln!("both processes a job started were reaped {took:?} after its dispatcher's SIGKILL");
+    inst.wait_status("a new dispatcher with idle workers", |s| {
+        s.dispatcher_pid != old && s.workers.iter().all(|w| w.state == "idle")
+    });
+}
+
+#[test]
+fn a_job_timeout_kills_what_an_earlier_job_left_in_its_workers_process_group() {
+    let mut args = SPAWN_ARGS.to_vec();
+    args.extend(["--job-timeout-ms", "500"]);
+    let inst = Instance::start("jobkidstimeout", &args);
+    let kids = JobKids::spawn(&inst);
+    // The same (only) worker runs a job past the timeout: it is killed with
+    // its whole process group.
+    match inst.client().call("sleep", &["20000"], &[]).unwrap_err() {
+        ClientError::Remote(e) => assert_eq!(e.kind, ErrorKind::Timeout, "{e}"),
+        other => panic!("expected a timeout, got {other}"),
+    }
+    wait_reaped(&kids.of("group"), &inst, "after its worker's timeout");
+    // Without a watchdog, what left the group is not covered (README); the
+    // guard kills it.
+}

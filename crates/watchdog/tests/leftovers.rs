@@ -147,3 +147,72 @@ fn a_dispatcher_killed_at_the_end_of_the_stop_grace_leaves_nothing() {
     assert!(inst.log().contains("did not stop within"));
     assert_nothing_left(&inst, &[s.segment.name]);
 }
+
+/// The wait for a previous dispatcher holding the lock applies to every
+/// spawn, not once per watchdog: here the first spawn waits (a predecessor
+/// draining), and a restart long after that first wait's bound finds the
+/// lock held again (a lock file swapped in and held by the test, standing
+/// for a predecessor still draining) and waits again instead of starting
+/// dispatchers that fail "lock held" and count as crashes.
+#[test]
+fn every_restart_waits_for_a_held_lock_not_only_the_first_spawn() {
+    const GRACE_MS: u64 = 2000;
+    let grace = format!("{GRACE_MS}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    let inst = Instance::supervised_with(
+        "lockwaitagain",
+        &["--heartbeat-ms", "100", "--stop-grace-ms", &grace],
+        ARGS,
+        |paths| {
+            paths.ensure_dir().unwrap();
+            let lock = InstanceLock::acquire(&paths.lock_file()).unwrap();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                drop(lock);
+                tx.send(()).unwrap();
+            });
+        },
+    );
+    rx.recv_timeout(PATIENCE).expect("released");
+    let first = inst.status();
+    // Past the first spawn's bound: a once-per-watchdog deadline has expired.
+    let past = Duration::from_millis(GRACE_MS + 500);
+    if let Some(rest) = past.checked_sub(started.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    // The lock file now names a lock we hold (the live dispatcher still
+    // holds the old, unlinked one, until it dies).
+    let path = inst.paths.lock_file();
+    std::fs::remove_file(&path).unwrap();
+    let held = InstanceLock::acquire(&path).unwrap();
+    kill(Pid::from_raw(first.dispatcher_pid as i32), Signal::SIGKILL).unwrap();
+    let said = format!(
+        "waiting for the previous dispatcher (pid {}) to finish",
+        std::process::id()
+    );
+    let waited = wait_for(PATIENCE, || {
+        (inst.log().matches(&said).count() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    drop(held);
+    assert!(
+        waited.is_some(),
+        "the restart did not wait; log:\n{}",
+        inst.log()
+    );
+    let s = inst.wait_status("the restarted dispatcher serves", |s| {
+        s.dispatcher_pid != first.dispatcher_pid && s.workers.iter().all(|w| w.state == "idle")
+    });
+    let log = inst.log();
+    assert_eq!(
+        s.watchdog.expect("supervised").restarts,
+        1,
+        "only the SIGKILL is a restart, not the wait; log:\n{log}"
+    );
+    assert!(!log.contains("starting anyway"), "{log}");
+    assert!(
+        !log.contains("already served by a live dispatcher"),
+        "{log}"
+    );
+}

@@ -11,10 +11,11 @@ struct Args {
     /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
     #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
     log_format: ipc_core::logging::LogFormat,
-    /// Name of the shared-memory segment to open (e.g. /osps-1000-default).
+    /// Name of the shared-memory segment to open, as the dispatcher gives it
+    /// (e.g. /osps-1000-default-5e5ccee6-9f3a61c2d07b48e5; sysv: before it for System V).
     #[arg(long)]
     segment: String,
-    /// Allow the fault-injection operation `crash`.
+    /// Allow the fault-injection operations `crash` and `spawn`.
     #[arg(long)]
     allow_fault_injection: bool,
     /// Exit when this process (the dispatcher) dies.

@@ -244,6 +244,12 @@ pub const OPS: &[OpSpec] = &[
         fault_injection: true,
         run: Run::Whole(crash),
     },
+    OpSpec {
+        name: "spawn",
+        usage: "spawn (starts two `sleep 1000`, one in the worker's process group, one in its own session, and answers \"group PID\\nsession PID\\n\"; fault injection only)",
+        fault_injection: true,
+        run: Run::Whole(spawn),
+    },
 ];
 
 /// Finds an operation; the error lists what exists.
@@ -366,6 +372,40 @@ fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     std::process::abort()
 }
 
+/// Fault injection: a job that leaves processes behind, as a user's job
+/// running a helper program might. One `sleep 1000` stays in the worker's
+/// process group; the other leaves it (and the session) through
+/// `setsid(1)`. Neither is waited for: they are for the watchdog's sweep and
+/// the dispatcher's process-group kill to end. They get no descriptor of
+/// the worker's (stdin, stdout and stderr are `/dev/null`), so the job and
+/// result pipes stay the worker's alone.
+fn spawn(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    use std::process::{Command, Stdio};
+    ctx.expect_args(0, "spawn")?;
+    let start = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(|child| child.id())
+            .map_err(|e| {
+                RemoteError::new(ErrorKind::Internal, format!("cannot start {program}: {e}"))
+            })
+    };
+    let group = start("sleep", &["1000"])?;
+    // Not a process group leader, so setsid(1) calls setsid() and execs in
+    // place: the pid it had is the one `sleep` keeps.
+    let session = start("setsid", &["sleep", "1000"])?;
+    tracing::warn!(
+        group,
+        session,
+        "spawn operation: left two processes behind on purpose (fault injection)"
+    );
+    ctx.reply(format!("group {group}\nsession {session}\n").as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,10 +523,13 @@ mod tests {
             run("nope", &[], b"").unwrap_err().kind,
             ErrorKind::UnknownOp
         );
-        assert_eq!(
-            run("crash", &[], b"").unwrap_err().kind,
-            ErrorKind::FaultInjectionDisabled
-        );
+        for op in ["crash", "spawn"] {
+            assert_eq!(
+                run(op, &[], b"").unwrap_err().kind,
+                ErrorKind::FaultInjectionDisabled,
+                "{op}"
+            );
+        }
         assert_eq!(
             run("sleep", &[], b"").unwrap_err().kind,
             ErrorKind::InvalidInput
