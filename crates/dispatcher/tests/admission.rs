@@ -1,7 +1,8 @@
 //! Admission under attack: a connection that pins slots (never reads its
 //! replies, or stalls inside large requests) holds only its share and others'
 //! pings stay fast; a client that does not read is dropped and its slots
-//! freed; silent TCP handshakes cannot lock out a client with the token; a
+//! freed (and the log says whether it wrote past its share meanwhile), while
+//! one that reads slowly but steadily gets its large reply whole; silent TCP handshakes cannot lock out a client with the token; a
 //! flood on one listener does not refuse the other's clients; and a low
 //! open-file limit clamps the connection budget so that a killed worker is
 //! still replaced.
@@ -162,7 +163,7 @@ fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
         st.segment.slots_in_use == 0
     });
     assert!(
-        inst.log().contains("did not read its replies"),
+        inst.log().contains("took no byte of its replies"),
         "{}",
         inst.log()
     );
@@ -180,6 +181,145 @@ fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
     let _ = keep.shutdown(Shutdown::Both);
     let _ = sender.join();
     assert_eq!(inst.client().call("upper", &[], b"ok").unwrap(), b"OK");
+}
+
+#[test]
+fn a_slow_reader_that_keeps_reading_gets_a_large_reply_whole() {
+    // The write deadline is about progress: a client that reads a reply
+    // slowly but steadily (piping to a slow consumer, a thin tunnel) is
+    // served however long the whole reply takes.
+    const LEN: usize = 8 << 20;
+    const CHUNK: usize = 64 << 10;
+    const PAUSE: Duration = Duration::from_millis(20);
+    let deadline = Duration::from_millis(500);
+    let inst = Instance::start(
+        "slowread",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "32",
+            "--max-payload",
+            &LEN.to_string(),
+            "--write-timeout-ms",
+            &deadline.as_millis().to_string(),
+        ],
+    );
+    let mut s = inst.raw_client();
+    let payload: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let mut bytes = header(1, "echo", LEN as u64);
+    bytes.extend_from_slice(&payload);
+    let sender = send_in_background(s.try_clone().unwrap(), bytes);
+    let resp: proto::Response = ipc_core::frame::read_frame(&mut s, &mut Vec::new(), 4096)
+        .unwrap_or_else(|e| panic!("no reply header: {e}; log:\n{}", inst.log()));
+    assert_eq!(resp.id, 1);
+    assert!(matches!(resp.outcome, proto::Outcome::Ok), "{resp:?}");
+    assert_eq!(resp.result_len, LEN as u64);
+    let t = Instant::now();
+    let mut got = Vec::with_capacity(LEN);
+    let mut chunk = vec![0u8; CHUNK];
+    while got.len() < LEN {
+        let n = CHUNK.min(LEN - got.len());
+        s.read_exact(&mut chunk[..n]).unwrap_or_else(|e| {
+            panic!(
+                "the reply was cut after {} of {LEN} bytes ({:?} into it): {e}; log:\n{}",
+                got.len(),
+                t.elapsed(),
+                inst.log()
+            )
+        });
+        got.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(PAUSE);
+    }
+    let took = t.elapsed();
+    println!("{LEN} bytes read at 64 KiB per 20 ms in {took:?} (write deadline {deadline:?})");
+    assert!(took > 4 * deadline, "the reply took only {took:?}");
+    assert!(got == payload, "the reply's bytes differ from the payload");
+    sender.join().unwrap();
+    // The connection goes on.
+    s.write_all(&header(2, "ping", 0)).unwrap();
+    let resp: proto::Response = ipc_core::frame::read_frame(&mut s, &mut Vec::new(), 4096)
+        .unwrap_or_else(|e| panic!("the connection did not go on: {e}; log:\n{}", inst.log()));
+    assert_eq!((resp.id, resp.result_len), (2, 5));
+    let mut pong = [0u8; 5];
+    s.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong\n");
+    assert!(
+        !inst.log().contains("dropping a connection"),
+        "{}",
+        inst.log()
+    );
+}
+
+#[test]
+fn a_client_that_writes_past_its_share_without_reading_is_dropped_and_the_log_says_why() {
+    // The connection's share of an 8 MiB arena is 2 MiB: one large request.
+    let big = BIG.to_string();
+    let inst = Instance::start(
+        "pastshare",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            &big,
+            "--write-timeout-ms",
+            "500",
+        ],
+    );
+    // A client that writes two large echoes and reads nothing: the second
+    // waits for the first's slot, which only its reply being written frees,
+    // while the client, blocked writing the second's payload, does not read.
+    let s = inst.raw_client();
+    let mut bytes = Vec::new();
+    for id in 1..=2 {
+        bytes.extend(header(id, "echo", BIG));
+        bytes.extend(std::iter::repeat_n(1u8, BIG as usize));
+    }
+    let keep = s.try_clone().unwrap();
+    let sender = send_in_background(s, bytes);
+    let dropped = osps_testkit::wait_for(PATIENCE, || {
+        let log = inst.log();
+        log.lines()
+            .find(|l| l.contains("dropping a connection"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("not dropped; log:\n{}", inst.log()));
+    println!("{dropped}");
+    assert!(
+        dropped.contains("own share of the arena")
+            && dropped.contains("--conn-arena-percent")
+            && dropped.contains("without reading its replies"),
+        "the drop does not say the client wrote past its share without reading: {dropped}"
+    );
+    inst.wait_status("the slots are freed", |st| st.segment.slots_in_use == 0);
+    let _ = keep.shutdown(Shutdown::Both);
+    let _ = sender.join();
+    // A client that sends one request and does not read its reply is
+    // dropped for that alone (drops are logged at most once a second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let s = inst.raw_client();
+    let keep = s.try_clone().unwrap();
+    let mut bytes = header(3, "echo", MIB);
+    bytes.extend(std::iter::repeat_n(1u8, MIB as usize));
+    let sender = send_in_background(s, bytes);
+    let plain = osps_testkit::wait_for(PATIENCE, || {
+        let log = inst.log();
+        log.lines()
+            .filter(|l| l.contains("dropping a connection"))
+            .nth(1)
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("not dropped; log:\n{}", inst.log()));
+    println!("{plain}");
+    assert!(
+        plain.contains("did not read its replies") && !plain.contains("--conn-arena-percent"),
+        "{plain}"
+    );
+    inst.wait_status("the slots are freed", |st| st.segment.slots_in_use == 0);
+    let _ = keep.shutdown(Shutdown::Both);
+    let _ = sender.join();
 }
 
 /// The token file for a TCP instance and its bytes.
