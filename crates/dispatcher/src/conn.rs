@@ -75,6 +75,24 @@ impl Drop for Held<'_> {
     }
 }
 
+/// Bytes of a reply the kernel may hold unsent on a TCP connection.
+const TCP_NOTSENT_LOWAT: u32 = 128 << 10;
+
+/// Sets up an accepted TCP connection: no Nagle delay (replies are written
+/// whole), and at most [`TCP_NOTSENT_LOWAT`] bytes queued unsent
+/// (`TCP_NOTSENT_LOWAT`), so that the socket turns writable again as soon
+/// as the client takes some of a reply: without it, a send buffer grown to
+/// a few MiB turns writable only once a third of it is free, and the write
+/// deadline, which counts time without progress, would see a slow but
+/// steady reader stall for seconds. (Bytes in flight are still bounded by
+/// the congestion and receive windows only: no loss of throughput.)
+pub fn tune_tcp(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(TCP_NOTSENT_LOWAT) {
+        tracing::debug!("TCP_NOTSENT_LOWAT not set: {e}");
+    }
+}
+
 /// Takes an accepted connection: serves it, or refuses it when its
 /// listener's connection budget is spent.
 pub async fn accept<S>(shared: Rc<Shared>, stream: S, peer: Peer, via: Via)
