@@ -271,9 +271,9 @@ where
                     }
                 }
                 // The writer ends first only when it gave up (the client left,
-                // or took no reply bytes for the write deadline): stop reading too, and
-                // close. What this connection still holds is freed as its
-                // jobs end.
+                // or took no reply bytes for the write deadline): stop
+                // reading too, and close. What this connection still holds
+                // is freed as its jobs end.
                 _ = &mut writer => {}
             }
         }
