@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::time::Instant;
 
 use ipc_core::SlotAllocator;
 use tokio::sync::Notify;
@@ -268,22 +269,44 @@ impl SlotLimits {
 
     /// Whether a connection holding `conn_held` bytes, whose peer holds
     /// `peer_held`, may take a slot of `slot` bytes while `in_use` bytes of
-    /// the arena are leased. Every slot keeps its connection under `conn`.
-    /// A large slot also keeps its peer under `peer`, and leaves the last
-    /// `reserve` bytes of the arena free. A small one may go `reserve` past
-    /// the peer cap and use the reserve: so small requests of a peer whose
-    /// other connections hold all they may (all local clients share a uid)
-    /// still get a slot.
-    pub fn admits(&self, slot: u64, conn_held: u64, peer_held: u64, in_use: u64) -> bool {
+    /// the arena are leased: `None` if it may, else which cap stops it.
+    /// Every slot keeps its connection under `conn`. A large slot also keeps
+    /// its peer under `peer`, and leaves the last `reserve` bytes of the
+    /// arena free. A small one may go `reserve` past the peer cap and use
+    /// the reserve: so small requests of a peer whose other connections hold
+    /// all they may (all local clients share a uid) still get a slot.
+    pub fn blocked_by(
+        &self,
+        slot: u64,
+        conn_held: u64,
+        peer_held: u64,
+        in_use: u64,
+    ) -> Option<Wait> {
         if conn_held + slot > self.conn {
-            return false;
-        }
-        if slot <= SMALL_SLOT {
-            peer_held + slot <= self.peer + self.reserve
+            Some(Wait::ConnCap)
+        } else if slot <= SMALL_SLOT {
+            (peer_held + slot > self.peer + self.reserve).then_some(Wait::PeerCap)
+        } else if peer_held + slot > self.peer {
+            Some(Wait::PeerCap)
         } else {
-            peer_held + slot <= self.peer && in_use + slot <= self.arena - self.reserve
+            (in_use + slot > self.arena - self.reserve).then_some(Wait::Arena)
         }
     }
+}
+
+/// What a connection's reader waits for before it reads the next request
+/// on: while it waits, the client's further bytes stay in the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// A place among the connection's requests in flight (`--max-in-flight`).
+    InFlight,
+    /// A slot: the connection holds its own share of the arena
+    /// (`--conn-arena-percent`); only its own replies being written free it.
+    ConnCap,
+    /// A slot: the connection's peer holds its share (`--peer-arena-percent`).
+    PeerCap,
+    /// A slot: the arena is full (or would leave its reserve to small requests).
+    Arena,
 }
 
 /// What one connection holds, and whose it is.
@@ -291,6 +314,10 @@ impl SlotLimits {
 pub struct Holder {
     pub peer: PeerKey,
     pub held: Cell<u64>,
+    /// What the connection's reader waits for now, and since when (so that
+    /// the writer, when it drops a client that takes no reply bytes, can
+    /// say why the client may have stopped reading).
+    waiting: Cell<Option<(Wait, Instant)>>,
 }
 
 impl Holder {
@@ -298,7 +325,39 @@ impl Holder {
         Rc::new(Holder {
             peer,
             held: Cell::new(0),
+            waiting: Cell::new(None),
         })
+    }
+
+    /// Marks the reader waiting for `why` until the mark is dropped (or
+    /// moved on with [`Waiting::now`]); its start time is kept.
+    pub fn wait(&self, why: Wait) -> Waiting<'_> {
+        self.waiting.set(Some((why, Instant::now())));
+        Waiting(self)
+    }
+
+    /// What the reader waits for now, and since when.
+    pub fn waiting(&self) -> Option<(Wait, Instant)> {
+        self.waiting.get()
+    }
+}
+
+/// The mark of a reader's wait; cleared when dropped.
+#[derive(Debug)]
+pub struct Waiting<'a>(&'a Holder);
+
+impl Waiting<'_> {
+    /// The same wait goes on, now for `why`.
+    pub fn now(&self, why: Wait) {
+        if let Some((_, since)) = self.0.waiting.get() {
+            self.0.waiting.set(Some((why, since)));
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.set(None);
     }
 }
 
@@ -352,11 +411,35 @@ mod tests {
         ];
         for (slot, conn, peer, in_use, want) in table {
             assert_eq!(
-                l.admits(slot, conn, peer, in_use),
+                l.blocked_by(slot, conn, peer, in_use).is_none(),
                 want,
                 "slot {slot} conn {conn} peer {peer} in use {in_use}"
             );
         }
+    }
+
+    #[test]
+    fn a_refused_slot_says_which_cap_stops_it() {
+        let l = SlotLimits::new(8 * MIB, 2 * MIB, 25, 75);
+        let big = 2 * MIB;
+        assert_eq!(l.blocked_by(big, big, big, big), Some(Wait::ConnCap));
+        assert_eq!(l.blocked_by(4096, big, big, big), Some(Wait::ConnCap));
+        assert_eq!(l.blocked_by(big, 0, 6 * MIB, 6 * MIB), Some(Wait::PeerCap));
+        assert_eq!(l.blocked_by(big, 0, 0, 6 * MIB), Some(Wait::Arena));
+        assert_eq!(l.blocked_by(big, 0, 0, 0), None);
+    }
+
+    #[test]
+    fn a_readers_wait_is_marked_until_it_ends() {
+        let h = Holder::new(PeerKey::Uid(1));
+        assert_eq!(h.waiting(), None);
+        {
+            let w = h.wait(Wait::Arena);
+            let since = h.waiting().expect("marked").1;
+            w.now(Wait::ConnCap);
+            assert_eq!(h.waiting(), Some((Wait::ConnCap, since)));
+        }
+        assert_eq!(h.waiting(), None);
     }
 
     #[test]
@@ -367,7 +450,7 @@ mod tests {
             (l.conn, l.peer, l.reserve),
             (8 * MIB - 4096, 8 * MIB - 4096, 4096)
         );
-        assert!(l.admits(8 * MIB - 4096, 0, 0, 0));
+        assert_eq!(l.blocked_by(8 * MIB - 4096, 0, 0, 0), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::io::{
 };
 use tokio::sync::mpsc;
 
-use crate::admission::{Gate, Holder, PeerKey};
+use crate::admission::{Gate, Holder, PeerKey, Wait};
 use crate::shared::{
     JobSlot, OpName, QueuedJob, Reply, Shared, Streamed, Upload, UploadState, RESULT_RESERVE,
 };
@@ -72,6 +72,24 @@ impl<'a> Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Bytes of a reply the kernel may hold unsent on a TCP connection.
+const TCP_NOTSENT_LOWAT: u32 = 128 << 10;
+
+/// Sets up an accepted TCP connection: no Nagle delay (replies are written
+/// whole), and at most [`TCP_NOTSENT_LOWAT`] bytes queued unsent
+/// (`TCP_NOTSENT_LOWAT`), so that the socket turns writable again as soon
+/// as the client takes some of a reply: without it, a send buffer grown to
+/// a few MiB turns writable only once a third of it is free, and the write
+/// deadline, which counts time without progress, would see a slow but
+/// steady reader stall for seconds. (Bytes in flight are still bounded by
+/// the congestion and receive windows only: no loss of throughput.)
+pub fn tune_tcp(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(TCP_NOTSENT_LOWAT) {
+        tracing::debug!("TCP_NOTSENT_LOWAT not set: {e}");
     }
 }
 
@@ -238,7 +256,13 @@ where
             tracing::debug!(peer = %name, "client connected");
             let holder = Holder::new(peer.key);
             let (tx, rx) = mpsc::unbounded_channel();
-            let mut writer = tokio::task::spawn_local(write_replies(Rc::clone(&shared), wr, rx));
+            let mut writer = tokio::task::spawn_local(write_replies(
+                Rc::clone(&shared),
+                wr,
+                rx,
+                Rc::clone(&holder),
+                name.clone(),
+            ));
             tokio::select! {
                 closing = read_requests(&shared, &mut rd, tx, &holder) => {
                     let _ = writer.await;
@@ -247,9 +271,9 @@ where
                     }
                 }
                 // The writer ends first only when it gave up (the client left,
-                // or did not read its replies in time): stop reading too, and
-                // close. What this connection still holds is freed as its
-                // jobs end.
+                // or took no reply bytes for the write deadline): stop
+                // reading too, and close. What this connection still holds
+                // is freed as its jobs end.
                 _ = &mut writer => {}
             }
         }
@@ -464,11 +488,17 @@ where
         // Every answer, even one the dispatcher makes itself, holds one of the
         // connection's in-flight permits until it is written: a client that
         // never reads cannot make the dispatcher queue replies without bound.
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = match in_flight.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let _waiting = holder.wait(Wait::InFlight);
+                in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed")
+            }
+        };
         if req.payload_len > shared.max_payload {
             let msg = format!(
                 "payload of {} bytes exceeds the limit of {} bytes; closing the connection",
@@ -634,15 +664,36 @@ async fn skip_to_eof<R: AsyncRead + Unpin>(rd: &mut R) {
     }
 }
 
-/// Writes replies as they arrive, batching small ones into one write. Each
-/// write must end within the write deadline: a client that does not read
-/// its replies is dropped (this returns), and the slots of its replies are
-/// freed. Returns when every sender is gone, or on that failure.
-async fn write_replies<W>(shared: Rc<Shared>, mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>)
-where
+/// Writes replies as they arrive, batching small ones into one write. The
+/// write deadline is about progress: a client that takes no byte of its
+/// replies for that long is dropped (this returns), and the slots of its
+/// replies are freed; a slow reader that keeps taking bytes is served,
+/// however long a large reply takes. Returns when every sender is gone, or
+/// on that failure.
+async fn write_replies<W>(
+    shared: Rc<Shared>,
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    holder: Rc<Holder>,
+    peer: String,
+) where
     W: AsyncWrite + Unpin,
 {
     let deadline = Duration::from_millis(shared.config.write_timeout_ms);
+    let written = |end: Written| match end {
+        Written::Done => true,
+        Written::Gone(e) => {
+            tracing::debug!(%peer, "connection ended while writing a reply: {e}");
+            false
+        }
+        Written::Stalled => {
+            let why = stall_cause(&shared, &holder, deadline);
+            log_rate_limited(
+                || tracing::info!(%peer, "dropping a connection: {why}; its slots are freed (logged at most once a second)"),
+            );
+            false
+        }
+    };
     let mut out = Vec::with_capacity(4096);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -688,11 +739,9 @@ where
                 out.extend_from_slice(bytes);
             } else {
                 // Large result: header, then the bytes straight from the slot.
-                let write = async {
-                    wr.write_all(&out).await?;
-                    wr.write_all(bytes).await
-                };
-                if !written(write, deadline).await {
+                if !written(write_progressing(&mut wr, &out, deadline).await)
+                    || !written(write_progressing(&mut wr, bytes, deadline).await)
+                {
                     return;
                 }
                 out.clear();
@@ -703,7 +752,7 @@ where
             }
         }
         if !out.is_empty() {
-            if !written(wr.write_all(&out), deadline).await {
+            if !written(write_progressing(&mut wr, &out, deadline).await) {
                 return;
             }
             out.clear();
@@ -716,23 +765,67 @@ where
     .await;
 }
 
-/// Whether `write` ended well within `deadline` (logs when it did not in time).
-async fn written(
-    write: impl std::future::Future<Output = std::io::Result<()>>,
+/// How writing a reply ended.
+#[derive(Debug)]
+enum Written {
+    Done,
+    /// The connection failed (the client left).
+    Gone(std::io::Error),
+    /// No byte could be written for the whole deadline.
+    Stalled,
+}
+
+/// Writes all of `buf`, as fast as the client takes it: fails only when no
+/// byte of it could be written for `deadline` (the deadline starts again
+/// after each write that took some bytes), not when the whole takes longer.
+async fn write_progressing<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
     deadline: Duration,
-) -> bool {
-    match tokio::time::timeout(deadline, write).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::debug!("connection ended while writing a reply: {e}");
-            false
+) -> Written {
+    while !buf.is_empty() {
+        match tokio::time::timeout(deadline, wr.write(buf)).await {
+            Ok(Ok(0)) => return Written::Gone(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Written::Gone(e),
+            Err(_) => return Written::Stalled,
         }
-        Err(_) => {
-            log_rate_limited(|| {
-                tracing::info!("dropping a connection that did not read its replies within {deadline:?} (--write-timeout-ms); its slots are freed (logged at most once a second)")
-            });
-            false
-        }
+    }
+    match tokio::time::timeout(deadline, wr.flush()).await {
+        Ok(Ok(())) => Written::Done,
+        Ok(Err(e)) => Written::Gone(e),
+        Err(_) => Written::Stalled,
+    }
+}
+
+/// Why a connection whose client took no reply bytes for `deadline` is
+/// dropped, for the log: what its reader was waiting for meanwhile tells
+/// whether the client is blocked writing a request the dispatcher will not
+/// read until the client reads its replies (the client writes without
+/// reading: PROTOCOL §10), or simply does not read.
+fn stall_cause(shared: &Shared, holder: &Holder, deadline: Duration) -> String {
+    let stalled =
+        format!("its client took no byte of its replies for {deadline:?} (--write-timeout-ms)");
+    let Some((wait, since)) = holder.waiting() else {
+        return format!("{stalled}: it did not read its replies");
+    };
+    let waited = since.elapsed();
+    let writes = "the client writes requests without reading its replies (a client must read replies while it writes: docs/PROTOCOL.md §10)";
+    match wait {
+        Wait::ConnCap => format!(
+            "{stalled} while its next request waited {waited:.1?} for a slot over the connection's own share of the arena ({} bytes, --conn-arena-percent), which only writing its replies frees: {writes}",
+            shared.slot_limits.conn
+        ),
+        Wait::InFlight => format!(
+            "{stalled} while its next request waited {waited:.1?} behind {} unanswered requests (--max-in-flight), which only writing its replies frees: {writes}",
+            shared.config.max_in_flight
+        ),
+        Wait::PeerCap => format!(
+            "{stalled} while its next request waited {waited:.1?} for a slot (its peer holds its share of the arena, --peer-arena-percent): it did not read its replies"
+        ),
+        Wait::Arena => format!(
+            "{stalled} while its next request waited {waited:.1?} for a slot (the arena is full): it did not read its replies"
+        ),
     }
 }
 

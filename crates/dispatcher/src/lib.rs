@@ -410,7 +410,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             },
             r = accept_tcp(tcp.as_ref()) => match r {
                 Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
+                    conn::tune_tcp(&stream);
                     let via = conn::Via::Tcp { needs_token: shared.tcp_token.is_some() };
                     let peer = conn::Peer { name: addr.to_string(), key: admission::PeerKey::Addr(addr.ip()) };
                     tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));

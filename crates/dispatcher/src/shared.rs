@@ -13,7 +13,7 @@ use ipc_core::status::{SegmentStatus, StatusReport, WorkerStatus};
 use ipc_core::{Region, RuntimePaths, Segment, Slot, SlotAllocator};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
-use crate::admission::{Budgets, Gate, Holder, PeerHoldings, SlotLimits};
+use crate::admission::{Budgets, Gate, Holder, PeerHoldings, SlotLimits, Wait};
 use crate::latency::LatencyWindow;
 use crate::Config;
 
@@ -396,36 +396,42 @@ impl Shared {
     /// `max_payload`).
     pub async fn lease(self: &Rc<Self>, len: u64, holder: &Rc<Holder>) -> Option<SlotLease> {
         let slot_len = SlotAllocator::slot_len(len);
+        // Set while this waits: what stops it (told in the log if the
+        // connection is dropped meanwhile).
+        let mut waiting = None;
         loop {
             let freed = self.slot_freed.notified();
             if self.draining.get() {
                 return None;
             }
-            let admitted = self.slot_limits.admits(
+            let blocked = self.slot_limits.blocked_by(
                 slot_len,
                 holder.held.get(),
                 self.peer_held.get(&holder.peer),
                 self.alloc.borrow().bytes_in_use(),
             );
-            if !admitted {
-                freed.await;
-                continue;
-            }
-            match self.alloc.borrow_mut().alloc(len) {
-                Ok(slot) => {
-                    let got = slot.region().len;
-                    holder.held.set(holder.held.get() + got);
-                    self.peer_held.add(&holder.peer, got);
-                    return Some(SlotLease {
-                        shared: Rc::clone(self),
-                        slot: Some(slot),
-                        holder: Rc::clone(holder),
-                    });
-                }
-                Err(AllocError::Exhausted { .. }) => {}
-                Err(e @ AllocError::TooLarge { .. }) => {
-                    unreachable!("callers check sizes first: {e}")
-                }
+            let why = match blocked {
+                Some(why) => why,
+                None => match self.alloc.borrow_mut().alloc(len) {
+                    Ok(slot) => {
+                        let got = slot.region().len;
+                        holder.held.set(holder.held.get() + got);
+                        self.peer_held.add(&holder.peer, got);
+                        return Some(SlotLease {
+                            shared: Rc::clone(self),
+                            slot: Some(slot),
+                            holder: Rc::clone(holder),
+                        });
+                    }
+                    Err(AllocError::Exhausted { .. }) => Wait::Arena,
+                    Err(e @ AllocError::TooLarge { .. }) => {
+                        unreachable!("callers check sizes first: {e}")
+                    }
+                },
+            };
+            match &waiting {
+                None => waiting = Some(holder.wait(why)),
+                Some(w) => w.now(why),
             }
             freed.await;
         }

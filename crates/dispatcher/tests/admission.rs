@@ -1,7 +1,8 @@
 //! Admission under attack: a connection that pins slots (never reads its
 //! replies, or stalls inside large requests) holds only its share and others'
 //! pings stay fast; a client that does not read is dropped and its slots
-//! freed; silent TCP handshakes cannot lock out a client with the token; a
+//! freed (and the log says whether it wrote past its share meanwhile), while
+//! one that reads slowly but steadily gets its large reply whole; silent TCP handshakes cannot lock out a client with the token; a
 //! flood on one listener does not refuse the other's clients; and a low
 //! open-file limit clamps the connection budget so that a killed worker is
 //! still replaced.
@@ -162,7 +163,7 @@ fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
         st.segment.slots_in_use == 0
     });
     assert!(
-        inst.log().contains("did not read its replies"),
+        inst.log().contains("took no byte of its replies"),
         "{}",
         inst.log()
     );
@@ -180,6 +181,208 @@ fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
     let _ = keep.shutdown(Shutdown::Both);
     let _ = sender.join();
     assert_eq!(inst.client().call("upper", &[], b"ok").unwrap(), b"OK");
+}
+
+#[test]
+fn a_slow_reader_that_keeps_reading_gets_a_large_reply_whole() {
+    // The write deadline is about progress: a client that reads a reply
+    // slowly but steadily (piping to a slow consumer, a thin tunnel) is
+    // served however long the whole reply takes. On both listeners.
+    let inst = Instance::start(
+        "slowread",
+        &[
+            "--workers",
+            "2",
+            "--segment-mib",
+            "48",
+            "--max-payload",
+            &SLOW_LEN.to_string(),
+            "--write-timeout-ms",
+            &SLOW_DEADLINE.as_millis().to_string(),
+            "--tcp",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.write_all(&proto::encode_hello(proto::PROTOCOL_VERSION, 0))
+        .unwrap();
+    let mut hello = [0u8; proto::HELLO_LEN];
+    tcp.read_exact(&mut hello).unwrap();
+    assert_eq!(
+        proto::decode_hello(&hello),
+        Some((proto::PROTOCOL_VERSION, 0))
+    );
+    let unix = inst.raw_client();
+    // At 3.2 MB/s on the Unix socket; slower on TCP, whose send buffer grows
+    // to MiB (the socket must turn writable as soon as the client takes some).
+    let on_tcp = std::thread::spawn(move || read_slowly(tcp, "TCP", 4 << 20, 16 << 10));
+    let on_unix = read_slowly(unix, "Unix", SLOW_LEN, 64 << 10);
+    let on_tcp = on_tcp.join().unwrap();
+    let failed: Vec<String> = [on_unix, on_tcp].into_iter().flatten().collect();
+    assert!(failed.is_empty(), "{failed:?}; log:\n{}", inst.log());
+    assert!(
+        !inst.log().contains("dropping a connection"),
+        "{}",
+        inst.log()
+    );
+}
+
+/// The largest reply the test reads slowly.
+const SLOW_LEN: usize = 12 << 20;
+const SLOW_PAUSE: Duration = Duration::from_millis(20);
+const SLOW_DEADLINE: Duration = Duration::from_millis(1000);
+
+/// Sends an echo of `len` bytes on `s` and reads the reply, `chunk` bytes
+/// every 20 ms, then a ping on the same connection; what went wrong, if anything.
+fn read_slowly<S>(mut s: S, via: &str, len: usize, chunk: usize) -> Option<String>
+where
+    S: Read + Write + Send + 'static + TryClone,
+{
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut bytes = header(1, "echo", len as u64);
+    bytes.extend_from_slice(&payload);
+    let mut w = s.try_clone_stream();
+    let sender = std::thread::spawn(move || {
+        let _ = w.write_all(&bytes);
+    });
+    let resp: proto::Response = match ipc_core::frame::read_frame(&mut s, &mut Vec::new(), 4096) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("{via}: no reply header: {e}")),
+    };
+    if resp.id != 1 || !matches!(resp.outcome, proto::Outcome::Ok) || resp.result_len != len as u64
+    {
+        return Some(format!("{via}: unexpected reply {resp:?}"));
+    }
+    let t = Instant::now();
+    let mut got = Vec::with_capacity(len);
+    let mut buf = vec![0u8; chunk];
+    while got.len() < len {
+        let n = chunk.min(len - got.len());
+        if let Err(e) = s.read_exact(&mut buf[..n]) {
+            return Some(format!(
+                "{via}: the reply was cut after {} of {len} bytes ({:?} into it): {e}",
+                got.len(),
+                t.elapsed()
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+        std::thread::sleep(SLOW_PAUSE);
+    }
+    let took = t.elapsed();
+    println!(
+        "{via}: {len} bytes read at {} KiB per {SLOW_PAUSE:?} in {took:?} (write deadline {SLOW_DEADLINE:?})",
+        chunk >> 10
+    );
+    sender.join().unwrap();
+    if took < 3 * SLOW_DEADLINE {
+        return Some(format!("{via}: the reply took only {took:?}"));
+    }
+    if got != payload {
+        return Some(format!("{via}: the reply's bytes differ from the payload"));
+    }
+    // The connection goes on.
+    s.write_all(&header(2, "ping", 0)).unwrap();
+    let pong = ipc_core::frame::read_frame::<proto::Response, _>(&mut s, &mut Vec::new(), 4096)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            let mut pong = vec![0u8; r.result_len as usize];
+            s.read_exact(&mut pong).map_err(|e| e.to_string())?;
+            Ok((r.id, pong))
+        });
+    match pong {
+        Ok((2, pong)) if pong == b"pong\n" => None,
+        other => Some(format!("{via}: the connection did not go on: {other:?}")),
+    }
+}
+
+/// A second handle on a socket.
+trait TryClone: Sized {
+    fn try_clone_stream(&self) -> Self;
+}
+
+impl TryClone for UnixStream {
+    fn try_clone_stream(&self) -> Self {
+        self.try_clone().unwrap()
+    }
+}
+
+impl TryClone for TcpStream {
+    fn try_clone_stream(&self) -> Self {
+        self.try_clone().unwrap()
+    }
+}
+
+#[test]
+fn a_client_that_writes_past_its_share_without_reading_is_dropped_and_the_log_says_why() {
+    // The connection's share of an 8 MiB arena is 2 MiB: one large request.
+    let big = BIG.to_string();
+    let inst = Instance::start(
+        "pastshare",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            &big,
+            "--write-timeout-ms",
+            "500",
+        ],
+    );
+    // A client that writes two large echoes and reads nothing: the second
+    // waits for the first's slot, which only its reply being written frees,
+    // while the client, blocked writing the second's payload, does not read.
+    let s = inst.raw_client();
+    let mut bytes = Vec::new();
+    for id in 1..=2 {
+        bytes.extend(header(id, "echo", BIG));
+        bytes.extend(std::iter::repeat_n(1u8, BIG as usize));
+    }
+    let keep = s.try_clone().unwrap();
+    let sender = send_in_background(s, bytes);
+    let dropped = osps_testkit::wait_for(PATIENCE, || {
+        let log = inst.log();
+        log.lines()
+            .find(|l| l.contains("dropping a connection"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("not dropped; log:\n{}", inst.log()));
+    println!("{dropped}");
+    assert!(
+        dropped.contains("own share of the arena")
+            && dropped.contains("--conn-arena-percent")
+            && dropped.contains("without reading its replies"),
+        "the drop does not say the client wrote past its share without reading: {dropped}"
+    );
+    inst.wait_status("the slots are freed", |st| st.segment.slots_in_use == 0);
+    let _ = keep.shutdown(Shutdown::Both);
+    let _ = sender.join();
+    // A client that sends one request and does not read its reply is
+    // dropped for that alone (drops are logged at most once a second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let s = inst.raw_client();
+    let keep = s.try_clone().unwrap();
+    let mut bytes = header(3, "echo", MIB);
+    bytes.extend(std::iter::repeat_n(1u8, MIB as usize));
+    let sender = send_in_background(s, bytes);
+    let plain = osps_testkit::wait_for(PATIENCE, || {
+        let log = inst.log();
+        log.lines()
+            .filter(|l| l.contains("dropping a connection"))
+            .nth(1)
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("not dropped; log:\n{}", inst.log()));
+    println!("{plain}");
+    assert!(
+        plain.contains("did not read its replies") && !plain.contains("--conn-arena-percent"),
+        "{plain}"
+    );
+    inst.wait_status("the slots are freed", |st| st.segment.slots_in_use == 0);
+    let _ = keep.shutdown(Shutdown::Both);
+    let _ = sender.join();
 }
 
 /// The token file for a TCP instance and its bytes.
