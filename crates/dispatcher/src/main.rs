@@ -43,7 +43,7 @@ struct Args {
     /// Clients served at once on the TCP listener, a budget of its own [default: --max-connections].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_tcp_connections: Option<u64>,
-    /// Deadline to write a reply, in milliseconds: a client that does not read its replies in time is dropped and its slots freed.
+    /// Drop a client that takes no byte of its replies for this many milliseconds (its slots are freed); a slow but steady reader is never dropped.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     write_timeout_ms: u64,
     /// Percent of the slot arena one connection may hold at once (at least one largest request); beyond, only that connection waits.
