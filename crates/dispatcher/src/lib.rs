@@ -52,7 +52,7 @@ pub struct Config {
     pub max_connections: usize,
     /// Clients admitted at once on the TCP listener (its own budget); `None`: as `max_connections`.
     pub max_tcp_connections: Option<usize>,
-    /// Deadline to write one reply to a client; one that does not read it in time is dropped.
+    /// A client that takes no byte of its replies for this long is dropped (a slow but steady reader never is).
     pub write_timeout_ms: u64,
     /// Share of the slot arena (percent) one connection may hold at once.
     pub conn_arena_percent: u64,
