@@ -33,6 +33,9 @@ pub struct InstanceLock {
 
 impl InstanceLock {
     /// Takes the lock at `path` without waiting and writes our pid in it.
+    /// A symbolic link at `path` is refused (`O_NOFOLLOW`): the lock file is
+    /// truncated and written, so following a link planted there would let
+    /// whoever planted it choose the file we overwrite.
     pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
         let io = |source| LockError::Io {
             path: path.to_path_buf(),
@@ -45,6 +48,7 @@ impl InstanceLock {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(io)?;
             let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -67,7 +71,7 @@ impl InstanceLock {
             };
             // A predecessor may have unlinked the file between our open and
             // our lock: then we hold a lock nobody else can see. Retry.
-            let same = match (locked.metadata(), std::fs::metadata(path)) {
+            let same = match (locked.metadata(), std::fs::symlink_metadata(path)) {
                 (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
                 _ => false,
             };

@@ -355,6 +355,16 @@ impl RuntimePaths {
         Ok(created)
     }
 
+    /// Whether the instance directory exists, is a directory (not a link),
+    /// belongs to our effective uid and is writable by no one else: only
+    /// then is nobody else able to put or swap anything in it, and may
+    /// files in it be opened, truncated or removed by path.
+    pub fn dir_is_ours(&self) -> bool {
+        fs::symlink_metadata(&self.dir).is_ok_and(|m| {
+            m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0
+        })
+    }
+
     /// Removes the instance directory if it is empty (best effort). Only for
     /// a directory the caller created ([`RuntimePaths::ensure_dir`] said
     /// so): one OSPS did not create is never removed.

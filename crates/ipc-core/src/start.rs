@@ -127,7 +127,18 @@ pub enum StartError {
 /// (the caller created the instance directory), removes that directory if
 /// this left it empty. Returns what was removed.
 pub fn remove_leftovers(paths: &RuntimePaths, remove_dir: bool) -> Result<Vec<String>, LockError> {
-    if !paths.dir().is_dir() {
+    if std::fs::symlink_metadata(paths.dir()).is_err() {
+        return Ok(Vec::new()); // nothing there: nothing left
+    }
+    if !paths.dir_is_ours() {
+        // Gone and made again by someone else (the base directory may be a
+        // shared sticky one such as /tmp), or never ours: whatever is in it
+        // is theirs, and opening a lock file there could follow a link they
+        // planted. Touch nothing.
+        tracing::warn!(
+            dir = %paths.dir().display(),
+            "not clearing leftovers: the instance directory is not ours alone"
+        );
         return Ok(Vec::new());
     }
     let lock = InstanceLock::acquire(&paths.lock_file())?;
@@ -138,4 +149,83 @@ pub fn remove_leftovers(paths: &RuntimePaths, remove_dir: bool) -> Result<Vec<St
         paths.remove_dir_if_empty();
     }
     Ok(found.removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A directory standing in for a shared sticky base such as /tmp.
+    fn shared_base() -> tempfile::TempDir {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        base
+    }
+
+    #[test]
+    fn leftovers_are_not_cleared_in_an_instance_directory_others_can_write() {
+        let base = shared_base();
+        let paths = RuntimePaths::new("victim", Some(base.path())).unwrap();
+        let target = base.path().join("precious");
+        std::fs::write(&target, b"keep me\n").unwrap();
+        // The instance directory was removed at a stop and made again by
+        // someone else, with a lock file that is a link to another file.
+        std::fs::create_dir(paths.dir()).unwrap();
+        std::fs::set_permissions(paths.dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&target, paths.lock_file()).unwrap();
+        assert_eq!(
+            remove_leftovers(&paths, true).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
+        assert!(
+            std::fs::symlink_metadata(paths.lock_file()).is_ok(),
+            "theirs, left alone"
+        );
+    }
+
+    #[test]
+    fn leftovers_are_not_cleared_in_an_instance_directory_of_another_uid() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give the directory to another uid");
+            return;
+        }
+        let base = shared_base();
+        let paths = RuntimePaths::new("victim", Some(base.path())).unwrap();
+        let target = base.path().join("precious");
+        std::fs::write(&target, b"keep me\n").unwrap();
+        std::fs::create_dir(paths.dir()).unwrap();
+        std::os::unix::fs::symlink(&target, paths.lock_file()).unwrap();
+        std::os::unix::fs::chown(paths.dir(), Some(65534), Some(65534)).unwrap();
+        assert_eq!(
+            remove_leftovers(&paths, true).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
+    }
+
+    #[test]
+    fn the_lock_is_never_taken_through_a_link() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("precious");
+        std::fs::write(&target, b"keep me\n").unwrap();
+        let link = base.path().join("x.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(InstanceLock::acquire(&link).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
+    }
+
+    #[test]
+    fn leftovers_in_our_own_directory_are_cleared() {
+        let base = tempfile::tempdir().unwrap();
+        let paths = RuntimePaths::new("mine", Some(base.path())).unwrap();
+        assert!(paths.ensure_dir().unwrap());
+        std::fs::write(paths.socket(), b"").unwrap();
+        remove_leftovers(&paths, true).unwrap();
+        assert!(
+            !paths.dir().exists(),
+            "our empty instance directory is removed"
+        );
+    }
 }
