@@ -438,6 +438,15 @@ impl Stream {
         }
     }
 
+    /// Writes what the socket takes now, without waiting (`WouldBlock` when
+    /// it takes nothing); never raises SIGPIPE.
+    fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let fd = self.as_fd().as_raw_fd();
+        send(fd, bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+    }
+
     /// Whether a read would not block (bytes, end of stream or an error wait).
     fn readable_now(&self) -> io::Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -794,25 +803,86 @@ impl Client {
     }
 
     /// Writes `bytes` of request `id`, first (with `watch`: before payload
-    /// chunks, not before a header) taking in any answer already there: an answer that ends the connection (`too large` for `id`, or
-    /// id 0) is returned as the error. A failed write is explained by the
-    /// server's answer when there is one.
+    /// chunks, not before a header) taking in any answer already there: an
+    /// answer that ends the connection (`too large` for `id`, or id 0) is
+    /// returned as the error. A failed write is explained by the server's
+    /// answer when there is one.
+    ///
+    /// The socket is written without blocking: while the server does not
+    /// read (it may wait for this connection's earlier replies to be read
+    /// before it takes more of its requests), the client waits for the socket
+    /// to be writable *or readable*, and takes in the replies that arrive
+    /// (kept for [`Client::wait`]), so neither side waits for the other.
+    /// A write the socket takes at once costs one system call, as a
+    /// blocking one would.
     fn write_watching(&mut self, id: u64, bytes: &[u8], watch: bool) -> Result<(), ClientError> {
         while watch && (!self.reader.buffer().is_empty() || self.reader.get_ref().readable_now()?) {
             if let Some(e) = self.take_answer(id)? {
                 return Err(e);
             }
         }
-        match self.writer.write_all(bytes) {
-            Ok(()) => Ok(()),
-            Err(e) if is_transient_io(&e) => {
-                self.broken = true;
-                Err(self.answer_after_write_failure(id).unwrap_or(e.into()))
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match self.writer.send_now(rest) {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                }
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.await_writable(id)?,
+                Err(e) if is_transient_io(&e) => {
+                    self.broken = true;
+                    return Err(self.answer_after_write_failure(id).unwrap_or(e.into()));
+                }
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
             }
-            Err(e) => {
-                self.broken = true;
-                Err(e.into())
+        }
+        Ok(())
+    }
+
+    /// Waits until the socket takes more bytes of request `id`, reading the
+    /// replies that arrive meanwhile (see [`Client::write_watching`]). Bounded
+    /// by [`Client::set_timeout`] without progress either way.
+    fn await_writable(&mut self, id: u64) -> Result<(), ClientError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            while !self.reader.buffer().is_empty() {
+                if let Some(e) = self.take_answer(id)? {
+                    return Err(e);
+                }
             }
+            let timeout = match self.timeout {
+                None => PollTimeout::NONE,
+                Some(t) => PollTimeout::try_from(t.max(Duration::from_millis(1)))
+                    .unwrap_or(PollTimeout::MAX),
+            };
+            let fd = self.writer.as_fd();
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN | PollFlags::POLLOUT)];
+            let ready = match poll(&mut fds, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(io::Error::from(e).into());
+                }
+            };
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if ready == 0 {
+                self.broken = true; // a request is cut short
+                return Err(io::Error::from(io::ErrorKind::TimedOut).into());
+            }
+            if revents.contains(PollFlags::POLLIN) {
+                if let Some(e) = self.take_answer(id)? {
+                    return Err(e);
+                }
+                continue;
+            }
+            // Writable, or an error or hang-up the next write reports.
+            return Ok(());
         }
     }
 
