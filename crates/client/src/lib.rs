@@ -62,6 +62,15 @@ pub enum ClientError {
         #[source]
         reason: PeerError,
     },
+    /// The request went out whole [`MAX_SENDS`] times, and each time the
+    /// connection was lost (or the server stopping) before its answer: it is
+    /// not sent again, since each send may have run it.
+    #[error("sent the request {sends} times without getting its answer; not sending it again, as it may have run each time (last: {last})")]
+    Resent {
+        sends: u32,
+        #[source]
+        last: Box<ClientError>,
+    },
     /// No answer within the time the caller allowed (see [`RetryPolicy::overall`]).
     #[error("no answer from {endpoint} within {} ms", after.as_millis())]
     Timeout { endpoint: String, after: Duration },
@@ -120,8 +129,19 @@ impl ClientError {
             | ClientError::Denied(_)
             | ClientError::Untrusted { .. }
             | ClientError::Timeout { .. }
+            | ClientError::Resent { .. }
             | ClientError::Output(_)
             | ClientError::Token(_) => false,
+        }
+    }
+
+    /// A copy of a server's answer (`Remote` or `Refused`), kept to report
+    /// if the call gives up later; other errors are not kept.
+    fn clone_answer(&self) -> ClientError {
+        match self {
+            ClientError::Remote(e) => ClientError::Remote(e.clone()),
+            ClientError::Refused(line) => ClientError::Refused(line.clone()),
+            e => ClientError::Protocol(e.to_string()),
         }
     }
 
@@ -169,7 +189,17 @@ pub struct RetryPolicy {
     /// answer) ends within this: a liveness probe, or a caller's own bound.
     /// `None`: an answer is awaited as long as the server takes.
     pub overall: Option<Duration>,
+    /// For a local instance, how long a missing socket and lock file are
+    /// taken for a dispatcher still starting (counted from the call's
+    /// start) before the call fails at once: a client started just after
+    /// its watchdog waits for the socket to appear.
+    pub start_grace: Duration,
 }
+
+/// How many times in all a [`RetryingClient`] sends one request whole
+/// (the first send and at most 3 resends), whatever time is left: each send
+/// may run the job (see PROTOCOL.md, section 14).
+pub const MAX_SENDS: u32 = 4;
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -178,6 +208,7 @@ impl Default for RetryPolicy {
             first_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(200),
             overall: None,
+            start_grace: Duration::from_secs(2),
         }
     }
 }
@@ -310,6 +341,10 @@ impl RetryingClient {
         let mut outage: Option<Instant> = None;
         let mut told = false;
         let mut delay = self.policy.first_delay;
+        // Attempts in which a request went out whole; the last answer the
+        // server gave (more telling, at the end, than a failed connect).
+        let mut sends = 0u32;
+        let mut last_answer: Option<ClientError> = None;
         loop {
             let now = Instant::now();
             let reconnecting = now.duration_since(start).saturating_sub(answering);
@@ -335,8 +370,12 @@ impl RetryingClient {
                 Ok(c) => {
                     outage = None;
                     let t = Instant::now();
+                    let before = c.sent_whole;
                     let r = c.set_timeout(overall_left).and_then(|()| attempt(c));
                     answering += t.elapsed();
+                    if c.sent_whole > before {
+                        sends += 1;
+                    }
                     r
                 }
                 Err(e) => Err(e),
@@ -360,9 +399,19 @@ impl RetryingClient {
                 });
             }
             let gone = matches!(e, ClientError::Connect { .. })
-                && self.lock_file.as_ref().is_some_and(|l| !l.exists());
+                && self.lock_file.as_ref().is_some_and(|l| !l.exists())
+                && now.duration_since(start) >= self.policy.start_grace;
             if gone || !e.is_retryable() {
-                return Err(e);
+                return Err(more_telling(e, last_answer));
+            }
+            if matches!(e, ClientError::Remote(_) | ClientError::Refused(_)) {
+                last_answer = Some(e.clone_answer());
+            }
+            if sends >= MAX_SENDS {
+                return Err(ClientError::Resent {
+                    sends,
+                    last: Box::new(e),
+                });
             }
             let reconnecting = now.duration_since(start).saturating_sub(answering);
             let left = self
@@ -377,7 +426,7 @@ impl RetryingClient {
                         after: self.policy.overall.unwrap_or_else(|| start.elapsed()),
                     }
                 } else {
-                    e
+                    more_telling(e, last_answer)
                 });
             }
             let since = now.duration_since(*outage.get_or_insert(now));
@@ -411,6 +460,16 @@ impl RetryingClient {
     /// [`Client::status`] with reconnection and retries.
     pub fn status(&mut self) -> Result<StatusReport, ClientError> {
         self.run(Client::status)
+    }
+}
+
+/// The error to report when a call gives up with `e`: a failed connect
+/// says less than what the server last answered (e.g. `shutting down`,
+/// before its socket went away), so that answer is reported instead.
+fn more_telling(e: ClientError, last_answer: Option<ClientError>) -> ClientError {
+    match (e, last_answer) {
+        (ClientError::Connect { .. } | ClientError::ClosedAtHello { .. }, Some(answer)) => answer,
+        (e, _) => e,
     }
 }
 
@@ -512,6 +571,8 @@ pub struct Client {
     /// The connection cannot be used any more (the server said it closes,
     /// or the byte stream is out of step).
     broken: bool,
+    /// Requests sent whole on this connection (see [`MAX_SENDS`]).
+    sent_whole: u64,
 }
 
 /// How long `connect` waits for the server's hello.
@@ -640,13 +701,9 @@ impl Client {
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
                 let (local, server) = (s.local_addr()?, s.peer_addr()?);
-                match peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))? {
-                    Some(uid) => peer::check_uid(uid, trusted).map_err(untrusted)?,
-                    None if server.ip().is_loopback() => {
-                        return Err(untrusted(PeerError::UnknownTcpOwner))
-                    }
-                    None => {} // another host: only a secure tunnel can vouch for it
-                }
+                let owner = peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))?;
+                // Another host: only a secure tunnel can vouch for it.
+                peer::check_tcp_server(owner, server, trusted).map_err(untrusted)?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
@@ -713,6 +770,7 @@ impl Client {
             early: HashMap::new(),
             timeout: None,
             broken: false,
+            sent_whole: 0,
         })
     }
 
@@ -759,7 +817,9 @@ impl Client {
             })
         };
         self.out = out;
-        result.map(|()| id)
+        result?;
+        self.sent_whole += 1;
+        Ok(id)
     }
 
     /// Sends a request whose `len` payload bytes are read from `payload`
@@ -799,6 +859,7 @@ impl Client {
                 "payload source gave {copied} of {len} bytes"
             )));
         }
+        self.sent_whole += 1;
         Ok(id)
     }
 
