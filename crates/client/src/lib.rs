@@ -398,9 +398,14 @@ impl RetryingClient {
                     after: self.policy.overall.unwrap_or_default(),
                 });
             }
-            let gone = matches!(e, ClientError::Connect { .. })
-                && self.lock_file.as_ref().is_some_and(|l| !l.exists())
-                && now.duration_since(start) >= self.policy.start_grace;
+            // No lock file: no dispatcher runs, or one is still starting.
+            let no_lock = matches!(e, ClientError::Connect { .. })
+                && self.lock_file.as_ref().is_some_and(|l| !l.exists());
+            let grace_left = self
+                .policy
+                .start_grace
+                .saturating_sub(now.duration_since(start));
+            let gone = no_lock && grace_left.is_zero();
             if gone || !e.is_retryable() {
                 return Err(more_telling(e, last_answer));
             }
@@ -437,7 +442,7 @@ impl RetryingClient {
                         endpoint: &self.endpoint,
                         error: &e,
                         since,
-                        left,
+                        left: if no_lock { left.min(grace_left) } else { left },
                     });
                 }
             }
