@@ -384,12 +384,13 @@ impl RetryingClient {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            if self
-                .client
-                .as_ref()
-                .is_none_or(|c| c.broken || !matches!(e, ClientError::Remote(_)))
-            {
-                self.client = None; // the connection's state is unknown
+            // A connection is kept after a plain answer; not when its state
+            // is unknown, nor after `shutting down` (a resend goes to a new
+            // connection, to the next dispatcher if one comes).
+            let plain_answer =
+                matches!(&e, ClientError::Remote(r) if r.kind != proto::ErrorKind::ShuttingDown);
+            if !plain_answer || self.client.as_ref().is_none_or(|c| c.broken) {
+                self.client = None;
             }
             let now = Instant::now();
             if e.is_timeout() && ends.is_some_and(|end| now + MIN >= end) {
