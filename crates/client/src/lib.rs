@@ -807,7 +807,10 @@ impl Client {
     /// the sending and is returned as the error at once; other answers are
     /// kept for [`Client::recv`] and [`Client::wait`]. When a write fails
     /// because the server closed, its answer, if it sent one, is returned
-    /// instead of the write error.
+    /// instead of the write error. While the server does not take more bytes
+    /// (it may first need earlier replies of this connection to be read),
+    /// the replies that arrive are read and kept, so `send`, `send`, `wait`,
+    /// `wait` of large requests cannot stall against the server.
     pub fn send(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<u64, ClientError> {
         let id = self.encode_header(op, args, payload.len() as u64)?;
         let mut out = std::mem::take(&mut self.out);
