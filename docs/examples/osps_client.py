@@ -265,7 +265,9 @@ def verify_server(sock, where, accept=()):
     else:
         uid = tcp_server_uid(sock)
         if uid is None:
-            if not ipaddress.ip_address(sock.getpeername()[0]).is_loopback:
+            ip = ipaddress.ip_address(sock.getpeername()[0])
+            ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is loopback too
+            if not ip.is_loopback:
                 return  # another host: only a secure tunnel can vouch for it
             raise ProtocolError(f"refusing to talk to {where}: cannot tell which user serves it")
     if uid not in trusted_uids(accept):

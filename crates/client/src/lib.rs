@@ -62,6 +62,15 @@ pub enum ClientError {
         #[source]
         reason: PeerError,
     },
+    /// The request went out whole [`MAX_SENDS`] times, and each time the
+    /// connection was lost (or the server stopping) before its answer: it is
+    /// not sent again, since each send may have run it.
+    #[error("sent the request {sends} times without getting its answer; not sending it again, as it may have run each time (last: {last})")]
+    Resent {
+        sends: u32,
+        #[source]
+        last: Box<ClientError>,
+    },
     /// No answer within the time the caller allowed (see [`RetryPolicy::overall`]).
     #[error("no answer from {endpoint} within {} ms", after.as_millis())]
     Timeout { endpoint: String, after: Duration },
@@ -120,8 +129,19 @@ impl ClientError {
             | ClientError::Denied(_)
             | ClientError::Untrusted { .. }
             | ClientError::Timeout { .. }
+            | ClientError::Resent { .. }
             | ClientError::Output(_)
             | ClientError::Token(_) => false,
+        }
+    }
+
+    /// A copy of a server's answer (`Remote` or `Refused`), kept to report
+    /// if the call gives up later; other errors are not kept.
+    fn clone_answer(&self) -> ClientError {
+        match self {
+            ClientError::Remote(e) => ClientError::Remote(e.clone()),
+            ClientError::Refused(line) => ClientError::Refused(line.clone()),
+            e => ClientError::Protocol(e.to_string()),
         }
     }
 
@@ -169,7 +189,17 @@ pub struct RetryPolicy {
     /// answer) ends within this: a liveness probe, or a caller's own bound.
     /// `None`: an answer is awaited as long as the server takes.
     pub overall: Option<Duration>,
+    /// For a local instance, how long a missing socket and lock file are
+    /// taken for a dispatcher still starting (counted from the call's
+    /// start) before the call fails at once: a client started just after
+    /// its watchdog waits for the socket to appear.
+    pub start_grace: Duration,
 }
+
+/// How many times in all a [`RetryingClient`] sends one request whole
+/// (the first send and at most 3 resends), whatever time is left: each send
+/// may run the job (see PROTOCOL.md, section 14).
+pub const MAX_SENDS: u32 = 4;
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -178,6 +208,7 @@ impl Default for RetryPolicy {
             first_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(200),
             overall: None,
+            start_grace: Duration::from_secs(2),
         }
     }
 }
@@ -310,6 +341,10 @@ impl RetryingClient {
         let mut outage: Option<Instant> = None;
         let mut told = false;
         let mut delay = self.policy.first_delay;
+        // Attempts in which a request went out whole; the last answer the
+        // server gave (more telling, at the end, than a failed connect).
+        let mut sends = 0u32;
+        let mut last_answer: Option<ClientError> = None;
         loop {
             let now = Instant::now();
             let reconnecting = now.duration_since(start).saturating_sub(answering);
@@ -335,8 +370,12 @@ impl RetryingClient {
                 Ok(c) => {
                     outage = None;
                     let t = Instant::now();
+                    let before = c.sent_whole;
                     let r = c.set_timeout(overall_left).and_then(|()| attempt(c));
                     answering += t.elapsed();
+                    if c.sent_whole > before {
+                        sends += 1;
+                    }
                     r
                 }
                 Err(e) => Err(e),
@@ -345,12 +384,13 @@ impl RetryingClient {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            if self
-                .client
-                .as_ref()
-                .is_none_or(|c| c.broken || !matches!(e, ClientError::Remote(_)))
-            {
-                self.client = None; // the connection's state is unknown
+            // A connection is kept after a plain answer; not when its state
+            // is unknown, nor after `shutting down` (a resend goes to a new
+            // connection, to the next dispatcher if one comes).
+            let plain_answer =
+                matches!(&e, ClientError::Remote(r) if r.kind != proto::ErrorKind::ShuttingDown);
+            if !plain_answer || self.client.as_ref().is_none_or(|c| c.broken) {
+                self.client = None;
             }
             let now = Instant::now();
             if e.is_timeout() && ends.is_some_and(|end| now + MIN >= end) {
@@ -359,10 +399,25 @@ impl RetryingClient {
                     after: self.policy.overall.unwrap_or_default(),
                 });
             }
-            let gone = matches!(e, ClientError::Connect { .. })
+            // No lock file: no dispatcher runs, or one is still starting.
+            let no_lock = matches!(e, ClientError::Connect { .. })
                 && self.lock_file.as_ref().is_some_and(|l| !l.exists());
+            let grace_left = self
+                .policy
+                .start_grace
+                .saturating_sub(now.duration_since(start));
+            let gone = no_lock && grace_left.is_zero();
             if gone || !e.is_retryable() {
-                return Err(e);
+                return Err(more_telling(e, last_answer));
+            }
+            if matches!(e, ClientError::Remote(_) | ClientError::Refused(_)) {
+                last_answer = Some(e.clone_answer());
+            }
+            if sends >= MAX_SENDS {
+                return Err(ClientError::Resent {
+                    sends,
+                    last: Box::new(e),
+                });
             }
             let reconnecting = now.duration_since(start).saturating_sub(answering);
             let left = self
@@ -377,7 +432,7 @@ impl RetryingClient {
                         after: self.policy.overall.unwrap_or_else(|| start.elapsed()),
                     }
                 } else {
-                    e
+                    more_telling(e, last_answer)
                 });
             }
             let since = now.duration_since(*outage.get_or_insert(now));
@@ -388,7 +443,7 @@ impl RetryingClient {
                         endpoint: &self.endpoint,
                         error: &e,
                         since,
-                        left,
+                        left: if no_lock { left.min(grace_left) } else { left },
                     });
                 }
             }
@@ -414,6 +469,16 @@ impl RetryingClient {
     }
 }
 
+/// The error to report when a call gives up with `e`: a failed connect
+/// says less than what the server last answered (e.g. `shutting down`,
+/// before its socket went away), so that answer is reported instead.
+fn more_telling(e: ClientError, last_answer: Option<ClientError>) -> ClientError {
+    match (e, last_answer) {
+        (ClientError::Connect { .. } | ClientError::ClosedAtHello { .. }, Some(answer)) => answer,
+        (e, _) => e,
+    }
+}
+
 /// A socket to a dispatcher.
 #[derive(Debug)]
 enum Stream {
@@ -436,6 +501,15 @@ impl Stream {
             Stream::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
             Stream::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
         }
+    }
+
+    /// Writes what the socket takes now, without waiting (`WouldBlock` when
+    /// it takes nothing); never raises SIGPIPE.
+    fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let fd = self.as_fd().as_raw_fd();
+        send(fd, bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
     }
 
     /// Whether a read would not block (bytes, end of stream or an error wait).
@@ -503,6 +577,8 @@ pub struct Client {
     /// The connection cannot be used any more (the server said it closes,
     /// or the byte stream is out of step).
     broken: bool,
+    /// Requests sent whole on this connection (see [`MAX_SENDS`]).
+    sent_whole: u64,
 }
 
 /// How long `connect` waits for the server's hello.
@@ -631,13 +707,9 @@ impl Client {
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
                 let (local, server) = (s.local_addr()?, s.peer_addr()?);
-                match peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))? {
-                    Some(uid) => peer::check_uid(uid, trusted).map_err(untrusted)?,
-                    None if server.ip().is_loopback() => {
-                        return Err(untrusted(PeerError::UnknownTcpOwner))
-                    }
-                    None => {} // another host: only a secure tunnel can vouch for it
-                }
+                let owner = peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))?;
+                // Another host: only a secure tunnel can vouch for it.
+                peer::check_tcp_server(owner, server, trusted).map_err(untrusted)?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
@@ -704,6 +776,7 @@ impl Client {
             early: HashMap::new(),
             timeout: None,
             broken: false,
+            sent_whole: 0,
         })
     }
 
@@ -734,7 +807,10 @@ impl Client {
     /// the sending and is returned as the error at once; other answers are
     /// kept for [`Client::recv`] and [`Client::wait`]. When a write fails
     /// because the server closed, its answer, if it sent one, is returned
-    /// instead of the write error.
+    /// instead of the write error. While the server does not take more bytes
+    /// (it may first need earlier replies of this connection to be read),
+    /// the replies that arrive are read and kept, so `send`, `send`, `wait`,
+    /// `wait` of large requests cannot stall against the server.
     pub fn send(&mut self, op: &str, args: &[&str], payload: &[u8]) -> Result<u64, ClientError> {
         let id = self.encode_header(op, args, payload.len() as u64)?;
         let mut out = std::mem::take(&mut self.out);
@@ -750,7 +826,9 @@ impl Client {
             })
         };
         self.out = out;
-        result.map(|()| id)
+        result?;
+        self.sent_whole += 1;
+        Ok(id)
     }
 
     /// Sends a request whose `len` payload bytes are read from `payload`
@@ -790,29 +868,91 @@ impl Client {
                 "payload source gave {copied} of {len} bytes"
             )));
         }
+        self.sent_whole += 1;
         Ok(id)
     }
 
     /// Writes `bytes` of request `id`, first (with `watch`: before payload
-    /// chunks, not before a header) taking in any answer already there: an answer that ends the connection (`too large` for `id`, or
-    /// id 0) is returned as the error. A failed write is explained by the
-    /// server's answer when there is one.
+    /// chunks, not before a header) taking in any answer already there: an
+    /// answer that ends the connection (`too large` for `id`, or id 0) is
+    /// returned as the error. A failed write is explained by the server's
+    /// answer when there is one.
+    ///
+    /// The socket is written without blocking: while the server does not
+    /// read (it may wait for this connection's earlier replies to be read
+    /// before it takes more of its requests), the client waits for the socket
+    /// to be writable *or readable*, and takes in the replies that arrive
+    /// (kept for [`Client::wait`]), so neither side waits for the other.
+    /// A write the socket takes at once costs one system call, as a
+    /// blocking one would.
     fn write_watching(&mut self, id: u64, bytes: &[u8], watch: bool) -> Result<(), ClientError> {
         while watch && (!self.reader.buffer().is_empty() || self.reader.get_ref().readable_now()?) {
             if let Some(e) = self.take_answer(id)? {
                 return Err(e);
             }
         }
-        match self.writer.write_all(bytes) {
-            Ok(()) => Ok(()),
-            Err(e) if is_transient_io(&e) => {
-                self.broken = true;
-                Err(self.answer_after_write_failure(id).unwrap_or(e.into()))
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match self.writer.send_now(rest) {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                }
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.await_writable(id)?,
+                Err(e) if is_transient_io(&e) => {
+                    self.broken = true;
+                    return Err(self.answer_after_write_failure(id).unwrap_or(e.into()));
+                }
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
             }
-            Err(e) => {
-                self.broken = true;
-                Err(e.into())
+        }
+        Ok(())
+    }
+
+    /// Waits until the socket takes more bytes of request `id`, reading the
+    /// replies that arrive meanwhile (see [`Client::write_watching`]). Bounded
+    /// by [`Client::set_timeout`] without progress either way.
+    fn await_writable(&mut self, id: u64) -> Result<(), ClientError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            while !self.reader.buffer().is_empty() {
+                if let Some(e) = self.take_answer(id)? {
+                    return Err(e);
+                }
             }
+            let timeout = match self.timeout {
+                None => PollTimeout::NONE,
+                Some(t) => PollTimeout::try_from(t.max(Duration::from_millis(1)))
+                    .unwrap_or(PollTimeout::MAX),
+            };
+            let fd = self.writer.as_fd();
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN | PollFlags::POLLOUT)];
+            let ready = match poll(&mut fds, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(io::Error::from(e).into());
+                }
+            };
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if ready == 0 {
+                self.broken = true; // a request is cut short
+                return Err(io::Error::from(io::ErrorKind::TimedOut).into());
+            }
+            if revents.contains(PollFlags::POLLIN) {
+                if let Some(e) = self.take_answer(id)? {
+                    return Err(e);
+                }
+                continue;
+            }
+            // Writable, or an error or hang-up the next write reports.
+            return Ok(());
         }
     }
 

@@ -47,9 +47,10 @@ enum Command {
     /// Round trip through the dispatcher and a worker; exits 0 only when the
     /// whole path answers (a liveness probe).
     Ping {
-        /// Give up after this many milliseconds, retrying until then (exit 1).
-        #[arg(long, visible_alias = "timeout", default_value_t = 5_000)]
-        timeout_ms: u64,
+        /// Give up after this many milliseconds, retrying until then (exit 1); a
+        /// dispatcher still starting (no socket yet) is waited for all that time [default: 5000].
+        #[arg(long, visible_alias = "timeout")]
+        timeout_ms: Option<u64>,
     },
     /// Runs an operation: ping, echo, upper, sha256, wc, sleep MS.
     Run {
@@ -60,7 +61,8 @@ enum Command {
         /// Payload: a file, or - for stdin [default: empty].
         #[arg(long, short)]
         input: Option<PathBuf>,
-        /// Where to write the result: a file (replaced only when the job succeeds), or - for stdout.
+        /// Where to write the result: a file (replaced only when the job succeeds), or - for stdout;
+        /// a descriptor's name (/dev/stdout, /dev/fd/N, /proc/self/fd/N) or a device or pipe is written in place.
         #[arg(long, short, default_value = "-")]
         output: PathBuf,
         /// Give up when the answer has not come within this many milliseconds of starting
@@ -116,17 +118,23 @@ fn parse_uid(s: &str) -> Result<u32, String> {
 }
 
 /// A client for the instance or `--connect` endpoint: it retries for
-/// `--retry-ms` (reconnecting) and, with `overall`, gives up after it.
+/// `--retry-ms` (reconnecting) and, with `overall`, gives up after it. A
+/// timeout the user gave (`explicit`) is also how long a dispatcher still
+/// starting is waited for; otherwise [`RetryPolicy::start_grace`].
 fn retrying(
     args: &Args,
     deadline_ms: u64,
     overall: Option<u64>,
+    explicit: bool,
 ) -> Result<RetryingClient, ClientError> {
-    let policy = RetryPolicy {
+    let mut policy = RetryPolicy {
         deadline: Duration::from_millis(deadline_ms.max(1)),
         overall: overall.map(|ms| Duration::from_millis(ms.max(1))),
         ..RetryPolicy::default()
     };
+    if let (true, Some(all)) = (explicit, policy.overall) {
+        policy.start_grace = all;
+    }
     let mut client = match &args.connect {
         Some(ep) => RetryingClient::new(ep.clone(), policy),
         None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy)?,
@@ -156,8 +164,26 @@ enum Sink {
         file: tempfile::NamedTempFile,
         target: PathBuf,
     },
-    /// Something other than a regular file (a device, a pipe): written in place.
-    Direct(File),
+    /// Something other than a regular file (a device, a pipe), or an open
+    /// descriptor's name (`/dev/stdout` when stdout is a file): written in
+    /// place, so a retry is refused once bytes went out, as for stdout.
+    Direct {
+        file: File,
+        path: PathBuf,
+        written: u64,
+    },
+}
+
+/// Whether `path` names an open descriptor rather than a file: a link under
+/// `/dev` or `/proc` (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`). Such a
+/// name leads to whatever the descriptor is (a file the shell redirected
+/// to, with `>>` perhaps): it is written through, never replaced.
+fn names_a_descriptor(path: &Path) -> bool {
+    let Ok(abs) = std::path::absolute(path) else {
+        return false;
+    };
+    (abs.starts_with("/dev") || abs.starts_with("/proc"))
+        && std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 impl Sink {
@@ -166,8 +192,22 @@ impl Sink {
             return Ok(Sink::Stdout { written: 0 });
         }
         let err = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let direct = |append: bool| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .append(append)
+                .open(path)
+                .map_err(err)?;
+            Ok(Sink::Direct {
+                file,
+                path: path.to_path_buf(),
+                written: 0,
+            })
+        };
         let (target, mode) = match std::fs::metadata(path) {
-            Ok(m) if !m.is_file() => return File::create(path).map(Sink::Direct).map_err(err),
+            // Written after what the file holds (the shell truncated it for `>`).
+            Ok(m) if names_a_descriptor(path) => return direct(m.is_file()),
+            Ok(m) if !m.is_file() => return direct(false),
             // Through a symbolic link: replace the file it points to, not the link.
             Ok(m) => (std::fs::canonicalize(path).map_err(err)?, Some(m.mode())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => (path.to_path_buf(), None),
@@ -207,7 +247,11 @@ impl Sink {
                 file.as_file_mut().seek(SeekFrom::Start(0))?;
                 Ok(())
             }
-            Sink::Direct(_) => Ok(()),
+            Sink::Direct { written: 0, .. } => Ok(()),
+            Sink::Direct { written, path, .. } => Err(ClientError::Protocol(format!(
+                "connection lost after {written} result bytes went to {}; not retrying",
+                path.display()
+            ))),
         }
     }
 
@@ -221,7 +265,7 @@ impl Sink {
                     io::Error::new(e.error.kind(), format!("{}: {}", target.display(), e.error))
                 })
             }
-            Sink::Direct(mut f) => f.flush(),
+            Sink::Direct { mut file, .. } => file.flush(),
         }
     }
 }
@@ -235,7 +279,11 @@ impl Write for Sink {
                 Ok(n)
             }
             Sink::Temp { file, .. } => file.write(buf),
-            Sink::Direct(f) => f.write(buf),
+            Sink::Direct { file, written, .. } => {
+                let n = file.write(buf)?;
+                *written += n as u64;
+                Ok(n)
+            }
         }
     }
 
@@ -243,7 +291,7 @@ impl Write for Sink {
         match self {
             Sink::Stdout { .. } => io::stdout().flush(),
             Sink::Temp { file, .. } => file.flush(),
-            Sink::Direct(f) => f.flush(),
+            Sink::Direct { file, .. } => file.flush(),
         }
     }
 }
@@ -260,7 +308,8 @@ fn open_input(p: &Path) -> io::Result<File> {
 fn run(args: Args) -> Result<(), ClientError> {
     match &args.command {
         Command::Ping { timeout_ms } => {
-            let mut client = retrying(&args, *timeout_ms, Some(*timeout_ms))?;
+            let ms = timeout_ms.unwrap_or(5_000);
+            let mut client = retrying(&args, ms, Some(ms), timeout_ms.is_some())?;
             let start = std::time::Instant::now();
             client.run(Client::ping)?;
             let how = if client.retries > 0 {
@@ -281,7 +330,7 @@ fn run(args: Args) -> Result<(), ClientError> {
             output,
             timeout_ms,
         } => {
-            let mut client = retrying(&args, args.retry_ms, *timeout_ms)?;
+            let mut client = retrying(&args, args.retry_ms, *timeout_ms, true)?;
             let op_args: Vec<&str> = op_args.iter().map(String::as_str).collect();
             let mut sink = Sink::open(output)?;
             let result_on_terminal =
@@ -326,7 +375,7 @@ fn run(args: Args) -> Result<(), ClientError> {
             interval_ms,
         } => {
             // Answered by the dispatcher itself, at once: no job to wait for.
-            let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms))?;
+            let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
             if !*watch {
                 let report = client.status()?;
                 if *json {

@@ -3,7 +3,7 @@
 //! timeout allows, or as long as `run --timeout-ms` says; a lost connection
 //! is still noticed and the request sent again.
 
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -28,6 +28,24 @@ fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
         .output()
         .unwrap();
     (out, started.elapsed())
+}
+
+/// A running `osps-client`, killed and reaped if the test fails before it ends.
+struct Running(Option<Child>);
+
+impl Running {
+    fn output(mut self) -> Output {
+        self.0.take().expect("running").wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -74,20 +92,22 @@ fn run_timeout_ms_bounds_the_wait_for_the_answer() {
 fn a_connection_lost_while_waiting_is_noticed_and_the_request_sent_again() {
     let inst = Instance::supervised("lostwait", &["--heartbeat-ms", "100"], ARGS);
     let first = inst.dispatcher_pid();
-    let child = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
-        .arg(inst.runtime_dir())
-        .args(["--retry-ms", "3000", "run", "sleep", "5000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Running(Some(
+        Command::new(bin("osps-client"))
+            .args(["--instance", inst.name(), "--runtime-dir"])
+            .arg(inst.runtime_dir())
+            .args(["--retry-ms", "3000", "run", "sleep", "5000"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let started = Instant::now();
     // Past the retry deadline counted from the start: only reconnecting counts.
     inst.wait_status("the job runs", |s| s.in_flight == 1);
     std::thread::sleep(Duration::from_millis(3500).saturating_sub(started.elapsed()));
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = child.output();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(out.stdout, b"slept 5000 ms\n");
     assert_ne!(inst.dispatcher_pid(), first, "served by the new dispatcher");

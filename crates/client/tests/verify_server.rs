@@ -6,7 +6,8 @@
 //! squatter as another uid); skipped otherwise.
 //!
 //! The squatter is this test program itself, copied where `nobody` can run
-//! it and started with `OSPS_TEST_SQUATTER` set (see [`squatter_helper`]).
+//! it and started with `OSPS_TEST_SQUATTER` set (see [`squatter_helper`],
+//! an ignored test run only so).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -54,6 +55,7 @@ impl Squatter {
         let ready = work.join("ready");
         let child = Command::new(&exe)
             .args([
+                "--ignored",
                 "--exact",
                 "squatter_helper",
                 "--nocapture",
@@ -240,27 +242,31 @@ fn a_loopback_port_held_by_another_uid_gets_no_token() {
     let squatter = Squatter::start(&work, "tcp");
     let port = squatter.port.expect("a port");
     let target = format!("tcp:127.0.0.1:{port}");
-    let out = client(
-        &[
-            "--connect",
-            &target,
-            "--token-file",
-            token.to_str().unwrap(),
-            "run",
-            "echo",
-            "--input",
-            "-",
-        ],
-        b"the victim's secret payload",
-        &[],
-    );
-    one_line_refusal(
-        &out,
-        &[
-            &format!("refusing to talk to {target}"),
-            "served by uid 65534",
-        ],
-    );
+    // The same port by its IPv4-mapped IPv6 address is the same server.
+    let mapped = format!("tcp:[::ffff:127.0.0.1]:{port}");
+    for target in [&target, &mapped] {
+        let out = client(
+            &[
+                "--connect",
+                target,
+                "--token-file",
+                token.to_str().unwrap(),
+                "run",
+                "echo",
+                "--input",
+                "-",
+            ],
+            b"the victim's secret payload",
+            &[],
+        );
+        one_line_refusal(
+            &out,
+            &[
+                &format!("refusing to talk to {target}"),
+                "served by uid 65534",
+            ],
+        );
+    }
     let out = python(&[
         "--tcp",
         &format!("127.0.0.1:{port}"),
@@ -270,8 +276,8 @@ fn a_loopback_port_held_by_another_uid_gets_no_token() {
     ]);
     python_refusal(&out, &format!("refusing to talk to {target}"));
     assert_eq!(
-        squatter.received(2),
-        [0, 0],
+        squatter.received(3),
+        [0, 0, 0],
         "no hello, no token, no payload"
     );
 }
@@ -309,15 +315,16 @@ fn python_refusal(out: &Output, needle: &str) {
     );
 }
 
-/// The squatter's body, run as `nobody` when `OSPS_TEST_SQUATTER` is set
-/// (`unix:PATH;WORKDIR` or `tcp;WORKDIR`); a no-op test otherwise. It
-/// answers like a dispatcher: an accepted hello, then `forged\n` to the
-/// first request; it records how many bytes each connection sent it.
+/// The squatter's body, run as `nobody` by the tests above (with
+/// `--ignored --exact`, `OSPS_TEST_SQUATTER` set to `unix:PATH;WORKDIR` or
+/// `tcp;WORKDIR`); not a test of its own. It answers like a dispatcher: an
+/// accepted hello, then `forged\n` to the first request; it records how
+/// many bytes each connection sent it.
 #[test]
+#[ignore = "run by the squatter tests as another uid"]
 fn squatter_helper() {
-    let Ok(spec) = std::env::var("OSPS_TEST_SQUATTER") else {
-        return;
-    };
+    let spec = std::env::var("OSPS_TEST_SQUATTER")
+        .expect("run by the squatter tests, with OSPS_TEST_SQUATTER set");
     let (what, work) = spec.split_once(';').unwrap();
     let work = PathBuf::from(work);
     let record = work.join("received");

@@ -174,6 +174,28 @@ fn check_dir(d: &Path, own: bool, trusted: &TrustedUids) -> Result<(), PeerError
     Ok(())
 }
 
+/// Whether `ip` is a loopback address, its IPv4-mapped IPv6 form
+/// (`::ffff:127.0.0.1`) included.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// Checks a TCP server at `server` whose side of the connection is owned by
+/// `owner` ([`tcp_server_uid`]): a trusted uid passes; a loopback server
+/// (in any form, see [`is_loopback`]) whose owner cannot be found is
+/// refused; a server on another host cannot be checked this way, and passes.
+pub fn check_tcp_server(
+    owner: Option<u32>,
+    server: SocketAddr,
+    trusted: &TrustedUids,
+) -> Result<(), PeerError> {
+    match owner {
+        Some(uid) => check_uid(uid, trusted),
+        None if is_loopback(server.ip()) => Err(PeerError::UnknownTcpOwner),
+        None => Ok(()),
+    }
+}
+
 /// The uid owning the server's side of the TCP connection from `local` (our
 /// end) to `peer` (the server's address), from `/proc/net/tcp` and
 /// `/proc/net/tcp6`: the row whose local address is `peer` and whose remote
@@ -280,6 +302,32 @@ mod tests {
         assert_eq!(find_tcp_owner(table, client, mapped), Some(1000));
         let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
         assert_eq!(find_tcp_owner(table, client, other), None);
+    }
+
+    #[test]
+    fn a_mapped_loopback_server_of_unknown_owner_is_refused() {
+        let own = TrustedUids::own();
+        for addr in [
+            "127.0.0.1:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:127.1.2.3]:80",
+        ] {
+            let server: SocketAddr = addr.parse().unwrap();
+            assert!(is_loopback(server.ip()), "{addr}");
+            assert!(
+                matches!(
+                    check_tcp_server(None, server, &own),
+                    Err(PeerError::UnknownTcpOwner)
+                ),
+                "{addr}"
+            );
+        }
+        let remote: SocketAddr = "[::ffff:192.0.2.1]:80".parse().unwrap();
+        assert!(!is_loopback(remote.ip()));
+        check_tcp_server(None, remote, &own).unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        check_tcp_server(Some(me), "[::ffff:127.0.0.1]:80".parse().unwrap(), &own).unwrap();
     }
 
     #[test]

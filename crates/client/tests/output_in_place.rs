@@ -1,0 +1,60 @@
+//! `run -o` with the name of an open descriptor (`/dev/stdout`, ...) writes
+//! through it: a file the shell redirected stdout to keeps what it held
+//! (`>>`) and stays the same file; it is not replaced by a new one.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+
+use osps_testkit::{bin, Instance};
+
+#[test]
+fn dev_stdout_redirected_to_a_file_is_appended_to_not_replaced() {
+    let inst = Instance::start(
+        "devstdout",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "1048576",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.txt");
+    std::fs::write(&log, b"earlier lines\n").unwrap();
+    let inode = std::fs::metadata(&log).unwrap().ino();
+    for name in ["/dev/stdout", "/proc/self/fd/1"] {
+        // As `osps-client run upper -o /dev/stdout >> log.txt`.
+        let appending = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let mut child = Command::new(bin("osps-client"))
+            .args(["--instance", inst.name(), "--runtime-dir"])
+            .arg(inst.runtime_dir())
+            .args(["run", "upper", "--input", "-", "-o", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(appending))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"result\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Before: the file was replaced by one holding only the last result.
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "earlier lines\nRESULT\nRESULT\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().ino(),
+        inode,
+        "the same file"
+    );
+    let stray: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(stray.len(), 1, "no temporary file left: {stray:?}");
+}

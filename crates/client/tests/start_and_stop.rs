@@ -1,0 +1,107 @@
+//! The edges of a dispatcher's life as `osps-client` sees them: a client
+//! started just before the dispatcher (as `osps-watchdog ... & osps-client
+//! status` does) waits for it; a client whose job was cut off by an ordered
+//! shutdown says so, in the server's words, when it gives up.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use osps_testkit::{bin, Instance};
+
+const ARGS: &[&str] = &[
+    "--workers",
+    "1",
+    "--segment-mib",
+    "16",
+    "--max-payload",
+    "1048576",
+];
+
+/// A running `osps-client`, killed and reaped if the test fails before it ends.
+struct Running(Option<Child>);
+
+impl Running {
+    fn output(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_client(instance: &str, runtime_dir: &std::path::Path, args: &[&str]) -> Running {
+    let child = Command::new(bin("osps-client"))
+        .args(["--instance", instance, "--runtime-dir"])
+        .arg(runtime_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Running(Some(child))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn a_client_started_just_before_the_dispatcher_waits_for_it() {
+    for args in [
+        &["status", "--json"][..],
+        &["ping", "--timeout", "20000"][..],
+    ] {
+        let mut client = None;
+        // Nothing runs yet, and there is no socket or lock file: the client
+        // starts first, the dispatcher half a second later.
+        let inst = Instance::start_with("startwindow", ARGS, |paths| {
+            let base = paths.dir().parent().unwrap();
+            client = Some(spawn_client(paths.instance(), base, args));
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        // Before: "No such file or directory" at once.
+        let out = client.unwrap().output();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        if args[0] == "status" {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["dispatcher_pid"], inst.pid());
+        } else {
+            assert!(text(&out.stdout).starts_with("pong from unix:"));
+        }
+    }
+    // With nothing there at all, it still fails, after the short grace.
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = spawn_client("nothing", dir.path(), &["status"]).output();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No such file or directory"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{err}");
+}
+
+#[test]
+fn a_job_cut_off_by_a_shutdown_reports_the_shutdown_not_the_missing_socket() {
+    let mut args = ARGS.to_vec();
+    args.extend(["--drain-timeout-ms", "300"]);
+    let inst = Instance::start("cutoff", &args);
+    let client = spawn_client(inst.name(), inst.runtime_dir(), &["run", "sleep", "20000"]);
+    inst.wait_status("the job runs", |s| s.in_flight == 1);
+    inst.signal(Signal::SIGTERM);
+    let out = client.output();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Before: "cannot connect to unix:...: No such file or directory".
+    assert!(
+        err.starts_with("osps-client: shutting down: ") && err.contains("drain deadline"),
+        "{err}"
+    );
+}
