@@ -3,7 +3,10 @@
 //! open-file limit allows after a reserve for the workers; handshakes that
 //! say nothing are evicted oldest first; and the slot bytes one connection,
 //! and one peer (a uid on the Unix socket, an address on TCP), may hold at
-//! once are capped, with a reserve of the arena that only small requests use.
+//! once are capped, with a reserve of the arena that only small requests use;
+//! and a peer other than the owner (a uid admitted by `--allow-uid`, an
+//! address on a TCP listener that needs the token) may hold at most half of
+//! its listener's connections.
 //! Pure logic and single-threaded bookkeeping: no I/O here.
 
 use std::cell::{Cell, RefCell};
@@ -48,6 +51,16 @@ pub enum PeerKey {
     Addr(IpAddr),
     /// The credentials could not be read.
     Unknown,
+}
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerKey::Uid(u) => write!(f, "uid {u}"),
+            PeerKey::Addr(a) => write!(f, "address {a}"),
+            PeerKey::Unknown => f.write_str("an unknown peer"),
+        }
+    }
 }
 
 /// The budgets each listener gets, from the configuration and the fd limit.
@@ -123,8 +136,22 @@ pub struct Gate {
     pub max_connections: usize,
     /// Admitted clients now.
     pub connections: Cell<usize>,
+    /// Admitted clients one peer held to a share may have at once: half
+    /// the budget (at least one), so that no such peer can take it all.
+    pub peer_share: usize,
+    /// Admitted clients now, of each peer held to the share.
+    shares: RefCell<HashMap<PeerKey, usize>>,
     /// Connections in their handshake.
     pub handshakes: Handshakes,
+}
+
+/// Why a connection is not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The listener's budget is spent.
+    Full,
+    /// The peer, held to a share, has its share already.
+    PeerShare,
 }
 
 impl Gate {
@@ -133,12 +160,67 @@ impl Gate {
             flag,
             max_connections,
             connections: Cell::new(0),
+            peer_share: (max_connections / 2).max(1),
+            shares: RefCell::new(HashMap::new()),
             handshakes: Handshakes::new(handshakes),
         }
     }
 
     pub fn is_full(&self) -> bool {
         self.connections.get() >= self.max_connections
+    }
+
+    /// Why a connection from `peer` cannot be admitted now (`None`: it
+    /// can). `capped`: the peer is held to [`Gate::peer_share`] (a Unix
+    /// peer admitted only by `--allow-uid`, a TCP address on a listener
+    /// that needs the token); the owner is not.
+    pub fn refuses(&self, peer: &PeerKey, capped: bool) -> Option<Refusal> {
+        if self.is_full() {
+            Some(Refusal::Full)
+        } else if capped && self.held_by(peer) >= self.peer_share {
+            Some(Refusal::PeerShare)
+        } else {
+            None
+        }
+    }
+
+    /// Admitted connections `peer` holds now (counted for capped peers only).
+    pub fn held_by(&self, peer: &PeerKey) -> usize {
+        self.shares.borrow().get(peer).copied().unwrap_or(0)
+    }
+
+    /// Counts an admitted connection (see [`Gate::refuses`]) until the
+    /// returned mark is dropped.
+    pub fn admit(&self, peer: &PeerKey, capped: bool) -> Admitted<'_> {
+        self.connections.set(self.connections.get() + 1);
+        let peer = capped.then(|| {
+            *self.shares.borrow_mut().entry(peer.clone()).or_insert(0) += 1;
+            peer.clone()
+        });
+        Admitted { gate: self, peer }
+    }
+}
+
+/// An admitted connection's place in its listener's budget (and its peer's share).
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    gate: &'a Gate,
+    peer: Option<PeerKey>,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let g = self.gate;
+        g.connections.set(g.connections.get() - 1);
+        if let Some(peer) = &self.peer {
+            let mut shares = g.shares.borrow_mut();
+            if let Some(n) = shares.get_mut(peer) {
+                *n -= 1;
+                if *n == 0 {
+                    shares.remove(peer);
+                }
+            }
+        }
     }
 }
 
@@ -469,6 +551,37 @@ mod tests {
         assert_eq!((h.len(), h.evicted()), (8, 2));
         drop(others);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn a_capped_peer_holds_at_most_half_of_the_budget_and_the_owner_the_rest() {
+        let g = Gate::new("--max-connections", 8, 4);
+        assert_eq!(g.peer_share, 4);
+        let other = PeerKey::Uid(65534);
+        let owner = PeerKey::Uid(0);
+        let theirs: Vec<_> = (0..4)
+            .map(|_| {
+                assert_eq!(g.refuses(&other, true), None);
+                g.admit(&other, true)
+            })
+            .collect();
+        assert_eq!(g.refuses(&other, true), Some(Refusal::PeerShare));
+        // Another capped peer has a share of its own; the owner is not capped.
+        assert_eq!(g.refuses(&PeerKey::Uid(1000), true), None);
+        let ours: Vec<_> = (0..4)
+            .map(|_| {
+                assert_eq!(g.refuses(&owner, false), None);
+                g.admit(&owner, false)
+            })
+            .collect();
+        assert_eq!(g.refuses(&owner, false), Some(Refusal::Full));
+        assert_eq!(g.refuses(&other, true), Some(Refusal::Full));
+        drop(ours);
+        assert_eq!(g.refuses(&other, true), Some(Refusal::PeerShare));
+        drop(theirs);
+        assert_eq!((g.connections.get(), g.held_by(&other)), (0, 0));
+        // A budget of one: the share is one.
+        assert_eq!(Gate::new("--max-connections", 1, 1).peer_share, 1);
     }
 
     #[test]

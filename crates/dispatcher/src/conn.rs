@@ -17,7 +17,7 @@ use tokio::io::{
 };
 use tokio::sync::mpsc;
 
-use crate::admission::{Gate, Holder, PeerKey, Wait};
+use crate::admission::{Gate, Holder, PeerKey, Refusal, Wait};
 use crate::shared::{
     JobSlot, OpName, QueuedJob, Reply, Shared, Streamed, Upload, UploadState, RESULT_RESERVE,
 };
@@ -57,6 +57,10 @@ impl Via {
 pub struct Peer {
     pub name: String,
     pub key: PeerKey,
+    /// Held to a share of its listener's connections (half): a uid admitted
+    /// only by `--allow-uid`, or a TCP address on a listener that needs the
+    /// token. The owner (our own uid, root) is not.
+    pub capped: bool,
 }
 
 /// Counts one holder of a budget while alive.
@@ -100,26 +104,44 @@ where
     S: AsyncRead + AsyncWrite + 'static,
 {
     match via.gate(&shared) {
-        Some(gate) if gate.is_full() => refuse(&shared, stream, &peer.name, gate).await,
-        _ => serve(shared, stream, peer, via).await,
+        Some(gate) => match gate.refuses(&peer.key, peer.capped) {
+            Some(why) => refuse(&shared, stream, &peer, gate, why).await,
+            None => serve(shared, stream, peer, via).await,
+        },
+        None => serve(shared, stream, peer, via).await,
     }
 }
 
 /// Refuses a connection over the limit: reads its hello (briefly), answers
 /// with the `Refused` status and one line saying why, and closes.
-async fn refuse<S>(shared: &Shared, stream: S, peer: &str, gate: &Gate)
+async fn refuse<S>(shared: &Shared, stream: S, peer: &Peer, gate: &Gate, why: Refusal)
 where
     S: AsyncRead + AsyncWrite,
 {
-    let line = full_line(gate);
-    refuse_with(shared, stream, peer, HelloStatus::Refused, &line).await;
+    let line = refusal_line(gate, &peer.key, why);
+    refuse_with(shared, stream, &peer.name, HelloStatus::Refused, &line).await;
 }
 
-fn full_line(gate: &Gate) -> String {
-    format!(
-        "OSPS dispatcher is full: {} connections open on this socket (the limit, {}); try again later",
-        gate.max_connections, gate.flag
-    )
+/// The line a `Refused` hello carries.
+fn refusal_line(gate: &Gate, peer: &PeerKey, why: Refusal) -> String {
+    match why {
+        Refusal::Full => format!(
+            "OSPS dispatcher is full: {} connections open on this socket (the limit, {}); try again later",
+            gate.max_connections, gate.flag
+        ),
+        Refusal::PeerShare if matches!(peer, PeerKey::Addr(_)) => format!(
+            "OSPS dispatcher refuses another connection from {peer}: it holds {} connections on this port, its per-address share (half of the {} the port admits, {}); close some or try again later",
+            gate.held_by(peer),
+            gate.max_connections,
+            gate.flag
+        ),
+        Refusal::PeerShare => format!(
+            "OSPS dispatcher refuses another connection from {peer}: it holds {} connections on this socket, its per-user share (half of the {} the socket admits, {}; only the dispatcher's own user and root may hold more); close some or try again later",
+            gate.held_by(peer),
+            gate.max_connections,
+            gate.flag
+        ),
+    }
 }
 
 /// Refuses a peer whose uid is not admitted (SO_PEERCRED).
@@ -235,10 +257,12 @@ where
     };
     let name = &peer.name;
     match opened {
-        Ok(Ok(())) if gate.is_some_and(Gate::is_full) => {
+        Ok(Ok(())) if gate.is_some_and(|g| g.refuses(&peer.key, peer.capped).is_some()) => {
             // Others were admitted while this one said hello.
             let gate = gate.expect("checked");
-            refuse_hello(&mut wr, HelloStatus::Refused, &full_line(gate)).await;
+            let why = gate.refuses(&peer.key, peer.capped).expect("checked");
+            let line = refusal_line(gate, &peer.key, why);
+            refuse_hello(&mut wr, HelloStatus::Refused, &line).await;
             let _ = wr.shutdown().await;
             tokio::select! {
                 () = linger(&mut rd) => {}
@@ -247,7 +271,7 @@ where
         }
         Ok(Ok(())) => {
             // Counted before the first await, so the limit holds exactly.
-            let _admitted = gate.map(|g| Held::new(&g.connections));
+            let _admitted = gate.map(|g| g.admit(&peer.key, peer.capped));
             drop(ticket);
             let accepted = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16);
             if wr.write_all(&accepted).await.is_err() {

@@ -195,10 +195,10 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
         return bad("--job-timeout-ms must be at least 1".into());
     }
     match c.tcp {
-        Some(addr) if !addr.ip().is_loopback() && !c.tcp_allow_remote => {
+        Some(addr) if !ipc_core::peer::is_loopback(addr.ip()) && !c.tcp_allow_remote => {
             return bad(format!("--tcp {addr} is not a loopback address; OSPS listens on loopback (127.0.0.0/8, ::1) unless given --tcp-allow-remote and --token-file"));
         }
-        Some(addr) if !addr.ip().is_loopback() && c.token_file.is_none() => {
+        Some(addr) if !ipc_core::peer::is_loopback(addr.ip()) && c.token_file.is_none() => {
             return bad(format!("--tcp {addr} with --tcp-allow-remote needs --token-file: remote clients must present a token ({})", ipc_core::token::HOW_TO_MAKE));
         }
         None if c.tcp_allow_remote || c.token_file.is_some() => {
@@ -396,7 +396,11 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
                     let uid = cred.map(|c| c.uid());
                     let name = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
                     let key = uid.map_or(admission::PeerKey::Unknown, admission::PeerKey::Uid);
-                    let peer = conn::Peer { name, key };
+                    // A uid admitted only by --allow-uid may hold half of
+                    // the socket's connections: never all of the owner's.
+                    let own = nix::unistd::getuid().as_raw();
+                    let capped = uid.is_some_and(|u| u != own && u != 0);
+                    let peer = conn::Peer { name, key, capped };
                     let watchdog = shared.config.watchdog.as_ref().map(|w| w.pid as i32);
                     let is_watchdog = watchdog.is_some() && cred.and_then(|c| c.pid()) == watchdog;
                     if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
@@ -412,7 +416,12 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
                 Ok((stream, addr)) => {
                     conn::tune_tcp(&stream);
                     let via = conn::Via::Tcp { needs_token: shared.tcp_token.is_some() };
-                    let peer = conn::Peer { name: addr.to_string(), key: admission::PeerKey::Addr(addr.ip()) };
+                    // With a token (remote clients), one address may hold
+                    // half of the listener's connections. Without one (a
+                    // loopback port), every local user is the same to us:
+                    // no share can be told apart (see README, Limits).
+                    let key = admission::PeerKey::Addr(addr.ip().to_canonical());
+                    let peer = conn::Peer { name: addr.to_string(), key, capped: shared.tcp_token.is_some() };
                     tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
                 }
                 Err(e) => accept_error(e).await,
@@ -527,4 +536,30 @@ async fn accept_tcp(
 async fn accept_error(e: std::io::Error) {
     tracing::warn!("accept failed: {e}; pausing 100 ms");
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_mapped_loopback_address_is_loopback() {
+        let with = |addr: &str| {
+            let mut c = Config::new("t");
+            c.tcp = Some(addr.parse().unwrap());
+            check(&c)
+        };
+        for loopback in [
+            "127.0.0.1:0",
+            "127.0.0.2:0",
+            "[::1]:0",
+            "[::ffff:127.0.0.1]:0",
+        ] {
+            assert!(with(loopback).is_ok(), "{loopback}: {:?}", with(loopback));
+        }
+        for remote in ["10.0.0.1:0", "[::ffff:10.0.0.1]:0", "[2001:db8::1]:0"] {
+            let err = with(remote).expect_err(remote).to_string();
+            assert!(err.contains("not a loopback address"), "{remote}: {err}");
+        }
+    }
 }

@@ -5,11 +5,21 @@
 //! one that reads slowly but steadily gets its large reply whole; silent TCP handshakes cannot lock out a client with the token; a
 //! flood on one listener does not refuse the other's clients; and a low
 //! open-file limit clamps the connection budget so that a killed worker is
-//! still replaced.
+//! still replaced; and a peer other than the owner (a uid admitted by
+//! `--allow-uid`, an address on a TCP port that needs the token) holds at
+//! most half of its listener's connections, so the owner always gets in.
+//!
+//! The other uid (`nobody`) is this test program itself, copied where
+//! `nobody` can run it and started with `OSPS_TEST_HOG` set (see
+//! [`hog_helper`], an ignored test run only so).
+
+mod nobody;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use ipc_core::{proto, Endpoint};
@@ -578,4 +588,219 @@ fn under_a_low_fd_limit_connections_are_clamped_and_a_killed_worker_is_replaced(
         "{log}"
     );
     assert_eq!(clients.len(), limit, "admitted clients");
+}
+
+/// A process run as `nobody` that holds as many connections as it is given.
+struct Hog {
+    _child: nobody::Proc,
+    /// Where it writes how many it got, then the refusal's line.
+    result: std::path::PathBuf,
+}
+
+impl Hog {
+    /// Starts the hog on the Unix socket `socket`, working in `work` (a
+    /// directory `nobody` may write): it connects until refused (at most
+    /// `most` times) and holds what it got.
+    fn start(work: &std::path::Path, socket: &std::path::Path, most: usize) -> Hog {
+        let exe = work.join("hog");
+        osps_testkit::install_exe(&std::env::current_exe().unwrap(), &exe);
+        let child = std::process::Command::new(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "hog_helper",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                "OSPS_TEST_HOG",
+                format!("{};{};{most}", socket.display(), work.display()),
+            )
+            .uid(nobody::NOBODY)
+            .gid(nobody::NOBODY)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Hog {
+            _child: nobody::Proc(Some(child)),
+            result: work.join("result"),
+        }
+    }
+
+    /// How many connections it holds, and why the next was refused.
+    fn result(&self) -> (usize, String) {
+        let text = osps_testkit::wait_for(PATIENCE, || {
+            std::fs::read_to_string(&self.result)
+                .ok()
+                .filter(|t| t.ends_with("\nend\n"))
+        })
+        .expect("the hog reports");
+        let (count, rest) = text.split_once('\n').unwrap();
+        (
+            count.parse().unwrap(),
+            rest.trim_end_matches("end\n").to_owned(),
+        )
+    }
+}
+
+#[test]
+fn an_allowed_uid_holds_at_most_half_of_the_connections_and_the_owner_gets_in() {
+    if !nobody::root_or_skip("connecting as nobody") {
+        return;
+    }
+    let inst = Instance::start(
+        "hog",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--max-connections",
+            "8",
+            "--allow-uid",
+            &nobody::NOBODY.to_string(),
+        ],
+    );
+    // So that the kernel lets `nobody` reach the socket (--allow-uid makes it 0666).
+    for p in [inst.runtime_dir(), inst.paths.dir()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::Builder::new()
+        .prefix("osps-hog-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(work.path(), Some(nobody::NOBODY), Some(nobody::NOBODY)).unwrap();
+    let hog = Hog::start(work.path(), &inst.paths.socket(), 64);
+    let (held, why) = hog.result();
+    println!("nobody holds {held} of 8 connections; refused: {why}");
+    assert!(
+        (1..=4).contains(&held),
+        "nobody holds {held} of 8 connections: {why}"
+    );
+    assert!(
+        why.contains("uid 65534") && why.contains("share") && why.contains("--max-connections"),
+        "{why}"
+    );
+    // The owner (root) gets in, to the end of the budget.
+    let mut ours: Vec<Client> = (0..8 - held)
+        .map(|i| {
+            Client::connect(&inst.endpoint())
+                .unwrap_or_else(|e| panic!("the owner's connection {i} refused: {e}"))
+        })
+        .collect();
+    for c in &mut ours {
+        assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
+    }
+    match Client::connect(&inst.endpoint()) {
+        Err(ClientError::Refused(line)) => assert!(line.contains("is full"), "{line}"),
+        other => panic!("over the budget, not refused: {other:?}"),
+    }
+    drop(hog);
+}
+
+/// Opens a TCP connection to `to` from `from` with `token`: the stream once
+/// accepted, else the hello's status and line.
+fn open_from(
+    from: std::net::Ipv4Addr,
+    to: SocketAddr,
+    token: &[u8],
+) -> Result<TcpStream, (u16, String)> {
+    let mut s = connect_from(from, to).expect("connect");
+    let mut opening = Vec::new();
+    proto::encode_opening(Some(token), &mut opening).unwrap();
+    s.write_all(&opening).unwrap();
+    let mut hello = [0u8; proto::HELLO_LEN];
+    s.read_exact(&mut hello).expect("a hello back");
+    let (_, status) = proto::decode_hello(&hello).expect("an OSPS hello");
+    if status == 0 {
+        return Ok(s);
+    }
+    let mut line = String::new();
+    let _ = s.read_to_string(&mut line);
+    Err((status, line))
+}
+
+#[test]
+fn one_address_holds_at_most_half_of_a_tcp_port_that_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, token) = token(dir.path());
+    let inst = Instance::start(
+        "tcpshare",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--tcp",
+            "127.0.0.1:0",
+            "--token-file",
+            path.to_str().unwrap(),
+            "--max-tcp-connections",
+            "8",
+        ],
+    );
+    let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
+    let hog = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    let refusal = loop {
+        match open_from(hog, addr, &token) {
+            Ok(s) => held.push(s),
+            Err(r) => break r,
+        }
+        assert!(held.len() <= 8, "one address took the whole budget");
+    };
+    println!("127.0.0.2 holds {} of 8; refused: {refusal:?}", held.len());
+    assert_eq!(held.len(), 4);
+    assert_eq!(refusal.0, 2, "Refused: {refusal:?}");
+    assert!(
+        refusal.1.contains("address 127.0.0.2") && refusal.1.contains("--max-tcp-connections"),
+        "{refusal:?}"
+    );
+    // Another address gets the rest.
+    let mut others: Vec<Client> = (0..4)
+        .map(|i| {
+            Client::connect_within(&Endpoint::Tcp(addr), Some(&token), Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("127.0.0.1's connection {i} refused: {e}"))
+        })
+        .collect();
+    for c in &mut others {
+        assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
+    }
+    drop(held);
+}
+
+/// The hog's body, run as `nobody` by the test above (with `--ignored
+/// --exact`, `OSPS_TEST_HOG` set to `SOCKET;WORKDIR;MOST`); not a test of
+/// its own. It connects until refused (or `MOST` times), writes how many it
+/// holds and the refusal to `WORKDIR/result`, and holds them until killed.
+#[test]
+#[ignore = "run by the per-user share test as another uid"]
+fn hog_helper() {
+    let spec =
+        std::env::var("OSPS_TEST_HOG").expect("run by the share test, with OSPS_TEST_HOG set");
+    let mut parts = spec.split(';');
+    let socket = std::path::PathBuf::from(parts.next().unwrap());
+    let work = std::path::PathBuf::from(parts.next().unwrap());
+    let most: usize = parts.next().unwrap().parse().unwrap();
+    let endpoint = Endpoint::Unix(socket);
+    let mut held = Vec::new();
+    let mut why = String::from("never refused");
+    while held.len() < most {
+        match Client::connect(&endpoint) {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                why = e.to_string();
+                break;
+            }
+        }
+    }
+    let tmp = work.join("result.tmp");
+    std::fs::write(&tmp, format!("{}\n{why}\nend\n", held.len())).unwrap();
+    std::fs::rename(&tmp, work.join("result")).unwrap();
+    std::thread::sleep(Duration::from_secs(300));
 }
