@@ -37,7 +37,7 @@ struct Args {
     /// Close a connection that sends no request for this many milliseconds.
     #[arg(long, default_value_t = 300_000)]
     idle_timeout_ms: u64,
-    /// Clients served at once on the Unix socket; more are refused with a clear message. Clamped to what the open-file limit allows.
+    /// Clients served at once on the Unix socket; more are refused with a clear message. A uid admitted only by --allow-uid holds at most half. Clamped to what the open-file limit allows.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
     /// Clients served at once on the TCP listener, a budget of its own [default: --max-connections].
