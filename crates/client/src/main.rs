@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -186,10 +187,38 @@ fn names_a_descriptor(path: &Path) -> bool {
         && std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink())
 }
 
+/// Our own stdout or stderr when `path` is one of their names
+/// (`/dev/stdout`, `/dev/fd/1`, `/proc/self/fd/1`, and the same for 2), as a
+/// duplicate of the descriptor: it shares the file position and the append
+/// mode with the shell's, so what the shell writes next lands after the
+/// result. Opening the name again would make a new open file with a
+/// position of its own, and the shell's next line would overwrite the
+/// result in a file redirected with `>`.
+fn inherited(path: &Path) -> Option<File> {
+    let fd = match path.to_str()? {
+        "/dev/stdout" | "/dev/fd/1" | "/proc/self/fd/1" => 1,
+        "/dev/stderr" | "/dev/fd/2" | "/proc/self/fd/2" => 2,
+        _ => return None,
+    };
+    let owned = if fd == 1 {
+        io::stdout().as_fd().try_clone_to_owned()
+    } else {
+        io::stderr().as_fd().try_clone_to_owned()
+    };
+    owned.ok().map(File::from)
+}
+
 impl Sink {
     fn open(path: &Path) -> io::Result<Sink> {
         if path.as_os_str() == "-" {
             return Ok(Sink::Stdout { written: 0 });
+        }
+        if let Some(file) = inherited(path) {
+            return Ok(Sink::Direct {
+                file,
+                path: path.to_path_buf(),
+                written: 0,
+            });
         }
         let err = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let direct = |append: bool| {

@@ -1,6 +1,7 @@
 //! `run -o` with the name of an open descriptor (`/dev/stdout`, ...) writes
 //! through it: a file the shell redirected stdout to keeps what it held
-//! (`>>`) and stays the same file; it is not replaced by a new one.
+//! (`>>`) and stays the same file; it is not replaced by a new one, and what
+//! the shell writes next comes after the result (`>`).
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -57,4 +58,37 @@ fn dev_stdout_redirected_to_a_file_is_appended_to_not_replaced() {
     );
     let stray: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(stray.len(), 1, "no temporary file left: {stray:?}");
+}
+
+#[test]
+fn dev_stdout_shares_the_shells_position_in_a_file_redirected_with_truncation() {
+    let inst = Instance::start(
+        "devstdoutpos",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "1048576",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.txt");
+    // { echo header; osps-client run upper -o /dev/stdout; echo footer; } > out.txt
+    let script = format!(
+        "{{ echo header; echo result | '{client}' --instance '{inst}' --runtime-dir '{rt}' run upper --input - -o /dev/stdout; echo footer; }} > '{out}'",
+        client = bin("osps-client").display(),
+        inst = inst.name(),
+        rt = inst.runtime_dir().display(),
+        out = out.display(),
+    );
+    let status = Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert!(status.success());
+    // Before: the result was written at offset 0 of a new open file, and
+    // the shell's "footer" overwrote it.
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "header\nRESULT\nfooter\n"
+    );
 }
