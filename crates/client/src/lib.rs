@@ -196,8 +196,8 @@ pub struct RetryPolicy {
     pub start_grace: Duration,
 }
 
-/// How many times in all a [`RetryingClient`] sends one request whole
-/// (the first send and at most 3 resends), whatever time is left: each send
+/// How many times in all a [`RetryingClient`] sends one request whose answer is lost
+/// (the first send and at most 3 resends), whatever time is left: each such send
 /// may run the job (see PROTOCOL.md, section 14).
 pub const MAX_SENDS: u32 = 4;
 
@@ -373,7 +373,10 @@ impl RetryingClient {
                     let before = c.sent_whole;
                     let r = c.set_timeout(overall_left).and_then(|()| attempt(c));
                     answering += t.elapsed();
-                    if c.sent_whole > before {
+                    // A send counts when its answer was lost: a job that may
+                    // have run. An answer (`shutting down`: an ordered stop,
+                    // which ends with the lock file gone) does not count.
+                    if c.sent_whole > before && !matches!(r, Err(ClientError::Remote(_))) {
                         sends += 1;
                     }
                     r
