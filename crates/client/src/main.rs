@@ -394,7 +394,15 @@ fn run(args: Args) -> Result<(), ClientError> {
                         progress.receiving(n)
                     });
                 progress.clear();
-                result
+                drop(output);
+                // Result bytes already out (stdout, a pipe) cannot be taken
+                // back: say so now rather than after reconnecting.
+                result.or_else(|e| {
+                    if e.is_retryable() {
+                        sink.restart()?;
+                    }
+                    Err(e)
+                })
             })?;
             sink.finish()?;
         }

@@ -158,3 +158,36 @@ fn a_result_partly_written_to_a_pipe_is_not_written_again() {
     );
     assert_eq!(server.requests(), 1, "not sent again");
 }
+
+#[test]
+fn a_result_partly_written_is_reported_at_once_when_the_dispatcher_does_not_come_back() {
+    // 10 of the 100 announced bytes, then the server is gone for good.
+    let server = FakeServer::start(|_, req, conn| {
+        let path = conn.local_addr().unwrap().as_pathname().unwrap().to_owned();
+        std::fs::remove_file(path).unwrap();
+        let result: Vec<u8> = (b'a'..=b'z').cycle().take(100).collect();
+        reply(conn, req.id, 100, &result[..10]);
+    });
+    let (out, took) = server.client(
+        &[
+            "--retry-ms",
+            "10000",
+            "run",
+            "echo",
+            "--input",
+            "-",
+            "-o",
+            "/dev/stdout",
+        ],
+        b"payload",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("connection lost after 10 result bytes went to /dev/stdout; not retrying"),
+        "{err}"
+    );
+    // Before: it tried to reconnect for all of --retry-ms, then reported
+    // the failed connect.
+    assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+}
