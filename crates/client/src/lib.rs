@@ -895,15 +895,27 @@ impl Client {
             }
         }
         let mut rest = bytes;
+        // Times in a row the socket said it was writable and then took
+        // nothing (it can, under memory pressure): back off, do not spin.
+        let mut idle = 0u32;
         while !rest.is_empty() {
             match self.writer.send_now(rest) {
                 Ok(0) => {
                     self.broken = true;
                     return Err(io::Error::from(io::ErrorKind::WriteZero).into());
                 }
-                Ok(n) => rest = &rest[n..],
+                Ok(n) => {
+                    rest = &rest[n..];
+                    idle = 0;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.await_writable(id)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if idle > 0 {
+                        std::thread::sleep(Duration::from_millis(u64::from(idle.min(10))));
+                    }
+                    idle += 1;
+                    self.await_writable(id)?;
+                }
                 Err(e) if is_transient_io(&e) => {
                     self.broken = true;
                     return Err(self.answer_after_write_failure(id).unwrap_or(e.into()));

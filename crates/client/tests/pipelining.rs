@@ -21,7 +21,7 @@ fn two_large_pipelined_requests_both_get_their_answers() {
             "--max-payload",
             "16777216",
             "--write-timeout-ms",
-            "1000",
+            "2000",
         ],
     );
     let a: Vec<u8> = (0..10u32 << 20).map(|i| (i % 251) as u8).collect();

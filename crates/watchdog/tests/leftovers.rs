@@ -156,7 +156,7 @@ fn a_dispatcher_killed_at_the_end_of_the_stop_grace_leaves_nothing() {
 /// dispatchers that fail "lock held" and count as crashes.
 #[test]
 fn every_restart_waits_for_a_held_lock_not_only_the_first_spawn() {
-    const GRACE_MS: u64 = 2000;
+    const GRACE_MS: u64 = 4000;
     let grace = format!("{GRACE_MS}");
     let (tx, rx) = std::sync::mpsc::channel();
     let started = Instant::now();

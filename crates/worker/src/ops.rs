@@ -375,7 +375,8 @@ fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 /// Fault injection: a job that leaves processes behind, as a user's job
 /// running a helper program might. One `sleep 1000` stays in the worker's
 /// process group; the other leaves it (and the session) through
-/// `setsid(1)`. Neither is waited for: they are for the watchdog's sweep and
+/// `setsid(1)`. The job does not wait for them (a thread reaps each if it
+/// dies while the worker lives): they are for the watchdog's sweep and
 /// the dispatcher's process-group kill to end. They get no descriptor of
 /// the worker's (stdin, stdout and stderr are `/dev/null`), so the job and
 /// result pipes stay the worker's alone.
@@ -389,7 +390,13 @@ fn spawn(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map(|child| child.id())
+            .map(|mut child| {
+                let pid = child.id();
+                // Reaped if it dies while the worker lives (no zombie);
+                // the worker does not wait for it otherwise.
+                std::thread::spawn(move || child.wait());
+                pid
+            })
             .map_err(|e| {
                 RemoteError::new(ErrorKind::Internal, format!("cannot start {program}: {e}"))
             })
