@@ -25,14 +25,7 @@ fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "4194304",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 16, 4194304);
 
 #[test]
 fn run_ping_and_status_do_what_they_say() {

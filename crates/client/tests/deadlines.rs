@@ -10,14 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_testkit::{bin, Instance};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 
 fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();

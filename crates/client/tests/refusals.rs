@@ -16,17 +16,7 @@ use osps_testkit::{bin, Instance};
 const LIMIT: u64 = 4 << 20;
 
 fn small_limit(tag: &str) -> Instance {
-    Instance::start(
-        tag,
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            &LIMIT.to_string(),
-        ],
-    )
+    Instance::start(tag, osps_testkit::args!(1, 16, &LIMIT.to_string()))
 }
 
 /// A file larger than the limit plus what the server drains before it

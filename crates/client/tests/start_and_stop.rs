@@ -9,14 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use osps_testkit::{bin, Instance};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 
 /// A running `osps-client`, killed and reaped if the test fails before it ends.
 struct Running(Option<Child>);

@@ -42,14 +42,7 @@ fn status_json_names_real_processes_and_its_counters_move() {
     let inst = Instance::supervised(
         "status",
         &["--heartbeat-ms", "100"],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "1048576",
-        ],
+        osps_testkit::args!(2, 16, 1048576),
     );
     let before = json(&inst);
 
@@ -125,17 +118,7 @@ fn status_json_names_real_processes_and_its_counters_move() {
 
 #[test]
 fn status_watch_refreshes_until_stopped() {
-    let inst = Instance::start(
-        "watch",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
-    );
+    let inst = Instance::start("watch", osps_testkit::args!(1, 8, 65536));
     // Piped, with --json: one report per line, each a fresh one.
     let mut child = Command::new(bin("osps-client"))
         .args(["--instance", inst.name(), "--runtime-dir"])

@@ -63,21 +63,18 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
 #[test]
 fn a_connection_that_pins_slots_holds_only_its_share_and_others_pings_stay_fast() {
     let big = BIG.to_string();
+    // Long deadlines: the caps alone must protect the others here.
     let inst = Instance::start(
         "pin",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
+        osps_testkit::args!(
+            2,
+            8,
             &big,
-            // Long deadlines: the caps alone must protect the others here.
             "--write-timeout-ms",
             "120000",
             "--frame-timeout-ms",
-            "120000",
-        ],
+            "120000"
+        ),
     );
     // One connection sends four large echoes and never reads a reply; three
     // more send the header of a large request and stall. All of the same uid
@@ -147,16 +144,7 @@ fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
     let big = BIG.to_string();
     let inst = Instance::start(
         "noread",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            &big,
-            "--write-timeout-ms",
-            "500",
-        ],
+        osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
     );
     let s = inst.raw_client();
     let mut bytes = Vec::new();
@@ -200,18 +188,15 @@ fn a_slow_reader_that_keeps_reading_gets_a_large_reply_whole() {
     // served however long the whole reply takes. On both listeners.
     let inst = Instance::start(
         "slowread",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "48",
-            "--max-payload",
+        osps_testkit::args!(
+            2,
+            48,
             &SLOW_LEN.to_string(),
             "--write-timeout-ms",
             &SLOW_DEADLINE.as_millis().to_string(),
             "--tcp",
-            "127.0.0.1:0",
-        ],
+            "127.0.0.1:0"
+        ),
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
     let mut tcp = TcpStream::connect(addr).unwrap();
@@ -330,16 +315,7 @@ fn a_client_that_writes_past_its_share_without_reading_is_dropped_and_the_log_sa
     let big = BIG.to_string();
     let inst = Instance::start(
         "pastshare",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            &big,
-            "--write-timeout-ms",
-            "500",
-        ],
+        osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
     );
     // A client that writes two large echoes and reads nothing: the second
     // waits for the first's slot, which only its reply being written frees,
@@ -409,18 +385,15 @@ fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
     let (path, token) = token(dir.path());
     let inst = Instance::start(
         "silent",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--tcp",
             "127.0.0.1:0",
             "--token-file",
-            path.to_str().unwrap(),
-        ],
+            path.to_str().unwrap()
+        ),
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
     // 250 connections that never say a word (the budget is 128), from the
@@ -467,18 +440,15 @@ fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<Tcp
 fn a_flood_on_the_tcp_listener_does_not_refuse_unix_clients() {
     let inst = Instance::start(
         "flood",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--tcp",
             "127.0.0.1:0",
             "--max-connections",
-            "20",
-        ],
+            "20"
+        ),
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
     // A flood of TCP clients (no token needed on this loopback port) to its limit.
@@ -527,14 +497,7 @@ fn under_a_low_fd_limit_connections_are_clamped_and_a_killed_worker_is_replaced(
     let inst = Instance::start_under(
         "fdlimit",
         &["prlimit", "--nofile=64:64"],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
+        osps_testkit::args!(2, 8, 65536),
     );
     // Fill the budget (and try past it: refused, or held off).
     let mut clients = Vec::new();
@@ -650,18 +613,15 @@ fn an_allowed_uid_holds_at_most_half_of_the_connections_and_the_owner_gets_in() 
     }
     let inst = Instance::start(
         "hog",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--max-connections",
             "8",
             "--allow-uid",
-            &nobody::NOBODY.to_string(),
-        ],
+            &nobody::NOBODY.to_string()
+        ),
     );
     // So that the kernel lets `nobody` reach the socket (--allow-uid makes it 0666).
     for p in [inst.runtime_dir(), inst.paths.dir()] {
@@ -726,20 +686,17 @@ fn one_address_holds_at_most_half_of_a_tcp_port_that_needs_the_token() {
     let (path, token) = token(dir.path());
     let inst = Instance::start(
         "tcpshare",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--tcp",
             "127.0.0.1:0",
             "--token-file",
             path.to_str().unwrap(),
             "--max-tcp-connections",
-            "8",
-        ],
+            "8"
+        ),
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
     let hog = std::net::Ipv4Addr::new(127, 0, 0, 2);

@@ -23,16 +23,7 @@ fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
     let limit = 50;
     let inst = Instance::start(
         "connlimit",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--max-connections",
-            "50",
-        ],
+        osps_testkit::args!(2, 8, 65536, "--max-connections", "50"),
     );
     let mut first: Vec<_> = (0..limit).map(|_| inst.client()).collect();
     let mut refused = 0;
@@ -69,16 +60,7 @@ fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
 fn a_peer_that_stalls_inside_a_request_is_dropped() {
     let inst = Instance::start(
         "stall",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--frame-timeout-ms",
-            "500",
-        ],
+        osps_testkit::args!(1, 8, 65536, "--frame-timeout-ms", "500"),
     );
     // Two bytes of a length prefix, then nothing.
     let mut header = inst.raw_client();
@@ -129,16 +111,7 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
 fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let inst = Instance::start(
         "idle",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--idle-timeout-ms",
-            "600",
-        ],
+        osps_testkit::args!(1, 8, 65536, "--idle-timeout-ms", "600"),
     );
     let mut idle = inst.raw_client();
     let mut busy = inst.client();

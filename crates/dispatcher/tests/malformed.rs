@@ -11,16 +11,7 @@ use ipc_core::proto::{self, ErrorKind, Outcome, Request, Response, PROTOCOL_VERS
 use osps_client::ClientError;
 use osps_testkit::{Instance, PATIENCE};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "1048576",
-    "--handshake-timeout-ms",
-    "1000",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 8, 1048576, "--handshake-timeout-ms", "1000");
 
 fn raw(inst: &Instance) -> UnixStream {
     let s = UnixStream::connect(inst.paths.socket()).unwrap();

@@ -22,14 +22,7 @@ const TOTAL: usize = 4 << 20;
 const FIRST: usize = 1_500_000;
 
 fn args(extra: &[&'static str]) -> Vec<&'static str> {
-    let mut a = vec![
-        "--workers",
-        "2",
-        "--segment-mib",
-        "32",
-        "--max-payload",
-        "8388608",
-    ];
+    let mut a = osps_testkit::args!(2, 32, 8388608).to_vec();
     a.extend_from_slice(extra);
     a
 }

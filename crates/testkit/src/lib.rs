@@ -605,3 +605,31 @@ impl Drop for Instance {
         }
     }
 }
+
+/// The dispatcher's usual sizing flags, in this order: `--workers W
+/// --segment-mib M --max-payload P`, then any further arguments as given.
+/// Expands to a `&[&str]` (usable in a `const`), so a test's arguments are
+/// written once and read at a glance:
+/// `osps_testkit::args!(2, 8, 65536, "--max-connections", "50")`; the
+/// payload limit may also be a computed `&str` (`args!(1, 8, &big)`).
+#[macro_export]
+macro_rules! args {
+    ($workers:literal, $mib:literal, $payload:literal $(, $extra:expr)* $(,)?) => {
+        $crate::args!(@ $workers, $mib, stringify!($payload) $(, $extra)*)
+    };
+    (@ $workers:literal, $mib:literal, $payload:expr $(, $extra:expr)*) => {
+        &[
+            "--workers",
+            stringify!($workers),
+            "--segment-mib",
+            stringify!($mib),
+            "--max-payload",
+            $payload
+            $(, $extra)*
+        ]
+    };
+    // A computed payload limit (a `&str`): `args!(1, 8, &big, ...)`.
+    ($workers:literal, $mib:literal, $payload:expr $(, $extra:expr)* $(,)?) => {
+        $crate::args!(@ $workers, $mib, $payload $(, $extra)*)
+    };
+}

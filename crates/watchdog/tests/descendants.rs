@@ -146,19 +146,10 @@ fn wait_reaped(kids: &[Kid], inst: &Instance, what: &str) -> Duration {
 }
 
 fn dispatcher_args(kids: &LeavesChildren, extra: &[&'static str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--workers",
-        "2",
-        "--segment-mib",
-        "16",
-        "--max-payload",
-        "1048576",
-        "--worker-exe",
-        kids.exe(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = osps_testkit::args!(2, 16, 1048576, "--worker-exe", kids.exe())
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
@@ -312,15 +303,7 @@ impl Drop for JobKids {
     }
 }
 
-const SPAWN_ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "65536",
-    "--allow-fault-injection",
-];
+const SPAWN_ARGS: &[&str] = osps_testkit::args!(1, 8, 65536, "--allow-fault-injection");
 
 #[test]
 fn sigkill_of_a_supervised_dispatcher_kills_and_reaps_what_a_job_started() {

@@ -14,14 +14,7 @@ use nix::unistd::Pid;
 use osps_client::{RetryPolicy, RetryingClient};
 use osps_testkit::{proc_info, wait_for, zombies_of, Instance, PATIENCE};
 
-const DISPATCHER: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const DISPATCHER: &[&str] = osps_testkit::args!(2, 16, 1048576);
 
 fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap();
