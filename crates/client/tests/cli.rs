@@ -6,21 +6,19 @@ use std::process::{Command, Output, Stdio};
 use osps_testkit::{bin, Instance};
 
 fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bin("osps-client"))
-        .args([
-            "--instance",
-            inst.name(),
-            "--retry-ms",
-            "300",
-            "--runtime-dir",
-        ])
-        .arg(inst.runtime_dir())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = osps_testkit::spawn_piped(
+        Command::new(bin("osps-client"))
+            .args([
+                "--instance",
+                inst.name(),
+                "--retry-ms",
+                "300",
+                "--runtime-dir",
+            ])
+            .arg(inst.runtime_dir())
+            .args(args),
+    )
+    .unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
 }

@@ -3,20 +3,18 @@
 //! timeout allows, or as long as `run --timeout-ms` says; a lost connection
 //! is still noticed and the request sent again.
 
-use std::process::{Child, Command, Output};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osps_testkit::{bin, Instance};
+use osps_testkit::Instance;
 
 const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 
 fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
-        .arg(inst.runtime_dir())
+    let out = osps_testkit::client_command(inst.name(), inst.runtime_dir())
         .args(args)
         .output()
         .unwrap();
@@ -86,9 +84,7 @@ fn a_connection_lost_while_waiting_is_noticed_and_the_request_sent_again() {
     let inst = Instance::supervised("lostwait", &["--heartbeat-ms", "100"], ARGS);
     let first = inst.dispatcher_pid();
     let child = Running(Some(
-        Command::new(bin("osps-client"))
-            .args(["--instance", inst.name(), "--runtime-dir"])
-            .arg(inst.runtime_dir())
+        osps_testkit::client_command(inst.name(), inst.runtime_dir())
             .args(["--retry-ms", "3000", "run", "sleep", "5000"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

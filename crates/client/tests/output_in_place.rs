@@ -19,9 +19,7 @@ fn dev_stdout_redirected_to_a_file_is_appended_to_not_replaced() {
     for name in ["/dev/stdout", "/proc/self/fd/1"] {
         // As `osps-client run upper -o /dev/stdout >> log.txt`.
         let appending = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        let mut child = Command::new(bin("osps-client"))
-            .args(["--instance", inst.name(), "--runtime-dir"])
-            .arg(inst.runtime_dir())
+        let mut child = osps_testkit::client_command(inst.name(), inst.runtime_dir())
             .args(["run", "upper", "--input", "-", "-o", name])
             .stdin(Stdio::piped())
             .stdout(Stdio::from(appending))

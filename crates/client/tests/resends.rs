@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,15 +74,13 @@ impl FakeServer {
 
     fn client(&self, args: &[&str], stdin: &[u8]) -> (Output, Duration) {
         let started = Instant::now();
-        let mut child = Command::new(bin("osps-client"))
-            .arg("--connect")
-            .arg(format!("unix:{}", self.path.display()))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = osps_testkit::spawn_piped(
+            Command::new(bin("osps-client"))
+                .arg("--connect")
+                .arg(format!("unix:{}", self.path.display()))
+                .args(args),
+        )
+        .unwrap();
         let _ = child.stdin.take().unwrap().write_all(stdin);
         let out = child.wait_with_output().unwrap();
         (out, started.elapsed())

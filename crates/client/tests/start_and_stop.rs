@@ -3,11 +3,11 @@
 //! status` does) waits for it; a client whose job was cut off by an ordered
 //! shutdown says so, in the server's words, when it gives up.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use osps_testkit::{bin, Instance};
+use osps_testkit::Instance;
 
 const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 
@@ -30,9 +30,7 @@ impl Drop for Running {
 }
 
 fn spawn_client(instance: &str, runtime_dir: &std::path::Path, args: &[&str]) -> Running {
-    let child = Command::new(bin("osps-client"))
-        .args(["--instance", instance, "--runtime-dir"])
-        .arg(runtime_dir)
+    let child = osps_testkit::client_command(instance, runtime_dir)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

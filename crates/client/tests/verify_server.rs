@@ -110,15 +110,13 @@ fn dirs() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn client(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
-    let mut child = Command::new(bin("osps-client"))
-        .args(["--retry-ms", "2000"])
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = osps_testkit::spawn_piped(
+        Command::new(bin("osps-client"))
+            .args(["--retry-ms", "2000"])
+            .args(args)
+            .envs(env.iter().copied()),
+    )
+    .unwrap();
     // It may refuse and exit before it reads its input.
     let _ = child.stdin.take().unwrap().write_all(stdin);
     child.wait_with_output().unwrap()
@@ -289,13 +287,7 @@ fn python(args: &[&str]) -> Output {
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/examples/osps_client.py"
     );
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut child = osps_testkit::spawn_piped(Command::new("python3").arg(script).args(args))
         .expect("python3 runs");
     let _ = child
         .stdin

@@ -633,3 +633,20 @@ macro_rules! args {
         $crate::args!(@ $workers, $mib, $payload $(, $extra)*)
     };
 }
+
+/// `osps-client --instance NAME --runtime-dir DIR`, for a test to add its
+/// own arguments to.
+pub fn client_command(instance: &str, runtime_dir: &Path) -> Command {
+    let mut cmd = Command::new(bin("osps-client"));
+    cmd.args(["--instance", instance, "--runtime-dir"])
+        .arg(runtime_dir);
+    cmd
+}
+
+/// Spawns `cmd` with its stdin, stdout and stderr piped to the test.
+pub fn spawn_piped(cmd: &mut Command) -> std::io::Result<Child> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+}
