@@ -3,7 +3,7 @@
 //! timeout allows, or as long as `run --timeout-ms` says; a lost connection
 //! is still noticed and the request sent again.
 
-use std::process::{Child, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -22,22 +22,7 @@ fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
 }
 
 /// A running `osps-client`, killed and reaped if the test fails before it ends.
-struct Running(Option<Child>);
-
-impl Running {
-    fn output(mut self) -> Output {
-        self.0.take().expect("running").wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use osps_testkit::Reaped as Running;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

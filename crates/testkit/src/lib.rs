@@ -650,3 +650,42 @@ pub fn spawn_piped(cmd: &mut Command) -> std::io::Result<Child> {
         .stderr(Stdio::piped())
         .spawn()
 }
+
+/// A child process (a client, a program run as another uid, ...) killed and
+/// reaped when dropped, even when an assertion failed. `None` once taken.
+#[derive(Debug)]
+pub struct Reaped(pub Option<Child>);
+
+impl Reaped {
+    /// Its pid (0 once taken).
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for it to end and collects what it printed.
+    pub fn output(mut self) -> std::process::Output {
+        self.0.take().expect("running").wait_with_output().unwrap()
+    }
+
+    /// SIGTERM, then its exit code (within [`PATIENCE`]); killed if it does
+    /// not end by then.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.0.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let status = wait_for(PATIENCE, || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status.and_then(|s| s.code())
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
