@@ -33,18 +33,7 @@ const BIG: u64 = 2 * MIB - 4096;
 
 /// The bytes of a request header announcing `payload_len` bytes.
 fn header(id: u64, op: &str, payload_len: u64) -> Vec<u8> {
-    let mut buf = Vec::new();
-    ipc_core::frame::encode(
-        &proto::Request {
-            id,
-            op: op.into(),
-            args: vec![],
-            payload_len,
-        },
-        &mut buf,
-    )
-    .unwrap();
-    buf
+    osps_testkit::request_header(id, op, &[], payload_len)
 }
 
 /// Sends from another thread (the server may stop reading us: that is the

@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ipc_core::proto;
 use osps_client::ClientError;
 use osps_testkit::{Instance, PATIENCE};
 
@@ -67,32 +66,12 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
     header.write_all(&[9, 0]).unwrap();
     // A whole header announcing a payload, then only part of the payload.
     let mut payload = inst.raw_client();
-    let mut buf = Vec::new();
-    ipc_core::frame::encode(
-        &proto::Request {
-            id: 1,
-            op: "echo".into(),
-            args: vec![],
-            payload_len: 1000,
-        },
-        &mut buf,
-    )
-    .unwrap();
+    let mut buf = osps_testkit::request_header(1, "echo", &[], 1000);
     buf.extend_from_slice(&[1u8; 10]);
     payload.write_all(&buf).unwrap();
     // A payload the dispatcher refuses (status takes none) and skips, trickled then stalled.
     let mut refused = inst.raw_client();
-    let mut buf = Vec::new();
-    ipc_core::frame::encode(
-        &proto::Request {
-            id: 2,
-            op: "status".into(),
-            args: vec![],
-            payload_len: 1000,
-        },
-        &mut buf,
-    )
-    .unwrap();
+    let mut buf = osps_testkit::request_header(2, "status", &[], 1000);
     buf.extend_from_slice(&[1u8; 10]);
     refused.write_all(&buf).unwrap();
     let mut c = inst.client();

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use ipc_core::frame;
-use ipc_core::proto::{ErrorKind, Outcome, Request, Response};
+use ipc_core::proto::{ErrorKind, Outcome, Response};
 use ipc_core::status::StatusReport;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -36,14 +36,7 @@ fn data() -> Vec<u8> {
 /// Starts a request on a raw connection and sends the first `first` bytes of `data`.
 fn start_upload(inst: &Instance, op: &str, args: &[&str], data: &[u8], first: usize) -> UnixStream {
     let mut s = inst.raw_client();
-    let req = Request {
-        id: 1,
-        op: op.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        payload_len: data.len() as u64,
-    };
-    let mut buf = Vec::new();
-    frame::encode(&req, &mut buf).unwrap();
+    let buf = osps_testkit::request_header(1, op, args, data.len() as u64);
     s.write_all(&buf).unwrap();
     s.write_all(&data[..first]).unwrap();
     s
@@ -211,14 +204,7 @@ fn bad_arguments_are_answered_before_the_payload_is_in_and_the_connection_goes_o
     assert!(result.is_empty());
     // The rest of the payload is still read (into its slot), then the next request runs.
     s.write_all(&data[FIRST..]).unwrap();
-    let mut buf = Vec::new();
-    let req = Request {
-        id: 2,
-        op: "upper".into(),
-        args: vec![],
-        payload_len: 2,
-    };
-    frame::encode(&req, &mut buf).unwrap();
+    let mut buf = osps_testkit::request_header(2, "upper", &[], 2);
     buf.extend_from_slice(b"ok");
     s.write_all(&buf).unwrap();
     assert_eq!(reply(&mut s), (Outcome::Ok, b"OK".to_vec()));

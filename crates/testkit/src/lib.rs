@@ -689,3 +689,17 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// The frame of a request header as a client writes it on a raw connection
+/// (the `payload_len` payload bytes are the caller's to send after it).
+pub fn request_header(id: u64, op: &str, args: &[&str], payload_len: u64) -> Vec<u8> {
+    let req = ipc_core::proto::Request {
+        id,
+        op: op.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        payload_len,
+    };
+    let mut buf = Vec::new();
+    ipc_core::frame::encode(&req, &mut buf).unwrap();
+    buf
+}
