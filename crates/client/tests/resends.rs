@@ -99,6 +99,18 @@ fn reply(conn: &mut UnixStream, id: u64, announced: u64, bytes: &[u8]) {
     let _ = conn.write_all(&out);
 }
 
+/// `/dev/stdout` is the pipe the test reads: the result is written in place.
+const RUN_TO_STDOUT: &[&str] = &[
+    "--retry-ms",
+    "10000",
+    "run",
+    "echo",
+    "--input",
+    "-",
+    "-o",
+    "/dev/stdout",
+];
+
 #[test]
 fn a_request_whose_answer_is_lost_each_time_is_sent_at_most_four_times() {
     // Closes after each request, as a dispatcher killed during each run would.
@@ -133,19 +145,7 @@ fn a_result_partly_written_to_a_pipe_is_not_written_again() {
         }
     });
     // `/dev/stdout` is the pipe the test reads: written in place.
-    let (out, _) = server.client(
-        &[
-            "--retry-ms",
-            "10000",
-            "run",
-            "echo",
-            "--input",
-            "-",
-            "-o",
-            "/dev/stdout",
-        ],
-        b"payload",
-    );
+    let (out, _) = server.client(RUN_TO_STDOUT, b"payload");
     let err = String::from_utf8_lossy(&out.stderr);
     // Before: exit 0 with the first 10 bytes twice (110 bytes).
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -166,19 +166,7 @@ fn a_result_partly_written_is_reported_at_once_when_the_dispatcher_does_not_come
         let result: Vec<u8> = (b'a'..=b'z').cycle().take(100).collect();
         reply(conn, req.id, 100, &result[..10]);
     });
-    let (out, took) = server.client(
-        &[
-            "--retry-ms",
-            "10000",
-            "run",
-            "echo",
-            "--input",
-            "-",
-            "-o",
-            "/dev/stdout",
-        ],
-        b"payload",
-    );
+    let (out, took) = server.client(RUN_TO_STDOUT, b"payload");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
