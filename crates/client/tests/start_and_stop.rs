@@ -15,13 +15,8 @@ const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 use osps_testkit::Reaped as Running;
 
 fn spawn_client(instance: &str, runtime_dir: &std::path::Path, args: &[&str]) -> Running {
-    let child = osps_testkit::client_command(instance, runtime_dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = osps_testkit::client_command(instance, runtime_dir);
+    let child = osps_testkit::spawn_capturing(cmd.args(args), Stdio::null()).unwrap();
     Running(Some(child))
 }
 

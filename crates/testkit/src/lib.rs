@@ -645,7 +645,12 @@ pub fn client_command(instance: &str, runtime_dir: &Path) -> Command {
 
 /// Spawns `cmd` with its stdin, stdout and stderr piped to the test.
 pub fn spawn_piped(cmd: &mut Command) -> std::io::Result<Child> {
-    cmd.stdin(Stdio::piped())
+    spawn_capturing(cmd, Stdio::piped())
+}
+
+/// Spawns `cmd` with this stdin and its stdout and stderr piped to the test.
+pub fn spawn_capturing(cmd: &mut Command, stdin: Stdio) -> std::io::Result<Child> {
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -29,6 +29,19 @@ fn spawn(segment: &str, extra: &[&str]) -> Reaped {
     Reaped(child)
 }
 
+/// A job's first run, its whole input (`len` bytes) already in `slot`.
+fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job {
+    Job {
+        job_id,
+        op: op.into(),
+        args: vec![],
+        slot,
+        input_len: len,
+        ready: len,
+        attempt: 1,
+    }
+}
+
 #[test]
 fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
     let name = format!("/osps-test-alone-{}", std::process::id());
@@ -48,33 +61,9 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
     seg.bytes_mut(slot).unwrap()[..11].copy_from_slice(b"hello world");
     let mut stdin = w.0.stdin.take().unwrap();
     let jobs = [
-        Job {
-            job_id: 1,
-            op: "upper".into(),
-            args: vec![],
-            slot,
-            input_len: 11,
-            ready: 11,
-            attempt: 1,
-        },
-        Job {
-            job_id: 2,
-            op: "wc".into(),
-            args: vec![],
-            slot,
-            input_len: 11,
-            ready: 11,
-            attempt: 1,
-        },
-        Job {
-            job_id: 3,
-            op: "crash".into(),
-            args: vec![],
-            slot,
-            input_len: 0,
-            ready: 0,
-            attempt: 1,
-        },
+        first_run(1, "upper", slot, 11),
+        first_run(2, "wc", slot, 11),
+        first_run(3, "crash", slot, 0),
     ];
     let mut buf = Vec::new();
     for j in jobs {
