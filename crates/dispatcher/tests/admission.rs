@@ -38,6 +38,22 @@ fn header(id: u64, op: &str, payload_len: u64) -> Vec<u8> {
 
 /// Sends from another thread (the server may stop reading us: that is the
 /// point); the socket is shut down at the end of the test, which ends it.
+/// Two echoes of `len` bytes written from a thread on one raw connection,
+/// whose replies nobody reads; returns a clone of the connection and the thread.
+fn two_echoes_in_background(
+    inst: &Instance,
+    len: u64,
+) -> (UnixStream, std::thread::JoinHandle<()>) {
+    let s = inst.raw_client();
+    let mut bytes = Vec::new();
+    for id in 1..=2 {
+        bytes.extend(header(id, "echo", len));
+        bytes.extend(std::iter::repeat_n(1u8, len as usize));
+    }
+    let keep = s.try_clone().unwrap();
+    (keep, send_in_background(s, bytes))
+}
+
 fn send_in_background(mut s: UnixStream, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let _ = s.write_all(&bytes);
@@ -135,14 +151,7 @@ fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
         "noread",
         osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
     );
-    let s = inst.raw_client();
-    let mut bytes = Vec::new();
-    for id in 1..=2 {
-        bytes.extend(header(id, "echo", MIB));
-        bytes.extend(std::iter::repeat_n(1u8, MIB as usize));
-    }
-    let keep = s.try_clone().unwrap();
-    let sender = send_in_background(s, bytes);
+    let (keep, sender) = two_echoes_in_background(&inst, MIB);
     inst.wait_status("the replies are written (or dropped)", |st| {
         st.jobs_done >= 1
     });
@@ -309,14 +318,7 @@ fn a_client_that_writes_past_its_share_without_reading_is_dropped_and_the_log_sa
     // A client that writes two large echoes and reads nothing: the second
     // waits for the first's slot, which only its reply being written frees,
     // while the client, blocked writing the second's payload, does not read.
-    let s = inst.raw_client();
-    let mut bytes = Vec::new();
-    for id in 1..=2 {
-        bytes.extend(header(id, "echo", BIG));
-        bytes.extend(std::iter::repeat_n(1u8, BIG as usize));
-    }
-    let keep = s.try_clone().unwrap();
-    let sender = send_in_background(s, bytes);
+    let (keep, sender) = two_echoes_in_background(&inst, BIG);
     let dropped = osps_testkit::wait_for(PATIENCE, || {
         let log = inst.log();
         log.lines()

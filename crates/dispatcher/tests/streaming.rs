@@ -55,6 +55,16 @@ fn busy_workers(st: &StatusReport) -> usize {
 }
 
 /// Waits until exactly `n` workers are busy and nothing is queued; returns that status.
+/// A sha256 upload started (the first `FIRST` bytes sent) and running on a
+/// worker: the data, the connection and that worker's pid.
+fn sha256_upload_running(inst: &Instance) -> (Vec<u8>, UnixStream, u32) {
+    let data = data();
+    let s = start_upload(inst, "sha256", &[], &data, FIRST);
+    let st = wait_busy(inst, 1);
+    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    (data, s, victim)
+}
+
 fn wait_busy(inst: &Instance, n: usize) -> StatusReport {
     inst.wait_status(&format!("{n} busy worker(s), none queued"), |st| {
         busy_workers(st) == n && st.queue_depth == 0
@@ -141,10 +151,7 @@ fn one_worker_is_always_left_for_others_while_uploads_hold_workers() {
 #[test]
 fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
     let inst = Instance::start("stream-kill", &args(&[]));
-    let data = data();
-    let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
-    let st = wait_busy(&inst, 1);
-    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    let (data, mut s, victim) = sha256_upload_running(&inst);
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     inst.wait_status("the killed worker is replaced", |st| {
         st.workers.iter().map(|w| w.restarts).sum::<u64>() == 1
@@ -160,10 +167,7 @@ fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
 #[test]
 fn a_retried_streamed_job_gets_no_job_batched_behind_it() {
     let inst = Instance::start("stream-retry-busy", &args(&[]));
-    let data = data();
-    let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
-    let st = wait_busy(&inst, 1);
-    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    let (data, mut s, victim) = sha256_upload_running(&inst);
     // The other worker busy, and a small job waiting: the one that takes the
     // retried job has no idle peer, the case where jobs are sent ahead.
     let mut sleeper = inst.client();
