@@ -55,6 +55,16 @@ fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
     );
 }
 
+/// A raw connection that sent a request announcing 1000 payload bytes and
+/// then only 10 of them.
+fn ten_of_1000_bytes(inst: &Instance, id: u64, op: &str) -> std::os::unix::net::UnixStream {
+    let mut s = inst.raw_client();
+    let mut buf = osps_testkit::request_header(id, op, &[], 1000);
+    buf.extend_from_slice(&[1u8; 10]);
+    s.write_all(&buf).unwrap();
+    s
+}
+
 #[test]
 fn a_peer_that_stalls_inside_a_request_is_dropped() {
     let inst = Instance::start(
@@ -65,15 +75,9 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
     let mut header = inst.raw_client();
     header.write_all(&[9, 0]).unwrap();
     // A whole header announcing a payload, then only part of the payload.
-    let mut payload = inst.raw_client();
-    let mut buf = osps_testkit::request_header(1, "echo", &[], 1000);
-    buf.extend_from_slice(&[1u8; 10]);
-    payload.write_all(&buf).unwrap();
+    let mut payload = ten_of_1000_bytes(&inst, 1, "echo");
     // A payload the dispatcher refuses (status takes none) and skips, trickled then stalled.
-    let mut refused = inst.raw_client();
-    let mut buf = osps_testkit::request_header(2, "status", &[], 1000);
-    buf.extend_from_slice(&[1u8; 10]);
-    refused.write_all(&buf).unwrap();
+    let mut refused = ten_of_1000_bytes(&inst, 2, "status");
     let mut c = inst.client();
     for s in [&mut header, &mut payload, &mut refused] {
         let took = closed_after(s);
