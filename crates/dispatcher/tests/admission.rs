@@ -370,23 +370,29 @@ fn token(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     (path, token)
 }
 
-#[test]
-fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
+/// An instance whose TCP port (on 127.0.0.1) needs the token, with `extra`
+/// arguments after: the directory of the token file, the token, the
+/// instance and the port's address.
+fn tcp_with_token(tag: &str, extra: &[&str]) -> (tempfile::TempDir, Vec<u8>, Instance, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let (path, token) = token(dir.path());
-    let inst = Instance::start(
-        "silent",
-        osps_testkit::args!(
-            1,
-            8,
-            65536,
-            "--tcp",
-            "127.0.0.1:0",
-            "--token-file",
-            path.to_str().unwrap()
-        ),
+    let base = osps_testkit::args!(
+        1,
+        8,
+        65536,
+        "--tcp",
+        "127.0.0.1:0",
+        "--token-file",
+        path.to_str().unwrap()
     );
+    let inst = Instance::start(tag, &[base, extra].concat());
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
+    (dir, token, inst, addr)
+}
+
+#[test]
+fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
+    let (_dir, token, inst, addr) = tcp_with_token("silent", &[]);
     // 250 connections that never say a word (the budget is 128), from the
     // client's own address, and 100 more from four others (past any
     // per-address share).
@@ -673,23 +679,7 @@ fn open_from(
 
 #[test]
 fn one_address_holds_at_most_half_of_a_tcp_port_that_needs_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, token) = token(dir.path());
-    let inst = Instance::start(
-        "tcpshare",
-        osps_testkit::args!(
-            1,
-            8,
-            65536,
-            "--tcp",
-            "127.0.0.1:0",
-            "--token-file",
-            path.to_str().unwrap(),
-            "--max-tcp-connections",
-            "8"
-        ),
-    );
-    let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
+    let (_dir, token, _inst, addr) = tcp_with_token("tcpshare", &["--max-tcp-connections", "8"]);
     let hog = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let mut held = Vec::new();
     let refusal = loop {
