@@ -38,6 +38,15 @@ fn header(id: u64, op: &str, payload_len: u64) -> Vec<u8> {
 
 /// Sends from another thread (the server may stop reading us: that is the
 /// point); the socket is shut down at the end of the test, which ends it.
+/// One worker, payloads up to `BIG`, replies written within 500 ms.
+fn one_worker_big_payloads(tag: &str) -> Instance {
+    let big = BIG.to_string();
+    Instance::start(
+        tag,
+        osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
+    )
+}
+
 /// Two echoes of `len` bytes written from a thread on one raw connection,
 /// whose replies nobody reads; returns a clone of the connection and the thread.
 fn two_echoes_in_background(
@@ -146,11 +155,7 @@ fn a_connection_that_pins_slots_holds_only_its_share_and_others_pings_stay_fast(
 
 #[test]
 fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
-    let big = BIG.to_string();
-    let inst = Instance::start(
-        "noread",
-        osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
-    );
+    let inst = one_worker_big_payloads("noread");
     let (keep, sender) = two_echoes_in_background(&inst, MIB);
     inst.wait_status("the replies are written (or dropped)", |st| {
         st.jobs_done >= 1
@@ -310,11 +315,7 @@ impl TryClone for TcpStream {
 #[test]
 fn a_client_that_writes_past_its_share_without_reading_is_dropped_and_the_log_says_why() {
     // The connection's share of an 8 MiB arena is 2 MiB: one large request.
-    let big = BIG.to_string();
-    let inst = Instance::start(
-        "pastshare",
-        osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
-    );
+    let inst = one_worker_big_payloads("pastshare");
     // A client that writes two large echoes and reads nothing: the second
     // waits for the first's slot, which only its reply being written frees,
     // while the client, blocked writing the second's payload, does not read.

@@ -29,6 +29,16 @@ fn spawn(segment: &str, extra: &[&str]) -> Reaped {
     Reaped(child)
 }
 
+/// A 1 MiB segment `/osps-test-TAG-<pid>` and a worker started on it, with
+/// its stdout taken (the frames it writes).
+fn worker_on_a_segment(tag: &str) -> (Segment, Reaped, std::process::ChildStdout) {
+    let name = format!("/osps-test-{tag}-{}", std::process::id());
+    let seg = Segment::create(&name, 1 << 20, 1).unwrap();
+    let mut w = spawn(&name, &[]);
+    let stdout = w.0.stdout.take().unwrap();
+    (seg, w, stdout)
+}
+
 /// A job's first run, its whole input (`len` bytes) already in `slot`.
 fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job {
     Job {
@@ -44,10 +54,7 @@ fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job {
 
 #[test]
 fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
-    let name = format!("/osps-test-alone-{}", std::process::id());
-    let seg = Segment::create(&name, 1 << 20, 1).unwrap();
-    let mut w = spawn(&name, &[]);
-    let mut stdout = w.0.stdout.take().unwrap();
+    let (seg, mut w, mut stdout) = worker_on_a_segment("alone");
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
     assert!(
@@ -153,10 +160,7 @@ fn done(stdout: &mut impl std::io::Read) -> JobDone {
 
 #[test]
 fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
-    let name = format!("/osps-test-stream-{}", std::process::id());
-    let seg = Segment::create(&name, 1 << 20, 1).unwrap();
-    let mut w = spawn(&name, &[]);
-    let mut stdout = w.0.stdout.take().unwrap();
+    let (seg, mut w, mut stdout) = worker_on_a_segment("stream");
     let mut stdin = w.0.stdin.take().unwrap();
     let mut scratch = Vec::new();
     let _ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
