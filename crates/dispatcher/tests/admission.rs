@@ -460,16 +460,26 @@ fn a_flood_on_the_tcp_listener_does_not_refuse_unix_clients() {
         other => panic!("TCP over its budget not refused: {other:?}"),
     }
     // The Unix socket's clients are served: a budget of their own.
-    let mut unix: Vec<Client> = (0..15)
-        .map(|_| {
-            Client::connect(&inst.endpoint())
-                .unwrap_or_else(|e| panic!("a Unix client refused under a TCP flood: {e}"))
-        })
+    let _unix = connected_and_pinged(&inst, 15, |_, e| {
+        format!("a Unix client refused under a TCP flood: {e}")
+    });
+    drop(flood);
+}
+
+/// `n` clients of the Unix socket, each answering a ping; a refusal panics
+/// with `refused(i, error)`.
+fn connected_and_pinged(
+    inst: &Instance,
+    n: usize,
+    refused: impl Fn(usize, ClientError) -> String,
+) -> Vec<Client> {
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| Client::connect(&inst.endpoint()).unwrap_or_else(|e| panic!("{}", refused(i, e))))
         .collect();
-    for c in &mut unix {
+    for c in &mut clients {
         assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
     }
-    drop(flood);
+    clients
 }
 
 /// The budget the dispatcher said it clamped `--max-connections` to.
@@ -640,15 +650,9 @@ fn an_allowed_uid_holds_at_most_half_of_the_connections_and_the_owner_gets_in() 
         "{why}"
     );
     // The owner (root) gets in, to the end of the budget.
-    let mut ours: Vec<Client> = (0..8 - held)
-        .map(|i| {
-            Client::connect(&inst.endpoint())
-                .unwrap_or_else(|e| panic!("the owner's connection {i} refused: {e}"))
-        })
-        .collect();
-    for c in &mut ours {
-        assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
-    }
+    let _ours = connected_and_pinged(&inst, 8 - held, |i, e| {
+        format!("the owner's connection {i} refused: {e}")
+    });
     match Client::connect(&inst.endpoint()) {
         Err(ClientError::Refused(line)) => assert!(line.contains("is full"), "{line}"),
         other => panic!("over the budget, not refused: {other:?}"),

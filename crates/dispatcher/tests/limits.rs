@@ -17,6 +17,11 @@ fn closed_after(s: &mut UnixStream) -> Duration {
     t.elapsed()
 }
 
+/// One worker, 8 MiB segment, 64 KiB payloads, then `extra` arguments.
+fn one_worker(tag: &str, extra: &[&str]) -> Instance {
+    Instance::start(tag, &[osps_testkit::args!(1, 8, 65536), extra].concat())
+}
+
 #[test]
 fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
     let limit = 50;
@@ -67,10 +72,7 @@ fn ten_of_1000_bytes(inst: &Instance, id: u64, op: &str) -> std::os::unix::net::
 
 #[test]
 fn a_peer_that_stalls_inside_a_request_is_dropped() {
-    let inst = Instance::start(
-        "stall",
-        osps_testkit::args!(1, 8, 65536, "--frame-timeout-ms", "500"),
-    );
+    let inst = one_worker("stall", &["--frame-timeout-ms", "500"]);
     // Two bytes of a length prefix, then nothing.
     let mut header = inst.raw_client();
     header.write_all(&[9, 0]).unwrap();
@@ -92,10 +94,7 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
 
 #[test]
 fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
-    let inst = Instance::start(
-        "idle",
-        osps_testkit::args!(1, 8, 65536, "--idle-timeout-ms", "600"),
-    );
+    let inst = one_worker("idle", &["--idle-timeout-ms", "600"]);
     let mut idle = inst.raw_client();
     let mut busy = inst.client();
     let t = Instant::now();
