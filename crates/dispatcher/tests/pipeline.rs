@@ -348,11 +348,8 @@ fn with_token(
 #[test]
 fn a_remote_tcp_port_admits_only_clients_with_the_token() {
     let token = b"s3cret-token-for-the-remote-port-test";
-    let (inst, dir, addr) = with_token(
-        "tcp-token",
-        token,
-        &["--tcp", "0.0.0.0:0", "--tcp-allow-remote"],
-    );
+    let remote = ["--tcp", "0.0.0.0:0", "--tcp-allow-remote"];
+    let (inst, dir, addr) = with_token("tcp-token", token, &remote);
     let token_file = dir.path().join("token");
     let port = addr.port();
     let ep: ipc_core::Endpoint = format!("tcp:127.0.0.1:{port}").parse().unwrap();
