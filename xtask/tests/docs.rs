@@ -61,6 +61,15 @@ fn long_options(bin: &str) -> Vec<String> {
     opts
 }
 
+/// The tracked files `which` picks whose text `says` something.
+fn tracked_files_saying(which: impl Fn(&str) -> bool, says: impl Fn(&str) -> bool) -> Vec<String> {
+    tracked_files()
+        .into_iter()
+        .filter(|f| which(f))
+        .filter(|f| says(&std::fs::read_to_string(root().join(f)).unwrap_or_default()))
+        .collect()
+}
+
 #[test]
 fn every_option_of_the_watchdog_and_dispatcher_is_in_the_readme() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
@@ -78,14 +87,10 @@ fn every_option_of_the_watchdog_and_dispatcher_is_in_the_readme() {
 
 #[test]
 fn no_document_points_outside_the_repository() {
-    let offenders: Vec<String> = tracked_files()
-        .into_iter()
-        .filter(|f| f.ends_with(".md") || f.starts_with("contrib/") || f.starts_with("docs/"))
-        .filter(|f| {
-            let text = std::fs::read_to_string(root().join(f)).unwrap_or_default();
-            text.contains("../shared") || text.contains("shared/seed")
-        })
-        .collect();
+    let offenders = tracked_files_saying(
+        |f| f.ends_with(".md") || f.starts_with("contrib/") || f.starts_with("docs/"),
+        |text| text.contains("../shared") || text.contains("shared/seed"),
+    );
     assert!(
         offenders.is_empty(),
         "these documents point at files a clone does not have: {offenders:?}"
@@ -105,15 +110,13 @@ fn no_build_product_is_committed() {
 fn documented_commands_never_pick_processes_by_name() {
     // `pgrep -f osps-...` finds every instance's and every user's processes:
     // commands in the documents take pids from `osps-client status --json`.
-    let offenders: Vec<String> = tracked_files()
-        .into_iter()
-        .filter(|f| f.ends_with(".md"))
-        .filter(|f| {
-            let text = std::fs::read_to_string(root().join(f)).unwrap_or_default();
+    let offenders = tracked_files_saying(
+        |f| f.ends_with(".md"),
+        |text| {
             text.lines()
                 .any(|l| l.contains("$(pgrep") && l.contains("osps-"))
-        })
-        .collect();
+        },
+    );
     assert!(
         offenders.is_empty(),
         "documents whose commands choose OSPS processes with pgrep: {offenders:?}"

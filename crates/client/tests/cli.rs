@@ -6,33 +6,33 @@ use std::process::{Command, Output, Stdio};
 use osps_testkit::{bin, Instance};
 
 fn cli(inst: &Instance, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bin("osps-client"))
-        .args([
-            "--instance",
-            inst.name(),
-            "--retry-ms",
-            "300",
-            "--runtime-dir",
-        ])
-        .arg(inst.runtime_dir())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = osps_testkit::spawn_piped(
+        Command::new(bin("osps-client"))
+            .args([
+                "--instance",
+                inst.name(),
+                "--retry-ms",
+                "300",
+                "--runtime-dir",
+            ])
+            .arg(inst.runtime_dir())
+            .args(args),
+    )
+    .unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
 }
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "4194304",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 16, 4194304);
+
+/// Asserts that less than `secs` seconds passed since `started`.
+fn assert_within(started: std::time::Instant, secs: u64) {
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(secs),
+        "took {:?}",
+        started.elapsed()
+    );
+}
 
 #[test]
 fn run_ping_and_status_do_what_they_say() {
@@ -155,11 +155,7 @@ fn an_instance_that_is_not_running_fails_at_once_instead_of_retrying() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the dispatcher running?"));
     // No lock file means no dispatcher and none restarting: no minute of retries.
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(30),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert_within(t, 30);
 }
 
 #[test]
@@ -262,11 +258,7 @@ fn ping_gives_up_in_time_on_a_listener_whose_backlog_is_full() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert_within(started, 5);
 }
 
 #[test]

@@ -3,27 +3,18 @@
 //! timeout allows, or as long as `run --timeout-ms` says; a lost connection
 //! is still noticed and the request sent again.
 
-use std::process::{Child, Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osps_testkit::{bin, Instance};
+use osps_testkit::Instance;
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 
 fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
-        .arg(inst.runtime_dir())
+    let out = osps_testkit::client_command(inst.name(), inst.runtime_dir())
         .args(args)
         .output()
         .unwrap();
@@ -31,22 +22,7 @@ fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
 }
 
 /// A running `osps-client`, killed and reaped if the test fails before it ends.
-struct Running(Option<Child>);
-
-impl Running {
-    fn output(mut self) -> Output {
-        self.0.take().expect("running").wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use osps_testkit::Reaped as Running;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -93,9 +69,7 @@ fn a_connection_lost_while_waiting_is_noticed_and_the_request_sent_again() {
     let inst = Instance::supervised("lostwait", &["--heartbeat-ms", "100"], ARGS);
     let first = inst.dispatcher_pid();
     let child = Running(Some(
-        Command::new(bin("osps-client"))
-            .args(["--instance", inst.name(), "--runtime-dir"])
-            .arg(inst.runtime_dir())
+        osps_testkit::client_command(inst.name(), inst.runtime_dir())
             .args(["--retry-ms", "3000", "run", "sleep", "5000"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -11,17 +11,7 @@ use osps_testkit::{bin, Instance};
 
 #[test]
 fn dev_stdout_redirected_to_a_file_is_appended_to_not_replaced() {
-    let inst = Instance::start(
-        "devstdout",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "1048576",
-        ],
-    );
+    let inst = Instance::start("devstdout", osps_testkit::args!(1, 16, 1048576));
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log.txt");
     std::fs::write(&log, b"earlier lines\n").unwrap();
@@ -29,9 +19,7 @@ fn dev_stdout_redirected_to_a_file_is_appended_to_not_replaced() {
     for name in ["/dev/stdout", "/proc/self/fd/1"] {
         // As `osps-client run upper -o /dev/stdout >> log.txt`.
         let appending = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        let mut child = Command::new(bin("osps-client"))
-            .args(["--instance", inst.name(), "--runtime-dir"])
-            .arg(inst.runtime_dir())
+        let mut child = osps_testkit::client_command(inst.name(), inst.runtime_dir())
             .args(["run", "upper", "--input", "-", "-o", name])
             .stdin(Stdio::piped())
             .stdout(Stdio::from(appending))
@@ -62,17 +50,7 @@ fn dev_stdout_redirected_to_a_file_is_appended_to_not_replaced() {
 
 #[test]
 fn dev_stdout_shares_the_shells_position_in_a_file_redirected_with_truncation() {
-    let inst = Instance::start(
-        "devstdoutpos",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "1048576",
-        ],
-    );
+    let inst = Instance::start("devstdoutpos", osps_testkit::args!(1, 16, 1048576));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.txt");
     // { echo header; osps-client run upper -o /dev/stdout; echo footer; } > out.txt

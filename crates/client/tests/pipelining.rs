@@ -13,16 +13,7 @@ fn two_large_pipelined_requests_both_get_their_answers() {
     // 64 MiB arena: a connection may hold 16 MiB, less than two 10 MiB requests.
     let inst = Instance::start(
         "pipelined",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "64",
-            "--max-payload",
-            "16777216",
-            "--write-timeout-ms",
-            "2000",
-        ],
+        osps_testkit::args!(2, 64, 16777216, "--write-timeout-ms", "2000"),
     );
     let a: Vec<u8> = (0..10u32 << 20).map(|i| (i % 251) as u8).collect();
     let b: Vec<u8> = (0..10u32 << 20).map(|i| (i % 241) as u8).collect();

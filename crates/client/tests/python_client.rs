@@ -13,18 +13,15 @@ fn the_python_client_written_from_the_protocol_document_passes_its_selftest() {
     osps_testkit::write_token_file(&token_file, b"python-selftest-token-0123456789");
     let inst = Instance::start(
         "python",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "4194304",
+        osps_testkit::args!(
+            2,
+            16,
+            4194304,
             "--tcp",
             "127.0.0.1:0",
             "--token-file",
-            token_file.to_str().unwrap(),
-        ],
+            token_file.to_str().unwrap()
+        ),
     );
     let tcp = inst.status().tcp.expect("the TCP address in the status");
     let script = concat!(
@@ -55,17 +52,7 @@ fn the_python_client_written_from_the_protocol_document_passes_its_selftest() {
 
 #[test]
 fn the_python_client_shows_too_large_at_once_instead_of_a_broken_pipe() {
-    let inst = Instance::start(
-        "pytoolarge",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "4194304",
-        ],
-    );
+    let inst = Instance::start("pytoolarge", osps_testkit::args!(1, 16, 4194304));
     // More than the limit plus the ~64 MiB the server drains before closing:
     // a client that only writes meets a closed socket, not the answer.
     let dir = tempfile::tempdir().unwrap();

@@ -16,17 +16,7 @@ use osps_testkit::{bin, Instance};
 const LIMIT: u64 = 4 << 20;
 
 fn small_limit(tag: &str) -> Instance {
-    Instance::start(
-        tag,
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            &LIMIT.to_string(),
-        ],
-    )
+    Instance::start(tag, osps_testkit::args!(1, 16, &LIMIT.to_string()))
 }
 
 /// A file larger than the limit plus what the server drains before it
@@ -43,9 +33,7 @@ fn oversized_file(dir: &std::path::Path) -> std::path::PathBuf {
 
 fn cli(inst: &Instance, args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
-        .arg(inst.runtime_dir())
+    let out = osps_testkit::client_command(inst.name(), inst.runtime_dir())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -173,15 +161,13 @@ fn relay(a: UnixStream, b: UnixStream) {
 fn a_server_that_closes_at_the_hello_without_a_word_is_retried() {
     let inst = small_limit("closedhello");
     let door = Doorman::start(&inst, 5);
-    let mut child = Command::new(bin("osps-client"))
-        .arg("--connect")
-        .arg(format!("unix:{}", door.path.display()))
-        .args(["--retry-ms", "20000", "run", "upper", "--input", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = osps_testkit::spawn_piped(
+        Command::new(bin("osps-client"))
+            .arg("--connect")
+            .arg(format!("unix:{}", door.path.display()))
+            .args(["--retry-ms", "20000", "run", "upper", "--input", "-"]),
+    )
+    .unwrap();
     child
         .stdin
         .take()

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,15 +74,13 @@ impl FakeServer {
 
     fn client(&self, args: &[&str], stdin: &[u8]) -> (Output, Duration) {
         let started = Instant::now();
-        let mut child = Command::new(bin("osps-client"))
-            .arg("--connect")
-            .arg(format!("unix:{}", self.path.display()))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = osps_testkit::spawn_piped(
+            Command::new(bin("osps-client"))
+                .arg("--connect")
+                .arg(format!("unix:{}", self.path.display()))
+                .args(args),
+        )
+        .unwrap();
         let _ = child.stdin.take().unwrap().write_all(stdin);
         let out = child.wait_with_output().unwrap();
         (out, started.elapsed())
@@ -100,6 +98,18 @@ fn reply(conn: &mut UnixStream, id: u64, announced: u64, bytes: &[u8]) {
     out.extend_from_slice(bytes);
     let _ = conn.write_all(&out);
 }
+
+/// `/dev/stdout` is the pipe the test reads: the result is written in place.
+const RUN_TO_STDOUT: &[&str] = &[
+    "--retry-ms",
+    "10000",
+    "run",
+    "echo",
+    "--input",
+    "-",
+    "-o",
+    "/dev/stdout",
+];
 
 #[test]
 fn a_request_whose_answer_is_lost_each_time_is_sent_at_most_four_times() {
@@ -135,19 +145,7 @@ fn a_result_partly_written_to_a_pipe_is_not_written_again() {
         }
     });
     // `/dev/stdout` is the pipe the test reads: written in place.
-    let (out, _) = server.client(
-        &[
-            "--retry-ms",
-            "10000",
-            "run",
-            "echo",
-            "--input",
-            "-",
-            "-o",
-            "/dev/stdout",
-        ],
-        b"payload",
-    );
+    let (out, _) = server.client(RUN_TO_STDOUT, b"payload");
     let err = String::from_utf8_lossy(&out.stderr);
     // Before: exit 0 with the first 10 bytes twice (110 bytes).
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -168,19 +166,7 @@ fn a_result_partly_written_is_reported_at_once_when_the_dispatcher_does_not_come
         let result: Vec<u8> = (b'a'..=b'z').cycle().take(100).collect();
         reply(conn, req.id, 100, &result[..10]);
     });
-    let (out, took) = server.client(
-        &[
-            "--retry-ms",
-            "10000",
-            "run",
-            "echo",
-            "--input",
-            "-",
-            "-o",
-            "/dev/stdout",
-        ],
-        b"payload",
-    );
+    let (out, took) = server.client(RUN_TO_STDOUT, b"payload");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

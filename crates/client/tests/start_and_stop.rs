@@ -3,49 +3,20 @@
 //! status` does) waits for it; a client whose job was cut off by an ordered
 //! shutdown says so, in the server's words, when it gives up.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use osps_testkit::{bin, Instance};
+use osps_testkit::Instance;
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 16, 1048576);
 
 /// A running `osps-client`, killed and reaped if the test fails before it ends.
-struct Running(Option<Child>);
-
-impl Running {
-    fn output(mut self) -> Output {
-        self.0.take().unwrap().wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use osps_testkit::Reaped as Running;
 
 fn spawn_client(instance: &str, runtime_dir: &std::path::Path, args: &[&str]) -> Running {
-    let child = Command::new(bin("osps-client"))
-        .args(["--instance", instance, "--runtime-dir"])
-        .arg(runtime_dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = osps_testkit::client_command(instance, runtime_dir);
+    let child = osps_testkit::spawn_capturing(cmd.args(args), Stdio::null()).unwrap();
     Running(Some(child))
 }
 

@@ -2,17 +2,13 @@
 //! real processes in the right tree, and its counters, latency and restart
 //! columns move with what happens; the table shows the same.
 
-use std::process::Command;
-
 use ipc_core::status::StatusReport;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osps_testkit::{bin, proc_info, wait_for, Instance, PATIENCE};
+use osps_testkit::{proc_info, wait_for, Instance, PATIENCE};
 
 fn status_cli(inst: &Instance, extra: &[&str]) -> String {
-    let out = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
-        .arg(inst.runtime_dir())
+    let out = osps_testkit::client_command(inst.name(), inst.runtime_dir())
         .arg("status")
         .args(extra)
         .output()
@@ -42,14 +38,7 @@ fn status_json_names_real_processes_and_its_counters_move() {
     let inst = Instance::supervised(
         "status",
         &["--heartbeat-ms", "100"],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "1048576",
-        ],
+        osps_testkit::args!(2, 16, 1048576),
     );
     let before = json(&inst);
 
@@ -125,21 +114,9 @@ fn status_json_names_real_processes_and_its_counters_move() {
 
 #[test]
 fn status_watch_refreshes_until_stopped() {
-    let inst = Instance::start(
-        "watch",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
-    );
+    let inst = Instance::start("watch", osps_testkit::args!(1, 8, 65536));
     // Piped, with --json: one report per line, each a fresh one.
-    let mut child = Command::new(bin("osps-client"))
-        .args(["--instance", inst.name(), "--runtime-dir"])
-        .arg(inst.runtime_dir())
+    let mut child = osps_testkit::client_command(inst.name(), inst.runtime_dir())
         .args(["status", "--watch", "--json", "--interval-ms", "100"])
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -9,14 +9,7 @@ use std::time::{Duration, Instant};
 
 use osps_testkit::{bin, Instance};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "4194304",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 16, 4194304);
 
 fn have_script() -> bool {
     let ok = Command::new("script").arg("--version").output().is_ok();

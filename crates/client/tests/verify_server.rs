@@ -109,16 +109,28 @@ fn dirs() -> (tempfile::TempDir, PathBuf) {
     (top, work)
 }
 
+/// The client run with `args` then `--input -`, fed the victim's secret on stdin.
+fn run_secret(args: &[&str]) -> Output {
+    client(
+        &[args, &["--input", "-"]].concat(),
+        b"the victim's secret payload",
+        &[],
+    )
+}
+
+/// [`dirs`], when the test runs as root (else it is skipped).
+fn root_dirs() -> Option<(tempfile::TempDir, PathBuf)> {
+    is_root().then(dirs)
+}
+
 fn client(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
-    let mut child = Command::new(bin("osps-client"))
-        .args(["--retry-ms", "2000"])
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = osps_testkit::spawn_piped(
+        Command::new(bin("osps-client"))
+            .args(["--retry-ms", "2000"])
+            .args(args)
+            .envs(env.iter().copied()),
+    )
+    .unwrap();
     // It may refuse and exit before it reads its input.
     let _ = child.stdin.take().unwrap().write_all(stdin);
     child.wait_with_output().unwrap()
@@ -137,10 +149,9 @@ fn one_line_refusal(out: &Output, needles: &[&str]) {
 
 #[test]
 fn a_socket_in_a_runtime_directory_another_uid_made_is_refused() {
-    if !is_root() {
+    let Some((top, work)) = root_dirs() else {
         return;
-    }
-    let (top, work) = dirs();
+    };
     // `nobody` got there first: it made the base and instance directories
     // and listens at the socket the root client would use.
     let base = top.path().join("base");
@@ -151,18 +162,7 @@ fn a_socket_in_a_runtime_directory_another_uid_made_is_refused() {
     }
     let sock = inst_dir.join("default.sock");
     let squatter = Squatter::start(&work, &format!("unix:{}", sock.display()));
-    let out = client(
-        &[
-            "--runtime-dir",
-            base.to_str().unwrap(),
-            "run",
-            "sha256",
-            "--input",
-            "-",
-        ],
-        b"the victim's secret payload",
-        &[],
-    );
+    let out = run_secret(&["--runtime-dir", base.to_str().unwrap(), "run", "sha256"]);
     one_line_refusal(
         &out,
         &[
@@ -183,10 +183,9 @@ fn a_socket_in_a_runtime_directory_another_uid_made_is_refused() {
 
 #[test]
 fn a_unix_socket_served_by_another_uid_is_refused_by_its_peer_credentials() {
-    if !is_root() {
+    let Some((top, work)) = root_dirs() else {
         return;
-    }
-    let (top, work) = dirs();
+    };
     // The directory is ours and closed now; `nobody` bound its socket
     // while it was open: what refuses it is SO_PEERCRED.
     let dir = top.path().join("sockdir");
@@ -233,10 +232,9 @@ fn a_unix_socket_served_by_another_uid_is_refused_by_its_peer_credentials() {
 
 #[test]
 fn a_loopback_port_held_by_another_uid_gets_no_token() {
-    if !is_root() {
+    let Some((top, work)) = root_dirs() else {
         return;
-    }
-    let (top, work) = dirs();
+    };
     let token = top.path().join("token");
     osps_testkit::write_token_file(&token, b"the-victims-token-0123456789");
     let squatter = Squatter::start(&work, "tcp");
@@ -245,20 +243,8 @@ fn a_loopback_port_held_by_another_uid_gets_no_token() {
     // The same port by its IPv4-mapped IPv6 address is the same server.
     let mapped = format!("tcp:[::ffff:127.0.0.1]:{port}");
     for target in [&target, &mapped] {
-        let out = client(
-            &[
-                "--connect",
-                target,
-                "--token-file",
-                token.to_str().unwrap(),
-                "run",
-                "echo",
-                "--input",
-                "-",
-            ],
-            b"the victim's secret payload",
-            &[],
-        );
+        let token = token.to_str().unwrap();
+        let out = run_secret(&["--connect", target, "--token-file", token, "run", "echo"]);
         one_line_refusal(
             &out,
             &[
@@ -289,13 +275,7 @@ fn python(args: &[&str]) -> Output {
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/examples/osps_client.py"
     );
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut child = osps_testkit::spawn_piped(Command::new("python3").arg(script).args(args))
         .expect("python3 runs");
     let _ = child
         .stdin

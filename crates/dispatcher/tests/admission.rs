@@ -33,22 +33,36 @@ const BIG: u64 = 2 * MIB - 4096;
 
 /// The bytes of a request header announcing `payload_len` bytes.
 fn header(id: u64, op: &str, payload_len: u64) -> Vec<u8> {
-    let mut buf = Vec::new();
-    ipc_core::frame::encode(
-        &proto::Request {
-            id,
-            op: op.into(),
-            args: vec![],
-            payload_len,
-        },
-        &mut buf,
-    )
-    .unwrap();
-    buf
+    osps_testkit::request_header(id, op, &[], payload_len)
 }
 
 /// Sends from another thread (the server may stop reading us: that is the
 /// point); the socket is shut down at the end of the test, which ends it.
+/// One worker, payloads up to `BIG`, replies written within 500 ms.
+fn one_worker_big_payloads(tag: &str) -> Instance {
+    let big = BIG.to_string();
+    Instance::start(
+        tag,
+        osps_testkit::args!(1, 8, &big, "--write-timeout-ms", "500"),
+    )
+}
+
+/// Two echoes of `len` bytes written from a thread on one raw connection,
+/// whose replies nobody reads; returns a clone of the connection and the thread.
+fn two_echoes_in_background(
+    inst: &Instance,
+    len: u64,
+) -> (UnixStream, std::thread::JoinHandle<()>) {
+    let s = inst.raw_client();
+    let mut bytes = Vec::new();
+    for id in 1..=2 {
+        bytes.extend(header(id, "echo", len));
+        bytes.extend(std::iter::repeat_n(1u8, len as usize));
+    }
+    let keep = s.try_clone().unwrap();
+    (keep, send_in_background(s, bytes))
+}
+
 fn send_in_background(mut s: UnixStream, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let _ = s.write_all(&bytes);
@@ -63,21 +77,18 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
 #[test]
 fn a_connection_that_pins_slots_holds_only_its_share_and_others_pings_stay_fast() {
     let big = BIG.to_string();
+    // Long deadlines: the caps alone must protect the others here.
     let inst = Instance::start(
         "pin",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
+        osps_testkit::args!(
+            2,
+            8,
             &big,
-            // Long deadlines: the caps alone must protect the others here.
             "--write-timeout-ms",
             "120000",
             "--frame-timeout-ms",
-            "120000",
-        ],
+            "120000"
+        ),
     );
     // One connection sends four large echoes and never reads a reply; three
     // more send the header of a large request and stall. All of the same uid
@@ -144,28 +155,8 @@ fn a_connection_that_pins_slots_holds_only_its_share_and_others_pings_stay_fast(
 
 #[test]
 fn a_client_that_does_not_read_its_replies_is_dropped_and_its_slots_freed() {
-    let big = BIG.to_string();
-    let inst = Instance::start(
-        "noread",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            &big,
-            "--write-timeout-ms",
-            "500",
-        ],
-    );
-    let s = inst.raw_client();
-    let mut bytes = Vec::new();
-    for id in 1..=2 {
-        bytes.extend(header(id, "echo", MIB));
-        bytes.extend(std::iter::repeat_n(1u8, MIB as usize));
-    }
-    let keep = s.try_clone().unwrap();
-    let sender = send_in_background(s, bytes);
+    let inst = one_worker_big_payloads("noread");
+    let (keep, sender) = two_echoes_in_background(&inst, MIB);
     inst.wait_status("the replies are written (or dropped)", |st| {
         st.jobs_done >= 1
     });
@@ -200,18 +191,15 @@ fn a_slow_reader_that_keeps_reading_gets_a_large_reply_whole() {
     // served however long the whole reply takes. On both listeners.
     let inst = Instance::start(
         "slowread",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "48",
-            "--max-payload",
+        osps_testkit::args!(
+            2,
+            48,
             &SLOW_LEN.to_string(),
             "--write-timeout-ms",
             &SLOW_DEADLINE.as_millis().to_string(),
             "--tcp",
-            "127.0.0.1:0",
-        ],
+            "127.0.0.1:0"
+        ),
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
     let mut tcp = TcpStream::connect(addr).unwrap();
@@ -327,31 +315,11 @@ impl TryClone for TcpStream {
 #[test]
 fn a_client_that_writes_past_its_share_without_reading_is_dropped_and_the_log_says_why() {
     // The connection's share of an 8 MiB arena is 2 MiB: one large request.
-    let big = BIG.to_string();
-    let inst = Instance::start(
-        "pastshare",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            &big,
-            "--write-timeout-ms",
-            "500",
-        ],
-    );
+    let inst = one_worker_big_payloads("pastshare");
     // A client that writes two large echoes and reads nothing: the second
     // waits for the first's slot, which only its reply being written frees,
     // while the client, blocked writing the second's payload, does not read.
-    let s = inst.raw_client();
-    let mut bytes = Vec::new();
-    for id in 1..=2 {
-        bytes.extend(header(id, "echo", BIG));
-        bytes.extend(std::iter::repeat_n(1u8, BIG as usize));
-    }
-    let keep = s.try_clone().unwrap();
-    let sender = send_in_background(s, bytes);
+    let (keep, sender) = two_echoes_in_background(&inst, BIG);
     let dropped = osps_testkit::wait_for(PATIENCE, || {
         let log = inst.log();
         log.lines()
@@ -403,26 +371,29 @@ fn token(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     (path, token)
 }
 
-#[test]
-fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
+/// An instance whose TCP port (on 127.0.0.1) needs the token, with `extra`
+/// arguments after: the directory of the token file, the token, the
+/// instance and the port's address.
+fn tcp_with_token(tag: &str, extra: &[&str]) -> (tempfile::TempDir, Vec<u8>, Instance, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let (path, token) = token(dir.path());
-    let inst = Instance::start(
-        "silent",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--tcp",
-            "127.0.0.1:0",
-            "--token-file",
-            path.to_str().unwrap(),
-        ],
+    let base = osps_testkit::args!(
+        1,
+        8,
+        65536,
+        "--tcp",
+        "127.0.0.1:0",
+        "--token-file",
+        path.to_str().unwrap()
     );
+    let inst = Instance::start(tag, &[base, extra].concat());
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
+    (dir, token, inst, addr)
+}
+
+#[test]
+fn silent_tcp_handshakes_cannot_lock_out_a_client_with_the_token() {
+    let (_dir, token, inst, addr) = tcp_with_token("silent", &[]);
     // 250 connections that never say a word (the budget is 128), from the
     // client's own address, and 100 more from four others (past any
     // per-address share).
@@ -467,18 +438,15 @@ fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<Tcp
 fn a_flood_on_the_tcp_listener_does_not_refuse_unix_clients() {
     let inst = Instance::start(
         "flood",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--tcp",
             "127.0.0.1:0",
             "--max-connections",
-            "20",
-        ],
+            "20"
+        ),
     );
     let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
     // A flood of TCP clients (no token needed on this loopback port) to its limit.
@@ -492,16 +460,26 @@ fn a_flood_on_the_tcp_listener_does_not_refuse_unix_clients() {
         other => panic!("TCP over its budget not refused: {other:?}"),
     }
     // The Unix socket's clients are served: a budget of their own.
-    let mut unix: Vec<Client> = (0..15)
-        .map(|_| {
-            Client::connect(&inst.endpoint())
-                .unwrap_or_else(|e| panic!("a Unix client refused under a TCP flood: {e}"))
-        })
+    let _unix = connected_and_pinged(&inst, 15, |_, e| {
+        format!("a Unix client refused under a TCP flood: {e}")
+    });
+    drop(flood);
+}
+
+/// `n` clients of the Unix socket, each answering a ping; a refusal panics
+/// with `refused(i, error)`.
+fn connected_and_pinged(
+    inst: &Instance,
+    n: usize,
+    refused: impl Fn(usize, ClientError) -> String,
+) -> Vec<Client> {
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| Client::connect(&inst.endpoint()).unwrap_or_else(|e| panic!("{}", refused(i, e))))
         .collect();
-    for c in &mut unix {
+    for c in &mut clients {
         assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
     }
-    drop(flood);
+    clients
 }
 
 /// The budget the dispatcher said it clamped `--max-connections` to.
@@ -527,14 +505,7 @@ fn under_a_low_fd_limit_connections_are_clamped_and_a_killed_worker_is_replaced(
     let inst = Instance::start_under(
         "fdlimit",
         &["prlimit", "--nofile=64:64"],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
+        osps_testkit::args!(2, 8, 65536),
     );
     // Fill the budget (and try past it: refused, or held off).
     let mut clients = Vec::new();
@@ -650,18 +621,15 @@ fn an_allowed_uid_holds_at_most_half_of_the_connections_and_the_owner_gets_in() 
     }
     let inst = Instance::start(
         "hog",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--max-connections",
             "8",
             "--allow-uid",
-            &nobody::NOBODY.to_string(),
-        ],
+            &nobody::NOBODY.to_string()
+        ),
     );
     // So that the kernel lets `nobody` reach the socket (--allow-uid makes it 0666).
     for p in [inst.runtime_dir(), inst.paths.dir()] {
@@ -682,15 +650,9 @@ fn an_allowed_uid_holds_at_most_half_of_the_connections_and_the_owner_gets_in() 
         "{why}"
     );
     // The owner (root) gets in, to the end of the budget.
-    let mut ours: Vec<Client> = (0..8 - held)
-        .map(|i| {
-            Client::connect(&inst.endpoint())
-                .unwrap_or_else(|e| panic!("the owner's connection {i} refused: {e}"))
-        })
-        .collect();
-    for c in &mut ours {
-        assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
-    }
+    let _ours = connected_and_pinged(&inst, 8 - held, |i, e| {
+        format!("the owner's connection {i} refused: {e}")
+    });
     match Client::connect(&inst.endpoint()) {
         Err(ClientError::Refused(line)) => assert!(line.contains("is full"), "{line}"),
         other => panic!("over the budget, not refused: {other:?}"),
@@ -722,26 +684,7 @@ fn open_from(
 
 #[test]
 fn one_address_holds_at_most_half_of_a_tcp_port_that_needs_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, token) = token(dir.path());
-    let inst = Instance::start(
-        "tcpshare",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--tcp",
-            "127.0.0.1:0",
-            "--token-file",
-            path.to_str().unwrap(),
-            "--max-tcp-connections",
-            "8",
-        ],
-    );
-    let addr: SocketAddr = inst.status().tcp.expect("tcp").parse().unwrap();
+    let (_dir, token, _inst, addr) = tcp_with_token("tcpshare", &["--max-tcp-connections", "8"]);
     let hog = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let mut held = Vec::new();
     let refusal = loop {

@@ -6,15 +6,7 @@ use ipc_core::ErrorKind;
 use osps_client::ClientError;
 use osps_testkit::Instance;
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-    "--allow-fault-injection",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 16, 1048576, "--allow-fault-injection");
 
 #[test]
 fn a_job_retried_after_its_worker_crashed_reaches_the_worker_as_attempt_2() {

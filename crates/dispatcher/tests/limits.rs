@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ipc_core::proto;
 use osps_client::ClientError;
 use osps_testkit::{Instance, PATIENCE};
 
@@ -18,21 +17,17 @@ fn closed_after(s: &mut UnixStream) -> Duration {
     t.elapsed()
 }
 
+/// One worker, 8 MiB segment, 64 KiB payloads, then `extra` arguments.
+fn one_worker(tag: &str, extra: &[&str]) -> Instance {
+    Instance::start(tag, &[osps_testkit::args!(1, 8, 65536), extra].concat())
+}
+
 #[test]
 fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
     let limit = 50;
     let inst = Instance::start(
         "connlimit",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--max-connections",
-            "50",
-        ],
+        osps_testkit::args!(2, 8, 65536, "--max-connections", "50"),
     );
     let mut first: Vec<_> = (0..limit).map(|_| inst.client()).collect();
     let mut refused = 0;
@@ -65,54 +60,26 @@ fn connections_beyond_the_limit_are_refused_and_the_first_ones_still_served() {
     );
 }
 
+/// A raw connection that sent a request announcing 1000 payload bytes and
+/// then only 10 of them.
+fn ten_of_1000_bytes(inst: &Instance, id: u64, op: &str) -> std::os::unix::net::UnixStream {
+    let mut s = inst.raw_client();
+    let mut buf = osps_testkit::request_header(id, op, &[], 1000);
+    buf.extend_from_slice(&[1u8; 10]);
+    s.write_all(&buf).unwrap();
+    s
+}
+
 #[test]
 fn a_peer_that_stalls_inside_a_request_is_dropped() {
-    let inst = Instance::start(
-        "stall",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--frame-timeout-ms",
-            "500",
-        ],
-    );
+    let inst = one_worker("stall", &["--frame-timeout-ms", "500"]);
     // Two bytes of a length prefix, then nothing.
     let mut header = inst.raw_client();
     header.write_all(&[9, 0]).unwrap();
     // A whole header announcing a payload, then only part of the payload.
-    let mut payload = inst.raw_client();
-    let mut buf = Vec::new();
-    ipc_core::frame::encode(
-        &proto::Request {
-            id: 1,
-            op: "echo".into(),
-            args: vec![],
-            payload_len: 1000,
-        },
-        &mut buf,
-    )
-    .unwrap();
-    buf.extend_from_slice(&[1u8; 10]);
-    payload.write_all(&buf).unwrap();
+    let mut payload = ten_of_1000_bytes(&inst, 1, "echo");
     // A payload the dispatcher refuses (status takes none) and skips, trickled then stalled.
-    let mut refused = inst.raw_client();
-    let mut buf = Vec::new();
-    ipc_core::frame::encode(
-        &proto::Request {
-            id: 2,
-            op: "status".into(),
-            args: vec![],
-            payload_len: 1000,
-        },
-        &mut buf,
-    )
-    .unwrap();
-    buf.extend_from_slice(&[1u8; 10]);
-    refused.write_all(&buf).unwrap();
+    let mut refused = ten_of_1000_bytes(&inst, 2, "status");
     let mut c = inst.client();
     for s in [&mut header, &mut payload, &mut refused] {
         let took = closed_after(s);
@@ -127,19 +94,7 @@ fn a_peer_that_stalls_inside_a_request_is_dropped() {
 
 #[test]
 fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
-    let inst = Instance::start(
-        "idle",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--idle-timeout-ms",
-            "600",
-        ],
-    );
+    let inst = one_worker("idle", &["--idle-timeout-ms", "600"]);
     let mut idle = inst.raw_client();
     let mut busy = inst.client();
     let t = Instant::now();

@@ -7,20 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use ipc_core::frame;
-use ipc_core::proto::{self, ErrorKind, Outcome, Request, Response, PROTOCOL_VERSION};
+use ipc_core::proto::{self, ErrorKind, Outcome, Response, PROTOCOL_VERSION};
 use osps_client::ClientError;
 use osps_testkit::{Instance, PATIENCE};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "1048576",
-    "--handshake-timeout-ms",
-    "1000",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 8, 1048576, "--handshake-timeout-ms", "1000");
 
 fn raw(inst: &Instance) -> UnixStream {
     let s = UnixStream::connect(inst.paths.socket()).unwrap();
@@ -180,14 +171,7 @@ fn an_unknown_operation_is_a_typed_error_and_the_connection_goes_on() {
 fn a_payload_over_the_limit_is_refused_before_it_is_read() {
     let inst = Instance::start("toolarge", ARGS);
     let mut s = inst.raw_client();
-    let req = Request {
-        id: 7,
-        op: "echo".into(),
-        args: vec![],
-        payload_len: 1 << 30,
-    };
-    let mut buf = Vec::new();
-    frame::encode(&req, &mut buf).unwrap();
+    let buf = osps_testkit::request_header(7, "echo", &[], 1 << 30);
     s.write_all(&buf).unwrap();
     // No payload sent at all: the answer comes from the header alone.
     let resp = read_response(&mut s);
@@ -204,14 +188,7 @@ fn a_payload_over_the_limit_is_refused_before_it_is_read() {
 fn a_connection_closed_mid_payload_frees_its_slot() {
     let inst = Instance::start("midpayload", ARGS);
     let mut s = inst.raw_client();
-    let req = Request {
-        id: 1,
-        op: "sha256".into(),
-        args: vec![],
-        payload_len: 500_000,
-    };
-    let mut buf = Vec::new();
-    frame::encode(&req, &mut buf).unwrap();
+    let mut buf = osps_testkit::request_header(1, "sha256", &[], 500_000);
     buf.extend_from_slice(&[b'x'; 10_000]);
     s.write_all(&buf).unwrap();
     inst.wait_status("slot taken while the payload arrives", |s| {

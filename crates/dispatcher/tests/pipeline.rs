@@ -10,14 +10,7 @@ use nix::sys::signal::Signal;
 use osps_client::ClientError;
 use osps_testkit::{sha256_line, wait_for, zombies_of, Instance, PATIENCE};
 
-const SMALL: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "32",
-    "--max-payload",
-    "8388608",
-];
+const SMALL: &[&str] = osps_testkit::args!(2, 32, 8388608);
 
 /// Deterministic bytes of varied length and content.
 fn payload(seed: u64, max_len: usize) -> Vec<u8> {
@@ -110,16 +103,7 @@ fn eight_mib_sha256_matches() {
 fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
     let inst = Instance::start(
         "timeout",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-            "--job-timeout-ms",
-            "700",
-        ],
+        osps_testkit::args!(2, 8, 65536, "--job-timeout-ms", "700"),
     );
     let mut slow = inst.client();
     let slow_job = thread::spawn(move || {
@@ -150,17 +134,7 @@ fn a_job_past_the_timeout_gets_a_timeout_while_others_are_served() {
 
 #[test]
 fn sigkill_of_a_busy_worker_still_answers_and_respawns() {
-    let inst = Instance::start(
-        "killworker",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
-    );
+    let inst = Instance::start("killworker", osps_testkit::args!(1, 8, 65536));
     let old_pid = inst.worker_pids()[0];
     let mut c = inst.client();
     let job = thread::spawn(move || c.call("sleep", &["800"], &[]));
@@ -374,11 +348,8 @@ fn with_token(
 #[test]
 fn a_remote_tcp_port_admits_only_clients_with_the_token() {
     let token = b"s3cret-token-for-the-remote-port-test";
-    let (inst, dir, addr) = with_token(
-        "tcp-token",
-        token,
-        &["--tcp", "0.0.0.0:0", "--tcp-allow-remote"],
-    );
+    let remote = ["--tcp", "0.0.0.0:0", "--tcp-allow-remote"];
+    let (inst, dir, addr) = with_token("tcp-token", token, &remote);
     let token_file = dir.path().join("token");
     let port = addr.port();
     let ep: ipc_core::Endpoint = format!("tcp:127.0.0.1:{port}").parse().unwrap();
@@ -468,18 +439,15 @@ fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
     // waits. (All three from one uid: let it hold the whole arena.)
     let mut inst = Instance::start(
         "slotwait",
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "1",
-            "--max-payload",
-            "400000",
+        osps_testkit::args!(
+            2,
+            1,
+            400000,
             "--drain-timeout-ms",
             "300",
             "--peer-arena-percent",
-            "100",
-        ],
+            "100"
+        ),
     );
     let big = vec![b'x'; 400_000];
     let long: Vec<_> = (0..2)
@@ -517,14 +485,7 @@ fn at_shutdown_a_request_waiting_for_a_slot_is_answered_not_reset() {
 /// A dispatcher with one worker, kept busy by a 300 ms `sleep` (whose id is
 /// returned), so the jobs sent next queue up and go to it as one batch.
 fn one_busy_worker(tag: &str, extra: &[&str]) -> (Instance, osps_client::Client, u64) {
-    let mut args = vec![
-        "--workers",
-        "1",
-        "--segment-mib",
-        "8",
-        "--max-payload",
-        "65536",
-    ];
+    let mut args = osps_testkit::args!(1, 8, 65536).to_vec();
     args.extend_from_slice(extra);
     let inst = Instance::start(tag, &args);
     let mut c = inst.client();
@@ -599,18 +560,15 @@ fn a_job_batched_before_a_hanging_one_gets_its_own_answer() {
 fn large_requests_and_answers_cannot_wedge_a_worker_or_shutdown() {
     let mut inst = Instance::start(
         "bigframes",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--job-timeout-ms",
             "2000",
             "--drain-timeout-ms",
-            "1000",
-        ],
+            "1000"
+        ),
     );
     let mut c = inst.client();
     // Unknown operations with 50 KB names: big job frames, and errors that echo them.
@@ -640,17 +598,7 @@ fn large_requests_and_answers_cannot_wedge_a_worker_or_shutdown() {
 
 #[test]
 fn jobs_are_not_batched_while_a_worker_is_idle() {
-    let inst = Instance::start(
-        "nobatch",
-        &[
-            "--workers",
-            "4",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
-    );
+    let inst = Instance::start("nobatch", osps_testkit::args!(4, 8, 65536));
     let mut c = inst.client();
     // Three jobs at a time for four workers: each goes to an idle worker,
     // none is queued behind another (bursts arrive together in one read).

@@ -10,22 +10,11 @@ use osps_testkit::Instance;
 #[test]
 fn modes_are_set_explicitly_even_under_umask_000() {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    let inst = Instance::start_with(
-        "umask",
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
-        |paths| {
-            // The base directory is the operator's, used as it is: a safe one.
-            let base = paths.dir().parent().unwrap();
-            std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o700)).unwrap();
-        },
-    );
+    let inst = Instance::start_with("umask", osps_testkit::args!(1, 8, 65536), |paths| {
+        // The base directory is the operator's, used as it is: a safe one.
+        let base = paths.dir().parent().unwrap();
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o700)).unwrap();
+    });
     nix::sys::stat::umask(old);
     let uid = nix::unistd::getuid().as_raw();
     let mode = |p: &std::path::Path| {

@@ -12,14 +12,7 @@ use std::process::{Command, Stdio};
 use nobody::{copy_bin, ping_as_nobody, root_or_skip, Proc, NOBODY};
 use osps_testkit::{wait_for, Instance, PATIENCE};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "65536",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 8, 65536);
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)

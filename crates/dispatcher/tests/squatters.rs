@@ -18,14 +18,7 @@ use nix::unistd::Pid;
 use nobody::{as_nobody, copy_bin, ping_as_nobody, root_or_skip, Proc, NOBODY};
 use osps_testkit::{wait_for, Instance, PATIENCE};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "65536",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 8, 65536);
 
 /// Environment variable telling the [`squatter`] helper what to make.
 const SQUAT_ENV: &str = "OSPS_TEST_SQUAT";

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use ipc_core::frame;
-use ipc_core::proto::{ErrorKind, Outcome, Request, Response};
+use ipc_core::proto::{ErrorKind, Outcome, Response};
 use ipc_core::status::StatusReport;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -22,14 +22,7 @@ const TOTAL: usize = 4 << 20;
 const FIRST: usize = 1_500_000;
 
 fn args(extra: &[&'static str]) -> Vec<&'static str> {
-    let mut a = vec![
-        "--workers",
-        "2",
-        "--segment-mib",
-        "32",
-        "--max-payload",
-        "8388608",
-    ];
+    let mut a = osps_testkit::args!(2, 32, 8388608).to_vec();
     a.extend_from_slice(extra);
     a
 }
@@ -43,14 +36,7 @@ fn data() -> Vec<u8> {
 /// Starts a request on a raw connection and sends the first `first` bytes of `data`.
 fn start_upload(inst: &Instance, op: &str, args: &[&str], data: &[u8], first: usize) -> UnixStream {
     let mut s = inst.raw_client();
-    let req = Request {
-        id: 1,
-        op: op.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        payload_len: data.len() as u64,
-    };
-    let mut buf = Vec::new();
-    frame::encode(&req, &mut buf).unwrap();
+    let buf = osps_testkit::request_header(1, op, args, data.len() as u64);
     s.write_all(&buf).unwrap();
     s.write_all(&data[..first]).unwrap();
     s
@@ -69,6 +55,16 @@ fn busy_workers(st: &StatusReport) -> usize {
 }
 
 /// Waits until exactly `n` workers are busy and nothing is queued; returns that status.
+/// A sha256 upload started (the first `FIRST` bytes sent) and running on a
+/// worker: the data, the connection and that worker's pid.
+fn sha256_upload_running(inst: &Instance) -> (Vec<u8>, UnixStream, u32) {
+    let data = data();
+    let s = start_upload(inst, "sha256", &[], &data, FIRST);
+    let st = wait_busy(inst, 1);
+    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    (data, s, victim)
+}
+
 fn wait_busy(inst: &Instance, n: usize) -> StatusReport {
     inst.wait_status(&format!("{n} busy worker(s), none queued"), |st| {
         busy_workers(st) == n && st.queue_depth == 0
@@ -155,10 +151,7 @@ fn one_worker_is_always_left_for_others_while_uploads_hold_workers() {
 #[test]
 fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
     let inst = Instance::start("stream-kill", &args(&[]));
-    let data = data();
-    let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
-    let st = wait_busy(&inst, 1);
-    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    let (data, mut s, victim) = sha256_upload_running(&inst);
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     inst.wait_status("the killed worker is replaced", |st| {
         st.workers.iter().map(|w| w.restarts).sum::<u64>() == 1
@@ -174,10 +167,7 @@ fn a_worker_killed_mid_upload_is_replaced_and_the_job_retried() {
 #[test]
 fn a_retried_streamed_job_gets_no_job_batched_behind_it() {
     let inst = Instance::start("stream-retry-busy", &args(&[]));
-    let data = data();
-    let mut s = start_upload(&inst, "sha256", &[], &data, FIRST);
-    let st = wait_busy(&inst, 1);
-    let victim = st.workers.iter().find(|w| w.state == "busy").unwrap().pid;
+    let (data, mut s, victim) = sha256_upload_running(&inst);
     // The other worker busy, and a small job waiting: the one that takes the
     // retried job has no idle peer, the case where jobs are sent ahead.
     let mut sleeper = inst.client();
@@ -218,14 +208,7 @@ fn bad_arguments_are_answered_before_the_payload_is_in_and_the_connection_goes_o
     assert!(result.is_empty());
     // The rest of the payload is still read (into its slot), then the next request runs.
     s.write_all(&data[FIRST..]).unwrap();
-    let mut buf = Vec::new();
-    let req = Request {
-        id: 2,
-        op: "upper".into(),
-        args: vec![],
-        payload_len: 2,
-    };
-    frame::encode(&req, &mut buf).unwrap();
+    let mut buf = osps_testkit::request_header(2, "upper", &[], 2);
     buf.extend_from_slice(b"ok");
     s.write_all(&buf).unwrap();
     assert_eq!(reply(&mut s), (Outcome::Ok, b"OK".to_vec()));

@@ -9,16 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use osps_testkit::{sysv_name, wait_for, Instance, PATIENCE};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "1048576",
-    "--segment",
-    "sysv",
-];
+const ARGS: &[&str] = osps_testkit::args!(2, 8, 1048576, "--segment", "sysv");
 
 /// The `ipcs -m` line of the segment with this key, if listed.
 fn ipcs_line(key: i32) -> Option<String> {

@@ -605,3 +605,106 @@ impl Drop for Instance {
         }
     }
 }
+
+/// The dispatcher's usual sizing flags, in this order: `--workers W
+/// --segment-mib M --max-payload P`, then any further arguments as given.
+/// Expands to a `&[&str]` (usable in a `const`), so a test's arguments are
+/// written once and read at a glance:
+/// `osps_testkit::args!(2, 8, 65536, "--max-connections", "50")`; the
+/// payload limit may also be a computed `&str` (`args!(1, 8, &big)`).
+#[macro_export]
+macro_rules! args {
+    ($workers:literal, $mib:literal, $payload:literal $(, $extra:expr)* $(,)?) => {
+        $crate::args!(@ $workers, $mib, stringify!($payload) $(, $extra)*)
+    };
+    (@ $workers:literal, $mib:literal, $payload:expr $(, $extra:expr)*) => {
+        &[
+            "--workers",
+            stringify!($workers),
+            "--segment-mib",
+            stringify!($mib),
+            "--max-payload",
+            $payload
+            $(, $extra)*
+        ]
+    };
+    // A computed payload limit (a `&str`): `args!(1, 8, &big, ...)`.
+    ($workers:literal, $mib:literal, $payload:expr $(, $extra:expr)* $(,)?) => {
+        $crate::args!(@ $workers, $mib, $payload $(, $extra)*)
+    };
+}
+
+/// `osps-client --instance NAME --runtime-dir DIR`, for a test to add its
+/// own arguments to.
+pub fn client_command(instance: &str, runtime_dir: &Path) -> Command {
+    let mut cmd = Command::new(bin("osps-client"));
+    cmd.args(["--instance", instance, "--runtime-dir"])
+        .arg(runtime_dir);
+    cmd
+}
+
+/// Spawns `cmd` with its stdin, stdout and stderr piped to the test.
+pub fn spawn_piped(cmd: &mut Command) -> std::io::Result<Child> {
+    spawn_capturing(cmd, Stdio::piped())
+}
+
+/// Spawns `cmd` with this stdin and its stdout and stderr piped to the test.
+pub fn spawn_capturing(cmd: &mut Command, stdin: Stdio) -> std::io::Result<Child> {
+    cmd.stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+}
+
+/// A child process (a client, a program run as another uid, ...) killed and
+/// reaped when dropped, even when an assertion failed. `None` once taken.
+#[derive(Debug)]
+pub struct Reaped(pub Option<Child>);
+
+impl Reaped {
+    /// Its pid (0 once taken).
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for it to end and collects what it printed.
+    pub fn output(mut self) -> std::process::Output {
+        self.0.take().expect("running").wait_with_output().unwrap()
+    }
+
+    /// SIGTERM, then its exit code (within [`PATIENCE`]); killed if it does
+    /// not end by then.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.0.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let status = wait_for(PATIENCE, || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status.and_then(|s| s.code())
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The frame of a request header as a client writes it on a raw connection
+/// (the `payload_len` payload bytes are the caller's to send after it).
+pub fn request_header(id: u64, op: &str, args: &[&str], payload_len: u64) -> Vec<u8> {
+    let req = ipc_core::proto::Request {
+        id,
+        op: op.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        payload_len,
+    };
+    let mut buf = Vec::new();
+    ipc_core::frame::encode(&req, &mut buf).unwrap();
+    buf
+}

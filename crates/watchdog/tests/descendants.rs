@@ -145,20 +145,18 @@ fn wait_reaped(kids: &[Kid], inst: &Instance, what: &str) -> Duration {
     t.elapsed()
 }
 
+/// Workers that leave children behind, and the dispatcher arguments to run them.
+fn children_and_args(extra: &[&'static str]) -> (LeavesChildren, Vec<String>) {
+    let children = LeavesChildren::new();
+    let args = dispatcher_args(&children, extra);
+    (children, args)
+}
+
 fn dispatcher_args(kids: &LeavesChildren, extra: &[&'static str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--workers",
-        "2",
-        "--segment-mib",
-        "16",
-        "--max-payload",
-        "1048576",
-        "--worker-exe",
-        kids.exe(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = osps_testkit::args!(2, 16, 1048576, "--worker-exe", kids.exe())
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
@@ -169,8 +167,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn sigkill_of_a_supervised_dispatcher_kills_and_reaps_everything_its_workers_started() {
-    let children = LeavesChildren::new();
-    let args = dispatcher_args(&children, &[]);
+    let (children, args) = children_and_args(&[]);
     let inst = Instance::supervised("kidskill", &["--heartbeat-ms", "100"], &strs(&args));
     let kids = children.wait_kids(4);
     assert_eq!(kids.iter().filter(|k| k.kind == "session").count(), 2);
@@ -193,8 +190,7 @@ fn sigkill_of_a_supervised_dispatcher_kills_and_reaps_everything_its_workers_sta
 
 #[test]
 fn a_supervised_ordered_stop_leaves_no_process_behind() {
-    let children = LeavesChildren::new();
-    let args = dispatcher_args(&children, &[]);
+    let (children, args) = children_and_args(&[]);
     let mut inst = Instance::supervised("kidsstop", &[], &strs(&args));
     let kids = children.wait_kids(4);
     inst.signal(Signal::SIGTERM); // to the watchdog
@@ -212,8 +208,7 @@ fn a_supervised_ordered_stop_leaves_no_process_behind() {
 
 #[test]
 fn an_unsupervised_sigterm_kills_what_the_workers_left_in_their_process_groups() {
-    let children = LeavesChildren::new();
-    let args = dispatcher_args(&children, &[]);
+    let (children, args) = children_and_args(&[]);
     let mut inst = Instance::start("kidsterm", &strs(&args));
     let kids = children.wait_kids(4);
     inst.signal(Signal::SIGTERM);
@@ -227,8 +222,7 @@ fn an_unsupervised_sigterm_kills_what_the_workers_left_in_their_process_groups()
 
 #[test]
 fn a_job_timeout_kills_what_its_worker_left_in_its_process_group() {
-    let children = LeavesChildren::new();
-    let args = dispatcher_args(&children, &["--job-timeout-ms", "500"]);
+    let (children, args) = children_and_args(&["--job-timeout-ms", "500"]);
     let inst = Instance::start("kidstimeout", &strs(&args));
     let kids = children.wait_kids(4);
     let mut c = inst.client();
@@ -312,15 +306,7 @@ impl Drop for JobKids {
     }
 }
 
-const SPAWN_ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "65536",
-    "--allow-fault-injection",
-];
+const SPAWN_ARGS: &[&str] = osps_testkit::args!(1, 8, 65536, "--allow-fault-injection");
 
 #[test]
 fn sigkill_of_a_supervised_dispatcher_kills_and_reaps_what_a_job_started() {

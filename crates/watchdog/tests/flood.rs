@@ -16,20 +16,17 @@ fn a_supervised_dispatcher_under_a_connection_flood_keeps_its_heartbeat() {
     let inst = Instance::supervised(
         "hbflood",
         &["--heartbeat-ms", "200", "--miss-limit", "8"],
-        &[
-            "--workers",
-            "1",
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
+        osps_testkit::args!(
+            1,
+            8,
+            65536,
             "--tcp",
             "127.0.0.1:0",
             "--max-connections",
             "10",
             "--max-tcp-connections",
-            "10",
-        ],
+            "10"
+        ),
     );
     let st = inst.status();
     let pid = st.dispatcher_pid;

@@ -11,14 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_testkit::{wait_for, Instance, PATIENCE};
 
-const ARGS: &[&str] = &[
-    "--workers",
-    "1",
-    "--segment-mib",
-    "8",
-    "--max-payload",
-    "65536",
-];
+const ARGS: &[&str] = osps_testkit::args!(1, 8, 65536);
 
 #[test]
 fn a_new_watchdog_waits_for_the_previous_dispatcher_to_release_the_lock() {

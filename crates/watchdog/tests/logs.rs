@@ -10,14 +10,7 @@ fn json_logs_name_role_and_pid_and_carry_the_lifecycle() {
     let mut inst = Instance::supervised(
         "jsonlog",
         &["--log-format", "json", "--heartbeat-ms", "100"],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "1048576",
-        ],
+        osps_testkit::args!(2, 16, 1048576),
     );
     let watchdog = inst.pid();
     let dispatcher = inst.dispatcher_pid();

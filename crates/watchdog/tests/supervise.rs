@@ -14,14 +14,7 @@ use nix::unistd::Pid;
 use osps_client::{RetryPolicy, RetryingClient};
 use osps_testkit::{proc_info, wait_for, zombies_of, Instance, PATIENCE};
 
-const DISPATCHER: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const DISPATCHER: &[&str] = osps_testkit::args!(2, 16, 1048576);
 
 fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap();
@@ -211,12 +204,17 @@ fn a_dispatcher_that_dies_at_once_makes_the_watchdog_give_up() {
     assert!(zombies_of(&[pid]).is_empty() && proc_info(pid).is_none());
 }
 
+/// A supervised instance with its watchdog's, dispatcher's and workers' pids.
+fn supervised_pids(tag: &str) -> (Instance, u32, u32, Vec<u32>) {
+    let inst = Instance::supervised(tag, &[], DISPATCHER);
+    let (watchdog, dispatcher) = (inst.pid(), inst.dispatcher_pid());
+    let workers = inst.worker_pids();
+    (inst, watchdog, dispatcher, workers)
+}
+
 #[test]
 fn sigterm_to_the_watchdog_stops_everything_in_order() {
-    let mut inst = Instance::supervised("wdterm", &[], DISPATCHER);
-    let watchdog = inst.pid();
-    let dispatcher = inst.dispatcher_pid();
-    let workers = inst.worker_pids();
+    let (mut inst, watchdog, dispatcher, workers) = supervised_pids("wdterm");
     assert_eq!(retrying(&inst).call("ping", &[], &[]).unwrap(), b"pong\n");
     signal(watchdog, Signal::SIGTERM);
     let status = inst
@@ -253,10 +251,7 @@ fn sigterm_to_the_watchdog_stops_everything_in_order() {
 fn sigkill_of_the_watchdog_makes_the_dispatcher_stop_in_order() {
     // Chosen behaviour: the dispatcher follows its watchdog (PR_SET_PDEATHSIG
     // = SIGTERM) and shuts down in order, so no unsupervised server is left.
-    let mut inst = Instance::supervised("wdkill", &[], DISPATCHER);
-    let watchdog = inst.pid();
-    let dispatcher = inst.dispatcher_pid();
-    let workers = inst.worker_pids();
+    let (mut inst, watchdog, dispatcher, workers) = supervised_pids("wdkill");
     signal(watchdog, Signal::SIGKILL);
     inst.wait_exit(PATIENCE).expect("watchdog reaped");
     // We are the subreaper, so the orphaned dispatcher is ours to reap: its status shows an ordered stop.

@@ -9,14 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use osps_testkit::{Instance, PATIENCE};
 
-const DISPATCHER: &[&str] = &[
-    "--workers",
-    "2",
-    "--segment-mib",
-    "16",
-    "--max-payload",
-    "1048576",
-];
+const DISPATCHER: &[&str] = osps_testkit::args!(2, 16, 1048576);
 
 /// The service manager's end: a datagram socket in a private directory.
 struct Manager {

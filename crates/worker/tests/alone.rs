@@ -29,12 +29,32 @@ fn spawn(segment: &str, extra: &[&str]) -> Reaped {
     Reaped(child)
 }
 
-#[test]
-fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
-    let name = format!("/osps-test-alone-{}", std::process::id());
+/// A 1 MiB segment `/osps-test-TAG-<pid>` and a worker started on it, with
+/// its stdout taken (the frames it writes).
+fn worker_on_a_segment(tag: &str) -> (Segment, Reaped, std::process::ChildStdout) {
+    let name = format!("/osps-test-{tag}-{}", std::process::id());
     let seg = Segment::create(&name, 1 << 20, 1).unwrap();
     let mut w = spawn(&name, &[]);
-    let mut stdout = w.0.stdout.take().unwrap();
+    let stdout = w.0.stdout.take().unwrap();
+    (seg, w, stdout)
+}
+
+/// A job's first run, its whole input (`len` bytes) already in `slot`.
+fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job {
+    Job {
+        job_id,
+        op: op.into(),
+        args: vec![],
+        slot,
+        input_len: len,
+        ready: len,
+        attempt: 1,
+    }
+}
+
+#[test]
+fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
+    let (seg, mut w, mut stdout) = worker_on_a_segment("alone");
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
     assert!(
@@ -48,33 +68,9 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
     seg.bytes_mut(slot).unwrap()[..11].copy_from_slice(b"hello world");
     let mut stdin = w.0.stdin.take().unwrap();
     let jobs = [
-        Job {
-            job_id: 1,
-            op: "upper".into(),
-            args: vec![],
-            slot,
-            input_len: 11,
-            ready: 11,
-            attempt: 1,
-        },
-        Job {
-            job_id: 2,
-            op: "wc".into(),
-            args: vec![],
-            slot,
-            input_len: 11,
-            ready: 11,
-            attempt: 1,
-        },
-        Job {
-            job_id: 3,
-            op: "crash".into(),
-            args: vec![],
-            slot,
-            input_len: 0,
-            ready: 0,
-            attempt: 1,
-        },
+        first_run(1, "upper", slot, 11),
+        first_run(2, "wc", slot, 11),
+        first_run(3, "crash", slot, 0),
     ];
     let mut buf = Vec::new();
     for j in jobs {
@@ -164,10 +160,7 @@ fn done(stdout: &mut impl std::io::Read) -> JobDone {
 
 #[test]
 fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
-    let name = format!("/osps-test-stream-{}", std::process::id());
-    let seg = Segment::create(&name, 1 << 20, 1).unwrap();
-    let mut w = spawn(&name, &[]);
-    let mut stdout = w.0.stdout.take().unwrap();
+    let (seg, mut w, mut stdout) = worker_on_a_segment("stream");
     let mut stdin = w.0.stdin.take().unwrap();
     let mut scratch = Vec::new();
     let _ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();

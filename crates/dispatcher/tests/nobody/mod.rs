@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test file uses a part
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 
 /// `nobody`'s uid (and `nogroup`'s gid).
 pub const NOBODY: u32 = 65534;
@@ -49,38 +49,7 @@ pub fn ping_as_nobody(client: &Path, socket: &Path) -> (Option<i32>, String) {
 }
 
 /// A process killed and reaped when dropped, even when an assertion failed.
-pub struct Proc(pub Option<Child>);
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.0.as_ref().map_or(0, Child::id)
-    }
-
-    /// SIGTERM, then its exit code (within the test's patience).
-    pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.0.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let status =
-            osps_testkit::wait_for(osps_testkit::PATIENCE, || child.try_wait().ok().flatten());
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        status.and_then(|s| s.code())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+pub use osps_testkit::Reaped as Proc;
 
 /// Removes everything of an instance when dropped, after its processes are
 /// gone (declare it before the [`Proc`]s, so it drops after them): segments
