@@ -602,6 +602,26 @@ fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(
     w: &mut W,
     len: u64,
 ) -> io::Result<u64> {
+    for_each_chunk(r, len, |chunk| w.write_all(chunk)).map_err(|e| match e {
+        Chunked::Read(e) | Chunked::Use(e) => e,
+    })
+}
+
+/// Where [`for_each_chunk`] failed: reading its input, or in what it did
+/// with a chunk.
+enum Chunked<E> {
+    Read(io::Error),
+    Use(E),
+}
+
+/// Reads up to `len` bytes from `r` in chunks of at most [`STREAM_CHUNK`]
+/// and hands each to `f`; returns how many were read (fewer only at end of
+/// input).
+fn for_each_chunk<R: Read + ?Sized, E>(
+    r: &mut R,
+    len: u64,
+    mut f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, Chunked<E>> {
     let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
     let mut copied = 0u64;
     while copied < len {
@@ -610,9 +630,9 @@ fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Chunked::Read(e)),
         };
-        w.write_all(&buf[..n])?;
+        f(&buf[..n]).map_err(Chunked::Use)?;
         copied += n as u64;
     }
     Ok(copied)
@@ -849,22 +869,16 @@ impl Client {
         let sent = self.write_watching(id, &out, false);
         self.out = out;
         sent?;
-        let mut buf = vec![0u8; (len as usize).clamp(1, STREAM_CHUNK)];
-        let mut copied = 0u64;
-        while copied < len {
-            let want = buf.len().min((len - copied) as usize);
-            let n = match payload.read(&mut buf[..want]) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.broken = true; // the request is cut short
-                    return Err(e.into());
-                }
-            };
-            self.write_watching(id, &buf[..n], true)?;
-            copied += n as u64;
-        }
+        let copied = match for_each_chunk(&mut payload, len, |chunk| {
+            self.write_watching(id, chunk, true)
+        }) {
+            Ok(copied) => copied,
+            Err(Chunked::Read(e)) => {
+                self.broken = true; // the request is cut short
+                return Err(e.into());
+            }
+            Err(Chunked::Use(e)) => return Err(e),
+        };
         if copied != len {
             self.broken = true;
             return Err(ClientError::Protocol(format!(

@@ -303,7 +303,8 @@ impl Instance {
         let mut args = watchdog_args.to_vec();
         args.push("--");
         args.extend_from_slice(dispatcher_args);
-        Instance::launch_env(
+        Instance::launch_full(
+            &[],
             "osps-watchdog",
             unique_instance(tag),
             &args,
@@ -333,13 +334,14 @@ impl Instance {
         args: &[&str],
         before: impl FnOnce(&RuntimePaths),
     ) -> Instance {
-        Instance::launch_env(program, name, args, &[], true, before)
+        Instance::launch_full(&[], program, name, args, &[], true, before)
     }
 
     /// Starts `osps-dispatcher` with `args` and waits only until it answers
     /// `status` (its workers may never come up).
     pub fn start_answering(tag: &str, args: &[&str]) -> Instance {
-        Instance::launch_env(
+        Instance::launch_full(
+            &[],
             "osps-dispatcher",
             unique_instance(tag),
             args,
@@ -362,17 +364,6 @@ impl Instance {
             true,
             |_| {},
         )
-    }
-
-    fn launch_env(
-        program: &str,
-        name: String,
-        args: &[&str],
-        env: &[(&str, &str)],
-        workers_idle: bool,
-        before: impl FnOnce(&RuntimePaths),
-    ) -> Instance {
-        Instance::launch_full(&[], program, name, args, env, workers_idle, before)
     }
 
     fn launch_full(
