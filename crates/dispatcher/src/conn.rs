@@ -116,7 +116,9 @@ where
         }
     };
     let opened = tokio::select! {
-        r = tokio::time::timeout(deadline, handshake(&mut rd, &mut wr, token)) => r,
+        // Boxed: its buffer is needed during the handshake only, and the
+        // task's size is what every connection keeps for its whole life.
+        r = tokio::time::timeout(deadline, Box::pin(handshake(&mut rd, &mut wr, token))) => r,
         () = evicted() => {
             log_rate_limited(
                 || tracing::info!(peer = %peer.name, "evicted the oldest connection still silent in its handshake: the listener's handshake budget is full (such evictions are logged at most once a second)"),

@@ -252,7 +252,9 @@ pub async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
 }
 
 async fn skip_to_eof<R: AsyncRead + Unpin>(rd: &mut R) {
-    let mut buf = [0u8; 8192];
+    // On the heap, and only while lingering: a buffer on the stack here
+    // would be part of every connection's task, idle or not.
+    let mut buf = vec![0u8; 8192];
     let mut total = 0usize;
     while let Ok(n) = rd.read(&mut buf).await {
         total += n;
