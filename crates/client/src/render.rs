@@ -71,7 +71,7 @@ pub fn status_table(r: &StatusReport) -> String {
             } else {
                 w.pid.to_string()
             },
-            w.state.clone(),
+            w.state.to_string(),
             if w.pid == 0 {
                 dash()
             } else {

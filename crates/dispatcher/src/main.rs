@@ -87,20 +87,6 @@ struct Args {
     worker_exe: Option<PathBuf>,
 }
 
-/// What `osps-watchdog` passes in the environment when it starts us.
-fn watchdog_from_env() -> Option<ipc_core::status::WatchdogStatus> {
-    let pid = std::env::var("OSPS_WATCHDOG_PID").ok()?.parse().ok()?;
-    Some(ipc_core::status::WatchdogStatus {
-        pid,
-        restarts: std::env::var("OSPS_RESTARTS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(0),
-        last_restart_cause: std::env::var("OSPS_LAST_RESTART_CAUSE").unwrap_or_default(),
-        uptime_ms: 0,
-    })
-}
-
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let _span = ipc_core::logging::init("dispatcher", args.log_format);
@@ -132,10 +118,10 @@ fn main() -> std::process::ExitCode {
     if let Some(exe) = args.worker_exe {
         config.worker_exe = exe;
     }
-    config.watchdog = watchdog_from_env();
-    config.watchdog_started_unix_ms = std::env::var("OSPS_WATCHDOG_STARTED_MS")
-        .ok()
-        .and_then(|t| t.parse().ok());
+    // What `osps-watchdog` passes in the environment when it starts us.
+    let watchdog = ipc_core::env::WatchdogEnv::from_env();
+    config.watchdog = watchdog.as_ref().map(ipc_core::env::WatchdogEnv::status);
+    config.watchdog_started_unix_ms = watchdog.and_then(|w| w.started_unix_ms);
     match dispatcher::run(config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

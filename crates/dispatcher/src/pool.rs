@@ -96,10 +96,10 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
         tracing::info!(worker = index, pid = worker.pid, "worker started");
         shared.set_worker(index, |w| w.pid = worker.pid);
         shared.set_worker_started(index, Some(std::time::Instant::now()));
-        shared.set_state(index, "idle");
+        shared.set_state(index, ipc_core::status::WorkerState::Idle);
         let end = serve(&shared, index, &mut worker, &mut stop).await;
         let status = finish(&mut worker, &end).await;
-        shared.set_state(index, "stopped");
+        shared.set_state(index, ipc_core::status::WorkerState::Stopped);
         shared.set_worker_started(index, None);
         match end {
             End::Stop => {
@@ -154,7 +154,7 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
             w.restarts += 1;
             w.pid = 0;
         });
-        shared.set_state(index, "starting");
+        shared.set_state(index, ipc_core::status::WorkerState::Starting);
     }
 }
 
@@ -168,7 +168,7 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .env(
-            ipc_core::logging::ENV_LOG_FORMAT,
+            ipc_core::env::LOG_FORMAT,
             ipc_core::logging::format().as_str(),
         )
         .process_group(0)
@@ -247,7 +247,7 @@ async fn serve(
     let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         if sent.is_empty() {
-            shared.set_state(index, "idle");
+            shared.set_state(index, ipc_core::status::WorkerState::Idle);
             let job = tokio::select! {
                 job = shared.next_job() => job,
                 status = w.child.wait() => return died(format!("exited while idle: {}", describe(status)), sent),
@@ -310,7 +310,7 @@ async fn serve(
             }
             written = sent.len();
         }
-        shared.set_state(index, "busy");
+        shared.set_state(index, ipc_core::status::WorkerState::Busy);
         // Tell the worker of its payload's progress, if there is news.
         if let Some((streamed, told)) = &mut arriving {
             if let Some(news) = streamed.upload.news(*told) {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use ipc_core::alloc::AllocError;
 use ipc_core::proto::{Outcome, PROTOCOL_VERSION};
-use ipc_core::status::{SegmentStatus, StatusReport, WorkerStatus};
+use ipc_core::status::{SegmentStatus, StatusReport, WorkerState, WorkerStatus};
 use ipc_core::{Region, RuntimePaths, Segment, Slot, SlotAllocator};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
@@ -301,7 +301,7 @@ pub struct Shared {
     pub workers: RefCell<Vec<WorkerStatus>>,
     /// Each worker's state, kept apart from `workers` so that changing it
     /// costs no allocation (it changes twice per job).
-    worker_states: Vec<Cell<&'static str>>,
+    worker_states: Vec<Cell<WorkerState>>,
     pub tcp_addr: RefCell<Option<String>>,
     /// When each worker's current process started (`None` while starting).
     worker_started: Vec<Cell<Option<Instant>>>,
@@ -334,7 +334,7 @@ impl Shared {
             .map(|index| WorkerStatus {
                 index,
                 pid: 0,
-                state: "starting".into(),
+                state: WorkerState::Starting,
                 jobs_done: 0,
                 restarts: 0,
                 jobs_failed: 0,
@@ -373,7 +373,9 @@ impl Shared {
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
             jobs_sent_ahead: Cell::new(0),
-            worker_states: (0..n_workers).map(|_| Cell::new("starting")).collect(),
+            worker_states: (0..n_workers)
+                .map(|_| Cell::new(WorkerState::Starting))
+                .collect(),
             workers: RefCell::new(workers),
             tcp_addr: RefCell::new(None),
             worker_started: (0..n_workers).map(|_| Cell::new(None)).collect(),
@@ -527,7 +529,7 @@ impl Shared {
     }
 
     /// Sets a worker's state.
-    pub fn set_state(&self, index: usize, state: &'static str) {
+    pub fn set_state(&self, index: usize, state: WorkerState) {
         self.worker_states[index].set(state);
     }
 
@@ -561,7 +563,7 @@ impl Shared {
                 let attached_here = 1 + self
                     .worker_states
                     .iter()
-                    .filter(|s| matches!(s.get(), "idle" | "busy"))
+                    .filter(|s| s.get().is_up())
                     .count();
                 let (backend, path, see, mode, owner_uid, attached) = match self.segment.sysv_info()
                 {
@@ -613,7 +615,7 @@ impl Shared {
                 .zip(&self.worker_states)
                 .zip(&self.worker_started)
                 .map(|((w, state), started)| WorkerStatus {
-                    state: state.get().to_owned(),
+                    state: state.get(),
                     uptime_ms: started.get().map_or(0, |t| t.elapsed().as_millis() as u64),
                     ..w.clone()
                 })

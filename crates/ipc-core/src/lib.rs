@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod endpoint;
+pub mod env;
 pub mod frame;
 pub mod lock;
 pub mod logging;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable that carries the log format to child processes.
-pub const ENV_LOG_FORMAT: &str = "OSPS_LOG_FORMAT";
+pub const ENV_LOG_FORMAT: &str = crate::env::LOG_FORMAT;
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -78,11 +78,7 @@ pub async fn run(
                     tracing::info!(pid, "heartbeat answered again after {misses} miss(es)");
                 }
                 misses = 0;
-                let workers = report
-                    .workers
-                    .iter()
-                    .filter(|w| matches!(w.state.as_str(), "idle" | "busy"))
-                    .count();
+                let workers = report.workers.iter().filter(|w| w.state.is_up()).count();
                 if !serving && workers > 0 {
                     serving = true;
                     let _ = tx.send(Beat::Serving { pid, workers });

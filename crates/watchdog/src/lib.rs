@@ -29,14 +29,6 @@ use tokio::sync::mpsc;
 
 pub use policy::{Action, Event, RestartPolicy, State, Supervisor};
 
-/// Environment variables through which the watchdog tells the dispatcher
-/// about itself (shown by `osps-client status`).
-pub const ENV_WATCHDOG_PID: &str = "OSPS_WATCHDOG_PID";
-pub const ENV_RESTARTS: &str = "OSPS_RESTARTS";
-pub const ENV_LAST_RESTART_CAUSE: &str = "OSPS_LAST_RESTART_CAUSE";
-/// When the watchdog started, in milliseconds since the Unix epoch.
-pub const ENV_WATCHDOG_STARTED_MS: &str = "OSPS_WATCHDOG_STARTED_MS";
-
 /// How the watchdog is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -347,13 +339,17 @@ fn spawn(config: &Config, sup: &Supervisor, started_ms: u64) -> std::io::Result<
     if let Some(dir) = &config.runtime_dir {
         cmd.arg("--runtime-dir").arg(dir);
     }
+    // What the dispatcher learns about us (shown by `osps-client status`).
+    let about_us = ipc_core::env::WatchdogEnv {
+        pid: std::process::id(),
+        restarts: sup.restarts(),
+        last_restart_cause: sup.last_cause().unwrap_or("").to_owned(),
+        started_unix_ms: Some(started_ms),
+    };
     cmd.args(&config.dispatcher_args)
-        .env(ENV_WATCHDOG_PID, std::process::id().to_string())
-        .env(ENV_RESTARTS, sup.restarts().to_string())
-        .env(ENV_LAST_RESTART_CAUSE, sup.last_cause().unwrap_or(""))
-        .env(ENV_WATCHDOG_STARTED_MS, started_ms.to_string())
+        .envs(about_us.vars())
         .env(
-            ipc_core::logging::ENV_LOG_FORMAT,
+            ipc_core::env::LOG_FORMAT,
             ipc_core::logging::format().as_str(),
         )
         .stdin(Stdio::null())
