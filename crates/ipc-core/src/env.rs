@@ -123,7 +123,8 @@ mod tests {
 
     #[test]
     fn reading_tolerates_what_a_user_may_have_set() {
-        let table: [(&[(&'static str, &str)], Option<(u32, u64)>); 4] = [
+        type Vars = &'static [(&'static str, &'static str)];
+        let table: [(Vars, Option<(u32, u64)>); 4] = [
             (&[], None),
             (&[(WATCHDOG_PID, "x")], None),
             (&[(WATCHDOG_PID, "9")], Some((9, 0))),
