@@ -7,6 +7,7 @@
 
 use std::sync::OnceLock;
 
+#[cfg(feature = "logging")]
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable that carries the log format to child processes.
@@ -52,6 +53,7 @@ pub fn format() -> LogFormat {
 
 /// Installs the global subscriber for a process playing `role`. Call once,
 /// from `main`. Returns a guard span to keep entered for the process's life.
+#[cfg(feature = "logging")]
 pub fn init(role: &'static str, format: LogFormat) -> tracing::span::EnteredSpan {
     let _ = FORMAT.set(format);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
