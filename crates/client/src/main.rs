@@ -16,19 +16,19 @@ use osps_client::{Client, ClientError, RetryPolicy, RetryingClient};
 
 /// Talks to an OSPS dispatcher.
 #[derive(Debug, Parser)]
-#[command(name = "osps-client", version)]
+#[command(
+    name = "osps-client",
+    version,
+    mut_arg("instance", |a| a.help("Instance name (selects the socket)")),
+)]
 struct Args {
-    /// Instance name (selects the socket).
-    #[arg(long, global = true, env = "OSPS_INSTANCE", default_value = "default")]
-    instance: String,
-    /// Base runtime directory [default: $XDG_RUNTIME_DIR/osps, else /tmp/osps-<uid>].
-    #[arg(long, global = true, env = "OSPS_RUNTIME_DIR")]
-    runtime_dir: Option<PathBuf>,
+    #[command(flatten)]
+    place: ipc_core::cli::InstanceArgs,
     /// Connect here instead of the instance's socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, global = true)]
     connect: Option<Endpoint>,
     /// Present the token in this file (mode 0600) in the hello: needed on a TCP port started with --token-file.
-    #[arg(long, global = true, env = "OSPS_TOKEN_FILE")]
+    #[arg(long, global = true, env = ipc_core::env::TOKEN_FILE)]
     token_file: Option<PathBuf>,
     /// Keep reconnecting and retrying (e.g. across a dispatcher restart) for this many milliseconds.
     /// Only reconnecting counts: once a request is sent, its answer is awaited as long as the
@@ -37,7 +37,7 @@ struct Args {
     retry_ms: u64,
     /// Also accept a dispatcher run by this user (uid or name); our own uid and root always are.
     /// The client checks who serves the socket or loopback port before it sends anything.
-    #[arg(long, global = true, env = "OSPS_SERVER_UID", value_parser = parse_uid)]
+    #[arg(long, global = true, env = ipc_core::env::SERVER_UID, value_parser = parse_uid)]
     server_uid: Option<u32>,
     #[command(subcommand)]
     command: Command,
@@ -138,7 +138,11 @@ fn retrying(
     }
     let mut client = match &args.connect {
         Some(ep) => RetryingClient::new(ep.clone(), policy),
-        None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy)?,
+        None => RetryingClient::for_instance(
+            &args.place.instance,
+            args.place.runtime_dir.as_deref(),
+            policy,
+        )?,
     };
     if let Some(uid) = args.server_uid {
         client = client.with_server_uid(uid);

@@ -13,18 +13,14 @@ use clap::Parser;
 #[command(
     name = "osps-watchdog",
     version,
+    mut_arg("instance", |a| a.help("Instance name")),
     after_help = "Arguments after -- go to osps-dispatcher, e.g.: osps-watchdog --instance demo -- --workers 4"
 )]
 struct Args {
-    /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
-    #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
-    log_format: ipc_core::logging::LogFormat,
-    /// Instance name.
-    #[arg(long, env = "OSPS_INSTANCE", default_value = "default")]
-    instance: String,
-    /// Base runtime directory [default: $XDG_RUNTIME_DIR/osps, else /tmp/osps-<uid>].
-    #[arg(long, env = "OSPS_RUNTIME_DIR")]
-    runtime_dir: Option<PathBuf>,
+    #[command(flatten)]
+    log: ipc_core::cli::LogArgs,
+    #[command(flatten)]
+    place: ipc_core::cli::InstanceArgs,
     /// Heartbeat period in milliseconds.
     #[arg(long, default_value_t = 200)]
     heartbeat_ms: u64,
@@ -57,7 +53,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let _span = ipc_core::logging::init("watchdog", args.log_format);
+    let _span = ipc_core::logging::init("watchdog", args.log.log_format);
     let policy = watchdog::RestartPolicy {
         max_restarts: args.max_restarts,
         within: Duration::from_secs(args.within),
@@ -65,8 +61,8 @@ fn main() -> ExitCode {
         ..Default::default()
     };
     let config = watchdog::Config {
-        instance: args.instance,
-        runtime_dir: args.runtime_dir,
+        instance: args.place.instance,
+        runtime_dir: args.place.runtime_dir,
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(1)),
         miss_limit: args.miss_limit.max(1),
         start_timeout: Duration::from_millis(args.start_timeout_ms),
