@@ -340,22 +340,7 @@ fn open_input(p: &Path) -> io::Result<File> {
 
 fn run(args: Args) -> Result<(), ClientError> {
     match &args.command {
-        Command::Ping { timeout_ms } => {
-            let ms = timeout_ms.unwrap_or(5_000);
-            let mut client = retrying(&args, ms, Some(ms), timeout_ms.is_some())?;
-            let start = std::time::Instant::now();
-            client.run(Client::ping)?;
-            let how = if client.retries > 0 {
-                format!(" after {} retries", client.retries)
-            } else {
-                String::new()
-            };
-            println!(
-                "pong from {} in {:.3} ms{how}",
-                client.endpoint(),
-                start.elapsed().as_secs_f64() * 1e3
-            );
-        }
+        Command::Ping { timeout_ms } => ping(&args, *timeout_ms),
         Command::Run {
             op,
             args: op_args,
@@ -368,47 +353,10 @@ fn run(args: Args) -> Result<(), ClientError> {
             let mut sink = Sink::open(output)?;
             let result_on_terminal =
                 matches!(sink, Sink::Stdout { .. }) && io::stdout().is_terminal();
-            // A file is reopened on each attempt; stdin can only be read once, so it is kept.
-            let payload = match input {
-                Some(p) if p.as_os_str() == "-" => {
-                    let mut buf = Vec::new();
-                    io::stdin().lock().read_to_end(&mut buf)?;
-                    Payload::Bytes(buf)
-                }
-                Some(p) => {
-                    open_input(p)?; // report a missing file at once, not after retries
-                    Payload::File(p)
-                }
-                None => Payload::Bytes(Vec::new()),
-            };
-            client.run(|c| {
-                sink.restart()?;
-                let (len, input): (u64, Box<dyn Read>) = match &payload {
-                    Payload::Bytes(bytes) => (bytes.len() as u64, Box::new(&bytes[..])),
-                    Payload::File(p) => {
-                        let f = open_input(p)?;
-                        (f.metadata()?.len(), Box::new(f))
-                    }
-                };
-                let mut progress = progress::Progress::new(op, len, result_on_terminal);
-                let input = progress.reader(input);
-                let mut output = progress.writer(&mut sink);
-                let result =
-                    c.call_streaming_observed(op, &op_args, len, input, &mut output, |n| {
-                        progress.receiving(n)
-                    });
-                progress.clear();
-                drop(output);
-                // Result bytes already out (stdout, a pipe) cannot be taken
-                // back: say so now rather than after reconnecting.
-                result.or_else(|e| {
-                    if e.is_retryable() {
-                        sink.restart()?;
-                    }
-                    Err(e)
-                })
-            })?;
+            let payload = read_payload(input.as_deref())?;
+            client.run(|c| run_once(c, op, &op_args, &payload, &mut sink, result_on_terminal))?;
             sink.finish()?;
+            Ok(())
         }
         Command::Status {
             json,
@@ -417,26 +365,95 @@ fn run(args: Args) -> Result<(), ClientError> {
         } => {
             // Answered by the dispatcher itself, at once: no job to wait for.
             let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
-            if !*watch {
-                let report = client.status()?;
-                if *json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).expect("report serialises")
-                    );
-                } else {
-                    print!("{}", osps_client::render::status_table(&report));
-                }
-                return Ok(());
+            if *watch {
+                let every = Duration::from_millis((*interval_ms).max(50));
+                return Ok(watch_status(&mut client, *json, every)?);
             }
-            watch_status(
-                &mut client,
-                *json,
-                Duration::from_millis((*interval_ms).max(50)),
-            )?;
+            let report = client.status()?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print!("{}", osps_client::render::status_table(&report));
+            }
+            Ok(())
         }
     }
+}
+
+/// `ping`: one round trip through the whole path, timed.
+fn ping(args: &Args, timeout_ms: Option<u64>) -> Result<(), ClientError> {
+    let ms = timeout_ms.unwrap_or(5_000);
+    let mut client = retrying(args, ms, Some(ms), timeout_ms.is_some())?;
+    let start = std::time::Instant::now();
+    client.run(Client::ping)?;
+    let how = if client.retries > 0 {
+        format!(" after {} retries", client.retries)
+    } else {
+        String::new()
+    };
+    println!(
+        "pong from {} in {:.3} ms{how}",
+        client.endpoint(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
+}
+
+/// The payload of `run --input`: a file is reopened on each attempt; stdin
+/// can only be read once, so it is kept.
+fn read_payload(input: Option<&Path>) -> Result<Payload<'_>, ClientError> {
+    Ok(match input {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            io::stdin().lock().read_to_end(&mut buf)?;
+            Payload::Bytes(buf)
+        }
+        Some(p) => {
+            open_input(p)?; // report a missing file at once, not after retries
+            Payload::File(p)
+        }
+        None => Payload::Bytes(Vec::new()),
+    })
+}
+
+/// One attempt of `run`: streams the payload in and the result out, with a
+/// progress line when the result does not go to the terminal; returns the
+/// result's length.
+fn run_once(
+    c: &mut Client,
+    op: &str,
+    op_args: &[&str],
+    payload: &Payload<'_>,
+    sink: &mut Sink,
+    result_on_terminal: bool,
+) -> Result<u64, ClientError> {
+    sink.restart()?;
+    let (len, input): (u64, Box<dyn Read>) = match payload {
+        Payload::Bytes(bytes) => (bytes.len() as u64, Box::new(&bytes[..])),
+        Payload::File(p) => {
+            let f = open_input(p)?;
+            (f.metadata()?.len(), Box::new(f))
+        }
+    };
+    let mut progress = progress::Progress::new(op, len, result_on_terminal);
+    let input = progress.reader(input);
+    let mut output = progress.writer(&mut *sink);
+    let result = c.call_streaming_observed(op, op_args, len, input, &mut output, |n| {
+        progress.receiving(n)
+    });
+    progress.clear();
+    drop(output);
+    // Result bytes already out (stdout, a pipe) cannot be taken
+    // back: say so now rather than after reconnecting.
+    result.or_else(|e| {
+        if e.is_retryable() {
+            sink.restart()?;
+        }
+        Err(e)
+    })
 }
 
 /// `status --watch`: redraws the table in place on a terminal (a new table
