@@ -98,9 +98,9 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     let mut w = Watchdog::new(config, paths, made_dir, Rc::clone(&inputs.watched));
     w.announce_start(&mut inputs);
     loop {
-        if let Some(code) = w.carry_out().await {
+        if let Some((code, message)) = w.carry_out() {
             inputs.heartbeat.abort();
-            return Ok(code);
+            return Ok(w.exit(code, &message).await);
         }
         let wake = inputs.next(&w.timers).await;
         if let Some(event) = w.on_wake(wake) {
@@ -254,8 +254,9 @@ impl Watchdog {
         self.pending.extend(actions);
     }
 
-    /// Carries out the queued actions; `Some(code)` when the watchdog must exit.
-    async fn carry_out(&mut self) -> Option<u8> {
+    /// Carries out the queued actions up to an exit, which it returns (code
+    /// and message) for [`Watchdog::exit`].
+    fn carry_out(&mut self) -> Option<(u8, String)> {
         while let Some(action) = self.pending.pop_front() {
             match action {
                 Action::Spawn => self.spawn_when_free(),
@@ -270,7 +271,7 @@ impl Watchdog {
                     self.timers.grace_at = Some(tokio::time::Instant::now() + grace);
                 }
                 Action::ScheduleRestart { delay, cause } => self.schedule_restart(delay, &cause),
-                Action::Exit { code, message } => return Some(self.exit(code, &message).await),
+                Action::Exit { code, message } => return Some((code, message)),
             }
         }
         None
