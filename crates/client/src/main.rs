@@ -33,7 +33,7 @@ struct Args {
     /// Keep reconnecting and retrying (e.g. across a dispatcher restart) for this many milliseconds.
     /// Only reconnecting counts: once a request is sent, its answer is awaited as long as the
     /// dispatcher's job timeout allows (or `run --timeout-ms`).
-    #[arg(long, global = true, default_value_t = 10_000)]
+    #[arg(long, global = true, default_value_t = RetryPolicy::default().deadline.as_millis() as u64)]
     retry_ms: u64,
     /// Also accept a dispatcher run by this user (uid or name); our own uid and root always are.
     /// The client checks who serves the socket or loopback port before it sends anything.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use watchdog::RestartPolicy;
 
 /// Starts an OSPS dispatcher and keeps it alive: restarts it on crash or hang,
 /// stops it in order on SIGTERM/SIGINT.
@@ -35,13 +36,13 @@ struct Args {
     #[arg(long, default_value_t = 15_000)]
     stop_grace_ms: u64,
     /// At most this many restarts...
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = RestartPolicy::default().max_restarts)]
     max_restarts: u32,
     /// ...within this many seconds; one more failure and the watchdog gives up.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = RestartPolicy::default().within.as_secs())]
     within: u64,
     /// A dispatcher that stayed up this many milliseconds resets the restart backoff.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = RestartPolicy::default().stable_after.as_millis() as u64)]
     backoff_reset_ms: u64,
     /// The dispatcher program [default: osps-dispatcher beside this program, else from PATH].
     #[arg(long)]
@@ -54,7 +55,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let _span = ipc_core::logging::init("watchdog", args.log.log_format);
-    let policy = watchdog::RestartPolicy {
+    let policy = RestartPolicy {
         max_restarts: args.max_restarts,
         within: Duration::from_secs(args.within),
         stable_after: Duration::from_millis(args.backoff_reset_ms),
