@@ -9,9 +9,19 @@
 
 mod admission;
 mod conn;
+mod driver;
+mod handler;
+mod handshake;
 mod latency;
-mod pool;
+mod listener;
+mod queue;
+mod replies;
+mod session;
 mod shared;
+mod stats;
+mod status;
+mod workers;
+mod writer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,10 +29,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use ipc_core::{segment, InstanceLock, LockError, PathError, RuntimePaths, SegmentError};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use crate::listener::Listener;
 use crate::shared::{Shared, RESULT_RESERVE};
 
 const MIB: u64 = 1 << 20;
@@ -419,7 +429,19 @@ fn budgets(config: &Config) -> Result<admission::Budgets, DispatcherError> {
     Ok(b)
 }
 
-async fn serve(config: Config) -> Result<(), DispatcherError> {
+/// What a running dispatcher holds, released in this order at the end.
+struct Running {
+    shared: Rc<Shared>,
+    /// Removes the socket, the segment and the state file.
+    cleanup: Cleanup,
+    lock: InstanceLock,
+    /// Set when this start made the instance directory (then removed at stop).
+    made_dir: Option<RuntimePaths>,
+}
+
+/// Takes the lock, clears a dead predecessor's objects, and builds the
+/// segment and the shared state.
+fn start(config: Config) -> Result<Running, DispatcherError> {
     let tcp_token = match &config.token_file {
         Some(path) => Some(
             ipc_core::token::load(path)
@@ -430,12 +452,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     };
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
     // Only a directory this start made is removed at stop.
-    let made_dir = paths.ensure_dir()?;
+    let made_dir = paths.ensure_dir()?.then(|| paths.clone());
     let budgets = budgets(&config)?;
-    // Signals first, so a SIGTERM during start-up is not lost.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     // We hold the lock: what the state file names belongs to a dead
     // predecessor. Its segment is removed only if ours, never opened.
@@ -444,114 +462,111 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
         tracing::warn!(%name, "removed the {kind} of a dead predecessor");
     }
-    let socket_path = paths.socket();
-    let generation = before.generation.saturating_add(1);
     let mut seg = ipc_core::start::create_segment(
         &paths,
         &lock,
         config.sysv,
         (config.segment_mib * MIB) as usize,
-        generation,
+        before.generation.saturating_add(1),
     )?;
-    let seg_name = seg.name().to_owned();
     let cleanup = Cleanup {
-        socket: socket_path.clone(),
-        segment: seg_name.clone(),
+        socket: paths.socket(),
+        segment: seg.name().to_owned(),
         state: paths.state_file(),
     };
     // The name is unlinked by `cleanup`, before the lock is released; the
     // mapping itself may outlive it in tasks still being torn down.
     seg.disown();
-    let max_payload = config.max_payload;
-    let workers = config.workers;
-    let dir = paths.clone();
-    let shared = Shared::new(config, paths, seg, max_payload, tcp_token, budgets);
+    Ok(Running {
+        shared: Shared::new(config, paths, seg, tcp_token, budgets),
+        cleanup,
+        lock,
+        made_dir,
+    })
+}
 
+/// Binds the Unix socket, and the TCP port if configured.
+async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
+    let others = !shared.config.allow_uids.is_empty();
+    let mut listeners = vec![Listener::bind_unix(&shared.paths.socket(), others)?];
+    if let Some(addr) = shared.config.tcp {
+        let (l, local) = Listener::bind_tcp(addr).await?;
+        let _ = shared.tcp_addr.set(local.to_string());
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+async fn serve(config: Config) -> Result<(), DispatcherError> {
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let running = start(config)?;
+    let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let drivers: Vec<_> = (0..workers)
-        .map(|i| tokio::task::spawn_local(pool::drive(Rc::clone(&shared), i, stop_rx.clone())))
+    let drivers: Vec<_> = (0..shared.config.workers)
+        .map(|i| tokio::task::spawn_local(driver::drive(Rc::clone(shared), i, stop_rx.clone())))
         .collect();
-
-    let unix = bind_unix(&socket_path, !shared.config.allow_uids.is_empty())?;
-    let tcp = match shared.config.tcp {
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| DispatcherError::Listen {
-                    what: format!("tcp {addr}"),
-                    source,
-                })?;
-            let local = l.local_addr()?;
-            *shared.tcp_addr.borrow_mut() = Some(local.to_string());
-            Some(l)
-        }
-        None => None,
-    };
+    let listeners = listen(shared).await?;
     tracing::info!(
         instance = shared.paths.instance(),
-        socket = %socket_path.display(),
-        tcp = ?shared.tcp_addr.borrow(),
-        tcp_token = shared.tcp_token.is_some(),
-        segment = %seg_name,
-        generation,
-        workers,
+        socket = %shared.paths.socket().display(),
+        tcp = ?shared.tcp_addr.get(),
+        tcp_token = shared.admission.tcp_token.is_some(),
+        segment = %shared.segment.name(),
+        generation = shared.segment.header().generation.load(std::sync::atomic::Ordering::Relaxed),
+        workers = shared.config.workers,
         "dispatcher ready"
     );
-    let heartbeat = tokio::task::spawn_local(beat(Rc::clone(&shared)));
     // Soon after we serve: map the whole segment so no request pays a page fault.
     shared.segment.populate_in_background(POPULATE_AFTER);
-
     let why = loop {
         tokio::select! {
-            r = unix.accept() => match r {
-                Ok((stream, _)) => {
-                    // The kernel tells who is on the other end: admit only our
-                    // own uid, root, and those allowed by --allow-uid; and
-                    // know the watchdog that started us by its pid.
-                    let cred = stream.peer_cred().ok();
-                    let uid = cred.map(|c| c.uid());
-                    let name = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
-                    let key = uid.map_or(admission::PeerKey::Unknown, admission::PeerKey::Uid);
-                    // A uid admitted only by --allow-uid may hold half of
-                    // the socket's connections: never all of the owner's.
-                    let own = nix::unistd::getuid().as_raw();
-                    let capped = uid.is_some_and(|u| u != own && u != 0);
-                    let peer = conn::Peer { name, key, capped };
-                    let watchdog = shared.config.watchdog.as_ref().map(|w| w.pid as i32);
-                    let is_watchdog = watchdog.is_some() && cred.and_then(|c| c.pid()) == watchdog;
-                    if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
-                        let via = if is_watchdog { conn::Via::Watchdog } else { conn::Via::Unix };
-                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
-                    } else {
-                        tokio::task::spawn_local(conn::refuse_uid(Rc::clone(&shared), stream, peer.name));
-                    }
-                }
-                Err(e) => accept_error(e).await,
-            },
-            r = accept_tcp(tcp.as_ref()) => match r {
-                Ok((stream, addr)) => {
-                    conn::tune_tcp(&stream);
-                    let via = conn::Via::Tcp { needs_token: shared.tcp_token.is_some() };
-                    // With a token (remote clients), one address may hold
-                    // half of the listener's connections. Without one (a
-                    // loopback port), every local user is the same to us:
-                    // no share can be told apart (see README, Limits).
-                    let key = admission::PeerKey::Addr(addr.ip().to_canonical());
-                    let peer = conn::Peer { name: addr.to_string(), key, capped: shared.tcp_token.is_some() };
-                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
-                }
-                Err(e) => accept_error(e).await,
-            },
+            () = listener::serve_next(&listeners, shared) => {}
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
     };
-
-    // Ordered shutdown.
     tracing::info!("{why}: shutting down; no longer accepting connections");
-    drop(unix);
-    drop(tcp);
-    let _ = std::fs::remove_file(&socket_path);
+    drop(listeners);
+    let _ = std::fs::remove_file(shared.paths.socket());
+    drain(shared, &mut sigterm, &mut sigint).await;
+    tracing::info!("closing the workers' job pipes and reaping them");
+    shared.life.stop_workers();
+    let _ = stop_tx.send(true);
+    for d in drivers {
+        let _ = d.await;
+    }
+    tracing::info!(
+        jobs_done = shared.stats.jobs_done(),
+        jobs_failed = shared.stats.jobs_failed(),
+        "workers reaped; removing segment {} and socket",
+        shared.segment.name()
+    );
+    let Running {
+        shared,
+        cleanup,
+        lock,
+        made_dir,
+    } = running;
+    drop(shared);
+    drop(cleanup);
+    drop(lock);
+    if let Some(dir) = made_dir {
+        dir.remove_dir_if_empty();
+    }
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+/// Ordered shutdown's first half: refuses new jobs, waits up to the drain
+/// deadline (or a second signal) for in-flight jobs, and answers what is
+/// still queued.
+async fn drain(
+    shared: &Shared,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
     shared.begin_draining();
     let drain = Duration::from_millis(shared.config.drain_timeout_ms);
     let in_flight = shared.in_flight();
@@ -559,7 +574,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         tracing::info!("waiting up to {drain:?} for {in_flight} in-flight job(s)");
     }
     let drained = tokio::select! {
-        r = tokio::time::timeout(drain, drained(&shared)) => r.is_ok(),
+        r = tokio::time::timeout(drain, drained(shared)) => r.is_ok(),
         _ = sigterm.recv() => false,
         _ = sigint.recv() => false,
     };
@@ -569,34 +584,14 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             shared.in_flight()
         );
     }
-    for job in shared.take_queue() {
-        pool::answer_err(
-            &shared,
+    for job in shared.queue.take_all() {
+        driver::answer_err(
+            shared,
             job,
             ipc_core::ErrorKind::ShuttingDown,
             "the dispatcher shut down before the job ran".into(),
         );
     }
-    tracing::info!("closing the workers' job pipes and reaping them");
-    shared.workers_stopped.set(true);
-    let _ = stop_tx.send(true);
-    for d in drivers {
-        let _ = d.await;
-    }
-    heartbeat.abort();
-    tracing::info!(
-        jobs_done = shared.jobs_done.get(),
-        jobs_failed = shared.jobs_failed.get(),
-        "workers reaped; removing segment {seg_name} and socket"
-    );
-    drop(shared);
-    drop(cleanup);
-    drop(lock);
-    if made_dir {
-        dir.remove_dir_if_empty();
-    }
-    tracing::info!("dispatcher stopped");
-    Ok(())
 }
 
 /// Resolves once no slot is on loan, i.e. every accepted job is answered.
@@ -608,50 +603,6 @@ async fn drained(shared: &Shared) {
         }
         freed.await;
     }
-}
-
-/// Refreshes the heartbeat word in the segment header once a second.
-async fn beat(shared: Rc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let now = ipc_core::status::unix_ms();
-        shared
-            .segment
-            .header()
-            .dispatcher_heartbeat_ms
-            .store(now, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Binds the Unix socket: mode 0600, or 0666 with `--allow-uid` (so the
-/// allowed uids can connect at all; the directories decide who reaches it
-/// and `SO_PEERCRED` who is admitted).
-fn bind_unix(path: &std::path::Path, others: bool) -> Result<UnixListener, DispatcherError> {
-    use std::os::unix::fs::PermissionsExt;
-    let listen_err = |source| DispatcherError::Listen {
-        what: path.display().to_string(),
-        source,
-    };
-    let l = UnixListener::bind(path).map_err(listen_err)?;
-    let mode = if others { 0o666 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
-    Ok(l)
-}
-
-async fn accept_tcp(
-    l: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match l {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Out of fds or similar: log and pause instead of spinning.
-async fn accept_error(e: std::io::Error) {
-    tracing::warn!("accept failed: {e}; pausing 100 ms");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 #[cfg(test)]
