@@ -190,7 +190,7 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .env(
-            ipc_core::logging::ENV_LOG_FORMAT,
+            ipc_core::env::LOG_FORMAT,
             ipc_core::logging::format().as_str(),
         )
         .process_group(0)

@@ -39,61 +39,118 @@ const MIB: u64 = 1 << 20;
 /// Delay before the segment is prefaulted: out of start-up, so out of recovery time.
 const POPULATE_AFTER: Duration = Duration::from_millis(200);
 
-/// Everything the dispatcher is told at start.
-#[derive(Debug, Clone)]
+/// Everything the dispatcher is told at start. Its command-line flags are
+/// these fields (`osps-dispatcher` flattens them next to the shared
+/// `ipc_core::cli` flags), so each default is written once, here;
+/// [`Config::default`] is what an empty command line gives.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Instance name.
+    /// Instance name (the shared `--instance` flag, `ipc_core::cli::InstanceArgs`).
+    #[arg(skip = String::from(ipc_core::paths::DEFAULT_INSTANCE))]
     pub instance: String,
-    /// Base runtime directory (default: `$XDG_RUNTIME_DIR/osps` or `/tmp/osps-<uid>`).
+    /// Base runtime directory (the shared `--runtime-dir` flag; default: `$XDG_RUNTIME_DIR/osps` or `/tmp/osps-<uid>`).
+    #[arg(skip)]
     pub runtime_dir: Option<PathBuf>,
-    /// Number of workers.
+    /// Number of workers [default: number of CPUs].
+    #[arg(long, default_value_t = default_workers(), hide_default_value = true)]
     pub workers: usize,
-    /// Per-job timeout.
+    /// Per-job timeout in milliseconds; a worker past it is killed and replaced.
+    #[arg(long, default_value_t = 30_000)]
     pub job_timeout_ms: u64,
-    /// How long shutdown waits for in-flight jobs.
+    /// How long shutdown waits for in-flight jobs, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
     pub drain_timeout_ms: u64,
-    /// Deadline for a client's hello.
+    /// Deadline for a client's handshake, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
-    /// Deadline to receive the rest of a frame (and its payload) once its first byte came.
+    /// Deadline to receive the rest of a request (header and payload) once it has begun, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
     pub frame_timeout_ms: u64,
-    /// A connection with no request for this long is closed.
+    /// Close a connection that sends no request for this many milliseconds.
+    #[arg(long, default_value_t = 300_000)]
     pub idle_timeout_ms: u64,
-    /// Clients admitted at once on the Unix socket; more are refused with a clear message.
+    /// Clients served at once on the Unix socket; more are refused with a clear message. A uid admitted only by --allow-uid holds at most half. Clamped to what the open-file limit allows.
+    #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
-    /// Clients admitted at once on the TCP listener (its own budget); `None`: as `max_connections`.
+    /// Clients served at once on the TCP listener, a budget of its own [default: --max-connections].
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tcp_connections: Option<usize>,
-    /// A client that takes no byte of its replies for this long is dropped (a slow but steady reader never is).
+    /// Drop a client that takes no byte of its replies for this many milliseconds (its slots are freed); a slow but steady reader is never dropped.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout_ms: u64,
-    /// Share of the slot arena (percent) one connection may hold at once.
+    /// Percent of the slot arena one connection may hold at once (at least one largest request); beyond, only that connection waits.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub conn_arena_percent: u64,
-    /// Share of the slot arena (percent) one peer (uid, or TCP address) may hold at once in large slots.
+    /// Percent of the slot arena one peer (a uid on the Unix socket, an address on TCP) may hold at once in large slots.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub peer_arena_percent: u64,
-    /// Requests one connection may have in flight (back-pressure beyond).
+    /// Requests one connection may have in flight; beyond, the dispatcher stops reading it.
+    #[arg(long, default_value_t = 128)]
     pub max_in_flight: usize,
-    /// Uids admitted on the Unix socket besides our own and root's (checked with SO_PEERCRED).
+    /// Also admit this uid on the Unix socket (repeatable); our own uid and root always are.
+    #[arg(long = "allow-uid", value_name = "ALLOW_UID")]
     pub allow_uids: Vec<u32>,
-    /// Size of the slot arena in MiB.
-    pub segment_mib: u64,
-    /// The segment's backend: POSIX (`/dev/shm`) or System V (`ipcs -m`).
+    /// The shared segment's backend: posix (shm_open, under /dev/shm) or sysv (shmget, listed by ipcs -m).
+    #[arg(
+        long = "segment",
+        value_name = "SEGMENT",
+        default_value = "posix",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(["posix", "sysv"]),
+            |backend| backend == "sysv",
+        ),
+    )]
     pub sysv: bool,
+    /// Size of the shared segment's slot arena, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub segment_mib: u64,
     /// Largest payload accepted, in bytes.
+    #[arg(long, default_value_t = 64 * MIB)]
     pub max_payload: u64,
-    /// Largest request frame (header) accepted, in bytes.
+    /// Largest request header frame accepted, in bytes.
+    #[arg(long, default_value_t = ipc_core::frame::DEFAULT_MAX_FRAME)]
     pub max_frame: usize,
-    /// Also listen on this TCP address (loopback, unless `tcp_allow_remote`).
+    /// Also listen on this TCP address, e.g. 127.0.0.1:7070 (loopback unless --tcp-allow-remote).
+    #[arg(long)]
     pub tcp: Option<SocketAddr>,
-    /// Allow a non-loopback `tcp` address (then `token_file` is required).
+    /// Allow a non-loopback --tcp address; requires --token-file.
+    #[arg(long)]
     pub tcp_allow_remote: bool,
-    /// TCP clients must present the token in this file (mode 0600) in their hello.
+    /// TCP clients must present the token in this file (mode 0600, owned by this user) in their hello.
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Allow the `crash` operation.
+    /// Enable the fault-injection operation `crash` (for tests and demos).
+    #[arg(long)]
     pub allow_fault_injection: bool,
-    /// The worker program.
+    /// The worker program [default: osps-worker beside this program, else from PATH].
+    #[arg(long, default_value_os_t = default_worker_exe(), hide_default_value = true)]
     pub worker_exe: PathBuf,
     /// The watchdog that started us, if any: we stop (SIGTERM) when it dies.
+    #[arg(skip)]
     pub watchdog: Option<ipc_core::status::WatchdogStatus>,
     /// When that watchdog started (milliseconds since the Unix epoch).
+    #[arg(skip)]
     pub watchdog_started_unix_ms: Option<u64>,
+}
+
+/// The default number of workers: one per CPU (2 when that is unknown).
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Default for Config {
+    /// What an empty command line gives: every flag's default, the default
+    /// instance, the worker found beside this program.
+    fn default() -> Config {
+        let cmd =
+            <Config as clap::Args>::augment_args(clap::Command::new("config")).no_binary_name(true);
+        let matches = cmd
+            .try_get_matches_from(std::iter::empty::<&str>())
+            .expect("every flag of Config has a default");
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("the defaults parse into a Config")
+    }
 }
 
 impl Config {
@@ -101,31 +158,90 @@ impl Config {
     pub fn new(instance: &str) -> Config {
         Config {
             instance: instance.to_owned(),
-            runtime_dir: None,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            job_timeout_ms: 30_000,
-            drain_timeout_ms: 5_000,
-            handshake_timeout_ms: 10_000,
-            frame_timeout_ms: 10_000,
-            idle_timeout_ms: 300_000,
-            max_connections: 1024,
-            max_tcp_connections: None,
-            write_timeout_ms: 10_000,
-            conn_arena_percent: 25,
-            peer_arena_percent: 75,
-            max_in_flight: 128,
-            allow_uids: Vec::new(),
-            segment_mib: 256,
-            sysv: false,
-            max_payload: 64 * MIB,
-            max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
-            tcp: None,
-            tcp_allow_remote: false,
-            token_file: None,
-            allow_fault_injection: false,
-            worker_exe: default_worker_exe(),
-            watchdog: None,
-            watchdog_started_unix_ms: None,
+            ..Config::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Flags::try_parse_from(std::iter::once("osps-dispatcher").chain(args.iter().copied()))
+            .map(|f| f.config)
+    }
+
+    #[test]
+    fn the_default_is_an_empty_command_line() {
+        let c = Config::default();
+        let numbers = [
+            (c.job_timeout_ms, 30_000),
+            (c.drain_timeout_ms, 5_000),
+            (c.handshake_timeout_ms, 10_000),
+            (c.frame_timeout_ms, 10_000),
+            (c.idle_timeout_ms, 300_000),
+            (c.max_connections as u64, 1024),
+            (c.write_timeout_ms, 10_000),
+            (c.conn_arena_percent, 25),
+            (c.peer_arena_percent, 75),
+            (c.max_in_flight as u64, 128),
+            (c.segment_mib, 256),
+            (c.max_payload, 64 << 20),
+            (
+                c.max_frame as u64,
+                ipc_core::frame::DEFAULT_MAX_FRAME as u64,
+            ),
+        ];
+        for (i, (got, want)) in numbers.into_iter().enumerate() {
+            assert_eq!(got, want, "default #{i}");
+        }
+        assert_eq!(c.workers, default_workers());
+        assert_eq!(c.worker_exe, default_worker_exe());
+        assert_eq!(c.instance, ipc_core::paths::DEFAULT_INSTANCE);
+        assert!(!c.sysv && !c.tcp_allow_remote && !c.allow_fault_injection);
+        assert!(c.max_tcp_connections.is_none() && c.tcp.is_none() && c.token_file.is_none());
+        assert!(c.allow_uids.is_empty() && c.watchdog.is_none());
+        assert_eq!(Config::new("t").instance, "t");
+    }
+
+    #[test]
+    fn flags_set_their_fields_and_ranges_are_checked() {
+        let c = parse(&[
+            "--segment",
+            "sysv",
+            "--workers",
+            "3",
+            "--allow-uid",
+            "7",
+            "--allow-uid",
+            "8",
+            "--max-tcp-connections",
+            "9",
+        ])
+        .unwrap();
+        assert!(c.sysv);
+        assert_eq!(
+            (c.workers, c.allow_uids, c.max_tcp_connections),
+            (3, vec![7, 8], Some(9))
+        );
+        assert!(!parse(&["--segment", "posix"]).unwrap().sysv);
+        let refused = [
+            &["--segment", "tmpfs"][..],
+            &["--max-tcp-connections", "0"],
+            &["--write-timeout-ms", "0"],
+            &["--conn-arena-percent", "101"],
+            &["--peer-arena-percent", "0"],
+        ];
+        for args in refused {
+            assert!(parse(args).is_err(), "{args:?}");
         }
     }
 }

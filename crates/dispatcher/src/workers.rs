@@ -5,27 +5,8 @@
 use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
+pub use ipc_core::status::WorkerState;
 use ipc_core::status::WorkerStatus;
-
-/// What a worker is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerState {
-    Starting,
-    Idle,
-    Busy,
-    Stopped,
-}
-
-impl WorkerState {
-    fn as_str(self) -> &'static str {
-        match self {
-            WorkerState::Starting => "starting",
-            WorkerState::Idle => "idle",
-            WorkerState::Busy => "busy",
-            WorkerState::Stopped => "stopped",
-        }
-    }
-}
 
 /// One pool place (its current process, and what the places's processes did).
 #[derive(Debug)]
@@ -108,7 +89,7 @@ impl WorkerEntry {
         WorkerStatus {
             index,
             pid: self.pid.get(),
-            state: self.state.get().as_str().to_owned(),
+            state: self.state.get(),
             jobs_done: self.jobs_done.get(),
             restarts: self.restarts.get(),
             jobs_failed: self.jobs_failed.get(),
@@ -140,10 +121,7 @@ impl WorkerTable {
 
     /// Workers with a live process that has said it is ready.
     pub fn running(&self) -> usize {
-        self.0
-            .iter()
-            .filter(|w| matches!(w.state(), WorkerState::Idle | WorkerState::Busy))
-            .count()
+        self.0.iter().filter(|w| w.state().is_up()).count()
     }
 
     pub fn report(&self) -> Vec<WorkerStatus> {
