@@ -519,7 +519,7 @@ fn connect_verified(
             let s = UnixStream::from(s);
             let uid = peer::unix_peer_uid(&s).map_err(|e| untrusted(e.into()))?;
             peer::check_uid(uid, trusted).map_err(untrusted)?;
-            Ok(Stream::Unix(s))
+            Ok(Sock::Unix(s).into())
         }
         Endpoint::Tcp(a) => {
             let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
@@ -528,7 +528,7 @@ fn connect_verified(
             // Another host: only a secure tunnel can vouch for it.
             peer::check_tcp_server(owner, server, trusted).map_err(untrusted)?;
             s.set_nodelay(true)?;
-            Ok(Stream::Tcp(s))
+            Ok(Sock::Tcp(s).into())
         }
     }
 }
@@ -649,25 +649,48 @@ fn more_telling(e: ClientError, last_answer: Option<ClientError>) -> ClientError
 
 /// A socket to a dispatcher.
 #[derive(Debug)]
-enum Stream {
+enum Sock {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
+/// A socket to a dispatcher, with the read timeout set on it (kept here
+/// too: a read waits for the socket to turn readable first, bounded by it).
+#[derive(Debug)]
+struct Stream {
+    sock: Sock,
+    read_timeout: std::cell::Cell<Option<Duration>>,
+}
+
+impl From<Sock> for Stream {
+    fn from(sock: Sock) -> Self {
+        Stream {
+            sock,
+            read_timeout: std::cell::Cell::new(None),
+        }
+    }
+}
+
 impl Stream {
     fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        let sock = match &self.sock {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        };
+        Ok(Stream {
+            sock,
+            read_timeout: self.read_timeout.clone(),
         })
     }
 
     /// Bounds reads and writes (the option belongs to the socket, so it
-    /// holds for every clone of it).
+    /// holds for every clone of it; the wait for readability before a read
+    /// is bounded on this handle).
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
-            Stream::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
+        self.read_timeout.set(t);
+        match &self.sock {
+            Sock::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
+            Sock::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
         }
     }
 
@@ -682,36 +705,64 @@ impl Stream {
 
     /// Whether a read would not block (bytes, end of stream or an error wait).
     fn readable_now(&self) -> io::Result<bool> {
+        self.wait_readable(Some(Duration::ZERO))
+    }
+
+    /// Waits until a read would not block, at most `timeout` (`None`: no
+    /// bound); returns whether it would not.
+    fn wait_readable(&self, timeout: Option<Duration>) -> io::Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let timeout = match timeout {
+            None => PollTimeout::NONE,
+            // Rounded up: a short timeout must not become a busy loop.
+            Some(t) => {
+                PollTimeout::try_from(t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
         let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from)?;
-        Ok(fds[0].revents().is_some_and(|r| !r.is_empty()))
+        loop {
+            match poll(&mut fds, timeout) {
+                Ok(_) => return Ok(fds[0].revents().is_some_and(|r| !r.is_empty())),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
 impl AsFd for Stream {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Unix(s) => s.as_fd(),
-            Stream::Tcp(s) => s.as_fd(),
+        match &self.sock {
+            Sock::Unix(s) => s.as_fd(),
+            Sock::Tcp(s) => s.as_fd(),
         }
     }
 }
 
 impl Read for Stream {
+    /// Waits for the socket to turn readable (`poll(2)` for `POLLIN`), then
+    /// reads. A thread blocked in `recv(2)` on a Unix socket is woken each
+    /// time the server takes bytes this socket sent (the kernel's
+    /// write-space wake-up reaches every sleeper on the socket, whatever it
+    /// waits for): a wasted wake-up, and a context switch, per request.
+    /// `poll` waits for `POLLIN` only.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
+        if !self.wait_readable(self.read_timeout.get())? {
+            return Err(io::ErrorKind::WouldBlock.into()); // as SO_RCVTIMEO says it
+        }
+        match &mut self.sock {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
+        match &mut self.sock {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
         }
     }
 
