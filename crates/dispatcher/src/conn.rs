@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
-    self, ErrorKind, HelloStatus, Opening, Outcome, RemoteError, RequestRef, Response, HELLO_LEN,
+    self, ErrorKind, HelloStatus, Opening, Outcome, RemoteError, Request, Response, HELLO_LEN,
     PROTOCOL_VERSION,
 };
 use ipc_core::token::MAX_TOKEN_LEN;
@@ -478,7 +478,7 @@ where
             frame_deadline,
             frame::read_body_async(rd, &mut scratch, shared.config.max_frame),
         );
-        let req: RequestRef<'_> = match header
+        let req: Request<'_> = match header
             .await
             .unwrap_or(Err(FrameError::Stalled))
             .and_then(|()| frame::decode_body(&scratch))
@@ -542,7 +542,7 @@ where
             continue;
         }
         // A slot, unless the request is refused; waiting for one ends if shutdown begins.
-        let lease = match req.op {
+        let lease = match &*req.op {
             proto::OP_STATUS => None,
             _ => shared.lease(req.payload_len + RESULT_RESERVE, holder).await,
         };
@@ -574,8 +574,8 @@ where
         let job = |lease, permit, received| QueuedJob {
             job_id: shared.next_job_id(),
             req_id: req.id,
-            op: OpName::new(req.op),
-            args: req.args.iter().map(|a| a.to_string()).collect(),
+            op: OpName::new(&req.op),
+            args: req.args.iter().map(|a| a.to_string().into()).collect(),
             lease,
             input_len: req.payload_len,
             reply: tx.clone(),
@@ -588,7 +588,7 @@ where
             .segment
             .bytes_mut(region)
             .expect("allocator regions lie in the arena");
-        if shared.should_stream(req.op, req.payload_len) {
+        if shared.should_stream(&req.op, req.payload_len) {
             // The job goes to an idle worker now and reads the payload as it
             // comes; the slot is shared with the job until both are done.
             let streamed = Rc::new(Streamed {
