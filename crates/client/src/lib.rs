@@ -1188,8 +1188,8 @@ impl Client {
         self.next_id += 1;
         let req = Request {
             id,
-            op: op.to_owned(),
-            args: args.iter().map(|a| a.to_string()).collect(),
+            op: op.into(),
+            args: args.iter().copied().collect(),
             payload_len: len,
         };
         self.out.clear();

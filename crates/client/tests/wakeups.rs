@@ -32,8 +32,11 @@ fn serve(listener: UnixListener) {
     let (mut s, _) = listener.accept().unwrap();
     let mut hello = [0u8; proto::HELLO_LEN];
     s.read_exact(&mut hello).unwrap();
-    s.write_all(&proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16))
-        .unwrap();
+    s.write_all(&proto::encode_hello(
+        PROTOCOL_VERSION,
+        HelloStatus::Accepted as u16,
+    ))
+    .unwrap();
     let mut scratch = Vec::new();
     let mut out = Vec::new();
     for _ in 0..REQUESTS {

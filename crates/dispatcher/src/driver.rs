@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, ToWorkerRef, PIPE_VERSION,
+    Args, ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, ToWorker, PIPE_VERSION,
 };
 use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
@@ -370,10 +370,10 @@ impl WorkerDriver<'_> {
             _ => (0, true),
         };
         for job in s.unwritten() {
-            let msg = ToWorkerRef::Job(JobRef {
+            let msg = ToWorker::Job(Job {
                 job_id: job.job_id,
-                op: job.op.as_str(),
-                args: &job.args,
+                op: job.op.as_str().into(),
+                args: Args::Borrowed(&job.args),
                 slot: job.lease.region(),
                 input_len: job.input_len,
                 ready: if job.arriving() { ready } else { job.input_len },
@@ -404,8 +404,8 @@ impl WorkerDriver<'_> {
         };
         let job_id = s.head().expect("a job runs").job_id;
         let msg = match news {
-            News::More { ready, .. } => ToWorkerRef::More { job_id, ready },
-            News::Abort => ToWorkerRef::Abort { job_id },
+            News::More { ready, .. } => ToWorker::More { job_id, ready },
+            News::Abort => ToWorker::Abort { job_id },
         };
         out.clear();
         frame::encode(&msg, out).expect("news encodes");

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use ipc_core::frame::{self, FrameError};
-use ipc_core::proto::{self, ErrorKind, Outcome, RemoteError, RequestRef};
+use ipc_core::proto::{self, ErrorKind, Outcome, RemoteError, Request};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 use crate::admission::{Holder, Wait};
@@ -34,7 +34,7 @@ pub enum Ended {
 struct Header {
     id: u64,
     op: OpName,
-    args: Vec<String>,
+    args: Vec<std::borrow::Cow<'static, str>>,
     payload_len: u64,
 }
 
@@ -103,12 +103,12 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
         let decoded = header
             .await
             .unwrap_or(Err(FrameError::Stalled))
-            .and_then(|()| frame::decode_body::<RequestRef<'_>>(scratch));
+            .and_then(|()| frame::decode_body::<Request<'_>>(scratch));
         match decoded {
             Ok(r) => Ok(Header {
                 id: r.id,
-                op: OpName::new(r.op),
-                args: r.args.iter().map(|a| a.to_string()).collect(),
+                op: OpName::new(&r.op),
+                args: r.args.iter().map(|a| a.to_string().into()).collect(),
                 payload_len: r.payload_len,
             }),
             Err(FrameError::Stalled) => Err(self.stalled()),

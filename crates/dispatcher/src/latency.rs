@@ -1,46 +1,27 @@
 //! Request latency over the last minute, for `status`: a histogram per
-//! second, 60 of them in a ring, with log-linear buckets (8 per power of
-//! two: a reported percentile is at most 12.5% above the true value).
-//! Fixed-size arrays: recording allocates nothing and costs a few
-//! instructions.
+//! second, 60 of them in a ring. Each is an `hdrhistogram` histogram with
+//! its bounds fixed up front (0 to 2^36 µs ≈ 19 hours, larger values
+//! counted at the top; one significant figure: 16 buckets per power of two,
+//! so a reported percentile is at most 6.25% above the true value) and
+//! auto-resize off, so recording allocates nothing and costs a few
+//! instructions. The ring, the exact maximum and the rank of a percentile are
+//! ours.
 
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use ipc_core::status::LatencyStatus;
 
 /// Seconds in the window.
 const WINDOW: usize = 60;
-/// Values below this many microseconds get a bucket each.
-const EXACT: u64 = 16;
-/// Buckets per power of two above `EXACT`.
-const SUB_BITS: u32 = 3;
-/// Largest power of two kept apart (2^36 µs ≈ 19 hours); above, one bucket.
-const TOP_POWER: u32 = 36;
-const BUCKETS: usize = EXACT as usize + ((TOP_POWER - 3) << SUB_BITS) as usize;
+/// The largest value told apart, in microseconds (2^36 µs ≈ 19 hours).
+const HIGHEST_US: u64 = 1 << 36;
+/// Significant figures kept: 1 gives 16 buckets per power of two.
+const SIGNIFICANT_FIGURES: u8 = 1;
 
-fn bucket(us: u64) -> usize {
-    if us < EXACT {
-        return us as usize;
-    }
-    let power = (63 - us.leading_zeros()).min(TOP_POWER);
-    let sub = if power == TOP_POWER {
-        (1 << SUB_BITS) - 1
-    } else {
-        (us >> (power - SUB_BITS)) & ((1 << SUB_BITS) - 1)
-    };
-    EXACT as usize + (((power - 4) << SUB_BITS) as usize) + sub as usize
-}
-
-/// The largest value that falls in bucket `b` (what a percentile reports).
-fn upper(b: usize) -> u64 {
-    if b < EXACT as usize {
-        return b as u64;
-    }
-    let k = (b - EXACT as usize) as u64;
-    let power = 4 + (k >> SUB_BITS);
-    let sub = k & ((1 << SUB_BITS) - 1);
-    let step = 1u64 << (power - u64::from(SUB_BITS));
-    (1u64 << power) + (sub + 1) * step - 1
+/// An empty histogram with the window's fixed bounds.
+fn histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, HIGHEST_US, SIGNIFICANT_FIGURES).expect("valid fixed bounds")
 }
 
 /// One second of samples.
@@ -48,9 +29,9 @@ fn upper(b: usize) -> u64 {
 struct Second {
     /// Which second (since the window's start) this slot holds.
     at: u64,
-    count: u64,
+    /// The slowest, exact (the histogram keeps only its bucket).
     max: u64,
-    buckets: [u32; BUCKETS],
+    samples: Histogram<u32>,
 }
 
 /// The last minute of latencies.
@@ -70,9 +51,8 @@ impl LatencyWindow {
     pub fn new() -> LatencyWindow {
         let empty = Second {
             at: u64::MAX,
-            count: 0,
             max: 0,
-            buckets: [0; BUCKETS],
+            samples: histogram(),
         };
         LatencyWindow {
             start: Instant::now(),
@@ -90,43 +70,36 @@ impl LatencyWindow {
         let slot = &mut self.seconds[(at % WINDOW as u64) as usize];
         if slot.at != at {
             slot.at = at;
-            slot.count = 0;
             slot.max = 0;
-            slot.buckets.fill(0);
+            slot.samples.reset();
         }
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        slot.count += 1;
         slot.max = slot.max.max(us);
-        let b = &mut slot.buckets[bucket(us)];
-        *b = b.saturating_add(1);
+        // In range (bounds fixed, counts saturate), above it at the top.
+        slot.samples.saturating_record(us);
     }
 
     /// Percentiles over the seconds of the last minute, as of `now`.
     pub fn report(&self, now: Instant) -> LatencyStatus {
         let current = self.second(now);
         let live = |s: &&Second| s.at <= current && current - s.at < WINDOW as u64;
-        let mut merged = [0u64; BUCKETS];
-        let (mut count, mut max) = (0u64, 0u64);
+        let mut merged = histogram();
+        let mut max = 0;
         for s in self.seconds.iter().filter(live) {
-            count += s.count;
+            merged.add(&s.samples).expect("same bounds");
             max = max.max(s.max);
-            for (m, &b) in merged.iter_mut().zip(s.buckets.iter()) {
-                *m += u64::from(b);
-            }
         }
+        let count = merged.len();
         let pct = |p: u64| {
             if count == 0 {
                 return 0;
             }
+            // The rank-th smallest sample (rank = ⌈count·p/100⌉). Asked as
+            // a quantile half a sample below it, so the float product the
+            // crate rounds up cannot reach the next rank.
             let rank = (count * p).div_ceil(100).max(1);
-            let mut seen = 0;
-            for (b, &n) in merged.iter().enumerate() {
-                seen += n;
-                if seen >= rank {
-                    return upper(b).min(max);
-                }
-            }
-            max
+            let quantile = (rank as f64 - 0.5) / count as f64;
+            merged.value_at_quantile(quantile).min(max)
         };
         LatencyStatus {
             window_s: WINDOW as u64,
@@ -145,19 +118,19 @@ mod tests {
 
     #[test]
     fn buckets_are_ordered_and_contain_their_values() {
+        let h = histogram();
+        let upper = |us| h.highest_equivalent(us);
         let mut last = 0;
-        for us in (0..100_000u64).chain([1 << 30, (1 << 36) - 1, 1 << 36, u64::MAX]) {
-            let b = bucket(us);
-            assert!(b >= last && b < BUCKETS, "{us} -> {b}");
+        for us in (0..100_000u64).chain([1 << 30, (1 << 36) - 1]) {
+            let b = upper(us);
+            assert!(b >= last, "{us} -> {b}");
             last = b;
-            if us < 1 << 36 {
-                assert!(upper(b) >= us, "{us} above its bucket's top {}", upper(b));
-                assert!(
-                    upper(b) - us <= us / 8,
-                    "{us}: bucket top {} too far",
-                    upper(b)
-                );
-            }
+            assert!(upper(us) >= us, "{us} above its bucket's top {}", upper(us));
+            assert!(
+                upper(us) - us <= us / 8,
+                "{us}: bucket top {} too far",
+                upper(us)
+            );
         }
     }
 
@@ -173,6 +146,24 @@ mod tests {
         for (got, want) in [(r.p50_us, 500), (r.p90_us, 900), (r.p99_us, 990)] {
             assert!(got >= want && got <= want + want / 8, "{got} vs {want}");
         }
+    }
+
+    #[test]
+    fn any_value_is_recorded_without_growing_the_histogram() {
+        let mut w = LatencyWindow::new();
+        let now = w.start;
+        let len = histogram().distinct_values();
+        for took in [Duration::ZERO, Duration::from_secs(1 << 40), Duration::MAX] {
+            w.record(took, now);
+        }
+        // Bounds fixed, auto-resize off: nothing was reallocated.
+        assert!(w.seconds.iter().all(|s| s.samples.distinct_values() == len));
+        let r = w.report(now);
+        assert_eq!(
+            (r.count, r.max_us, r.p50_us),
+            (3, u64::MAX, HIGHEST_US * 17 / 16 - 1)
+        );
+        assert!(r.p90_us >= HIGHEST_US && r.p99_us >= HIGHEST_US, "{r:?}");
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub struct QueuedJob {
     pub job_id: u64,
     pub req_id: u64,
     pub op: OpName,
-    pub args: Vec<String>,
+    pub args: Vec<std::borrow::Cow<'static, str>>,
     pub lease: JobSlot,
     pub input_len: u64,
     /// The connection's in-flight allowance, and the way to answer.

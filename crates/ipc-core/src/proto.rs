@@ -6,6 +6,8 @@
 //! a [`Request`] or [`Response`] frame; between processes they stay in the
 //! shared segment, named by a [`Region`].
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::segment::Region;
@@ -168,30 +170,110 @@ pub fn encode_opening(token: Option<&[u8]>, out: &mut Vec<u8>) -> Option<()> {
 /// decoding into a large vector.)
 pub const MAX_ARGS: usize = 64;
 
-/// Deserializes an argument list of at most [`MAX_ARGS`] elements, refusing a
-/// longer one from its length field, before allocating.
-fn bounded_args<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+/// An operation's arguments, borrowed where they can be so that neither side
+/// copies a string: decoded, a list of its own whose strings borrow from the
+/// frame; encoded, a list the sender keeps (the dispatcher's queued job).
+/// (Not a `Cow<'a, [Cow<'a, str>]>`: that type is invariant in `'a`.)
+#[derive(Clone)]
+pub enum Args<'a> {
+    /// A list the sender keeps.
+    Borrowed(&'a [Cow<'a, str>]),
+    /// A list of its own.
+    Owned(Vec<Cow<'a, str>>),
+}
+
+impl<'a> std::ops::Deref for Args<'a> {
+    type Target = [Cow<'a, str>];
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Args::Borrowed(list) => list,
+            Args::Owned(list) => list,
+        }
+    }
+}
+
+impl Default for Args<'_> {
+    fn default() -> Self {
+        Args::Owned(Vec::new())
+    }
+}
+
+impl<'a> From<Vec<Cow<'a, str>>> for Args<'a> {
+    fn from(list: Vec<Cow<'a, str>>) -> Self {
+        Args::Owned(list)
+    }
+}
+
+impl<'a> From<&'a [Cow<'a, str>]> for Args<'a> {
+    fn from(list: &'a [Cow<'a, str>]) -> Self {
+        Args::Borrowed(list)
+    }
+}
+
+impl<'a, S: Into<Cow<'a, str>>> FromIterator<S> for Args<'a> {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        Args::Owned(iter.into_iter().map(Into::into).collect())
+    }
+}
+
+impl PartialEq for Args<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Args<'_> {}
+
+impl std::fmt::Debug for Args<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// On the wire a list of strings, as a `Vec<String>` is.
+impl Serialize for Args<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+/// One argument as decoded: borrowed from the frame when the decoder can
+/// (postcard from a slice always can), else owned.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Arg<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'a> From<Arg<'a>> for Cow<'a, str> {
+    fn from(arg: Arg<'a>) -> Self {
+        arg.0
+    }
+}
+
+/// Deserializes a list of at most [`MAX_ARGS`] elements as `T`s kept as
+/// `U`s, refusing a longer one from its length field, before allocating.
+fn bounded_seq<'de, D, T, U>(d: D) -> Result<Vec<U>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
+    U: From<T>,
 {
-    struct Bounded<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
-        type Value = Vec<T>;
+    struct Bounded<T, U>(std::marker::PhantomData<(T, U)>);
+    impl<'de, T: Deserialize<'de>, U: From<T>> serde::de::Visitor<'de> for Bounded<T, U> {
+        type Value = Vec<U>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             write!(f, "at most {MAX_ARGS} arguments")
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<U>, A::Error> {
             let declared = seq.size_hint().unwrap_or(0);
             if declared > MAX_ARGS {
                 return Err(serde::de::Error::invalid_length(declared, &self));
             }
             let mut out = Vec::with_capacity(declared);
-            while let Some(arg) = seq.next_element()? {
+            while let Some(arg) = seq.next_element::<T>()? {
                 if out.len() == MAX_ARGS {
                     return Err(serde::de::Error::invalid_length(MAX_ARGS + 1, &self));
                 }
-                out.push(arg);
+                out.push(U::from(arg));
             }
             Ok(out)
         }
@@ -199,34 +281,36 @@ where
     d.deserialize_seq(Bounded(std::marker::PhantomData))
 }
 
+/// Deserializes [`Args`] (at most [`MAX_ARGS`]), borrowing each from the frame.
+fn bounded_args<'de: 'a, 'a, D>(d: D) -> Result<Args<'a>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    bounded_seq::<D, Arg<'a>, Cow<'a, str>>(d).map(Args::Owned)
+}
+
+/// Deserializes a list of at most [`MAX_ARGS`] owned strings.
+fn bounded_strings<'de, D>(d: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    bounded_seq::<D, String, String>(d)
+}
+
 /// A client's request; `payload_len` bytes of payload follow the frame.
+/// Decoded, its strings borrow from the frame (the dispatcher's hot path: no
+/// allocation unless there are arguments); encoded, from the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
+pub struct Request<'a> {
     /// Chosen by the client; echoed in the response (pipelined replies may come in any order).
     pub id: u64,
     /// Operation name, e.g. `sha256`; `status` is answered by the dispatcher.
-    pub op: String,
-    /// Operation arguments, e.g. `["250"]` for `sleep`.
-    #[serde(deserialize_with = "bounded_args")]
-    pub args: Vec<String>,
-    /// Number of payload bytes that follow the frame.
-    pub payload_len: u64,
-}
-
-/// A [`Request`] decoded in place, borrowing its strings from the frame
-/// (the dispatcher's hot path: no allocation unless there are arguments).
-/// Same bytes on the wire as [`Request`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct RequestRef<'a> {
-    /// See [`Request::id`].
-    pub id: u64,
-    /// See [`Request::op`].
     #[serde(borrow)]
-    pub op: &'a str,
-    /// See [`Request::args`].
+    pub op: Cow<'a, str>,
+    /// Operation arguments, e.g. `["250"]` for `sleep`.
     #[serde(borrow, deserialize_with = "bounded_args")]
-    pub args: Vec<&'a str>,
-    /// See [`Request::payload_len`].
+    pub args: Args<'a>,
+    /// Number of payload bytes that follow the frame.
     pub payload_len: u64,
 }
 
@@ -320,15 +404,18 @@ impl std::fmt::Display for ErrorKind {
 
 /// Dispatcher → worker: run one job. The slot's ownership passes to the worker
 /// with this message and comes back with the [`JobDone`] that names the job.
+/// The dispatcher encodes it borrowing the queued job's strings; the worker
+/// decodes it borrowing them from the frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Job {
+pub struct Job<'a> {
     /// Dispatcher-wide job number.
     pub job_id: u64,
     /// Operation name.
-    pub op: String,
+    #[serde(borrow)]
+    pub op: Cow<'a, str>,
     /// Operation arguments.
-    #[serde(deserialize_with = "bounded_args")]
-    pub args: Vec<String>,
+    #[serde(borrow, deserialize_with = "bounded_args")]
+    pub args: Args<'a>,
     /// The slot: the input sits at its start, the result is written inside it.
     pub slot: Region,
     /// Number of input bytes at the start of the slot.
@@ -342,53 +429,12 @@ pub struct Job {
     pub attempt: u32,
 }
 
-/// A [`Job`] as the dispatcher encodes it, borrowing its strings: the same
-/// bytes on the wire, without copying the operation and arguments per job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct JobRef<'a> {
-    /// See [`Job::job_id`].
-    pub job_id: u64,
-    /// See [`Job::op`].
-    pub op: &'a str,
-    /// See [`Job::args`].
-    pub args: &'a [String],
-    /// See [`Job::slot`].
-    pub slot: Region,
-    /// See [`Job::input_len`].
-    pub input_len: u64,
-    /// See [`Job::ready`].
-    pub ready: u64,
-    /// See [`Job::attempt`].
-    pub attempt: u32,
-}
-
-/// A [`Job`] decoded in place by the worker, borrowing its strings from the
-/// frame: no allocation per job unless it has arguments. Same wire format.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct JobIn<'a> {
-    /// See [`Job::job_id`].
-    pub job_id: u64,
-    /// See [`Job::op`].
-    #[serde(borrow)]
-    pub op: &'a str,
-    /// See [`Job::args`].
-    #[serde(borrow, deserialize_with = "bounded_args")]
-    pub args: Vec<&'a str>,
-    /// See [`Job::slot`].
-    pub slot: Region,
-    /// See [`Job::input_len`].
-    pub input_len: u64,
-    /// See [`Job::ready`].
-    pub ready: u64,
-    /// See [`Job::attempt`].
-    pub attempt: u32,
-}
-
 /// Dispatcher → worker messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ToWorker {
+pub enum ToWorker<'a> {
     /// Run a job.
-    Job(Job),
+    #[serde(borrow)]
+    Job(Job<'a>),
     /// More of the running job's input has arrived: the first `ready` bytes
     /// of its slot are in place.
     More {
@@ -405,29 +451,6 @@ pub enum ToWorker {
     },
 }
 
-/// A [`ToWorker`] as the dispatcher encodes it, borrowing its strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum ToWorkerRef<'a> {
-    /// See [`ToWorker::Job`].
-    Job(JobRef<'a>),
-    /// See [`ToWorker::More`].
-    More { job_id: u64, ready: u64 },
-    /// See [`ToWorker::Abort`].
-    Abort { job_id: u64 },
-}
-
-/// A [`ToWorker`] decoded in place by the worker.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub enum ToWorkerIn<'a> {
-    /// See [`ToWorker::Job`].
-    #[serde(borrow)]
-    Job(JobIn<'a>),
-    /// See [`ToWorker::More`].
-    More { job_id: u64, ready: u64 },
-    /// See [`ToWorker::Abort`].
-    Abort { job_id: u64 },
-}
-
 /// Worker → dispatcher messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromWorker {
@@ -439,7 +462,7 @@ pub enum FromWorker {
         version: u16,
         /// Operations that read their input front to back and so may be sent
         /// before their payload has arrived in full (then `More` frames follow).
-        #[serde(deserialize_with = "bounded_args")]
+        #[serde(deserialize_with = "bounded_strings")]
         streams: Vec<String>,
     },
     /// A job finished; the slot goes back to the dispatcher.
@@ -468,7 +491,7 @@ mod tests {
         let req = |n| Request {
             id: 1,
             op: "echo".into(),
-            args: vec![String::new(); n],
+            args: vec![Cow::from(""); n].into(),
             payload_len: 0,
         };
         let mut buf = Vec::new();
@@ -477,12 +500,10 @@ mod tests {
             crate::frame::decode_body::<Request>(&buf[4..]).unwrap(),
             req(MAX_ARGS)
         );
-        assert!(crate::frame::decode_body::<RequestRef<'_>>(&buf[4..]).is_ok());
         buf.clear();
         crate::frame::encode(&req(MAX_ARGS + 1), &mut buf).unwrap();
         let e = crate::frame::decode_body::<Request>(&buf[4..]).unwrap_err();
         assert!(matches!(e, crate::frame::FrameError::Corrupt(_)), "{e}");
-        assert!(crate::frame::decode_body::<RequestRef<'_>>(&buf[4..]).is_err());
     }
 
     #[test]
@@ -560,70 +581,42 @@ mod tests {
         }
     }
 
+    /// Whether every string of a decoded message points into its frame.
+    fn borrows(op: &[Cow<'_, str>], args: &[Cow<'_, str>]) -> bool {
+        op.iter().chain(args).all(|s| matches!(s, Cow::Borrowed(_)))
+    }
+
     #[test]
-    fn borrowed_twins_have_the_same_wire_format() {
-        let job = Job {
-            job_id: 9,
-            op: "sleep".into(),
-            args: vec!["5".into()],
-            slot: Region {
-                offset: 4096,
-                len: 8192,
-            },
-            input_len: 3,
-            ready: 2,
-            attempt: 2,
-        };
-        let by_ref = JobRef {
-            job_id: 9,
-            op: "sleep",
-            args: &job.args,
-            slot: job.slot,
-            input_len: 3,
-            ready: 2,
-            attempt: 2,
-        };
-        assert_eq!(
-            postcard::to_stdvec(&job).unwrap(),
-            postcard::to_stdvec(&by_ref).unwrap()
-        );
-        let owned = [
-            ToWorker::Job(job.clone()),
-            ToWorker::More {
+    fn decoded_messages_borrow_their_strings_from_the_frame() {
+        fn job(args: Args<'_>) -> Job<'_> {
+            Job {
                 job_id: 9,
-                ready: 3,
-            },
-            ToWorker::Abort { job_id: 9 },
-        ];
-        let by_ref = [
-            ToWorkerRef::Job(by_ref),
-            ToWorkerRef::More {
-                job_id: 9,
-                ready: 3,
-            },
-            ToWorkerRef::Abort { job_id: 9 },
-        ];
-        for (o, r) in owned.iter().zip(&by_ref) {
-            let bytes = postcard::to_stdvec(o).unwrap();
-            assert_eq!(bytes, postcard::to_stdvec(r).unwrap());
-            let back: ToWorkerIn<'_> = postcard::from_bytes(&bytes).unwrap();
-            let again: ToWorker = postcard::from_bytes(&bytes).unwrap();
-            assert_eq!(&again, o);
-            match (back, o) {
-                (ToWorkerIn::Job(j), ToWorker::Job(o)) => {
-                    assert_eq!(
-                        (j.job_id, j.op, j.input_len, j.ready, j.attempt),
-                        (9, "sleep", 3, 2, 2)
-                    );
-                    assert_eq!((j.args, j.slot), (vec!["5"], o.slot));
-                }
-                (ToWorkerIn::More { job_id, ready }, ToWorker::More { .. }) => {
-                    assert_eq!((job_id, ready), (9, 3))
-                }
-                (ToWorkerIn::Abort { job_id }, ToWorker::Abort { .. }) => assert_eq!(job_id, 9),
-                (b, o) => panic!("{b:?} decoded from {o:?}"),
+                op: "sleep".into(),
+                args,
+                slot: Region {
+                    offset: 4096,
+                    len: 8192,
+                },
+                input_len: 3,
+                ready: 2,
+                attempt: 2,
             }
         }
+        let kept = vec![Cow::from(String::from("5"))];
+        // Encoded from a list the sender keeps, or from its own: same bytes.
+        let bytes = postcard::to_stdvec(&ToWorker::Job(job(Args::Borrowed(&kept)))).unwrap();
+        assert_eq!(
+            bytes,
+            postcard::to_stdvec(&ToWorker::Job(job(Args::Owned(kept.clone())))).unwrap()
+        );
+        let ToWorker::Job(back) = postcard::from_bytes(&bytes).unwrap() else {
+            panic!("not a job")
+        };
+        assert!(
+            borrows(std::slice::from_ref(&back.op), &back.args),
+            "{back:?}"
+        );
+        assert_eq!(back, job(kept.into()));
         // The pinned bytes of section 13 of docs/PROTOCOL.md.
         assert_eq!(
             postcard::to_stdvec(&ToWorker::More {
@@ -636,15 +629,13 @@ mod tests {
         let req = Request {
             id: 300,
             op: "upper".into(),
-            args: vec!["a".into(), "b".into()],
+            args: vec!["a".into(), "b".into()].into(),
             payload_len: 70_000,
         };
         let bytes = postcard::to_stdvec(&req).unwrap();
-        let r: RequestRef<'_> = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(
-            (r.id, r.op, r.args, r.payload_len),
-            (300, "upper", vec!["a", "b"], 70_000)
-        );
+        let r: Request<'_> = postcard::from_bytes(&bytes).unwrap();
+        assert!(borrows(std::slice::from_ref(&r.op), &r.args), "{r:?}");
+        assert_eq!(r, req);
     }
 
     #[test]
@@ -653,11 +644,11 @@ mod tests {
             offset: 0,
             len: 8192,
         };
-        let job = |job_id, op: &str, attempt| {
+        let job = |job_id, op: &'static str, attempt| {
             ToWorker::Job(Job {
                 job_id,
                 op: op.into(),
-                args: vec![],
+                args: vec![].into(),
                 slot,
                 input_len: 11,
                 ready: 11,
@@ -698,7 +689,7 @@ mod tests {
         let r = Request {
             id: 300,
             op: "sleep".into(),
-            args: vec!["5".into()],
+            args: vec!["5".into()].into(),
             payload_len: 0,
         };
         // id 300 = varint ac 02; "sleep" = 05 + bytes; args = 01, 01 "5"; payload_len 00

@@ -64,7 +64,7 @@ pub struct LatencyStatus {
     /// Jobs answered in the window.
     pub count: u64,
     /// Median, in microseconds (0 when `count` is 0); percentiles are
-    /// rounded up to their histogram bucket's top, at most 12.5% high.
+    /// rounded up to their histogram bucket's top, at most 6.25% high.
     pub p50_us: u64,
     /// 90th percentile, in microseconds.
     pub p90_us: u64,

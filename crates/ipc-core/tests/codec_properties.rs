@@ -3,8 +3,7 @@
 
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, Job, JobDone, JobIn, Outcome, RemoteError, Request, RequestRef,
-    Response, ToWorker, ToWorkerIn,
+    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, Request, Response, ToWorker,
 };
 use ipc_core::Region;
 use proptest::prelude::*;
@@ -34,18 +33,27 @@ fn region() -> impl Strategy<Value = Region> {
     (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Region { offset, len })
 }
 
-fn round_trip<T>(msg: &T)
+/// Encodes `msg` into `buf` and decodes it twice (the decoded message may
+/// borrow from `buf` and `scratch`).
+fn round_trip<'b, T>(msg: &T, buf: &'b mut Vec<u8>, scratch: &'b mut Vec<u8>)
 where
-    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    T: serde::Serialize + serde::Deserialize<'b> + PartialEq + std::fmt::Debug,
 {
-    let mut buf = Vec::new();
-    frame::encode(msg, &mut buf).unwrap();
-    let (back, used) = frame::try_decode::<T>(&buf, usize::MAX).unwrap().unwrap();
+    frame::encode(msg, buf).unwrap();
+    let buf: &'b [u8] = buf;
+    let (back, used) = frame::try_decode::<T>(buf, usize::MAX).unwrap().unwrap();
     assert_eq!(&back, msg);
     assert_eq!(used, buf.len());
-    let mut r = &buf[..];
-    let again: T = frame::read_frame(&mut r, &mut Vec::new(), usize::MAX).unwrap();
+    let mut r = buf;
+    let again: T = frame::read_frame(&mut r, scratch, usize::MAX).unwrap();
     assert_eq!(&again, msg);
+}
+
+/// [`round_trip`] with buffers of its own.
+macro_rules! round_trip {
+    ($msg:expr) => {
+        round_trip(&$msg, &mut Vec::new(), &mut Vec::new())
+    };
 }
 
 proptest! {
@@ -56,19 +64,19 @@ proptest! {
         args in prop::collection::vec(".{0,20}", 0..5),
         payload_len in any::<u64>(),
     ) {
-        let req = Request { id, op, args, payload_len };
-        round_trip(&req);
+        let req = Request { id, op: op.into(), args: args.into_iter().collect(), payload_len };
+        round_trip!(req);
         // The dispatcher's borrowing decoder reads the same bytes.
         let mut buf = Vec::new();
         frame::encode(&req, &mut buf).unwrap();
-        let r: RequestRef<'_> = frame::decode_body(&buf[4..]).unwrap();
-        prop_assert_eq!((r.id, r.op, r.payload_len), (req.id, req.op.as_str(), req.payload_len));
-        prop_assert_eq!(r.args, req.args.iter().map(String::as_str).collect::<Vec<_>>());
+        let r: Request<'_> = frame::decode_body(&buf[4..]).unwrap();
+        prop_assert_eq!((r.id, &*r.op, r.payload_len), (req.id, &*req.op, req.payload_len));
+        prop_assert_eq!(&*r.args, &*req.args);
     }
 
     #[test]
     fn responses_round_trip(id in any::<u64>(), outcome in outcome(), result_len in any::<u64>()) {
-        round_trip(&Response { id, outcome, result_len });
+        round_trip!(Response { id, outcome, result_len });
     }
 
     #[test]
@@ -84,17 +92,17 @@ proptest! {
         pid in any::<u32>(),
         attempt in any::<u32>(),
     ) {
-        let job = Job { job_id, op, args, slot, input_len, ready: off, attempt };
-        round_trip(&job);
+        let job = Job { job_id, op: op.into(), args: args.into_iter().collect(), slot, input_len, ready: off, attempt };
+        round_trip!(job);
         let mut buf = Vec::new();
         frame::encode(&job, &mut buf).unwrap();
-        let j: JobIn<'_> = frame::decode_body(&buf[4..]).unwrap();
-        prop_assert_eq!((j.job_id, j.op, j.slot, j.input_len, j.ready, j.attempt), (job.job_id, job.op.as_str(), job.slot, job.input_len, off, attempt));
-        round_trip(&ToWorker::Job(job.clone()));
-        round_trip(&ToWorker::More { job_id, ready: len });
-        round_trip(&ToWorker::Abort { job_id });
-        round_trip(&FromWorker::Done(JobDone { job_id, outcome, result_offset: off, result_len: len }));
-        round_trip(&FromWorker::Ready { pid, version: 1, streams: vec!["sha256".into()] });
+        let j: Job<'_> = frame::decode_body(&buf[4..]).unwrap();
+        prop_assert_eq!((j.job_id, &*j.op, j.slot, j.input_len, j.ready, j.attempt), (job.job_id, &*job.op, job.slot, job.input_len, off, attempt));
+        round_trip!(ToWorker::Job(job.clone()));
+        round_trip!(ToWorker::More { job_id, ready: len });
+        round_trip!(ToWorker::Abort { job_id });
+        round_trip!(FromWorker::Done(JobDone { job_id, outcome, result_offset: off, result_len: len }));
+        round_trip!(FromWorker::Ready { pid, version: 1, streams: vec!["sha256".into()] });
     }
 
     #[test]
@@ -103,9 +111,9 @@ proptest! {
         let _ = frame::try_decode::<Response>(&bytes, 1024);
         let _ = frame::try_decode::<FromWorker>(&bytes, 1024);
         let _ = frame::try_decode::<ToWorker>(&bytes, 1024);
-        let _ = frame::decode_body::<ToWorkerIn<'_>>(&bytes);
-        let _ = frame::decode_body::<RequestRef<'_>>(&bytes);
-        let _ = frame::decode_body::<JobIn<'_>>(&bytes);
+        let _ = frame::decode_body::<ToWorker<'_>>(&bytes);
+        let _ = frame::decode_body::<Request<'_>>(&bytes);
+        let _ = frame::decode_body::<Job<'_>>(&bytes);
     }
 
     #[test]
@@ -117,7 +125,8 @@ proptest! {
         let mut bytes = len.to_le_bytes().to_vec();
         bytes.extend_from_slice(&tail);
         let mut scratch = Vec::new();
-        let r = frame::read_frame::<Request, _>(&mut &bytes[..], &mut scratch, max);
+        let r = frame::read_body(&mut &bytes[..], &mut scratch, max)
+            .and_then(|()| frame::decode_body::<Request<'_>>(&scratch));
         prop_assert!(scratch.capacity() <= max, "buffer grew to {}", scratch.capacity());
         if len as usize > max {
             prop_assert!(matches!(r, Err(FrameError::TooLarge { .. })), "{:?}", r);

@@ -692,7 +692,7 @@ pub fn request_header(id: u64, op: &str, args: &[&str], payload_len: u64) -> Vec
     let req = ipc_core::proto::Request {
         id,
         op: op.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
+        args: args.iter().copied().collect(),
         payload_len,
     };
     let mut buf = Vec::new();

@@ -206,7 +206,7 @@ async fn probe(
     let req = Request {
         id,
         op: proto::OP_STATUS.into(),
-        args: vec![],
+        args: Default::default(),
         payload_len: 0,
     };
     frame::encode(&req, &mut out).map_err(unanswered)?;

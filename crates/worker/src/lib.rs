@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
-    ErrorKind, FromWorker, JobDone, JobIn, Outcome, RemoteError, ToWorkerIn, PIPE_VERSION,
+    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, ToWorker, PIPE_VERSION,
 };
 use ipc_core::{Region, Segment, SegmentError};
 
@@ -102,21 +102,20 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
     let mut news_scratch = Vec::with_capacity(64);
     loop {
         // Decoded in place: the job borrows its strings from `scratch`.
-        let msg: ToWorkerIn<'_> =
-            match frame::read_body(&mut input, &mut scratch, DEFAULT_MAX_FRAME)
-                .and_then(|()| frame::decode_body(&scratch))
-            {
-                Ok(msg) => msg,
-                Err(FrameError::Closed) => {
-                    tracing::debug!("job pipe closed; exiting");
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            };
+        let msg: ToWorker<'_> = match frame::read_body(&mut input, &mut scratch, DEFAULT_MAX_FRAME)
+            .and_then(|()| frame::decode_body(&scratch))
+        {
+            Ok(msg) => msg,
+            Err(FrameError::Closed) => {
+                tracing::debug!("job pipe closed; exiting");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let job = match msg {
-            ToWorkerIn::Job(job) => job,
+            ToWorker::Job(job) => job,
             // News of a job answered before its input was in (it failed early).
-            ToWorkerIn::More { job_id, .. } | ToWorkerIn::Abort { job_id } => {
+            ToWorker::More { job_id, .. } | ToWorker::Abort { job_id } => {
                 tracing::trace!(job = job_id, "input news for an answered job; ignored");
                 continue;
             }
@@ -159,17 +158,17 @@ impl<R: io::Read> Arrivals for Pipe<'_, R> {
     fn more(&mut self, job_id: u64) -> Result<u64, RemoteError> {
         loop {
             let msg = frame::read_body(self.input, self.scratch, DEFAULT_MAX_FRAME)
-                .and_then(|()| frame::decode_body::<ToWorkerIn<'_>>(self.scratch));
+                .and_then(|()| frame::decode_body::<ToWorker<'_>>(self.scratch));
             let next = match msg {
-                Ok(ToWorkerIn::More { job_id: id, ready }) if id == job_id => return Ok(ready),
-                Ok(ToWorkerIn::Abort { job_id: id }) if id == job_id => {
+                Ok(ToWorker::More { job_id: id, ready }) if id == job_id => return Ok(ready),
+                Ok(ToWorker::Abort { job_id: id }) if id == job_id => {
                     return Err(RemoteError::new(
                         ErrorKind::BadRequest,
                         "the payload did not arrive in full (the client left or stalled)",
                     ))
                 }
-                Ok(ToWorkerIn::More { .. } | ToWorkerIn::Abort { .. }) => continue, // an older job's
-                Ok(ToWorkerIn::Job(next)) => {
+                Ok(ToWorker::More { .. } | ToWorker::Abort { .. }) => continue, // an older job's
+                Ok(ToWorker::Job(next)) => {
                     self.broken = Some(WorkerError::JobDuringInput {
                         running: job_id,
                         next: next.job_id,
@@ -252,12 +251,12 @@ impl ops::Input for Arriving<'_> {
 /// still arriving (`ready < input_len`) learns of its progress from `arrivals`.
 pub fn run_job(
     segment: &Segment,
-    job: &JobIn<'_>,
+    job: &Job<'_>,
     allow_fault_injection: bool,
     arrivals: &mut dyn Arrivals,
 ) -> JobDone {
     let result = (|| {
-        let spec = ops::lookup(job.op, allow_fault_injection)?;
+        let spec = ops::lookup(&job.op, allow_fault_injection)?;
         let slot_len = segment
             .bytes(job.slot)
             .map_err(|e| {
@@ -287,7 +286,7 @@ pub fn run_job(
                     attempt: job.attempt,
                 };
                 let short = catch_unwind(AssertUnwindSafe(|| f(&call, &mut arriving)))
-                    .unwrap_or_else(|_| Err(panicked(job.op)))?;
+                    .unwrap_or_else(|_| Err(panicked(&job.op)))?;
                 // An operation that answered without reading all of its input:
                 // the reply goes in the slot only once nothing more is written there.
                 arriving.wait_all()?;
@@ -307,7 +306,7 @@ pub fn run_job(
         match streamed {
             Some(short) => ctx.reply(short.as_bytes()),
             None => catch_unwind(AssertUnwindSafe(|| spec.run_whole(&mut ctx)))
-                .unwrap_or_else(|_| Err(panicked(job.op))),
+                .unwrap_or_else(|_| Err(panicked(&job.op))),
         }
     })();
     match result {

@@ -17,6 +17,8 @@
 //! delivered at least once, so an operation with effects outside its slot
 //! can tell a retry after a worker crash (attempt 2) from a first run.
 
+use std::borrow::Cow;
+
 use ipc_core::proto::{ErrorKind, RemoteError};
 use sha2::{Digest, Sha256};
 
@@ -33,7 +35,7 @@ pub struct Output {
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
     /// The job's arguments.
-    pub args: &'a [&'a str],
+    pub args: &'a [Cow<'a, str>],
     /// Which run of the job this is in the dispatcher: 1 the first time, 2
     /// when it runs again because its worker died during the first run. A
     /// client's resend (after it lost the dispatcher) arrives as a new job
@@ -45,7 +47,7 @@ pub struct Call<'a> {
 #[derive(Debug)]
 pub struct JobCtx<'a> {
     /// The job's arguments.
-    pub args: &'a [&'a str],
+    pub args: &'a [Cow<'a, str>],
     /// See [`Call::attempt`].
     pub attempt: u32,
     /// The whole slot; the input is `slot[..input_len]`.
@@ -95,7 +97,7 @@ impl JobCtx<'_> {
 }
 
 /// Checks that exactly `n` arguments were given.
-fn expect_args(args: &[&str], n: usize, usage: &str) -> Result<(), RemoteError> {
+fn expect_args(args: &[Cow<'_, str>], n: usize, usage: &str) -> Result<(), RemoteError> {
     if args.len() == n {
         Ok(())
     } else {
@@ -428,7 +430,7 @@ mod tests {
         attempt: u32,
         allow_fault_injection: bool,
     ) -> Result<Vec<u8>, RemoteError> {
-        let args: Vec<&str> = args.to_vec();
+        let args: Vec<Cow<'_, str>> = args.iter().map(|&a| a.into()).collect();
         let mut slot = vec![0u8; input.len() + 4096];
         slot[..input.len()].copy_from_slice(input);
         let spec = lookup(op, allow_fault_injection)?;

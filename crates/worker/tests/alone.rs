@@ -40,11 +40,11 @@ fn worker_on_a_segment(tag: &str) -> (Segment, Reaped, std::process::ChildStdout
 }
 
 /// A job's first run, its whole input (`len` bytes) already in `slot`.
-fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job {
+fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job<'_> {
     Job {
         job_id,
         op: op.into(),
-        args: vec![],
+        args: Default::default(),
         slot,
         input_len: len,
         ready: len,
@@ -169,11 +169,11 @@ fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
         len: 256 << 10,
     };
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
-    let job = |job_id, op: &str, args: Vec<String>, ready| {
+    let job = |job_id, op: &'static str, args: Vec<String>, ready| {
         ToWorker::Job(Job {
             job_id,
             op: op.into(),
-            args,
+            args: args.into_iter().collect(),
             slot,
             input_len: data.len() as u64,
             ready,
