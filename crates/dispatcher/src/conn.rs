@@ -18,9 +18,8 @@ use tokio::io::{
 use tokio::sync::mpsc;
 
 use crate::admission::{Gate, Holder, PeerKey, Refusal, Wait};
-use crate::shared::{
-    JobSlot, OpName, QueuedJob, Reply, Shared, Streamed, Upload, UploadState, RESULT_RESERVE,
-};
+use crate::shared::{OpName, QueuedJob, Reply, Shared};
+use crate::slots::{JobSlot, Uploading, RESULT_RESERVE};
 
 /// Bytes a connection reads ahead (headers of pipelined requests).
 const READ_BUFFER: usize = 4096;
@@ -544,9 +543,12 @@ where
         // A slot, unless the request is refused; waiting for one ends if shutdown begins.
         let lease = match req.op {
             proto::OP_STATUS => None,
-            _ => shared.lease(req.payload_len + RESULT_RESERVE, holder).await,
+            _ => {
+                let len = req.payload_len + RESULT_RESERVE;
+                shared.slots.lease(len, holder).await
+            }
         };
-        let Some(lease) = lease else {
+        let Some(mut lease) = lease else {
             // Skip the payload to stay in step with the stream, then refuse.
             // Under the same deadline as any payload: a refused one cannot be trickled forever.
             match tokio::time::timeout(frame_deadline, skip(rd, req.payload_len)).await {
@@ -583,34 +585,16 @@ where
             permit,
             received,
         };
-        let region = lease.region();
-        let buf = shared
-            .segment
-            .bytes_mut(region)
-            .expect("allocator regions lie in the arena");
         if shared.should_stream(req.op, req.payload_len) {
             // The job goes to an idle worker now and reads the payload as it
-            // comes; the slot is shared with the job until both are done.
-            let streamed = Rc::new(Streamed {
-                lease,
-                upload: Upload::new(req.payload_len),
-            });
+            // comes; the connection holds the slot until the upload ends (or
+            // is dropped with it: then the job hears the payload never will).
+            let (mut uploading, slot) = Uploading::start(lease, req.payload_len);
             let now = std::time::Instant::now();
-            shared.enqueue(
-                job(JobSlot::Streamed(Rc::clone(&streamed)), permit, now),
-                false,
-            );
-            // If this connection is dropped while the payload arrives, the
-            // job hears that it never will.
-            let _ends = EndsUpload(&streamed.upload);
-            let payload = tokio::time::timeout(
-                frame_deadline,
-                frame::read_payload_observed(rd, &mut buf[..req.payload_len as usize], |got| {
-                    streamed.upload.advance(got as u64)
-                }),
-            );
+            shared.enqueue(job(slot, permit, now), false);
+            let payload = tokio::time::timeout(frame_deadline, uploading.read_from(rd));
             let read = payload.await.unwrap_or(Err(FrameError::Stalled));
-            streamed.upload.end(read.is_ok());
+            uploading.finish(read.is_ok());
             if let Err(e) = read {
                 tracing::info!(
                     id = req.id,
@@ -623,7 +607,7 @@ where
         }
         let payload = tokio::time::timeout(
             frame_deadline,
-            frame::read_payload_async(rd, &mut buf[..req.payload_len as usize]),
+            frame::read_payload_async(rd, &mut lease.bytes_mut()[..req.payload_len as usize]),
         );
         if let Err(e) = payload.await.unwrap_or(Err(FrameError::Stalled)) {
             tracing::info!(
@@ -647,18 +631,6 @@ where
             job(JobSlot::Own(lease), permit, std::time::Instant::now()),
             false,
         );
-    }
-}
-
-/// Marks an upload failed if it is still arriving when dropped (its
-/// connection was closed in the middle).
-struct EndsUpload<'a>(&'a Upload);
-
-impl Drop for EndsUpload<'_> {
-    fn drop(&mut self) {
-        if self.0.state() == UploadState::Arriving {
-            self.0.end(false);
-        }
     }
 }
 
@@ -722,20 +694,14 @@ async fn write_replies<W>(
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next.take() {
-            let (req_id, outcome, bytes, lease) = match reply {
+            let (req_id, outcome, result, lease) = match reply {
                 Reply::Job {
                     req_id,
                     outcome,
                     result,
                     lease,
                     permit,
-                } => {
-                    let bytes = shared
-                        .segment
-                        .bytes(result)
-                        .expect("result region checked by the pool");
-                    (req_id, outcome, bytes, Some((lease, permit)))
-                }
+                } => (req_id, outcome, result, (lease, permit)),
                 Reply::Inline {
                     req_id,
                     outcome,
@@ -753,6 +719,7 @@ async fn write_replies<W>(
                     continue;
                 }
             };
+            let bytes = lease.0.result(result);
             let resp = Response {
                 id: req_id,
                 outcome,
@@ -836,7 +803,7 @@ fn stall_cause(shared: &Shared, holder: &Holder, deadline: Duration) -> String {
     match wait {
         Wait::ConnCap => format!(
             "{stalled} while its next request waited {waited:.1?} for a slot over the connection's own share of the arena ({} bytes, --conn-arena-percent), which only writing its replies frees: {writes}",
-            shared.slot_limits.conn
+            shared.slots.limits.conn
         ),
         Wait::InFlight => format!(
             "{stalled} while its next request waited {waited:.1?} behind {} unanswered requests (--max-in-flight), which only writing its replies frees: {writes}",

@@ -12,6 +12,7 @@ mod conn;
 mod latency;
 mod pool;
 mod shared;
+mod slots;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +24,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::shared::{Shared, RESULT_RESERVE};
+use crate::shared::Shared;
+use crate::slots::RESULT_RESERVE;
 
 const MIB: u64 = 1 << 20;
 /// Delay before the segment is prefaulted: out of start-up, so out of recovery time.
@@ -65,7 +67,7 @@ pub struct Config {
     /// Size of the slot arena in MiB.
     pub segment_mib: u64,
     /// The segment's backend: POSIX (`/dev/shm`) or System V (`ipcs -m`).
-    pub sysv: bool,
+    pub backend: ipc_core::Backend,
     /// Largest payload accepted, in bytes.
     pub max_payload: u64,
     /// Largest request frame (header) accepted, in bytes.
@@ -106,7 +108,7 @@ impl Config {
             max_in_flight: 128,
             allow_uids: Vec::new(),
             segment_mib: 256,
-            sysv: false,
+            backend: ipc_core::Backend::Posix,
             max_payload: 64 * MIB,
             max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
             tcp: None,
@@ -333,7 +335,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     let mut seg = ipc_core::start::create_segment(
         &paths,
         &lock,
-        config.sysv,
+        config.backend,
         (config.segment_mib * MIB) as usize,
         generation,
     )?;
@@ -381,9 +383,11 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         workers,
         "dispatcher ready"
     );
-    let heartbeat = tokio::task::spawn_local(beat(Rc::clone(&shared)));
     // Soon after we serve: map the whole segment so no request pays a page fault.
-    shared.segment.populate_in_background(POPULATE_AFTER);
+    shared
+        .slots
+        .segment()
+        .populate_in_background(POPULATE_AFTER);
 
     let why = loop {
         tokio::select! {
@@ -467,7 +471,6 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     for d in drivers {
         let _ = d.await;
     }
-    heartbeat.abort();
     tracing::info!(
         jobs_done = shared.jobs_done.get(),
         jobs_failed = shared.jobs_failed.get(),
@@ -485,27 +488,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
 
 /// Resolves once no slot is on loan, i.e. every accepted job is answered.
 async fn drained(shared: &Shared) {
-    loop {
-        let freed = shared.slot_freed.notified();
-        if shared.in_flight() == 0 {
-            return;
-        }
-        freed.await;
-    }
-}
-
-/// Refreshes the heartbeat word in the segment header once a second.
-async fn beat(shared: Rc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let now = ipc_core::status::unix_ms();
-        shared
-            .segment
-            .header()
-            .dispatcher_heartbeat_ms
-            .store(now, std::sync::atomic::Ordering::Relaxed);
-    }
+    shared.slots.all_returned().await
 }
 
 /// Binds the Unix socket: mode 0600, or 0666 with `--allow-uid` (so the

@@ -122,7 +122,7 @@ fn main() -> std::process::ExitCode {
     config.max_in_flight = args.max_in_flight;
     config.allow_uids = args.allow_uid;
     config.segment_mib = args.segment_mib;
-    config.sysv = args.segment == "sysv";
+    config.backend = args.segment.parse().expect("clap checked the value");
     config.max_payload = args.max_payload;
     config.max_frame = args.max_frame;
     config.tcp = args.tcp;

@@ -16,7 +16,6 @@ use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
     ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, ToWorkerRef, PIPE_VERSION,
 };
-use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +23,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::shared::{News, QueuedJob, Reply, Shared, Streamed, UploadState};
+use crate::shared::{QueuedJob, Reply, Shared};
+use crate::slots::{News, Streamed, UploadState};
 
 /// How long a new worker has to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,7 +161,7 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
 async fn spawn(shared: &Shared) -> Result<Worker, String> {
     let mut cmd = Command::new(&shared.config.worker_exe);
     cmd.arg("--segment")
-        .arg(shared.segment.name())
+        .arg(shared.slots.segment().name())
         .arg("--parent-pid")
         .arg(std::process::id().to_string())
         .stdin(Stdio::piped())
@@ -296,7 +296,7 @@ async fn serve(
                     job_id: job.job_id,
                     op: job.op.as_str(),
                     args: &job.args,
-                    slot: job.lease.region(),
+                    slot: job.lease.region().into(),
                     input_len: job.input_len,
                     ready,
                     // Runs that ended with the worker's death, plus this one.
@@ -388,8 +388,7 @@ async fn serve(
                     let job = sent.pop_front().expect("checked above");
                     written -= 1;
                     head_since = Instant::now();
-                    let slot = job.lease.region();
-                    let ok = answer(shared, job, done, slot);
+                    let ok = answer(shared, job, done);
                     shared.set_worker(index, |s| {
                         if ok {
                             s.jobs_done += 1;
@@ -460,12 +459,14 @@ fn broke(why: String, mut sent: VecDeque<QueuedJob>) -> End {
 
 /// Checks a worker's answer and sends the reply to the job's connection.
 /// Returns whether the reply is a success.
-fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) -> bool {
-    let in_slot = done
+fn answer(shared: &Shared, job: QueuedJob, done: JobDone) -> bool {
+    let slot_len = job.lease.region().len();
+    let result = done
         .result_offset
         .checked_add(done.result_len)
-        .is_some_and(|end| end <= slot.len);
-    if !in_slot {
+        .filter(|&end| end <= slot_len)
+        .map(|end| done.result_offset as usize..end as usize);
+    let Some(result) = result else {
         answer_err(
             shared,
             job,
@@ -473,10 +474,6 @@ fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) -> bool 
             "the worker described a result outside its slot".into(),
         );
         return false;
-    }
-    let result = Region {
-        offset: slot.offset + done.result_offset,
-        len: done.result_len,
     };
     let ok = matches!(done.outcome, Outcome::Ok);
     send(shared, job, done.outcome, result);
@@ -485,20 +482,18 @@ fn answer(shared: &Shared, job: QueuedJob, done: JobDone, slot: Region) -> bool 
 
 /// Answers a job with an error.
 pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: String) {
-    let empty = Region {
-        offset: job.lease.region().offset,
-        len: 0,
-    };
     send(
         shared,
         job,
         Outcome::Err(RemoteError::new(kind, message)),
-        empty,
+        0..0,
     );
 }
 
-/// Counts the outcome and hands the reply, with the slot and permit, to the connection's writer.
-fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: Region) {
+/// Counts the outcome and hands the reply, with the slot (back from the
+/// worker, and from the upload if it is over) and permit, to the
+/// connection's writer.
+fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
     shared.count(&outcome);
     shared.record_latency(job.received);
     let QueuedJob {
@@ -512,7 +507,7 @@ fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: Region) {
         req_id,
         outcome,
         result,
-        lease,
+        lease: lease.settle(),
         permit,
     });
 }
