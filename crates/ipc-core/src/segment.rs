@@ -805,8 +805,11 @@ impl Segment {
     /// `announced` (how much of the slot its writer has said is in place):
     /// the way to read a prefix that another process is still extending.
     /// Returns how many bytes were copied (0 once `from` reaches `announced`).
+    /// `&mut self`, like [`Segment::claim`]: no reference into the arena
+    /// lives in this process meanwhile (an [`Arena`]'s segment, reachable
+    /// only as `&Segment`, cannot be read this way under its slots' `&mut`).
     pub fn copy_out(
-        &self,
+        &mut self,
         slot: Region,
         from: u64,
         announced: u64,
@@ -1054,9 +1057,9 @@ mod tests {
         format!("/osps-unit-{}-{tag}", std::process::id())
     }
 
-    /// The same segment name for each backend: every segment test runs on both.
+    /// The same segment name for each backend: every segment test runs on all.
     fn both(tag: &str) -> [String; 2] {
-        [name(tag), format!("{SYSV_PREFIX}{}", name(tag))]
+        Backend::ALL.map(|b| b.segment_name(&name(tag)))
     }
 
     /// Permission bits of a segment, as its backend reports them.
@@ -1065,7 +1068,7 @@ mod tests {
     }
 
     /// A region's bytes, copied out.
-    fn read(seg: &Segment, r: Region) -> Vec<u8> {
+    fn read(seg: &mut Segment, r: Region) -> Vec<u8> {
         let mut out = vec![0; r.len() as usize];
         assert_eq!(seg.copy_out(r, 0, r.len(), &mut out).unwrap(), out.len());
         out
@@ -1086,14 +1089,14 @@ mod tests {
         seg.claim(r).unwrap().copy_from_slice(b"hello");
         let mut other = Segment::open(&n).unwrap();
         assert!(!other.is_owner());
-        assert_eq!(read(&other, r), b"hello");
+        assert_eq!(read(&mut other, r), b"hello");
         assert_eq!(other.header().generation.load(Ordering::Relaxed), 7);
         assert_eq!(
             other.header().owner_pid.load(Ordering::Relaxed),
             std::process::id()
         );
         other.claim(r).unwrap().copy_from_slice(b"HELLO");
-        assert_eq!(read(&seg, r), b"HELLO");
+        assert_eq!(read(&mut seg, r), b"HELLO");
         other.header().count_job();
         assert_eq!(seg.header().jobs_done.load(Ordering::Relaxed), 1);
         drop(other);
@@ -1212,7 +1215,7 @@ mod tests {
     }
 
     fn bounds(n: &str) {
-        let seg = Segment::create(n, 8192, 1).unwrap();
+        let mut seg = Segment::create(n, 8192, 1).unwrap();
         assert!(seg.check(8192, 1).is_err());
         assert!(seg.check(u64::MAX, 2).is_err());
         assert!(seg.check(0, 8192).is_ok());

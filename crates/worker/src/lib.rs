@@ -57,26 +57,15 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
         die_with_parent(expected)?;
     }
     let mut segment = open_segment(config)?;
-    let mut input = io::BufReader::with_capacity(
-        64 * 1024,
-        std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?),
-    );
-    // Results go to fd 1 through our own buffer, flushed once no more jobs
-    // are waiting in the input buffer: a batch of jobs gets one write(2).
-    let mut output = io::BufWriter::with_capacity(
-        64 * 1024,
-        std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?),
-    );
-    let mut out_buf = Vec::with_capacity(256);
-    frame::write_frame(&mut output, &ready(config), &mut out_buf)?;
-    output.flush()?;
+    let mut pipes = Pipes::open()?;
+    pipes.send(&ready(config))?;
     // Soon after ready: map the whole segment so no job pays a page fault.
     segment.populate_in_background(std::time::Duration::from_millis(200));
     tracing::debug!(segment = %config.segment, "worker ready");
     let (mut scratch, mut news_scratch) = (Vec::with_capacity(256), Vec::with_capacity(64));
     loop {
         // Decoded in place: the job borrows its strings from `scratch`.
-        let job = match read_message(&mut input, &mut scratch)? {
+        let job = match read_message(&mut pipes.input, &mut scratch)? {
             Some(ToWorkerIn::Job(job)) => job,
             // News of a job answered before its input was in (it failed early).
             Some(ToWorkerIn::More { job_id, .. } | ToWorkerIn::Abort { job_id }) => {
@@ -89,19 +78,44 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
             }
         };
         let mut pipe = Pipe {
-            input: &mut input,
+            input: &mut pipes.input,
             scratch: &mut news_scratch,
             broken: None,
         };
         let done = run_job(&mut segment, &job, config.allow_fault_injection, &mut pipe);
+        let broken = pipe.broken;
         segment.header().count_job();
-        frame::write_frame(&mut output, &FromWorker::Done(done), &mut out_buf)?;
-        // Answer at once: holding a result back while the next job runs
-        // would make a crash or a hang of that job look like this one's.
-        output.flush()?;
-        if let Some(e) = pipe.broken {
+        pipes.send(&FromWorker::Done(done))?;
+        if let Some(e) = broken {
             return Err(e);
         }
+    }
+}
+
+/// The job pipe (stdin) and the result pipe (stdout), buffered by us.
+struct Pipes {
+    input: io::BufReader<std::fs::File>,
+    output: io::BufWriter<std::fs::File>,
+    out_buf: Vec<u8>,
+}
+
+impl Pipes {
+    fn open() -> io::Result<Pipes> {
+        let fd = |f: std::os::fd::BorrowedFd<'_>| f.try_clone_to_owned().map(std::fs::File::from);
+        Ok(Pipes {
+            input: io::BufReader::with_capacity(64 * 1024, fd(io::stdin().as_fd())?),
+            output: io::BufWriter::with_capacity(64 * 1024, fd(io::stdout().as_fd())?),
+            out_buf: Vec::with_capacity(256),
+        })
+    }
+
+    /// Writes one message and flushes it: a result is answered at once, as
+    /// holding it back while the next job runs would make a crash or a hang
+    /// of that job look like this one's.
+    fn send(&mut self, msg: &FromWorker) -> Result<(), WorkerError> {
+        frame::write_frame(&mut self.output, msg, &mut self.out_buf)?;
+        self.output.flush()?;
+        Ok(())
     }
 }
 
@@ -215,7 +229,7 @@ const CHUNK: usize = 128 * 1024;
 /// dispatcher is still writing the slot past `ready`, so no reference into
 /// it is taken (see [`Segment::copy_out`]).
 struct Arriving<'a> {
-    segment: &'a Segment,
+    segment: &'a mut Segment,
     arrivals: &'a mut dyn Arrivals,
     job_id: u64,
     slot: Region,
@@ -349,7 +363,7 @@ fn run_checked(
 /// whose input is still arriving runs meanwhile, on copies of what has come,
 /// and its answer is returned.
 fn take_input(
-    segment: &Segment,
+    segment: &mut Segment,
     slot: Region,
     job: &JobIn<'_>,
     spec: &ops::OpSpec,
