@@ -126,6 +126,8 @@ pub enum SegmentError {
         "segment {name} was opened, not created, by this process: only its creator allocates in it"
     )]
     NotCreator { name: String },
+    #[error("segment {name} would be mapped twice in this process while an arena allocates in it (a process that allocates in a segment keeps one handle to it)")]
+    MappedTwice { name: String },
     #[error("/dev/shm has room for {available} bytes, but segment {name} needs {size}: free space there, enlarge it (e.g. docker --shm-size), or lower --segment-mib")]
     NoSpace {
         name: String,
@@ -241,6 +243,9 @@ trait Map {
     fn disown(&mut self);
     /// What the system says of the object now.
     fn describe(&self, name: &str) -> Described;
+    /// Which object this maps, the same for every mapping of it in the
+    /// process whatever name reached it.
+    fn identity(&self, name: &str) -> String;
 }
 
 /// A backend's description of its object (the backend-neutral part of
@@ -297,6 +302,14 @@ impl Map for PosixMap {
             owner_uid: meta.as_ref().map(|m| m.uid()),
             attached: None,
             path,
+        }
+    }
+
+    fn identity(&self, name: &str) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(fs_path(name)) {
+            Ok(m) => format!("posix {}:{}", m.dev(), m.ino()),
+            Err(_) => format!("posix {}", name.trim_start_matches('/')),
         }
     }
 }
@@ -470,6 +483,10 @@ impl Map for SysvMap {
             attached: ds.map(|d| d.shm_nattch as usize),
         }
     }
+
+    fn identity(&self, _name: &str) -> String {
+        format!("sysv {}", self.id)
+    }
 }
 
 fn sysv_stat(id: i32) -> std::io::Result<libc::shmid_ds> {
@@ -629,12 +646,48 @@ pub fn fs_path(name: &str) -> String {
     format!("/dev/shm/{}", name.trim_start_matches('/'))
 }
 
+/// The segments this process maps, by [`Map::identity`]: how many handles,
+/// and whether an [`Arena`] holds one. An arena's segment is mapped once in
+/// its process, so no second mapping can alias the bytes its slots lend out.
+static MAPPED: std::sync::Mutex<Vec<Mapped>> = std::sync::Mutex::new(Vec::new());
+
+#[derive(Debug)]
+struct Mapped {
+    identity: String,
+    handles: usize,
+    arena: bool,
+}
+
+/// Runs `f` on the register entry of `identity` (made if missing, removed
+/// once no handle is left).
+fn with_mapped<T>(identity: &str, f: impl FnOnce(&mut Mapped) -> T) -> T {
+    let mut all = MAPPED.lock().unwrap_or_else(|e| e.into_inner());
+    let at = match all.iter().position(|m| m.identity == identity) {
+        Some(at) => at,
+        None => {
+            all.push(Mapped {
+                identity: identity.to_owned(),
+                handles: 0,
+                arena: false,
+            });
+            all.len() - 1
+        }
+    };
+    let out = f(&mut all[at]);
+    if all[at].handles == 0 {
+        all.swap_remove(at);
+    }
+    out
+}
+
 /// A mapped segment. Dropping the creator's handle unlinks the name.
 pub struct Segment {
     map: Box<dyn Map>,
     name: String,
     /// Made by this handle (an [`Arena`] may be built on it), even once disowned.
     created: bool,
+    /// Its entry in the process's register of mapped segments.
+    identity: String,
     /// A thread filling in this process's page tables for the mapping, and
     /// the sender whose drop cancels it if it has not started yet.
     populating: RefCell<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
@@ -648,6 +701,7 @@ impl Drop for Segment {
             drop(cancel);
             let _ = t.join();
         }
+        with_mapped(&self.identity, |m| m.handles -= 1);
     }
 }
 
@@ -669,10 +723,14 @@ impl Segment {
     /// [`SegmentError::Exists`] if the name is taken.
     pub fn create(name: &str, arena_len: usize, generation: u64) -> Result<Segment, SegmentError> {
         let size = HEADER_LEN + arena_len;
+        let map = Backend::of(name).imp().create(name, size)?;
+        let identity = map.identity(name);
+        with_mapped(&identity, |m| m.handles += 1);
         let seg = Segment {
-            map: Backend::of(name).imp().create(name, size)?,
+            map,
             name: name.to_owned(),
             created: true,
+            identity,
             populating: Default::default(),
         };
         let header = SegmentHeader {
@@ -696,6 +754,18 @@ impl Segment {
     /// Opens an existing segment and checks its header.
     pub fn open(name: &str) -> Result<Segment, SegmentError> {
         let map = Backend::of(name).imp().open(name)?;
+        let identity = map.identity(name);
+        let taken = with_mapped(&identity, |m| {
+            if !m.arena {
+                m.handles += 1;
+            }
+            m.arena
+        });
+        if taken {
+            return Err(SegmentError::MappedTwice {
+                name: name.to_owned(),
+            });
+        }
         let bad = |detail: String| SegmentError::BadHeader {
             name: name.to_owned(),
             detail,
@@ -707,6 +777,7 @@ impl Segment {
             map,
             name: name.to_owned(),
             created: false,
+            identity,
             populating: Default::default(),
         };
         let h = seg.header();
@@ -947,10 +1018,21 @@ pub struct Arena {
 }
 
 impl Arena {
-    /// The arena of a segment this handle created (disowned or not).
+    /// The arena of a segment this handle created (disowned or not), and
+    /// the only handle to it in this process (none can be opened while the
+    /// arena lives: [`SegmentError::MappedTwice`]).
     pub fn new(segment: Segment) -> Result<Arena, SegmentError> {
         if !segment.created {
             return Err(SegmentError::NotCreator {
+                name: segment.name.clone(),
+            });
+        }
+        let alone = with_mapped(&segment.identity, |m| {
+            m.arena = m.handles == 1;
+            m.arena
+        });
+        if !alone {
+            return Err(SegmentError::MappedTwice {
                 name: segment.name.clone(),
             });
         }
@@ -1046,6 +1128,12 @@ impl Arena {
             slot_bytes_in_use: self.bytes_in_use(),
             ..self.segment.describe(attached_here)
         }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        with_mapped(&self.segment.identity, |m| m.arena = false);
     }
 }
 
@@ -1296,6 +1384,34 @@ mod tests {
         assert_eq!(b.in_use(), 0);
         a.free(slot).unwrap();
         assert_eq!(a.in_use(), 0);
+    }
+
+    #[test]
+    fn a_segment_an_arena_allocates_in_is_mapped_once_in_the_process() {
+        for n in both("once") {
+            let seg = Segment::create(&n, 4096, 1).unwrap();
+            let other = Segment::open(&n).unwrap();
+            assert!(
+                matches!(Arena::new(seg), Err(SegmentError::MappedTwice { .. })),
+                "{n}: another handle is open"
+            );
+            drop(other);
+            let n = format!("{n}-2");
+            let arena = Arena::new(Segment::create(&n, 4096, 1).unwrap()).unwrap();
+            assert!(
+                matches!(Segment::open(&n), Err(SegmentError::MappedTwice { .. })),
+                "{n}: the arena's segment"
+            );
+            // The POSIX name without its slash reaches the same object.
+            if Backend::of(&n) == Backend::Posix {
+                assert!(matches!(
+                    Segment::open(n.trim_start_matches('/')),
+                    Err(SegmentError::MappedTwice { .. })
+                ));
+            }
+            drop(arena);
+            assert!(!exists(&n), "{n}: the arena's creator unlinks it");
+        }
     }
 
     #[test]
