@@ -194,6 +194,12 @@ impl Backend {
         }
     }
 
+    /// A segment name without what selects its backend: the inverse of
+    /// [`Backend::segment_name`].
+    pub fn base_name(name: &str) -> &str {
+        name.strip_prefix(SYSV_PREFIX).unwrap_or(name)
+    }
+
     fn imp(self) -> &'static dyn Shm {
         match self {
             Backend::Posix => &PosixShm,
@@ -1467,6 +1473,7 @@ mod tests {
             assert_eq!(backend.to_string(), arg);
             assert_eq!(backend.segment_name("/x"), made);
             assert_eq!(Backend::of(made), backend);
+            assert_eq!(Backend::base_name(made), "/x");
         }
         assert!("tmpfs".parse::<Backend>().is_err());
         assert_eq!(Backend::default(), Backend::Posix);
