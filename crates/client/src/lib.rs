@@ -334,125 +334,145 @@ impl RetryingClient {
         &mut self,
         mut attempt: impl FnMut(&mut Client) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        const MIN: Duration = Duration::from_millis(1);
-        let start = Instant::now();
-        let ends = self.policy.overall.map(|d| start + d);
-        let mut answering = Duration::ZERO; // spent in `attempt`, not reconnecting
-        let mut outage: Option<Instant> = None;
-        let mut told = false;
-        let mut delay = self.policy.first_delay;
-        // Attempts in which a request went out whole; the last answer the
-        // server gave (more telling, at the end, than a failed connect).
-        let mut sends = 0u32;
-        let mut last_answer: Option<ClientError> = None;
+        let mut run = RunState::new(&self.policy);
         loop {
-            let now = Instant::now();
-            let reconnecting = now.duration_since(start).saturating_sub(answering);
-            let overall_left = ends.map(|e| e.saturating_duration_since(now).max(MIN));
-            let connect_budget = self
-                .policy
-                .deadline
-                .saturating_sub(reconnecting)
-                .min(overall_left.unwrap_or(Duration::MAX))
-                .min(HANDSHAKE_TIMEOUT)
-                .max(MIN);
-            let connected = match self.client.as_mut() {
-                Some(c) => Ok(c),
-                None => Client::connect_trusting(
-                    &self.endpoint,
-                    self.token.as_deref(),
-                    connect_budget,
-                    &self.trusted,
-                )
-                .map(|c| self.client.insert(c)),
-            };
-            let result = match connected {
-                Ok(c) => {
-                    outage = None;
-                    let t = Instant::now();
-                    let before = c.sent_whole;
-                    let r = c.set_timeout(overall_left).and_then(|()| attempt(c));
-                    answering += t.elapsed();
-                    // A send counts when its answer was lost: a job that may
-                    // have run. An answer (`shutting down`: an ordered stop,
-                    // which ends with the lock file gone) does not count.
-                    if c.sent_whole > before && !matches!(r, Err(ClientError::Remote(_))) {
-                        sends += 1;
-                    }
-                    r
-                }
-                Err(e) => Err(e),
-            };
-            let e = match result {
+            let e = match self.attempt_once(&mut run, &mut attempt) {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            // A connection is kept after a plain answer; not when its state
-            // is unknown, nor after `shutting down` (a resend goes to a new
-            // connection, to the next dispatcher if one comes).
-            let plain_answer =
-                matches!(&e, ClientError::Remote(r) if r.kind != proto::ErrorKind::ShuttingDown);
-            if !plain_answer || self.client.as_ref().is_none_or(|c| c.broken) {
-                self.client = None;
-            }
-            let now = Instant::now();
-            if e.is_timeout() && ends.is_some_and(|end| now + MIN >= end) {
-                return Err(ClientError::Timeout {
-                    endpoint: self.endpoint.to_string(),
-                    after: self.policy.overall.unwrap_or_default(),
-                });
-            }
-            // No lock file: no dispatcher runs, or one is still starting.
-            let no_lock = matches!(e, ClientError::Connect { .. })
-                && self.lock_file.as_ref().is_some_and(|l| !l.exists());
-            let grace_left = self
-                .policy
-                .start_grace
-                .saturating_sub(now.duration_since(start));
-            let gone = no_lock && grace_left.is_zero();
-            if gone || !e.is_retryable() {
-                return Err(more_telling(e, last_answer));
-            }
-            if matches!(e, ClientError::Remote(_) | ClientError::Refused(_)) {
-                last_answer = Some(e.clone_answer());
-            }
-            if sends >= MAX_SENDS {
-                return Err(ClientError::Resent {
-                    sends,
-                    last: Box::new(e),
-                });
-            }
-            let reconnecting = now.duration_since(start).saturating_sub(answering);
-            let left = self
-                .policy
-                .deadline
-                .saturating_sub(reconnecting)
-                .min(ends.map_or(Duration::MAX, |end| end.saturating_duration_since(now)));
-            if delay >= left {
-                return Err(if e.is_timeout() {
-                    ClientError::Timeout {
-                        endpoint: self.endpoint.to_string(),
-                        after: self.policy.overall.unwrap_or_else(|| start.elapsed()),
-                    }
-                } else {
-                    more_telling(e, last_answer)
-                });
-            }
-            let since = now.duration_since(*outage.get_or_insert(now));
-            if !told && since >= WAITING_NOTICE_AFTER {
-                if let Some(Notice(notice)) = self.notice.as_mut() {
-                    told = true;
-                    notice(&Waiting {
-                        endpoint: &self.endpoint,
-                        error: &e,
-                        since,
-                        left: if no_lock { left.min(grace_left) } else { left },
-                    });
-                }
-            }
+            self.keep_connection_after(&e);
+            self.retry_after(&mut run, e)?;
             self.retries += 1;
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(self.policy.max_delay);
+            std::thread::sleep(run.delay);
+            run.delay = (run.delay * 2).min(self.policy.max_delay);
+        }
+    }
+
+    /// Connects if needed (within what is left of the deadlines) and runs
+    /// `attempt` once, counting the time spent answering and the sends.
+    fn attempt_once<T>(
+        &mut self,
+        run: &mut RunState,
+        attempt: &mut impl FnMut(&mut Client) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let now = Instant::now();
+        let overall_left = run.overall_left(now);
+        let connect_budget = self
+            .policy
+            .deadline
+            .saturating_sub(run.reconnecting(now))
+            .min(overall_left.unwrap_or(Duration::MAX))
+            .min(HANDSHAKE_TIMEOUT)
+            .max(MIN_WAIT);
+        let c = match self.client.as_mut() {
+            Some(c) => c,
+            None => self.client.insert(Client::connect_trusting(
+                &self.endpoint,
+                self.token.as_deref(),
+                connect_budget,
+                &self.trusted,
+            )?),
+        };
+        run.outage = None;
+        let t = Instant::now();
+        let before = c.sent_whole;
+        let r = c.set_timeout(overall_left).and_then(|()| attempt(c));
+        run.answering += t.elapsed();
+        // A send counts when its answer was lost: a job that may
+        // have run. An answer (`shutting down`: an ordered stop,
+        // which ends with the lock file gone) does not count.
+        if c.sent_whole > before && !matches!(r, Err(ClientError::Remote(_))) {
+            run.sends += 1;
+        }
+        r
+    }
+
+    /// A connection is kept after a plain answer; not when its state is
+    /// unknown, nor after `shutting down` (a resend goes to a new
+    /// connection, to the next dispatcher if one comes).
+    fn keep_connection_after(&mut self, e: &ClientError) {
+        let plain_answer =
+            matches!(e, ClientError::Remote(r) if r.kind != proto::ErrorKind::ShuttingDown);
+        if !plain_answer || self.client.as_ref().is_none_or(|c| c.broken) {
+            self.client = None;
+        }
+    }
+
+    /// After a failed attempt: `Ok` to retry after `run.delay`, or the error
+    /// to return (not retryable, no dispatcher coming, resent too often,
+    /// out of time).
+    fn retry_after(&mut self, run: &mut RunState, e: ClientError) -> Result<(), ClientError> {
+        let now = Instant::now();
+        if e.is_timeout() && run.ends.is_some_and(|end| now + MIN_WAIT >= end) {
+            return Err(ClientError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                after: self.policy.overall.unwrap_or_default(),
+            });
+        }
+        // No lock file: no dispatcher runs, or one is still starting.
+        let no_lock = matches!(e, ClientError::Connect { .. })
+            && self.lock_file.as_ref().is_some_and(|l| !l.exists());
+        let grace_left = self
+            .policy
+            .start_grace
+            .saturating_sub(now.duration_since(run.start));
+        let gone = no_lock && grace_left.is_zero();
+        if gone || !e.is_retryable() {
+            return Err(more_telling(e, run.last_answer.take()));
+        }
+        if matches!(e, ClientError::Remote(_) | ClientError::Refused(_)) {
+            run.last_answer = Some(e.clone_answer());
+        }
+        if run.sends >= MAX_SENDS {
+            return Err(ClientError::Resent {
+                sends: run.sends,
+                last: Box::new(e),
+            });
+        }
+        let left = self
+            .policy
+            .deadline
+            .saturating_sub(run.reconnecting(now))
+            .min(
+                run.ends
+                    .map_or(Duration::MAX, |end| end.saturating_duration_since(now)),
+            );
+        if run.delay >= left {
+            return Err(if e.is_timeout() {
+                ClientError::Timeout {
+                    endpoint: self.endpoint.to_string(),
+                    after: self.policy.overall.unwrap_or_else(|| run.start.elapsed()),
+                }
+            } else {
+                more_telling(e, run.last_answer.take())
+            });
+        }
+        let left = if no_lock { left.min(grace_left) } else { left };
+        self.notice_waiting(run, now, &e, left);
+        Ok(())
+    }
+
+    /// Tells the `on_waiting` callback, once per call, that the dispatcher
+    /// has not answered for [`WAITING_NOTICE_AFTER`].
+    fn notice_waiting(
+        &mut self,
+        run: &mut RunState,
+        now: Instant,
+        e: &ClientError,
+        left: Duration,
+    ) {
+        let since = now.duration_since(*run.outage.get_or_insert(now));
+        if run.told || since < WAITING_NOTICE_AFTER {
+            return;
+        }
+        if let Some(Notice(notice)) = self.notice.as_mut() {
+            run.told = true;
+            notice(&Waiting {
+                endpoint: &self.endpoint,
+                error: e,
+                since,
+                left,
+            });
         }
     }
 
@@ -469,6 +489,151 @@ impl RetryingClient {
     /// [`Client::status`] with reconnection and retries.
     pub fn status(&mut self) -> Result<StatusReport, ClientError> {
         self.run(Client::status)
+    }
+}
+
+/// Connects to `endpoint` within `within`, and checks who serves it before
+/// anything is sent: the directories leading to a Unix socket and the uid
+/// listening on it, or the owner of a TCP connection's server side.
+fn connect_verified(
+    endpoint: &Endpoint,
+    name: &str,
+    within: Duration,
+    trusted: &TrustedUids,
+) -> Result<Stream, ClientError> {
+    let connect_err = |source| ClientError::Connect {
+        endpoint: name.to_owned(),
+        source,
+    };
+    let untrusted = |reason| ClientError::Untrusted {
+        endpoint: name.to_owned(),
+        reason,
+    };
+    match endpoint {
+        Endpoint::Unix(p) => {
+            peer::check_socket_dirs(p, trusted).map_err(untrusted)?;
+            let addr = socket2::SockAddr::unix(p).map_err(connect_err)?;
+            let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+                .map_err(connect_err)?;
+            s.connect_timeout(&addr, within).map_err(connect_err)?;
+            let s = UnixStream::from(s);
+            let uid = peer::unix_peer_uid(&s).map_err(|e| untrusted(e.into()))?;
+            peer::check_uid(uid, trusted).map_err(untrusted)?;
+            Ok(Stream::Unix(s))
+        }
+        Endpoint::Tcp(a) => {
+            let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
+            let (local, server) = (s.local_addr()?, s.peer_addr()?);
+            let owner = peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))?;
+            // Another host: only a secure tunnel can vouch for it.
+            peer::check_tcp_server(owner, server, trusted).map_err(untrusted)?;
+            s.set_nodelay(true)?;
+            Ok(Stream::Tcp(s))
+        }
+    }
+}
+
+/// Closed without a word (the opening unread, so perhaps with a reset):
+/// busy with other handshakes, or going away.
+fn closed_at_hello(e: io::Error, name: &str) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted => ClientError::ClosedAtHello {
+            endpoint: name.to_owned(),
+        },
+        _ => e.into(),
+    }
+}
+
+/// Reads the server's hello (within the timeouts set on the stream, which
+/// it then clears): `Ok` when accepted; otherwise what the server said, or
+/// that it is not an OSPS server.
+fn read_hello(reader: &mut BufReader<Stream>, name: &str) -> Result<(), ClientError> {
+    let mut hello = [0u8; HELLO_LEN];
+    let got = frame::fill(reader, &mut hello).map_err(|e| closed_at_hello(e, name))?;
+    reader.get_ref().set_timeouts(None)?;
+    if got == 0 {
+        return Err(ClientError::ClosedAtHello {
+            endpoint: name.to_owned(),
+        });
+    }
+    let Some((_version, status)) = (got == HELLO_LEN)
+        .then(|| proto::decode_hello(&hello))
+        .flatten()
+    else {
+        let mut rest = Vec::new();
+        let _ = reader.take(512).read_to_end(&mut rest);
+        let mut answer = hello[..got].to_vec();
+        answer.extend_from_slice(&rest);
+        return Err(ClientError::NotOsps {
+            endpoint: name.to_owned(),
+            answer: String::from_utf8_lossy(&answer).trim().to_owned(),
+        });
+    };
+    let status = HelloStatus::from_u16(status);
+    if status == Some(HelloStatus::Accepted) {
+        return Ok(());
+    }
+    let mut line = String::new();
+    let _ = reader.take(1024).read_to_string(&mut line);
+    let line = line.trim().to_owned();
+    Err(match status {
+        Some(HelloStatus::Denied) => ClientError::Denied(line),
+        Some(HelloStatus::VersionUnsupported) => ClientError::VersionUnsupported(line),
+        _ => ClientError::Refused(line),
+    })
+}
+
+/// The shortest wait or budget [`RetryingClient::run`] uses.
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
+/// Where one [`RetryingClient::run`] stands: its clock and what it has seen.
+#[derive(Debug)]
+struct RunState {
+    start: Instant,
+    /// When [`RetryPolicy::overall`] runs out.
+    ends: Option<Instant>,
+    /// Spent in attempts (waiting for answers), not reconnecting.
+    answering: Duration,
+    /// Since when connecting has failed, if it does.
+    outage: Option<Instant>,
+    /// The waiting notice was given.
+    told: bool,
+    /// The next backoff delay.
+    delay: Duration,
+    /// Attempts in which a request went out whole.
+    sends: u32,
+    /// The last answer the server gave (more telling, at the end, than a
+    /// failed connect).
+    last_answer: Option<ClientError>,
+}
+
+impl RunState {
+    fn new(policy: &RetryPolicy) -> RunState {
+        let start = Instant::now();
+        RunState {
+            start,
+            ends: policy.overall.map(|d| start + d),
+            answering: Duration::ZERO,
+            outage: None,
+            told: false,
+            delay: policy.first_delay,
+            sends: 0,
+            last_answer: None,
+        }
+    }
+
+    /// Time spent reconnecting so far (what the retry deadline counts).
+    fn reconnecting(&self, now: Instant) -> Duration {
+        now.duration_since(self.start)
+            .saturating_sub(self.answering)
+    }
+
+    /// What is left of the overall time, if bounded (at least [`MIN_WAIT`]).
+    fn overall_left(&self, now: Instant) -> Option<Duration> {
+        self.ends
+            .map(|e| e.saturating_duration_since(now).max(MIN_WAIT))
     }
 }
 
@@ -705,38 +870,9 @@ impl Client {
         trusted: &TrustedUids,
     ) -> Result<Client, ClientError> {
         let name = endpoint.to_string();
-        let connect_err = |source| ClientError::Connect {
-            endpoint: name.clone(),
-            source,
-        };
-        let untrusted = |reason| ClientError::Untrusted {
-            endpoint: name.clone(),
-            reason,
-        };
         // A wedged server's full backlog makes connect itself wait: bounded too.
         let within = handshake_timeout.max(Duration::from_millis(1));
-        let stream = match endpoint {
-            Endpoint::Unix(p) => {
-                peer::check_socket_dirs(p, trusted).map_err(untrusted)?;
-                let addr = socket2::SockAddr::unix(p).map_err(connect_err)?;
-                let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
-                    .map_err(connect_err)?;
-                s.connect_timeout(&addr, within).map_err(connect_err)?;
-                let s = UnixStream::from(s);
-                let uid = peer::unix_peer_uid(&s).map_err(|e| untrusted(e.into()))?;
-                peer::check_uid(uid, trusted).map_err(untrusted)?;
-                Stream::Unix(s)
-            }
-            Endpoint::Tcp(a) => {
-                let s = TcpStream::connect_timeout(a, within).map_err(connect_err)?;
-                let (local, server) = (s.local_addr()?, s.peer_addr()?);
-                let owner = peer::tcp_server_uid(local, server).map_err(|e| untrusted(e.into()))?;
-                // Another host: only a secure tunnel can vouch for it.
-                peer::check_tcp_server(owner, server, trusted).map_err(untrusted)?;
-                s.set_nodelay(true)?;
-                Stream::Tcp(s)
-            }
-        };
+        let stream = connect_verified(endpoint, &name, within, trusted)?;
         let mut writer = stream.try_clone()?;
         let mut opening = Vec::with_capacity(proto::MAX_OPENING_LEN);
         proto::encode_opening(token, &mut opening).ok_or_else(|| {
@@ -745,50 +881,13 @@ impl Client {
                 token.map_or(0, <[u8]>::len)
             ))
         })?;
-        // Closed without a word (the opening unread, so perhaps with a
-        // reset): busy with other handshakes, or going away.
-        let closed = |e: io::Error| match e.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted => ClientError::ClosedAtHello {
-                endpoint: name.clone(),
-            },
-            _ => e.into(),
-        };
-        writer.write_all(&opening).map_err(closed)?;
+        writer
+            .write_all(&opening)
+            .map_err(|e| closed_at_hello(e, &name))?;
         // A stopped or wedged server accepts the connection but never answers.
         stream.set_timeouts(Some(within))?;
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
-        let mut hello = [0u8; HELLO_LEN];
-        let got = frame::fill(&mut reader, &mut hello).map_err(closed)?;
-        reader.get_ref().set_timeouts(None)?;
-        if got == 0 {
-            return Err(ClientError::ClosedAtHello { endpoint: name });
-        }
-        let Some((_version, status)) = (got == HELLO_LEN)
-            .then(|| proto::decode_hello(&hello))
-            .flatten()
-        else {
-            let mut rest = Vec::new();
-            let _ = reader.take(512).read_to_end(&mut rest);
-            let mut answer = hello[..got].to_vec();
-            answer.extend_from_slice(&rest);
-            return Err(ClientError::NotOsps {
-                endpoint: name,
-                answer: String::from_utf8_lossy(&answer).trim().to_owned(),
-            });
-        };
-        let status = HelloStatus::from_u16(status);
-        if status != Some(HelloStatus::Accepted) {
-            let mut line = String::new();
-            let _ = reader.take(1024).read_to_string(&mut line);
-            let line = line.trim().to_owned();
-            return Err(match status {
-                Some(HelloStatus::Denied) => ClientError::Denied(line),
-                Some(HelloStatus::VersionUnsupported) => ClientError::VersionUnsupported(line),
-                _ => ClientError::Refused(line),
-            });
-        }
+        read_hello(&mut reader, &name)?;
         Ok(Client {
             reader,
             writer,

@@ -16,28 +16,28 @@ use osps_client::{Client, ClientError, RetryPolicy, RetryingClient};
 
 /// Talks to an OSPS dispatcher.
 #[derive(Debug, Parser)]
-#[command(name = "osps-client", version)]
+#[command(
+    name = "osps-client",
+    version,
+    mut_arg("instance", |a| a.help("Instance name (selects the socket)")),
+)]
 struct Args {
-    /// Instance name (selects the socket).
-    #[arg(long, global = true, env = "OSPS_INSTANCE", default_value = "default")]
-    instance: String,
-    /// Base runtime directory [default: $XDG_RUNTIME_DIR/osps, else /tmp/osps-<uid>].
-    #[arg(long, global = true, env = "OSPS_RUNTIME_DIR")]
-    runtime_dir: Option<PathBuf>,
+    #[command(flatten)]
+    place: ipc_core::cli::InstanceArgs,
     /// Connect here instead of the instance's socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, global = true)]
     connect: Option<Endpoint>,
     /// Present the token in this file (mode 0600) in the hello: needed on a TCP port started with --token-file.
-    #[arg(long, global = true, env = "OSPS_TOKEN_FILE")]
+    #[arg(long, global = true, env = ipc_core::env::TOKEN_FILE)]
     token_file: Option<PathBuf>,
     /// Keep reconnecting and retrying (e.g. across a dispatcher restart) for this many milliseconds.
     /// Only reconnecting counts: once a request is sent, its answer is awaited as long as the
     /// dispatcher's job timeout allows (or `run --timeout-ms`).
-    #[arg(long, global = true, default_value_t = 10_000)]
+    #[arg(long, global = true, default_value_t = RetryPolicy::default().deadline.as_millis() as u64)]
     retry_ms: u64,
     /// Also accept a dispatcher run by this user (uid or name); our own uid and root always are.
     /// The client checks who serves the socket or loopback port before it sends anything.
-    #[arg(long, global = true, env = "OSPS_SERVER_UID", value_parser = parse_uid)]
+    #[arg(long, global = true, env = ipc_core::env::SERVER_UID, value_parser = parse_uid)]
     server_uid: Option<u32>,
     #[command(subcommand)]
     command: Command,
@@ -138,7 +138,11 @@ fn retrying(
     }
     let mut client = match &args.connect {
         Some(ep) => RetryingClient::new(ep.clone(), policy),
-        None => RetryingClient::for_instance(&args.instance, args.runtime_dir.as_deref(), policy)?,
+        None => RetryingClient::for_instance(
+            &args.place.instance,
+            args.place.runtime_dir.as_deref(),
+            policy,
+        )?,
     };
     if let Some(uid) = args.server_uid {
         client = client.with_server_uid(uid);
@@ -336,22 +340,7 @@ fn open_input(p: &Path) -> io::Result<File> {
 
 fn run(args: Args) -> Result<(), ClientError> {
     match &args.command {
-        Command::Ping { timeout_ms } => {
-            let ms = timeout_ms.unwrap_or(5_000);
-            let mut client = retrying(&args, ms, Some(ms), timeout_ms.is_some())?;
-            let start = std::time::Instant::now();
-            client.run(Client::ping)?;
-            let how = if client.retries > 0 {
-                format!(" after {} retries", client.retries)
-            } else {
-                String::new()
-            };
-            println!(
-                "pong from {} in {:.3} ms{how}",
-                client.endpoint(),
-                start.elapsed().as_secs_f64() * 1e3
-            );
-        }
+        Command::Ping { timeout_ms } => ping(&args, *timeout_ms),
         Command::Run {
             op,
             args: op_args,
@@ -364,47 +353,10 @@ fn run(args: Args) -> Result<(), ClientError> {
             let mut sink = Sink::open(output)?;
             let result_on_terminal =
                 matches!(sink, Sink::Stdout { .. }) && io::stdout().is_terminal();
-            // A file is reopened on each attempt; stdin can only be read once, so it is kept.
-            let payload = match input {
-                Some(p) if p.as_os_str() == "-" => {
-                    let mut buf = Vec::new();
-                    io::stdin().lock().read_to_end(&mut buf)?;
-                    Payload::Bytes(buf)
-                }
-                Some(p) => {
-                    open_input(p)?; // report a missing file at once, not after retries
-                    Payload::File(p)
-                }
-                None => Payload::Bytes(Vec::new()),
-            };
-            client.run(|c| {
-                sink.restart()?;
-                let (len, input): (u64, Box<dyn Read>) = match &payload {
-                    Payload::Bytes(bytes) => (bytes.len() as u64, Box::new(&bytes[..])),
-                    Payload::File(p) => {
-                        let f = open_input(p)?;
-                        (f.metadata()?.len(), Box::new(f))
-                    }
-                };
-                let mut progress = progress::Progress::new(op, len, result_on_terminal);
-                let input = progress.reader(input);
-                let mut output = progress.writer(&mut sink);
-                let result =
-                    c.call_streaming_observed(op, &op_args, len, input, &mut output, |n| {
-                        progress.receiving(n)
-                    });
-                progress.clear();
-                drop(output);
-                // Result bytes already out (stdout, a pipe) cannot be taken
-                // back: say so now rather than after reconnecting.
-                result.or_else(|e| {
-                    if e.is_retryable() {
-                        sink.restart()?;
-                    }
-                    Err(e)
-                })
-            })?;
+            let payload = read_payload(input.as_deref())?;
+            client.run(|c| run_once(c, op, &op_args, &payload, &mut sink, result_on_terminal))?;
             sink.finish()?;
+            Ok(())
         }
         Command::Status {
             json,
@@ -413,26 +365,95 @@ fn run(args: Args) -> Result<(), ClientError> {
         } => {
             // Answered by the dispatcher itself, at once: no job to wait for.
             let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
-            if !*watch {
-                let report = client.status()?;
-                if *json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).expect("report serialises")
-                    );
-                } else {
-                    print!("{}", osps_client::render::status_table(&report));
-                }
-                return Ok(());
+            if *watch {
+                let every = Duration::from_millis((*interval_ms).max(50));
+                return Ok(watch_status(&mut client, *json, every)?);
             }
-            watch_status(
-                &mut client,
-                *json,
-                Duration::from_millis((*interval_ms).max(50)),
-            )?;
+            let report = client.status()?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print!("{}", osps_client::render::status_table(&report));
+            }
+            Ok(())
         }
     }
+}
+
+/// `ping`: one round trip through the whole path, timed.
+fn ping(args: &Args, timeout_ms: Option<u64>) -> Result<(), ClientError> {
+    let ms = timeout_ms.unwrap_or(5_000);
+    let mut client = retrying(args, ms, Some(ms), timeout_ms.is_some())?;
+    let start = std::time::Instant::now();
+    client.run(Client::ping)?;
+    let how = if client.retries > 0 {
+        format!(" after {} retries", client.retries)
+    } else {
+        String::new()
+    };
+    println!(
+        "pong from {} in {:.3} ms{how}",
+        client.endpoint(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
+}
+
+/// The payload of `run --input`: a file is reopened on each attempt; stdin
+/// can only be read once, so it is kept.
+fn read_payload(input: Option<&Path>) -> Result<Payload<'_>, ClientError> {
+    Ok(match input {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            io::stdin().lock().read_to_end(&mut buf)?;
+            Payload::Bytes(buf)
+        }
+        Some(p) => {
+            open_input(p)?; // report a missing file at once, not after retries
+            Payload::File(p)
+        }
+        None => Payload::Bytes(Vec::new()),
+    })
+}
+
+/// One attempt of `run`: streams the payload in and the result out, with a
+/// progress line when the result does not go to the terminal; returns the
+/// result's length.
+fn run_once(
+    c: &mut Client,
+    op: &str,
+    op_args: &[&str],
+    payload: &Payload<'_>,
+    sink: &mut Sink,
+    result_on_terminal: bool,
+) -> Result<u64, ClientError> {
+    sink.restart()?;
+    let (len, input): (u64, Box<dyn Read>) = match payload {
+        Payload::Bytes(bytes) => (bytes.len() as u64, Box::new(&bytes[..])),
+        Payload::File(p) => {
+            let f = open_input(p)?;
+            (f.metadata()?.len(), Box::new(f))
+        }
+    };
+    let mut progress = progress::Progress::new(op, len, result_on_terminal);
+    let input = progress.reader(input);
+    let mut output = progress.writer(&mut *sink);
+    let result = c.call_streaming_observed(op, op_args, len, input, &mut output, |n| {
+        progress.receiving(n)
+    });
+    progress.clear();
+    drop(output);
+    // Result bytes already out (stdout, a pipe) cannot be taken
+    // back: say so now rather than after reconnecting.
+    result.or_else(|e| {
+        if e.is_retryable() {
+            sink.restart()?;
+        }
+        Err(e)
+    })
 }
 
 /// `status --watch`: redraws the table in place on a terminal (a new table

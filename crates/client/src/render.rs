@@ -3,40 +3,81 @@
 
 use std::fmt::Write as _;
 
-use ipc_core::status::StatusReport;
+use ipc_core::status::{LatencyStatus, SegmentStatus, StatusReport, WorkerStatus};
 
 /// Renders `r` as the table `osps-client status` prints.
 pub fn status_table(r: &StatusReport) -> String {
     let mut o = String::new();
-    let state = if r.shutting_down {
+    let _ = writeln!(
+        o,
+        "OSPS instance \"{}\" · protocol v{} · {}\n",
+        r.instance,
+        r.protocol_version,
+        serving(r)
+    );
+    table(&mut o, &process_rows(r), &ALIGN_RIGHT);
+    if r.watchdog.is_none() {
+        let _ = writeln!(o, "(no watchdog: this dispatcher was started directly)");
+    }
+    let _ = writeln!(
+        o,
+        "\nqueue    {} waiting · {} in flight · {} sent ahead to busy workers · {} connection(s)",
+        r.queue_depth, r.in_flight, r.jobs_sent_ahead, r.connections
+    );
+    latency_line(&mut o, &r.latency);
+    segment_lines(&mut o, &r.segment);
+    let _ = writeln!(
+        o,
+        "socket   {}{}",
+        r.socket,
+        r.tcp
+            .as_ref()
+            .map_or(String::new(), |t| format!(" · tcp {t}"))
+    );
+    o
+}
+
+/// The columns of the process table.
+const COLUMNS: [&str; 8] = [
+    "ROLE",
+    "PID",
+    "STATE",
+    "UPTIME",
+    "RESTARTS",
+    "DONE",
+    "FAILED",
+    "LAST RESTART CAUSE",
+];
+/// Which of them align right (the numbers).
+const ALIGN_RIGHT: [bool; 8] = [false, true, false, true, true, true, true, false];
+
+type Row = [String; 8];
+
+/// The dispatcher's state as the table shows it.
+fn serving(r: &StatusReport) -> &'static str {
+    if r.shutting_down {
         "shutting down"
     } else {
         "serving"
-    };
-    let _ = writeln!(
-        o,
-        "OSPS instance \"{}\" · protocol v{} · {state}\n",
-        r.instance, r.protocol_version
-    );
-    let dash = || "-".to_owned();
-    let cause = |c: &str| {
-        if c.is_empty() {
-            dash()
-        } else {
-            c.to_owned()
-        }
-    };
-    let mut rows = vec![[
-        "ROLE",
-        "PID",
-        "STATE",
-        "UPTIME",
-        "RESTARTS",
-        "DONE",
-        "FAILED",
-        "LAST RESTART CAUSE",
-    ]
-    .map(str::to_owned)];
+    }
+}
+
+fn dash() -> String {
+    "-".to_owned()
+}
+
+/// A restart cause, or a dash before the first.
+fn cause(c: &str) -> String {
+    if c.is_empty() {
+        dash()
+    } else {
+        c.to_owned()
+    }
+}
+
+/// The header, then one row per process: watchdog, dispatcher, workers.
+fn process_rows(r: &StatusReport) -> Vec<Row> {
+    let mut rows = vec![COLUMNS.map(str::to_owned)];
     if let Some(w) = &r.watchdog {
         rows.push([
             "watchdog".into(),
@@ -49,70 +90,62 @@ pub fn status_table(r: &StatusReport) -> String {
             dash(),
         ]);
     }
-    rows.push([
+    rows.push(dispatcher_row(r));
+    rows.extend(r.workers.iter().map(worker_row));
+    rows
+}
+
+fn dispatcher_row(r: &StatusReport) -> Row {
+    let watchdog = r.watchdog.as_ref();
+    [
         "dispatcher".into(),
         r.dispatcher_pid.to_string(),
-        state.into(),
+        serving(r).into(),
         duration(r.uptime_ms),
-        r.watchdog
-            .as_ref()
-            .map_or_else(dash, |w| w.restarts.to_string()),
+        watchdog.map_or_else(dash, |w| w.restarts.to_string()),
         r.jobs_done.to_string(),
         r.jobs_failed.to_string(),
-        r.watchdog
-            .as_ref()
-            .map_or_else(dash, |w| cause(&w.last_restart_cause)),
-    ]);
-    for w in &r.workers {
-        rows.push([
-            format!("  worker {}", w.index),
-            if w.pid == 0 {
-                dash()
-            } else {
-                w.pid.to_string()
-            },
-            w.state.clone(),
-            if w.pid == 0 {
-                dash()
-            } else {
-                duration(w.uptime_ms)
-            },
-            w.restarts.to_string(),
-            w.jobs_done.to_string(),
-            w.jobs_failed.to_string(),
-            cause(&w.last_exit),
-        ]);
-    }
-    table(
-        &mut o,
-        &rows,
-        &[false, true, false, true, true, true, true, false],
-    );
-    if r.watchdog.is_none() {
-        let _ = writeln!(o, "(no watchdog: this dispatcher was started directly)");
-    }
+        watchdog.map_or_else(dash, |w| cause(&w.last_restart_cause)),
+    ]
+}
 
-    let _ = writeln!(
-        o,
-        "\nqueue    {} waiting · {} in flight · {} sent ahead to busy workers · {} connection(s)",
-        r.queue_depth, r.in_flight, r.jobs_sent_ahead, r.connections
-    );
-    let l = &r.latency;
+/// A worker's row; a worker without a process (starting) has no pid or uptime.
+fn worker_row(w: &WorkerStatus) -> Row {
+    let running = w.pid != 0;
+    [
+        format!("  worker {}", w.index),
+        if running { w.pid.to_string() } else { dash() },
+        w.state.to_string(),
+        if running {
+            duration(w.uptime_ms)
+        } else {
+            dash()
+        },
+        w.restarts.to_string(),
+        w.jobs_done.to_string(),
+        w.jobs_failed.to_string(),
+        cause(&w.last_exit),
+    ]
+}
+
+fn latency_line(o: &mut String, l: &LatencyStatus) {
     if l.count == 0 {
         let _ = writeln!(o, "latency  no jobs in the last {} s", l.window_s);
-    } else {
-        let _ = writeln!(
-            o,
-            "latency  last {} s, {} job(s): p50 {} · p90 {} · p99 {} · max {}",
-            l.window_s,
-            l.count,
-            micros(l.p50_us),
-            micros(l.p90_us),
-            micros(l.p99_us),
-            micros(l.max_us)
-        );
+        return;
     }
-    let s = &r.segment;
+    let _ = writeln!(
+        o,
+        "latency  last {} s, {} job(s): p50 {} · p90 {} · p99 {} · max {}",
+        l.window_s,
+        l.count,
+        micros(l.p50_us),
+        micros(l.p90_us),
+        micros(l.p99_us),
+        micros(l.max_us)
+    );
+}
+
+fn segment_lines(o: &mut String, s: &SegmentStatus) {
     let _ = writeln!(
         o,
         "segment  {} {} · {} · mode {} · owner uid {} · {} attached · generation {}",
@@ -132,15 +165,6 @@ pub fn status_table(r: &StatusReport) -> String {
         bytes(s.max_payload),
         s.see
     );
-    let _ = writeln!(
-        o,
-        "socket   {}{}",
-        r.socket,
-        r.tcp
-            .as_ref()
-            .map_or(String::new(), |t| format!(" · tcp {t}"))
-    );
-    o
 }
 
 /// Appends `rows` as columns separated by two spaces; `right[i]` aligns column `i` right.
@@ -241,5 +265,39 @@ mod tests {
         ];
         table(&mut o, &rows, &[false, true, false]);
         assert_eq!(o, "ROLE        PID  X\ndispatcher    7  long cell\n");
+    }
+
+    fn sample(watchdog: bool, latency: bool) -> StatusReport {
+        let json = serde_json::json!({
+            "instance": "demo", "protocol_version": 1, "dispatcher_pid": 4321,
+            "uptime_ms": 134_000, "socket": "/run/osps/demo/demo.sock",
+            "tcp": "127.0.0.1:7070",
+            "segment": {"backend": "posix", "name": "/osps-1000-demo", "path": "/dev/shm/osps-1000-demo",
+                "size": 268_439_552u64, "generation": 3, "slots_in_use": 2, "slot_bytes_in_use": 8192,
+                "max_payload": 67_108_864u64, "mode": "0600", "owner_uid": 1000, "attached": 3,
+                "see": "ls -l /dev/shm/osps-1000-demo"},
+            "workers": [
+                {"index": 0, "pid": 4400, "state": "busy", "jobs_done": 31, "restarts": 1,
+                 "jobs_failed": 2, "uptime_ms": 45_000, "last_exit": "killed by signal 9 (SIGKILL): job timed out"},
+                {"index": 1, "pid": 0, "state": "starting", "jobs_done": 0, "restarts": 0}
+            ],
+            "jobs_done": 37, "jobs_failed": 4, "queue_depth": 5, "in_flight": 7, "connections": 2,
+            "shutting_down": !watchdog,
+            "watchdog": if watchdog { serde_json::json!({"pid": 4300, "restarts": 2,
+                "last_restart_cause": "crash: exit status 1", "uptime_ms": 3_700_000}) } else { serde_json::Value::Null },
+            "jobs_sent_ahead": 9,
+            "latency": if latency { serde_json::json!({"window_s": 60, "count": 12, "p50_us": 87,
+                "p90_us": 1234, "p99_us": 3_400_000, "max_us": 3_500_000}) }
+                else { serde_json::json!({"window_s": 60, "count": 0, "p50_us": 0, "p90_us": 0, "p99_us": 0, "max_us": 0}) },
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn the_status_table_reads_as_before() {
+        let got = status_table(&sample(true, true));
+        assert_eq!(got, "OSPS instance \"demo\" · protocol v1 · serving\n\nROLE         PID  STATE     UPTIME  RESTARTS  DONE  FAILED  LAST RESTART CAUSE\nwatchdog    4300  running    1h01m         -     -       -  -\ndispatcher  4321  serving    2m14s         2    37       4  crash: exit status 1\n  worker 0  4400  busy         45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  worker 1     -  starting       -         0     0       0  -\n\nqueue    5 waiting · 7 in flight · 9 sent ahead to busy workers · 2 connection(s)\nlatency  last 60 s, 12 job(s): p50 87 µs · p90 1.2 ms · p99 3.40 s · max 3.50 s\nsegment  posix /osps-1000-demo · 256 MiB · mode 0600 · owner uid 1000 · 3 attached · generation 3\n         slots in use 2 (8 KiB) · max payload 64 MiB · see: ls -l /dev/shm/osps-1000-demo\nsocket   /run/osps/demo/demo.sock · tcp 127.0.0.1:7070\n");
+        let got = status_table(&sample(false, false));
+        assert_eq!(got, "OSPS instance \"demo\" · protocol v1 · shutting down\n\nROLE         PID  STATE          UPTIME  RESTARTS  DONE  FAILED  LAST RESTART CAUSE\ndispatcher  4321  shutting down   2m14s         -    37       4  -\n  worker 0  4400  busy              45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  worker 1     -  starting            -         0     0       0  -\n(no watchdog: this dispatcher was started directly)\n\nqueue    5 waiting · 7 in flight · 9 sent ahead to busy workers · 2 connection(s)\nlatency  no jobs in the last 60 s\nsegment  posix /osps-1000-demo · 256 MiB · mode 0600 · owner uid 1000 · 3 attached · generation 3\n         slots in use 2 (8 KiB) · max payload 64 MiB · see: ls -l /dev/shm/osps-1000-demo\nsocket   /run/osps/demo/demo.sock · tcp 127.0.0.1:7070\n");
     }
 }

@@ -127,6 +127,67 @@ pub fn fd_reserve(workers: usize) -> u64 {
     FD_BASE + FD_PER_WORKER * workers as u64 + FD_SPAWN + FD_WATCHDOG
 }
 
+/// Admission as a whole: each listener's gate, the refusals being answered,
+/// and the token TCP clients must present.
+#[derive(Debug)]
+pub struct Admission {
+    pub unix: Gate,
+    pub tcp: Gate,
+    /// Refusals being answered, and at most.
+    refusing: Cell<usize>,
+    max_refusing: usize,
+    /// The token TCP clients must present (from `--token-file`), if any.
+    pub tcp_token: Option<Box<[u8]>>,
+}
+
+impl Admission {
+    pub fn new(budgets: &Budgets, tcp_token: Option<Box<[u8]>>) -> Self {
+        Admission {
+            unix: Gate::new(
+                "--max-connections",
+                budgets.unix_connections,
+                budgets.handshakes,
+            ),
+            tcp: Gate::new(
+                "--max-tcp-connections",
+                budgets.tcp_connections,
+                budgets.handshakes,
+            ),
+            refusing: Cell::new(0),
+            max_refusing: budgets.refusing,
+            tcp_token,
+        }
+    }
+
+    /// Counts one refusal being answered while the guard lives; `None` in
+    /// a flood (more at once than the budget): close without a word.
+    pub fn refusing(&self) -> Option<Counted<'_>> {
+        (self.refusing.get() < self.max_refusing).then(|| Counted::new(&self.refusing))
+    }
+
+    /// Admitted clients on both listeners.
+    pub fn connections(&self) -> usize {
+        self.unix.connections.get() + self.tcp.connections.get()
+    }
+}
+
+/// Counts one holder of a budget while alive.
+#[derive(Debug)]
+pub struct Counted<'a>(&'a Cell<usize>);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a Cell<usize>) -> Self {
+        count.set(count.get() + 1);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// One listener's admission state.
 #[derive(Debug)]
 pub struct Gate {

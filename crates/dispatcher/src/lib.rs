@@ -9,21 +9,31 @@
 
 mod admission;
 mod conn;
+mod driver;
+mod handler;
+mod handshake;
 mod latency;
-mod pool;
+mod listener;
+mod queue;
+mod replies;
+mod session;
 mod shared;
 mod slots;
+mod stats;
+mod status;
+mod workers;
+mod writer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc_core::{segment, InstanceLock, LockError, PathError, RuntimePaths, SegmentError};
-use tokio::net::{TcpListener, UnixListener};
+use ipc_core::{segment, Backend, InstanceLock, LockError, PathError, RuntimePaths, SegmentError};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use crate::listener::Listener;
 use crate::shared::Shared;
 use crate::slots::RESULT_RESERVE;
 
@@ -31,61 +41,118 @@ const MIB: u64 = 1 << 20;
 /// Delay before the segment is prefaulted: out of start-up, so out of recovery time.
 const POPULATE_AFTER: Duration = Duration::from_millis(200);
 
-/// Everything the dispatcher is told at start.
-#[derive(Debug, Clone)]
+/// Everything the dispatcher is told at start. Its command-line flags are
+/// these fields (`osps-dispatcher` flattens them next to the shared
+/// `ipc_core::cli` flags), so each default is written once, here;
+/// [`Config::default`] is what an empty command line gives.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Instance name.
+    /// Instance name (the shared `--instance` flag, `ipc_core::cli::InstanceArgs`).
+    #[arg(skip = String::from(ipc_core::paths::DEFAULT_INSTANCE))]
     pub instance: String,
-    /// Base runtime directory (default: `$XDG_RUNTIME_DIR/osps` or `/tmp/osps-<uid>`).
+    /// Base runtime directory (the shared `--runtime-dir` flag; default: `$XDG_RUNTIME_DIR/osps` or `/tmp/osps-<uid>`).
+    #[arg(skip)]
     pub runtime_dir: Option<PathBuf>,
-    /// Number of workers.
+    /// Number of workers [default: number of CPUs].
+    #[arg(long, default_value_t = default_workers(), hide_default_value = true)]
     pub workers: usize,
-    /// Per-job timeout.
+    /// Per-job timeout in milliseconds; a worker past it is killed and replaced.
+    #[arg(long, default_value_t = 30_000)]
     pub job_timeout_ms: u64,
-    /// How long shutdown waits for in-flight jobs.
+    /// How long shutdown waits for in-flight jobs, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
     pub drain_timeout_ms: u64,
-    /// Deadline for a client's hello.
+    /// Deadline for a client's handshake, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
-    /// Deadline to receive the rest of a frame (and its payload) once its first byte came.
+    /// Deadline to receive the rest of a request (header and payload) once it has begun, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
     pub frame_timeout_ms: u64,
-    /// A connection with no request for this long is closed.
+    /// Close a connection that sends no request for this many milliseconds.
+    #[arg(long, default_value_t = 300_000)]
     pub idle_timeout_ms: u64,
-    /// Clients admitted at once on the Unix socket; more are refused with a clear message.
+    /// Clients served at once on the Unix socket; more are refused with a clear message. A uid admitted only by --allow-uid holds at most half. Clamped to what the open-file limit allows.
+    #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
-    /// Clients admitted at once on the TCP listener (its own budget); `None`: as `max_connections`.
+    /// Clients served at once on the TCP listener, a budget of its own [default: --max-connections].
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tcp_connections: Option<usize>,
-    /// A client that takes no byte of its replies for this long is dropped (a slow but steady reader never is).
+    /// Drop a client that takes no byte of its replies for this many milliseconds (its slots are freed); a slow but steady reader is never dropped.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout_ms: u64,
-    /// Share of the slot arena (percent) one connection may hold at once.
+    /// Percent of the slot arena one connection may hold at once (at least one largest request); beyond, only that connection waits.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub conn_arena_percent: u64,
-    /// Share of the slot arena (percent) one peer (uid, or TCP address) may hold at once in large slots.
+    /// Percent of the slot arena one peer (a uid on the Unix socket, an address on TCP) may hold at once in large slots.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub peer_arena_percent: u64,
-    /// Requests one connection may have in flight (back-pressure beyond).
+    /// Requests one connection may have in flight; beyond, the dispatcher stops reading it.
+    #[arg(long, default_value_t = 128)]
     pub max_in_flight: usize,
-    /// Uids admitted on the Unix socket besides our own and root's (checked with SO_PEERCRED).
+    /// Also admit this uid on the Unix socket (repeatable); our own uid and root always are.
+    #[arg(long = "allow-uid", value_name = "ALLOW_UID")]
     pub allow_uids: Vec<u32>,
-    /// Size of the slot arena in MiB.
+    /// The shared segment's backend: posix (shm_open, under /dev/shm) or sysv (shmget, listed by ipcs -m).
+    #[arg(
+        long = "segment",
+        value_name = "SEGMENT",
+        default_value = "posix",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(Backend::ALL.map(Backend::as_str)),
+            |name| name.parse::<Backend>().expect("one of the possible values"),
+        ),
+    )]
+    pub backend: Backend,
+    /// Size of the shared segment's slot arena, in MiB.
+    #[arg(long, default_value_t = 256)]
     pub segment_mib: u64,
-    /// The segment's backend: POSIX (`/dev/shm`) or System V (`ipcs -m`).
-    pub backend: ipc_core::Backend,
     /// Largest payload accepted, in bytes.
+    #[arg(long, default_value_t = 64 * MIB)]
     pub max_payload: u64,
-    /// Largest request frame (header) accepted, in bytes.
+    /// Largest request header frame accepted, in bytes.
+    #[arg(long, default_value_t = ipc_core::frame::DEFAULT_MAX_FRAME)]
     pub max_frame: usize,
-    /// Also listen on this TCP address (loopback, unless `tcp_allow_remote`).
+    /// Also listen on this TCP address, e.g. 127.0.0.1:7070 (loopback unless --tcp-allow-remote).
+    #[arg(long)]
     pub tcp: Option<SocketAddr>,
-    /// Allow a non-loopback `tcp` address (then `token_file` is required).
+    /// Allow a non-loopback --tcp address; requires --token-file.
+    #[arg(long)]
     pub tcp_allow_remote: bool,
-    /// TCP clients must present the token in this file (mode 0600) in their hello.
+    /// TCP clients must present the token in this file (mode 0600, owned by this user) in their hello.
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Allow the `crash` operation.
+    /// Enable the fault-injection operation `crash` (for tests and demos).
+    #[arg(long)]
     pub allow_fault_injection: bool,
-    /// The worker program.
+    /// The worker program [default: osps-worker beside this program, else from PATH].
+    #[arg(long, default_value_os_t = default_worker_exe(), hide_default_value = true)]
     pub worker_exe: PathBuf,
     /// The watchdog that started us, if any: we stop (SIGTERM) when it dies.
+    #[arg(skip)]
     pub watchdog: Option<ipc_core::status::WatchdogStatus>,
     /// When that watchdog started (milliseconds since the Unix epoch).
+    #[arg(skip)]
     pub watchdog_started_unix_ms: Option<u64>,
+}
+
+/// The default number of workers: one per CPU (2 when that is unknown).
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Default for Config {
+    /// What an empty command line gives: every flag's default, the default
+    /// instance, the worker found beside this program.
+    fn default() -> Config {
+        let cmd =
+            <Config as clap::Args>::augment_args(clap::Command::new("config")).no_binary_name(true);
+        let matches = cmd
+            .try_get_matches_from(std::iter::empty::<&str>())
+            .expect("every flag of Config has a default");
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("the defaults parse into a Config")
+    }
 }
 
 impl Config {
@@ -93,31 +160,93 @@ impl Config {
     pub fn new(instance: &str) -> Config {
         Config {
             instance: instance.to_owned(),
-            runtime_dir: None,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            job_timeout_ms: 30_000,
-            drain_timeout_ms: 5_000,
-            handshake_timeout_ms: 10_000,
-            frame_timeout_ms: 10_000,
-            idle_timeout_ms: 300_000,
-            max_connections: 1024,
-            max_tcp_connections: None,
-            write_timeout_ms: 10_000,
-            conn_arena_percent: 25,
-            peer_arena_percent: 75,
-            max_in_flight: 128,
-            allow_uids: Vec::new(),
-            segment_mib: 256,
-            backend: ipc_core::Backend::Posix,
-            max_payload: 64 * MIB,
-            max_frame: ipc_core::frame::DEFAULT_MAX_FRAME,
-            tcp: None,
-            tcp_allow_remote: false,
-            token_file: None,
-            allow_fault_injection: false,
-            worker_exe: default_worker_exe(),
-            watchdog: None,
-            watchdog_started_unix_ms: None,
+            ..Config::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Flags::try_parse_from(std::iter::once("osps-dispatcher").chain(args.iter().copied()))
+            .map(|f| f.config)
+    }
+
+    #[test]
+    fn the_default_is_an_empty_command_line() {
+        let c = Config::default();
+        let numbers = [
+            (c.job_timeout_ms, 30_000),
+            (c.drain_timeout_ms, 5_000),
+            (c.handshake_timeout_ms, 10_000),
+            (c.frame_timeout_ms, 10_000),
+            (c.idle_timeout_ms, 300_000),
+            (c.max_connections as u64, 1024),
+            (c.write_timeout_ms, 10_000),
+            (c.conn_arena_percent, 25),
+            (c.peer_arena_percent, 75),
+            (c.max_in_flight as u64, 128),
+            (c.segment_mib, 256),
+            (c.max_payload, 64 << 20),
+            (
+                c.max_frame as u64,
+                ipc_core::frame::DEFAULT_MAX_FRAME as u64,
+            ),
+        ];
+        for (i, (got, want)) in numbers.into_iter().enumerate() {
+            assert_eq!(got, want, "default #{i}");
+        }
+        assert_eq!(c.workers, default_workers());
+        assert_eq!(c.worker_exe, default_worker_exe());
+        assert_eq!(c.instance, ipc_core::paths::DEFAULT_INSTANCE);
+        assert!(c.backend == Backend::Posix && !c.tcp_allow_remote && !c.allow_fault_injection);
+        assert!(c.max_tcp_connections.is_none() && c.tcp.is_none() && c.token_file.is_none());
+        assert!(c.allow_uids.is_empty() && c.watchdog.is_none());
+        assert_eq!(Config::new("t").instance, "t");
+    }
+
+    #[test]
+    fn flags_set_their_fields_and_ranges_are_checked() {
+        let c = parse(&[
+            "--segment",
+            "sysv",
+            "--workers",
+            "3",
+            "--allow-uid",
+            "7",
+            "--allow-uid",
+            "8",
+            "--max-tcp-connections",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(c.backend, Backend::SysV);
+        assert_eq!(
+            (c.workers, c.allow_uids, c.max_tcp_connections),
+            (3, vec![7, 8], Some(9))
+        );
+        assert_eq!(
+            parse(&["--segment", "posix"]).unwrap().backend,
+            Backend::Posix
+        );
+        let refused = [
+            &["--segment", "tmpfs"][..],
+            &["--max-tcp-connections", "0"],
+            &["--write-timeout-ms", "0"],
+            &["--conn-arena-percent", "101"],
+            &["--peer-arena-percent", "0"],
+        ];
+        for args in refused {
+            assert!(parse(args).is_err(), "{args:?}");
         }
     }
 }
@@ -305,7 +434,19 @@ fn budgets(config: &Config) -> Result<admission::Budgets, DispatcherError> {
     Ok(b)
 }
 
-async fn serve(config: Config) -> Result<(), DispatcherError> {
+/// What a running dispatcher holds, released in this order at the end.
+struct Running {
+    shared: Rc<Shared>,
+    /// Removes the socket, the segment and the state file.
+    cleanup: Cleanup,
+    lock: InstanceLock,
+    /// Set when this start made the instance directory (then removed at stop).
+    made_dir: Option<RuntimePaths>,
+}
+
+/// Takes the lock, clears a dead predecessor's objects, and builds the
+/// segment and the shared state.
+fn start(config: Config) -> Result<Running, DispatcherError> {
     let tcp_token = match &config.token_file {
         Some(path) => Some(
             ipc_core::token::load(path)
@@ -316,12 +457,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     };
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
     // Only a directory this start made is removed at stop.
-    let made_dir = paths.ensure_dir()?;
+    let made_dir = paths.ensure_dir()?.then(|| paths.clone());
     let budgets = budgets(&config)?;
-    // Signals first, so a SIGTERM during start-up is not lost.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     // We hold the lock: what the state file names belongs to a dead
     // predecessor. Its segment is removed only if ours, never opened.
@@ -330,57 +467,60 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
         tracing::warn!(%name, "removed the {kind} of a dead predecessor");
     }
-    let socket_path = paths.socket();
-    let generation = before.generation.saturating_add(1);
     let mut seg = ipc_core::start::create_segment(
         &paths,
         &lock,
         config.backend,
         (config.segment_mib * MIB) as usize,
-        generation,
+        before.generation.saturating_add(1),
     )?;
-    let seg_name = seg.name().to_owned();
     let cleanup = Cleanup {
-        socket: socket_path.clone(),
-        segment: seg_name.clone(),
+        socket: paths.socket(),
+        segment: seg.name().to_owned(),
         state: paths.state_file(),
     };
     // The name is unlinked by `cleanup`, before the lock is released; the
     // mapping itself may outlive it in tasks still being torn down.
     seg.disown();
-    let max_payload = config.max_payload;
-    let workers = config.workers;
-    let dir = paths.clone();
-    let shared = Shared::new(config, paths, seg, max_payload, tcp_token, budgets);
+    Ok(Running {
+        shared: Shared::new(config, paths, seg, tcp_token, budgets),
+        cleanup,
+        lock,
+        made_dir,
+    })
+}
 
+/// Binds the Unix socket, and the TCP port if configured.
+async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
+    let others = !shared.config.allow_uids.is_empty();
+    let mut listeners = vec![Listener::bind_unix(&shared.paths.socket(), others)?];
+    if let Some(addr) = shared.config.tcp {
+        let (l, local) = Listener::bind_tcp(addr).await?;
+        let _ = shared.tcp_addr.set(local.to_string());
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+async fn serve(config: Config) -> Result<(), DispatcherError> {
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let running = start(config)?;
+    let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let drivers: Vec<_> = (0..workers)
-        .map(|i| tokio::task::spawn_local(pool::drive(Rc::clone(&shared), i, stop_rx.clone())))
+    let drivers: Vec<_> = (0..shared.config.workers)
+        .map(|i| tokio::task::spawn_local(driver::drive(Rc::clone(shared), i, stop_rx.clone())))
         .collect();
-
-    let unix = bind_unix(&socket_path, !shared.config.allow_uids.is_empty())?;
-    let tcp = match shared.config.tcp {
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| DispatcherError::Listen {
-                    what: format!("tcp {addr}"),
-                    source,
-                })?;
-            let local = l.local_addr()?;
-            *shared.tcp_addr.borrow_mut() = Some(local.to_string());
-            Some(l)
-        }
-        None => None,
-    };
+    let listeners = listen(shared).await?;
     tracing::info!(
         instance = shared.paths.instance(),
-        socket = %socket_path.display(),
-        tcp = ?shared.tcp_addr.borrow(),
-        tcp_token = shared.tcp_token.is_some(),
-        segment = %seg_name,
-        generation,
-        workers,
+        socket = %shared.paths.socket().display(),
+        tcp = ?shared.tcp_addr.get(),
+        tcp_token = shared.admission.tcp_token.is_some(),
+        segment = %shared.slots.segment().name(),
+        generation = shared.slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
+        workers = shared.config.workers,
         "dispatcher ready"
     );
     // Soon after we serve: map the whole segment so no request pays a page fault.
@@ -388,58 +528,53 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         .slots
         .segment()
         .populate_in_background(POPULATE_AFTER);
-
     let why = loop {
         tokio::select! {
-            r = unix.accept() => match r {
-                Ok((stream, _)) => {
-                    // The kernel tells who is on the other end: admit only our
-                    // own uid, root, and those allowed by --allow-uid; and
-                    // know the watchdog that started us by its pid.
-                    let cred = stream.peer_cred().ok();
-                    let uid = cred.map(|c| c.uid());
-                    let name = format!("unix uid {}", uid.map_or("?".into(), |u| u.to_string()));
-                    let key = uid.map_or(admission::PeerKey::Unknown, admission::PeerKey::Uid);
-                    // A uid admitted only by --allow-uid may hold half of
-                    // the socket's connections: never all of the owner's.
-                    let own = nix::unistd::getuid().as_raw();
-                    let capped = uid.is_some_and(|u| u != own && u != 0);
-                    let peer = conn::Peer { name, key, capped };
-                    let watchdog = shared.config.watchdog.as_ref().map(|w| w.pid as i32);
-                    let is_watchdog = watchdog.is_some() && cred.and_then(|c| c.pid()) == watchdog;
-                    if uid.is_some_and(|u| u == nix::unistd::getuid().as_raw() || u == 0 || shared.config.allow_uids.contains(&u)) {
-                        let via = if is_watchdog { conn::Via::Watchdog } else { conn::Via::Unix };
-                        tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
-                    } else {
-                        tokio::task::spawn_local(conn::refuse_uid(Rc::clone(&shared), stream, peer.name));
-                    }
-                }
-                Err(e) => accept_error(e).await,
-            },
-            r = accept_tcp(tcp.as_ref()) => match r {
-                Ok((stream, addr)) => {
-                    conn::tune_tcp(&stream);
-                    let via = conn::Via::Tcp { needs_token: shared.tcp_token.is_some() };
-                    // With a token (remote clients), one address may hold
-                    // half of the listener's connections. Without one (a
-                    // loopback port), every local user is the same to us:
-                    // no share can be told apart (see README, Limits).
-                    let key = admission::PeerKey::Addr(addr.ip().to_canonical());
-                    let peer = conn::Peer { name: addr.to_string(), key, capped: shared.tcp_token.is_some() };
-                    tokio::task::spawn_local(conn::accept(Rc::clone(&shared), stream, peer, via));
-                }
-                Err(e) => accept_error(e).await,
-            },
+            () = listener::serve_next(&listeners, shared) => {}
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
     };
-
-    // Ordered shutdown.
     tracing::info!("{why}: shutting down; no longer accepting connections");
-    drop(unix);
-    drop(tcp);
-    let _ = std::fs::remove_file(&socket_path);
+    drop(listeners);
+    let _ = std::fs::remove_file(shared.paths.socket());
+    drain(shared, &mut sigterm, &mut sigint).await;
+    tracing::info!("closing the workers' job pipes and reaping them");
+    shared.life.stop_workers();
+    let _ = stop_tx.send(true);
+    for d in drivers {
+        let _ = d.await;
+    }
+    tracing::info!(
+        jobs_done = shared.stats.jobs_done(),
+        jobs_failed = shared.stats.jobs_failed(),
+        "workers reaped; removing segment {} and socket",
+        shared.slots.segment().name()
+    );
+    let Running {
+        shared,
+        cleanup,
+        lock,
+        made_dir,
+    } = running;
+    drop(shared);
+    drop(cleanup);
+    drop(lock);
+    if let Some(dir) = made_dir {
+        dir.remove_dir_if_empty();
+    }
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+/// Ordered shutdown's first half: refuses new jobs, waits up to the drain
+/// deadline (or a second signal) for in-flight jobs, and answers what is
+/// still queued.
+async fn drain(
+    shared: &Shared,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
     shared.begin_draining();
     let drain = Duration::from_millis(shared.config.drain_timeout_ms);
     let in_flight = shared.in_flight();
@@ -447,7 +582,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         tracing::info!("waiting up to {drain:?} for {in_flight} in-flight job(s)");
     }
     let drained = tokio::select! {
-        r = tokio::time::timeout(drain, drained(&shared)) => r.is_ok(),
+        r = tokio::time::timeout(drain, drained(shared)) => r.is_ok(),
         _ = sigterm.recv() => false,
         _ = sigint.recv() => false,
     };
@@ -457,68 +592,19 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             shared.in_flight()
         );
     }
-    for job in shared.take_queue() {
-        pool::answer_err(
-            &shared,
+    for job in shared.queue.take_all() {
+        driver::answer_err(
+            shared,
             job,
             ipc_core::ErrorKind::ShuttingDown,
             "the dispatcher shut down before the job ran".into(),
         );
     }
-    tracing::info!("closing the workers' job pipes and reaping them");
-    shared.workers_stopped.set(true);
-    let _ = stop_tx.send(true);
-    for d in drivers {
-        let _ = d.await;
-    }
-    tracing::info!(
-        jobs_done = shared.jobs_done.get(),
-        jobs_failed = shared.jobs_failed.get(),
-        "workers reaped; removing segment {seg_name} and socket"
-    );
-    drop(shared);
-    drop(cleanup);
-    drop(lock);
-    if made_dir {
-        dir.remove_dir_if_empty();
-    }
-    tracing::info!("dispatcher stopped");
-    Ok(())
 }
 
 /// Resolves once no slot is on loan, i.e. every accepted job is answered.
 async fn drained(shared: &Shared) {
     shared.slots.all_returned().await
-}
-
-/// Binds the Unix socket: mode 0600, or 0666 with `--allow-uid` (so the
-/// allowed uids can connect at all; the directories decide who reaches it
-/// and `SO_PEERCRED` who is admitted).
-fn bind_unix(path: &std::path::Path, others: bool) -> Result<UnixListener, DispatcherError> {
-    use std::os::unix::fs::PermissionsExt;
-    let listen_err = |source| DispatcherError::Listen {
-        what: path.display().to_string(),
-        source,
-    };
-    let l = UnixListener::bind(path).map_err(listen_err)?;
-    let mode = if others { 0o666 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
-    Ok(l)
-}
-
-async fn accept_tcp(
-    l: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match l {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Out of fds or similar: log and pause instead of spinning.
-async fn accept_error(e: std::io::Error) {
-    tracing::warn!("accept failed: {e}; pausing 100 ms");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 #[cfg(test)]

@@ -1,42 +1,21 @@
 //! State shared by the dispatcher's tasks (one thread, so `Rc` and `Cell`):
-//! the slot pool (`slots.rs`), the job queue, counters. No borrow of a
+//! the slot pool (`slots.rs`), and the parts (queue, workers, stats,
+//! admission, lifecycle) that each own their state. No borrow of a
 //! `RefCell` here is ever held across an `.await`.
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
-use ipc_core::proto::{Outcome, PROTOCOL_VERSION};
-use ipc_core::status::{SegmentStatus, StatusReport, WorkerStatus};
 use ipc_core::{RuntimePaths, Segment};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
-use crate::admission::{Budgets, Gate};
-use crate::latency::LatencyWindow;
-use crate::slots::{JobSlot, SlotPool, STREAM_MIN};
+use crate::admission::{Admission, Budgets};
+use crate::queue::JobQueue;
+use crate::replies::Permit;
+use crate::slots::{JobSlot, SlotPool};
+use crate::stats::Stats;
+use crate::workers::WorkerTable;
 use crate::Config;
-
-/// What a connection's writer sends back to its client.
-#[derive(Debug)]
-pub enum Reply {
-    /// A job's answer; the result is bytes `result` of the slot the lease holds.
-    Job {
-        req_id: u64,
-        outcome: Outcome,
-        result: std::ops::Range<usize>,
-        lease: JobSlot,
-        permit: OwnedSemaphorePermit,
-    },
-    /// An answer the dispatcher made itself (status, errors), bytes inline.
-    /// With the request's in-flight permit, if it had one.
-    Inline {
-        req_id: u64,
-        outcome: Outcome,
-        bytes: Vec<u8>,
-        permit: Option<OwnedSemaphorePermit>,
-    },
-}
 
 /// An operation name, kept inline when short (every real one is): no
 /// allocation per request.
@@ -85,17 +64,17 @@ pub struct QueuedJob {
     pub args: Vec<String>,
     pub lease: JobSlot,
     pub input_len: u64,
-    pub reply: mpsc::UnboundedSender<Reply>,
+    /// The connection's in-flight allowance, and the way to answer.
+    pub reply: Permit,
     /// Runs so far that ended with the worker dying.
     pub attempts: u8,
-    /// The connection's in-flight allowance, returned when the reply is written.
-    pub permit: OwnedSemaphorePermit,
     /// When the request (header and payload; only the header for a job
     /// sent while its payload arrives) had been read.
     pub received: Instant,
 }
 
-/// Everything the tasks share.
+/// Everything the tasks share: parts with one job each, each owning its
+/// state behind its methods.
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
@@ -103,38 +82,42 @@ pub struct Shared {
     /// The segment's slots, their caps and leases.
     pub slots: Rc<SlotPool>,
     pub max_payload: u64,
-    queue: RefCell<VecDeque<QueuedJob>>,
-    job_ready: Notify,
-    idle_workers: Cell<usize>,
-    next_job_id: Cell<u64>,
+    /// Jobs waiting for a worker.
+    pub queue: JobQueue,
+    /// What each worker is doing and has done.
+    pub workers: WorkerTable,
+    /// Jobs by outcome, latencies.
+    pub stats: Stats,
+    /// Who may connect, and how many at once.
+    pub admission: Admission,
+    /// Where shutdown has got to.
+    pub life: Lifecycle,
     pub started: Instant,
-    /// Set once shutdown begins: new jobs are refused.
-    pub draining: Cell<bool>,
-    /// Set once the workers are told to stop: nothing queued will run any more.
-    pub workers_stopped: Cell<bool>,
-    /// Each listener's admission budgets and counts.
-    pub unix_gate: Gate,
-    pub tcp_gate: Gate,
-    /// Refusals being answered, and at most.
-    pub refusing: Cell<usize>,
-    pub max_refusing: usize,
-    pub jobs_done: Cell<u64>,
-    pub jobs_failed: Cell<u64>,
-    /// Jobs sent to a worker behind another (batched).
-    pub jobs_sent_ahead: Cell<u64>,
-    pub workers: RefCell<Vec<WorkerStatus>>,
-    /// Each worker's state, kept apart from `workers` so that changing it
-    /// costs no allocation (it changes twice per job).
-    worker_states: Vec<Cell<&'static str>>,
-    pub tcp_addr: RefCell<Option<String>>,
-    /// When each worker's current process started (`None` while starting).
-    worker_started: Vec<Cell<Option<Instant>>>,
-    /// Job latencies over the last minute.
-    latency: RefCell<LatencyWindow>,
-    /// The token TCP clients must present (from `--token-file`), if any.
-    pub tcp_token: Option<Box<[u8]>>,
-    /// Operations the workers read front to back (from their `Ready`).
-    streaming_ops: RefCell<Vec<String>>,
+    /// The TCP listener's address, once bound.
+    pub tcp_addr: std::cell::OnceCell<String>,
+}
+
+/// Where shutdown has got to.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: Cell<bool>,
+    workers_stopped: Cell<bool>,
+}
+
+impl Lifecycle {
+    /// Whether shutdown has begun: new jobs are refused.
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Whether the workers were told to stop: nothing queued will run any more.
+    pub fn workers_stopped(&self) -> bool {
+        self.workers_stopped.get()
+    }
+
+    pub fn stop_workers(&self) {
+        self.workers_stopped.set(true);
+    }
 }
 
 impl Shared {
@@ -142,63 +125,28 @@ impl Shared {
         config: Config,
         paths: RuntimePaths,
         segment: Segment,
-        max_payload: u64,
         tcp_token: Option<Box<[u8]>>,
         budgets: Budgets,
     ) -> Rc<Self> {
+        let max_payload = config.max_payload;
         let slots = SlotPool::new(
             segment,
             max_payload,
             config.conn_arena_percent,
             config.peer_arena_percent,
         );
-        let n_workers = config.workers;
-        let workers = (0..n_workers)
-            .map(|index| WorkerStatus {
-                index,
-                pid: 0,
-                state: "starting".into(),
-                jobs_done: 0,
-                restarts: 0,
-                jobs_failed: 0,
-                uptime_ms: 0,
-                last_exit: String::new(),
-            })
-            .collect();
         Rc::new(Shared {
+            workers: WorkerTable::new(config.workers),
+            admission: Admission::new(&budgets, tcp_token),
             config,
             paths,
             slots,
             max_payload,
-            queue: RefCell::new(VecDeque::new()),
-            job_ready: Notify::new(),
-            idle_workers: Cell::new(0),
-            next_job_id: Cell::new(1),
+            queue: JobQueue::default(),
+            stats: Stats::default(),
+            life: Lifecycle::default(),
             started: Instant::now(),
-            draining: Cell::new(false),
-            workers_stopped: Cell::new(false),
-            unix_gate: Gate::new(
-                "--max-connections",
-                budgets.unix_connections,
-                budgets.handshakes,
-            ),
-            tcp_gate: Gate::new(
-                "--max-tcp-connections",
-                budgets.tcp_connections,
-                budgets.handshakes,
-            ),
-            refusing: Cell::new(0),
-            max_refusing: budgets.refusing,
-            jobs_done: Cell::new(0),
-            jobs_failed: Cell::new(0),
-            jobs_sent_ahead: Cell::new(0),
-            worker_states: (0..n_workers).map(|_| Cell::new("starting")).collect(),
-            workers: RefCell::new(workers),
-            tcp_addr: RefCell::new(None),
-            worker_started: (0..n_workers).map(|_| Cell::new(None)).collect(),
-            latency: RefCell::new(LatencyWindow::new()),
-            tcp_token,
-            streaming_ops: RefCell::new(Vec::new()),
+            tcp_addr: std::cell::OnceCell::new(),
         })
     }
 
@@ -210,159 +158,7 @@ impl Shared {
     /// Begins shutdown: new jobs are refused, and requests waiting for a slot
     /// are woken to be refused too.
     pub fn begin_draining(&self) {
-        self.draining.set(true);
+        self.life.draining.set(true);
         self.slots.close();
-    }
-
-    /// Numbers a new job.
-    pub fn next_job_id(&self) -> u64 {
-        let id = self.next_job_id.get();
-        self.next_job_id.set(id + 1);
-        id
-    }
-
-    /// Queues a job at the back (or, for a retry, at the front).
-    pub fn enqueue(&self, job: QueuedJob, front: bool) {
-        if front {
-            self.queue.borrow_mut().push_front(job);
-        } else {
-            self.queue.borrow_mut().push_back(job);
-        }
-        self.job_ready.notify_one();
-    }
-
-    /// Waits for the next queued job; while waiting, this worker counts as idle.
-    pub async fn next_job(&self) -> QueuedJob {
-        struct Idle<'a>(&'a Cell<usize>);
-        impl Drop for Idle<'_> {
-            fn drop(&mut self) {
-                self.0.set(self.0.get() - 1);
-            }
-        }
-        self.idle_workers.set(self.idle_workers.get() + 1);
-        let _idle = Idle(&self.idle_workers); // also when the wait is cancelled
-        loop {
-            let ready = self.job_ready.notified();
-            if let Some(job) = self.queue.borrow_mut().pop_front() {
-                return job;
-            }
-            ready.await;
-        }
-    }
-
-    /// The next queued job, if there is one now.
-    pub fn try_next_job(&self) -> Option<QueuedJob> {
-        self.queue.borrow_mut().pop_front()
-    }
-
-    /// Records the operations a worker said it streams.
-    pub fn set_streaming_ops(&self, ops: Vec<String>) {
-        *self.streaming_ops.borrow_mut() = ops;
-    }
-
-    /// Whether a request should go to a worker as soon as its header is read,
-    /// its payload following as it arrives. Only for large payloads of an
-    /// operation that streams, and only when another worker stays idle and
-    /// nothing waits: a job whose upload is slow holds its worker, and at
-    /// least one worker is always left for everything else.
-    pub fn should_stream(&self, op: &str, payload_len: u64) -> bool {
-        payload_len >= STREAM_MIN
-            && self.idle_workers.get() >= 2
-            && self.queue.borrow().is_empty()
-            && !self.draining.get()
-            && self.streaming_ops.borrow().iter().any(|o| o == op)
-    }
-
-    /// Workers waiting for a job right now.
-    pub fn idle_workers(&self) -> usize {
-        self.idle_workers.get()
-    }
-
-    /// Removes every queued job (at shutdown, to answer them).
-    pub fn take_queue(&self) -> Vec<QueuedJob> {
-        self.queue.borrow_mut().drain(..).collect()
-    }
-
-    /// Notes that worker `index`'s process started (`Some(now)`) or ended (`None`).
-    pub fn set_worker_started(&self, index: usize, at: Option<Instant>) {
-        self.worker_started[index].set(at);
-    }
-
-    /// Records how long a job took, from its request to its answer.
-    pub fn record_latency(&self, received: Instant) {
-        let now = Instant::now();
-        self.latency
-            .borrow_mut()
-            .record(now.saturating_duration_since(received), now);
-    }
-
-    /// Sets a worker's state.
-    pub fn set_state(&self, index: usize, state: &'static str) {
-        self.worker_states[index].set(state);
-    }
-
-    /// Updates one worker's status entry.
-    pub fn set_worker(&self, index: usize, f: impl FnOnce(&mut WorkerStatus)) {
-        f(&mut self.workers.borrow_mut()[index]);
-    }
-
-    /// Counts a job's outcome.
-    pub fn count(&self, outcome: &Outcome) {
-        let cell = if matches!(outcome, Outcome::Ok) {
-            &self.jobs_done
-        } else {
-            &self.jobs_failed
-        };
-        cell.set(cell.get() + 1);
-    }
-
-    /// The report answered to `status`.
-    pub fn status(&self) -> StatusReport {
-        StatusReport {
-            instance: self.paths.instance().to_owned(),
-            protocol_version: PROTOCOL_VERSION,
-            dispatcher_pid: std::process::id(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            socket: self.paths.socket().display().to_string(),
-            tcp: self.tcp_addr.borrow().clone(),
-            segment: {
-                let attached_here = 1 + self
-                    .worker_states
-                    .iter()
-                    .filter(|s| matches!(s.get(), "idle" | "busy"))
-                    .count();
-                SegmentStatus {
-                    max_payload: self.max_payload,
-                    ..self.slots.describe(attached_here)
-                }
-            },
-            workers: self
-                .workers
-                .borrow()
-                .iter()
-                .zip(&self.worker_states)
-                .zip(&self.worker_started)
-                .map(|((w, state), started)| WorkerStatus {
-                    state: state.get().to_owned(),
-                    uptime_ms: started.get().map_or(0, |t| t.elapsed().as_millis() as u64),
-                    ..w.clone()
-                })
-                .collect(),
-            jobs_done: self.jobs_done.get(),
-            jobs_failed: self.jobs_failed.get(),
-            queue_depth: self.queue.borrow().len(),
-            in_flight: self.slots.in_use(),
-            connections: self.unix_gate.connections.get() + self.tcp_gate.connections.get(),
-            shutting_down: self.draining.get(),
-            watchdog: self.config.watchdog.clone().map(|mut w| {
-                w.uptime_ms = self
-                    .config
-                    .watchdog_started_unix_ms
-                    .map_or(0, |t| ipc_core::status::unix_ms().saturating_sub(t));
-                w
-            }),
-            jobs_sent_ahead: self.jobs_sent_ahead.get(),
-            latency: self.latency.borrow().report(Instant::now()),
-        }
     }
 }

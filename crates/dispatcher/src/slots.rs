@@ -29,11 +29,6 @@ use crate::admission::{Holder, PeerHoldings, SlotLimits, Wait};
 /// operation never has to overwrite its input to answer.
 pub const RESULT_RESERVE: u64 = 4096;
 
-/// Payloads from this size up, of an operation that streams, may go to an
-/// idle worker as soon as their header is read: the worker starts on the
-/// first bytes while the rest arrives (hashing overlaps the upload).
-pub const STREAM_MIN: u64 = 1 << 20;
-
 /// The segment's slots and who holds them.
 #[derive(Debug)]
 pub struct SlotPool {

@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+#[cfg(feature = "async")]
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes of the length prefix.
@@ -181,6 +182,7 @@ pub fn write_frame<T: Serialize, W: Write>(
     Ok(())
 }
 
+#[cfg(feature = "async")]
 /// Async twin of [`fill`].
 async fn fill_async<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
@@ -193,6 +195,7 @@ async fn fill_async<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Resu
     Ok(got)
 }
 
+#[cfg(feature = "async")]
 /// Reads one frame from an async reader, using `scratch` for the body.
 pub async fn read_frame_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
@@ -203,6 +206,7 @@ pub async fn read_frame_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     decode_body(scratch)
 }
 
+#[cfg(feature = "async")]
 /// Reads one frame's body into `scratch` (for a message that borrows from
 /// it: decode with [`decode_body`]).
 pub async fn read_body_async<R: AsyncRead + Unpin>(
@@ -217,6 +221,7 @@ pub async fn read_body_async<R: AsyncRead + Unpin>(
     check_body(fill_async(r, scratch).await?, len)
 }
 
+#[cfg(feature = "async")]
 /// Reads exactly `buf.len()` payload bytes; a short stream is [`FrameError::Truncated`].
 pub async fn read_payload_async<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -225,6 +230,7 @@ pub async fn read_payload_async<R: AsyncRead + Unpin>(
     read_payload_observed(r, buf, |_| {}).await
 }
 
+#[cfg(feature = "async")]
 /// [`read_payload_async`], calling `progress` with the bytes read so far after each read.
 pub async fn read_payload_observed<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -351,6 +357,7 @@ mod tests {
         ));
     }
 
+    #[cfg(feature = "async")]
     #[tokio::test]
     async fn async_reader_matches_sync_reader() {
         let mut buf = Vec::new();

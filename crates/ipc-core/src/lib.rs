@@ -6,7 +6,10 @@
 //! through the types here. `unsafe` code lives in [`segment`] only.
 
 pub mod alloc;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod endpoint;
+pub mod env;
 pub mod frame;
 pub mod lock;
 pub mod logging;

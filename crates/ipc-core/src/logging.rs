@@ -7,10 +7,11 @@
 
 use std::sync::OnceLock;
 
+#[cfg(feature = "logging")]
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable that carries the log format to child processes.
-pub const ENV_LOG_FORMAT: &str = "OSPS_LOG_FORMAT";
+pub const ENV_LOG_FORMAT: &str = crate::env::LOG_FORMAT;
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +53,7 @@ pub fn format() -> LogFormat {
 
 /// Installs the global subscriber for a process playing `role`. Call once,
 /// from `main`. Returns a guard span to keep entered for the process's life.
+#[cfg(feature = "logging")]
 pub fn init(role: &'static str, format: LogFormat) -> tracing::span::EnteredSpan {
     let _ = FORMAT.set(format);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

@@ -6,9 +6,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Environment variable that overrides the base runtime directory.
-pub const RUNTIME_DIR_ENV: &str = "OSPS_RUNTIME_DIR";
+pub const RUNTIME_DIR_ENV: &str = crate::env::RUNTIME_DIR;
 /// Environment variable that names the instance (`--instance` wins over it).
-pub const INSTANCE_ENV: &str = "OSPS_INSTANCE";
+pub const INSTANCE_ENV: &str = crate::env::INSTANCE;
 /// The instance used when none is named.
 pub const DEFAULT_INSTANCE: &str = "default";
 /// Longest accepted instance name (keeps socket paths under `sun_path`'s 108 bytes).

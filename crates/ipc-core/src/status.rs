@@ -129,7 +129,7 @@ pub struct WorkerStatus {
     /// Current pid (0 while (re)starting).
     pub pid: u32,
     /// `starting`, `idle`, `busy` or `stopped`.
-    pub state: String,
+    pub state: WorkerState,
     /// Jobs this pool slot has completed successfully.
     pub jobs_done: u64,
     /// Times this worker was replaced after dying or timing out.
@@ -145,4 +145,103 @@ pub struct WorkerStatus {
     /// the first restart), e.g. `killed by signal 9 (SIGKILL): job timed out`.
     #[serde(default)]
     pub last_exit: String,
+}
+
+/// Where one worker of the pool stands, serialised as the lower-case string
+/// the status report has always carried (`"starting"`, `"idle"`, `"busy"`,
+/// `"stopped"`). `Copy`, so the dispatcher keeps it in a `Cell` and changes it
+/// without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Its process is being started (or restarted); it takes no job yet.
+    #[default]
+    Starting,
+    /// Up and waiting for a job.
+    Idle,
+    /// Running a job (maybe with more sent ahead).
+    Busy,
+    /// Ended for good: the dispatcher is shutting down.
+    Stopped,
+}
+
+impl WorkerState {
+    /// Every state, in the order a worker goes through them.
+    pub const ALL: [WorkerState; 4] = [
+        WorkerState::Starting,
+        WorkerState::Idle,
+        WorkerState::Busy,
+        WorkerState::Stopped,
+    ];
+
+    /// The name in the status report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+
+    /// Up: its process runs and has the segment mapped (idle or busy).
+    pub fn is_up(self) -> bool {
+        matches!(self, WorkerState::Idle | WorkerState::Busy)
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for WorkerState {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for WorkerState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_states_serialise_as_the_strings_of_the_status_report() {
+        let table = [
+            (WorkerState::Starting, "\"starting\""),
+            (WorkerState::Idle, "\"idle\""),
+            (WorkerState::Busy, "\"busy\""),
+            (WorkerState::Stopped, "\"stopped\""),
+        ];
+        for (state, json) in table {
+            assert_eq!(serde_json::to_string(&state).unwrap(), json, "{state:?}");
+            assert_eq!(serde_json::from_str::<WorkerState>(json).unwrap(), state);
+            assert_eq!(format!("\"{state}\""), json);
+            assert!(state == json.trim_matches('"'));
+        }
+        assert_eq!(WorkerState::ALL.len(), table.len());
+        assert!(serde_json::from_str::<WorkerState>("\"Idle\"").is_err());
+    }
+
+    #[test]
+    fn only_idle_and_busy_workers_are_up() {
+        let up: Vec<_> = WorkerState::ALL.into_iter().filter(|s| s.is_up()).collect();
+        assert_eq!(up, [WorkerState::Idle, WorkerState::Busy]);
+    }
+
+    #[test]
+    fn a_worker_entry_reads_and_writes_the_same_json_as_before() {
+        let json = r#"{"index":0,"pid":14526,"state":"idle","jobs_done":31,"restarts":0}"#;
+        let w: WorkerStatus = serde_json::from_str(json).unwrap();
+        assert_eq!(w.state, WorkerState::Idle);
+        let back = serde_json::to_value(&w).unwrap();
+        assert_eq!(back["state"], "idle");
+    }
 }

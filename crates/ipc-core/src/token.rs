@@ -89,13 +89,10 @@ pub fn load(path: &Path) -> Result<Vec<u8>, TokenError> {
 }
 
 /// Compares two tokens in time that depends on their lengths only, not on
-/// where they differ (so a remote peer cannot guess a token byte by byte).
+/// where they differ (so a remote peer cannot guess a token byte by byte):
+/// `subtle`'s constant-time equality.
 pub fn matches(expected: &[u8], presented: &[u8]) -> bool {
-    let mut diff = expected.len() ^ presented.len();
-    for (i, &e) in expected.iter().enumerate() {
-        diff |= usize::from(e ^ presented.get(i).copied().unwrap_or(!e));
-    }
-    std::hint::black_box(diff) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(expected, presented))
 }
 
 #[cfg(test)]

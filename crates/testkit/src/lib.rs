@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use ipc_core::status::StatusReport;
+use ipc_core::status::{StatusReport, WorkerState};
 use ipc_core::{Endpoint, RuntimePaths};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
@@ -432,7 +432,7 @@ impl Instance {
                 );
             }
             let s = self.try_status()?;
-            (!workers_idle || s.workers.iter().all(|w| w.state == "idle")).then_some(())
+            (!workers_idle || s.workers.iter().all(|w| w.state == WorkerState::Idle)).then_some(())
         });
         assert!(
             ready.is_some(),

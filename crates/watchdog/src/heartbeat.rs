@@ -47,81 +47,116 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conn: Option<UnixStream> = None;
-    let mut current: Option<u32> = None;
-    let mut since = Instant::now();
-    let mut answered = false;
-    let mut serving = false;
-    let mut misses = 0u32;
+    let mut watch = Watch::new(None);
     let mut next_id = 1u64;
     loop {
         tick.tick().await;
         let pid = watched.get();
-        if pid != current {
-            (current, conn, since, answered, serving, misses) =
-                (pid, None, Instant::now(), false, false, 0);
+        if pid != watch.pid {
+            watch = Watch::new(pid);
         }
         let Some(pid) = pid else { continue };
         next_id += 1;
-        let probe = probe(&mut conn, &settings.socket, pid, next_id);
+        let probe = probe(&mut watch.conn, &settings.socket, pid, next_id);
         let outcome = match tokio::time::timeout(settings.interval, probe).await {
             Ok(r) => r,
             Err(_) => Err(Probe::Unanswered("no answer in time".into())),
         };
-        let failure = match outcome {
-            Ok(report) => {
-                if !answered {
-                    answered = true;
-                    tracing::info!(pid, "dispatcher answers its heartbeat");
-                }
-                if misses > 0 {
-                    tracing::info!(pid, "heartbeat answered again after {misses} miss(es)");
-                }
-                misses = 0;
-                let workers = report
-                    .workers
-                    .iter()
-                    .filter(|w| matches!(w.state.as_str(), "idle" | "busy"))
-                    .count();
-                if !serving && workers > 0 {
-                    serving = true;
-                    let _ = tx.send(Beat::Serving { pid, workers });
-                }
-                continue;
-            }
-            Err(Probe::Refused) => {
-                // Only a live event loop answers a hello: alive, if full.
-                tracing::debug!(
-                    pid,
-                    "the dispatcher refused the heartbeat's connection (full): alive, not a miss"
-                );
-                answered = true;
-                misses = 0;
-                conn = None;
-                continue;
-            }
-            Err(failure) => failure,
+        let beat = match outcome {
+            Ok(report) => watch.answered(pid, &report),
+            Err(Probe::Refused) => watch.refused(pid),
+            Err(failure) => watch.missed(pid, &failure, &settings),
         };
-        conn = None;
-        // Before its first answer, a dispatcher whose socket refuses us is
-        // still starting (bounded by the start timeout); one that accepts the
-        // connection and then does not answer is as hung as a running one.
-        if answered || matches!(failure, Probe::Unanswered(_)) {
-            misses += 1;
-            let why = match &failure {
-                Probe::NotListening => "socket not listening",
-                Probe::Unanswered(why) => why.as_str(),
-                Probe::Refused => unreachable!("handled above"),
-            };
-            tracing::debug!(pid, misses, "heartbeat missed: {why}");
-            if misses >= settings.miss_limit {
-                let _ = tx.send(Beat::Missed { pid, misses });
-                misses = 0;
-            }
-        } else if since.elapsed() > settings.start_timeout {
-            let _ = tx.send(Beat::Missed { pid, misses: 0 });
-            since = Instant::now();
+        if let Some(beat) = beat {
+            let _ = tx.send(beat);
         }
+    }
+}
+
+/// What the heartbeat knows about the dispatcher it watches.
+#[derive(Debug)]
+struct Watch {
+    /// The watched pid.
+    pid: Option<u32>,
+    conn: Option<UnixStream>,
+    /// Since when it has been watched (or last reported as never answering).
+    since: Instant,
+    /// It answered at least once.
+    answered: bool,
+    /// [`Beat::Serving`] was sent.
+    serving: bool,
+    /// Heartbeats missed in a row.
+    misses: u32,
+}
+
+impl Watch {
+    fn new(pid: Option<u32>) -> Watch {
+        Watch {
+            pid,
+            conn: None,
+            since: Instant::now(),
+            answered: false,
+            serving: false,
+            misses: 0,
+        }
+    }
+
+    /// It answered with `report`: [`Beat::Serving`] the first time a worker is up.
+    fn answered(&mut self, pid: u32, report: &StatusReport) -> Option<Beat> {
+        if !self.answered {
+            self.answered = true;
+            tracing::info!(pid, "dispatcher answers its heartbeat");
+        }
+        if self.misses > 0 {
+            tracing::info!(
+                pid,
+                "heartbeat answered again after {} miss(es)",
+                self.misses
+            );
+        }
+        self.misses = 0;
+        let workers = report.workers.iter().filter(|w| w.state.is_up()).count();
+        if self.serving || workers == 0 {
+            return None;
+        }
+        self.serving = true;
+        Some(Beat::Serving { pid, workers })
+    }
+
+    /// Only a live event loop answers a hello: alive, if full.
+    fn refused(&mut self, pid: u32) -> Option<Beat> {
+        tracing::debug!(
+            pid,
+            "the dispatcher refused the heartbeat's connection (full): alive, not a miss"
+        );
+        self.answered = true;
+        self.misses = 0;
+        self.conn = None;
+        None
+    }
+
+    /// Before its first answer, a dispatcher whose socket refuses us is
+    /// still starting (bounded by the start timeout); one that accepts the
+    /// connection and then does not answer is as hung as a running one.
+    fn missed(&mut self, pid: u32, failure: &Probe, settings: &Settings) -> Option<Beat> {
+        self.conn = None;
+        let why = match failure {
+            Probe::NotListening => "socket not listening",
+            Probe::Unanswered(why) => why.as_str(),
+            Probe::Refused => "refused",
+        };
+        if self.answered || matches!(failure, Probe::Unanswered(_)) {
+            self.misses += 1;
+            tracing::debug!(pid, misses = self.misses, "heartbeat missed: {why}");
+            if self.misses >= settings.miss_limit {
+                let misses = std::mem::take(&mut self.misses);
+                return Some(Beat::Missed { pid, misses });
+            }
+        } else if self.since.elapsed() > settings.start_timeout {
+            self.since = Instant::now();
+            return Some(Beat::Missed { pid, misses: 0 });
+        }
+        None
     }
 }
 

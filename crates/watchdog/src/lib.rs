@@ -29,13 +29,7 @@ use tokio::sync::mpsc;
 
 pub use policy::{Action, Event, RestartPolicy, State, Supervisor};
 
-/// Environment variables through which the watchdog tells the dispatcher
-/// about itself (shown by `osps-client status`).
-pub const ENV_WATCHDOG_PID: &str = "OSPS_WATCHDOG_PID";
-pub const ENV_RESTARTS: &str = "OSPS_RESTARTS";
-pub const ENV_LAST_RESTART_CAUSE: &str = "OSPS_LAST_RESTART_CAUSE";
-/// When the watchdog started, in milliseconds since the Unix epoch.
-pub const ENV_WATCHDOG_STARTED_MS: &str = "OSPS_WATCHDOG_STARTED_MS";
+use notify::NotifyState;
 
 /// How the watchdog is set up.
 #[derive(Debug, Clone)]
@@ -99,171 +93,326 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     // Only a directory this watchdog made is removed when it exits.
     let made_dir = paths.ensure_dir()?;
     // Signal handlers before the first child, so no SIGCHLD or SIGTERM is lost.
-    let mut sigchld = signal(SignalKind::child())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-
-    let watched = Rc::new(Cell::new(None));
-    let (hb_tx, mut hb_rx) = mpsc::unbounded_channel();
-    let settings = heartbeat::Settings {
-        socket: paths.socket(),
-        interval: config.heartbeat,
-        miss_limit: config.miss_limit,
-        start_timeout: config.start_timeout,
-    };
-    let hb = tokio::task::spawn_local(heartbeat::run(settings, Rc::clone(&watched), hb_tx));
+    let mut inputs = Inputs::install(&config, &paths)?;
     tracing::info!(instance = %config.instance, heartbeat_ms = config.heartbeat.as_millis() as u64, miss_limit = config.miss_limit, "watchdog started");
-    // Run by systemd as Type=notify: tell it when we serve and stop, and ping
-    // its watchdog from this loop (a wedged loop stops the pings).
-    let notifier = notify::Notifier::from_env();
-    let ping_every = notifier.as_ref().and_then(notify::Notifier::ping_every);
-    let mut systemd_ping = ping_every.map(|every| {
-        let mut i = tokio::time::interval(every);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
-    if let Some(n) = &notifier {
-        if let Some(every) = ping_every {
-            tracing::info!("systemd watchdog enabled: WATCHDOG=1 every {every:?}");
-        }
-        n.send("STATUS=starting the dispatcher");
-    }
-    let mut told_ready = false;
-    let started_ms = ipc_core::status::unix_ms();
-
-    let mut sup = Supervisor::new(config.policy.clone());
-    let mut pending: VecDeque<Action> = sup.start().into();
-    let mut backoff_at: Option<tokio::time::Instant> = None;
-    let mut grace_at: Option<tokio::time::Instant> = None;
-    // While a previous dispatcher holds the instance lock: until when this
-    // spawn waits for it (set at the spawn's first probe, cleared once it
-    // spawns, so every spawn gets its own bounded wait), and the next probe.
-    let mut lock_wait_until: Option<tokio::time::Instant> = None;
-    let mut lock_poll_at: Option<tokio::time::Instant> = None;
+    let mut w = Watchdog::new(config, paths, made_dir, Rc::clone(&inputs.watched));
+    w.announce_start(&mut inputs);
     loop {
-        while let Some(action) = pending.pop_front() {
+        if let Some((code, message)) = w.carry_out() {
+            inputs.heartbeat.abort();
+            return Ok(w.exit(code, &message).await);
+        }
+        let wake = inputs.next(&w.timers).await;
+        if let Some(event) = w.on_wake(wake) {
+            if let Event::Exited { .. } = event {
+                // What the dead dispatcher started dies before anything else happens.
+                descendants::sweep(descendants::SWEEP_WITHIN).await;
+            }
+            w.feed(event);
+        }
+    }
+}
+
+/// What the loop waits on: signals, the heartbeat task's reports, systemd's
+/// keep-alive period. Kept apart from [`Watchdog`] so that waiting borrows
+/// only these.
+struct Inputs {
+    sigchld: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+    beats: mpsc::UnboundedReceiver<heartbeat::Beat>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    /// The dispatcher pid the heartbeat task watches.
+    watched: Rc<Cell<Option<u32>>>,
+    systemd_ping: Option<tokio::time::Interval>,
+}
+
+/// Why the loop woke up.
+#[derive(Debug)]
+enum Wake {
+    Child,
+    Stop(&'static str),
+    Beat(heartbeat::Beat),
+    SystemdPing,
+    BackoffOver,
+    LockPoll,
+    GraceOver,
+}
+
+/// The deadlines the loop keeps, each `None` when not armed.
+#[derive(Debug, Default)]
+struct Timers {
+    backoff_at: Option<tokio::time::Instant>,
+    grace_at: Option<tokio::time::Instant>,
+    /// While a previous dispatcher of this instance holds its lock: until when
+    /// this spawn waits for it (set at the spawn's first probe, cleared once it
+    /// spawns, so every spawn gets its own bounded wait), and the next probe.
+    lock_wait_until: Option<tokio::time::Instant>,
+    lock_poll_at: Option<tokio::time::Instant>,
+}
+
+impl Inputs {
+    fn install(config: &Config, paths: &RuntimePaths) -> Result<Inputs, WatchdogError> {
+        let sigchld = signal(SignalKind::child())?;
+        let sigterm = signal(SignalKind::terminate())?;
+        let sigint = signal(SignalKind::interrupt())?;
+        let watched = Rc::new(Cell::new(None));
+        let (tx, beats) = mpsc::unbounded_channel();
+        let settings = heartbeat::Settings {
+            socket: paths.socket(),
+            interval: config.heartbeat,
+            miss_limit: config.miss_limit,
+            start_timeout: config.start_timeout,
+        };
+        let heartbeat = tokio::task::spawn_local(heartbeat::run(settings, Rc::clone(&watched), tx));
+        Ok(Inputs {
+            sigchld,
+            sigterm,
+            sigint,
+            beats,
+            heartbeat,
+            watched,
+            systemd_ping: None,
+        })
+    }
+
+    /// Waits for the next thing to react to.
+    async fn next(&mut self, timers: &Timers) -> Wake {
+        tokio::select! {
+            _ = self.sigchld.recv() => Wake::Child,
+            _ = self.sigterm.recv() => Wake::Stop("SIGTERM"),
+            _ = self.sigint.recv() => Wake::Stop("SIGINT"),
+            Some(beat) = self.beats.recv() => Wake::Beat(beat),
+            _ = tick(self.systemd_ping.as_mut()) => Wake::SystemdPing,
+            _ = sleep_until(timers.backoff_at) => Wake::BackoffOver,
+            _ = sleep_until(timers.lock_poll_at) => Wake::LockPoll,
+            _ = sleep_until(timers.grace_at) => Wake::GraceOver,
+        }
+    }
+}
+
+/// The watchdog's side of supervision: the pure [`Supervisor`] and what it
+/// takes to carry out its actions.
+struct Watchdog {
+    config: Config,
+    paths: RuntimePaths,
+    made_dir: bool,
+    sup: Supervisor,
+    pending: VecDeque<Action>,
+    timers: Timers,
+    watched: Rc<Cell<Option<u32>>>,
+    notifier: Option<notify::Notifier>,
+    told_ready: bool,
+    started_ms: u64,
+}
+
+impl Watchdog {
+    fn new(
+        config: Config,
+        paths: RuntimePaths,
+        made_dir: bool,
+        watched: Rc<Cell<Option<u32>>>,
+    ) -> Self {
+        let mut sup = Supervisor::new(config.policy.clone());
+        let pending = sup.start().into();
+        Watchdog {
+            config,
+            paths,
+            made_dir,
+            sup,
+            pending,
+            timers: Timers::default(),
+            watched,
+            notifier: notify::Notifier::from_env(),
+            told_ready: false,
+            started_ms: ipc_core::status::unix_ms(),
+        }
+    }
+
+    /// Run by systemd as Type=notify: tell it when we serve and stop, and ping
+    /// its watchdog from this loop (a wedged loop stops the pings).
+    fn announce_start(&self, inputs: &mut Inputs) {
+        let Some(n) = &self.notifier else { return };
+        if let Some(every) = n.ping_every() {
+            tracing::info!("systemd watchdog enabled: WATCHDOG=1 every {every:?}");
+            let mut i = tokio::time::interval(every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            inputs.systemd_ping = Some(i);
+        }
+        n.send(&[NotifyState::Status("starting the dispatcher")]);
+    }
+
+    fn notify(&self, states: &[NotifyState<'_>]) {
+        if let Some(n) = &self.notifier {
+            n.send(states);
+        }
+    }
+
+    /// Feeds an event to the supervisor and queues its actions.
+    fn feed(&mut self, event: Event) {
+        let actions = self.sup.handle(event, Instant::now());
+        self.pending.extend(actions);
+    }
+
+    /// Carries out the queued actions up to an exit, which it returns (code
+    /// and message) for [`Watchdog::exit`].
+    fn carry_out(&mut self) -> Option<(u8, String)> {
+        while let Some(action) = self.pending.pop_front() {
             match action {
-                Action::Spawn => {
-                    // A previous dispatcher of this instance still holds the
-                    // lock (draining after its own watchdog's stop): wait for
-                    // it, up to the stop grace per spawn, instead of starting one
-                    // that would only fail (and count as a crash).
-                    if let Some(holder) = ipc_core::lock::holder(&paths.lock_file()) {
-                        let now = tokio::time::Instant::now();
-                        let until = *lock_wait_until.get_or_insert_with(|| {
-                            tracing::info!("waiting for the previous dispatcher (pid {holder}) to finish (up to {:?})", config.stop_grace);
-                            now + config.stop_grace
-                        });
-                        if now < until {
-                            lock_poll_at = Some(now + LOCK_POLL);
-                            continue;
-                        }
-                        tracing::warn!("the previous dispatcher (pid {holder}) still holds the instance lock after {:?}; starting anyway", config.stop_grace);
-                    }
-                    // This spawn's wait (if any) is over; the next one waits afresh.
-                    lock_wait_until = None;
-                    let event = match spawn(&config, &sup, started_ms) {
-                        Ok(pid) => {
-                            tracing::info!(pid, restarts = sup.restarts(), "dispatcher started");
-                            watched.set(Some(pid));
-                            Event::Spawned { pid }
-                        }
-                        Err(e) => {
-                            tracing::error!("cannot start the dispatcher: {e}");
-                            Event::SpawnFailed {
-                                error: e.to_string(),
-                            }
-                        }
-                    };
-                    pending.extend(sup.handle(event, Instant::now()));
-                }
+                Action::Spawn => self.spawn_when_free(),
                 Action::Kill { pid } => {
                     tracing::warn!(pid, "killing the dispatcher (SIGKILL)");
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
                 Action::Terminate { pid } => {
-                    tracing::info!(
-                        pid,
-                        "stopping the dispatcher (SIGTERM), grace {:?}",
-                        config.stop_grace
-                    );
+                    let grace = self.config.stop_grace;
+                    tracing::info!(pid, "stopping the dispatcher (SIGTERM), grace {grace:?}");
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                    grace_at = Some(tokio::time::Instant::now() + config.stop_grace);
+                    self.timers.grace_at = Some(tokio::time::Instant::now() + grace);
                 }
-                Action::ScheduleRestart { delay, cause } => {
-                    watched.set(None);
-                    if let Some(n) = &notifier {
-                        n.send(&format!("STATUS=restarting the dispatcher ({cause})"));
-                    }
-                    tracing::warn!(
-                        restart = sup.restarts(),
-                        "dispatcher lost ({cause}); restarting in {} ms",
-                        delay.as_millis()
-                    );
-                    backoff_at = Some(tokio::time::Instant::now() + delay);
-                }
-                Action::Exit { code, message } => {
-                    watched.set(None);
-                    if let Some(n) = &notifier {
-                        n.send(&format!("STOPPING=1\nSTATUS={message}"));
-                    }
-                    hb.abort();
-                    descendants::sweep(descendants::SWEEP_WITHIN).await;
-                    remove_leftovers(&paths, made_dir);
-                    if code == 0 {
-                        tracing::info!("watchdog {message}");
-                    } else {
-                        tracing::error!("{message}");
-                        eprintln!("osps-watchdog: {message}");
-                    }
-                    return Ok(code);
-                }
+                Action::ScheduleRestart { delay, cause } => self.schedule_restart(delay, &cause),
+                Action::Exit { code, message } => return Some((code, message)),
             }
         }
-        let event = tokio::select! {
-            _ = sigchld.recv() => reap(&sup),
-            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); stopping(&notifier); Some(Event::StopRequested) }
-            _ = sigint.recv() => { tracing::info!("SIGINT received"); stopping(&notifier); Some(Event::StopRequested) }
-            Some(beat) = hb_rx.recv() => match beat {
-                heartbeat::Beat::Missed { pid, misses } if Some(pid) == sup.pid() => {
-                    if misses == 0 {
-                        tracing::warn!(pid, "dispatcher never answered within {:?} of its start: hung", config.start_timeout);
-                    } else {
-                        tracing::warn!(pid, misses, "dispatcher hung: {misses} heartbeats missed");
-                    }
-                    Some(Event::Hung { misses })
-                }
-                heartbeat::Beat::Serving { pid, workers } if Some(pid) == sup.pid() => {
-                    tracing::info!(pid, workers, restarts = sup.restarts(), "ready: the dispatcher answers and {workers} worker(s) are up");
-                    if let Some(n) = &notifier {
-                        let status = format!("STATUS=serving: dispatcher pid {pid}, {workers} worker(s), {} restart(s)", sup.restarts());
-                        n.send(&if told_ready { status } else { format!("READY=1\n{status}") });
-                    }
-                    told_ready = true;
-                    None
-                }
-                _ => None,
-            },
-            _ = tick(systemd_ping.as_mut()) => {
-                if let Some(n) = &notifier {
-                    n.send("WATCHDOG=1");
-                }
-                None
+        None
+    }
+
+    /// Spawns the dispatcher, unless a previous dispatcher of this instance
+    /// still holds the lock (draining after its own watchdog's stop): then it
+    /// waits for it, up to the stop grace per spawn, instead of starting one
+    /// that would only fail (and count as a crash).
+    fn spawn_when_free(&mut self) {
+        if let Some(holder) = ipc_core::lock::holder(&self.paths.lock_file()) {
+            let now = tokio::time::Instant::now();
+            let grace = self.config.stop_grace;
+            let until = *self.timers.lock_wait_until.get_or_insert_with(|| {
+                tracing::info!("waiting for the previous dispatcher (pid {holder}) to finish (up to {grace:?})");
+                now + grace
+            });
+            if now < until {
+                self.timers.lock_poll_at = Some(now + LOCK_POLL);
+                return;
             }
-            _ = sleep_until(backoff_at) => { backoff_at = None; Some(Event::BackoffElapsed) }
-            _ = sleep_until(lock_poll_at) => { lock_poll_at = None; pending.push_back(Action::Spawn); None }
-            _ = sleep_until(grace_at) => {
-                grace_at = None;
-                tracing::warn!("the dispatcher did not stop within {:?}", config.stop_grace);
-                Some(Event::GraceExpired)
+            tracing::warn!("the previous dispatcher (pid {holder}) still holds the instance lock after {grace:?}; starting anyway");
+        }
+        // This spawn's wait (if any) is over; the next one waits afresh.
+        self.timers.lock_wait_until = None;
+        let event = match spawn(&self.config, &self.sup, self.started_ms) {
+            Ok(pid) => {
+                tracing::info!(pid, restarts = self.sup.restarts(), "dispatcher started");
+                self.watched.set(Some(pid));
+                Event::Spawned { pid }
+            }
+            Err(e) => {
+                tracing::error!("cannot start the dispatcher: {e}");
+                Event::SpawnFailed {
+                    error: e.to_string(),
+                }
             }
         };
-        if let Some(Event::Exited { .. }) = event {
-            // What the dead dispatcher started dies before anything else happens.
-            descendants::sweep(descendants::SWEEP_WITHIN).await;
+        self.feed(event);
+    }
+
+    fn schedule_restart(&mut self, delay: Duration, cause: &str) {
+        self.watched.set(None);
+        let status = format!("restarting the dispatcher ({cause})");
+        self.notify(&[NotifyState::Status(&status)]);
+        tracing::warn!(
+            restart = self.sup.restarts(),
+            "dispatcher lost ({cause}); restarting in {} ms",
+            delay.as_millis()
+        );
+        self.timers.backoff_at = Some(tokio::time::Instant::now() + delay);
+    }
+
+    /// Ends supervision: tells systemd, kills what is left, removes what the
+    /// dispatcher could not; returns the exit code.
+    async fn exit(&mut self, code: u8, message: &str) -> u8 {
+        self.watched.set(None);
+        self.notify(&[NotifyState::Stopping, NotifyState::Status(message)]);
+        descendants::sweep(descendants::SWEEP_WITHIN).await;
+        remove_leftovers(&self.paths, self.made_dir);
+        if code == 0 {
+            tracing::info!("watchdog {message}");
+        } else {
+            tracing::error!("{message}");
+            eprintln!("osps-watchdog: {message}");
         }
-        if let Some(event) = event {
-            pending.extend(sup.handle(event, Instant::now()));
+        code
+    }
+
+    /// What a wake-up means for the supervisor, if anything.
+    fn on_wake(&mut self, wake: Wake) -> Option<Event> {
+        match wake {
+            Wake::Child => reap(&self.sup),
+            Wake::Stop(signal) => {
+                tracing::info!("{signal} received");
+                self.notify(&[
+                    NotifyState::Stopping,
+                    NotifyState::Status("stopping the dispatcher in order"),
+                ]);
+                Some(Event::StopRequested)
+            }
+            Wake::Beat(beat) => self.on_beat(beat),
+            Wake::SystemdPing => {
+                self.notify(&[NotifyState::Watchdog]);
+                None
+            }
+            Wake::BackoffOver => {
+                self.timers.backoff_at = None;
+                Some(Event::BackoffElapsed)
+            }
+            Wake::LockPoll => {
+                self.timers.lock_poll_at = None;
+                self.pending.push_back(Action::Spawn);
+                None
+            }
+            Wake::GraceOver => {
+                self.timers.grace_at = None;
+                tracing::warn!(
+                    "the dispatcher did not stop within {:?}",
+                    self.config.stop_grace
+                );
+                Some(Event::GraceExpired)
+            }
+        }
+    }
+
+    /// A heartbeat report about the dispatcher we watch (stale ones are dropped).
+    fn on_beat(&mut self, beat: heartbeat::Beat) -> Option<Event> {
+        match beat {
+            heartbeat::Beat::Missed { pid, misses } if Some(pid) == self.sup.pid() => {
+                if misses == 0 {
+                    tracing::warn!(
+                        pid,
+                        "dispatcher never answered within {:?} of its start: hung",
+                        self.config.start_timeout
+                    );
+                } else {
+                    tracing::warn!(pid, misses, "dispatcher hung: {misses} heartbeats missed");
+                }
+                Some(Event::Hung { misses })
+            }
+            heartbeat::Beat::Serving { pid, workers } if Some(pid) == self.sup.pid() => {
+                let restarts = self.sup.restarts();
+                tracing::info!(
+                    pid,
+                    workers,
+                    restarts,
+                    "ready: the dispatcher answers and {workers} worker(s) are up"
+                );
+                let status = format!(
+                    "serving: dispatcher pid {pid}, {workers} worker(s), {restarts} restart(s)"
+                );
+                if self.told_ready {
+                    self.notify(&[NotifyState::Status(&status)]);
+                } else {
+                    self.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                }
+                self.told_ready = true;
+                None
+            }
+            _ => None,
         }
     }
 }
@@ -286,13 +435,6 @@ fn remove_leftovers(paths: &RuntimePaths, made_dir: bool) {
             tracing::warn!("a dispatcher (pid {pid}) still holds the instance lock: its objects are left to it");
         }
         Err(e) => tracing::warn!("cannot clear the dead dispatcher's leftovers: {e}"),
-    }
-}
-
-/// Tells systemd that the service is stopping (`STOPPING=1`).
-fn stopping(notifier: &Option<notify::Notifier>) {
-    if let Some(n) = notifier {
-        n.send("STOPPING=1\nSTATUS=stopping the dispatcher in order");
     }
 }
 
@@ -347,13 +489,17 @@ fn spawn(config: &Config, sup: &Supervisor, started_ms: u64) -> std::io::Result<
     if let Some(dir) = &config.runtime_dir {
         cmd.arg("--runtime-dir").arg(dir);
     }
+    // What the dispatcher learns about us (shown by `osps-client status`).
+    let about_us = ipc_core::env::WatchdogEnv {
+        pid: std::process::id(),
+        restarts: sup.restarts(),
+        last_restart_cause: sup.last_cause().unwrap_or("").to_owned(),
+        started_unix_ms: Some(started_ms),
+    };
     cmd.args(&config.dispatcher_args)
-        .env(ENV_WATCHDOG_PID, std::process::id().to_string())
-        .env(ENV_RESTARTS, sup.restarts().to_string())
-        .env(ENV_LAST_RESTART_CAUSE, sup.last_cause().unwrap_or(""))
-        .env(ENV_WATCHDOG_STARTED_MS, started_ms.to_string())
+        .envs(about_us.vars())
         .env(
-            ipc_core::logging::ENV_LOG_FORMAT,
+            ipc_core::env::LOG_FORMAT,
             ipc_core::logging::format().as_str(),
         )
         .stdin(Stdio::null())

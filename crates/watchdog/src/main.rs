@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use watchdog::RestartPolicy;
 
 /// Starts an OSPS dispatcher and keeps it alive: restarts it on crash or hang,
 /// stops it in order on SIGTERM/SIGINT.
@@ -13,18 +14,14 @@ use clap::Parser;
 #[command(
     name = "osps-watchdog",
     version,
+    mut_arg("instance", |a| a.help("Instance name")),
     after_help = "Arguments after -- go to osps-dispatcher, e.g.: osps-watchdog --instance demo -- --workers 4"
 )]
 struct Args {
-    /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
-    #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
-    log_format: ipc_core::logging::LogFormat,
-    /// Instance name.
-    #[arg(long, env = "OSPS_INSTANCE", default_value = "default")]
-    instance: String,
-    /// Base runtime directory [default: $XDG_RUNTIME_DIR/osps, else /tmp/osps-<uid>].
-    #[arg(long, env = "OSPS_RUNTIME_DIR")]
-    runtime_dir: Option<PathBuf>,
+    #[command(flatten)]
+    log: ipc_core::cli::LogArgs,
+    #[command(flatten)]
+    place: ipc_core::cli::InstanceArgs,
     /// Heartbeat period in milliseconds.
     #[arg(long, default_value_t = 200)]
     heartbeat_ms: u64,
@@ -39,13 +36,13 @@ struct Args {
     #[arg(long, default_value_t = 15_000)]
     stop_grace_ms: u64,
     /// At most this many restarts...
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = RestartPolicy::default().max_restarts)]
     max_restarts: u32,
     /// ...within this many seconds; one more failure and the watchdog gives up.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = RestartPolicy::default().within.as_secs())]
     within: u64,
     /// A dispatcher that stayed up this many milliseconds resets the restart backoff.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = RestartPolicy::default().stable_after.as_millis() as u64)]
     backoff_reset_ms: u64,
     /// The dispatcher program [default: osps-dispatcher beside this program, else from PATH].
     #[arg(long)]
@@ -57,16 +54,16 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let _span = ipc_core::logging::init("watchdog", args.log_format);
-    let policy = watchdog::RestartPolicy {
+    let _span = ipc_core::logging::init("watchdog", args.log.log_format);
+    let policy = RestartPolicy {
         max_restarts: args.max_restarts,
         within: Duration::from_secs(args.within),
         stable_after: Duration::from_millis(args.backoff_reset_ms),
         ..Default::default()
     };
     let config = watchdog::Config {
-        instance: args.instance,
-        runtime_dir: args.runtime_dir,
+        instance: args.place.instance,
+        runtime_dir: args.place.runtime_dir,
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(1)),
         miss_limit: args.miss_limit.max(1),
         start_timeout: Duration::from_millis(args.start_timeout_ms),

@@ -279,29 +279,68 @@ mod tests {
         s
     }
 
-    #[test]
-    fn transition_table() {
+    /// A supervisor set up for a case.
+    type Setup = fn(Instant) -> Supervisor;
+    /// (name, setup, event, expected state, expected action kinds)
+    type Case = (&'static str, Setup, Event, State, Vec<&'static str>);
+
+    fn exited(pid: u32, how: &str) -> Event {
+        Event::Exited {
+            pid,
+            how: how.into(),
+        }
+    }
+
+    /// Running, then its dispatcher crashed: in backoff.
+    fn in_backoff(t: Instant) -> Supervisor {
+        let mut s = running(t);
+        s.handle(exited(10, "x"), t);
+        s
+    }
+
+    /// Running, then asked to stop: stopping.
+    fn stopping(t: Instant) -> Supervisor {
+        let mut s = running(t);
+        s.handle(Event::StopRequested, t);
+        s
+    }
+
+    /// Runs each case: its set-up, then its event; checks the state reached
+    /// and the kinds of the actions returned.
+    fn check_transitions(cases: Vec<Case>) {
         let t0 = Instant::now();
-        // (setup, event, expected state, expected action kinds)
-        type Setup = fn(Instant) -> Supervisor;
-        let cases: Vec<(&str, Setup, Event, State, Vec<&str>)> = vec![
+        for (name, setup, event, state, kinds) in cases {
+            let mut s = setup(t0);
+            let actions = s.handle(event, t0 + ms(1));
+            let got: Vec<String> = actions
+                .iter()
+                .map(|a| {
+                    format!("{a:?}")
+                        .split([' ', '{'])
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            assert_eq!(s.state(), state, "{name}");
+            assert_eq!(got, kinds, "{name}");
+        }
+    }
+
+    #[test]
+    fn transitions_while_running() {
+        check_transitions(vec![
             (
                 "crash restarts",
                 running,
-                Event::Exited {
-                    pid: 10,
-                    how: "signal 9".into(),
-                },
+                exited(10, "signal 9"),
                 State::Backoff,
                 vec!["ScheduleRestart"],
             ),
             (
                 "stale exit ignored",
                 running,
-                Event::Exited {
-                    pid: 99,
-                    how: "x".into(),
-                },
+                exited(99, "x"),
                 State::Running,
                 vec![],
             ),
@@ -333,93 +372,54 @@ mod tests {
                 State::Running,
                 vec![],
             ),
+        ]);
+    }
+
+    #[test]
+    fn transitions_in_backoff() {
+        check_transitions(vec![
             (
                 "stop during backoff exits at once",
-                |t| {
-                    let mut s = running(t);
-                    s.handle(
-                        Event::Exited {
-                            pid: 10,
-                            how: "x".into(),
-                        },
-                        t,
-                    );
-                    s
-                },
+                in_backoff,
                 Event::StopRequested,
                 State::Stopped,
                 vec!["Exit"],
             ),
             (
                 "backoff elapsed spawns",
-                |t| {
-                    let mut s = running(t);
-                    s.handle(
-                        Event::Exited {
-                            pid: 10,
-                            how: "x".into(),
-                        },
-                        t,
-                    );
-                    s
-                },
+                in_backoff,
                 Event::BackoffElapsed,
                 State::Starting,
                 vec!["Spawn"],
             ),
+        ]);
+    }
+
+    #[test]
+    fn transitions_while_stopping() {
+        check_transitions(vec![
             (
                 "grace expired kills",
-                |t| {
-                    let mut s = running(t);
-                    s.handle(Event::StopRequested, t);
-                    s
-                },
+                stopping,
                 Event::GraceExpired,
                 State::Stopping,
                 vec!["Kill"],
             ),
             (
                 "exit while stopping ends",
-                |t| {
-                    let mut s = running(t);
-                    s.handle(Event::StopRequested, t);
-                    s
-                },
-                Event::Exited {
-                    pid: 10,
-                    how: "exit 0".into(),
-                },
+                stopping,
+                exited(10, "exit 0"),
                 State::Stopped,
                 vec!["Exit"],
             ),
             (
                 "hang while stopping ignored",
-                |t| {
-                    let mut s = running(t);
-                    s.handle(Event::StopRequested, t);
-                    s
-                },
+                stopping,
                 Event::Hung { misses: 3 },
                 State::Stopping,
                 vec![],
             ),
-        ];
-        for (name, setup, event, state, kinds) in cases {
-            let mut s = setup(t0);
-            let actions = s.handle(event, t0 + ms(1));
-            let got: Vec<String> = actions
-                .iter()
-                .map(|a| {
-                    format!("{a:?}")
-                        .split([' ', '{'])
-                        .next()
-                        .unwrap()
-                        .to_owned()
-                })
-                .collect();
-            assert_eq!(s.state(), state, "{name}");
-            assert_eq!(got, kinds, "{name}");
-        }
+        ]);
     }
 
     #[test]

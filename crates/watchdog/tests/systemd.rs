@@ -35,7 +35,10 @@ impl Manager {
         self.socket.set_read_timeout(Some(within)).unwrap();
         let mut buf = [0u8; 4096];
         let n = self.socket.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        // A message is newline-separated lines; the last one's newline, if
+        // sent, is not part of it (systemd reads it the same either way).
+        let text = String::from_utf8_lossy(&buf[..n]);
+        Some(text.strip_suffix('\n').unwrap_or(&text).to_owned())
     }
 
     /// Messages until one contains `what` (returned last), within `within`.

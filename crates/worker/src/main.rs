@@ -8,9 +8,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "osps-worker", version)]
 struct Args {
-    /// Log lines: text for people, json (one object per line) for machines. Filter with RUST_LOG.
-    #[arg(long, env = "OSPS_LOG_FORMAT", default_value = "text")]
-    log_format: ipc_core::logging::LogFormat,
+    #[command(flatten)]
+    log: ipc_core::cli::LogArgs,
     /// Name of the shared-memory segment to open, as the dispatcher gives it
     /// (e.g. /osps-1000-default-5e5ccee6-9f3a61c2d07b48e5; sysv: before it for System V).
     #[arg(long)]
@@ -25,7 +24,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let _span = ipc_core::logging::init("worker", args.log_format);
+    let _span = ipc_core::logging::init("worker", args.log.log_format);
     let config = worker::Config {
         segment: args.segment,
         allow_fault_injection: args.allow_fault_injection,

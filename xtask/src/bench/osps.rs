@@ -66,10 +66,19 @@ pub fn bulk(c: &mut Client, data: &[u8]) -> Result<(f64, f64, f64)> {
 pub fn memory_and_recovery(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&str)) -> Result<()> {
     step("o4 dispatcher memory with 1,000 idle connections");
     let inst = Instance::start("benchrss", &["--workers", "2"]);
-    let clients: Vec<Client> = (0..plan.idle_conns)
+    // The dispatcher's own memory before (settled: prefaulting done), then
+    // with the connections open, each having served one request (so what a
+    // connection keeps after its first reply counts too).
+    std::thread::sleep(Duration::from_millis(1000));
+    r.rss_base_kib = rss_kib(inst.pid())? - status_kib(inst.pid(), "RssShmem:")?;
+    let mut clients: Vec<Client> = (0..plan.idle_conns)
         .map(|_| connect(&inst))
         .collect::<Result<_>>()?;
+    for c in &mut clients {
+        c.ping()?;
+    }
     std::thread::sleep(Duration::from_millis(300));
+    r.idle_conns = clients.len();
     r.rss_kib = rss_kib(inst.pid())?;
     r.rss_anon_kib = status_kib(inst.pid(), "RssAnon:")?;
     r.rss_shmem_kib = status_kib(inst.pid(), "RssShmem:")?;

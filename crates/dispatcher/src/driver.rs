@@ -1,0 +1,548 @@
+//! The worker pool: one driver task per pool place. A driver spawns its
+//! worker (stdin = job pipe, stdout = result pipe, own process group) and
+//! feeds it jobs from the queue, several at a time when the queue is deep
+//! (one pipe write for a batch of job frames; the worker answers them in
+//! order). What to send, when a job times out, what a death or an answer
+//! means is decided by the worker's [`Session`]; this module does the I/O.
+//! On a crash or hang it kills the worker's process group, reaps it,
+//! answers or requeues its jobs, and spawns a replacement. The dispatcher
+//! never blocks on a worker: every wait is a bounded `.await`.
+
+use std::process::Stdio;
+use std::rc::Rc;
+use std::time::Duration;
+
+use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
+use ipc_core::proto::{
+    ErrorKind, FromWorker, JobDone, JobRef, Outcome, RemoteError, ToWorkerRef, PIPE_VERSION,
+};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::replies::Body;
+use crate::session::{Ahead, Answered, End, Session, SessionJob};
+use crate::shared::{QueuedJob, Shared};
+use crate::slots::{News, Streamed, UploadState};
+use crate::workers::{WorkerEntry, WorkerState};
+
+/// How long a new worker has to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker has to exit after its stdin closes.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// Failed starts in a row after which waiting jobs are answered with an error.
+const GIVE_UP_JOBS_AFTER_FAILED_STARTS: u32 = 3;
+/// Attempts per job: the first run plus one retry after a worker crash.
+const MAX_ATTEMPTS: u8 = 2;
+
+impl SessionJob for QueuedJob {
+    fn id(&self) -> u64 {
+        self.job_id
+    }
+
+    fn frame_size(&self) -> usize {
+        64 + self.op.as_str().len() + self.args.iter().map(|a| a.len() + 8).sum::<usize>()
+    }
+
+    fn arriving(&self) -> bool {
+        self.lease.upload().is_some()
+    }
+
+    fn attempts(&mut self) -> &mut u8 {
+        &mut self.attempts
+    }
+}
+
+struct Worker {
+    child: Child,
+    pid: u32,
+    /// `None` once closed (the polite stop).
+    stdin: Option<ChildStdin>,
+    stdout: ChildStdout,
+}
+
+/// Drives pool place `index` until `stop` turns true.
+pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<bool>) {
+    let entry = shared.workers.get(index);
+    let mut failures_in_a_row = 0u32;
+    while !*stop.borrow() {
+        let mut worker = match spawn(&shared).await {
+            Ok(w) => {
+                failures_in_a_row = 0;
+                w
+            }
+            Err(e) => {
+                failures_in_a_row += 1;
+                start_failed(&shared, index, failures_in_a_row, &e, &mut stop).await;
+                continue;
+            }
+        };
+        tracing::info!(worker = index, pid = worker.pid, "worker started");
+        entry.started(worker.pid);
+        let end = WorkerDriver {
+            shared: &shared,
+            index,
+            w: &mut worker,
+            stop: &mut stop,
+        }
+        .serve()
+        .await;
+        let status = finish(&mut worker, &end).await;
+        entry.ended();
+        if settle(&shared, index, worker.pid, end, status, *stop.borrow()) {
+            break;
+        }
+        if *stop.borrow() {
+            // Killed at the end of shutdown, not replaced.
+            entry.retired();
+            break;
+        }
+        entry.restarting();
+    }
+}
+
+/// A worker could not start (the `failures`th time in a row): says so, and
+/// after a few, answers what waits rather than keep it waiting on a pool
+/// that cannot start; then backs off.
+async fn start_failed(
+    shared: &Shared,
+    index: usize,
+    failures: u32,
+    e: &str,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let delay = Duration::from_millis(50 << failures.min(6));
+    tracing::error!(
+        worker = index,
+        "cannot start worker: {e}; retrying in {delay:?}"
+    );
+    if failures >= GIVE_UP_JOBS_AFTER_FAILED_STARTS {
+        let msg = format!("no worker can be started ({e}); see the dispatcher's log");
+        for job in shared.queue.take_all() {
+            answer_err(shared, job, ErrorKind::Internal, msg.clone());
+        }
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+/// After a worker ended `status`: answers or requeues its jobs and records
+/// why. Returns true when the driver is done (a polite stop).
+fn settle(
+    shared: &Shared,
+    index: usize,
+    pid: u32,
+    end: End<QueuedJob>,
+    status: String,
+    stopping: bool,
+) -> bool {
+    let End::Kill {
+        why,
+        answer,
+        requeue,
+    } = end
+    else {
+        tracing::info!(worker = index, pid, "worker stopped: {status}");
+        return true;
+    };
+    tracing::warn!(
+        worker = index,
+        pid,
+        "worker ended ({why}): {status}; replacing it"
+    );
+    if !stopping {
+        let lost = answer.len() as u64;
+        shared
+            .workers
+            .get(index)
+            .lost(lost, format!("{status}: {why}"));
+    }
+    for (job, kind, message) in answer {
+        answer_err(shared, job, kind, message);
+    }
+    if stopping {
+        // Shutdown has taken the queue already: answer, do not requeue.
+        for job in requeue {
+            let msg = "the dispatcher is shutting down; retry later".into();
+            answer_err(shared, job, ErrorKind::ShuttingDown, msg);
+        }
+    } else {
+        // Back to the front of the queue, in their order.
+        for job in requeue.into_iter().rev() {
+            shared.queue.push(job, true);
+        }
+    }
+    false
+}
+
+async fn spawn(shared: &Shared) -> Result<Worker, String> {
+    let mut cmd = Command::new(&shared.config.worker_exe);
+    cmd.arg("--segment")
+        .arg(shared.slots.segment().name())
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env(
+            ipc_core::env::LOG_FORMAT,
+            ipc_core::logging::format().as_str(),
+        )
+        .process_group(0)
+        .kill_on_drop(true);
+    if shared.config.allow_fault_injection {
+        cmd.arg("--allow-fault-injection");
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("{}: {e}", shared.config.worker_exe.display()))?;
+    let pid = child.id().ok_or("worker exited at once")?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    let mut worker = Worker {
+        child,
+        pid,
+        stdin: Some(stdin),
+        stdout,
+    };
+    let failed = match ready(&mut worker).await {
+        Ok(streams) => {
+            shared.queue.set_streaming_ops(streams);
+            return Ok(worker);
+        }
+        Err(failed) => failed,
+    };
+    let not_ready = End::Kill {
+        why: failed.clone(),
+        answer: vec![],
+        requeue: vec![],
+    };
+    let status = finish(&mut worker, &not_ready).await;
+    Err(format!("worker {pid}: {failed} ({status})"))
+}
+
+/// Waits for a new worker's `Ready`; returns the operations it streams.
+async fn ready(worker: &mut Worker) -> Result<Vec<String>, String> {
+    let mut scratch = Vec::new();
+    let hello = frame::read_frame_async::<FromWorker, _>(
+        &mut worker.stdout,
+        &mut scratch,
+        DEFAULT_MAX_FRAME,
+    );
+    Err(match tokio::time::timeout(READY_TIMEOUT, hello).await {
+        Ok(Ok(FromWorker::Ready {
+            version: PIPE_VERSION,
+            streams,
+            ..
+        })) => return Ok(streams),
+        Ok(Ok(FromWorker::Ready { version, .. })) => format!(
+            "it speaks worker pipe version {version}, this dispatcher {PIPE_VERSION} (osps-worker must come from the same build as osps-dispatcher)"
+        ),
+        Ok(Ok(other)) => format!("unexpected first message {other:?}"),
+        Ok(Err(e)) => format!(
+            "no ready message: {e} (osps-worker must come from the same build as osps-dispatcher)"
+        ),
+        Err(_) => format!("not ready within {READY_TIMEOUT:?}"),
+    })
+}
+
+/// What woke a busy driver.
+enum Woke {
+    /// Result bytes (or the end of the pipe).
+    Read(std::io::Result<usize>),
+    /// The running job's payload made progress.
+    Upload,
+    TimedOut,
+    Stopped,
+}
+
+/// One live worker's service: its session and its pipes.
+struct WorkerDriver<'a> {
+    shared: &'a Rc<Shared>,
+    index: usize,
+    w: &'a mut Worker,
+    stop: &'a mut watch::Receiver<bool>,
+}
+
+impl WorkerDriver<'_> {
+    fn entry(&self) -> &WorkerEntry {
+        self.shared.workers.get(self.index)
+    }
+
+    /// Feeds jobs to the worker until it must go.
+    async fn serve(mut self) -> End<QueuedJob> {
+        let timeout = Duration::from_millis(self.shared.config.job_timeout_ms);
+        let mut s = Session::new(MAX_ATTEMPTS, Instant::now().into_std());
+        // The running job's upload, while the worker is told of its progress.
+        let mut upload: Option<Rc<Streamed>> = None;
+        let mut out = Vec::with_capacity(4096);
+        let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
+        loop {
+            if s.is_idle() {
+                self.entry().set_state(WorkerState::Idle);
+                let job = tokio::select! {
+                    job = self.shared.queue.next() => job,
+                    status = self.w.child.wait() => return s.died(format!("exited while idle: {}", describe(status)), op_name),
+                    _ = self.stop.wait_for(|s| *s) => return End::Stop,
+                };
+                upload = job.lease.upload().cloned();
+                s.start(job, Instant::now().into_std());
+            }
+            self.take_ahead(&mut s);
+            if let Err(e) = self.write_jobs(&mut s, upload.as_deref(), &mut out).await {
+                return s.died(format!("job pipe: {e}"), op_name);
+            }
+            if !s.arriving() {
+                upload = None;
+            }
+            self.entry().set_state(WorkerState::Busy);
+            if let Some(up) = &upload {
+                match self.tell_news(&mut s, up, &mut out).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => return s.died(format!("job pipe: {e}"), op_name),
+                }
+            }
+            let deadline = s.deadline(timeout).map(Instant::from_std);
+            match self.wait(&mut inbuf, upload.as_deref(), deadline).await {
+                Woke::Read(Ok(0)) => return s.died("result pipe closed".into(), op_name),
+                Woke::Read(Err(e)) => return s.died(format!("result pipe: {e}"), op_name),
+                Woke::Read(Ok(_)) => {}
+                Woke::Upload => continue,
+                Woke::TimedOut => {
+                    let head = s.head().expect("a job runs");
+                    tracing::warn!(worker = self.index, job = head.job_id, op = %head.op, "job timed out after {timeout:?}");
+                    return s.timed_out(timeout);
+                }
+                // Stop arrives while busy only when the drain deadline has passed.
+                Woke::Stopped => return s.stopped(),
+            }
+            if let Err(why) = self.take_answers(&mut s, &mut inbuf) {
+                return s.broke(why);
+            }
+            if !s.arriving() {
+                upload = None;
+            }
+        }
+    }
+
+    /// Takes more queued jobs for the same write, while the session allows.
+    fn take_ahead(&self, s: &mut Session<QueuedJob>) {
+        let queue = &self.shared.queue;
+        let mut ahead = 0;
+        while s.may_send_ahead(queue.idle_workers()) {
+            let Some(job) = queue.try_next() else {
+                break;
+            };
+            if Session::ahead(ahead, &job) == Ahead::PutBack {
+                queue.push(job, true);
+                break;
+            }
+            ahead += job.frame_size();
+            s.push_ahead(job);
+            self.shared.stats.sent_ahead();
+        }
+    }
+
+    /// Writes the frames of the jobs not yet in the pipe, in one write.
+    async fn write_jobs(
+        &mut self,
+        s: &mut Session<QueuedJob>,
+        upload: Option<&Streamed>,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        if s.unwritten().next().is_none() {
+            return Ok(());
+        }
+        out.clear();
+        // Only a job taken alone can be arriving: the running one. If its
+        // payload came in meanwhile, there is nothing more to tell.
+        let (ready, complete) = match upload {
+            Some(up) => (
+                up.upload.ready(),
+                up.upload.state() == UploadState::Complete,
+            ),
+            _ => (0, true),
+        };
+        for job in s.unwritten() {
+            let msg = ToWorkerRef::Job(JobRef {
+                job_id: job.job_id,
+                op: job.op.as_str(),
+                args: &job.args,
+                slot: job.lease.region().into(),
+                input_len: job.input_len,
+                ready: if job.arriving() { ready } else { job.input_len },
+                // Runs that ended with the worker's death, plus this one.
+                attempt: u32::from(job.attempts) + 1,
+            });
+            frame::encode(&msg, out).expect("jobs encode");
+        }
+        let stdin = self.w.stdin.as_mut().expect("open while serving");
+        stdin.write_all(out).await?;
+        s.written(complete);
+        if !complete {
+            s.tell(News::More { ready, last: false }, std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Tells the worker of its payload's progress, if there is news;
+    /// returns whether there was.
+    async fn tell_news(
+        &mut self,
+        s: &mut Session<QueuedJob>,
+        up: &Streamed,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<bool> {
+        let Some(news) = s.told().and_then(|told| up.upload.news(told)) else {
+            return Ok(false);
+        };
+        let job_id = s.head().expect("a job runs").job_id;
+        let msg = match news {
+            News::More { ready, .. } => ToWorkerRef::More { job_id, ready },
+            News::Abort => ToWorkerRef::Abort { job_id },
+        };
+        out.clear();
+        frame::encode(&msg, out).expect("news encodes");
+        let stdin = self.w.stdin.as_mut().expect("open while serving");
+        stdin.write_all(out).await?;
+        s.tell(news, std::time::Instant::now());
+        Ok(true)
+    }
+
+    /// Waits for the worker's answer bytes, the upload's progress, the
+    /// running job's deadline or the drain deadline.
+    async fn wait(
+        &mut self,
+        inbuf: &mut Vec<u8>,
+        upload: Option<&Streamed>,
+        deadline: Option<Instant>,
+    ) -> Woke {
+        let progress = async {
+            match upload {
+                Some(up) => up.upload.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let timeout = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.w.stdout.read_buf(inbuf) => Woke::Read(r),
+            () = progress => Woke::Upload,
+            () = timeout => Woke::TimedOut,
+            _ = self.stop.wait_for(|s| *s) => Woke::Stopped,
+        }
+    }
+
+    /// Answers the jobs whose `JobDone` frames are whole in `inbuf`.
+    fn take_answers(&self, s: &mut Session<QueuedJob>, inbuf: &mut Vec<u8>) -> Result<(), String> {
+        let mut consumed = 0;
+        let result = loop {
+            let done = match frame::try_decode::<FromWorker>(&inbuf[consumed..], DEFAULT_MAX_FRAME)
+            {
+                Ok(Some((FromWorker::Done(done), n))) => {
+                    consumed += n;
+                    done
+                }
+                Ok(Some((other, _))) => break Err(format!("unexpected message {other:?}")),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("bad result frame: {e}")),
+            };
+            let ok = matches!(done.outcome, Outcome::Ok);
+            match s.answered(done.job_id, ok, std::time::Instant::now()) {
+                Answered::Job(job) => {
+                    let ok = answer(self.shared, job, done);
+                    self.entry().answered(ok);
+                }
+                Answered::Broke(why) => break Err(why),
+            }
+        };
+        inbuf.drain(..consumed);
+        result
+    }
+}
+
+fn op_name(job: &QueuedJob) -> String {
+    job.op.as_str().to_owned()
+}
+
+/// Checks a worker's answer and sends the reply to the job's connection.
+/// Returns whether the reply is a success.
+fn answer(shared: &Shared, job: QueuedJob, done: JobDone) -> bool {
+    let result = done
+        .result_offset
+        .checked_add(done.result_len)
+        .filter(|&end| end <= job.lease.region().len())
+        .map(|end| done.result_offset as usize..end as usize);
+    let Some(result) = result else {
+        let msg = "the worker described a result outside its slot".into();
+        answer_err(shared, job, ErrorKind::Internal, msg);
+        return false;
+    };
+    let ok = matches!(done.outcome, Outcome::Ok);
+    send(shared, job, done.outcome, result);
+    ok
+}
+
+/// Answers a job with an error.
+pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: String) {
+    let outcome = Outcome::Err(RemoteError::new(kind, message));
+    send(shared, job, outcome, 0..0);
+}
+
+/// Counts the outcome and hands the reply, with the slot (back from the
+/// worker, and from the upload if it is over) and permit, to the
+/// connection's writer.
+fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
+    shared.stats.answered(&outcome, job.received);
+    let lease = job.lease.settle();
+    job.reply
+        .answer(job.req_id, outcome, Body::Slot { result, lease });
+}
+
+/// Ends a worker: on `Stop`, closes its stdin and waits a grace period; in
+/// every other case (or when the grace runs out) kills its whole process
+/// group. Always reaps it, and kills what is left of its process group
+/// (processes its jobs started and left behind). Returns how it exited.
+async fn finish(w: &mut Worker, end: &End<QueuedJob>) -> String {
+    if matches!(end, End::Stop) {
+        // Closing stdin is the polite stop: the worker sees EOF and exits 0.
+        drop(w.stdin.take());
+        if let Ok(status) = tokio::time::timeout(EXIT_GRACE, w.child.wait()).await {
+            // The group's id stays taken while it has members, so this
+            // reaches only what the worker left in its group (ESRCH if none).
+            let _ = killpg(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+            return describe(status);
+        }
+        tracing::warn!(
+            pid = w.pid,
+            "worker did not exit within {EXIT_GRACE:?} of EOF; killing it"
+        );
+    }
+    let _ = killpg(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+    describe(w.child.wait().await)
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => format!(
+                "killed by signal {sig} ({})",
+                Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?")
+            ),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}

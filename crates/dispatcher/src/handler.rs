@@ -1,0 +1,270 @@
+//! A connection's requests, read one after another by its [`Handler`]: the
+//! header (under the idle, then the frame deadline), then what the request
+//! asks. `status` and refusals are answered by the dispatcher itself; a job
+//! gets a slot, its payload is read from the socket straight into the slot,
+//! and it goes on the queue. A large payload of an operation that streams
+//! goes on the queue first and is read while a worker already starts on it.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ipc_core::frame::{self, FrameError};
+use ipc_core::proto::{self, ErrorKind, Outcome, RemoteError, RequestRef};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+use crate::admission::{Holder, Wait};
+use crate::handshake::skip;
+use crate::replies::{Body, Permit, Replies, Reply};
+use crate::shared::{OpName, QueuedJob, Shared};
+use crate::slots::{JobSlot, SlotLease, Uploading, RESULT_RESERVE};
+
+/// How reading a connection's requests ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client left, went idle or stalled: close.
+    Gone,
+    /// The connection must close after the replies already queued (a
+    /// request it could not take); the client's leftover bytes are drained
+    /// first, so it reads the answer rather than a reset.
+    Refused,
+}
+
+/// A request's header, taken out of the read buffer.
+struct Header {
+    id: u64,
+    op: OpName,
+    args: Vec<String>,
+    payload_len: u64,
+}
+
+/// Reads one connection's requests and turns them into jobs.
+pub struct Handler<'a, R> {
+    pub shared: &'a Rc<Shared>,
+    pub rd: &'a mut R,
+    pub replies: &'a Rc<Replies>,
+    pub holder: &'a Rc<Holder>,
+}
+
+impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
+    fn frame_deadline(&self) -> Duration {
+        Duration::from_millis(self.shared.config.frame_timeout_ms)
+    }
+
+    /// Reads requests until the client leaves or misbehaves.
+    pub async fn run(mut self) -> Ended {
+        let mut scratch = Vec::with_capacity(256);
+        loop {
+            let req = match self.next_request(&mut scratch).await {
+                Ok(req) => req,
+                Err(ended) => return ended,
+            };
+            let permit = self.permit().await;
+            if req.payload_len > self.shared.max_payload {
+                let msg = format!(
+                    "payload of {} bytes exceeds the limit of {} bytes; closing the connection",
+                    req.payload_len, self.shared.max_payload
+                );
+                answer_err(permit, req.id, ErrorKind::TooLarge, msg);
+                return Ended::Refused;
+            }
+            if req.op.as_str() == proto::OP_STATUS && req.payload_len == 0 {
+                let bytes = serde_json::to_vec(&crate::status::report(self.shared))
+                    .expect("status serialises");
+                permit.answer(req.id, Outcome::Ok, Body::Inline(bytes));
+                continue;
+            }
+            if let Err(ended) = self.take(req, permit).await {
+                return ended;
+            }
+        }
+    }
+
+    /// Waits for the next request (idle deadline), then for all of its
+    /// header (frame deadline).
+    async fn next_request(&mut self, scratch: &mut Vec<u8>) -> Result<Header, Ended> {
+        let idle = Duration::from_millis(self.shared.config.idle_timeout_ms);
+        match tokio::time::timeout(idle, self.rd.fill_buf()).await {
+            Err(_) => {
+                tracing::info!("closing a connection idle for {idle:?}");
+                return Err(Ended::Gone);
+            }
+            Ok(Ok([])) => return Err(Ended::Gone),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!("connection ended: {e}");
+                return Err(Ended::Gone);
+            }
+        }
+        let deadline = self.frame_deadline();
+        let max = self.shared.config.max_frame;
+        let header = tokio::time::timeout(deadline, frame::read_body_async(self.rd, scratch, max));
+        // Decoded in place: the request borrows its strings from `scratch`.
+        let decoded = header
+            .await
+            .unwrap_or(Err(FrameError::Stalled))
+            .and_then(|()| frame::decode_body::<RequestRef<'_>>(scratch));
+        match decoded {
+            Ok(r) => Ok(Header {
+                id: r.id,
+                op: OpName::new(r.op),
+                args: r.args.iter().map(|a| a.to_string()).collect(),
+                payload_len: r.payload_len,
+            }),
+            Err(FrameError::Stalled) => Err(self.stalled()),
+            Err(e @ (FrameError::TooLarge { .. } | FrameError::Corrupt(_))) => {
+                tracing::info!("closing connection: {e}");
+                // About the connection itself: id 0, no permit.
+                self.replies.send(Reply {
+                    req_id: 0,
+                    outcome: error(
+                        ErrorKind::BadRequest,
+                        format!("{e}; closing the connection"),
+                    ),
+                    body: Body::Inline(Vec::new()),
+                    permit: None,
+                });
+                Err(Ended::Refused)
+            }
+            Err(e) => {
+                tracing::debug!("connection ended: {e}");
+                Err(Ended::Gone)
+            }
+        }
+    }
+
+    fn stalled(&self) -> Ended {
+        let deadline = self.frame_deadline();
+        tracing::info!("dropping a connection that stalled inside a request for {deadline:?}");
+        Ended::Gone
+    }
+
+    /// One of the connection's in-flight permits; waits while all are out
+    /// (its replies not yet written).
+    async fn permit(&self) -> Permit {
+        match self.replies.try_permit() {
+            Some(p) => p,
+            None => {
+                let _waiting = self.holder.wait(Wait::InFlight);
+                self.replies.permit().await
+            }
+        }
+    }
+
+    /// Takes a job's request: a slot, its payload, the queue.
+    async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
+        // A slot, unless the request is refused; waiting for one ends if shutdown begins.
+        let lease = match req.op.as_str() {
+            proto::OP_STATUS => None,
+            _ => {
+                let len = req.payload_len + RESULT_RESERVE;
+                self.shared.slots.lease(len, self.holder).await
+            }
+        };
+        let Some(lease) = lease else {
+            return self.refuse(req, permit).await;
+        };
+        let shared = self.shared;
+        if !shared.life.draining() && shared.queue.should_stream(req.op.as_str(), req.payload_len) {
+            return self.stream(req, lease, permit).await;
+        }
+        self.read_payload(req, lease, permit).await
+    }
+
+    /// Skips a refused request's payload to stay in step with the stream
+    /// (under the same deadline as any payload: a refused one cannot be
+    /// trickled forever), then answers why.
+    async fn refuse(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
+        match tokio::time::timeout(self.frame_deadline(), skip(self.rd, req.payload_len)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!("connection ended inside a payload: {e}");
+                return Err(Ended::Gone);
+            }
+            Err(_) => return Err(self.stalled()),
+        }
+        if req.op.as_str() == proto::OP_STATUS {
+            answer_err(
+                permit,
+                req.id,
+                ErrorKind::BadRequest,
+                "status takes no payload".into(),
+            );
+        } else {
+            shutting_down(permit, req.id);
+        }
+        Ok(())
+    }
+
+    /// Reads the payload into the slot, then queues the job.
+    async fn read_payload(
+        &mut self,
+        req: Header,
+        mut lease: SlotLease,
+        permit: Permit,
+    ) -> Result<(), Ended> {
+        let len = req.payload_len as usize;
+        let buf = &mut lease.bytes_mut()[..len];
+        let payload = tokio::time::timeout(
+            self.frame_deadline(),
+            frame::read_payload_async(self.rd, buf),
+        );
+        if let Err(e) = payload.await.unwrap_or(Err(FrameError::Stalled)) {
+            return Err(left_inside(req.id, req.payload_len, e));
+        }
+        if self.shared.life.workers_stopped() {
+            // The drain deadline passed while the payload arrived: no worker will take it.
+            drop(lease);
+            shutting_down(permit, req.id);
+            return Ok(());
+        }
+        let job = self.job(req, JobSlot::Own(lease), permit);
+        self.shared.queue.push(job, false);
+        Ok(())
+    }
+
+    /// Queues the job now, for an idle worker to start on, and reads the
+    /// payload as it comes; the connection holds the slot until the upload
+    /// ends (or is dropped with it: then the job hears the payload never will).
+    async fn stream(&mut self, req: Header, lease: SlotLease, permit: Permit) -> Result<(), Ended> {
+        let (id, len) = (req.id, req.payload_len);
+        let (mut uploading, slot) = Uploading::start(lease, len);
+        let job = self.job(req, slot, permit);
+        self.shared.queue.push(job, false);
+        let payload = tokio::time::timeout(self.frame_deadline(), uploading.read_from(self.rd));
+        let read = payload.await.unwrap_or(Err(FrameError::Stalled));
+        uploading.finish(read.is_ok());
+        read.map_err(|e| left_inside(id, len, e))
+    }
+
+    fn job(&self, req: Header, lease: JobSlot, reply: Permit) -> QueuedJob {
+        QueuedJob {
+            job_id: self.shared.queue.next_job_id(),
+            req_id: req.id,
+            op: req.op,
+            args: req.args,
+            lease,
+            input_len: req.payload_len,
+            reply,
+            attempts: 0,
+            received: Instant::now(),
+        }
+    }
+}
+
+fn left_inside(id: u64, len: u64, e: FrameError) -> Ended {
+    tracing::info!(id, "client left inside a {len}-byte payload: {e}");
+    Ended::Gone
+}
+
+fn error(kind: ErrorKind, message: String) -> Outcome {
+    Outcome::Err(RemoteError::new(kind, message))
+}
+
+fn answer_err(permit: Permit, id: u64, kind: ErrorKind, message: String) {
+    permit.answer(id, error(kind, message), Body::Inline(Vec::new()));
+}
+
+fn shutting_down(permit: Permit, id: u64) {
+    let msg = "the dispatcher is shutting down; retry later".into();
+    answer_err(permit, id, ErrorKind::ShuttingDown, msg);
+}

@@ -1,0 +1,540 @@
+//! A worker session's decisions, apart from its I/O: which queued jobs go to
+//! the worker with the one it runs, what its payload's progress means, and
+//! what an answer, a death, a timeout or a stop does to the jobs it holds.
+//! Pure (time is passed in), so every rule has a table-driven test below;
+//! the driver (`driver.rs`) does the reading, writing and waiting.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use ipc_core::proto::ErrorKind;
+
+use crate::slots::News;
+
+/// Jobs one worker may have been sent and not yet answered. More than one
+/// only when no worker is idle, so a long job holds back few others.
+pub const MAX_BATCH: usize = 8;
+/// Bytes of job frames sent ahead to a busy worker, at most (well under a
+/// pipe's capacity, so neither side can block writing while the other does).
+pub const MAX_BATCH_BYTES: usize = 4096;
+
+/// What the session needs to know of a job.
+pub trait SessionJob {
+    /// The job's number (what the worker's answer names).
+    fn id(&self) -> u64;
+    /// About how many bytes its frame takes in the job pipe.
+    fn frame_size(&self) -> usize;
+    /// Whether its payload is still arriving.
+    fn arriving(&self) -> bool;
+    /// Runs so far that ended with the worker dying.
+    fn attempts(&mut self) -> &mut u8;
+}
+
+/// How a worker's service ended.
+#[derive(Debug)]
+pub enum End<J> {
+    /// Asked to stop while idle: its stdin is closed and it exits by itself.
+    Stop,
+    /// It died, hung or broke protocol: its process group is killed. Its jobs
+    /// are answered or requeued only once it is dead, so no slot is reused
+    /// while the worker could still write into it.
+    Kill {
+        why: String,
+        answer: Vec<(J, ErrorKind, String)>,
+        requeue: Vec<J>,
+    },
+}
+
+/// Whether a queued job may go to a busy worker behind what it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// Send it with the others, in the same write.
+    Take,
+    /// Put it back at the front of the queue and send nothing more now.
+    PutBack,
+}
+
+/// What an answer from the worker means.
+#[derive(Debug)]
+pub enum Answered<J> {
+    /// The running job is done: answer it.
+    Job(J),
+    /// The answer breaks the protocol: the worker must go.
+    Broke(String),
+}
+
+/// The jobs a worker holds and what it has been told.
+#[derive(Debug)]
+pub struct Session<J> {
+    /// Jobs sent (or about to be) and not yet answered, oldest (the one
+    /// running) first; the first `written` of them are in the pipe.
+    sent: VecDeque<J>,
+    written: usize,
+    /// Since when the running job counts against the job timeout.
+    head_since: Instant,
+    /// While the running job's payload is still arriving (from the moment
+    /// the job is taken until the worker has been told all of it is in, or
+    /// that it never will be): how many bytes the worker was told are in.
+    /// Nothing is sent ahead meanwhile, and no timeout runs (the
+    /// connection's frame deadline bounds the upload); it starts once all is in.
+    told: Option<u64>,
+    /// Attempts per job: the first run plus retries after worker crashes.
+    max_attempts: u8,
+}
+
+impl<J: SessionJob> Session<J> {
+    pub fn new(max_attempts: u8, now: Instant) -> Self {
+        Session {
+            sent: VecDeque::new(),
+            written: 0,
+            head_since: now,
+            told: None,
+            max_attempts,
+        }
+    }
+
+    /// Whether the worker holds no job (it waits for one).
+    pub fn is_idle(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// The running job, if any.
+    pub fn head(&self) -> Option<&J> {
+        self.sent.front()
+    }
+
+    /// Jobs held.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Whether the running job's payload is still arriving.
+    pub fn arriving(&self) -> bool {
+        self.told.is_some()
+    }
+
+    /// Gives an idle worker its job.
+    pub fn start(&mut self, job: J, now: Instant) {
+        debug_assert!(self.sent.is_empty());
+        self.head_since = now;
+        self.told = job.arriving().then_some(0);
+        self.sent.push_back(job);
+    }
+
+    /// Whether to look for jobs to send ahead: only while no other worker
+    /// is idle, below the batch limit, and never behind or ahead of a job
+    /// whose payload is arriving (the worker reads that payload's news from
+    /// its pipe until it is all in).
+    pub fn may_send_ahead(&self, idle_workers: usize) -> bool {
+        self.sent.len() < MAX_BATCH && idle_workers == 0 && self.told.is_none()
+    }
+
+    /// Whether `job` goes ahead, with `ahead` bytes of frames already
+    /// chosen in this round (small jobs only, none still uploading).
+    pub fn ahead(ahead: usize, job: &J) -> Ahead {
+        if ahead + job.frame_size() > MAX_BATCH_BYTES || job.arriving() {
+            Ahead::PutBack
+        } else {
+            Ahead::Take
+        }
+    }
+
+    /// Adds a job sent ahead.
+    pub fn push_ahead(&mut self, job: J) {
+        self.sent.push_back(job);
+    }
+
+    /// The jobs chosen but not yet written to the pipe.
+    pub fn unwritten(&self) -> impl Iterator<Item = &J> {
+        self.sent.range(self.written..)
+    }
+
+    /// Notes that every job held is in the pipe; `complete` tells whether
+    /// the running job's payload was all in when its frame was written
+    /// (then there is no news to give).
+    pub fn written(&mut self, complete: bool) {
+        self.written = self.sent.len();
+        if complete {
+            self.told = None;
+        }
+    }
+
+    /// Bytes of the arriving payload the worker was told of.
+    pub fn told(&self) -> Option<u64> {
+        self.told
+    }
+
+    /// Notes that the worker was given `news` of its payload.
+    pub fn tell(&mut self, news: News, now: Instant) {
+        match news {
+            News::More { ready, last: false } => self.told = Some(ready),
+            News::More { last: true, .. } | News::Abort => {
+                self.told = None;
+                self.head_since = now;
+            }
+        }
+    }
+
+    /// When the running job times out, if its timeout runs (not while its
+    /// payload arrives, nor when there is none).
+    pub fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        (!self.sent.is_empty() && self.told.is_none()).then(|| self.head_since + timeout)
+    }
+
+    /// The worker answered job `job_id`, a success when `ok`.
+    pub fn answered(&mut self, job_id: u64, ok: bool, now: Instant) -> Answered<J> {
+        if self.told.is_some() && ok {
+            // Success before the payload was all in: the result would be
+            // read from a slot the connection may still be writing.
+            return Answered::Broke(format!(
+                "job {job_id} succeeded before its payload had arrived"
+            ));
+        }
+        if self.sent.front().map(SessionJob::id) != Some(job_id) || self.written == 0 {
+            return Answered::Broke(format!("unexpected answer for job {job_id}"));
+        }
+        // An error may come early (bad arguments); the news still sent for
+        // that job is ignored by the worker.
+        self.told = None;
+        self.written -= 1;
+        self.head_since = now;
+        Answered::Job(self.sent.pop_front().expect("checked above"))
+    }
+
+    /// The running job ran past its timeout.
+    pub fn timed_out(mut self, timeout: Duration) -> End<J> {
+        let head = self.sent.pop_front();
+        let msg =
+            format!("the job ran longer than {timeout:?}; its worker was killed and replaced");
+        End::Kill {
+            why: "job timeout".into(),
+            answer: head
+                .map(|h| (h, ErrorKind::Timeout, msg))
+                .into_iter()
+                .collect(),
+            requeue: self.sent.into(),
+        }
+    }
+
+    /// Shutdown's drain deadline passed while the worker held jobs.
+    pub fn stopped(self) -> End<J> {
+        let msg =
+            "the dispatcher is shutting down and the job did not finish within the drain deadline";
+        End::Kill {
+            why: "stopped during a job".into(),
+            answer: self
+                .sent
+                .into_iter()
+                .map(|j| (j, ErrorKind::ShuttingDown, msg.to_owned()))
+                .collect(),
+            requeue: vec![],
+        }
+    }
+
+    /// The worker died: the running job counts an attempt and is retried
+    /// while it has attempts left (then answered `worker crashed`); the
+    /// others had not started and go back to the queue without one.
+    pub fn died(mut self, why: String, op: impl FnOnce(&J) -> String) -> End<J> {
+        let Some(mut head) = self.sent.pop_front() else {
+            return End::Kill {
+                why,
+                answer: vec![],
+                requeue: vec![],
+            };
+        };
+        *head.attempts() += 1;
+        let attempts = *head.attempts();
+        let mut requeue = Vec::with_capacity(self.sent.len() + 1);
+        let mut answer = Vec::new();
+        if attempts < self.max_attempts {
+            tracing::warn!(job = head.id(), "worker died during the job; retrying it");
+            requeue.push(head);
+        } else {
+            let msg = format!(
+                "the worker running {:?} died on each of {attempts} attempts; the job was given up",
+                op(&head)
+            );
+            answer.push((head, ErrorKind::WorkerCrashed, msg));
+        }
+        requeue.extend(self.sent);
+        End::Kill {
+            why,
+            answer,
+            requeue,
+        }
+    }
+
+    /// The worker broke protocol: its running job gets an internal error,
+    /// the rest are requeued.
+    pub fn broke(mut self, why: String) -> End<J> {
+        let answer = self
+            .sent
+            .pop_front()
+            .map(|head| {
+                let msg = "the worker broke protocol; it was replaced".to_owned();
+                (head, ErrorKind::Internal, msg)
+            })
+            .into_iter()
+            .collect();
+        End::Kill {
+            why: format!("protocol violation: {why}"),
+            answer,
+            requeue: self.sent.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct J {
+        id: u64,
+        size: usize,
+        arriving: bool,
+        attempts: u8,
+    }
+
+    impl SessionJob for J {
+        fn id(&self) -> u64 {
+            self.id
+        }
+        fn frame_size(&self) -> usize {
+            self.size
+        }
+        fn arriving(&self) -> bool {
+            self.arriving
+        }
+        fn attempts(&mut self) -> &mut u8 {
+            &mut self.attempts
+        }
+    }
+
+    fn job(id: u64) -> J {
+        J {
+            id,
+            size: 100,
+            arriving: false,
+            attempts: 0,
+        }
+    }
+
+    fn streamed(id: u64) -> J {
+        J {
+            arriving: true,
+            ..job(id)
+        }
+    }
+
+    fn ids(js: &[J]) -> Vec<u64> {
+        js.iter().map(|j| j.id).collect()
+    }
+
+    fn kill(end: End<J>) -> (String, Vec<(u64, ErrorKind)>, Vec<u64>) {
+        match end {
+            End::Kill {
+                why,
+                answer,
+                requeue,
+            } => (
+                why,
+                answer.into_iter().map(|(j, k, _)| (j.id, k)).collect(),
+                ids(&requeue),
+            ),
+            End::Stop => panic!("not a kill"),
+        }
+    }
+
+    /// A session holding `held` jobs (the first from `start`), all written.
+    fn holding(held: &[J], now: Instant) -> Session<J> {
+        let mut s = Session::new(2, now);
+        let mut it = held.iter().cloned();
+        if let Some(first) = it.next() {
+            s.start(first, now);
+            it.for_each(|j| s.push_ahead(j));
+            s.written(false);
+        }
+        s
+    }
+
+    #[test]
+    fn batching_table() {
+        let t0 = Instant::now();
+        // (jobs held, the first's payload arriving, idle workers elsewhere) -> may send ahead
+        let rows: &[(usize, bool, usize, bool)] = &[
+            (1, false, 0, true),  // busy, nobody idle: batch
+            (1, false, 1, false), // another worker is idle: it takes the job
+            (7, false, 0, true),
+            (8, false, 0, false), // at the batch limit
+            (1, true, 0, false),  // a payload arrives: nothing behind it
+        ];
+        for &(held, arriving, idle, expect) in rows {
+            let mut jobs: Vec<J> = (1..=held as u64).map(job).collect();
+            jobs[0].arriving = arriving;
+            let s = holding(&jobs, t0);
+            assert_eq!(
+                s.may_send_ahead(idle),
+                expect,
+                "held {held}, arriving {arriving}, idle {idle}"
+            );
+        }
+        // (bytes already chosen, job size, job arriving) -> verdict
+        let rows: &[(usize, usize, bool, Ahead)] = &[
+            (0, 100, false, Ahead::Take),
+            (3996, 100, false, Ahead::Take), // exactly fills the budget
+            (3997, 100, false, Ahead::PutBack),
+            (0, 5000, false, Ahead::PutBack), // a large frame is never sent ahead
+            (0, 100, true, Ahead::PutBack),   // nor a job whose payload arrives
+        ];
+        for &(ahead, size, arriving, expect) in rows {
+            let j = J {
+                size,
+                arriving,
+                ..job(9)
+            };
+            assert_eq!(
+                Session::ahead(ahead, &j),
+                expect,
+                "ahead {ahead}, size {size}, arriving {arriving}"
+            );
+        }
+    }
+
+    #[test]
+    fn streaming_table() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let timeout = Duration::from_secs(5);
+        // (news given, told after, deadline after)
+        let rows: &[(&[News], Option<u64>, Option<Instant>)] = &[
+            (&[], Some(0), None), // no timeout while the payload arrives
+            (
+                &[News::More {
+                    ready: 10,
+                    last: false,
+                }],
+                Some(10),
+                None,
+            ),
+            (
+                &[
+                    News::More {
+                        ready: 10,
+                        last: false,
+                    },
+                    News::More {
+                        ready: 20,
+                        last: true,
+                    },
+                ],
+                None,
+                Some(t1 + timeout), // the timeout starts once all is in
+            ),
+            (&[News::Abort], None, Some(t1 + timeout)),
+        ];
+        for (news, told, deadline) in rows {
+            let mut s = Session::new(2, t0);
+            s.start(streamed(1), t0);
+            s.written(false);
+            for n in news.iter() {
+                s.tell(*n, t1);
+            }
+            assert_eq!(s.told(), *told, "{news:?}");
+            assert_eq!(s.deadline(timeout), *deadline, "{news:?}");
+        }
+        // A payload all in when the job frame is written: no news, timeout runs.
+        let mut s = Session::new(2, t0);
+        s.start(streamed(1), t0);
+        s.written(true);
+        assert_eq!((s.told(), s.deadline(timeout)), (None, Some(t0 + timeout)));
+    }
+
+    #[test]
+    fn answer_table() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(7);
+        // (head arriving, answered id, ok) -> answered job id, or broke
+        let rows: &[(bool, u64, bool, Option<u64>)] = &[
+            (false, 1, true, Some(1)),
+            (false, 1, false, Some(1)),
+            (false, 2, true, None),    // not the running job
+            (true, 1, true, None),     // success before the payload was in
+            (true, 1, false, Some(1)), // an early error is fine
+        ];
+        for &(arriving, id, ok, expect) in rows {
+            let mut first = job(1);
+            first.arriving = arriving;
+            let mut s = holding(&[first, job(2)], t0);
+            match (s.answered(id, ok, t1), expect) {
+                (Answered::Job(j), Some(e)) => {
+                    assert_eq!(j.id, e);
+                    // The next job's timeout starts now; nothing arrives any more.
+                    assert_eq!(s.deadline(Duration::ZERO), Some(t1));
+                    assert_eq!((s.len(), s.told()), (1, None));
+                }
+                (Answered::Broke(_), None) => {}
+                (got, e) => {
+                    panic!("arriving {arriving}, id {id}, ok {ok}: {got:?}, expected {e:?}")
+                }
+            }
+        }
+        // An answer for a job not yet written is a violation too.
+        let mut s: Session<J> = Session::new(2, t0);
+        s.start(job(1), t0);
+        assert!(matches!(s.answered(1, true, t1), Answered::Broke(_)));
+    }
+
+    #[test]
+    fn death_and_retry_table() {
+        let t0 = Instant::now();
+        // (max attempts, head's attempts before, held) -> answered, requeued
+        type Row = (
+            u8,
+            u8,
+            &'static [u64],
+            &'static [(u64, ErrorKind)],
+            &'static [u64],
+        );
+        let rows: &[Row] = &[
+            (2, 0, &[1, 2, 3], &[], &[1, 2, 3]), // retried once, first in line
+            (2, 1, &[1, 2], &[(1, ErrorKind::WorkerCrashed)], &[2]),
+            (1, 0, &[1], &[(1, ErrorKind::WorkerCrashed)], &[]), // never retried
+            (3, 1, &[1], &[], &[1]),
+            (2, 0, &[], &[], &[]), // idle: nothing to answer
+        ];
+        for &(max, before, held, answered, requeued) in rows {
+            let mut jobs: Vec<J> = held.iter().map(|&i| job(i)).collect();
+            if let Some(h) = jobs.first_mut() {
+                h.attempts = before;
+            }
+            let mut s = holding(&jobs, t0);
+            s.max_attempts = max;
+            let (why, a, r) = kill(s.died("result pipe closed".into(), |j| j.id.to_string()));
+            assert_eq!(why, "result pipe closed");
+            assert_eq!(
+                (a.as_slice(), r.as_slice()),
+                (answered, requeued),
+                "{max} {before} {held:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn timeout_stop_and_violation_table() {
+        let t0 = Instant::now();
+        let held = [job(1), job(2), job(3)];
+        let (why, a, r) = kill(holding(&held, t0).timed_out(Duration::from_secs(1)));
+        assert_eq!(why, "job timeout");
+        assert_eq!((a, r), (vec![(1, ErrorKind::Timeout)], vec![2, 3]));
+        let (_, a, r) = kill(holding(&held, t0).stopped());
+        let every: Vec<_> = [1, 2, 3].map(|i| (i, ErrorKind::ShuttingDown)).into();
+        assert_eq!((a, r), (every, vec![]));
+        let (why, a, r) = kill(holding(&held, t0).broke("bad frame".into()));
+        assert!(why.contains("bad frame"));
+        assert_eq!((a, r), (vec![(1, ErrorKind::Internal)], vec![2, 3]));
+        // Nothing held: no deadline.
+        assert_eq!(holding(&[], t0).deadline(Duration::ZERO), None);
+    }
+}

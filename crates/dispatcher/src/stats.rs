@@ -1,0 +1,68 @@
+//! What the dispatcher counts for `status`: jobs by outcome, jobs sent
+//! ahead to busy workers, and the last minute of job latencies.
+
+use std::cell::{Cell, RefCell};
+use std::time::Instant;
+
+use ipc_core::proto::Outcome;
+use ipc_core::status::LatencyStatus;
+
+use crate::latency::LatencyWindow;
+
+/// Counters and latencies.
+#[derive(Debug)]
+pub struct Stats {
+    jobs_done: Cell<u64>,
+    jobs_failed: Cell<u64>,
+    /// Jobs sent to a worker behind another (batched).
+    jobs_sent_ahead: Cell<u64>,
+    latency: RefCell<LatencyWindow>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            jobs_done: Cell::new(0),
+            jobs_failed: Cell::new(0),
+            jobs_sent_ahead: Cell::new(0),
+            latency: RefCell::new(LatencyWindow::new()),
+        }
+    }
+}
+
+impl Stats {
+    /// Counts a job's outcome and how long it took since `received`.
+    pub fn answered(&self, outcome: &Outcome, received: Instant) {
+        let cell = match outcome {
+            Outcome::Ok => &self.jobs_done,
+            Outcome::Err(_) => &self.jobs_failed,
+        };
+        cell.set(cell.get() + 1);
+        let now = Instant::now();
+        self.latency
+            .borrow_mut()
+            .record(now.saturating_duration_since(received), now);
+    }
+
+    /// Counts a job sent to a busy worker behind another.
+    pub fn sent_ahead(&self) {
+        self.jobs_sent_ahead.set(self.jobs_sent_ahead.get() + 1);
+    }
+
+    pub fn jobs_done(&self) -> u64 {
+        self.jobs_done.get()
+    }
+
+    pub fn jobs_failed(&self) -> u64 {
+        self.jobs_failed.get()
+    }
+
+    pub fn jobs_sent_ahead(&self) -> u64 {
+        self.jobs_sent_ahead.get()
+    }
+
+    /// Job latency over the last minute.
+    pub fn latency(&self) -> LatencyStatus {
+        self.latency.borrow().report(Instant::now())
+    }
+}
