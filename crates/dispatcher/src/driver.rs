@@ -16,7 +16,6 @@ use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::proto::{
     Args, ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, ToWorker, PIPE_VERSION,
 };
-use ipc_core::Region;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,7 +25,8 @@ use tokio::time::Instant;
 
 use crate::replies::Body;
 use crate::session::{Ahead, Answered, End, Session, SessionJob};
-use crate::shared::{News, QueuedJob, Shared, Streamed, UploadState};
+use crate::shared::{QueuedJob, Shared};
+use crate::slots::{News, Streamed, UploadState};
 use crate::workers::{WorkerEntry, WorkerState};
 
 /// How long a new worker has to say it is ready.
@@ -183,7 +183,7 @@ fn settle(
 async fn spawn(shared: &Shared) -> Result<Worker, String> {
     let mut cmd = Command::new(&shared.config.worker_exe);
     cmd.arg("--segment")
-        .arg(shared.segment.name())
+        .arg(shared.slots.segment().name())
         .arg("--parent-pid")
         .arg(std::process::id().to_string())
         .stdin(Stdio::piped())
@@ -374,7 +374,7 @@ impl WorkerDriver<'_> {
                 job_id: job.job_id,
                 op: job.op.as_str().into(),
                 args: Args::Borrowed(&job.args),
-                slot: job.lease.region(),
+                slot: job.lease.region().into(),
                 input_len: job.input_len,
                 ready: if job.arriving() { ready } else { job.input_len },
                 // Runs that ended with the worker's death, plus this one.
@@ -478,19 +478,15 @@ fn op_name(job: &QueuedJob) -> String {
 /// Checks a worker's answer and sends the reply to the job's connection.
 /// Returns whether the reply is a success.
 fn answer(shared: &Shared, job: QueuedJob, done: JobDone) -> bool {
-    let slot = job.lease.region();
-    let in_slot = done
+    let result = done
         .result_offset
         .checked_add(done.result_len)
-        .is_some_and(|end| end <= slot.len);
-    if !in_slot {
+        .filter(|&end| end <= job.lease.region().len())
+        .map(|end| done.result_offset as usize..end as usize);
+    let Some(result) = result else {
         let msg = "the worker described a result outside its slot".into();
         answer_err(shared, job, ErrorKind::Internal, msg);
         return false;
-    }
-    let result = Region {
-        offset: slot.offset + done.result_offset,
-        len: done.result_len,
     };
     let ok = matches!(done.outcome, Outcome::Ok);
     send(shared, job, done.outcome, result);
@@ -499,18 +495,16 @@ fn answer(shared: &Shared, job: QueuedJob, done: JobDone) -> bool {
 
 /// Answers a job with an error.
 pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: String) {
-    let empty = Region {
-        offset: job.lease.region().offset,
-        len: 0,
-    };
     let outcome = Outcome::Err(RemoteError::new(kind, message));
-    send(shared, job, outcome, empty);
+    send(shared, job, outcome, 0..0);
 }
 
-/// Counts the outcome and hands the reply, with the slot and permit, to the connection's writer.
-fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: Region) {
+/// Counts the outcome and hands the reply, with the slot (back from the
+/// worker, and from the upload if it is over) and permit, to the
+/// connection's writer.
+fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
     shared.stats.answered(&outcome, job.received);
-    let lease = job.lease;
+    let lease = job.lease.settle();
     job.reply
         .answer(job.req_id, outcome, Body::Slot { result, lease });
 }

@@ -15,9 +15,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use crate::admission::{Holder, Wait};
 use crate::handshake::skip;
 use crate::replies::{Body, Permit, Replies, Reply};
-use crate::shared::{
-    JobSlot, OpName, QueuedJob, Shared, SlotLease, Streamed, Upload, UploadState, RESULT_RESERVE,
-};
+use crate::shared::{OpName, QueuedJob, Shared};
+use crate::slots::{JobSlot, SlotLease, Uploading, RESULT_RESERVE};
 
 /// How reading a connection's requests ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +157,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             proto::OP_STATUS => None,
             _ => {
                 let len = req.payload_len + RESULT_RESERVE;
-                self.shared.lease(len, self.holder).await
+                self.shared.slots.lease(len, self.holder).await
             }
         };
         let Some(lease) = lease else {
@@ -200,15 +199,11 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     async fn read_payload(
         &mut self,
         req: Header,
-        lease: SlotLease,
+        mut lease: SlotLease,
         permit: Permit,
     ) -> Result<(), Ended> {
         let len = req.payload_len as usize;
-        let buf = &mut self
-            .shared
-            .segment
-            .bytes_mut(lease.region())
-            .expect("allocator regions lie in the arena")[..len];
+        let buf = &mut lease.bytes_mut()[..len];
         let payload = tokio::time::timeout(
             self.frame_deadline(),
             frame::read_payload_async(self.rd, buf),
@@ -228,30 +223,16 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     }
 
     /// Queues the job now, for an idle worker to start on, and reads the
-    /// payload as it comes; the slot is shared with the job until both are
-    /// done.
+    /// payload as it comes; the connection holds the slot until the upload
+    /// ends (or is dropped with it: then the job hears the payload never will).
     async fn stream(&mut self, req: Header, lease: SlotLease, permit: Permit) -> Result<(), Ended> {
-        let streamed = Rc::new(Streamed {
-            lease,
-            upload: Upload::new(req.payload_len),
-        });
         let (id, len) = (req.id, req.payload_len);
-        let job = self.job(req, JobSlot::Streamed(Rc::clone(&streamed)), permit);
+        let (mut uploading, slot) = Uploading::start(lease, len);
+        let job = self.job(req, slot, permit);
         self.shared.queue.push(job, false);
-        // If this connection is dropped while the payload arrives, the job
-        // hears that it never will.
-        let _ends = EndsUpload(&streamed.upload);
-        let buf = &mut self
-            .shared
-            .segment
-            .bytes_mut(streamed.lease.region())
-            .expect("allocator regions lie in the arena")[..len as usize];
-        let payload = tokio::time::timeout(
-            self.frame_deadline(),
-            frame::read_payload_observed(self.rd, buf, |got| streamed.upload.advance(got as u64)),
-        );
+        let payload = tokio::time::timeout(self.frame_deadline(), uploading.read_from(self.rd));
         let read = payload.await.unwrap_or(Err(FrameError::Stalled));
-        streamed.upload.end(read.is_ok());
+        uploading.finish(read.is_ok());
         read.map_err(|e| left_inside(id, len, e))
     }
 
@@ -286,16 +267,4 @@ fn answer_err(permit: Permit, id: u64, kind: ErrorKind, message: String) {
 fn shutting_down(permit: Permit, id: u64) {
     let msg = "the dispatcher is shutting down; retry later".into();
     answer_err(permit, id, ErrorKind::ShuttingDown, msg);
-}
-
-/// Marks an upload failed if it is still arriving when dropped (its
-/// connection was closed in the middle).
-struct EndsUpload<'a>(&'a Upload);
-
-impl Drop for EndsUpload<'_> {
-    fn drop(&mut self) {
-        if self.0.state() == UploadState::Arriving {
-            self.0.end(false);
-        }
-    }
 }

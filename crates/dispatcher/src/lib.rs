@@ -18,6 +18,7 @@ mod queue;
 mod replies;
 mod session;
 mod shared;
+mod slots;
 mod stats;
 mod status;
 mod workers;
@@ -28,12 +29,13 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc_core::{segment, InstanceLock, LockError, PathError, RuntimePaths, SegmentError};
+use ipc_core::{segment, Backend, InstanceLock, LockError, PathError, RuntimePaths, SegmentError};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::listener::Listener;
-use crate::shared::{Shared, RESULT_RESERVE};
+use crate::shared::Shared;
+use crate::slots::RESULT_RESERVE;
 
 const MIB: u64 = 1 << 20;
 /// Delay before the segment is prefaulted: out of start-up, so out of recovery time.
@@ -97,11 +99,11 @@ pub struct Config {
         default_value = "posix",
         action = clap::ArgAction::Set,
         value_parser = clap::builder::TypedValueParser::map(
-            clap::builder::PossibleValuesParser::new(["posix", "sysv"]),
-            |backend| backend == "sysv",
+            clap::builder::PossibleValuesParser::new(Backend::ALL.map(Backend::as_str)),
+            |name| name.parse::<Backend>().expect("one of the possible values"),
         ),
     )]
-    pub sysv: bool,
+    pub backend: Backend,
     /// Size of the shared segment's slot arena, in MiB.
     #[arg(long, default_value_t = 256)]
     pub segment_mib: u64,
@@ -206,7 +208,7 @@ mod config_tests {
         assert_eq!(c.workers, default_workers());
         assert_eq!(c.worker_exe, default_worker_exe());
         assert_eq!(c.instance, ipc_core::paths::DEFAULT_INSTANCE);
-        assert!(!c.sysv && !c.tcp_allow_remote && !c.allow_fault_injection);
+        assert!(c.backend == Backend::Posix && !c.tcp_allow_remote && !c.allow_fault_injection);
         assert!(c.max_tcp_connections.is_none() && c.tcp.is_none() && c.token_file.is_none());
         assert!(c.allow_uids.is_empty() && c.watchdog.is_none());
         assert_eq!(Config::new("t").instance, "t");
@@ -227,12 +229,15 @@ mod config_tests {
             "9",
         ])
         .unwrap();
-        assert!(c.sysv);
+        assert_eq!(c.backend, Backend::SysV);
         assert_eq!(
             (c.workers, c.allow_uids, c.max_tcp_connections),
             (3, vec![7, 8], Some(9))
         );
-        assert!(!parse(&["--segment", "posix"]).unwrap().sysv);
+        assert_eq!(
+            parse(&["--segment", "posix"]).unwrap().backend,
+            Backend::Posix
+        );
         let refused = [
             &["--segment", "tmpfs"][..],
             &["--max-tcp-connections", "0"],
@@ -465,7 +470,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
     let mut seg = ipc_core::start::create_segment(
         &paths,
         &lock,
-        config.sysv,
+        config.backend,
         (config.segment_mib * MIB) as usize,
         before.generation.saturating_add(1),
     )?;
@@ -513,13 +518,16 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         socket = %shared.paths.socket().display(),
         tcp = ?shared.tcp_addr.get(),
         tcp_token = shared.admission.tcp_token.is_some(),
-        segment = %shared.segment.name(),
-        generation = shared.segment.header().generation.load(std::sync::atomic::Ordering::Relaxed),
+        segment = %shared.slots.segment().name(),
+        generation = shared.slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
         workers = shared.config.workers,
         "dispatcher ready"
     );
     // Soon after we serve: map the whole segment so no request pays a page fault.
-    shared.segment.populate_in_background(POPULATE_AFTER);
+    shared
+        .slots
+        .segment()
+        .populate_in_background(POPULATE_AFTER);
     let why = loop {
         tokio::select! {
             () = listener::serve_next(&listeners, shared) => {}
@@ -541,7 +549,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         jobs_done = shared.stats.jobs_done(),
         jobs_failed = shared.stats.jobs_failed(),
         "workers reaped; removing segment {} and socket",
-        shared.segment.name()
+        shared.slots.segment().name()
     );
     let Running {
         shared,
@@ -596,13 +604,7 @@ async fn drain(
 
 /// Resolves once no slot is on loan, i.e. every accepted job is answered.
 async fn drained(shared: &Shared) {
-    loop {
-        let freed = shared.slot_freed.notified();
-        if shared.in_flight() == 0 {
-            return;
-        }
-        freed.await;
-    }
+    shared.slots.all_returned().await
 }
 
 #[cfg(test)]

@@ -10,10 +10,9 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use ipc_core::proto::Outcome;
-use ipc_core::Region;
 use tokio::sync::Notify;
 
-use crate::shared::JobSlot;
+use crate::slots::JobSlot;
 
 /// What a connection's writer sends back to its client.
 #[derive(Debug)]
@@ -29,11 +28,10 @@ pub struct Reply {
 /// Where a reply's result bytes are.
 #[derive(Debug)]
 pub enum Body {
-    /// In the slot the lease holds (a job's answer).
+    /// Bytes `result` of the slot the lease holds (a job's answer).
     Slot {
-        result: Region,
+        result: std::ops::Range<usize>,
         /// Held until the reply is written: then the slot is freed.
-        #[allow(dead_code)]
         lease: JobSlot,
     },
     /// Inline: an answer the dispatcher made itself (status, errors).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ipc_core::proto::ErrorKind;
 
-use crate::shared::News;
+use crate::slots::News;
 
 /// Jobs one worker may have been sent and not yet answered. More than one
 /// only when no worker is idle, so a long job holds back few others.

@@ -35,45 +35,9 @@ pub fn report(shared: &Shared) -> StatusReport {
 }
 
 fn segment(shared: &Shared) -> SegmentStatus {
-    let seg = &shared.segment;
-    let (slots_in_use, slot_bytes_in_use) = shared.slot_usage();
     let attached_here = 1 + shared.workers.running();
-    let (backend, path, see, mode, owner_uid, attached) = match seg.sysv_info() {
-        Some(i) => (
-            "sysv",
-            String::new(),
-            format!("ipcs -m -i {} (key 0x{:08x})", i.id, i.key),
-            format!("{:04o}", i.mode),
-            i.uid,
-            i.nattch as usize,
-        ),
-        None => {
-            use std::os::unix::fs::MetadataExt;
-            let path = ipc_core::segment::fs_path(seg.name());
-            let meta = std::fs::metadata(&path).ok();
-            let mode = meta
-                .as_ref()
-                .map_or("?".into(), |m| format!("{:04o}", m.mode() & 0o7777));
-            let uid = meta.as_ref().map_or(u32::MAX, |m| m.uid());
-            let see = format!("ls -l {path}");
-            ("posix", path, see, mode, uid, attached_here)
-        }
-    };
     SegmentStatus {
-        backend: backend.into(),
-        name: seg.name().to_owned(),
-        path,
-        see,
-        size: seg.len() as u64,
-        generation: seg
-            .header()
-            .generation
-            .load(std::sync::atomic::Ordering::Relaxed),
-        slots_in_use,
-        slot_bytes_in_use,
         max_payload: shared.max_payload,
-        mode,
-        owner_uid,
-        attached,
+        ..shared.slots.describe(attached_here)
     }
 }

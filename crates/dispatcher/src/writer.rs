@@ -86,11 +86,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<'_, W> {
             } = reply;
             let bytes = match &body {
                 Body::Inline(bytes) => bytes.as_slice(),
-                Body::Slot { result, .. } => self
-                    .shared
-                    .segment
-                    .bytes(*result)
-                    .expect("result region checked by the driver"),
+                Body::Slot { result, lease } => lease.result(result.clone()),
             };
             let resp = Response {
                 id: req_id,
@@ -175,7 +171,7 @@ fn stall_cause(shared: &Shared, holder: &Holder, deadline: Duration) -> String {
     match wait {
         Wait::ConnCap => format!(
             "{stalled} while its next request waited {waited:.1?} for a slot over the connection's own share of the arena ({} bytes, --conn-arena-percent), which only writing its replies frees: {writes}",
-            shared.slot_limits.conn
+            shared.slots.limits.conn
         ),
         Wait::InFlight => format!(
             "{stalled} while its next request waited {waited:.1?} behind {} unanswered requests (--max-in-flight), which only writing its replies frees: {writes}",

@@ -10,8 +10,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
+use ipc_core::proto::WireRegion;
 use ipc_core::proto::{Args, ErrorKind, Job, Outcome, RemoteError, Request, Response, ToWorker};
-use ipc_core::Region;
 
 /// A typical request: one `sha256` of a 1 MiB payload, with one argument.
 fn request() -> Request<'static> {
@@ -30,7 +30,7 @@ fn job<'a>(args: &'a [Cow<'static, str>]) -> ToWorker<'a> {
         job_id: 77,
         op: "sha256".into(),
         args: Args::Borrowed(args),
-        slot: Region {
+        slot: WireRegion {
             offset: 1 << 20,
             len: (1 << 20) + 4096,
         },

@@ -36,20 +36,24 @@ pub enum AllocError {
 }
 
 /// An allocated slot. Not `Clone`: releasing consumes it, so a slot cannot be
-/// freed twice.
+/// freed twice, and (through [`crate::segment::Arena`]) holding `&mut` of it
+/// is what gives `&mut` of its bytes. It carries its allocator's identity.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Slot {
     start: u32,
     pages: u32,
+    arena: u64,
 }
 
 impl Slot {
     /// The slot's bytes in the arena.
     pub fn region(&self) -> Region {
-        Region {
-            offset: self.start as u64 * MIN_BLOCK,
-            len: self.pages as u64 * MIN_BLOCK,
-        }
+        Region::new(self.start as u64 * MIN_BLOCK, self.pages as u64 * MIN_BLOCK)
+    }
+
+    /// The identity of the arena it was allocated in (0: a free-standing allocator).
+    pub(crate) fn arena(&self) -> u64 {
+        self.arena
     }
 }
 
@@ -79,6 +83,8 @@ fn search_class(pages: u32) -> Option<(usize, u32)> {
 /// The allocator's state: per page, what the block starting there is.
 #[derive(Debug)]
 pub struct SlotAllocator {
+    /// Identity given to its slots: an [`crate::segment::Arena`]'s, or 0.
+    owner: u64,
     pages: u32,
     /// Largest request, in pages: the whole arena.
     max_pages: u32,
@@ -99,11 +105,18 @@ pub struct SlotAllocator {
 }
 
 impl SlotAllocator {
-    /// An allocator over `arena_len` bytes (rounded down to [`MIN_BLOCK`]).
+    /// An allocator over `arena_len` bytes (rounded down to [`MIN_BLOCK`]),
+    /// free-standing: its slots give access to no bytes.
     pub fn new(arena_len: u64) -> Self {
+        SlotAllocator::for_arena(arena_len, 0)
+    }
+
+    /// The allocator of the arena `owner` (its slots carry that identity).
+    pub(crate) fn for_arena(arena_len: u64, owner: u64) -> Self {
         let pages = u32::try_from(arena_len / MIN_BLOCK).expect("arena below 16 TiB");
         let n = pages as usize;
         let mut a = SlotAllocator {
+            owner,
             pages,
             max_pages: 0,
             fl_bitmap: 0,
@@ -186,7 +199,11 @@ impl SlotAllocator {
         }
         self.in_use += 1;
         self.bytes_in_use += pages as u64 * MIN_BLOCK;
-        Ok(Slot { start, pages })
+        Ok(Slot {
+            start,
+            pages,
+            arena: self.owner,
+        })
     }
 
     /// The first non-empty list at (`fl`, `sl` or above), else at the lowest first level above `fl`.
@@ -212,9 +229,15 @@ impl SlotAllocator {
         (at != NIL).then_some(at)
     }
 
-    /// Returns a slot; merges it with its free neighbours.
+    /// Returns a slot; merges it with its free neighbours. Panics on a slot
+    /// of another allocator (freeing it here would corrupt this one).
     pub fn free(&mut self, slot: Slot) {
-        let Slot { mut start, pages } = slot;
+        let Slot {
+            mut start,
+            pages,
+            arena,
+        } = slot;
+        assert_eq!(arena, self.owner, "a slot freed into another allocator");
         debug_assert_eq!(self.size[start as usize], pages);
         debug_assert!(!self.free[start as usize]);
         self.in_use -= 1;
@@ -313,7 +336,7 @@ mod tests {
         ] {
             assert_eq!(SlotAllocator::slot_len(len), want);
             let s = a.alloc(len).unwrap();
-            assert_eq!(s.region().len, want, "len {len}");
+            assert_eq!(s.region().len(), want, "len {len}");
             a.free(s);
         }
         assert_eq!(a.in_use(), 0);
@@ -330,13 +353,7 @@ mod tests {
         }
         // Everything merged back: the whole arena is one block again.
         let whole = a.alloc(64 * 1024).unwrap();
-        assert_eq!(
-            whole.region(),
-            Region {
-                offset: 0,
-                len: 64 * 1024
-            }
-        );
+        assert_eq!(whole.region(), Region::new(0, 64 * 1024));
     }
 
     #[test]
@@ -355,20 +372,20 @@ mod tests {
             } else {
                 let len = 1 + (seed >> 20) % (MIB / (1 + (seed % 8)));
                 if let Ok(s) = a.alloc(len) {
-                    assert!(s.region().len >= len);
+                    assert!(s.region().len() >= len);
                     live.push(s);
                 }
             }
             if step.is_multiple_of(997) {
                 let mut rs: Vec<Region> = live.iter().map(Slot::region).collect();
-                rs.sort_by_key(|r| r.offset);
+                rs.sort_by_key(|r| r.offset());
                 for w in rs.windows(2) {
                     assert!(
-                        w[0].offset + w[0].len <= w[1].offset,
+                        w[0].offset() + w[0].len() <= w[1].offset(),
                         "overlap at step {step}"
                     );
                 }
-                assert!(rs.last().is_none_or(|r| r.offset + r.len <= arena));
+                assert!(rs.last().is_none_or(|r| r.offset() + r.len() <= arena));
                 assert_eq!(a.in_use(), live.len());
             }
         }
@@ -409,7 +426,7 @@ mod tests {
             assert_eq!(max, arena / 4096 * 4096, "the whole arena");
             assert_eq!(SlotAllocator::max_slot_for(arena), max);
             let s = a.alloc(max).unwrap();
-            assert_eq!(s.region().len, max);
+            assert_eq!(s.region().len(), max);
             a.free(s);
             assert!(matches!(a.alloc(max + 1), Err(AllocError::TooLarge { .. })));
         }
@@ -417,11 +434,11 @@ mod tests {
         // take their own size, and three fit in 256 MiB.
         let mut a = SlotAllocator::new(256 * MIB);
         let slots: Vec<Slot> = (0..3).map(|_| a.alloc(64 * MIB + 4096).unwrap()).collect();
-        assert_eq!(slots[2].region().len, 64 * MIB + 4096);
+        assert_eq!(slots[2].region().len(), 64 * MIB + 4096);
         for s in slots {
             a.free(s);
         }
-        assert_eq!(a.alloc(256 * MIB).unwrap().region().offset, 0);
+        assert_eq!(a.alloc(256 * MIB).unwrap().region().offset(), 0);
         // 64 MiB and its reserve fit a 65 MiB segment.
         let mut a = SlotAllocator::new(65 * MIB);
         assert!(a.alloc(64 * MIB + 4096).is_ok());
@@ -442,7 +459,7 @@ mod tests {
         a.free(second);
         a.free(first);
         let s = a.alloc(16385 * page).expect("the 17000-page block fits");
-        assert_eq!(s.region().offset, (16384 + 1) * page);
+        assert_eq!(s.region().offset(), (16384 + 1) * page);
         assert_eq!(
             a.alloc(16385 * page),
             Err(AllocError::Exhausted {

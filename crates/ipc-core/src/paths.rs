@@ -205,9 +205,7 @@ impl RuntimePaths {
     /// form this instance gives its segments; the state file is trusted only
     /// for such names.
     pub fn is_segment_name(&self, name: &str) -> bool {
-        let bare = name
-            .strip_prefix(crate::segment::SYSV_PREFIX)
-            .unwrap_or(name);
+        let bare = crate::segment::Backend::base_name(name);
         bare.strip_prefix(&self.segment_prefix())
             .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()))
     }
@@ -218,11 +216,7 @@ impl RuntimePaths {
     /// and tests: the dispatcher itself reads [`RuntimePaths::read_state`].
     pub fn segment_name(&self) -> String {
         match self.read_state() {
-            Ok(Some(st)) => st
-                .segment
-                .strip_prefix(crate::segment::SYSV_PREFIX)
-                .unwrap_or(&st.segment)
-                .to_owned(),
+            Ok(Some(st)) => crate::segment::Backend::base_name(&st.segment).to_owned(),
             _ => self.segment_prefix(),
         }
     }

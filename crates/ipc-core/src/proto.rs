@@ -4,13 +4,33 @@
 //!
 //! Payload bytes never travel inside these messages: on the socket they follow
 //! a [`Request`] or [`Response`] frame; between processes they stay in the
-//! shared segment, named by a [`Region`].
+//! shared segment, named by a [`WireRegion`].
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
 use crate::segment::Region;
+
+/// A slot as a `Job` frame names it: plain numbers, the same bytes on the
+/// wire as ever (offset, then length, from the arena's start). A worker turns
+/// it into a [`Region`] with [`crate::Segment::check`]; it grants nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRegion {
+    /// Offset from the start of the arena.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl From<Region> for WireRegion {
+    fn from(r: Region) -> WireRegion {
+        WireRegion {
+            offset: r.offset(),
+            len: r.len(),
+        }
+    }
+}
 
 /// The four bytes that open every connection.
 pub const MAGIC: [u8; 4] = *b"OSPS";
@@ -417,7 +437,7 @@ pub struct Job<'a> {
     #[serde(borrow, deserialize_with = "bounded_args")]
     pub args: Args<'a>,
     /// The slot: the input sits at its start, the result is written inside it.
-    pub slot: Region,
+    pub slot: WireRegion,
     /// Number of input bytes at the start of the slot.
     pub input_len: u64,
     /// Input bytes in the slot already. Less than `input_len` when the job is
@@ -593,7 +613,7 @@ mod tests {
                 job_id: 9,
                 op: "sleep".into(),
                 args,
-                slot: Region {
+                slot: WireRegion {
                     offset: 4096,
                     len: 8192,
                 },
@@ -640,7 +660,7 @@ mod tests {
 
     #[test]
     fn worker_pipe_examples_match_the_protocol_document() {
-        let slot = Region {
+        let slot = WireRegion {
             offset: 0,
             len: 8192,
         };

@@ -3,34 +3,77 @@
 //! The dispatcher creates it (mode 0600, set explicitly, exclusively under a
 //! fresh random name) and is its only allocator; workers open it by the name
 //! the dispatcher gives them. A start never opens nor maps an object it finds:
-//! a dead predecessor's segment is removed with [`remove_if_ours`]. Ownership of a slot passes with the
-//! message that names it, so no cross-process lock guards the bytes. This is
-//! the one module with `unsafe` code.
+//! a dead predecessor's segment is removed with [`remove_if_ours`]. Ownership
+//! of a slot passes with the message that names it, so no cross-process lock
+//! guards the bytes. This is the one module with `unsafe` code.
+//!
+//! Layers, bottom up: a [`Backend`] (POSIX or System V, each one private
+//! type behind the small `Shm`/`Map` traits) makes, opens and removes the
+//! object; [`Segment`] is the mapping, its header and its bounds, whatever
+//! the backend; [`Arena`] is the creator's side, the segment together with
+//! its slot allocator. Bytes are reached only in these ways:
+//!
+//! - the dispatcher: [`Arena::bytes`]/[`Arena::bytes_mut`], through a
+//!   [`Slot`] of that arena (not `Clone`; `&mut Slot` for writing), so two
+//!   live `&mut` to one byte cannot exist in the process;
+//! - a worker: [`Segment::claim`] (`&mut self`: one slot view at a time) once
+//!   a job's input is all in, and [`Segment::copy_out`] for a prefix that is
+//!   still arriving (a raw copy bounded by the announced length: no
+//!   reference to bytes another process writes).
+//!
+//! A [`Region`] is a range checked against the arena; it carries no access.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
 use shared_memory::{Shmem, ShmemConf, ShmemError};
+
+use crate::alloc::{AllocError, Slot, SlotAllocator};
+use crate::status::SegmentStatus;
 
 /// Magic at the start of the header.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"OSPSSEG\0";
-/// Version of the header layout below; bumped on any change.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of the header layout below; bumped on any change (2: the unread
+/// dispatcher heartbeat word was removed).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Bytes reserved for the header; the arena starts here (page aligned).
 pub const HEADER_LEN: usize = 4096;
 
-/// A byte range of the arena, as carried in messages (offsets from the arena's start).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A byte range of the arena (offsets from the arena's start). Made only by
+/// the allocator (a [`Slot`]'s region) or by [`Segment::check`], so it lies
+/// inside an arena; it gives no access to bytes by itself. On the wire it
+/// travels as [`crate::proto::WireRegion`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
+    offset: u64,
+    len: u64,
+}
+
+impl Region {
+    /// For the allocator, whose blocks lie inside its arena by construction.
+    pub(crate) fn new(offset: u64, len: u64) -> Region {
+        Region { offset, len }
+    }
+
     /// Offset from the start of the arena.
-    pub offset: u64,
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Length in bytes.
-    pub len: u64,
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The header at the start of the segment. `#[repr(C)]`, no pointers, fixed
 /// size: every process sees the same layout. Counters are atomics so any
-/// process can read them while the dispatcher updates them.
+/// process can read them while another updates them.
 #[repr(C)]
 #[derive(Debug)]
 pub struct SegmentHeader {
@@ -49,10 +92,9 @@ pub struct SegmentHeader {
     _pad: u32,
     /// Incremented each time a dispatcher of this instance builds the segment anew.
     pub generation: AtomicU64,
-    /// Jobs completed (any outcome) since the segment was built.
+    /// Jobs the workers ran to the end (any outcome) since the segment was
+    /// built, counted by the workers themselves (status: `segment.jobs_run`).
     pub jobs_done: AtomicU64,
-    /// Dispatcher heartbeat: milliseconds since the Unix epoch, refreshed by its event loop.
-    pub dispatcher_heartbeat_ms: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() <= HEADER_LEN);
@@ -78,6 +120,14 @@ pub enum SegmentError {
         len: u64,
         arena_len: u64,
     },
+    #[error("a slot of another arena was used with the arena of segment {name}")]
+    ForeignSlot { name: String },
+    #[error(
+        "segment {name} was opened, not created, by this process: only its creator allocates in it"
+    )]
+    NotCreator { name: String },
+    #[error("segment {name} would be mapped twice in this process while an arena allocates in it (a process that allocates in a segment keeps one handle to it)")]
+    MappedTwice { name: String },
     #[error("/dev/shm has room for {available} bytes, but segment {name} needs {size}: free space there, enlarge it (e.g. docker --shm-size), or lower --segment-mib")]
     NoSpace {
         name: String,
@@ -102,6 +152,119 @@ pub enum SegmentError {
 /// by `ipcs -m`); other names are POSIX (`shm_open`, under `/dev/shm`).
 pub const SYSV_PREFIX: &str = "sysv:";
 
+/// The kind of shared memory a segment lives in. Its name says which: a
+/// name that starts with [`SYSV_PREFIX`] is System V, any other POSIX (the
+/// format of state files and of `--segment NAME`). Adding a backend means a
+/// variant here and one private type implementing `Shm` and `Map` below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// `shm_open`, under `/dev/shm`.
+    #[default]
+    Posix,
+    /// `shmget`, listed by `ipcs -m`; its key derives from the name.
+    SysV,
+}
+
+impl Backend {
+    /// Every backend.
+    pub const ALL: [Backend; 2] = [Backend::Posix, Backend::SysV];
+
+    /// The backend a segment name selects.
+    pub fn of(name: &str) -> Backend {
+        if name.starts_with(SYSV_PREFIX) {
+            Backend::SysV
+        } else {
+            Backend::Posix
+        }
+    }
+
+    /// Its name on the command line (`--segment`) and in the status report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Posix => "posix",
+            Backend::SysV => "sysv",
+        }
+    }
+
+    /// The segment name that selects this backend for a POSIX-style `base` name.
+    pub fn segment_name(self, base: &str) -> String {
+        match self {
+            Backend::Posix => base.to_owned(),
+            Backend::SysV => format!("{SYSV_PREFIX}{base}"),
+        }
+    }
+
+    /// A segment name without what selects its backend: the inverse of
+    /// [`Backend::segment_name`].
+    pub fn base_name(name: &str) -> &str {
+        name.strip_prefix(SYSV_PREFIX).unwrap_or(name)
+    }
+
+    fn imp(self) -> &'static dyn Shm {
+        match self {
+            Backend::Posix => &PosixShm,
+            Backend::SysV => &SysvShm,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Backend, String> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("unknown segment backend {s:?} (posix or sysv)"))
+    }
+}
+
+/// What one backend does with names: the only backend-specific code, with
+/// [`Map`]. Everything above it (header, bounds, slots) is the same for all.
+trait Shm {
+    /// Makes the object `name` of `size` bytes, mode 0600 exactly,
+    /// [`SegmentError::Exists`] if the name is taken; the mapping owns it.
+    fn create(&self, name: &str, size: usize) -> Result<Box<dyn Map>, SegmentError>;
+    /// Maps an existing object.
+    fn open(&self, name: &str) -> Result<Box<dyn Map>, SegmentError>;
+    /// Removes the object; whether one was there.
+    fn unlink(&self, name: &str) -> bool;
+    /// Removes the object only if `euid` owns it, without mapping it.
+    fn remove_if_ours(&self, name: &str, euid: u32) -> Removal;
+    /// Whether an object of that name exists.
+    fn exists(&self, name: &str) -> bool;
+}
+
+/// A backend's live mapping: removed by its owner on drop.
+trait Map {
+    fn as_ptr(&self) -> *mut u8;
+    fn len(&self) -> usize;
+    fn is_owner(&self) -> bool;
+    fn disown(&mut self);
+    /// What the system says of the object now.
+    fn describe(&self, name: &str) -> Described;
+    /// Which object this maps, the same for every mapping of it in the
+    /// process whatever name reached it.
+    fn identity(&self, name: &str) -> String;
+}
+
+/// A backend's description of its object (the backend-neutral part of
+/// [`SegmentStatus`]).
+struct Described {
+    path: String,
+    see: String,
+    mode: Option<u32>,
+    owner_uid: Option<u32>,
+    /// Processes attached, when the system counts them.
+    attached: Option<usize>,
+}
+
 /// The System V key of a segment name (with or without [`SYSV_PREFIX`]):
 /// a stable hash, positive and never `IPC_PRIVATE`.
 pub fn sysv_key(name: &str) -> i32 {
@@ -112,134 +275,48 @@ pub fn sysv_key(name: &str) -> i32 {
     ((h as u32) & 0x7fff_ffff).max(1) as i32
 }
 
-/// What the kernel says of a System V segment (`IPC_STAT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SysvInfo {
-    /// The key (`ipcs -m` shows it in hex).
-    pub key: i32,
-    /// The id (`ipcs -m -i ID`).
-    pub id: i32,
-    /// Processes attached.
-    pub nattch: u64,
-    /// Permission bits.
-    pub mode: u32,
-    /// Owner's uid.
-    pub uid: u32,
-}
+/// The POSIX backend: `shm_open` objects under `/dev/shm`.
+struct PosixShm;
 
-/// A System V mapping: attached with `shmat`, detached on drop, and removed
-/// (`IPC_RMID`) by its owner.
-struct SysvMap {
-    id: i32,
-    addr: *mut u8,
-    len: usize,
-    owner: bool,
-}
+/// A POSIX mapping (the `shared_memory` crate unlinks an owner's on drop).
+struct PosixMap(Shmem);
 
-impl Drop for SysvMap {
-    fn drop(&mut self) {
-        // SAFETY: `addr` is the address `shmat` returned for this mapping and
-        // nothing borrows from it any more (borrows are tied to the Segment,
-        // which is being dropped); `shmctl(IPC_RMID)` takes no buffer.
-        unsafe {
-            libc::shmdt(self.addr.cast());
-            if self.owner {
-                libc::shmctl(self.id, libc::IPC_RMID, std::ptr::null_mut());
-            }
-        }
-    }
-}
-
-/// The mapping behind a segment, of either backend.
-enum Mapping {
-    Posix(Shmem),
-    Sysv(SysvMap),
-}
-
-impl Mapping {
+impl Map for PosixMap {
     fn as_ptr(&self) -> *mut u8 {
-        match self {
-            Mapping::Posix(m) => m.as_ptr(),
-            Mapping::Sysv(m) => m.addr,
-        }
+        self.0.as_ptr()
     }
 
     fn len(&self) -> usize {
-        match self {
-            Mapping::Posix(m) => m.len(),
-            Mapping::Sysv(m) => m.len,
-        }
+        self.0.len()
     }
 
     fn is_owner(&self) -> bool {
-        match self {
-            Mapping::Posix(m) => m.is_owner(),
-            Mapping::Sysv(m) => m.owner,
-        }
+        self.0.is_owner()
     }
 
     fn disown(&mut self) {
-        match self {
-            Mapping::Posix(m) => {
-                m.set_owner(false);
-            }
-            Mapping::Sysv(m) => m.owner = false,
+        self.0.set_owner(false);
+    }
+
+    fn describe(&self, name: &str) -> Described {
+        use std::os::unix::fs::MetadataExt;
+        let path = fs_path(name);
+        let meta = std::fs::metadata(&path).ok();
+        Described {
+            see: format!("ls -l {path}"),
+            mode: meta.as_ref().map(|m| m.mode() & 0o7777),
+            owner_uid: meta.as_ref().map(|m| m.uid()),
+            attached: None,
+            path,
         }
     }
-}
 
-fn sysv_stat(id: i32) -> std::io::Result<libc::shmid_ds> {
-    // SAFETY: shmid_ds is plain old data (integers), valid when zeroed, and
-    // IPC_STAT writes exactly one into the buffer we pass.
-    unsafe {
-        let mut ds: libc::shmid_ds = std::mem::zeroed();
-        if libc::shmctl(id, libc::IPC_STAT, &mut ds) == 0 {
-            Ok(ds)
-        } else {
-            Err(std::io::Error::last_os_error())
+    fn identity(&self, name: &str) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(fs_path(name)) {
+            Ok(m) => format!("posix {}:{}", m.dev(), m.ino()),
+            Err(_) => format!("posix {}", name.trim_start_matches('/')),
         }
-    }
-}
-
-fn sysv_attach(id: i32) -> std::io::Result<*mut u8> {
-    // SAFETY: shmat with a null address lets the kernel choose where to map;
-    // it returns (void*)-1 on failure, checked here.
-    let addr = unsafe { libc::shmat(id, std::ptr::null(), 0) };
-    if addr as isize == -1 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(addr.cast())
-}
-
-/// A mapped segment. Dropping the creator's handle unlinks the name.
-pub struct Segment {
-    shmem: Mapping,
-    name: String,
-    /// A thread filling in this process's page tables for the mapping, and
-    /// the sender whose drop cancels it if it has not started yet.
-    populating:
-        std::cell::RefCell<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        // The populating thread works on our mapping: it must be done before
-        // the mapping goes (the `shmem` field is dropped after this).
-        if let Some((cancel, t)) = self.populating.get_mut().take() {
-            drop(cancel);
-            let _ = t.join();
-        }
-    }
-}
-
-impl std::fmt::Debug for Segment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Segment")
-            .field("name", &self.name)
-            .field("len", &self.shmem.len())
-            .field("owner", &self.shmem.is_owner())
-            .field("sysv", &matches!(self.shmem, Mapping::Sysv(_)))
-            .finish()
     }
 }
 
@@ -289,120 +366,8 @@ fn reserve(path: &str, name: &str, size: usize) -> Result<(), SegmentError> {
     }
 }
 
-/// Removes a segment by name (either backend); returns whether one was there.
-/// For tests and clean-up of names known to be ours; a start uses
-/// [`remove_if_ours`].
-pub fn unlink(name: &str) -> bool {
-    if name.starts_with(SYSV_PREFIX) {
-        // SAFETY: shmget and shmctl(IPC_RMID) take no buffers.
-        unsafe {
-            let id = libc::shmget(sysv_key(name), 0, 0);
-            id >= 0 && libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) == 0
-        }
-    } else {
-        nix::sys::mman::shm_unlink(name).is_ok()
-    }
-}
-
-/// What [`remove_if_ours`] found under a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
-    /// Nothing of that name.
-    Absent,
-    /// Ours: removed.
-    Removed,
-    /// Someone else's (owner uid given), or not a plain segment: left alone.
-    Foreign { uid: u32 },
-}
-
-/// Removes a segment by name (either backend) only if it belongs to this
-/// process's effective uid, without ever opening or mapping it: for POSIX
-/// the `/dev/shm` entry is `lstat`ed (a regular file of ours; `/dev/shm` is
-/// sticky, so nobody else can swap it before the unlink), for System V the
-/// kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
-pub fn remove_if_ours(name: &str) -> Removal {
-    use std::os::unix::fs::MetadataExt;
-    let euid = nix::unistd::geteuid().as_raw();
-    if name.starts_with(SYSV_PREFIX) {
-        // SAFETY: shmget takes no buffer.
-        let id = unsafe { libc::shmget(sysv_key(name), 0, 0) };
-        if id < 0 {
-            return Removal::Absent;
-        }
-        let Ok(ds) = sysv_stat(id) else {
-            return Removal::Absent;
-        };
-        let (uid, cuid) = (ds.shm_perm.uid, ds.shm_perm.cuid);
-        if uid != euid || cuid != euid {
-            return Removal::Foreign { uid: cuid };
-        }
-        // SAFETY: shmctl(IPC_RMID) takes no buffer.
-        let rc = unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
-        return if rc == 0 {
-            Removal::Removed
-        } else {
-            Removal::Absent
-        };
-    }
-    match std::fs::symlink_metadata(fs_path(name)) {
-        Err(_) => Removal::Absent,
-        Ok(m) if !m.file_type().is_file() || m.uid() != euid => Removal::Foreign { uid: m.uid() },
-        Ok(_) => {
-            if nix::sys::mman::shm_unlink(name).is_ok() {
-                Removal::Removed
-            } else {
-                Removal::Absent
-            }
-        }
-    }
-}
-
-/// Whether a segment of that name exists (either backend).
-pub fn exists(name: &str) -> bool {
-    if name.starts_with(SYSV_PREFIX) {
-        // SAFETY: shmget takes no buffer.
-        unsafe { libc::shmget(sysv_key(name), 0, 0) >= 0 }
-    } else {
-        std::path::Path::new(&fs_path(name)).exists()
-    }
-}
-
-/// Where a POSIX segment name shows up in the file system.
-pub fn fs_path(name: &str) -> String {
-    format!("/dev/shm/{}", name.trim_start_matches('/'))
-}
-
-impl Segment {
-    /// Creates a segment named `name` (e.g. `/osps-1000-default`) with an arena
-    /// of `arena_len` bytes, mode 0600 whatever the umask, and writes its header.
-    /// Fails with [`SegmentError::Exists`] if the name is taken.
-    pub fn create(name: &str, arena_len: usize, generation: u64) -> Result<Segment, SegmentError> {
-        let size = HEADER_LEN + arena_len;
-        let seg = if name.starts_with(SYSV_PREFIX) {
-            Segment::create_sysv(name, size)?
-        } else {
-            Segment::create_posix(name, size)?
-        };
-        let header = SegmentHeader {
-            magic: SEGMENT_MAGIC,
-            layout_version: LAYOUT_VERSION,
-            header_len: HEADER_LEN as u32,
-            total_len: size as u64,
-            arena_len: arena_len as u64,
-            owner_pid: AtomicU32::new(std::process::id()),
-            _pad: 0,
-            generation: AtomicU64::new(generation),
-            jobs_done: AtomicU64::new(0),
-            dispatcher_heartbeat_ms: AtomicU64::new(0),
-        };
-        // SAFETY: the mapping is at least HEADER_LEN bytes, page aligned (so
-        // aligned for SegmentHeader), freshly created and not yet shared with
-        // any other process, so this write races with nothing.
-        unsafe { std::ptr::write(seg.shmem.as_ptr().cast::<SegmentHeader>(), header) };
-        Ok(seg)
-    }
-
-    fn create_posix(name: &str, size: usize) -> Result<Segment, SegmentError> {
+impl Shm for PosixShm {
+    fn create(&self, name: &str, size: usize) -> Result<Box<dyn Map>, SegmentError> {
         let shmem = ShmemConf::new()
             .os_id(name)
             .size(size)
@@ -417,11 +382,8 @@ impl Segment {
                     detail: shm_detail(e),
                 },
             })?;
-        let seg = Segment {
-            shmem: Mapping::Posix(shmem),
-            name: name.to_owned(),
-            populating: Default::default(),
-        };
+        // Owned from here: an error below drops (and so unlinks) it.
+        let map = PosixMap(shmem);
         // shm_open applied the umask to 0600; make the mode exact.
         let path = fs_path(name);
         use std::os::unix::fs::PermissionsExt;
@@ -432,10 +394,144 @@ impl Segment {
             },
         )?;
         reserve(&path, name, size)?;
-        Ok(seg)
+        Ok(Box::new(map))
     }
 
-    fn create_sysv(name: &str, size: usize) -> Result<Segment, SegmentError> {
+    fn open(&self, name: &str) -> Result<Box<dyn Map>, SegmentError> {
+        let shmem = ShmemConf::new()
+            .os_id(name)
+            .open()
+            .map_err(|e| SegmentError::Open {
+                name: name.to_owned(),
+                detail: shm_detail(e),
+            })?;
+        Ok(Box::new(PosixMap(shmem)))
+    }
+
+    fn unlink(&self, name: &str) -> bool {
+        nix::sys::mman::shm_unlink(name).is_ok()
+    }
+
+    /// The `/dev/shm` entry is `lstat`ed: a regular file of ours (`/dev/shm`
+    /// is sticky, so nobody else can swap it before the unlink).
+    fn remove_if_ours(&self, name: &str, euid: u32) -> Removal {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(fs_path(name)) {
+            Err(_) => Removal::Absent,
+            Ok(m) if !m.file_type().is_file() || m.uid() != euid => {
+                Removal::Foreign { uid: m.uid() }
+            }
+            Ok(_) => {
+                if nix::sys::mman::shm_unlink(name).is_ok() {
+                    Removal::Removed
+                } else {
+                    Removal::Absent
+                }
+            }
+        }
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        std::path::Path::new(&fs_path(name)).exists()
+    }
+}
+
+/// The System V backend: `shmget` objects keyed by [`sysv_key`].
+struct SysvShm;
+
+/// A System V mapping: attached with `shmat`, detached on drop, and removed
+/// (`IPC_RMID`) by its owner.
+struct SysvMap {
+    id: i32,
+    addr: *mut u8,
+    len: usize,
+    owner: bool,
+}
+
+impl Drop for SysvMap {
+    fn drop(&mut self) {
+        // SAFETY: `addr` is the address `shmat` returned for this mapping and
+        // nothing borrows from it any more (borrows are tied to the Segment,
+        // which is being dropped); `shmctl(IPC_RMID)` takes no buffer.
+        unsafe {
+            libc::shmdt(self.addr.cast());
+            if self.owner {
+                libc::shmctl(self.id, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+impl Map for SysvMap {
+    fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_owner(&self) -> bool {
+        self.owner
+    }
+
+    fn disown(&mut self) {
+        self.owner = false;
+    }
+
+    fn describe(&self, name: &str) -> Described {
+        let ds = sysv_stat(self.id).ok();
+        Described {
+            path: String::new(),
+            see: format!("ipcs -m -i {} (key 0x{:08x})", self.id, sysv_key(name)),
+            mode: ds.map(|d| d.shm_perm.mode as u32 & 0o777),
+            owner_uid: ds.map(|d| d.shm_perm.uid),
+            attached: ds.map(|d| d.shm_nattch as usize),
+        }
+    }
+
+    fn identity(&self, _name: &str) -> String {
+        format!("sysv {}", self.id)
+    }
+}
+
+fn sysv_stat(id: i32) -> std::io::Result<libc::shmid_ds> {
+    // SAFETY: shmid_ds is plain old data (integers), valid when zeroed, and
+    // IPC_STAT writes exactly one into the buffer we pass.
+    unsafe {
+        let mut ds: libc::shmid_ds = std::mem::zeroed();
+        if libc::shmctl(id, libc::IPC_STAT, &mut ds) == 0 {
+            Ok(ds)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+fn sysv_attach(id: i32) -> std::io::Result<*mut u8> {
+    // SAFETY: shmat with a null address lets the kernel choose where to map;
+    // it returns (void*)-1 on failure, checked here.
+    let addr = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+    if addr as isize == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(addr.cast())
+}
+
+/// The id of the System V object of that name, if there is one.
+fn sysv_id(name: &str) -> Option<i32> {
+    // SAFETY: shmget takes no buffer.
+    let id = unsafe { libc::shmget(sysv_key(name), 0, 0) };
+    (id >= 0).then_some(id)
+}
+
+fn sysv_remove(id: i32) -> bool {
+    // SAFETY: shmctl(IPC_RMID) takes no buffer.
+    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) == 0 }
+}
+
+impl Shm for SysvShm {
+    fn create(&self, name: &str, size: usize) -> Result<Box<dyn Map>, SegmentError> {
         let err = |e: std::io::Error| match e.raw_os_error() {
             Some(libc::EEXIST) => SegmentError::Exists {
                 name: name.to_owned(),
@@ -461,46 +557,30 @@ impl Segment {
         let addr = match sysv_attach(id) {
             Ok(a) => a,
             Err(e) => {
-                // SAFETY: shmctl(IPC_RMID) takes no buffer; the id is ours, just made.
-                unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+                sysv_remove(id); // ours, just made
                 return Err(err(e));
             }
         };
-        let map = SysvMap {
+        Ok(Box::new(SysvMap {
             id,
             addr,
             len: size,
             owner: true,
-        };
-        Ok(Segment {
-            shmem: Mapping::Sysv(map),
-            name: name.to_owned(),
-            populating: Default::default(),
-        })
+        }))
     }
 
-    fn open_mapping(name: &str) -> Result<Mapping, SegmentError> {
+    fn open(&self, name: &str) -> Result<Box<dyn Map>, SegmentError> {
         let open_err = |detail: String| SegmentError::Open {
             name: name.to_owned(),
             detail,
         };
-        if !name.starts_with(SYSV_PREFIX) {
-            let shmem = ShmemConf::new()
-                .os_id(name)
-                .open()
-                .map_err(|e| open_err(shm_detail(e)))?;
-            return Ok(Mapping::Posix(shmem));
-        }
-        // SAFETY: shmget takes no buffer.
-        let id = unsafe { libc::shmget(sysv_key(name), 0, 0) };
-        if id < 0 {
-            return Err(open_err(std::io::Error::last_os_error().to_string()));
-        }
+        let id =
+            sysv_id(name).ok_or_else(|| open_err(std::io::Error::last_os_error().to_string()))?;
         let len = sysv_stat(id)
             .map_err(|e| open_err(e.to_string()))?
             .shm_segsz;
         let addr = sysv_attach(id).map_err(|e| open_err(e.to_string()))?;
-        Ok(Mapping::Sysv(SysvMap {
+        Ok(Box::new(SysvMap {
             id,
             addr,
             len,
@@ -508,34 +588,202 @@ impl Segment {
         }))
     }
 
-    /// For a System V segment, what the kernel says of it now.
-    pub fn sysv_info(&self) -> Option<SysvInfo> {
-        let Mapping::Sysv(m) = &self.shmem else {
-            return None;
+    fn unlink(&self, name: &str) -> bool {
+        sysv_id(name).is_some_and(sysv_remove)
+    }
+
+    /// The kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
+    fn remove_if_ours(&self, name: &str, euid: u32) -> Removal {
+        let Some(ds) = sysv_id(name).and_then(|id| Some((id, sysv_stat(id).ok()?))) else {
+            return Removal::Absent;
         };
-        let ds = sysv_stat(m.id).ok()?;
-        Some(SysvInfo {
-            key: sysv_key(&self.name),
-            id: m.id,
-            nattch: ds.shm_nattch,
-            mode: ds.shm_perm.mode as u32 & 0o777,
-            uid: ds.shm_perm.uid,
-        })
+        let (id, ds) = ds;
+        let (uid, cuid) = (ds.shm_perm.uid, ds.shm_perm.cuid);
+        if uid != euid || cuid != euid {
+            return Removal::Foreign { uid: cuid };
+        }
+        if sysv_remove(id) {
+            Removal::Removed
+        } else {
+            Removal::Absent
+        }
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        sysv_id(name).is_some()
+    }
+}
+
+/// Removes a segment by name (either backend); returns whether one was there.
+/// For tests and clean-up of names known to be ours; a start uses
+/// [`remove_if_ours`].
+pub fn unlink(name: &str) -> bool {
+    Backend::of(name).imp().unlink(name)
+}
+
+/// What [`remove_if_ours`] found under a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Nothing of that name.
+    Absent,
+    /// Ours: removed.
+    Removed,
+    /// Someone else's (owner uid given), or not a plain segment: left alone.
+    Foreign { uid: u32 },
+}
+
+/// Removes a segment by name (either backend) only if it belongs to this
+/// process's effective uid, without ever opening or mapping it: for POSIX
+/// the `/dev/shm` entry is `lstat`ed (a regular file of ours; `/dev/shm` is
+/// sticky, so nobody else can swap it before the unlink), for System V the
+/// kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
+pub fn remove_if_ours(name: &str) -> Removal {
+    let euid = nix::unistd::geteuid().as_raw();
+    Backend::of(name).imp().remove_if_ours(name, euid)
+}
+
+/// Whether a segment of that name exists (either backend).
+pub fn exists(name: &str) -> bool {
+    Backend::of(name).imp().exists(name)
+}
+
+/// Where a POSIX segment name shows up in the file system.
+pub fn fs_path(name: &str) -> String {
+    format!("/dev/shm/{}", name.trim_start_matches('/'))
+}
+
+/// The segments this process maps, by [`Map::identity`]: how many handles,
+/// and whether an [`Arena`] holds one. An arena's segment is mapped once in
+/// its process, so no second mapping can alias the bytes its slots lend out.
+static MAPPED: std::sync::Mutex<Vec<Mapped>> = std::sync::Mutex::new(Vec::new());
+
+#[derive(Debug)]
+struct Mapped {
+    identity: String,
+    handles: usize,
+    arena: bool,
+}
+
+/// Runs `f` on the register entry of `identity` (made if missing, removed
+/// once no handle is left).
+fn with_mapped<T>(identity: &str, f: impl FnOnce(&mut Mapped) -> T) -> T {
+    let mut all = MAPPED.lock().unwrap_or_else(|e| e.into_inner());
+    let at = match all.iter().position(|m| m.identity == identity) {
+        Some(at) => at,
+        None => {
+            all.push(Mapped {
+                identity: identity.to_owned(),
+                handles: 0,
+                arena: false,
+            });
+            all.len() - 1
+        }
+    };
+    let out = f(&mut all[at]);
+    if all[at].handles == 0 {
+        all.swap_remove(at);
+    }
+    out
+}
+
+/// A mapped segment. Dropping the creator's handle unlinks the name.
+pub struct Segment {
+    map: Box<dyn Map>,
+    name: String,
+    /// Made by this handle (an [`Arena`] may be built on it), even once disowned.
+    created: bool,
+    /// Its entry in the process's register of mapped segments.
+    identity: String,
+    /// A thread filling in this process's page tables for the mapping, and
+    /// the sender whose drop cancels it if it has not started yet.
+    populating: RefCell<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // The populating thread works on our mapping: it must be done before
+        // the mapping goes (the `map` field is dropped after this).
+        if let Some((cancel, t)) = self.populating.get_mut().take() {
+            drop(cancel);
+            let _ = t.join();
+        }
+        with_mapped(&self.identity, |m| m.handles -= 1);
+    }
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("name", &self.name)
+            .field("len", &self.map.len())
+            .field("owner", &self.map.is_owner())
+            .field("backend", &self.backend())
+            .finish()
+    }
+}
+
+impl Segment {
+    /// Creates a segment named `name` (e.g. `/osps-1000-default`; the
+    /// [`Backend`] follows from it) with an arena of `arena_len` bytes, mode
+    /// 0600 whatever the umask, and writes its header. Fails with
+    /// [`SegmentError::Exists`] if the name is taken.
+    pub fn create(name: &str, arena_len: usize, generation: u64) -> Result<Segment, SegmentError> {
+        let size = HEADER_LEN + arena_len;
+        let map = Backend::of(name).imp().create(name, size)?;
+        let identity = map.identity(name);
+        with_mapped(&identity, |m| m.handles += 1);
+        let seg = Segment {
+            map,
+            name: name.to_owned(),
+            created: true,
+            identity,
+            populating: Default::default(),
+        };
+        let header = SegmentHeader {
+            magic: SEGMENT_MAGIC,
+            layout_version: LAYOUT_VERSION,
+            header_len: HEADER_LEN as u32,
+            total_len: size as u64,
+            arena_len: arena_len as u64,
+            owner_pid: AtomicU32::new(std::process::id()),
+            _pad: 0,
+            generation: AtomicU64::new(generation),
+            jobs_done: AtomicU64::new(0),
+        };
+        // SAFETY: the mapping is at least HEADER_LEN bytes, page aligned (so
+        // aligned for SegmentHeader), freshly created and not yet shared with
+        // any other process, so this write races with nothing.
+        unsafe { std::ptr::write(seg.map.as_ptr().cast::<SegmentHeader>(), header) };
+        Ok(seg)
     }
 
     /// Opens an existing segment and checks its header.
     pub fn open(name: &str) -> Result<Segment, SegmentError> {
-        let shmem = Segment::open_mapping(name)?;
+        let map = Backend::of(name).imp().open(name)?;
+        let identity = map.identity(name);
+        let taken = with_mapped(&identity, |m| {
+            if !m.arena {
+                m.handles += 1;
+            }
+            m.arena
+        });
+        if taken {
+            return Err(SegmentError::MappedTwice {
+                name: name.to_owned(),
+            });
+        }
         let bad = |detail: String| SegmentError::BadHeader {
             name: name.to_owned(),
             detail,
         };
-        if shmem.len() < HEADER_LEN {
-            return Err(bad(format!("only {} bytes long", shmem.len())));
+        if map.len() < HEADER_LEN {
+            return Err(bad(format!("only {} bytes long", map.len())));
         }
         let seg = Segment {
-            shmem,
+            map,
             name: name.to_owned(),
+            created: false,
+            identity,
             populating: Default::default(),
         };
         let h = seg.header();
@@ -546,7 +794,7 @@ impl Segment {
             return Err(bad(format!("layout version {}", h.layout_version)));
         }
         if h.header_len as usize != HEADER_LEN
-            || h.total_len != seg.shmem.len() as u64
+            || h.total_len != seg.map.len() as u64
             || h.arena_len + HEADER_LEN as u64 != h.total_len
         {
             return Err(bad("sizes disagree with the mapping".into()));
@@ -559,9 +807,14 @@ impl Segment {
         &self.name
     }
 
+    /// The kind of shared memory it lives in.
+    pub fn backend(&self) -> Backend {
+        Backend::of(&self.name)
+    }
+
     /// Total mapped size in bytes.
     pub fn len(&self) -> usize {
-        self.shmem.len()
+        self.map.len()
     }
 
     /// Always false: a segment has at least its header.
@@ -571,12 +824,12 @@ impl Segment {
 
     /// Size of the slot arena.
     pub fn arena_len(&self) -> usize {
-        self.shmem.len() - HEADER_LEN
+        self.map.len() - HEADER_LEN
     }
 
     /// Whether this handle created the segment (and unlinks it on drop).
     pub fn is_owner(&self) -> bool {
-        self.shmem.is_owner()
+        self.map.is_owner()
     }
 
     /// The shared header.
@@ -585,55 +838,95 @@ impl Segment {
         // guaranteed at create) and page aligned; the header was initialised
         // by its creator before the name was handed to anyone. Its mutable
         // fields are atomics, so shared references are sound across processes.
-        unsafe { &*self.shmem.as_ptr().cast::<SegmentHeader>() }
+        unsafe { &*self.map.as_ptr().cast::<SegmentHeader>() }
     }
 
-    fn check(&self, r: Region) -> Result<(), SegmentError> {
+    /// The region `offset`..`offset + len` of the arena, if it lies inside
+    /// (how a worker turns a job frame's numbers into a [`Region`]).
+    pub fn check(&self, offset: u64, len: u64) -> Result<Region, SegmentError> {
         let arena_len = self.arena_len() as u64;
-        match r.offset.checked_add(r.len) {
-            Some(end) if end <= arena_len => Ok(()),
+        match offset.checked_add(len) {
+            Some(end) if end <= arena_len => Ok(Region { offset, len }),
             _ => Err(SegmentError::OutOfBounds {
-                offset: r.offset,
-                len: r.len,
+                offset,
+                len,
                 arena_len,
             }),
         }
     }
 
-    /// The bytes of a region, for reading.
-    ///
-    /// The caller must own the region under the slot protocol (see module
-    /// docs): the dispatcher between allocation and handing the job to a
-    /// worker, and again once the worker has answered; the worker while it
-    /// runs the job.
-    pub fn bytes(&self, r: Region) -> Result<&[u8], SegmentError> {
-        self.check(r)?;
-        // SAFETY: the region lies inside the mapping (checked above), which
-        // lives as long as `self`. No other process writes the region while
-        // the caller owns it under the slot protocol.
-        Ok(unsafe {
-            std::slice::from_raw_parts(
-                self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize),
-                r.len as usize,
-            )
-        })
+    /// The address of a region's first byte, after checking it lies in this
+    /// segment's arena (a region of another segment may not).
+    fn start_of(&self, r: Region) -> Result<*mut u8, SegmentError> {
+        self.check(r.offset, r.len)?;
+        // SAFETY: HEADER_LEN + offset + len <= the mapping's length (checked
+        // above), so the pointer stays inside the mapping.
+        Ok(unsafe { self.map.as_ptr().add(HEADER_LEN + r.offset as usize) })
     }
 
-    /// The bytes of a region, for writing in place. Same ownership rule as
-    /// [`Segment::bytes`]; in addition the dispatcher's allocator never hands
-    /// out overlapping regions, so two live `&mut` never alias.
-    #[allow(clippy::mut_from_ref)]
-    pub fn bytes_mut(&self, r: Region) -> Result<&mut [u8], SegmentError> {
-        self.check(r)?;
-        // SAFETY: in bounds (checked above); the mapping outlives the borrow.
-        // Exclusivity comes from the slot protocol: one owner per slot at a
-        // time, and slots never overlap (TLSF allocator in `alloc`).
-        Ok(unsafe {
-            std::slice::from_raw_parts_mut(
-                self.shmem.as_ptr().add(HEADER_LEN + r.offset as usize),
-                r.len as usize,
-            )
-        })
+    /// A worker's view of the slot its running job names, for reading and
+    /// writing in place, once the job's input is all in. `&mut self`: one
+    /// view at a time in this process, and none while [`Segment::copy_out`]
+    /// runs. Other processes keep out under the slot protocol: the slot is
+    /// the worker's from its `Job` frame (with all input announced) until
+    /// its `JobDone`.
+    pub fn claim(&mut self, slot: Region) -> Result<&mut [u8], SegmentError> {
+        let start = self.start_of(slot)?;
+        // SAFETY: in bounds (start_of); the mapping outlives the borrow of
+        // `self`, which is exclusive, so this process holds no other
+        // reference into the segment's arena meanwhile.
+        Ok(unsafe { std::slice::from_raw_parts_mut(start, slot.len as usize) })
+    }
+
+    /// Copies bytes `from..` of `slot` into `dst`, but none at or past
+    /// `announced` (how much of the slot its writer has said is in place):
+    /// the way to read a prefix that another process is still extending.
+    /// Returns how many bytes were copied (0 once `from` reaches `announced`).
+    /// `&mut self`, like [`Segment::claim`]: no reference into the arena
+    /// lives in this process meanwhile (an [`Arena`]'s segment, reachable
+    /// only as `&Segment`, cannot be read this way under its slots' `&mut`).
+    pub fn copy_out(
+        &mut self,
+        slot: Region,
+        from: u64,
+        announced: u64,
+        dst: &mut [u8],
+    ) -> Result<usize, SegmentError> {
+        let start = self.start_of(slot)?;
+        let end = announced.min(slot.len);
+        let n = end.saturating_sub(from).min(dst.len() as u64) as usize;
+        if n > 0 {
+            // SAFETY: from + n <= slot.len, inside the mapping (start_of). The
+            // source is read through a raw pointer, never a reference, and
+            // only below `announced`, which its writer no longer changes;
+            // `dst` is private memory, so the two do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(start.add(from as usize), dst.as_mut_ptr(), n) };
+        }
+        Ok(n)
+    }
+
+    /// What the system says of the segment now, whatever its backend: the
+    /// segment half of the status report (`slots_*` and `max_payload` are
+    /// left 0 for the allocator's owner to fill in). `attached_here` is how
+    /// many processes the caller knows to have it mapped, reported where the
+    /// backend does not count them itself.
+    pub fn describe(&self, attached_here: usize) -> SegmentStatus {
+        let d = self.map.describe(&self.name);
+        SegmentStatus {
+            backend: self.backend().as_str().into(),
+            name: self.name.clone(),
+            path: d.path,
+            see: d.see,
+            size: self.len() as u64,
+            generation: self.header().generation.load(Ordering::Relaxed),
+            jobs_run: self.header().jobs_done.load(Ordering::Relaxed),
+            slots_in_use: 0,
+            slot_bytes_in_use: 0,
+            max_payload: 0,
+            mode: d.mode.map_or("?".into(), |m| format!("{m:04o}")),
+            owner_uid: d.owner_uid.unwrap_or(u32::MAX),
+            attached: d.attached.unwrap_or(attached_here),
+        }
     }
 
     /// Fills in this process's page tables for the whole mapping on a
@@ -647,7 +940,7 @@ impl Segment {
         if self.populating.borrow().is_some() {
             return;
         }
-        let (addr, len) = (self.shmem.as_ptr() as usize, self.shmem.len());
+        let (addr, len) = (self.map.as_ptr() as usize, self.map.len());
         let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name("osps-populate".into())
@@ -702,7 +995,7 @@ impl Segment {
 
     /// Stops this handle from unlinking the name on drop (e.g. after fork).
     pub fn disown(&mut self) {
-        self.shmem.disown();
+        self.map.disown();
     }
 }
 
@@ -714,6 +1007,142 @@ impl SegmentHeader {
     }
 }
 
+/// Identities of arenas, so a slot is only ever used with its own.
+static NEXT_ARENA: AtomicU64 = AtomicU64::new(1);
+
+/// The creator's side of a segment: the segment together with the slot
+/// allocator over its arena (single-threaded: the allocator sits in a
+/// `RefCell`, never borrowed past a call). Slots it hands out carry its
+/// identity, and their bytes are reached only through it, as `&` of a
+/// `&Slot` or `&mut` of a `&mut Slot`: since a [`Slot`] is not `Clone` and
+/// slots never overlap, this process cannot hold two `&mut` to one byte.
+#[derive(Debug)]
+pub struct Arena {
+    segment: Segment,
+    alloc: RefCell<SlotAllocator>,
+    id: u64,
+}
+
+impl Arena {
+    /// The arena of a segment this handle created (disowned or not), and
+    /// the only handle to it in this process (none can be opened while the
+    /// arena lives: [`SegmentError::MappedTwice`]).
+    pub fn new(segment: Segment) -> Result<Arena, SegmentError> {
+        if !segment.created {
+            return Err(SegmentError::NotCreator {
+                name: segment.name.clone(),
+            });
+        }
+        let alone = with_mapped(&segment.identity, |m| {
+            m.arena = m.handles == 1;
+            m.arena
+        });
+        if !alone {
+            return Err(SegmentError::MappedTwice {
+                name: segment.name.clone(),
+            });
+        }
+        let id = NEXT_ARENA.fetch_add(1, Ordering::Relaxed);
+        Ok(Arena {
+            alloc: RefCell::new(SlotAllocator::for_arena(segment.arena_len() as u64, id)),
+            segment,
+            id,
+        })
+    }
+
+    /// The segment (for its name, header and description).
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// A slot of at least `len` bytes (whole pages); see [`SlotAllocator::alloc`].
+    pub fn alloc(&self, len: u64) -> Result<Slot, AllocError> {
+        self.alloc.borrow_mut().alloc(len)
+    }
+
+    /// Returns a slot of this arena.
+    pub fn free(&self, slot: Slot) -> Result<(), SegmentError> {
+        self.own(&slot)?;
+        self.alloc.borrow_mut().free(slot);
+        Ok(())
+    }
+
+    /// Slots currently allocated.
+    pub fn in_use(&self) -> usize {
+        self.alloc.borrow().in_use()
+    }
+
+    /// Bytes currently allocated (whole pages).
+    pub fn bytes_in_use(&self) -> u64 {
+        self.alloc.borrow().bytes_in_use()
+    }
+
+    fn own(&self, slot: &Slot) -> Result<(), SegmentError> {
+        if slot.arena() == self.id {
+            Ok(())
+        } else {
+            Err(SegmentError::ForeignSlot {
+                name: self.segment.name.clone(),
+            })
+        }
+    }
+
+    /// A slot's bytes, for reading (while the slot is the dispatcher's under
+    /// the slot protocol: not while a worker runs its job).
+    pub fn bytes<'a>(&'a self, slot: &'a Slot) -> Result<&'a [u8], SegmentError> {
+        self.own(slot)?;
+        let r = slot.region();
+        let start = self.segment.start_of(r)?;
+        // SAFETY: in bounds (start_of). The slot is this arena's (checked
+        // above) and borrowed shared for the result's lifetime; a `&mut` to
+        // these bytes needs `&mut` of this very slot (no other slot
+        // overlaps it), so none exists meanwhile in this process.
+        Ok(unsafe { std::slice::from_raw_parts(start, r.len as usize) })
+    }
+
+    /// A slot's bytes, for writing (same rule as [`Arena::bytes`]).
+    pub fn bytes_mut<'a>(&'a self, slot: &'a mut Slot) -> Result<&'a mut [u8], SegmentError> {
+        self.bytes_mut_from(slot, 0)
+    }
+
+    /// A slot's bytes from `from` on (none if `from` is past its end), for
+    /// writing while a worker may read the part before `from`: no reference
+    /// to that part is made.
+    pub fn bytes_mut_from<'a>(
+        &'a self,
+        slot: &'a mut Slot,
+        from: u64,
+    ) -> Result<&'a mut [u8], SegmentError> {
+        self.own(slot)?;
+        let r = slot.region();
+        let start = self.segment.start_of(r)?;
+        let from = from.min(r.len);
+        // SAFETY: in bounds (start_of, and from <= len). The slot is this
+        // arena's (checked above), allocated by its allocator, which never
+        // hands out overlapping slots, and not `Clone`; it is borrowed
+        // exclusively for the result's lifetime, so no other reference to
+        // these bytes exists in this process meanwhile.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(start.add(from as usize), (r.len - from) as usize)
+        })
+    }
+
+    /// The segment half of the status report, with the allocator's figures.
+    pub fn describe(&self, attached_here: usize) -> SegmentStatus {
+        SegmentStatus {
+            slots_in_use: self.in_use(),
+            slot_bytes_in_use: self.bytes_in_use(),
+            ..self.segment.describe(attached_here)
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        with_mapped(&self.segment.identity, |m| m.arena = false);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,24 +1151,21 @@ mod tests {
         format!("/osps-unit-{}-{tag}", std::process::id())
     }
 
-    /// The same segment name for each backend: every segment test runs on both.
+    /// The same segment name for each backend: every segment test runs on all.
     fn both(tag: &str) -> [String; 2] {
-        [name(tag), format!("{SYSV_PREFIX}{}", name(tag))]
+        Backend::ALL.map(|b| b.segment_name(&name(tag)))
     }
 
     /// Permission bits of a segment, as its backend reports them.
     fn mode_of(seg: &Segment) -> u32 {
-        use std::os::unix::fs::PermissionsExt;
-        match seg.sysv_info() {
-            Some(info) => info.mode,
-            None => {
-                std::fs::metadata(fs_path(seg.name()))
-                    .unwrap()
-                    .permissions()
-                    .mode()
-                    & 0o777
-            }
-        }
+        u32::from_str_radix(&seg.describe(1).mode, 8).unwrap()
+    }
+
+    /// A region's bytes, copied out.
+    fn read(seg: &mut Segment, r: Region) -> Vec<u8> {
+        let mut out = vec![0; r.len() as usize];
+        assert_eq!(seg.copy_out(r, 0, r.len(), &mut out).unwrap(), out.len());
+        out
     }
 
     #[test]
@@ -751,23 +1177,20 @@ mod tests {
 
     fn share_and_unlink(n: &str) {
         let n = n.to_owned();
-        let seg = Segment::create(&n, 1 << 20, 7).unwrap();
+        let mut seg = Segment::create(&n, 1 << 20, 7).unwrap();
         assert!(exists(&n), "{n}");
-        let r = Region {
-            offset: 4096,
-            len: 5,
-        };
-        seg.bytes_mut(r).unwrap().copy_from_slice(b"hello");
-        let other = Segment::open(&n).unwrap();
+        let r = seg.check(4096, 5).unwrap();
+        seg.claim(r).unwrap().copy_from_slice(b"hello");
+        let mut other = Segment::open(&n).unwrap();
         assert!(!other.is_owner());
-        assert_eq!(other.bytes(r).unwrap(), b"hello");
+        assert_eq!(read(&mut other, r), b"hello");
         assert_eq!(other.header().generation.load(Ordering::Relaxed), 7);
         assert_eq!(
             other.header().owner_pid.load(Ordering::Relaxed),
             std::process::id()
         );
-        other.bytes_mut(r).unwrap().copy_from_slice(b"HELLO");
-        assert_eq!(seg.bytes(r).unwrap(), b"HELLO");
+        other.claim(r).unwrap().copy_from_slice(b"HELLO");
+        assert_eq!(read(&mut seg, r), b"HELLO");
         other.header().count_job();
         assert_eq!(seg.header().jobs_done.load(Ordering::Relaxed), 1);
         drop(other);
@@ -801,25 +1224,34 @@ mod tests {
     fn a_sysv_segment_is_listed_by_the_kernel_with_its_attachments() {
         let n = format!("{SYSV_PREFIX}{}", name("ipcs"));
         let seg = Segment::create(&n, 4096, 1).unwrap();
-        let info = seg.sysv_info().expect("sysv");
-        assert_eq!((info.key, info.mode, info.nattch), (sysv_key(&n), 0o600, 1));
+        // `attached` given as 99: the kernel's own count must win.
+        let info = seg.describe(99);
+        let key = sysv_key(&n);
+        assert_eq!(
+            (info.backend.as_str(), info.mode.as_str(), info.attached),
+            ("sysv", "0600", 1)
+        );
+        assert!(
+            info.see.contains(&format!("key 0x{key:08x}")),
+            "{}",
+            info.see
+        );
         let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
         assert!(
             table
                 .lines()
-                .any(|l| l.split_whitespace().next() == Some(&info.key.to_string())),
-            "key {} not in /proc/sysvipc/shm",
-            info.key
+                .any(|l| l.split_whitespace().next() == Some(&key.to_string())),
+            "key {key} not in /proc/sysvipc/shm"
         );
         let other = Segment::open(&n).unwrap();
-        assert_eq!(other.sysv_info().unwrap().nattch, 2);
+        assert_eq!(other.describe(99).attached, 2);
         drop(other);
         drop(seg);
         let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
         assert!(
             !table
                 .lines()
-                .any(|l| l.split_whitespace().next() == Some(&info.key.to_string())),
+                .any(|l| l.split_whitespace().next() == Some(&key.to_string())),
             "removed on drop"
         );
     }
@@ -847,7 +1279,7 @@ mod tests {
     }
 
     fn populate(n: &str) {
-        let seg = Segment::create(n, 8 << 20, 1).unwrap();
+        let mut seg = Segment::create(n, 8 << 20, 1).unwrap();
         seg.populate_in_background(std::time::Duration::ZERO);
         seg.wait_populated();
         let faults = || -> u64 {
@@ -860,12 +1292,8 @@ mod tests {
                 .unwrap()
         };
         let before = faults();
-        seg.bytes_mut(Region {
-            offset: 0,
-            len: 8 << 20,
-        })
-        .unwrap()
-        .fill(1);
+        let all = seg.check(0, 8 << 20).unwrap();
+        seg.claim(all).unwrap().fill(1);
         let taken = faults() - before;
         assert!(
             taken < 64,
@@ -881,25 +1309,17 @@ mod tests {
     }
 
     fn bounds(n: &str) {
-        let seg = Segment::create(n, 8192, 1).unwrap();
-        assert!(seg
-            .bytes(Region {
-                offset: 8192,
-                len: 1
-            })
-            .is_err());
-        assert!(seg
-            .bytes(Region {
-                offset: u64::MAX,
-                len: 2
-            })
-            .is_err());
-        assert!(seg
-            .bytes(Region {
-                offset: 0,
-                len: 8192
-            })
-            .is_ok());
+        let mut seg = Segment::create(n, 8192, 1).unwrap();
+        assert!(seg.check(8192, 1).is_err());
+        assert!(seg.check(u64::MAX, 2).is_err());
+        assert!(seg.check(0, 8192).is_ok());
+        // A region checked against a larger segment is refused by a smaller one.
+        let big = Segment::create(&format!("{n}-big"), 16384, 1).unwrap();
+        let far = big.check(8192, 4096).unwrap();
+        assert!(matches!(
+            seg.copy_out(far, 0, 4096, &mut [0; 16]),
+            Err(SegmentError::OutOfBounds { .. })
+        ));
     }
 
     #[test]
@@ -941,5 +1361,141 @@ mod tests {
         ));
         other.set_owner(true);
         assert!(unlink(&n) || !std::path::Path::new(&fs_path(&n)).exists());
+    }
+
+    #[test]
+    fn a_slot_of_one_arena_is_refused_by_another() {
+        let a = Arena::new(Segment::create(&name("arena-a"), 1 << 16, 1).unwrap()).unwrap();
+        let b = Arena::new(Segment::create(&name("arena-b"), 1 << 16, 1).unwrap()).unwrap();
+        let mut slot = a.alloc(100).unwrap();
+        a.bytes_mut(&mut slot).unwrap()[..3].copy_from_slice(b"abc");
+        assert_eq!(&a.bytes(&slot).unwrap()[..3], b"abc");
+        // The tail alone: from an offset to the slot's end, never past it.
+        let tail = a.bytes_mut_from(&mut slot, 4094).unwrap();
+        assert_eq!(tail.len(), 2);
+        tail.copy_from_slice(b"yz");
+        assert_eq!(&a.bytes(&slot).unwrap()[4093..], b"\0yz");
+        assert!(a.bytes_mut_from(&mut slot, 1 << 20).unwrap().is_empty());
+        assert!(matches!(
+            b.bytes(&slot),
+            Err(SegmentError::ForeignSlot { .. })
+        ));
+        assert!(matches!(
+            b.bytes_mut(&mut slot),
+            Err(SegmentError::ForeignSlot { .. })
+        ));
+        // A free-standing allocator's slot reaches no arena either.
+        let loose = SlotAllocator::new(1 << 16).alloc(100).unwrap();
+        assert!(a.bytes(&loose).is_err());
+        assert_eq!(b.in_use(), 0);
+        a.free(slot).unwrap();
+        assert_eq!(a.in_use(), 0);
+    }
+
+    #[test]
+    fn a_segment_an_arena_allocates_in_is_mapped_once_in_the_process() {
+        for n in both("once") {
+            let seg = Segment::create(&n, 4096, 1).unwrap();
+            let other = Segment::open(&n).unwrap();
+            assert!(
+                matches!(Arena::new(seg), Err(SegmentError::MappedTwice { .. })),
+                "{n}: another handle is open"
+            );
+            drop(other);
+            let n = format!("{n}-2");
+            let arena = Arena::new(Segment::create(&n, 4096, 1).unwrap()).unwrap();
+            assert!(
+                matches!(Segment::open(&n), Err(SegmentError::MappedTwice { .. })),
+                "{n}: the arena's segment"
+            );
+            // The POSIX name without its slash reaches the same object.
+            if Backend::of(&n) == Backend::Posix {
+                assert!(matches!(
+                    Segment::open(n.trim_start_matches('/')),
+                    Err(SegmentError::MappedTwice { .. })
+                ));
+            }
+            drop(arena);
+            assert!(!exists(&n), "{n}: the arena's creator unlinks it");
+        }
+    }
+
+    #[test]
+    fn only_the_creator_gets_an_arena() {
+        let n = name("arena-open");
+        let _seg = Segment::create(&n, 4096, 1).unwrap();
+        assert!(matches!(
+            Arena::new(Segment::open(&n).unwrap()),
+            Err(SegmentError::NotCreator { .. })
+        ));
+    }
+
+    #[test]
+    fn copy_out_stops_at_the_announced_length() {
+        let mut seg = Segment::create(&name("copy"), 8192, 1).unwrap();
+        let slot = seg.check(4096, 4096).unwrap();
+        let bytes = seg.claim(slot).unwrap();
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        // (from, announced, room) -> bytes copied
+        let table = [
+            (0, 10, 64, 10),
+            (4, 10, 64, 6),
+            (10, 10, 64, 0),
+            (12, 10, 64, 0),
+            (0, 10, 3, 3),
+            (0, 1 << 20, 8192, 4096), // announced past the slot: the slot bounds it
+            (4000, 4096, 8192, 96),
+        ];
+        for (from, announced, room, want) in table {
+            let mut dst = vec![0xffu8; room];
+            let got = seg.copy_out(slot, from, announced, &mut dst).unwrap();
+            assert_eq!(got, want, "from {from} announced {announced} room {room}");
+            let expect: Vec<u8> = (from..from + want as u64).map(|i| i as u8).collect();
+            assert_eq!(&dst[..got], &expect[..]);
+            assert!(
+                dst[got..].iter().all(|&b| b == 0xff),
+                "nothing past the copy"
+            );
+        }
+    }
+
+    #[test]
+    fn backends_are_named_as_on_the_command_line_and_in_segment_names() {
+        // (--segment value, backend, name made for base "/x")
+        let table = [
+            ("posix", Backend::Posix, "/x"),
+            ("sysv", Backend::SysV, "sysv:/x"),
+        ];
+        for (arg, backend, made) in table {
+            assert_eq!(arg.parse::<Backend>(), Ok(backend));
+            assert_eq!(backend.to_string(), arg);
+            assert_eq!(backend.segment_name("/x"), made);
+            assert_eq!(Backend::of(made), backend);
+            assert_eq!(Backend::base_name(made), "/x");
+        }
+        assert!("tmpfs".parse::<Backend>().is_err());
+        assert_eq!(Backend::default(), Backend::Posix);
+    }
+
+    #[test]
+    fn a_posix_segment_describes_its_file_and_takes_the_callers_count() {
+        let seg = Segment::create(&name("describe"), 4096, 3).unwrap();
+        seg.header().count_job();
+        let d = seg.describe(4);
+        assert_eq!(
+            (
+                d.backend.as_str(),
+                d.mode.as_str(),
+                d.attached,
+                d.generation,
+                d.jobs_run
+            ),
+            ("posix", "0600", 4, 3, 1)
+        );
+        assert_eq!(d.path, fs_path(seg.name()));
+        assert_eq!(d.owner_uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(d.size, (HEADER_LEN + 4096) as u64);
     }
 }

@@ -10,7 +10,7 @@
 
 use crate::lock::{InstanceLock, LockError};
 use crate::paths::{InstanceState, PathError, RuntimePaths};
-use crate::segment::{self, Removal, Segment, SegmentError};
+use crate::segment::{self, Backend, Removal, Segment, SegmentError};
 
 /// Fresh names tried before giving up (each collision is a 1 in 2^64 chance,
 /// or an object someone made under that exact name).
@@ -54,7 +54,7 @@ pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predeces
         remove(&state.segment, "recorded segment's");
     }
     let legacy = paths.legacy_segment_name();
-    for name in [legacy.clone(), format!("{}{legacy}", segment::SYSV_PREFIX)] {
+    for name in Backend::ALL.map(|b| b.segment_name(&legacy)) {
         remove(&name, "old fixed segment");
     }
     if let Some(state) = state {
@@ -69,12 +69,12 @@ pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predeces
 
 /// Creates the instance's segment: a fresh random name (retried if taken),
 /// recorded with `generation` in the state file *before* the segment is
-/// made, so a crash at any point leaves nothing unrecorded. `sysv` selects
-/// the System V backend (the name then carries the `sysv:` prefix).
+/// made, so a crash at any point leaves nothing unrecorded, in `backend`
+/// (whose name format the recorded name carries, e.g. the `sysv:` prefix).
 pub fn create_segment(
     paths: &RuntimePaths,
     _lock: &InstanceLock,
-    sysv: bool,
+    backend: Backend,
     arena_len: usize,
     generation: u64,
 ) -> Result<Segment, StartError> {
@@ -82,11 +82,7 @@ pub fn create_segment(
         let name = paths
             .new_segment_name()
             .map_err(|e| StartError::Random(e.to_string()))?;
-        let name = if sysv {
-            format!("{}{name}", segment::SYSV_PREFIX)
-        } else {
-            name
-        };
+        let name = backend.segment_name(&name);
         paths.write_state(&InstanceState {
             generation,
             segment: name.clone(),

@@ -101,6 +101,10 @@ pub struct SegmentStatus {
     pub size: u64,
     /// Generation (bumped each time a dispatcher rebuilds it).
     pub generation: u64,
+    /// Jobs the workers ran to the end in this segment (any outcome, retries
+    /// included), as counted by the workers in its header.
+    #[serde(default)]
+    pub jobs_run: u64,
     /// Slots allocated.
     pub slots_in_use: usize,
     /// Bytes allocated in slots.

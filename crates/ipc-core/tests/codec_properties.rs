@@ -4,8 +4,8 @@
 use ipc_core::frame::{self, FrameError};
 use ipc_core::proto::{
     ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, Request, Response, ToWorker,
+    WireRegion,
 };
-use ipc_core::Region;
 use proptest::prelude::*;
 
 fn kind() -> impl Strategy<Value = ErrorKind> {
@@ -29,8 +29,8 @@ fn outcome() -> impl Strategy<Value = Outcome> {
     ]
 }
 
-fn region() -> impl Strategy<Value = Region> {
-    (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Region { offset, len })
+fn region() -> impl Strategy<Value = WireRegion> {
+    (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| WireRegion { offset, len })
 }
 
 /// Encodes `msg` into `buf` and decodes it twice (the decoded message may

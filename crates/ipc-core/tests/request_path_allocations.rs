@@ -41,7 +41,7 @@ fn job<'a>(op: &'a str, args: &'a [Cow<'static, str>]) -> ToWorker<'a> {
         job_id: 7,
         op: op.into(),
         args: Args::Borrowed(args),
-        slot: ipc_core::Region {
+        slot: ipc_core::proto::WireRegion {
             offset: 0,
             len: 8192,
         },

@@ -54,17 +54,89 @@ pub enum WorkerError {
 /// Runs the worker until its stdin closes.
 pub fn run(config: &Config) -> Result<(), WorkerError> {
     if let Some(expected) = config.parent_pid {
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-            .map_err(WorkerError::Prctl)?;
-        // The parent may have died before the line above: then we were reparented.
-        let actual = nix::unistd::getppid().as_raw();
-        if actual != expected as i32 {
-            return Err(WorkerError::Orphaned { expected, actual });
+        die_with_parent(expected)?;
+    }
+    let mut segment = open_segment(config)?;
+    let mut pipes = Pipes::open()?;
+    pipes.send(&ready(config))?;
+    // Soon after ready: map the whole segment so no job pays a page fault.
+    segment.populate_in_background(std::time::Duration::from_millis(200));
+    tracing::debug!(segment = %config.segment, "worker ready");
+    let (mut scratch, mut news_scratch) = (Vec::with_capacity(256), Vec::with_capacity(64));
+    loop {
+        // Decoded in place: the job borrows its strings from `scratch`.
+        let job = match read_message(&mut pipes.input, &mut scratch)? {
+            Some(ToWorker::Job(job)) => job,
+            // News of a job answered before its input was in (it failed early).
+            Some(ToWorker::More { job_id, .. } | ToWorker::Abort { job_id }) => {
+                tracing::trace!(job = job_id, "input news for an answered job; ignored");
+                continue;
+            }
+            None => {
+                tracing::debug!("job pipe closed; exiting");
+                return Ok(());
+            }
+        };
+        let mut pipe = Pipe {
+            input: &mut pipes.input,
+            scratch: &mut news_scratch,
+            broken: None,
+        };
+        let done = run_job(&mut segment, &job, config.allow_fault_injection, &mut pipe);
+        let broken = pipe.broken;
+        segment.header().count_job();
+        pipes.send(&FromWorker::Done(done))?;
+        if let Some(e) = broken {
+            return Err(e);
         }
     }
+}
+
+/// The job pipe (stdin) and the result pipe (stdout), buffered by us.
+struct Pipes {
+    input: io::BufReader<std::fs::File>,
+    output: io::BufWriter<std::fs::File>,
+    out_buf: Vec<u8>,
+}
+
+impl Pipes {
+    fn open() -> io::Result<Pipes> {
+        let fd = |f: std::os::fd::BorrowedFd<'_>| f.try_clone_to_owned().map(std::fs::File::from);
+        Ok(Pipes {
+            input: io::BufReader::with_capacity(64 * 1024, fd(io::stdin().as_fd())?),
+            output: io::BufWriter::with_capacity(64 * 1024, fd(io::stdout().as_fd())?),
+            out_buf: Vec::with_capacity(256),
+        })
+    }
+
+    /// Writes one message and flushes it: a result is answered at once, as
+    /// holding it back while the next job runs would make a crash or a hang
+    /// of that job look like this one's.
+    fn send(&mut self, msg: &FromWorker) -> Result<(), WorkerError> {
+        frame::write_frame(&mut self.output, msg, &mut self.out_buf)?;
+        self.output.flush()?;
+        Ok(())
+    }
+}
+
+/// Dies with the dispatcher (`PR_SET_PDEATHSIG`), and refuses to start if
+/// it is already gone.
+fn die_with_parent(expected: u32) -> Result<(), WorkerError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(WorkerError::Prctl)?;
+    // The parent may have died before the line above: then we were reparented.
+    let actual = nix::unistd::getppid().as_raw();
+    if actual != expected as i32 {
+        return Err(WorkerError::Orphaned { expected, actual });
+    }
+    Ok(())
+}
+
+/// Opens the segment, and checks it is our parent's (never work in another
+/// dispatcher's segment).
+fn open_segment(config: &Config) -> Result<Segment, WorkerError> {
     let segment = Segment::open(&config.segment)?;
     if let Some(parent) = config.parent_pid {
-        // Never work in another dispatcher's segment.
         let owner = segment
             .header()
             .owner_pid
@@ -73,19 +145,12 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
             return Err(WorkerError::ForeignSegment { owner, parent });
         }
     }
-    let mut input = io::BufReader::with_capacity(
-        64 * 1024,
-        std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?),
-    );
-    // Results go to fd 1 through our own buffer, flushed once no more jobs
-    // are waiting in the input buffer: a batch of jobs gets one write(2).
-    let mut output = io::BufWriter::with_capacity(
-        64 * 1024,
-        std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?),
-    );
-    let mut scratch = Vec::with_capacity(256);
-    let mut out_buf = Vec::with_capacity(256);
-    let ready = FromWorker::Ready {
+    Ok(segment)
+}
+
+/// The `Ready` message: our pid, the pipe version, and the operations we stream.
+fn ready(config: &Config) -> FromWorker {
+    FromWorker::Ready {
         pid: std::process::id(),
         version: PIPE_VERSION,
         streams: ops::OPS
@@ -93,47 +158,18 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
             .filter(|o| o.streams() && (config.allow_fault_injection || !o.fault_injection))
             .map(|o| o.name.to_owned())
             .collect(),
-    };
-    frame::write_frame(&mut output, &ready, &mut out_buf)?;
-    output.flush()?;
-    // Soon after ready: map the whole segment so no job pays a page fault.
-    segment.populate_in_background(std::time::Duration::from_millis(200));
-    tracing::debug!(segment = %config.segment, "worker ready");
-    let mut news_scratch = Vec::with_capacity(64);
-    loop {
-        // Decoded in place: the job borrows its strings from `scratch`.
-        let msg: ToWorker<'_> = match frame::read_body(&mut input, &mut scratch, DEFAULT_MAX_FRAME)
-            .and_then(|()| frame::decode_body(&scratch))
-        {
-            Ok(msg) => msg,
-            Err(FrameError::Closed) => {
-                tracing::debug!("job pipe closed; exiting");
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let job = match msg {
-            ToWorker::Job(job) => job,
-            // News of a job answered before its input was in (it failed early).
-            ToWorker::More { job_id, .. } | ToWorker::Abort { job_id } => {
-                tracing::trace!(job = job_id, "input news for an answered job; ignored");
-                continue;
-            }
-        };
-        let mut pipe = Pipe {
-            input: &mut input,
-            scratch: &mut news_scratch,
-            broken: None,
-        };
-        let done = run_job(&segment, &job, config.allow_fault_injection, &mut pipe);
-        segment.header().count_job();
-        frame::write_frame(&mut output, &FromWorker::Done(done), &mut out_buf)?;
-        // Answer at once: holding a result back while the next job runs
-        // would make a crash or a hang of that job look like this one's.
-        output.flush()?;
-        if let Some(e) = pipe.broken {
-            return Err(e);
-        }
+    }
+}
+
+/// The next message from the job pipe; `None` once it is closed.
+fn read_message<'s>(
+    input: &mut impl io::Read,
+    scratch: &'s mut Vec<u8>,
+) -> Result<Option<ToWorker<'s>>, WorkerError> {
+    match frame::read_body(input, scratch, DEFAULT_MAX_FRAME) {
+        Ok(()) => Ok(Some(frame::decode_body(scratch)?)),
+        Err(FrameError::Closed) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -186,9 +222,14 @@ impl<R: io::Read> Arrivals for Pipe<'_, R> {
     }
 }
 
-/// A streaming job's input, read from the slot as it arrives.
+/// Bytes a streaming job's input is copied out in, while it arrives.
+const CHUNK: usize = 128 * 1024;
+
+/// A streaming job's input, copied out of the slot as it arrives: the
+/// dispatcher is still writing the slot past `ready`, so no reference into
+/// it is taken (see [`Segment::copy_out`]).
 struct Arriving<'a> {
-    segment: &'a Segment,
+    segment: &'a mut Segment,
     arrivals: &'a mut dyn Arrivals,
     job_id: u64,
     slot: Region,
@@ -197,6 +238,8 @@ struct Arriving<'a> {
     seen: u64,
     /// Bytes in the slot.
     ready: u64,
+    /// Where the next chunk is copied to (allocated on first use).
+    chunk: Vec<u8>,
 }
 
 impl Arriving<'_> {
@@ -233,83 +276,27 @@ impl ops::Input for Arriving<'_> {
             }
             self.wait()?;
         }
-        // A fresh view of what has arrived, taken after the dispatcher said so;
-        // the bytes beyond `ready` are still being written and are not touched.
-        let region = Region {
-            offset: self.slot.offset + self.seen,
-            len: self.ready - self.seen,
-        };
-        self.seen = self.ready;
-        self.segment
-            .bytes(region)
-            .map(Some)
-            .map_err(|e| RemoteError::new(ErrorKind::Internal, format!("bad slot: {e}")))
+        self.chunk.resize(CHUNK, 0);
+        // Only bytes the dispatcher said are in; those beyond `ready` are
+        // still being written and are not touched.
+        let n = self
+            .segment
+            .copy_out(self.slot, self.seen, self.ready, &mut self.chunk)
+            .map_err(|e| RemoteError::new(ErrorKind::Internal, format!("bad slot: {e}")))?;
+        self.seen += n as u64;
+        Ok(Some(&self.chunk[..n]))
     }
 }
 
 /// Runs one job on its slot and describes the result. A job whose input is
 /// still arriving (`ready < input_len`) learns of its progress from `arrivals`.
 pub fn run_job(
-    segment: &Segment,
+    segment: &mut Segment,
     job: &Job<'_>,
     allow_fault_injection: bool,
     arrivals: &mut dyn Arrivals,
 ) -> JobDone {
-    let result = (|| {
-        let spec = ops::lookup(&job.op, allow_fault_injection)?;
-        let slot_len = segment
-            .bytes(job.slot)
-            .map_err(|e| {
-                RemoteError::new(
-                    ErrorKind::Internal,
-                    format!("bad slot from dispatcher: {e}"),
-                )
-            })?
-            .len();
-        let input_len = usize::try_from(job.input_len)
-            .ok()
-            .filter(|&n| n <= slot_len && job.ready <= job.input_len)
-            .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
-        let mut arriving = Arriving {
-            segment,
-            arrivals,
-            job_id: job.job_id,
-            slot: job.slot,
-            input_len: job.input_len,
-            seen: 0,
-            ready: job.ready,
-        };
-        let streamed = match spec.run {
-            ops::Run::Stream(f) if arriving.ready < arriving.input_len => {
-                let call = ops::Call {
-                    args: &job.args,
-                    attempt: job.attempt,
-                };
-                let short = catch_unwind(AssertUnwindSafe(|| f(&call, &mut arriving)))
-                    .unwrap_or_else(|_| Err(panicked(&job.op)))?;
-                // An operation that answered without reading all of its input:
-                // the reply goes in the slot only once nothing more is written there.
-                arriving.wait_all()?;
-                Some(short)
-            }
-            _ => {
-                arriving.wait_all()?;
-                None
-            }
-        };
-        let mut ctx = ops::JobCtx {
-            args: &job.args,
-            attempt: job.attempt,
-            slot: segment.bytes_mut(job.slot).expect("checked above"),
-            input_len,
-        };
-        match streamed {
-            Some(short) => ctx.reply(short.as_bytes()),
-            None => catch_unwind(AssertUnwindSafe(|| spec.run_whole(&mut ctx)))
-                .unwrap_or_else(|_| Err(panicked(&job.op))),
-        }
-    })();
-    match result {
+    match run_checked(segment, job, allow_fault_injection, arrivals) {
         Ok(out) => JobDone {
             job_id: job.job_id,
             outcome: Outcome::Ok,
@@ -335,6 +322,79 @@ pub fn run_job(
             }
         }
     }
+}
+
+/// The steps of a job: check its frame, take in its input (running a
+/// streaming operation on it as it arrives), then claim the slot and
+/// answer in it.
+fn run_checked(
+    segment: &mut Segment,
+    job: &Job<'_>,
+    allow_fault_injection: bool,
+    arrivals: &mut dyn Arrivals,
+) -> Result<ops::Output, RemoteError> {
+    let spec = ops::lookup(&job.op, allow_fault_injection)?;
+    let slot = segment.check(job.slot.offset, job.slot.len).map_err(|e| {
+        RemoteError::new(
+            ErrorKind::Internal,
+            format!("bad slot from dispatcher: {e}"),
+        )
+    })?;
+    let input_len = usize::try_from(job.input_len)
+        .ok()
+        .filter(|&n| n as u64 <= slot.len() && job.ready <= job.input_len)
+        .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
+    let streamed = take_input(segment, slot, job, spec, arrivals)?;
+    // All of the input is in: the slot is this worker's alone until it answers.
+    let mut ctx = ops::JobCtx {
+        args: &job.args,
+        attempt: job.attempt,
+        slot: segment.claim(slot).expect("checked above"),
+        input_len,
+    };
+    match streamed {
+        Some(short) => ctx.reply(short.as_bytes()),
+        None => catch_unwind(AssertUnwindSafe(|| spec.run_whole(&mut ctx)))
+            .unwrap_or_else(|_| Err(panicked(&job.op))),
+    }
+}
+
+/// Waits until all of a job's input is in the slot. A streaming operation
+/// whose input is still arriving runs meanwhile, on copies of what has come,
+/// and its answer is returned.
+fn take_input(
+    segment: &mut Segment,
+    slot: Region,
+    job: &Job<'_>,
+    spec: &ops::OpSpec,
+    arrivals: &mut dyn Arrivals,
+) -> Result<Option<ops::Short>, RemoteError> {
+    let mut arriving = Arriving {
+        segment,
+        arrivals,
+        job_id: job.job_id,
+        slot,
+        input_len: job.input_len,
+        seen: 0,
+        ready: job.ready,
+        chunk: Vec::new(),
+    };
+    let streamed = match spec.run {
+        ops::Run::Stream(f) if arriving.ready < arriving.input_len => {
+            let call = ops::Call {
+                args: &job.args,
+                attempt: job.attempt,
+            };
+            let short = catch_unwind(AssertUnwindSafe(|| f(&call, &mut arriving)))
+                .unwrap_or_else(|_| Err(panicked(&job.op)))?;
+            Some(short)
+        }
+        _ => None,
+    };
+    // An operation that answered without reading all of its input: the
+    // reply goes in the slot only once nothing more is written there.
+    arriving.wait_all()?;
+    Ok(streamed)
 }
 
 fn panicked(op: &str) -> RemoteError {

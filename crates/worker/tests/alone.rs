@@ -45,7 +45,7 @@ fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job<'_> {
         job_id,
         op: op.into(),
         args: Default::default(),
-        slot,
+        slot: slot.into(),
         input_len: len,
         ready: len,
         attempt: 1,
@@ -54,18 +54,15 @@ fn first_run(job_id: u64, op: &str, slot: Region, len: u64) -> Job<'_> {
 
 #[test]
 fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
-    let (seg, mut w, mut stdout) = worker_on_a_segment("alone");
+    let (mut seg, mut w, mut stdout) = worker_on_a_segment("alone");
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
     assert!(
         matches!(ready, FromWorker::Ready { pid, version: 3, ref streams } if pid == w.0.id() && streams == &["sha256", "wc"])
     );
 
-    let slot = Region {
-        offset: 8192,
-        len: 8192,
-    };
-    seg.bytes_mut(slot).unwrap()[..11].copy_from_slice(b"hello world");
+    let slot = seg.check(8192, 8192).unwrap();
+    seg.claim(slot).unwrap()[..11].copy_from_slice(b"hello world");
     let mut stdin = w.0.stdin.take().unwrap();
     let jobs = [
         first_run(1, "upper", slot, 11),
@@ -86,7 +83,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
         (1, Outcome::Ok, 0, 11)
     );
     assert_eq!(
-        &seg.bytes(slot).unwrap()[..11],
+        &seg.claim(slot).unwrap()[..11],
         b"HELLO WORLD",
         "transformed in place, in the shared segment"
     );
@@ -95,11 +92,10 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
         panic!("done expected")
     };
     assert_eq!(d2.job_id, 2);
-    let r = Region {
-        offset: slot.offset + d2.result_offset,
-        len: d2.result_len,
-    };
-    assert_eq!(seg.bytes(r).unwrap(), b"0 2 11\n");
+    let r = seg
+        .check(slot.offset() + d2.result_offset, d2.result_len)
+        .unwrap();
+    assert_eq!(&*seg.claim(r).unwrap(), b"0 2 11\n");
     assert_eq!(
         d2.result_offset, 11,
         "small results go after the input, leaving it intact"
@@ -160,21 +156,18 @@ fn done(stdout: &mut impl std::io::Read) -> JobDone {
 
 #[test]
 fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
-    let (seg, mut w, mut stdout) = worker_on_a_segment("stream");
+    let (mut seg, mut w, mut stdout) = worker_on_a_segment("stream");
     let mut stdin = w.0.stdin.take().unwrap();
     let mut scratch = Vec::new();
     let _ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
-    let slot = Region {
-        offset: 0,
-        len: 256 << 10,
-    };
+    let slot = seg.check(0, 256 << 10).unwrap();
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
     let job = |job_id, op: &'static str, args: Vec<String>, ready| {
         ToWorker::Job(Job {
             job_id,
             op: op.into(),
             args: args.into_iter().collect(),
-            slot,
+            slot: slot.into(),
             input_len: data.len() as u64,
             ready,
             attempt: 1,
@@ -182,9 +175,9 @@ fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
     };
     // The bytes past `ready` are garbage when the job starts; they are
     // written, then announced, in three steps.
-    seg.bytes_mut(slot).unwrap().fill(0xee);
+    seg.claim(slot).unwrap().fill(0xee);
     let cuts = [0usize, 70_000, 150_001, data.len()];
-    seg.bytes_mut(slot).unwrap()[..cuts[1]].copy_from_slice(&data[..cuts[1]]);
+    seg.claim(slot).unwrap()[..cuts[1]].copy_from_slice(&data[..cuts[1]]);
     send(&mut stdin, job(1, "sha256", vec![], cuts[1] as u64));
     // News of another job (one answered already) is ignored.
     send(
@@ -197,7 +190,7 @@ fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     for pair in cuts[1..].windows(2) {
         let (from, to) = (pair[0], pair[1]);
-        seg.bytes_mut(slot).unwrap()[from..to].copy_from_slice(&data[from..to]);
+        seg.claim(slot).unwrap()[from..to].copy_from_slice(&data[from..to]);
         send(
             &mut stdin,
             ToWorker::More {
@@ -208,11 +201,13 @@ fn a_streaming_job_reads_its_input_as_the_dispatcher_says_it_arrives() {
     }
     let d = done(&mut stdout);
     assert_eq!((d.job_id, &d.outcome), (1, &Outcome::Ok));
-    let result = Region {
-        offset: slot.offset + d.result_offset,
-        len: d.result_len,
-    };
-    assert_eq!(seg.bytes(result).unwrap(), osps_testkit::sha256_line(&data));
+    let result = seg
+        .check(slot.offset() + d.result_offset, d.result_len)
+        .unwrap();
+    assert_eq!(
+        &*seg.claim(result).unwrap(),
+        osps_testkit::sha256_line(&data)
+    );
 
     // Abort: the input will not come; the job is answered with an error.
     send(&mut stdin, job(2, "wc", vec![], 10));
