@@ -87,6 +87,7 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
             index,
             w: &mut worker,
             stop: &mut stop,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
         }
         .serve()
         .await;
@@ -267,6 +268,13 @@ struct WorkerDriver<'a> {
     index: usize,
     w: &'a mut Worker,
     stop: &'a mut watch::Receiver<bool>,
+    /// The running job's deadline: one timer for the worker's life, moved
+    /// on for each job. A timer registered anew for each job, earlier than
+    /// every other the runtime holds (the job timeout is shorter than the
+    /// idle timeout), makes the runtime wake its own event loop through its
+    /// eventfd: a write(2) and an extra epoll_wait(2) per job. Moved later,
+    /// a timer stays where it is in the wheel and costs no system call.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl WorkerDriver<'_> {
@@ -429,16 +437,15 @@ impl WorkerDriver<'_> {
                 None => std::future::pending().await,
             }
         };
-        let timeout = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        if let Some(at) = deadline {
+            if self.timer.deadline() != at {
+                self.timer.as_mut().reset(at);
             }
-        };
+        }
         tokio::select! {
             r = self.w.stdout.read_buf(inbuf) => Woke::Read(r),
             () = progress => Woke::Upload,
-            () = timeout => Woke::TimedOut,
+            () = &mut self.timer, if deadline.is_some() => Woke::TimedOut,
             _ = self.stop.wait_for(|s| *s) => Woke::Stopped,
         }
     }
