@@ -176,6 +176,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let replies = Replies::new(shared.config.max_in_flight);
+    // However this ends (the task may also be dropped with the runtime):
+    // replies still queued hold permits, and so the `Replies`; drop them.
+    let _close = CloseOnDrop(&replies);
     let holder = Holder::new(peer.key);
     let mut writer = ReplyWriter {
         shared,
@@ -215,5 +218,14 @@ where
     }
     if ended == Some(Ended::Refused) {
         linger(&mut rd).await;
+    }
+}
+
+/// Closes a connection's replies when dropped.
+struct CloseOnDrop<'a>(&'a Replies);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }

@@ -471,6 +471,9 @@ impl WorkerDriver<'_> {
                     self.entry().answered(ok);
                 }
                 Answered::Broke(why) => break Err(why),
+                Answered::Unexpected => {
+                    break Err(format!("unexpected message {:?}", FromWorker::Done(done)))
+                }
             }
         };
         inbuf.drain(..consumed);

@@ -217,7 +217,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             shutting_down(permit, req.id);
             return Ok(());
         }
-        let job = self.job(req, JobSlot::Own(lease), permit);
+        let job = self.job(req, JobSlot::own(lease), permit);
         self.shared.queue.push(job, false);
         Ok(())
     }

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use ipc_core::proto::Outcome;
 use tokio::sync::Notify;
 
-use crate::slots::JobSlot;
+use crate::slots::Settled;
 
 /// What a connection's writer sends back to its client.
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub enum Body {
     Slot {
         result: std::ops::Range<usize>,
         /// Held until the reply is written: then the slot is freed.
-        lease: JobSlot,
+        lease: Settled,
     },
     /// Inline: an answer the dispatcher made itself (status, errors).
     Inline(Vec<u8>),

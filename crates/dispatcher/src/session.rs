@@ -1,7 +1,8 @@
 //! A worker session's decisions, apart from its I/O: which queued jobs go to
 //! the worker with the one it runs, what its payload's progress means, and
 //! what an answer, a death, a timeout or a stop does to the jobs it holds.
-//! Pure (time is passed in), so every rule has a table-driven test below;
+//! Pure but for its log lines (time is passed in), so every rule has a
+//! table-driven test below;
 //! the driver (`driver.rs`) does the reading, writing and waiting.
 
 use std::collections::VecDeque;
@@ -59,6 +60,8 @@ pub enum Ahead {
 pub enum Answered<J> {
     /// The running job is done: answer it.
     Job(J),
+    /// An answer for a job the worker is not running: the worker must go.
+    Unexpected,
     /// The answer breaks the protocol: the worker must go.
     Broke(String),
 }
@@ -192,7 +195,7 @@ impl<J: SessionJob> Session<J> {
             ));
         }
         if self.sent.front().map(SessionJob::id) != Some(job_id) || self.written == 0 {
-            return Answered::Broke(format!("unexpected answer for job {job_id}"));
+            return Answered::Unexpected;
         }
         // An error may come early (bad arguments); the news still sent for
         // that job is ignored by the worker.
@@ -245,15 +248,16 @@ impl<J: SessionJob> Session<J> {
         };
         *head.attempts() += 1;
         let attempts = *head.attempts();
+        let op = op(&head);
         let mut requeue = Vec::with_capacity(self.sent.len() + 1);
         let mut answer = Vec::new();
         if attempts < self.max_attempts {
-            tracing::warn!(job = head.id(), "worker died during the job; retrying it");
+            let left = self.max_attempts - attempts;
+            tracing::warn!(job = head.id(), %op, "worker died during the job; retrying it ({left} attempt(s) left)");
             requeue.push(head);
         } else {
             let msg = format!(
-                "the worker running {:?} died on each of {attempts} attempts; the job was given up",
-                op(&head)
+                "the worker running {op:?} died on each of {attempts} attempts; the job was given up"
             );
             answer.push((head, ErrorKind::WorkerCrashed, msg));
         }
@@ -474,7 +478,7 @@ mod tests {
                     assert_eq!(s.deadline(Duration::ZERO), Some(t1));
                     assert_eq!((s.len(), s.told()), (1, None));
                 }
-                (Answered::Broke(_), None) => {}
+                (Answered::Broke(_) | Answered::Unexpected, None) => {}
                 (got, e) => {
                     panic!("arriving {arriving}, id {id}, ok {ok}: {got:?}, expected {e:?}")
                 }
@@ -483,7 +487,7 @@ mod tests {
         // An answer for a job not yet written is a violation too.
         let mut s: Session<J> = Session::new(2, t0);
         s.start(job(1), t0);
-        assert!(matches!(s.answered(1, true, t1), Answered::Broke(_)));
+        assert!(matches!(s.answered(1, true, t1), Answered::Unexpected));
     }
 
     #[test]

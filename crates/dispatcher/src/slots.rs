@@ -215,9 +215,16 @@ impl Drop for SlotLease {
     }
 }
 
-/// A job's hold on its slot.
+/// A job's hold on its slot while the job is queued or with a worker: it
+/// gives the slot's `Region` (for the `Job` frame) and no bytes, since the
+/// worker may be writing them. Only [`JobSlot::settle`], which consumes it
+/// once the worker has answered (or is dead and reaped), leads back to the
+/// bytes.
 #[derive(Debug)]
-pub enum JobSlot {
+pub struct JobSlot(Hold);
+
+#[derive(Debug)]
+enum Hold {
     /// The payload is all in: the job alone holds the slot.
     Own(SlotLease),
     /// The payload may still be arriving: the connection reading it holds
@@ -227,44 +234,56 @@ pub enum JobSlot {
 }
 
 impl JobSlot {
+    /// A slot whose payload is all in.
+    pub fn own(lease: SlotLease) -> JobSlot {
+        JobSlot(Hold::Own(lease))
+    }
+
     /// The slot's bytes in the arena.
     pub fn region(&self) -> Region {
-        match self {
-            JobSlot::Own(lease) => lease.region(),
-            JobSlot::Streamed(s) => s.region,
+        match &self.0 {
+            Hold::Own(lease) => lease.region(),
+            Hold::Streamed(s) => s.region,
         }
     }
 
     /// The payload's upload, unless it has arrived in full.
     pub fn upload(&self) -> Option<&Rc<Streamed>> {
-        match self {
-            JobSlot::Streamed(s) if s.upload.state() != UploadState::Complete => Some(s),
+        match &self.0 {
+            Hold::Streamed(s) if s.upload.state() != UploadState::Complete => Some(s),
             _ => None,
         }
     }
 
-    /// After the worker has answered: the lease alone once the upload is
-    /// over (the connection has put it back), else still shared.
-    pub fn settle(self) -> JobSlot {
-        match self {
-            JobSlot::Streamed(s) => {
+    /// Once the worker has answered (or is dead and reaped): the slot is
+    /// the dispatcher's again, its bytes readable if the upload is over too
+    /// (the connection has put the lease back).
+    pub fn settle(self) -> Settled {
+        Settled(match self.0 {
+            Hold::Streamed(s) => {
                 let back = s.lease.borrow_mut().take();
                 match back {
-                    Some(lease) => JobSlot::Own(lease),
-                    None => JobSlot::Streamed(s),
+                    Some(lease) => Hold::Own(lease),
+                    None => Hold::Streamed(s),
                 }
             }
             own => own,
-        }
+        })
     }
+}
 
+/// A job's slot back from its worker, held by the reply until it is written.
+#[derive(Debug)]
+pub struct Settled(Hold);
+
+impl Settled {
     /// Bytes `range` of the slot, for the reply: empty (whatever the range)
     /// while the connection may still write the slot, or if the range is
     /// out of the slot.
     pub fn result(&self, range: Range<usize>) -> &[u8] {
-        match self {
-            JobSlot::Own(lease) => lease.bytes().get(range).unwrap_or(&[]),
-            JobSlot::Streamed(_) => &[],
+        match &self.0 {
+            Hold::Own(lease) => lease.bytes().get(range).unwrap_or(&[]),
+            Hold::Streamed(_) => &[],
         }
     }
 }
@@ -296,7 +315,7 @@ impl Uploading {
             lease: RefCell::new(None),
             upload: Upload::new(len),
         });
-        let job = JobSlot::Streamed(Rc::clone(&streamed));
+        let job = JobSlot(Hold::Streamed(Rc::clone(&streamed)));
         let up = Uploading {
             streamed,
             lease: Some(lease),
@@ -494,13 +513,18 @@ mod tests {
         assert!(job.upload().is_some());
         // A worker that answers while the upload runs: nothing is read.
         let early = job.settle();
-        assert!(matches!(early, JobSlot::Streamed(_)));
         assert_eq!(early.result(0..4), b"");
         upload(&mut up, b"abcd").unwrap();
         up.finish(true);
-        assert!(early.upload().is_none(), "complete");
-        let done = early.settle();
-        assert!(matches!(done, JobSlot::Own(_)));
+        assert_eq!(early.result(0..4), b"", "settled while the upload ran");
+        drop(early);
+        assert_eq!(pool.in_use(), 0);
+        // Answered once the upload is over: the reply reads the slot.
+        let (mut up, job) = Uploading::start(lease(&pool, &holder), 4);
+        upload(&mut up, b"abcd").unwrap();
+        up.finish(true);
+        assert!(job.upload().is_none(), "complete");
+        let done = job.settle();
         assert_eq!(done.result(0..4), b"abcd");
         assert_eq!(done.result(0..1 << 30), b"", "out of the slot");
         assert_eq!(pool.in_use(), 1);
@@ -519,9 +543,7 @@ mod tests {
                 got: 2
             })
         ));
-        let JobSlot::Streamed(s) = &job else {
-            panic!("streamed")
-        };
+        let s = job.upload().expect("streamed, not complete");
         assert_eq!(s.upload.ready(), 2, "progress announced");
         drop(up); // the connection goes
         assert_eq!(s.upload.state(), UploadState::Failed);

@@ -126,7 +126,7 @@ pub enum SegmentError {
         "segment {name} was opened, not created, by this process: only its creator allocates in it"
     )]
     NotCreator { name: String },
-    #[error("segment {name} would be mapped twice in this process while an arena allocates in it (a process that allocates in a segment keeps one handle to it)")]
+    #[error("segment {name} is mapped in this process already (a process keeps one handle to a segment, so no two views of its bytes alias)")]
     MappedTwice { name: String },
     #[error("/dev/shm has room for {available} bytes, but segment {name} needs {size}: free space there, enlarge it (e.g. docker --shm-size), or lower --segment-mib")]
     NoSpace {
@@ -652,16 +652,16 @@ pub fn fs_path(name: &str) -> String {
     format!("/dev/shm/{}", name.trim_start_matches('/'))
 }
 
-/// The segments this process maps, by [`Map::identity`]: how many handles,
-/// and whether an [`Arena`] holds one. An arena's segment is mapped once in
-/// its process, so no second mapping can alias the bytes its slots lend out.
+/// The segments this process maps, by [`Map::identity`], and how many
+/// handles (at most one: [`Segment::open`] refuses a second), so no second
+/// mapping can alias the bytes a handle lends out (an [`Arena`]'s slots, a
+/// worker's [`Segment::claim`]).
 static MAPPED: std::sync::Mutex<Vec<Mapped>> = std::sync::Mutex::new(Vec::new());
 
 #[derive(Debug)]
 struct Mapped {
     identity: String,
     handles: usize,
-    arena: bool,
 }
 
 /// Runs `f` on the register entry of `identity` (made if missing, removed
@@ -674,7 +674,6 @@ fn with_mapped<T>(identity: &str, f: impl FnOnce(&mut Mapped) -> T) -> T {
             all.push(Mapped {
                 identity: identity.to_owned(),
                 handles: 0,
-                arena: false,
             });
             all.len() - 1
         }
@@ -757,17 +756,28 @@ impl Segment {
         Ok(seg)
     }
 
-    /// Opens an existing segment and checks its header.
+    /// Opens an existing segment and checks its header. A process maps a
+    /// segment once: opening one this process has mapped already (created,
+    /// or opened and not yet dropped) fails with
+    /// [`SegmentError::MappedTwice`], so that no two handles here can give
+    /// views of the same bytes at two addresses (see [`Segment::claim`]).
     pub fn open(name: &str) -> Result<Segment, SegmentError> {
         let map = Backend::of(name).imp().open(name)?;
         let identity = map.identity(name);
-        let taken = with_mapped(&identity, |m| {
-            if !m.arena {
-                m.handles += 1;
-            }
-            m.arena
+        let first = with_mapped(&identity, |m| {
+            m.handles += 1;
+            m.handles == 1
         });
-        if taken {
+        // From here the handle is counted: dropping `seg` (on any return)
+        // counts it out again.
+        let seg = Segment {
+            map,
+            name: name.to_owned(),
+            created: false,
+            identity,
+            populating: Default::default(),
+        };
+        if !first {
             return Err(SegmentError::MappedTwice {
                 name: name.to_owned(),
             });
@@ -776,16 +786,9 @@ impl Segment {
             name: name.to_owned(),
             detail,
         };
-        if map.len() < HEADER_LEN {
-            return Err(bad(format!("only {} bytes long", map.len())));
+        if seg.map.len() < HEADER_LEN {
+            return Err(bad(format!("only {} bytes long", seg.map.len())));
         }
-        let seg = Segment {
-            map,
-            name: name.to_owned(),
-            created: false,
-            identity,
-            populating: Default::default(),
-        };
         let h = seg.header();
         if h.magic != SEGMENT_MAGIC {
             return Err(bad("wrong magic".into()));
@@ -882,9 +885,13 @@ impl Segment {
     /// `announced` (how much of the slot its writer has said is in place):
     /// the way to read a prefix that another process is still extending.
     /// Returns how many bytes were copied (0 once `from` reaches `announced`).
-    /// `&mut self`, like [`Segment::claim`]: no reference into the arena
-    /// lives in this process meanwhile (an [`Arena`]'s segment, reachable
-    /// only as `&Segment`, cannot be read this way under its slots' `&mut`).
+    /// The bytes are read with volatile loads through a raw pointer, never
+    /// through a reference: another process may write the slot meanwhile
+    /// (past `announced`, if the caller is right about it; anywhere, if it
+    /// is not: then the copy may hold torn bytes, but no Rust reference is
+    /// ever made to memory under a writer). `&mut self`, like
+    /// [`Segment::claim`]: no reference into the arena lives in this
+    /// process meanwhile.
     pub fn copy_out(
         &mut self,
         slot: Region,
@@ -895,12 +902,30 @@ impl Segment {
         let start = self.start_of(slot)?;
         let end = announced.min(slot.len);
         let n = end.saturating_sub(from).min(dst.len() as u64) as usize;
-        if n > 0 {
-            // SAFETY: from + n <= slot.len, inside the mapping (start_of). The
-            // source is read through a raw pointer, never a reference, and
-            // only below `announced`, which its writer no longer changes;
-            // `dst` is private memory, so the two do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(start.add(from as usize), dst.as_mut_ptr(), n) };
+        let dst = &mut dst[..n];
+        // SAFETY: from + n <= slot.len (n is bounded by end - from, end by
+        // slot.len), so every address read lies inside the mapping
+        // (start_of); `from` < end here whenever n > 0.
+        let src = unsafe { start.add(if n > 0 { from as usize } else { 0 }) };
+        let mut i = 0;
+        // Byte by byte up to an 8-byte boundary, then a word at a time.
+        while i < n && !(src as usize + i).is_multiple_of(8) {
+            // SAFETY: i < n: inside the mapping (above); a volatile read of
+            // a byte through a raw pointer makes no reference.
+            dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
+            i += 1;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n: inside the mapping; src + i is 8-byte
+            // aligned (the loop above), as a u64 read needs.
+            let word = unsafe { std::ptr::read_volatile(src.add(i).cast::<u64>()) };
+            dst[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+            i += 8;
+        }
+        while i < n {
+            // SAFETY: as in the first loop.
+            dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
+            i += 1;
         }
         Ok(n)
     }
@@ -1033,10 +1058,7 @@ impl Arena {
                 name: segment.name.clone(),
             });
         }
-        let alone = with_mapped(&segment.identity, |m| {
-            m.arena = m.handles == 1;
-            m.arena
-        });
+        let alone = with_mapped(&segment.identity, |m| m.handles == 1);
         if !alone {
             return Err(SegmentError::MappedTwice {
                 name: segment.name.clone(),
@@ -1137,12 +1159,6 @@ impl Arena {
     }
 }
 
-impl Drop for Arena {
-    fn drop(&mut self) {
-        with_mapped(&self.segment.identity, |m| m.arena = false);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1175,24 +1191,97 @@ mod tests {
         }
     }
 
+    /// Another process holding the segment open: this test binary, run as
+    /// the ignored test `opener` below. It reads `len` bytes at `offset`
+    /// and prints them, writes `write` there and counts a job, says `done`,
+    /// and keeps the segment mapped until its stdin closes.
+    struct Opener {
+        child: std::process::Child,
+        out: std::io::BufReader<std::process::ChildStdout>,
+    }
+
+    impl Opener {
+        fn start(n: &str, r: Region, write: &str) -> Opener {
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "segment::tests::opener",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .env("OSPS_TEST_SEGMENT", n)
+                .env("OSPS_TEST_REGION", format!("{} {}", r.offset(), r.len()))
+                .env("OSPS_TEST_WRITE", write)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = std::io::BufReader::new(child.stdout.take().unwrap());
+            Opener { child, out }
+        }
+
+        /// The next line the opener printed that is its own (not the test harness's).
+        fn line(&mut self) -> String {
+            use std::io::BufRead;
+            loop {
+                let mut l = String::new();
+                assert!(self.out.read_line(&mut l).unwrap() > 0, "the opener ended");
+                if let Some(said) = l.trim_end().strip_prefix("opener: ") {
+                    return said.to_owned();
+                }
+            }
+        }
+    }
+
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            drop(self.child.stdin.take());
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    #[ignore = "run by other tests, as another process"]
+    fn opener() {
+        let n = std::env::var("OSPS_TEST_SEGMENT").unwrap();
+        let r = std::env::var("OSPS_TEST_REGION").unwrap();
+        let (off, len) = r.split_once(' ').unwrap();
+        let mut seg = Segment::open(&n).unwrap();
+        assert!(!seg.is_owner());
+        let h = seg.header();
+        let (gen, owner) = (
+            h.generation.load(Ordering::Relaxed),
+            h.owner_pid.load(Ordering::Relaxed),
+        );
+        let r = seg
+            .check(off.parse().unwrap(), len.parse().unwrap())
+            .unwrap();
+        let got = String::from_utf8(read(&mut seg, r)).unwrap();
+        println!("opener: {got} {gen} {owner}");
+        let write = std::env::var("OSPS_TEST_WRITE").unwrap();
+        seg.claim(r).unwrap().copy_from_slice(write.as_bytes());
+        seg.header().count_job();
+        println!("opener: done");
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    }
+
     fn share_and_unlink(n: &str) {
         let n = n.to_owned();
         let mut seg = Segment::create(&n, 1 << 20, 7).unwrap();
         assert!(exists(&n), "{n}");
         let r = seg.check(4096, 5).unwrap();
         seg.claim(r).unwrap().copy_from_slice(b"hello");
-        let mut other = Segment::open(&n).unwrap();
-        assert!(!other.is_owner());
-        assert_eq!(read(&mut other, r), b"hello");
-        assert_eq!(other.header().generation.load(Ordering::Relaxed), 7);
-        assert_eq!(
-            other.header().owner_pid.load(Ordering::Relaxed),
-            std::process::id()
-        );
-        other.claim(r).unwrap().copy_from_slice(b"HELLO");
+        // Another process sees what this one wrote, and this one what it writes.
+        let mut other = Opener::start(&n, r, "HELLO");
+        assert_eq!(other.line(), format!("hello 7 {}", std::process::id()));
+        assert_eq!(other.line(), "done");
         assert_eq!(read(&mut seg, r), b"HELLO");
-        other.header().count_job();
         assert_eq!(seg.header().jobs_done.load(Ordering::Relaxed), 1);
+        // In this process, the segment is mapped once.
+        assert!(matches!(
+            Segment::open(&n),
+            Err(SegmentError::MappedTwice { .. })
+        ));
         drop(other);
         assert!(exists(&n), "a reader must not unlink {n}");
         drop(seg);
@@ -1243,8 +1332,9 @@ mod tests {
                 .any(|l| l.split_whitespace().next() == Some(&key.to_string())),
             "key {key} not in /proc/sysvipc/shm"
         );
-        let other = Segment::open(&n).unwrap();
-        assert_eq!(other.describe(99).attached, 2);
+        let mut other = Opener::start(&n, seg.check(0, 1).unwrap(), "x");
+        assert_eq!(other.line().split(' ').count(), 3);
+        assert_eq!(seg.describe(99).attached, 2);
         drop(other);
         drop(seg);
         let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
@@ -1395,14 +1485,6 @@ mod tests {
     #[test]
     fn a_segment_an_arena_allocates_in_is_mapped_once_in_the_process() {
         for n in both("once") {
-            let seg = Segment::create(&n, 4096, 1).unwrap();
-            let other = Segment::open(&n).unwrap();
-            assert!(
-                matches!(Arena::new(seg), Err(SegmentError::MappedTwice { .. })),
-                "{n}: another handle is open"
-            );
-            drop(other);
-            let n = format!("{n}-2");
             let arena = Arena::new(Segment::create(&n, 4096, 1).unwrap()).unwrap();
             assert!(
                 matches!(Segment::open(&n), Err(SegmentError::MappedTwice { .. })),
@@ -1421,13 +1503,59 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_is_mapped_once_in_a_process_and_a_refused_open_leaves_no_trace() {
+        for n in both("one-handle") {
+            let mut seg = Segment::create(&n, 4096, 1).unwrap();
+            assert!(matches!(
+                Segment::open(&n),
+                Err(SegmentError::MappedTwice { .. })
+            ));
+            // Two handles could each claim the same bytes: two `&mut` at two addresses.
+            seg.disown();
+            drop(seg);
+            let first = Segment::open(&n).unwrap();
+            assert!(matches!(
+                Segment::open(&n),
+                Err(SegmentError::MappedTwice { .. })
+            ));
+            drop(first);
+            // Refusals did not leave the handle counted: it opens again.
+            let again = Segment::open(&n).unwrap();
+            drop(again);
+            assert!(unlink(&n));
+        }
+        // An object too short for a header is refused and not counted either.
+        let n = name("short");
+        std::fs::write(fs_path(&n), [0u8; 100]).unwrap();
+        assert!(matches!(
+            Segment::open(&n),
+            Err(SegmentError::BadHeader { .. })
+        ));
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(fs_path(&n)).unwrap();
+            format!("posix {}:{}", m.dev(), m.ino())
+        };
+        let counted = MAPPED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.identity == identity);
+        assert!(!counted, "a refused open left {identity} in the register");
+        assert!(unlink(&n));
+    }
+
+    #[test]
     fn only_the_creator_gets_an_arena() {
         let n = name("arena-open");
-        let _seg = Segment::create(&n, 4096, 1).unwrap();
+        let mut seg = Segment::create(&n, 4096, 1).unwrap();
+        seg.disown();
+        drop(seg);
         assert!(matches!(
             Arena::new(Segment::open(&n).unwrap()),
             Err(SegmentError::NotCreator { .. })
         ));
+        assert!(unlink(&n));
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub use sd_notify::NotifyState;
 #[derive(Debug)]
 pub struct Notifier {
     ping_every: Option<Duration>,
+    /// A failure was logged at warn already (later ones at debug: a socket
+    /// that cannot be used would otherwise fill the log at every ping).
+    warned: std::cell::Cell<bool>,
 }
 
 impl Notifier {
@@ -27,6 +30,7 @@ impl Notifier {
         std::env::var_os("NOTIFY_SOCKET")?;
         Some(Notifier {
             ping_every: ping_interval(sd_notify::watchdog_enabled()),
+            warned: std::cell::Cell::new(false),
         })
     }
 
@@ -39,7 +43,11 @@ impl Notifier {
     /// keeps serving without systemd's view.
     pub fn send(&self, states: &[NotifyState<'_>]) {
         if let Err(e) = sd_notify::notify(states) {
-            tracing::warn!("cannot notify systemd ({states:?}): {e}");
+            if self.warned.replace(true) {
+                tracing::debug!("cannot notify systemd ({states:?}): {e}");
+            } else {
+                tracing::warn!("cannot notify systemd ({states:?}): {e}; later failures are logged at debug level");
+            }
         }
     }
 }
