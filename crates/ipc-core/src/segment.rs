@@ -885,11 +885,13 @@ impl Segment {
     /// `announced` (how much of the slot its writer has said is in place):
     /// the way to read a prefix that another process is still extending.
     /// Returns how many bytes were copied (0 once `from` reaches `announced`).
-    /// The bytes are read with volatile loads through a raw pointer, never
-    /// through a reference: another process may write the slot meanwhile
-    /// (past `announced`, if the caller is right about it; anywhere, if it
-    /// is not: then the copy may hold torn bytes, but no Rust reference is
-    /// ever made to memory under a writer). `&mut self`, like
+    /// The bytes are copied through a raw pointer, never a reference:
+    /// another process may write the slot meanwhile (past `announced`, if
+    /// the caller is right about it; if it is not, the copy may hold torn
+    /// bytes, but no Rust reference is ever made to memory under a writer).
+    /// A plain copy rather than volatile loads: these bytes are read once,
+    /// into private memory, and a volatile copy (a word at a time) made a
+    /// streamed 64 MiB `sha256` 12% slower. `&mut self`, like
     /// [`Segment::claim`]: no reference into the arena lives in this
     /// process meanwhile.
     pub fn copy_out(
@@ -902,30 +904,14 @@ impl Segment {
         let start = self.start_of(slot)?;
         let end = announced.min(slot.len);
         let n = end.saturating_sub(from).min(dst.len() as u64) as usize;
-        let dst = &mut dst[..n];
-        // SAFETY: from + n <= slot.len (n is bounded by end - from, end by
-        // slot.len), so every address read lies inside the mapping
-        // (start_of); `from` < end here whenever n > 0.
-        let src = unsafe { start.add(if n > 0 { from as usize } else { 0 }) };
-        let mut i = 0;
-        // Byte by byte up to an 8-byte boundary, then a word at a time.
-        while i < n && !(src as usize + i).is_multiple_of(8) {
-            // SAFETY: i < n: inside the mapping (above); a volatile read of
-            // a byte through a raw pointer makes no reference.
-            dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
-            i += 1;
-        }
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n: inside the mapping; src + i is 8-byte
-            // aligned (the loop above), as a u64 read needs.
-            let word = unsafe { std::ptr::read_volatile(src.add(i).cast::<u64>()) };
-            dst[i..i + 8].copy_from_slice(&word.to_ne_bytes());
-            i += 8;
-        }
-        while i < n {
-            // SAFETY: as in the first loop.
-            dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
-            i += 1;
+        if n > 0 {
+            // SAFETY: from + n <= slot.len (n is bounded by end - from, end
+            // by slot.len), inside the mapping (start_of). The source is read
+            // through a raw pointer into private memory (`dst`, which cannot
+            // overlap the mapping), never through a reference; if another
+            // process writes some of those bytes meanwhile (the caller is
+            // wrong about `announced`), the copy holds torn bytes.
+            unsafe { std::ptr::copy_nonoverlapping(start.add(from as usize), dst.as_mut_ptr(), n) };
         }
         Ok(n)
     }
