@@ -53,8 +53,12 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     /// Reads requests until the client leaves or misbehaves.
     pub async fn run(mut self) -> Ended {
         let mut scratch = Vec::with_capacity(256);
+        // One idle timer for the connection's life, moved on for each
+        // request: moved later, a timer stays in the runtime's wheel (a
+        // timeout made per request is put in and taken out each time).
+        let mut idle = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         loop {
-            let req = match self.next_request(&mut scratch).await {
+            let req = match self.next_request(&mut scratch, idle.as_mut()).await {
                 Ok(req) => req,
                 Err(ended) => return ended,
             };
@@ -81,16 +85,26 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
 
     /// Waits for the next request (idle deadline), then for all of its
     /// header (frame deadline).
-    async fn next_request(&mut self, scratch: &mut Vec<u8>) -> Result<Header, Ended> {
+    async fn next_request(
+        &mut self,
+        scratch: &mut Vec<u8>,
+        mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Result<Header, Ended> {
         let idle = Duration::from_millis(self.shared.config.idle_timeout_ms);
-        match tokio::time::timeout(idle, self.rd.fill_buf()).await {
-            Err(_) => {
+        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+        let filled = tokio::select! {
+            biased;
+            r = self.rd.fill_buf() => Some(r.map(|b| b.is_empty())),
+            () = timer => None,
+        };
+        match filled {
+            None => {
                 tracing::info!("closing a connection idle for {idle:?}");
                 return Err(Ended::Gone);
             }
-            Ok(Ok([])) => return Err(Ended::Gone),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Some(Ok(true)) => return Err(Ended::Gone),
+            Some(Ok(false)) => {}
+            Some(Err(e)) => {
                 tracing::debug!("connection ended: {e}");
                 return Err(Ended::Gone);
             }
