@@ -219,17 +219,10 @@ pub fn write_frame<T: Serialize, W: Write>(
 // Async readers: the same steps, with `.await` on each read.
 
 #[cfg(feature = "async")]
-/// [`fill`] from an async reader, calling `progress` with the bytes read so
-/// far after each read.
-async fn fill_async<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut [u8],
-    mut progress: impl FnMut(usize),
-) -> io::Result<usize> {
+/// [`fill`] from an async reader.
+async fn fill_async<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
-    while got < buf.len() && on_read(r.read(&mut buf[got..]).await, &mut got)? {
-        progress(got);
-    }
+    while got < buf.len() && on_read(r.read(&mut buf[got..]).await, &mut got)? {}
     Ok(got)
 }
 
@@ -241,8 +234,8 @@ pub async fn read_body_async<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<(), FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    let len = check_prefix(fill_async(r, &mut prefix, |_| {}).await?, prefix, max)?;
-    check_body(fill_async(r, body_buf(scratch, len), |_| {}).await?, len)
+    let len = check_prefix(fill_async(r, &mut prefix).await?, prefix, max)?;
+    check_body(fill_async(r, body_buf(scratch, len)).await?, len)
 }
 
 #[cfg(feature = "async")]
@@ -262,17 +255,7 @@ pub async fn read_payload_async<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],
 ) -> Result<(), FrameError> {
-    read_payload_observed(r, buf, |_| {}).await
-}
-
-#[cfg(feature = "async")]
-/// [`read_payload_async`], calling `progress` with the bytes read so far after each read.
-pub async fn read_payload_observed<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut [u8],
-    progress: impl FnMut(usize),
-) -> Result<(), FrameError> {
-    check_payload(fill_async(r, buf, progress).await?, buf.len())
+    check_payload(fill_async(r, buf).await?, buf.len())
 }
 
 #[cfg(test)]
@@ -551,20 +534,10 @@ mod tests {
             let mut buf = vec![0u8; len];
             let sync = class(&read_payload(&mut script(steps), &mut buf));
             let of_async = class(&read_payload_async(&mut script(steps), &mut buf).await);
-            let mut seen = Vec::new();
-            let mut r = script(steps);
-            let observed = class(&read_payload_observed(&mut r, &mut buf, |n| seen.push(n)).await);
-            for (flavour, got) in [
-                ("sync", &sync),
-                ("async", &of_async),
-                ("observed", &observed),
-            ] {
+            for (flavour, got) in [("sync", &sync), ("async", &of_async)] {
                 assert_eq!((name, flavour, got.as_str()), (name, flavour, want));
             }
-            // Progress rises to what was read, in the order it came.
-            assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{name}: {seen:?}");
             if want == "ok ()" && len > 0 {
-                assert_eq!(seen.last(), Some(&len), "{name}");
                 assert_eq!(&buf, b"0123456789", "{name}");
             }
         }
