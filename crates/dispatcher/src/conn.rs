@@ -1,8 +1,8 @@
 //! One client connection: its opening (`handshake.rs`), then its
 //! [`Handler`] reading requests and its [`ReplyWriter`] writing replies, as
 //! two futures of the connection's one task, so a client may pipeline many
-//! requests. A connection costs one task, a small read buffer and one
-//! [`Replies`]: nothing else is allocated while it is idle.
+//! requests. An idle connection costs its task (about 2.6 KB), a 4 KiB
+//! read buffer, one [`Replies`] and the small buffers its last replies used.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -186,6 +186,7 @@ where
         replies: &replies,
         holder: &holder,
         peer: &peer.name,
+        out: Vec::new(),
     };
     let accepted = proto::encode_hello(PROTOCOL_VERSION, HelloStatus::Accepted as u16);
     if writer.wr.write_all(&accepted).await.is_err() {

@@ -40,7 +40,14 @@ pub struct ReplyWriter<'a, W> {
     pub replies: &'a Rc<Replies>,
     pub holder: &'a Holder,
     pub peer: &'a str,
+    /// The batch buffer, kept between batches (no allocation per reply)
+    /// unless a batch grew it past [`KEEP`].
+    pub out: Vec<u8>,
 }
+
+/// Batch buffer capacity kept between batches: enough for the small
+/// replies of a busy connection, little for an idle one to hold.
+const KEEP: usize = 4096;
 
 impl<W: AsyncWrite + Unpin> ReplyWriter<'_, W> {
     fn deadline(&self) -> Duration {
@@ -72,10 +79,18 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<'_, W> {
     }
 
     /// Writes `first` and the replies already waiting behind it, in one
-    /// write when they are small. The batch buffer lives only meanwhile: an
-    /// idle connection holds none.
+    /// write when they are small.
     async fn write_batch(&mut self, first: Reply) -> bool {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.out);
+        let written = self.fill_and_write(first, &mut out).await;
+        out.clear();
+        if out.capacity() <= KEEP {
+            self.out = out;
+        }
+        written
+    }
+
+    async fn fill_and_write(&mut self, first: Reply, out: &mut Vec<u8>) -> bool {
         let mut next = Some(first);
         while let Some(reply) = next.take() {
             let Reply {
@@ -93,12 +108,12 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<'_, W> {
                 outcome,
                 result_len: bytes.len() as u64,
             };
-            frame::encode(&resp, &mut out).expect("responses encode");
+            frame::encode(&resp, out).expect("responses encode");
             if bytes.len() <= INLINE_RESULT {
                 out.extend_from_slice(bytes);
             } else {
                 // Large result: header, then the bytes straight from the slot.
-                if !self.write(&out).await || !self.write(bytes).await {
+                if !self.write(out).await || !self.write(bytes).await {
                     return false;
                 }
                 out.clear();
@@ -108,7 +123,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<'_, W> {
                 next = self.replies.try_next();
             }
         }
-        out.is_empty() || self.write(&out).await
+        out.is_empty() || self.write(out).await
     }
 
     /// Writes all of `buf`; false when the client is gone or stalled (said
