@@ -330,8 +330,10 @@ impl WorkerDriver<'_> {
                 // Stop arrives while busy only when the drain deadline has passed.
                 Woke::Stopped => return s.stopped(),
             }
-            if let Err(why) = self.take_answers(&mut s, &mut inbuf) {
-                return s.broke(why);
+            match self.take_answers(&mut s, &mut inbuf) {
+                Ok(()) => {}
+                Err(Failed::Broke(why)) => return s.broke(why),
+                Err(Failed::Crashed(why)) => return last_words(s.died(why.clone(), op_name), &why),
             }
             if !s.arriving() {
                 upload = None;
@@ -451,7 +453,7 @@ impl WorkerDriver<'_> {
     }
 
     /// Answers the jobs whose `JobDone` frames are whole in `inbuf`.
-    fn take_answers(&self, s: &mut Session<QueuedJob>, inbuf: &mut Vec<u8>) -> Result<(), String> {
+    fn take_answers(&self, s: &mut Session<QueuedJob>, inbuf: &mut Vec<u8>) -> Result<(), Failed> {
         let mut consumed = 0;
         let result = loop {
             let done = match frame::try_decode::<FromWorker>(&inbuf[consumed..], DEFAULT_MAX_FRAME)
@@ -460,25 +462,58 @@ impl WorkerDriver<'_> {
                     consumed += n;
                     done
                 }
-                Ok(Some((other, _))) => break Err(format!("unexpected message {other:?}")),
+                Ok(Some((other, _))) => {
+                    break Err(Failed::Broke(format!("unexpected message {other:?}")))
+                }
                 Ok(None) => break Ok(()),
-                Err(e) => break Err(format!("bad result frame: {e}")),
+                Err(e) => break Err(Failed::Broke(format!("bad result frame: {e}"))),
             };
+            // The worker says the running job crashed it (an operation panicked): its death.
+            if let Outcome::Err(e) = &done.outcome {
+                if e.kind == ErrorKind::WorkerCrashed
+                    && s.head().is_some_and(|h| h.job_id == done.job_id)
+                {
+                    break Err(Failed::Crashed(e.message.clone()));
+                }
+            }
             let ok = matches!(done.outcome, Outcome::Ok);
             match s.answered(done.job_id, ok, std::time::Instant::now()) {
                 Answered::Job(job) => {
                     let ok = answer(self.shared, job, done);
                     self.entry().answered(ok);
                 }
-                Answered::Broke(why) => break Err(why),
+                Answered::Broke(why) => break Err(Failed::Broke(why)),
                 Answered::Unexpected => {
-                    break Err(format!("unexpected message {:?}", FromWorker::Done(done)))
+                    break Err(Failed::Broke(format!(
+                        "unexpected message {:?}",
+                        FromWorker::Done(done)
+                    )))
                 }
             }
         };
         inbuf.drain(..consumed);
         result
     }
+}
+
+/// Why a worker's answers end its service.
+enum Failed {
+    /// It broke protocol.
+    Broke(String),
+    /// It answered its running job `WorkerCrashed` (an operation panicked) and exits.
+    Crashed(String),
+}
+
+/// A job given up after its worker's crash carries what the worker said of the last one.
+fn last_words(mut end: End<QueuedJob>, why: &str) -> End<QueuedJob> {
+    if let End::Kill { answer, .. } = &mut end {
+        for (_, kind, message) in answer.iter_mut() {
+            if *kind == ErrorKind::WorkerCrashed {
+                message.push_str(&format!("; the worker said: {why}"));
+            }
+        }
+    }
+    end
 }
 
 fn op_name(job: &QueuedJob) -> String {

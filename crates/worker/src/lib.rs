@@ -6,27 +6,69 @@
 //! Logs go to stderr. It exits cleanly on EOF, which is how the dispatcher
 //! stops it, and dies with its dispatcher (`PR_SET_PDEATHSIG`) as a backstop.
 
+//! The OSPS worker SDK, and the builtin `osps-worker` built with it.
+//!
+//! A worker reads [`Job`]s as frames on stdin, runs each on its slot of the
+//! shared segment in place, and answers a [`JobDone`] frame on stdout (the
+//! worker protocol, docs/PROTOCOL.md §13). A job of a streaming operation
+//! may come before its input has arrived in full: then `More` frames on
+//! stdin say how far the input has come (or `Abort` that it never will), and
+//! the operation reads it as it comes. Logs go to stderr. It exits cleanly
+//! on EOF, which is how the dispatcher stops it, and dies with its
+//! dispatcher (`PR_SET_PDEATHSIG`) as a backstop.
+//!
+//! A program becomes a worker with [`Worker`]: register operations, call
+//! [`Worker::run`]; this module does the protocol. An operation's error is
+//! answered to the client as is; a panic ends the worker after answering the
+//! job `worker crashed` with the panic's message, which the dispatcher takes
+//! as the worker's death (the job is retried once, on a fresh worker).
+
+mod job;
 pub mod ops;
+mod registry;
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
-use ipc_core::proto::{
-    ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, ToWorker, PIPE_VERSION,
-};
+pub use ipc_core::proto::{ErrorKind, RemoteError};
+use ipc_core::proto::{FromWorker, Job, JobDone, Outcome, ToWorker, PIPE_VERSION};
 use ipc_core::{Region, Segment, SegmentError};
+pub use job::{expect_args, invalid_input, Call, Input, JobCtx, Output, Short, Whole, SHORT_MAX};
+pub use registry::Worker;
+use registry::{panic_message, Op, Runner};
 
 /// Longest error message a worker sends back, in bytes.
 const MAX_MESSAGE: usize = 1024;
+
+/// The arguments the dispatcher starts a worker with.
+#[derive(Debug, clap::Parser)]
+#[command(
+    version,
+    about = "An OSPS worker: runs jobs read from stdin on a shared-memory segment, answering on stdout"
+)]
+struct Args {
+    #[command(flatten)]
+    log: ipc_core::cli::LogArgs,
+    /// Name of the shared-memory segment to open, as the dispatcher gives it
+    /// (e.g. /osps-1000-default-5e5ccee6-9f3a61c2d07b48e5; sysv: before it for System V).
+    #[arg(long)]
+    segment: String,
+    /// Serve the fault-injection operations (the builtin `crash` and `spawn`).
+    #[arg(long)]
+    allow_fault_injection: bool,
+    /// Exit when this process (the dispatcher) dies.
+    #[arg(long)]
+    parent_pid: Option<u32>,
+}
 
 /// How a worker is started.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The segment's name.
     pub segment: String,
-    /// Allow the fault-injection operations (`crash`).
+    /// Serve the fault-injection operations (`crash`).
     pub allow_fault_injection: bool,
     /// The dispatcher's pid: the worker dies with it, and refuses to start if it is already gone.
     pub parent_pid: Option<u32>,
@@ -49,20 +91,31 @@ pub enum WorkerError {
     ForeignSegment { owner: u32, parent: u32 },
     #[error("job {running}'s input was still arriving when job {next} came")]
     JobDuringInput { running: u64, next: u64 },
+    #[error("job {job}: {message}; the worker exits")]
+    Crashed { job: u64, message: String },
 }
 
-/// Runs the worker until its stdin closes.
-pub fn run(config: &Config) -> Result<(), WorkerError> {
+/// Serves `worker`'s operations until stdin closes.
+fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
     if let Some(expected) = config.parent_pid {
         die_with_parent(expected)?;
     }
     let mut segment = open_segment(config)?;
     let mut pipes = Pipes::open()?;
-    pipes.send(&ready(config))?;
+    pipes.send(&FromWorker::Ready {
+        pid: std::process::id(),
+        version: PIPE_VERSION,
+        streams: worker.streams(config.allow_fault_injection),
+    })?;
     // Soon after ready: map the whole segment so no job pays a page fault.
     segment.populate_in_background(std::time::Duration::from_millis(200));
     tracing::debug!(segment = %config.segment, "worker ready");
     let (mut scratch, mut news_scratch) = (Vec::with_capacity(256), Vec::with_capacity(64));
+    let mut runner = JobRunner {
+        worker,
+        allow_fault_injection: config.allow_fault_injection,
+        out: Vec::with_capacity(256),
+    };
     loop {
         // Decoded in place: the job borrows its strings from `scratch`.
         let job = match read_message(&mut pipes.input, &mut scratch)? {
@@ -82,12 +135,21 @@ pub fn run(config: &Config) -> Result<(), WorkerError> {
             scratch: &mut news_scratch,
             broken: None,
         };
-        let done = run_job(&mut segment, &job, config.allow_fault_injection, &mut pipe);
+        let done = runner.run_job(&mut segment, &job, &mut pipe);
         let broken = pipe.broken;
         segment.header().count_job();
+        let crashed = match &done.outcome {
+            Outcome::Err(e) if e.kind == ErrorKind::WorkerCrashed => Some(e.message.clone()),
+            _ => None,
+        };
+        let job = done.job_id;
         pipes.send(&FromWorker::Done(done))?;
         if let Some(e) = broken {
             return Err(e);
+        }
+        if let Some(message) = crashed {
+            // A panicked operation may have left the process in any state.
+            return Err(WorkerError::Crashed { job, message });
         }
     }
 }
@@ -148,19 +210,6 @@ fn open_segment(config: &Config) -> Result<Segment, WorkerError> {
     Ok(segment)
 }
 
-/// The `Ready` message: our pid, the pipe version, and the operations we stream.
-fn ready(config: &Config) -> FromWorker {
-    FromWorker::Ready {
-        pid: std::process::id(),
-        version: PIPE_VERSION,
-        streams: ops::OPS
-            .iter()
-            .filter(|o| o.streams() && (config.allow_fault_injection || !o.fault_injection))
-            .map(|o| o.name.to_owned())
-            .collect(),
-    }
-}
-
 /// The next message from the job pipe; `None` once it is closed.
 fn read_message<'s>(
     input: &mut impl io::Read,
@@ -174,7 +223,7 @@ fn read_message<'s>(
 }
 
 /// Where a job whose input is still arriving learns that more has come.
-pub trait Arrivals {
+pub(crate) trait Arrivals {
     /// Waits until the dispatcher says more of job `job_id`'s input is in the
     /// slot, and returns how many bytes are there now; an error when the
     /// input will never arrive in full.
@@ -268,7 +317,7 @@ impl Arriving<'_> {
     }
 }
 
-impl ops::Input for Arriving<'_> {
+impl Input for Arriving<'_> {
     fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError> {
         while self.seen == self.ready {
             if self.seen == self.input_len {
@@ -288,87 +337,102 @@ impl ops::Input for Arriving<'_> {
     }
 }
 
-/// Runs one job on its slot and describes the result. A job whose input is
-/// still arriving (`ready < input_len`) learns of its progress from `arrivals`.
-pub fn run_job(
-    segment: &mut Segment,
-    job: &Job<'_>,
+/// Runs jobs: the operations, and scratch room for a streaming
+/// operation's result.
+struct JobRunner<'w> {
+    worker: &'w Worker,
     allow_fault_injection: bool,
-    arrivals: &mut dyn Arrivals,
-) -> JobDone {
-    match run_checked(segment, job, allow_fault_injection, arrivals) {
-        Ok(out) => JobDone {
-            job_id: job.job_id,
-            outcome: Outcome::Ok,
-            result_offset: out.offset as u64,
-            result_len: out.len as u64,
-        },
-        Err(mut e) => {
-            // Keep result frames small (a message may echo what the client sent).
-            if e.message.len() > MAX_MESSAGE {
-                let mut cut = MAX_MESSAGE;
-                while !e.message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                e.message.truncate(cut);
-                e.message.push('…');
-            }
-            tracing::debug!(job = job.job_id, op = %job.op, error = %e, "job failed");
-            JobDone {
+    out: Vec<u8>,
+}
+
+impl JobRunner<'_> {
+    /// Runs one job on its slot and describes the result. A job whose
+    /// input is still arriving (`ready < input_len`) learns of its progress
+    /// from `arrivals`. A panic in the operation is answered
+    /// `WorkerCrashed` (the caller then exits).
+    fn run_job(
+        &mut self,
+        segment: &mut Segment,
+        job: &Job<'_>,
+        arrivals: &mut dyn Arrivals,
+    ) -> JobDone {
+        match self.run_checked(segment, job, arrivals) {
+            Ok(out) => JobDone {
                 job_id: job.job_id,
-                outcome: Outcome::Err(e),
-                result_offset: 0,
-                result_len: 0,
+                outcome: Outcome::Ok,
+                result_offset: out.offset as u64,
+                result_len: out.len as u64,
+            },
+            Err(mut e) => {
+                // Keep result frames small (a message may echo what the client sent).
+                if e.message.len() > MAX_MESSAGE {
+                    let mut cut = MAX_MESSAGE;
+                    while !e.message.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    e.message.truncate(cut);
+                    e.message.push('…');
+                }
+                if e.kind == ErrorKind::WorkerCrashed {
+                    tracing::error!(job = job.job_id, op = %job.op, "{}", e.message);
+                } else {
+                    tracing::debug!(job = job.job_id, op = %job.op, error = %e, "job failed");
+                }
+                JobDone {
+                    job_id: job.job_id,
+                    outcome: Outcome::Err(e),
+                    result_offset: 0,
+                    result_len: 0,
+                }
             }
         }
     }
-}
 
-/// The steps of a job: check its frame, take in its input (running a
-/// streaming operation on it as it arrives), then claim the slot and
-/// answer in it.
-fn run_checked(
-    segment: &mut Segment,
-    job: &Job<'_>,
-    allow_fault_injection: bool,
-    arrivals: &mut dyn Arrivals,
-) -> Result<ops::Output, RemoteError> {
-    let spec = ops::lookup(&job.op, allow_fault_injection)?;
-    let slot = segment.check(job.slot.offset, job.slot.len).map_err(|e| {
-        RemoteError::new(
-            ErrorKind::Internal,
-            format!("bad slot from dispatcher: {e}"),
-        )
-    })?;
-    let input_len = usize::try_from(job.input_len)
-        .ok()
-        .filter(|&n| n as u64 <= slot.len() && job.ready <= job.input_len)
-        .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
-    let streamed = take_input(segment, slot, job, spec, arrivals)?;
-    // All of the input is in: the slot is this worker's alone until it answers.
-    let mut ctx = ops::JobCtx {
-        args: &job.args,
-        attempt: job.attempt,
-        slot: segment.claim(slot).expect("checked above"),
-        input_len,
-    };
-    match streamed {
-        Some(short) => ctx.reply(short.as_bytes()),
-        None => catch_unwind(AssertUnwindSafe(|| spec.run_whole(&mut ctx)))
-            .unwrap_or_else(|_| Err(panicked(&job.op))),
+    /// The steps of a job: check its frame, take in its input (running a
+    /// streaming operation on it as it arrives), then claim the slot and
+    /// answer in it.
+    fn run_checked(
+        &mut self,
+        segment: &mut Segment,
+        job: &Job<'_>,
+        arrivals: &mut dyn Arrivals,
+    ) -> Result<Output, RemoteError> {
+        let op = self.worker.lookup(&job.op, self.allow_fault_injection)?;
+        let slot = segment.check(job.slot.offset, job.slot.len).map_err(|e| {
+            RemoteError::new(
+                ErrorKind::Internal,
+                format!("bad slot from dispatcher: {e}"),
+            )
+        })?;
+        let input_len = usize::try_from(job.input_len)
+            .ok()
+            .filter(|&n| n as u64 <= slot.len() && job.ready <= job.input_len)
+            .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
+        self.out.clear();
+        let streamed = take_input(segment, slot, job, op, arrivals, &mut self.out)?;
+        // All of the input is in: the slot is this worker's alone until it answers.
+        let slot = segment.claim(slot).expect("checked above");
+        let mut ctx = JobCtx::new(&job.args, job.attempt, slot, input_len);
+        if streamed {
+            return ctx.reply(&self.out);
+        }
+        let out = &mut self.out;
+        catch_unwind(AssertUnwindSafe(|| op.run_whole(&mut ctx, out)))
+            .unwrap_or_else(|p| Err(panicked(&job.op, &*p)))
     }
 }
 
 /// Waits until all of a job's input is in the slot. A streaming operation
 /// whose input is still arriving runs meanwhile, on copies of what has come,
-/// and its answer is returned.
+/// and its answer is left in `out`: then it returns true.
 fn take_input(
     segment: &mut Segment,
     slot: Region,
     job: &Job<'_>,
-    spec: &ops::OpSpec,
+    op: &Op,
     arrivals: &mut dyn Arrivals,
-) -> Result<Option<ops::Short>, RemoteError> {
+    out: &mut Vec<u8>,
+) -> Result<bool, RemoteError> {
     let mut arriving = Arriving {
         segment,
         arrivals,
@@ -379,17 +443,17 @@ fn take_input(
         ready: job.ready,
         chunk: Vec::new(),
     };
-    let streamed = match spec.run {
-        ops::Run::Stream(f) if arriving.ready < arriving.input_len => {
-            let call = ops::Call {
+    let streamed = match &op.runner {
+        Runner::Stream(f) if arriving.ready < arriving.input_len => {
+            let call = Call {
                 args: &job.args,
                 attempt: job.attempt,
             };
-            let short = catch_unwind(AssertUnwindSafe(|| f(&call, &mut arriving)))
-                .unwrap_or_else(|_| Err(panicked(&job.op)))?;
-            Some(short)
+            catch_unwind(AssertUnwindSafe(|| f(&call, &mut arriving, out)))
+                .unwrap_or_else(|p| Err(panicked(&job.op, &*p)))?;
+            true
         }
-        _ => None,
+        _ => false,
     };
     // An operation that answered without reading all of its input: the
     // reply goes in the slot only once nothing more is written there.
@@ -397,9 +461,10 @@ fn take_input(
     Ok(streamed)
 }
 
-fn panicked(op: &str) -> RemoteError {
+/// The answer to a job whose operation panicked: the worker exits after it.
+fn panicked(op: &str, payload: &(dyn std::any::Any + Send)) -> RemoteError {
     RemoteError::new(
-        ErrorKind::Internal,
-        format!("operation {op:?} panicked (a bug in OSPS)"),
+        ErrorKind::WorkerCrashed,
+        format!("operation {op:?} panicked: {}", panic_message(payload)),
     )
 }

@@ -1,5 +1,6 @@
-//! The operations a worker runs, in one table: adding an operation is adding
-//! one function and one row to [`OPS`].
+//! The builtin worker's operations, in one table ([`OPS`]), registered
+//! with the SDK by `osps-worker`'s `main` ([`crate::Worker::ops`]); `ping`
+//! is the SDK's own.
 //!
 //! An operation is one of two kinds ([`Run`]):
 //! - **whole**: it sees its slot, the input at the start and free room after
@@ -17,150 +18,10 @@
 //! delivered at least once, so an operation with effects outside its slot
 //! can tell a retry after a worker crash (attempt 2) from a first run.
 
-use std::borrow::Cow;
-
 use ipc_core::proto::{ErrorKind, RemoteError};
 use sha2::{Digest, Sha256};
 
-/// Where the result lies in the slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Output {
-    /// Offset from the slot's start.
-    pub offset: usize,
-    /// Length in bytes.
-    pub len: usize,
-}
-
-/// What an operation is told about its job, besides its input.
-#[derive(Debug, Clone, Copy)]
-pub struct Call<'a> {
-    /// The job's arguments.
-    pub args: &'a [Cow<'a, str>],
-    /// Which run of the job this is in the dispatcher: 1 the first time, 2
-    /// when it runs again because its worker died during the first run. A
-    /// client's resend (after it lost the dispatcher) arrives as a new job
-    /// with attempt 1: an attempt of 1 does not prove a first delivery.
-    pub attempt: u32,
-}
-
-/// What an operation works on.
-#[derive(Debug)]
-pub struct JobCtx<'a> {
-    /// The job's arguments.
-    pub args: &'a [Cow<'a, str>],
-    /// See [`Call::attempt`].
-    pub attempt: u32,
-    /// The whole slot; the input is `slot[..input_len]`.
-    pub slot: &'a mut [u8],
-    /// Length of the input.
-    pub input_len: usize,
-}
-
-impl JobCtx<'_> {
-    /// The input bytes.
-    pub fn input(&self) -> &[u8] {
-        &self.slot[..self.input_len]
-    }
-
-    /// Writes `bytes` as the result: after the input when it fits there (the
-    /// dispatcher reserves room for small results), else over the input.
-    pub fn reply(&mut self, bytes: &[u8]) -> Result<Output, RemoteError> {
-        let offset = if self.slot.len() - self.input_len >= bytes.len() {
-            self.input_len
-        } else if bytes.len() <= self.slot.len() {
-            0
-        } else {
-            return Err(RemoteError::new(
-                ErrorKind::Internal,
-                format!("result of {} bytes exceeds the slot", bytes.len()),
-            ));
-        };
-        self.slot[offset..offset + bytes.len()].copy_from_slice(bytes);
-        Ok(Output {
-            offset,
-            len: bytes.len(),
-        })
-    }
-
-    /// The arguments and attempt.
-    pub fn call(&self) -> Call<'_> {
-        Call {
-            args: self.args,
-            attempt: self.attempt,
-        }
-    }
-
-    /// Checks that exactly `n` arguments were given.
-    fn expect_args(&self, n: usize, usage: &str) -> Result<(), RemoteError> {
-        expect_args(self.args, n, usage)
-    }
-}
-
-/// Checks that exactly `n` arguments were given.
-fn expect_args(args: &[Cow<'_, str>], n: usize, usage: &str) -> Result<(), RemoteError> {
-    if args.len() == n {
-        Ok(())
-    } else {
-        Err(RemoteError::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "expected {n} argument(s), got {}; usage: {usage}",
-                args.len()
-            ),
-        ))
-    }
-}
-
-/// The input of a streaming operation, front to back.
-pub trait Input {
-    /// The next piece of the input (waiting for it to arrive if need be), or
-    /// `None` once all of it has been seen. An error means the input will
-    /// never arrive in full; the operation should return it.
-    fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError>;
-}
-
-/// A whole input already in memory, as one chunk.
-#[derive(Debug)]
-pub struct Whole<'a>(pub Option<&'a [u8]>);
-
-impl Input for Whole<'_> {
-    fn next_chunk(&mut self) -> Result<Option<&[u8]>, RemoteError> {
-        Ok(self.0.take())
-    }
-}
-
-/// Longest result of a streaming operation.
-pub const SHORT_MAX: usize = 128;
-
-/// A streaming operation's result: a few bytes, kept inline (no allocation).
-#[derive(Clone, Copy)]
-pub struct Short {
-    bytes: [u8; SHORT_MAX],
-    len: usize,
-}
-
-impl Short {
-    /// `bytes`, which must be at most [`SHORT_MAX`] long.
-    pub fn new(bytes: &[u8]) -> Self {
-        let mut s = Short {
-            bytes: [0; SHORT_MAX],
-            len: bytes.len(),
-        };
-        s.bytes[..bytes.len()].copy_from_slice(bytes);
-        s
-    }
-
-    /// The result's bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-impl std::fmt::Debug for Short {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Short({:?})", String::from_utf8_lossy(self.as_bytes()))
-    }
-}
+use crate::job::{expect_args, Call, Input, JobCtx, Output, Short};
 
 /// How an operation runs.
 #[derive(Debug, Clone, Copy)]
@@ -189,27 +50,10 @@ impl OpSpec {
     pub fn streams(&self) -> bool {
         matches!(self.run, Run::Stream(_))
     }
-
-    /// Runs it on a slot holding its whole input.
-    pub fn run_whole(&self, ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-        match self.run {
-            Run::Whole(f) => f(ctx),
-            Run::Stream(f) => {
-                let short = f(&ctx.call(), &mut Whole(Some(ctx.input())))?;
-                ctx.reply(short.as_bytes())
-            }
-        }
-    }
 }
 
-/// Every operation a worker knows.
+/// The builtin operations (besides `ping`, which every worker answers).
 pub const OPS: &[OpSpec] = &[
-    OpSpec {
-        name: "ping",
-        usage: "ping",
-        fault_injection: false,
-        run: Run::Whole(ping),
-    },
     OpSpec {
         name: "echo",
         usage: "echo (payload returned as is)",
@@ -254,43 +98,19 @@ pub const OPS: &[OpSpec] = &[
     },
 ];
 
-/// Finds an operation; the error lists what exists.
-pub fn lookup(name: &str, allow_fault_injection: bool) -> Result<&'static OpSpec, RemoteError> {
-    match OPS.iter().find(|o| o.name == name) {
-        Some(op) if op.fault_injection && !allow_fault_injection => Err(RemoteError::new(
-            ErrorKind::FaultInjectionDisabled,
-            format!("{name:?} injects faults and is off; start the dispatcher with --allow-fault-injection to use it"),
-        )),
-        Some(op) => Ok(op),
-        None => {
-            let known: Vec<&str> = OPS.iter().filter(|o| allow_fault_injection || !o.fault_injection).map(|o| o.name).collect();
-            Err(RemoteError::new(ErrorKind::UnknownOp, format!("{name:?} is not an operation; known: {}", known.join(", "))))
-        }
-    }
-}
-
-fn ping(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    ctx.expect_args(0, "ping")?;
-    ctx.reply(b"pong\n")
-}
-
 fn echo(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    ctx.expect_args(0, "echo")?;
-    Ok(Output {
-        offset: 0,
-        len: ctx.input_len,
-    })
+    expect_args(ctx.args(), 0, "echo")?;
+    ctx.in_place(ctx.input().len())
 }
 
 fn upper(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    ctx.expect_args(0, "upper")?;
-    let n = ctx.input_len;
-    ctx.slot[..n].make_ascii_uppercase();
-    Ok(Output { offset: 0, len: n })
+    expect_args(ctx.args(), 0, "upper")?;
+    ctx.input_mut().make_ascii_uppercase();
+    ctx.in_place(ctx.input().len())
 }
 
 fn sha256(call: &Call<'_>, input: &mut dyn Input) -> Result<Short, RemoteError> {
-    expect_args(call.args, 0, "sha256")?;
+    expect_args(call.args(), 0, "sha256")?;
     let mut hasher = Sha256::new();
     while let Some(chunk) = input.next_chunk()? {
         hasher.update(chunk);
@@ -305,7 +125,7 @@ fn sha256(call: &Call<'_>, input: &mut dyn Input) -> Result<Short, RemoteError> 
 }
 
 fn wc(call: &Call<'_>, input: &mut dyn Input) -> Result<Short, RemoteError> {
-    expect_args(call.args, 0, "wc")?;
+    expect_args(call.args(), 0, "wc")?;
     let (mut lines, mut words, mut len) = (0usize, 0usize, 0usize);
     // Whether the byte before this chunk was inside a word: words may span chunks.
     let mut in_word = false;
@@ -326,8 +146,8 @@ fn wc(call: &Call<'_>, input: &mut dyn Input) -> Result<Short, RemoteError> {
 }
 
 fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
-    ctx.expect_args(1, "sleep MS")?;
-    let ms: u64 = ctx.args[0]
+    expect_args(ctx.args(), 1, "sleep MS")?;
+    let ms: u64 = ctx.args()[0]
         .parse()
         .ok()
         .filter(|&ms| ms <= 3_600_000)
@@ -336,7 +156,7 @@ fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
                 ErrorKind::InvalidInput,
                 format!(
                     "sleep takes milliseconds from 0 to 3600000, got {:?}",
-                    ctx.args[0]
+                    ctx.args()[0]
                 ),
             )
         })?;
@@ -346,7 +166,7 @@ fn sleep(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 
 fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     let usage = "crash [N]";
-    let upto = match ctx.args {
+    let upto = match ctx.args() {
         [] => None,
         [n] => Some(n.parse::<u32>().map_err(|_| {
             RemoteError::new(
@@ -364,11 +184,11 @@ fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
             ))
         }
     };
-    if upto.is_some_and(|n| ctx.attempt > n) {
-        return ctx.reply(format!("attempt {}\n", ctx.attempt).as_bytes());
+    if upto.is_some_and(|n| ctx.attempt() > n) {
+        return ctx.reply(format!("attempt {}\n", ctx.attempt()).as_bytes());
     }
     tracing::warn!(
-        attempt = ctx.attempt,
+        attempt = ctx.attempt(),
         "crash operation: aborting on purpose (fault injection)"
     );
     std::process::abort()
@@ -384,7 +204,7 @@ fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 /// result pipes stay the worker's alone.
 fn spawn(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
     use std::process::{Command, Stdio};
-    ctx.expect_args(0, "spawn")?;
+    expect_args(ctx.args(), 0, "spawn")?;
     let start = |program: &str, args: &[&str]| {
         Command::new(program)
             .args(args)
@@ -418,6 +238,12 @@ fn spawn(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Worker;
+    use std::borrow::Cow;
+
+    fn builtin() -> Worker {
+        Worker::new("osps-worker").ops(OPS)
+    }
 
     fn run(op: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>, RemoteError> {
         run_as(op, args, input, 1, false)
@@ -433,14 +259,10 @@ mod tests {
         let args: Vec<Cow<'_, str>> = args.iter().map(|&a| a.into()).collect();
         let mut slot = vec![0u8; input.len() + 4096];
         slot[..input.len()].copy_from_slice(input);
-        let spec = lookup(op, allow_fault_injection)?;
-        let mut ctx = JobCtx {
-            args: &args,
-            attempt,
-            slot: &mut slot,
-            input_len: input.len(),
-        };
-        let out = spec.run_whole(&mut ctx)?;
+        let worker = builtin();
+        let spec = worker.lookup(op, allow_fault_injection)?;
+        let mut ctx = JobCtx::new(&args, attempt, &mut slot, input.len());
+        let out = spec.run_whole(&mut ctx, &mut Vec::new())?;
         Ok(slot[out.offset..out.offset + out.len].to_vec())
     }
 
@@ -467,15 +289,11 @@ mod tests {
     fn small_results_leave_the_input_intact() {
         let mut slot = b"abc".to_vec();
         slot.resize(4096, 0);
-        let mut ctx = JobCtx {
-            args: &[],
-            attempt: 1,
-            slot: &mut slot,
-            input_len: 3,
-        };
-        let out = lookup("sha256", false)
+        let mut ctx = JobCtx::new(&[], 1, &mut slot, 3);
+        let out = builtin()
+            .lookup("sha256", false)
             .unwrap()
-            .run_whole(&mut ctx)
+            .run_whole(&mut ctx, &mut Vec::new())
             .unwrap();
         assert_eq!(out.offset, 3);
         assert_eq!(&slot[..3], b"abc");
@@ -551,7 +369,7 @@ mod tests {
             run("ping", &["x"], b"").unwrap_err().kind,
             ErrorKind::InvalidInput
         );
-        assert!(lookup("crash", true).is_ok());
+        assert!(builtin().lookup("crash", true).is_ok());
         assert_eq!(
             run_as("crash", &["soon"], b"", 2, true).unwrap_err().kind,
             ErrorKind::InvalidInput

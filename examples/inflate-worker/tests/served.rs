@@ -1,0 +1,153 @@
+//! The example worker served by a real dispatcher (`--worker-exe`), called
+//! over its socket with the client library: its operations' bytes, a typed
+//! error for corrupt gzip, `ping` answered by the SDK, and a clean stop.
+
+use std::io::Read;
+use std::time::Duration;
+
+use ipc_core::proto::ErrorKind;
+use osps_testkit::Instance;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_inflate-worker");
+
+/// `len` bytes that do not compress (xorshift).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn gunzip(gz: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+fn remote_kind(e: osps_client::ClientError) -> ErrorKind {
+    match e {
+        osps_client::ClientError::Remote(e) => e.kind,
+        other => panic!("a typed error expected, got {other}"),
+    }
+}
+
+fn serve(tag: &str) -> Instance {
+    Instance::start(tag, &["--worker-exe", WORKER, "--workers", "2"])
+}
+
+#[test]
+fn ping_works_against_a_dispatcher_whose_only_worker_is_the_example() {
+    let inst = serve("inflate-ping");
+    let mut c = inst.client();
+    c.ping().unwrap();
+    assert_eq!(c.call("ping", &[], b"ignored").unwrap(), b"pong\n");
+    assert_eq!(
+        remote_kind(c.call("ping", &["x"], b"").unwrap_err()),
+        ErrorKind::InvalidInput
+    );
+    let st = inst.status();
+    assert_eq!(st.workers.len(), 2);
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
+}
+
+#[test]
+fn gzip_and_gunzip_crc32_answer_the_right_bytes() {
+    let inst = serve("inflate-ops");
+    let mut c = inst.client();
+    // Random data grows under gzip (by a few bytes), and fits in the slot.
+    let data = noise(1 << 20);
+    let gz = c.call("gzip", &[], &data).unwrap();
+    assert!(gz.len() > data.len(), "{} bytes", gz.len());
+    assert_eq!(gunzip(&gz), data);
+    // Text shrinks; a level is an argument.
+    let text = b"the quick brown fox jumps over the lazy dog\n".repeat(1000);
+    let gz9 = c.call("gzip", &["9"], &text).unwrap();
+    assert!(gz9.len() < text.len() / 10);
+    assert_eq!(gunzip(&gz9), text);
+    // Decompression of untrusted input: length and CRC-32 of what is inside.
+    let expected = |d: &[u8]| format!("{} {:08x}\n", d.len(), crc32fast::hash(d)).into_bytes();
+    assert_eq!(c.call("gunzip_crc32", &[], &gz9).unwrap(), expected(&text));
+    // Over 1 MiB: the dispatcher may hand it to the streaming operation while it arrives.
+    assert_eq!(c.call("gunzip_crc32", &[], &gz).unwrap(), expected(&data));
+    assert_eq!(
+        c.call("gunzip_crc32", &[], &gzip_of(b"")).unwrap(),
+        expected(b"")
+    );
+}
+
+fn gzip_of(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn corrupt_or_truncated_gzip_and_bad_arguments_get_typed_errors() {
+    let inst = serve("inflate-bad");
+    let mut c = inst.client();
+    let gz = gzip_of(&b"abc".repeat(5000));
+    let mut flipped = gz.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x55;
+    for bad in [&b"not gzip at all"[..], &gz[..gz.len() - 4], &flipped] {
+        let e = c.call("gunzip_crc32", &[], bad).unwrap_err();
+        let osps_client::ClientError::Remote(e) = e else {
+            panic!("typed error expected, got {e}")
+        };
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains("not valid gzip"), "{e}");
+    }
+    assert_eq!(
+        remote_kind(c.call("gzip", &["11"], b"x").unwrap_err()),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        remote_kind(c.call("gunzip_crc32", &["x"], b"").unwrap_err()),
+        ErrorKind::InvalidInput
+    );
+    let e = c.call("sha256", &[], b"").unwrap_err();
+    let osps_client::ClientError::Remote(e) = e else {
+        panic!("typed error expected, got {e}")
+    };
+    assert_eq!(e.kind, ErrorKind::UnknownOp);
+    assert!(
+        e.message.ends_with("known: ping, gunzip_crc32, gzip"),
+        "{e}"
+    );
+    // Errors are answers, not crashes: the workers are the first ones still.
+    let st = inst.status();
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
+    assert_eq!(c.call("gunzip_crc32", &[], &gz).unwrap()[..6], *b"15000 ");
+}
+
+#[test]
+fn the_example_worker_stops_with_its_dispatcher_and_leaves_nothing() {
+    let mut inst = serve("inflate-stop");
+    let workers = inst.worker_pids();
+    inst.client().ping().unwrap();
+    inst.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = inst
+        .wait_exit(Duration::from_secs(10))
+        .expect("dispatcher exits");
+    assert_eq!(status.code(), Some(0), "log:\n{}", inst.log());
+    for w in workers {
+        assert!(
+            osps_testkit::proc_info(w).is_none(),
+            "worker {w} still exists"
+        );
+    }
+    assert_eq!(inst.leftovers(), Vec::<String>::new());
+    assert!(
+        inst.log().contains("worker stopped: exit status 0"),
+        "log:\n{}",
+        inst.log()
+    );
+}
