@@ -1,11 +1,3 @@
-//! The OSPS worker: reads [`Job`]s as frames on stdin, runs each on its slot
-//! of the shared segment in place, and answers a [`JobDone`] frame on stdout.
-//! A job of a streaming operation may come before its input has arrived in
-//! full: then `More` frames on stdin say how far the input has come (or
-//! `Abort` that it never will), and the operation reads it as it comes.
-//! Logs go to stderr. It exits cleanly on EOF, which is how the dispatcher
-//! stops it, and dies with its dispatcher (`PR_SET_PDEATHSIG`) as a backstop.
-
 //! The OSPS worker SDK, and the builtin `osps-worker` built with it.
 //!
 //! A worker reads [`Job`]s as frames on stdin, runs each on its slot of the
@@ -148,7 +140,11 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
             return Err(e);
         }
         if let Some(message) = crashed {
-            // A panicked operation may have left the process in any state.
+            // A panicked operation may have left the process in any state:
+            // run nothing more. Frames still coming (news of a streamed
+            // input) are read and dropped until the dispatcher, which takes
+            // the answer as this worker's death, kills it or closes the pipe.
+            while let Ok(Some(_)) = read_message(&mut pipes.input, &mut scratch) {}
             return Err(WorkerError::Crashed { job, message });
         }
     }

@@ -85,9 +85,17 @@ fn a_panic_is_answered_worker_crashed_with_its_message_and_the_worker_exits() {
     let mut stdin = w.0.stdin.take().unwrap();
     stdin.write_all(&buf).unwrap();
     let mut outcomes = Vec::new();
-    while let Ok(FromWorker::Done(d)) = frame::read_frame(&mut stdout, &mut scratch, 4096) {
-        outcomes.push((d.job_id, d.outcome));
+    for _ in 0..3 {
+        match frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap() {
+            FromWorker::Done(d) => outcomes.push((d.job_id, d.outcome)),
+            other => panic!("done expected, got {other:?}"),
+        }
     }
+    // It runs nothing more (job 4 is read and dropped) and exits when its
+    // stdin ends, as the dispatcher would have killed it.
+    drop(stdin);
+    let rest = frame::read_frame::<FromWorker, _>(&mut stdout, &mut scratch, 4096);
+    assert!(rest.is_err(), "nothing after the crash: {rest:?}");
     let err = |kind, message: &str| Outcome::Err(RemoteError::new(kind, message));
     assert_eq!(
         outcomes.len(),
