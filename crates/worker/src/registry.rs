@@ -289,3 +289,58 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .with(|p| p.borrow_mut().take())
         .unwrap_or_else(|| payload_text(payload))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_worker() -> Worker {
+        Worker::new("t")
+            .op("rev", |job| {
+                job.input_mut().reverse();
+                job.in_place(job.input().len())
+            })
+            .streaming_op("len", |_call, input| {
+                let mut n = 0;
+                while let Some(c) = input.next_chunk()? {
+                    n += c.len();
+                }
+                Ok(n.to_string())
+            })
+    }
+
+    fn run(w: &Worker, op: &str, input: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        let mut slot = input.to_vec();
+        slot.resize(input.len() + 64, 0);
+        let mut ctx = JobCtx::new(&[], 1, &mut slot, input.len());
+        let out = w.lookup(op, false)?.run_whole(&mut ctx, &mut Vec::new())?;
+        Ok(slot[out.offset..out.offset + out.len].to_vec())
+    }
+
+    #[test]
+    fn every_worker_answers_ping_and_lists_its_operations() {
+        let w = user_worker();
+        assert_eq!(run(&w, "ping", b"x").unwrap(), b"pong\n");
+        assert_eq!(run(&w, "rev", b"abc").unwrap(), b"cba");
+        assert_eq!(run(&w, "len", b"abcd").unwrap(), b"4");
+        assert_eq!(w.streams(false), ["len"]);
+        let e = run(&w, "nope", b"").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnknownOp);
+        assert_eq!(
+            e.message,
+            "\"nope\" is not an operation; known: ping, rev, len"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn ping_cannot_be_registered() {
+        let _ = Worker::new("t").op("ping", |job| job.in_place(0));
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot be an operation's name")]
+    fn status_cannot_be_registered() {
+        let _ = Worker::new("t").op("status", |job| job.in_place(0));
+    }
+}
