@@ -242,11 +242,11 @@ async fn ready(worker: &mut Worker) -> Result<Vec<String>, String> {
             ..
         })) => return Ok(streams),
         Ok(Ok(FromWorker::Ready { version, .. })) => format!(
-            "it speaks worker pipe version {version}, this dispatcher {PIPE_VERSION} (osps-worker must come from the same build as osps-dispatcher)"
+            "it speaks worker pipe version {version}, this dispatcher {PIPE_VERSION} (a worker must speak pipe version {PIPE_VERSION}, docs/PROTOCOL.md section 13: osps-worker or an SDK worker from the same OSPS as osps-dispatcher)"
         ),
         Ok(Ok(other)) => format!("unexpected first message {other:?}"),
         Ok(Err(e)) => format!(
-            "no ready message: {e} (osps-worker must come from the same build as osps-dispatcher)"
+            "no ready message: {e} (a worker must speak pipe version {PIPE_VERSION}, docs/PROTOCOL.md section 13: osps-worker or an SDK worker from the same OSPS as osps-dispatcher)"
         ),
         Err(_) => format!("not ready within {READY_TIMEOUT:?}"),
     })
