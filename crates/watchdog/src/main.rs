@@ -44,6 +44,9 @@ struct Args {
     /// A dispatcher that stayed up this many milliseconds resets the restart backoff.
     #[arg(long, default_value_t = RestartPolicy::default().stable_after.as_millis() as u64)]
     backoff_reset_ms: u64,
+    /// The dispatcher's TOML configuration file, passed on to each dispatcher started (as an absolute path; checked readable here first).
+    #[arg(long = "config", value_name = "FILE")]
+    config_file: Option<PathBuf>,
     /// The dispatcher program [default: osps-dispatcher beside this program, else from PATH].
     #[arg(long)]
     dispatcher_exe: Option<PathBuf>,
@@ -52,8 +55,48 @@ struct Args {
     dispatcher_args: Vec<String>,
 }
 
+/// The dispatcher's arguments: `--config FILE` (made absolute, and checked
+/// readable now, so that a wrong path fails here at once rather than in
+/// every dispatcher started), then those given after `--`.
+fn dispatcher_args(config_file: Option<PathBuf>, rest: Vec<String>) -> Result<Vec<String>, String> {
+    let Some(file) = config_file else {
+        return Ok(rest);
+    };
+    if rest
+        .iter()
+        .any(|a| a == "--config" || a.starts_with("--config="))
+    {
+        return Err("--config is given both to the watchdog and after --: give it once".into());
+    }
+    let absolute = std::fs::canonicalize(&file)
+        .and_then(|path| std::fs::read(&path).map(|_| path))
+        .map_err(|e| {
+            format!(
+                "{}: cannot read the configuration file: {e}",
+                file.display()
+            )
+        })?;
+    let absolute = absolute.into_os_string().into_string().map_err(|p| {
+        format!(
+            "{}: the configuration file's path is not UTF-8",
+            p.to_string_lossy()
+        )
+    })?;
+    Ok(["--config".to_owned(), absolute]
+        .into_iter()
+        .chain(rest)
+        .collect())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let dispatcher_args = match dispatcher_args(args.config_file, args.dispatcher_args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("osps-watchdog: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let _span = ipc_core::logging::init("watchdog", args.log.log_format);
     let policy = RestartPolicy {
         max_restarts: args.max_restarts,
@@ -72,7 +115,7 @@ fn main() -> ExitCode {
         dispatcher_exe: args
             .dispatcher_exe
             .unwrap_or_else(watchdog::default_dispatcher_exe),
-        dispatcher_args: args.dispatcher_args,
+        dispatcher_args,
     };
     match watchdog::run(config) {
         Ok(code) => ExitCode::from(code),
