@@ -20,6 +20,9 @@ struct Args {
     /// Read options from this TOML file (keys: the flags' names with underscores, e.g. job_timeout_ms = 30000); a flag given here overrides the file.
     #[arg(long = "config", value_name = "FILE")]
     config_file: Option<PathBuf>,
+    /// Check the options (with the --config file's) and exit: status 0 if they would be accepted, else one line saying why.
+    #[arg(long)]
+    check_config: bool,
     /// Everything else: the flags are `dispatcher::Config`'s fields.
     #[command(flatten)]
     config: dispatcher::Config,
@@ -49,7 +52,11 @@ fn parse() -> Result<Args, config_file::FileError> {
 
 fn main() -> ExitCode {
     let Args {
-        log, place, config, ..
+        log,
+        place,
+        config,
+        check_config,
+        ..
     } = match parse() {
         Ok(args) => args,
         Err(e) => {
@@ -57,6 +64,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if check_config {
+        return match config.validate() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("osps-dispatcher: invalid configuration: {}", e.message);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let _span = ipc_core::logging::init("dispatcher", log.log_format);
     // What `osps-watchdog` passes in the environment when it starts us.
     let watchdog = ipc_core::env::WatchdogEnv::from_env();
