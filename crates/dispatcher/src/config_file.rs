@@ -74,9 +74,9 @@ pub struct FromFile {
 impl FromFile {
     /// Names the file's line and key for a refusal of [`Config::validate`],
     /// if the key it blames came from the file.
-    pub fn locate(&self, invalid: &Invalid, config_args: &[Arg]) -> Option<FileError> {
+    pub fn locate(&self, invalid: &Invalid) -> Option<FileError> {
         let key = invalid.key.replace('-', "_");
-        let arg = config_args.iter().find(|a| file_key(a) == key)?;
+        let arg = config_args().into_iter().find(|a| file_key(a) == key)?;
         let id = arg.get_id().as_str();
         if self.overridden.iter().any(|o| o == id) {
             return None;
@@ -124,6 +124,11 @@ pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
     reader.table(table.get_ref(), matches)?;
     Ok(reader.out)
 }
+
+/// A key of the file, with its place.
+type Key<'i> = Spanned<std::borrow::Cow<'i, str>>;
+/// A key and its value.
+type Entry<'v, 'i> = (&'v Key<'i>, &'v Spanned<DeValue<'i>>);
 
 /// One file being read.
 struct Reader<'t> {
@@ -214,7 +219,7 @@ impl Reader<'_> {
     /// parser, and kept unless the command line sets it.
     fn option(
         &mut self,
-        key: &Spanned<std::borrow::Cow<'_, str>>,
+        key: &Key<'_>,
         value: &Spanned<DeValue<'_>>,
         name: &str,
         matches: &ArgMatches,
@@ -271,7 +276,7 @@ impl Reader<'_> {
         })
     }
 
-    fn unknown(&self, key: &Spanned<std::borrow::Cow<'_, str>>, name: &str) -> FileError {
+    fn unknown(&self, key: &Key<'_>, name: &str) -> FileError {
         if SHARED_FLAGS.contains(&name) {
             let flag = name.replace('_', "-");
             let message = format!("key \"{name}\" is not read from the file: give --{flag} (or its environment variable) to every OSPS program, so they agree");
@@ -289,18 +294,11 @@ impl Reader<'_> {
 
     /// `[pools]`: only `[pools.builtin]`, only `workers`. Returns that key
     /// and value, if given.
-    #[allow(clippy::type_complexity)]
     fn pools<'v, 'i>(
         &self,
-        key: &Spanned<std::borrow::Cow<'i, str>>,
+        key: &Key<'i>,
         value: &'v Spanned<DeValue<'i>>,
-    ) -> Result<
-        Option<(
-            &'v Spanned<std::borrow::Cow<'i, str>>,
-            &'v Spanned<DeValue<'i>>,
-        )>,
-        FileError,
-    > {
+    ) -> Result<Option<Entry<'v, 'i>>, FileError> {
         let Some(pools) = value.get_ref().as_table() else {
             let message = format!(
                 "key \"pools\": expected a table of pools ([pools.builtin]), found {}",
@@ -400,4 +398,68 @@ fn suggest(name: &str, known: &[String]) -> String {
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, k)| format!(" (did you mean \"{k}\"?)"))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_flag_takes_its_toml_type() {
+        let kinds: BTreeMap<String, Kind> = config_args()
+            .iter()
+            .map(|a| (file_key(a), Kind::of(a)))
+            .collect();
+        let want = [
+            ("workers", Kind::Integer),
+            ("max_tcp_connections", Kind::Integer),
+            ("write_timeout_ms", Kind::Integer),
+            ("allow_uid", Kind::Integers),
+            ("segment", Kind::String),
+            ("tcp", Kind::String),
+            ("worker_exe", Kind::String),
+            ("tcp_allow_remote", Kind::Boolean),
+            ("allow_fault_injection", Kind::Boolean),
+        ];
+        for (key, kind) in want {
+            assert_eq!(kinds.get(key), Some(&kind), "{key}");
+        }
+        // Not keys: the shared flags, and what is not a flag.
+        for key in SHARED_FLAGS.iter().chain(&["watchdog", "pools"]) {
+            assert!(!kinds.contains_key(*key), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_misspelt_key_gets_the_nearest_one_and_nonsense_none() {
+        let known: Vec<String> = ["workers", "job_timeout_ms", "max_payload"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            suggest("job_timout_ms", &known),
+            " (did you mean \"job_timeout_ms\"?)"
+        );
+        assert_eq!(suggest("wrokers", &known), " (did you mean \"workers\"?)");
+        assert_eq!(suggest("zzz", &known), "");
+    }
+
+    #[test]
+    fn values_take_the_flags_type_or_say_what_they_are() {
+        let text = "a = 5\nb = \"x\"\nc = [1, 2]\nd = [1, \"x\"]\ne = true\nf = 1.5\ng = 0x10\n";
+        let t = DeTable::parse(text).unwrap().into_inner();
+        let v = |k: &str| t.get(k).unwrap().get_ref().clone();
+        assert_eq!(strings(&v("a"), Kind::Integer), Some(vec!["5".into()]));
+        assert_eq!(strings(&v("g"), Kind::Integer), Some(vec!["16".into()]));
+        assert_eq!(strings(&v("b"), Kind::String), Some(vec!["x".into()]));
+        assert_eq!(
+            strings(&v("c"), Kind::Integers),
+            Some(vec!["1".into(), "2".into()])
+        );
+        assert_eq!(strings(&v("e"), Kind::Boolean), Some(vec!["true".into()]));
+        assert_eq!(strings(&v("b"), Kind::Integer), None);
+        assert_eq!(strings(&v("a"), Kind::Integers), None);
+        assert_eq!(found(&v("d"), Kind::Integers), "an array holding a string");
+        assert_eq!(found(&v("f"), Kind::Integer), "a float");
+        assert_eq!(found(&v("e"), Kind::Integer), "a boolean");
+    }
 }

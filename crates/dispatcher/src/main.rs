@@ -43,7 +43,7 @@ fn parse() -> Result<Args, config_file::FileError> {
     argv.extend(std::env::args_os().skip(1));
     let args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
     if let Err(invalid) = args.config.validate() {
-        if let Some(e) = from_file.locate(&invalid, &config_file::config_args()) {
+        if let Some(e) = from_file.locate(&invalid) {
             return Err(e);
         }
     }
