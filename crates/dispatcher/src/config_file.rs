@@ -120,7 +120,11 @@ pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
             ..FromFile::default()
         },
     };
-    let table = DeTable::parse(&text).map_err(|e| reader.error(e.span(), e.message().trim()))?;
+    let table = DeTable::parse(&text).map_err(|e| {
+        // One line, whatever the parser says.
+        let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        reader.error(e.span(), message)
+    })?;
     reader.table(table.get_ref(), matches)?;
     Ok(reader.out)
 }

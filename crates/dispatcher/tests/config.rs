@@ -169,6 +169,8 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             1,
             "key \"instance\" is not read from the file",
         ),
+        // Not TOML: the parser's own words, on the line.
+        ("segment_mib = 8\nworkers = \n", 2, ""),
     ];
     for (text, line, says) in cases {
         let (_dir, path) = config(text);
