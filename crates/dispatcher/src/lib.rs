@@ -8,6 +8,7 @@
 //! the workers do the work.
 
 mod admission;
+pub mod config_file;
 mod conn;
 mod driver;
 mod handler;
@@ -314,56 +315,99 @@ pub fn run(config: Config) -> Result<(), DispatcherError> {
     local.block_on(&rt, serve(config))
 }
 
-fn check(c: &Config) -> Result<(), DispatcherError> {
-    let bad = |m: String| Err(DispatcherError::Config(m));
-    if c.workers == 0 {
-        return bad("--workers must be at least 1".into());
-    }
-    if c.max_connections == 0 || c.max_in_flight == 0 {
-        return bad("--max-connections and --max-in-flight must be at least 1".into());
-    }
-    if c.job_timeout_ms == 0 {
-        return bad("--job-timeout-ms must be at least 1".into());
-    }
-    match c.tcp {
-        Some(addr) if !ipc_core::peer::is_loopback(addr.ip()) && !c.tcp_allow_remote => {
-            return bad(format!("--tcp {addr} is not a loopback address; OSPS listens on loopback (127.0.0.0/8, ::1) unless given --tcp-allow-remote and --token-file"));
+/// A value the dispatcher refuses, and the option to blame: the flag's long
+/// name without its dashes (`workers`, `tcp`), so that `osps-dispatcher
+/// --config` can name the key and line of the file that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl Config {
+    /// Checks what the flags' own parsers cannot: values in range and
+    /// combinations that make sense. The same rules apply to flags and to a
+    /// configuration file.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |key: &'static str, message: String| Err(Invalid { key, message });
+        if self.workers == 0 {
+            return bad("workers", "--workers must be at least 1".into());
         }
-        Some(addr) if !ipc_core::peer::is_loopback(addr.ip()) && c.token_file.is_none() => {
-            return bad(format!("--tcp {addr} with --tcp-allow-remote needs --token-file: remote clients must present a token ({})", ipc_core::token::HOW_TO_MAKE));
-        }
-        None if c.tcp_allow_remote || c.token_file.is_some() => {
+        if self.max_connections == 0 || self.max_in_flight == 0 {
+            let key = if self.max_connections == 0 {
+                "max-connections"
+            } else {
+                "max-in-flight"
+            };
             return bad(
-                "--tcp-allow-remote and --token-file apply to a TCP listener: add --tcp ADDR"
-                    .into(),
+                key,
+                "--max-connections and --max-in-flight must be at least 1".into(),
             );
         }
-        _ => {}
+        if self.job_timeout_ms == 0 {
+            return bad(
+                "job-timeout-ms",
+                "--job-timeout-ms must be at least 1".into(),
+            );
+        }
+        self.validate_tcp()?;
+        self.validate_sizes()
     }
-    let arena = c
-        .segment_mib
-        .checked_mul(MIB)
-        .filter(|a| (MIB..=1 << 40).contains(a));
-    let Some(arena) = arena else {
-        return bad(format!(
-            "--segment-mib {} must be from 1 to 1048576",
-            c.segment_mib
-        ));
-    };
-    let max_slot = ipc_core::SlotAllocator::max_slot_for(arena);
-    if c.max_payload
-        .checked_add(RESULT_RESERVE)
-        .is_none_or(|need| need > max_slot)
-    {
-        return bad(format!(
-            "a payload of {} bytes needs a slot of {} bytes, but a {} MiB segment's largest slot is {} bytes; raise --segment-mib or lower --max-payload",
-            c.max_payload,
-            ipc_core::SlotAllocator::slot_len(c.max_payload.saturating_add(RESULT_RESERVE)),
-            c.segment_mib,
-            max_slot
-        ));
+
+    fn validate_tcp(&self) -> Result<(), Invalid> {
+        let bad = |key: &'static str, message: String| Err(Invalid { key, message });
+        match self.tcp {
+            Some(addr) if !ipc_core::peer::is_loopback(addr.ip()) && !self.tcp_allow_remote => {
+                bad("tcp", format!("--tcp {addr} is not a loopback address; OSPS listens on loopback (127.0.0.0/8, ::1) unless given --tcp-allow-remote and --token-file"))
+            }
+            Some(addr) if !ipc_core::peer::is_loopback(addr.ip()) && self.token_file.is_none() => {
+                bad("tcp-allow-remote", format!("--tcp {addr} with --tcp-allow-remote needs --token-file: remote clients must present a token ({})", ipc_core::token::HOW_TO_MAKE))
+            }
+            None if self.tcp_allow_remote || self.token_file.is_some() => bad(
+                if self.tcp_allow_remote { "tcp-allow-remote" } else { "token-file" },
+                "--tcp-allow-remote and --token-file apply to a TCP listener: add --tcp ADDR".into(),
+            ),
+            _ => Ok(()),
+        }
     }
-    Ok(())
+
+    fn validate_sizes(&self) -> Result<(), Invalid> {
+        let arena = self
+            .segment_mib
+            .checked_mul(MIB)
+            .filter(|a| (MIB..=1 << 40).contains(a));
+        let Some(arena) = arena else {
+            return Err(Invalid {
+                key: "segment-mib",
+                message: format!(
+                    "--segment-mib {} must be from 1 to 1048576",
+                    self.segment_mib
+                ),
+            });
+        };
+        let max_slot = ipc_core::SlotAllocator::max_slot_for(arena);
+        if self
+            .max_payload
+            .checked_add(RESULT_RESERVE)
+            .is_none_or(|need| need > max_slot)
+        {
+            return Err(Invalid {
+                key: "max-payload",
+                message: format!(
+                    "a payload of {} bytes needs a slot of {} bytes, but a {} MiB segment's largest slot is {} bytes; raise --segment-mib or lower --max-payload",
+                    self.max_payload,
+                    ipc_core::SlotAllocator::slot_len(self.max_payload.saturating_add(RESULT_RESERVE)),
+                    self.segment_mib,
+                    max_slot
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check(c: &Config) -> Result<(), DispatcherError> {
+    c.validate().map_err(|e| DispatcherError::Config(e.message))
 }
 
 /// Removes what this dispatcher created under the instance's names, however

@@ -1,7 +1,13 @@
-//! `osps-dispatcher`: the primary server. Parses arguments, starts logging,
-//! and runs the dispatcher library.
+//! `osps-dispatcher`: the primary server. Parses arguments (and the
+//! configuration file, if given), starts logging, and runs the dispatcher
+//! library.
 
-use clap::Parser;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use dispatcher::config_file;
 
 /// Serves OSPS jobs to clients over a Unix socket, running them on a pool of workers.
 #[derive(Debug, Parser)]
@@ -11,13 +17,62 @@ struct Args {
     log: ipc_core::cli::LogArgs,
     #[command(flatten)]
     place: ipc_core::cli::InstanceArgs,
+    /// Read options from this TOML file (keys: the flags' names with underscores, e.g. job_timeout_ms = 30000); a flag given here overrides the file.
+    #[arg(long = "config", value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Check the options (with the --config file's) and exit: status 0 if they would be accepted, else one line saying why.
+    #[arg(long)]
+    check_config: bool,
     /// Everything else: the flags are `dispatcher::Config`'s fields.
     #[command(flatten)]
     config: dispatcher::Config,
 }
 
-fn main() -> std::process::ExitCode {
-    let Args { log, place, config } = Args::parse();
+/// The arguments: the command line's, and the configuration file's for
+/// what the command line does not set. A file it refuses ends the program
+/// with one line naming the file, the line and the key.
+fn parse() -> Result<Args, config_file::FileError> {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let Some(path) = args.config_file.clone() else {
+        return Ok(args);
+    };
+    let from_file = config_file::read(&path, &matches)?;
+    let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
+    argv.extend(from_file.args.iter().cloned());
+    argv.extend(std::env::args_os().skip(1));
+    let args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+    if let Err(invalid) = args.config.validate() {
+        if let Some(e) = from_file.locate(&invalid) {
+            return Err(e);
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let Args {
+        log,
+        place,
+        config,
+        check_config,
+        ..
+    } = match parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("osps-dispatcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if check_config {
+        return match config.validate() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("osps-dispatcher: invalid configuration: {}", e.message);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let _span = ipc_core::logging::init("dispatcher", log.log_format);
     // What `osps-watchdog` passes in the environment when it starts us.
     let watchdog = ipc_core::env::WatchdogEnv::from_env();
@@ -29,11 +84,11 @@ fn main() -> std::process::ExitCode {
         ..config
     };
     match dispatcher::run(config) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("osps-dispatcher: {e}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

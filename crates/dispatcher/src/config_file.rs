@@ -1,0 +1,469 @@
+//! `osps-dispatcher --config FILE`: the dispatcher's options from a TOML file.
+//!
+//! Every flag of [`Config`] is a key of the file, its long name with
+//! underscores (`--job-timeout-ms` is `job_timeout_ms`). The file is read
+//! with its spans (`toml::de::DeTable`), so each refusal names the file,
+//! the line and the key in one line. Each value is checked by the flag's own
+//! clap parser (ranges, possible values), then [`Config::validate`] checks
+//! the combinations, as for flags: the rules are written once.
+//!
+//! Precedence: the command line, then the file, then the flag's default
+//! (none of [`Config`]'s flags reads the environment; `--instance`,
+//! `--runtime-dir` and `--log-format`, which do, are not keys of the file).
+//!
+//! Pools: `[pools.builtin]` (the osps-worker pool) takes `workers`, the same
+//! as the top-level key; the other pool keys of issue 13 and other pools are
+//! refused as not supported yet, until they work.
+
+use std::any::TypeId;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::{Config, Invalid};
+
+/// Keys of a pool the issue plans, refused until they work.
+const NOT_YET_POOL_KEYS: &[&str] = &[
+    "program",
+    "exec",
+    "ops",
+    "job_timeout_ms",
+    "max_attempts",
+    "recycle_after_jobs",
+    "recycle_above_rss_mib",
+    "memory_limit_mib",
+    "user",
+    "group",
+    "env",
+    "cwd",
+    "max_result_mib",
+    "pass_args",
+];
+
+/// Shared flags every OSPS binary takes: not read from the file, so the
+/// watchdog, the dispatcher and the client always agree on them.
+const SHARED_FLAGS: &[&str] = &["instance", "runtime_dir", "log_format"];
+
+/// A refusal: one line, `FILE:LINE: what`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct FileError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// What the file sets: arguments to put before the command line's (only
+/// for the options the command line does not set), and the line of each key.
+#[derive(Debug, Clone, Default)]
+pub struct FromFile {
+    pub file: PathBuf,
+    pub args: Vec<OsString>,
+    /// Line of each key set (by its flag's id: `workers`, `backend`, ...).
+    lines: BTreeMap<String, (usize, String)>,
+    /// The ids of keys the command line overrides.
+    overridden: Vec<String>,
+}
+
+impl FromFile {
+    /// Names the file's line and key for a refusal of [`Config::validate`],
+    /// if the key it blames came from the file.
+    pub fn locate(&self, invalid: &Invalid) -> Option<FileError> {
+        let key = invalid.key.replace('-', "_");
+        let arg = config_args().into_iter().find(|a| file_key(a) == key)?;
+        let id = arg.get_id().as_str();
+        if self.overridden.iter().any(|o| o == id) {
+            return None;
+        }
+        let (line, name) = self.lines.get(id)?;
+        Some(FileError {
+            file: self.file.clone(),
+            line: Some(*line),
+            message: format!("key \"{name}\": {}", invalid.message),
+        })
+    }
+}
+
+/// The flags of [`Config`], as clap knows them.
+pub fn config_args() -> Vec<Arg> {
+    let cmd = <Config as clap::Args>::augment_args(clap::Command::new("config"));
+    cmd.get_arguments().cloned().collect()
+}
+
+/// The key of a flag: its long name with underscores.
+fn file_key(arg: &Arg) -> String {
+    arg.get_long()
+        .unwrap_or(arg.get_id().as_str())
+        .replace('-', "_")
+}
+
+/// Reads `path` and returns what it sets that `matches` (the command line)
+/// does not; refuses the whole file at its first error.
+pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+        file: path.to_owned(),
+        line: None,
+        message: format!("cannot read the configuration file: {e}"),
+    })?;
+    let mut reader = Reader {
+        file: path.to_owned(),
+        text: &text,
+        args: config_args(),
+        out: FromFile {
+            file: path.to_owned(),
+            ..FromFile::default()
+        },
+    };
+    let table = DeTable::parse(&text).map_err(|e| {
+        // One line, whatever the parser says.
+        let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        reader.error(e.span(), message)
+    })?;
+    reader.table(table.get_ref(), matches)?;
+    Ok(reader.out)
+}
+
+/// A key of the file, with its place.
+type Key<'i> = Spanned<std::borrow::Cow<'i, str>>;
+/// A key and its value.
+type Entry<'v, 'i> = (&'v Key<'i>, &'v Spanned<DeValue<'i>>);
+
+/// One file being read.
+struct Reader<'t> {
+    file: PathBuf,
+    text: &'t str,
+    args: Vec<Arg>,
+    out: FromFile,
+}
+
+/// The TOML type a flag takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Boolean,
+    Integer,
+    String,
+    Integers,
+    Strings,
+}
+
+impl Kind {
+    fn of(arg: &Arg) -> Kind {
+        let t = arg.get_value_parser().type_id();
+        let ints = [
+            TypeId::of::<u64>(),
+            TypeId::of::<usize>(),
+            TypeId::of::<u32>(),
+        ];
+        let int = ints.iter().any(|i| t == *i);
+        match (arg.get_action(), int) {
+            (ArgAction::SetTrue, _) => Kind::Boolean,
+            (ArgAction::Append, true) => Kind::Integers,
+            (ArgAction::Append, false) => Kind::Strings,
+            (_, true) => Kind::Integer,
+            (_, false) => Kind::String,
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Boolean => "a boolean (true or false)",
+            Kind::Integer => "an integer",
+            Kind::String => "a string",
+            Kind::Integers => "an array of integers",
+            Kind::Strings => "an array of strings",
+        }
+    }
+}
+
+impl Reader<'_> {
+    fn line(&self, span: Option<Range<usize>>) -> Option<usize> {
+        let at = span?.start.min(self.text.len());
+        Some(self.text[..at].matches('\n').count() + 1)
+    }
+
+    fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> FileError {
+        FileError {
+            file: self.file.clone(),
+            line: self.line(span),
+            message: message.into(),
+        }
+    }
+
+    /// The top-level table.
+    fn table(&mut self, table: &DeTable<'_>, matches: &ArgMatches) -> Result<(), FileError> {
+        let mut builtin_workers = None;
+        for (key, value) in table {
+            let name = key.get_ref().as_ref();
+            if name == "pools" {
+                builtin_workers = self.pools(key, value)?;
+                continue;
+            }
+            self.option(key, value, name, matches)?;
+        }
+        if let Some((key, value)) = builtin_workers {
+            if let Some((line, _)) = self.out.lines.get("workers") {
+                let message = format!("key \"pools.builtin.workers\": conflicts with \"workers\" at line {line}; set the builtin pool's workers once");
+                return Err(self.error(Some(key.span()), message));
+            }
+            self.option(key, value, "workers", matches)?;
+            if let Some(entry) = self.out.lines.get_mut("workers") {
+                entry.1 = "pools.builtin.workers".into();
+            }
+        }
+        Ok(())
+    }
+
+    /// One option: its type checked, its value checked by the flag's own
+    /// parser, and kept unless the command line sets it.
+    fn option(
+        &mut self,
+        key: &Key<'_>,
+        value: &Spanned<DeValue<'_>>,
+        name: &str,
+        matches: &ArgMatches,
+    ) -> Result<(), FileError> {
+        let Some(arg) = self.args.iter().find(|a| file_key(a) == name).cloned() else {
+            return Err(self.unknown(key, name));
+        };
+        let kind = Kind::of(&arg);
+        let Some(values) = strings(value.get_ref(), kind) else {
+            let message = format!(
+                "key \"{name}\": expected {}, found {}",
+                kind.expected(),
+                found(value.get_ref(), kind)
+            );
+            return Err(self.error(Some(value.span()), message));
+        };
+        let long = arg.get_long().unwrap_or(name).to_owned();
+        let args: Vec<OsString> = match kind {
+            Kind::Boolean if values == ["true"] => vec![format!("--{long}").into()],
+            Kind::Boolean => Vec::new(),
+            _ => values
+                .iter()
+                .map(|v| format!("--{long}={v}").into())
+                .collect(),
+        };
+        self.parse_alone(&args)
+            .map_err(|m| self.error(Some(value.span()), format!("key \"{name}\": {m}")))?;
+        let id = arg.get_id().as_str().to_owned();
+        let line = self.line(Some(key.span())).unwrap_or(1);
+        if let Some((first, _)) = self.out.lines.get(&id) {
+            let message = format!("key \"{name}\": set twice (first at line {first})");
+            return Err(self.error(Some(key.span()), message));
+        }
+        // Recorded even when the command line overrides it, for conflicts.
+        self.out.lines.insert(id.clone(), (line, name.to_owned()));
+        if matches.value_source(&id) == Some(ValueSource::CommandLine) {
+            self.out.overridden.push(id);
+        } else {
+            self.out.args.extend(args);
+        }
+        Ok(())
+    }
+
+    /// Runs the flags' own parsers on one option's arguments.
+    fn parse_alone(&self, args: &[OsString]) -> Result<(), String> {
+        let cmd = <Config as clap::Args>::augment_args(clap::Command::new("config"))
+            .no_binary_name(true)
+            .color(clap::ColorChoice::Never);
+        cmd.try_get_matches_from(args).map(drop).map_err(|e| {
+            let text = e.render().to_string();
+            let text = text.split("\n\nFor more information").next().unwrap_or("");
+            let text = text.strip_prefix("error: ").unwrap_or(text);
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        })
+    }
+
+    fn unknown(&self, key: &Key<'_>, name: &str) -> FileError {
+        if SHARED_FLAGS.contains(&name) {
+            let flag = name.replace('_', "-");
+            let message = format!("key \"{name}\" is not read from the file: give --{flag} (or its environment variable) to every OSPS program, so they agree");
+            return self.error(Some(key.span()), message);
+        }
+        let known: Vec<String> = self
+            .args
+            .iter()
+            .map(file_key)
+            .chain(["pools".into()])
+            .collect();
+        let message = format!("unknown key \"{name}\"{}", suggest(name, &known));
+        self.error(Some(key.span()), message)
+    }
+
+    /// `[pools]`: only `[pools.builtin]`, only `workers`. Returns that key
+    /// and value, if given.
+    fn pools<'v, 'i>(
+        &self,
+        key: &Key<'i>,
+        value: &'v Spanned<DeValue<'i>>,
+    ) -> Result<Option<Entry<'v, 'i>>, FileError> {
+        let Some(pools) = value.get_ref().as_table() else {
+            let message = format!(
+                "key \"pools\": expected a table of pools ([pools.builtin]), found {}",
+                found(value.get_ref(), Kind::String)
+            );
+            return Err(self.error(Some(key.span()), message));
+        };
+        let mut workers = None;
+        for (pool, table) in pools {
+            let pool_name = pool.get_ref().as_ref();
+            if pool_name != "builtin" {
+                let message = format!("pool \"{pool_name}\" is not supported yet: only [pools.builtin], the osps-worker pool, is");
+                return Err(self.error(Some(pool.span()), message));
+            }
+            let Some(table) = table.get_ref().as_table() else {
+                let message = format!(
+                    "key \"pools.builtin\": expected a table, found {}",
+                    found(table.get_ref(), Kind::String)
+                );
+                return Err(self.error(Some(pool.span()), message));
+            };
+            for (k, v) in table {
+                let name = k.get_ref().as_ref();
+                if name == "workers" {
+                    workers = Some((k, v));
+                } else if NOT_YET_POOL_KEYS.contains(&name) {
+                    let message = format!("key \"pools.builtin.{name}\" is not supported yet (a pool takes only \"workers\" today)");
+                    return Err(self.error(Some(k.span()), message));
+                } else {
+                    let known: Vec<String> = std::iter::once("workers")
+                        .chain(NOT_YET_POOL_KEYS.iter().copied())
+                        .map(String::from)
+                        .collect();
+                    let message = format!(
+                        "unknown key \"pools.builtin.{name}\"{}",
+                        suggest(name, &known)
+                    );
+                    return Err(self.error(Some(k.span()), message));
+                }
+            }
+        }
+        Ok(workers)
+    }
+}
+
+/// A value as the flag's arguments, if it has the flag's type.
+fn strings(value: &DeValue<'_>, kind: Kind) -> Option<Vec<String>> {
+    let scalar = |v: &DeValue<'_>, int: bool| -> Option<String> {
+        match v {
+            DeValue::Integer(i) if int => i64::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .map(|n| n.to_string()),
+            DeValue::String(s) if !int => Some(s.to_string()),
+            _ => None,
+        }
+    };
+    match (kind, value) {
+        (Kind::Boolean, DeValue::Boolean(b)) => Some(vec![b.to_string()]),
+        (Kind::Integer, v) => Some(vec![scalar(v, true)?]),
+        (Kind::String, v) => Some(vec![scalar(v, false)?]),
+        (Kind::Integers | Kind::Strings, DeValue::Array(items)) => items
+            .iter()
+            .map(|v| scalar(v.get_ref(), kind == Kind::Integers))
+            .collect(),
+        _ => None,
+    }
+}
+
+/// What a value is, for a type error (in an array wanted of `kind`, the
+/// first item that is not).
+fn found(value: &DeValue<'_>, kind: Kind) -> String {
+    let wanted = if kind == Kind::Integers {
+        "integer"
+    } else {
+        "string"
+    };
+    match value {
+        DeValue::Integer(i) if i64::from_str_radix(i.as_str(), i.radix()).is_err() => {
+            "an integer out of range".into()
+        }
+        DeValue::Integer(_) => "an integer".into(),
+        DeValue::Array(items) => items
+            .iter()
+            .map(|v| v.get_ref().type_str())
+            .find(|t| *t != wanted)
+            .map_or("an array".into(), |t| format!("an array holding a {t}")),
+        other => format!("a {}", other.type_str()),
+    }
+}
+
+/// ` (did you mean "KEY"?)` for the known key nearest a misspelt one.
+fn suggest(name: &str, known: &[String]) -> String {
+    known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(name, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| format!(" (did you mean \"{k}\"?)"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_flag_takes_its_toml_type() {
+        let kinds: BTreeMap<String, Kind> = config_args()
+            .iter()
+            .map(|a| (file_key(a), Kind::of(a)))
+            .collect();
+        let want = [
+            ("workers", Kind::Integer),
+            ("max_tcp_connections", Kind::Integer),
+            ("write_timeout_ms", Kind::Integer),
+            ("allow_uid", Kind::Integers),
+            ("segment", Kind::String),
+            ("tcp", Kind::String),
+            ("worker_exe", Kind::String),
+            ("tcp_allow_remote", Kind::Boolean),
+            ("allow_fault_injection", Kind::Boolean),
+        ];
+        for (key, kind) in want {
+            assert_eq!(kinds.get(key), Some(&kind), "{key}");
+        }
+        // Not keys: the shared flags, and what is not a flag.
+        for key in SHARED_FLAGS.iter().chain(&["watchdog", "pools"]) {
+            assert!(!kinds.contains_key(*key), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_misspelt_key_gets_the_nearest_one_and_nonsense_none() {
+        let known: Vec<String> = ["workers", "job_timeout_ms", "max_payload"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            suggest("job_timout_ms", &known),
+            " (did you mean \"job_timeout_ms\"?)"
+        );
+        assert_eq!(suggest("wrokers", &known), " (did you mean \"workers\"?)");
+        assert_eq!(suggest("zzz", &known), "");
+    }
+
+    #[test]
+    fn values_take_the_flags_type_or_say_what_they_are() {
+        let text = "a = 5\nb = \"x\"\nc = [1, 2]\nd = [1, \"x\"]\ne = true\nf = 1.5\ng = 0x10\n";
+        let t = DeTable::parse(text).unwrap().into_inner();
+        let v = |k: &str| t.get(k).unwrap().get_ref().clone();
+        assert_eq!(strings(&v("a"), Kind::Integer), Some(vec!["5".into()]));
+        assert_eq!(strings(&v("g"), Kind::Integer), Some(vec!["16".into()]));
+        assert_eq!(strings(&v("b"), Kind::String), Some(vec!["x".into()]));
+        assert_eq!(
+            strings(&v("c"), Kind::Integers),
+            Some(vec!["1".into(), "2".into()])
+        );
+        assert_eq!(strings(&v("e"), Kind::Boolean), Some(vec!["true".into()]));
+        assert_eq!(strings(&v("b"), Kind::Integer), None);
+        assert_eq!(strings(&v("a"), Kind::Integers), None);
+        assert_eq!(found(&v("d"), Kind::Integers), "an array holding a string");
+        assert_eq!(found(&v("f"), Kind::Integer), "a float");
+        assert_eq!(found(&v("e"), Kind::Integer), "a boolean");
+    }
+}

@@ -1,0 +1,220 @@
+//! `osps-dispatcher --config FILE`: a file sets options, a flag overrides the
+//! file, the shipped example file is accepted, and a file with a misspelt or
+//! unsupported key, a wrong type or a conflict is refused at start with one
+//! line naming the file, the line and the key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use osps_client::ClientError;
+use osps_testkit::{bin, unique_instance, wait_for, Instance, Reaped, PATIENCE};
+
+/// Writes `text` as `osps.toml` in a fresh directory (kept alive by the guard).
+fn config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("osps.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn arg(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Runs the dispatcher with the file and `extra` flags; it must refuse to
+/// start: returns its stderr.
+fn refused(path: &Path, extra: &[&str]) -> String {
+    let runtime = tempfile::tempdir().unwrap();
+    let child = Command::new(bin("osps-dispatcher"))
+        .args(["--instance", &unique_instance("cfgno"), "--runtime-dir"])
+        .arg(runtime.path())
+        .args(["--config", arg(path)])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Reaped(Some(child));
+    let ended = wait_for(PATIENCE, || {
+        child.0.as_mut().unwrap().try_wait().unwrap().map(|_| ())
+    });
+    assert!(ended.is_some(), "the dispatcher did not stop at start");
+    let out = child.output();
+    assert!(!out.status.success(), "the dispatcher accepted the file");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn a_file_sets_options_and_a_flag_overrides_the_file() {
+    let (_dir, path) = config(
+        "# sizes\nworkers = 3\nsegment_mib = 8\nmax_payload = 65536\ntcp = \"127.0.0.1:0\"\nallow_uid = []\n",
+    );
+    let inst = Instance::start("cfgset", &["--config", arg(&path)]);
+    let st = inst.status();
+    assert_eq!(st.workers.len(), 3, "{st:?}");
+    assert!(st.tcp.is_some(), "tcp from the file: {st:?}");
+    // max_payload from the file: one byte more is refused before it is read.
+    match inst.client().call("echo", &[], &[0u8; 65537]) {
+        Err(ClientError::Remote(e)) => assert_eq!(e.kind, ipc_core::ErrorKind::TooLarge),
+        other => panic!("a payload over the file's max_payload: {other:?}"),
+    }
+    assert_eq!(inst.client().call("upper", &[], b"ab").unwrap(), b"AB");
+    drop(inst);
+    // The command line wins over the file; the file's other keys still apply.
+    let inst = Instance::start(
+        "cfgflag",
+        &[
+            "--config",
+            arg(&path),
+            "--workers",
+            "1",
+            "--max-payload=1000",
+        ],
+    );
+    let st = inst.status();
+    assert_eq!(st.workers.len(), 1, "{st:?}");
+    assert!(st.tcp.is_some(), "{st:?}");
+    assert!(inst.client().call("echo", &[], &[0u8; 1001]).is_err());
+}
+
+#[test]
+fn the_builtin_pool_sets_the_number_of_workers() {
+    let (_dir, path) =
+        config("segment_mib = 8\nmax_payload = 65536\n\n[pools.builtin]\nworkers = 2\n");
+    let inst = Instance::start("cfgpool", &["--config", arg(&path)]);
+    assert_eq!(inst.status().workers.len(), 2);
+}
+
+#[test]
+fn the_example_file_is_accepted() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/osps.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    assert!(
+        text.contains("[pools.builtin]"),
+        "the example shows the pool"
+    );
+    // Small sizes for a test, over the example's own (which are checked all the same).
+    let inst = Instance::start(
+        "cfgexample",
+        &[
+            "--config",
+            arg(&example),
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+        ],
+    );
+    assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
+}
+
+#[test]
+fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            "workers = 2\njob_timout_ms = 5\n",
+            2,
+            "unknown key \"job_timout_ms\" (did you mean \"job_timeout_ms\"?)",
+        ),
+        (
+            "\n\nworkers = \"4\"\n",
+            3,
+            "key \"workers\": expected an integer, found a string",
+        ),
+        (
+            "workers = 2\n[pools.builtin]\nworkers = 3\n",
+            3,
+            "key \"pools.builtin.workers\": conflicts with \"workers\" at line 1",
+        ),
+        (
+            "[pools.builtin]\nworkers = 2\nexec = [\"gzip\", \"-c\"]\n",
+            3,
+            "key \"pools.builtin.exec\" is not supported yet",
+        ),
+        (
+            "[pools.thumbs]\nprogram = [\"/bin/thumbs\"]\n",
+            1,
+            "pool \"thumbs\" is not supported yet",
+        ),
+        (
+            "conn_arena_percent = 101\n",
+            1,
+            "key \"conn_arena_percent\": invalid value '101'",
+        ),
+        (
+            "workers = 0\n",
+            1,
+            "key \"workers\": --workers must be at least 1",
+        ),
+        (
+            "segment = \"tmpfs\"\n",
+            1,
+            "key \"segment\": invalid value 'tmpfs'",
+        ),
+        (
+            "tcp = \"10.0.0.1:7000\"\n",
+            1,
+            "key \"tcp\": --tcp 10.0.0.1:7000 is not a loopback address",
+        ),
+        (
+            "tcp_allow_remote = \"yes\"\n",
+            1,
+            "key \"tcp_allow_remote\": expected a boolean",
+        ),
+        (
+            "instance = \"x\"\n",
+            1,
+            "key \"instance\" is not read from the file",
+        ),
+        // Not TOML: the parser's own words, on the line.
+        ("segment_mib = 8\nworkers = \n", 2, ""),
+    ];
+    for (text, line, says) in cases {
+        let (_dir, path) = config(text);
+        let err = refused(&path, &[]);
+        let want = format!("osps-dispatcher: {}:{line}: {says}", path.display());
+        assert!(
+            err.starts_with(&want),
+            "{text:?}: want {want:?}, got {err:?}"
+        );
+        assert_eq!(err.lines().count(), 1, "{text:?}: one line: {err:?}");
+    }
+}
+
+#[test]
+fn a_value_a_flag_overrides_is_still_checked() {
+    let (_dir, path) = config("workers = \"many\"\n");
+    let err = refused(&path, &["--workers", "1"]);
+    assert!(
+        err.contains(":1: key \"workers\": expected an integer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_file_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nowhere.toml");
+    let err = refused(&path, &[]);
+    assert!(
+        err.starts_with(&format!("osps-dispatcher: {}: cannot read", path.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_file_shows_every_key() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/osps.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    for a in dispatcher::config_file::config_args() {
+        let key = a.get_long().unwrap().replace('-', "_");
+        let shown = text.lines().any(|l| {
+            l.trim_start_matches(['#', ' '])
+                .starts_with(&format!("{key} ="))
+        });
+        assert!(shown, "contrib/osps.toml does not show the key {key:?}");
+    }
+}
