@@ -468,20 +468,12 @@ impl WorkerDriver<'_> {
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(Failed::Broke(format!("bad result frame: {e}"))),
             };
-            // The worker says the running job crashed it (an operation panicked): its death.
-            if let Outcome::Err(e) = &done.outcome {
-                if e.kind == ErrorKind::WorkerCrashed
-                    && s.head().is_some_and(|h| h.job_id == done.job_id)
-                {
-                    break Err(Failed::Crashed(e.message.clone()));
-                }
-            }
-            let ok = matches!(done.outcome, Outcome::Ok);
-            match s.answered(done.job_id, ok, std::time::Instant::now()) {
+            match s.answered(done.job_id, &done.outcome, std::time::Instant::now()) {
                 Answered::Job(job) => {
                     let ok = answer(self.shared, job, done);
                     self.entry().answered(ok);
                 }
+                Answered::Crashed(said) => break Err(Failed::Crashed(said)),
                 Answered::Broke(why) => break Err(Failed::Broke(why)),
                 Answered::Unexpected => {
                     break Err(Failed::Broke(format!(

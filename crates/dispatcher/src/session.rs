@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use ipc_core::proto::ErrorKind;
+use ipc_core::proto::{ErrorKind, Outcome};
 
 use crate::slots::News;
 
@@ -62,6 +62,9 @@ pub enum Answered<J> {
     Job(J),
     /// An answer for a job the worker is not running: the worker must go.
     Unexpected,
+    /// The worker says the running job crashed it (with what it said): it
+    /// is dying; the job is retried or given up as on any death.
+    Crashed(String),
     /// The answer breaks the protocol: the worker must go.
     Broke(String),
 }
@@ -185,8 +188,9 @@ impl<J: SessionJob> Session<J> {
         (!self.sent.is_empty() && self.told.is_none()).then(|| self.head_since + timeout)
     }
 
-    /// The worker answered job `job_id`, a success when `ok`.
-    pub fn answered(&mut self, job_id: u64, ok: bool, now: Instant) -> Answered<J> {
+    /// The worker answered job `job_id` with `outcome`.
+    pub fn answered(&mut self, job_id: u64, outcome: &Outcome, now: Instant) -> Answered<J> {
+        let ok = matches!(outcome, Outcome::Ok);
         if self.told.is_some() && ok {
             // Success before the payload was all in: the result would be
             // read from a slot the connection may still be writing.
@@ -196,6 +200,13 @@ impl<J: SessionJob> Session<J> {
         }
         if self.sent.front().map(SessionJob::id) != Some(job_id) || self.written == 0 {
             return Answered::Unexpected;
+        }
+        if let Outcome::Err(e) = outcome {
+            if e.kind == ErrorKind::WorkerCrashed {
+                // The worker says the job crashed it (an operation panicked):
+                // that is its death, with its last words.
+                return Answered::Crashed(e.message.clone());
+            }
         }
         // An error may come early (bad arguments); the news still sent for
         // that job is ignored by the worker.
@@ -292,6 +303,7 @@ impl<J: SessionJob> Session<J> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipc_core::proto::RemoteError;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     struct J {
@@ -459,35 +471,50 @@ mod tests {
     fn answer_table() {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_millis(7);
-        // (head arriving, answered id, ok) -> answered job id, or broke
-        let rows: &[(bool, u64, bool, Option<u64>)] = &[
-            (false, 1, true, Some(1)),
-            (false, 1, false, Some(1)),
-            (false, 2, true, None),    // not the running job
-            (true, 1, true, None),     // success before the payload was in
-            (true, 1, false, Some(1)), // an early error is fine
+        let ok = Outcome::Ok;
+        let err = Outcome::Err(RemoteError::new(ErrorKind::InvalidInput, "bad"));
+        let crash = Outcome::Err(RemoteError::new(ErrorKind::WorkerCrashed, "panicked"));
+        // (head arriving, answered id, outcome) -> answered job id, crashed, or broke
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Job(u64),
+            Crashed,
+            Broke,
+        }
+        let rows: &[(bool, u64, &Outcome, Want)] = &[
+            (false, 1, &ok, Want::Job(1)),
+            (false, 1, &err, Want::Job(1)),
+            (false, 2, &ok, Want::Broke),      // not the running job
+            (true, 1, &ok, Want::Broke),       // success before the payload was in
+            (true, 1, &err, Want::Job(1)),     // an early error is fine
+            (false, 1, &crash, Want::Crashed), // the worker says the job killed it
+            (true, 1, &crash, Want::Crashed),
+            (false, 2, &crash, Want::Broke), // ... but not of a job it is not running
         ];
-        for &(arriving, id, ok, expect) in rows {
+        for (arriving, id, outcome, want) in rows {
             let mut first = job(1);
-            first.arriving = arriving;
+            first.arriving = *arriving;
             let mut s = holding(&[first, job(2)], t0);
-            match (s.answered(id, ok, t1), expect) {
-                (Answered::Job(j), Some(e)) => {
-                    assert_eq!(j.id, e);
+            let got = match s.answered(*id, outcome, t1) {
+                Answered::Job(j) => {
                     // The next job's timeout starts now; nothing arrives any more.
                     assert_eq!(s.deadline(Duration::ZERO), Some(t1));
                     assert_eq!((s.len(), s.told()), (1, None));
+                    Want::Job(j.id)
                 }
-                (Answered::Broke(_) | Answered::Unexpected, None) => {}
-                (got, e) => {
-                    panic!("arriving {arriving}, id {id}, ok {ok}: {got:?}, expected {e:?}")
+                Answered::Crashed(said) => {
+                    assert_eq!(said, "panicked");
+                    assert_eq!(s.len(), 2, "the job stays with the dying worker");
+                    Want::Crashed
                 }
-            }
+                Answered::Broke(_) | Answered::Unexpected => Want::Broke,
+            };
+            assert_eq!(&got, want, "arriving {arriving}, id {id}, {outcome:?}");
         }
         // An answer for a job not yet written is a violation too.
         let mut s: Session<J> = Session::new(2, t0);
         s.start(job(1), t0);
-        assert!(matches!(s.answered(1, true, t1), Answered::Unexpected));
+        assert!(matches!(s.answered(1, &ok, t1), Answered::Unexpected));
     }
 
     #[test]
