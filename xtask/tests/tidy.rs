@@ -23,7 +23,7 @@ fn workspace_files() -> Vec<PathBuf> {
         .unwrap()
         .to_path_buf();
     let mut files = Vec::new();
-    for dir in ["crates", "xtask"] {
+    for dir in ["crates", "xtask", "examples"] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(files.len() > 10, "found only {} files", files.len());
