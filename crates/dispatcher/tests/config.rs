@@ -4,10 +4,10 @@
 //! line naming the file, the line and the key.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use osps_client::ClientError;
-use osps_testkit::{bin, unique_instance, wait_for, Instance, Reaped, PATIENCE};
+use osps_testkit::{bin, run_to_exit, unique_instance, Instance};
 
 /// Writes `text` as `osps.toml` in a fresh directory (kept alive by the guard).
 fn config(text: &str) -> (tempfile::TempDir, PathBuf) {
@@ -25,22 +25,14 @@ fn arg(path: &Path) -> &str {
 /// start: returns its stderr.
 fn refused(path: &Path, extra: &[&str]) -> String {
     let runtime = tempfile::tempdir().unwrap();
-    let child = Command::new(bin("osps-dispatcher"))
-        .args(["--instance", &unique_instance("cfgno"), "--runtime-dir"])
-        .arg(runtime.path())
-        .args(["--config", arg(path)])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Reaped(Some(child));
-    let ended = wait_for(PATIENCE, || {
-        child.0.as_mut().unwrap().try_wait().unwrap().map(|_| ())
-    });
-    assert!(ended.is_some(), "the dispatcher did not stop at start");
-    let out = child.output();
+    let out = run_to_exit(
+        Command::new(bin("osps-dispatcher"))
+            .args(["--instance", &unique_instance("cfgno"), "--runtime-dir"])
+            .arg(runtime.path())
+            .args(["--config", arg(path)])
+            .args(extra),
+        "the dispatcher, at start,",
+    );
     assert!(!out.status.success(), "the dispatcher accepted the file");
     String::from_utf8(out.stderr).unwrap()
 }

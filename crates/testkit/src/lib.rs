@@ -686,6 +686,25 @@ impl Drop for Reaped {
     }
 }
 
+/// Runs `cmd` (stdin and stdout closed, stderr captured), which must end
+/// by itself within [`PATIENCE`] (it is killed and reaped otherwise, and
+/// the test fails saying `what` did not stop); returns what it printed and
+/// its status.
+pub fn run_to_exit(cmd: &mut Command, what: &str) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Reaped(Some(child));
+    let ended = wait_for(PATIENCE, || {
+        child.0.as_mut().unwrap().try_wait().unwrap().map(|_| ())
+    });
+    assert!(ended.is_some(), "{what} did not stop");
+    child.output()
+}
+
 /// The frame of a request header as a client writes it on a raw connection
 /// (the `payload_len` payload bytes are the caller's to send after it).
 pub fn request_header(id: u64, op: &str, args: &[&str], payload_len: u64) -> Vec<u8> {

@@ -3,11 +3,11 @@
 //! dispatcher refuses (checked once with `--check-config`), stops it at once
 //! with one line naming the file, before any dispatcher starts.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osps_testkit::{bin, unique_instance, wait_for, Instance, Reaped, PATIENCE};
+use osps_testkit::{bin, run_to_exit, unique_instance, Instance};
 
 #[test]
 fn each_dispatcher_started_reads_the_file() {
@@ -38,22 +38,14 @@ fn each_dispatcher_started_reads_the_file() {
 /// started no dispatcher: returns its stderr.
 fn refused(runtime: &std::path::Path, path: &std::path::Path) -> String {
     let instance = unique_instance("wcfgno");
-    let child = Command::new(bin("osps-watchdog"))
-        .args(["--instance", &instance, "--runtime-dir"])
-        .arg(runtime)
-        .arg("--config")
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Reaped(Some(child));
-    let ended = wait_for(PATIENCE, || {
-        child.0.as_mut().unwrap().try_wait().unwrap().map(|_| ())
-    });
-    assert!(ended.is_some(), "the watchdog did not stop");
-    let out = child.output();
+    let out = run_to_exit(
+        Command::new(bin("osps-watchdog"))
+            .args(["--instance", &instance, "--runtime-dir"])
+            .arg(runtime)
+            .arg("--config")
+            .arg(path),
+        "the watchdog",
+    );
     assert!(!out.status.success());
     // It stopped before starting anything: no dispatcher ever made a socket.
     let paths = ipc_core::RuntimePaths::new(&instance, Some(runtime)).unwrap();
