@@ -11,8 +11,9 @@
 //! (none of [`Config`]'s flags reads the environment; `--instance`,
 //! `--runtime-dir` and `--log-format`, which do, are not keys of the file).
 //!
-//! Pools: `[pools.builtin]` (the osps-worker pool) takes `workers`, the same
-//! as the top-level key; the other pool keys of issue 13 and other pools are
+//! Pools: `[pools.builtin]` (the osps-worker pool) takes `workers`,
+//! `job_timeout_ms` and `max_attempts`, the same as the top-level keys (one
+//! or the other); the other pool keys of issue 13 and other pools are
 //! refused as not supported yet, until they work.
 
 use std::any::TypeId;
@@ -28,13 +29,15 @@ use toml::Spanned;
 
 use crate::{Config, Invalid};
 
+/// Keys of a pool that work today (on the builtin pool): each is the
+/// top-level option of the same name, set once.
+const POOL_KEYS: &[&str] = &["workers", "job_timeout_ms", "max_attempts"];
+
 /// Keys of a pool the issue plans, refused until they work.
 const NOT_YET_POOL_KEYS: &[&str] = &[
     "program",
     "exec",
     "ops",
-    "job_timeout_ms",
-    "max_attempts",
     "recycle_after_jobs",
     "recycle_above_rss_mib",
     "memory_limit_mib",
@@ -159,6 +162,7 @@ impl Kind {
             TypeId::of::<u64>(),
             TypeId::of::<usize>(),
             TypeId::of::<u32>(),
+            TypeId::of::<u8>(),
         ];
         let int = ints.iter().any(|i| t == *i);
         match (arg.get_action(), int) {
@@ -197,24 +201,21 @@ impl Reader<'_> {
 
     /// The top-level table.
     fn table(&mut self, table: &DeTable<'_>, matches: &ArgMatches) -> Result<(), FileError> {
-        let mut builtin_workers = None;
+        let mut builtin = Vec::new();
         for (key, value) in table {
             let name = key.get_ref().as_ref();
             if name == "pools" {
-                builtin_workers = self.pools(key, value)?;
+                builtin = self.pools(key, value)?;
                 continue;
             }
-            self.option(key, value, name, matches)?;
+            self.option(key, value, name, name, matches)?;
         }
-        if let Some((key, value)) = builtin_workers {
-            if let Some((line, _)) = self.out.lines.get("workers") {
-                let message = format!("key \"pools.builtin.workers\": conflicts with \"workers\" at line {line}; set the builtin pool's workers once");
+        for ((key, value), name) in builtin {
+            if let Some((line, _)) = self.out.lines.get(name) {
+                let message = format!("key \"pools.builtin.{name}\": conflicts with \"{name}\" at line {line}; set the builtin pool's {name} once");
                 return Err(self.error(Some(key.span()), message));
             }
-            self.option(key, value, "workers", matches)?;
-            if let Some(entry) = self.out.lines.get_mut("workers") {
-                entry.1 = "pools.builtin.workers".into();
-            }
+            self.option(key, value, name, &format!("pools.builtin.{name}"), matches)?;
         }
         Ok(())
     }
@@ -226,6 +227,7 @@ impl Reader<'_> {
         key: &Key<'_>,
         value: &Spanned<DeValue<'_>>,
         name: &str,
+        shown: &str,
         matches: &ArgMatches,
     ) -> Result<(), FileError> {
         let Some(arg) = self.args.iter().find(|a| file_key(a) == name).cloned() else {
@@ -234,7 +236,7 @@ impl Reader<'_> {
         let kind = Kind::of(&arg);
         let Some(values) = strings(value.get_ref(), kind) else {
             let message = format!(
-                "key \"{name}\": expected {}, found {}",
+                "key \"{shown}\": expected {}, found {}",
                 kind.expected(),
                 found(value.get_ref(), kind)
             );
@@ -250,15 +252,15 @@ impl Reader<'_> {
                 .collect(),
         };
         self.parse_alone(&args)
-            .map_err(|m| self.error(Some(value.span()), format!("key \"{name}\": {m}")))?;
+            .map_err(|m| self.error(Some(value.span()), format!("key \"{shown}\": {m}")))?;
         let id = arg.get_id().as_str().to_owned();
         let line = self.line(Some(key.span())).unwrap_or(1);
         if let Some((first, _)) = self.out.lines.get(&id) {
-            let message = format!("key \"{name}\": set twice (first at line {first})");
+            let message = format!("key \"{shown}\": set twice (first at line {first})");
             return Err(self.error(Some(key.span()), message));
         }
         // Recorded even when the command line overrides it, for conflicts.
-        self.out.lines.insert(id.clone(), (line, name.to_owned()));
+        self.out.lines.insert(id.clone(), (line, shown.to_owned()));
         if matches.value_source(&id) == Some(ValueSource::CommandLine) {
             self.out.overridden.push(id);
         } else {
@@ -296,13 +298,13 @@ impl Reader<'_> {
         self.error(Some(key.span()), message)
     }
 
-    /// `[pools]`: only `[pools.builtin]`, only `workers`. Returns that key
-    /// and value, if given.
+    /// `[pools]`: only `[pools.builtin]`, only the [`POOL_KEYS`]. Returns
+    /// those given, with the top-level option each sets.
     fn pools<'v, 'i>(
         &self,
         key: &Key<'i>,
         value: &'v Spanned<DeValue<'i>>,
-    ) -> Result<Option<Entry<'v, 'i>>, FileError> {
+    ) -> Result<Vec<(Entry<'v, 'i>, &'static str)>, FileError> {
         let Some(pools) = value.get_ref().as_table() else {
             let message = format!(
                 "key \"pools\": expected a table of pools ([pools.builtin]), found {}",
@@ -310,7 +312,7 @@ impl Reader<'_> {
             );
             return Err(self.error(Some(key.span()), message));
         };
-        let mut workers = None;
+        let mut given = Vec::new();
         for (pool, table) in pools {
             let pool_name = pool.get_ref().as_ref();
             if pool_name != "builtin" {
@@ -326,13 +328,15 @@ impl Reader<'_> {
             };
             for (k, v) in table {
                 let name = k.get_ref().as_ref();
-                if name == "workers" {
-                    workers = Some((k, v));
+                if let Some(&top) = POOL_KEYS.iter().find(|&&p| p == name) {
+                    given.push(((k, v), top));
                 } else if NOT_YET_POOL_KEYS.contains(&name) {
-                    let message = format!("key \"pools.builtin.{name}\" is not supported yet (a pool takes only \"workers\" today)");
+                    let message = format!("key \"pools.builtin.{name}\" is not supported yet (a pool takes only {} today)", POOL_KEYS.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "));
                     return Err(self.error(Some(k.span()), message));
                 } else {
-                    let known: Vec<String> = std::iter::once("workers")
+                    let known: Vec<String> = POOL_KEYS
+                        .iter()
+                        .copied()
                         .chain(NOT_YET_POOL_KEYS.iter().copied())
                         .map(String::from)
                         .collect();
@@ -344,7 +348,7 @@ impl Reader<'_> {
                 }
             }
         }
-        Ok(workers)
+        Ok(given)
     }
 }
 

@@ -35,8 +35,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Failed starts in a row after which waiting jobs are answered with an error.
 const GIVE_UP_JOBS_AFTER_FAILED_STARTS: u32 = 3;
-/// Attempts per job: the first run plus one retry after a worker crash.
-const MAX_ATTEMPTS: u8 = 2;
+/// How long a worker whose job timed out has between SIGTERM and SIGKILL
+/// (to log what it was doing).
+const TERM_GRACE: Duration = Duration::from_secs(1);
 
 impl SessionJob for QueuedJob {
     fn id(&self) -> u64 {
@@ -146,6 +147,7 @@ fn settle(
         why,
         answer,
         requeue,
+        ..
     } = end
     else {
         tracing::info!(worker = index, pid, "worker stopped: {status}");
@@ -222,6 +224,7 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         why: failed.clone(),
         answer: vec![],
         requeue: vec![],
+        term_first: false,
     };
     let status = finish(&mut worker, &not_ready).await;
     Err(format!("worker {pid}: {failed} ({status})"))
@@ -285,7 +288,7 @@ impl WorkerDriver<'_> {
     /// Feeds jobs to the worker until it must go.
     async fn serve(mut self) -> End<QueuedJob> {
         let timeout = Duration::from_millis(self.shared.config.job_timeout_ms);
-        let mut s = Session::new(MAX_ATTEMPTS, Instant::now().into_std());
+        let mut s = Session::new(self.shared.config.max_attempts, Instant::now().into_std());
         // The running job's upload, while the worker is told of its progress.
         let mut upload: Option<Rc<Streamed>> = None;
         let mut out = Vec::with_capacity(4096);
@@ -565,7 +568,23 @@ async fn finish(w: &mut Worker, end: &End<QueuedJob>) -> String {
             "worker did not exit within {EXIT_GRACE:?} of EOF; killing it"
         );
     }
-    let _ = killpg(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+    let group = Pid::from_raw(w.pid as i32);
+    if matches!(
+        end,
+        End::Kill {
+            term_first: true,
+            ..
+        }
+    ) {
+        // A hung job: SIGTERM first, so the worker (and what its job
+        // started) may log what it was doing; SIGKILL after the grace.
+        let _ = killpg(group, Signal::SIGTERM);
+        if let Ok(status) = tokio::time::timeout(TERM_GRACE, w.child.wait()).await {
+            let _ = killpg(group, Signal::SIGKILL); // what it left in its group
+            return describe(status);
+        }
+    }
+    let _ = killpg(group, Signal::SIGKILL);
     describe(w.child.wait().await)
 }
 

@@ -57,9 +57,12 @@ pub struct Config {
     /// Number of workers [default: number of CPUs].
     #[arg(long, default_value_t = default_workers(), hide_default_value = true)]
     pub workers: usize,
-    /// Per-job timeout in milliseconds; a worker past it is killed and replaced.
+    /// Per-job timeout in milliseconds; a worker past it gets SIGTERM, then SIGKILL after 1 s, and is replaced.
     #[arg(long, default_value_t = 30_000)]
     pub job_timeout_ms: u64,
+    /// Runs of a job whose worker dies on it, at most: 2 retries it once, 1 never retries.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub max_attempts: u8,
     /// How long shutdown waits for in-flight jobs, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub drain_timeout_ms: u64,

@@ -43,6 +43,9 @@ pub enum End<J> {
         why: String,
         answer: Vec<(J, ErrorKind, String)>,
         requeue: Vec<J>,
+        /// A hang, not a death: SIGTERM first, so the worker may log what it
+        /// was doing, and SIGKILL after a grace period.
+        term_first: bool,
     },
 }
 
@@ -228,6 +231,7 @@ impl<J: SessionJob> Session<J> {
                 .into_iter()
                 .collect(),
             requeue: self.sent.into(),
+            term_first: true,
         }
     }
 
@@ -243,6 +247,7 @@ impl<J: SessionJob> Session<J> {
                 .map(|j| (j, ErrorKind::ShuttingDown, msg.to_owned()))
                 .collect(),
             requeue: vec![],
+            term_first: false,
         }
     }
 
@@ -255,6 +260,7 @@ impl<J: SessionJob> Session<J> {
                 why,
                 answer: vec![],
                 requeue: vec![],
+                term_first: false,
             };
         };
         *head.attempts() += 1;
@@ -277,6 +283,7 @@ impl<J: SessionJob> Session<J> {
             why,
             answer,
             requeue,
+            term_first: false,
         }
     }
 
@@ -296,6 +303,7 @@ impl<J: SessionJob> Session<J> {
             why: format!("protocol violation: {why}"),
             answer,
             requeue: self.sent.into(),
+            term_first: false,
         }
     }
 }
@@ -354,6 +362,7 @@ mod tests {
                 why,
                 answer,
                 requeue,
+                ..
             } => (
                 why,
                 answer.into_iter().map(|(j, k, _)| (j.id, k)).collect(),

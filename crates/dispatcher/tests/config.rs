@@ -79,6 +79,67 @@ fn the_builtin_pool_sets_the_number_of_workers() {
 }
 
 #[test]
+fn the_builtin_pool_sets_its_job_timeout_and_attempts() {
+    let (_dir, path) = config(
+        "segment_mib = 8\nmax_payload = 65536\n\n[pools.builtin]\nworkers = 1\njob_timeout_ms = 300\nmax_attempts = 1\n",
+    );
+    let inst = Instance::start(
+        "cfgpolicy",
+        &["--config", arg(&path), "--allow-fault-injection"],
+    );
+    // max_attempts = 1: a job whose worker dies is not run again.
+    match inst.client().call("crash", &[], b"") {
+        Err(ClientError::Remote(e)) => {
+            assert_eq!(e.kind, ipc_core::ErrorKind::WorkerCrashed, "{e:?}");
+            assert!(e.message.contains("on each of 1 attempts"), "{e:?}");
+        }
+        other => panic!("a crash with max_attempts 1: {other:?}"),
+    }
+    // job_timeout_ms = 300: a 5 s job times out; its worker gets SIGTERM
+    // first (and, being an osps-worker, ends by it).
+    let started = std::time::Instant::now();
+    match inst.client().call("sleep", &["5000"], b"") {
+        Err(ClientError::Remote(e)) => assert_eq!(e.kind, ipc_core::ErrorKind::Timeout),
+        other => panic!("a 5 s job with a 300 ms timeout: {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    let st = inst.status();
+    assert!(
+        st.workers[0].last_exit.contains("SIGTERM")
+            && st.workers[0].last_exit.contains("job timeout"),
+        "{:?}",
+        st.workers[0]
+    );
+}
+
+#[test]
+fn a_worker_that_does_not_end_on_sigterm_is_killed_after_the_grace() {
+    let inst = Instance::start("termgrace", &["--workers", "1", "--job-timeout-ms", "300"]);
+    let pid = inst.worker_pids()[0];
+    let client = std::thread::spawn({
+        let mut c = inst.client();
+        move || c.call("sleep", &["5000"], b"")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // Stopped, it cannot act on SIGTERM: only SIGKILL ends it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    match client.join().unwrap() {
+        Err(ClientError::Remote(e)) => assert_eq!(e.kind, ipc_core::ErrorKind::Timeout),
+        other => panic!("{other:?}"),
+    }
+    let st = inst.status();
+    assert!(
+        st.workers[0].last_exit.contains("SIGKILL"),
+        "{:?}",
+        st.workers[0]
+    );
+}
+
+#[test]
 fn the_example_file_is_accepted() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/osps.toml");
     let text = std::fs::read_to_string(&example).unwrap();
@@ -120,6 +181,16 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             "workers = 2\n[pools.builtin]\nworkers = 3\n",
             3,
             "key \"pools.builtin.workers\": conflicts with \"workers\" at line 1",
+        ),
+        (
+            "job_timeout_ms = 100\n[pools.builtin]\njob_timeout_ms = 200\n",
+            3,
+            "key \"pools.builtin.job_timeout_ms\": conflicts with \"job_timeout_ms\" at line 1",
+        ),
+        (
+            "[pools.builtin]\nmax_attempts = 0\n",
+            2,
+            "key \"pools.builtin.max_attempts\": invalid value '0'",
         ),
         (
             "[pools.builtin]\nworkers = 2\nexec = [\"gzip\", \"-c\"]\n",
