@@ -614,27 +614,27 @@ mod tests {
         assert_eq!(h.len(), 2);
     }
 
+    /// Admits `n` connections of `peer`, each one checked first.
+    fn admit_all<'g>(g: &'g Gate, peer: &PeerKey, capped: bool, n: usize) -> Vec<Admitted<'g>> {
+        (0..n)
+            .map(|_| {
+                assert_eq!(g.refuses(peer, capped), None);
+                g.admit(peer, capped)
+            })
+            .collect()
+    }
+
     #[test]
     fn a_capped_peer_holds_at_most_half_of_the_budget_and_the_owner_the_rest() {
         let g = Gate::new("--max-connections", 8, 4);
         assert_eq!(g.peer_share, 4);
         let other = PeerKey::Uid(65534);
         let owner = PeerKey::Uid(0);
-        let theirs: Vec<_> = (0..4)
-            .map(|_| {
-                assert_eq!(g.refuses(&other, true), None);
-                g.admit(&other, true)
-            })
-            .collect();
+        let theirs = admit_all(&g, &other, true, 4);
         assert_eq!(g.refuses(&other, true), Some(Refusal::PeerShare));
         // Another capped peer has a share of its own; the owner is not capped.
         assert_eq!(g.refuses(&PeerKey::Uid(1000), true), None);
-        let ours: Vec<_> = (0..4)
-            .map(|_| {
-                assert_eq!(g.refuses(&owner, false), None);
-                g.admit(&owner, false)
-            })
-            .collect();
+        let ours = admit_all(&g, &owner, false, 4);
         assert_eq!(g.refuses(&owner, false), Some(Refusal::Full));
         assert_eq!(g.refuses(&other, true), Some(Refusal::Full));
         drop(ours);
