@@ -336,7 +336,7 @@ impl WorkerDriver<'_> {
             match self.take_answers(&mut s, &mut inbuf) {
                 Ok(()) => {}
                 Err(Failed::Broke(why)) => return s.broke(why),
-                Err(Failed::Crashed(why)) => return last_words(s.died(why.clone(), op_name), &why),
+                Err(Failed::Crashed(said)) => return s.crashed(said, op_name),
             }
             if !s.arriving() {
                 upload = None;
@@ -497,18 +497,6 @@ enum Failed {
     Broke(String),
     /// It answered its running job `WorkerCrashed` (an operation panicked) and exits.
     Crashed(String),
-}
-
-/// A job given up after its worker's crash carries what the worker said of the last one.
-fn last_words(mut end: End<QueuedJob>, why: &str) -> End<QueuedJob> {
-    if let End::Kill { answer, .. } = &mut end {
-        for (_, kind, message) in answer.iter_mut() {
-            if *kind == ErrorKind::WorkerCrashed {
-                message.push_str(&format!("; the worker said: {why}"));
-            }
-        }
-    }
-    end
 }
 
 fn op_name(job: &QueuedJob) -> String {

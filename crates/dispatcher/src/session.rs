@@ -254,7 +254,18 @@ impl<J: SessionJob> Session<J> {
     /// The worker died: the running job counts an attempt and is retried
     /// while it has attempts left (then answered `worker crashed`); the
     /// others had not started and go back to the queue without one.
-    pub fn died(mut self, why: String, op: impl FnOnce(&J) -> String) -> End<J> {
+    pub fn died(self, why: String, op: impl FnOnce(&J) -> String) -> End<J> {
+        self.ended(why, None, op)
+    }
+
+    /// The worker said the running job crashed it (`said`): its death, and
+    /// a job given up carries those last words.
+    pub fn crashed(self, said: String, op: impl FnOnce(&J) -> String) -> End<J> {
+        let why = format!("it reported a crash: {said}");
+        self.ended(why, Some(&said), op)
+    }
+
+    fn ended(mut self, why: String, said: Option<&str>, op: impl FnOnce(&J) -> String) -> End<J> {
         let Some(mut head) = self.sent.pop_front() else {
             return End::Kill {
                 why,
@@ -273,9 +284,12 @@ impl<J: SessionJob> Session<J> {
             tracing::warn!(job = head.id(), %op, "worker died during the job; retrying it ({left} attempt(s) left)");
             requeue.push(head);
         } else {
-            let msg = format!(
+            let mut msg = format!(
                 "the worker running {op:?} died on each of {attempts} attempts; the job was given up"
             );
+            if let Some(said) = said {
+                msg.push_str(&format!("; the worker said: {said}"));
+            }
             answer.push((head, ErrorKind::WorkerCrashed, msg));
         }
         requeue.extend(self.sent);
@@ -558,6 +572,26 @@ mod tests {
                 (answered, requeued),
                 "{max} {before} {held:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_reported_crash_is_a_death_whose_given_up_job_carries_the_last_words() {
+        let t0 = Instant::now();
+        let op = |j: &J| j.id.to_string();
+        // Attempts left: retried, like any death.
+        let (_, a, r) = kill(holding(&[job(1), job(2)], t0).crashed("boom".into(), op));
+        assert_eq!((a, r), (vec![], vec![1, 2]));
+        // The last attempt: given up, with what the worker said.
+        let mut last = job(1);
+        last.attempts = 1;
+        match holding(&[last], t0).crashed("boom".into(), op) {
+            End::Kill { answer, .. } => {
+                let (_, kind, msg) = &answer[0];
+                assert_eq!(*kind, ErrorKind::WorkerCrashed);
+                assert!(msg.ends_with("; the worker said: boom"), "{msg}");
+            }
+            End::Stop => panic!("a kill"),
         }
     }
 

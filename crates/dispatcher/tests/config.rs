@@ -116,6 +116,7 @@ fn the_builtin_pool_sets_its_job_timeout_and_attempts() {
 fn a_worker_that_does_not_end_on_sigterm_is_killed_after_the_grace() {
     let inst = Instance::start("termgrace", &["--workers", "1", "--job-timeout-ms", "300"]);
     let pid = inst.worker_pids()[0];
+    let started = std::time::Instant::now();
     let client = std::thread::spawn({
         let mut c = inst.client();
         move || c.call("sleep", &["5000"], b"")
@@ -131,6 +132,12 @@ fn a_worker_that_does_not_end_on_sigterm_is_killed_after_the_grace() {
         Err(ClientError::Remote(e)) => assert_eq!(e.kind, ipc_core::ErrorKind::Timeout),
         other => panic!("{other:?}"),
     }
+    // SIGTERM at the 300 ms timeout, SIGKILL 1 s later: not at once.
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1200),
+        "answered after {took:?}"
+    );
     let st = inst.status();
     assert!(
         st.workers[0].last_exit.contains("SIGKILL"),

@@ -80,8 +80,9 @@ impl<'a> JobCtx<'a> {
         self.args
     }
 
-    /// Which run of the job this is: 1, or 2 when it runs again because
-    /// its worker died during the first run (see [`Call::attempt`]).
+    /// Which run of the job this is: 1, then 2, 3, ... (up to the
+    /// dispatcher's `--max-attempts`) when it runs again because its worker
+    /// died during an earlier run (see [`Call::attempt`]).
     pub fn attempt(&self) -> u32 {
         self.attempt
     }

@@ -11,9 +11,10 @@
 //!
 //! A program becomes a worker with [`Worker`]: register operations, call
 //! [`Worker::run`]; this module does the protocol. An operation's error is
-//! answered to the client as is; a panic ends the worker after answering the
-//! job `worker crashed` with the panic's message, which the dispatcher takes
-//! as the worker's death (the job is retried once, on a fresh worker).
+//! answered to the client as is; after a panic the worker answers the job
+//! `worker crashed` with the panic's message and runs nothing more (the
+//! dispatcher takes that answer as the worker's death, kills it, and runs
+//! the job again on a fresh worker while `--max-attempts` allows).
 
 mod job;
 pub mod ops;
