@@ -40,9 +40,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HELLO_LEN: usize = 8;
 /// Version of the dispatcher ⇄ worker pipe protocol, in the worker's `Ready`
 /// (2: `ToWorker` frames with `More`/`Abort`, and `Ready` lists streaming
-/// operations; 3: a [`Job`] carries its `attempt`). Dispatcher and workers
-/// come from the same build.
-pub const PIPE_VERSION: u16 = 3;
+/// operations; 3: a [`Job`] carries its `attempt`; 4: `Ready` lists every
+/// operation, and a worker may ask for room for a result larger than its
+/// slot with `Grow`, answered `Room` or `NoRoom`). Dispatcher and workers
+/// agree on it; docs/PROTOCOL.md section 13 is the contract.
+pub const PIPE_VERSION: u16 = 4;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
 
@@ -469,6 +471,25 @@ pub enum ToWorker<'a> {
         /// The job to give up.
         job_id: u64,
     },
+    /// The answer to a [`FromWorker::Grow`]: a region of at least the asked
+    /// length, the job's result area from now on (the worker's until the
+    /// job's `Done`, like the slot; earlier areas stay its own until then too).
+    Room {
+        /// The job that asked.
+        job_id: u64,
+        /// The new result area.
+        area: WireRegion,
+    },
+    /// The answer to a [`FromWorker::Grow`] that asked for more than the
+    /// pool allows: the worker answers the job [`ErrorKind::TooLarge`] with
+    /// this message.
+    NoRoom {
+        /// The job that asked.
+        job_id: u64,
+        /// Why, for the client (names the limit).
+        #[serde(borrow)]
+        message: Cow<'a, str>,
+    },
 }
 
 /// Worker → dispatcher messages.
@@ -484,9 +505,23 @@ pub enum FromWorker {
         /// before their payload has arrived in full (then `More` frames follow).
         #[serde(deserialize_with = "bounded_strings")]
         streams: Vec<String>,
+        /// Every operation the worker serves (those in `streams` included;
+        /// not `ping`, which every worker answers). The dispatcher routes
+        /// each operation to the pool whose workers list it.
+        #[serde(deserialize_with = "bounded_strings")]
+        ops: Vec<String>,
     },
     /// A job finished; the slot goes back to the dispatcher.
     Done(JobDone),
+    /// The running job's result needs `len` bytes (more than its slot has
+    /// room for): the dispatcher answers [`ToWorker::Room`] or
+    /// [`ToWorker::NoRoom`]. At most one `Grow` is unanswered at a time.
+    Grow {
+        /// The running job.
+        job_id: u64,
+        /// The result area wanted, in bytes.
+        len: u64,
+    },
 }
 
 /// The end of a job: its outcome and where the result lies in the slot.
@@ -697,11 +732,28 @@ mod tests {
             pid: 19227,
             version: PIPE_VERSION,
             streams: vec!["sha256".into(), "wc".into()],
+            ops: vec!["upper".into(), "wc".into(), "sha256".into()],
         };
         assert_eq!(
             framed(&ready),
-            b"\x10\0\0\0\x00\x9b\x96\x01\x03\x02\x06sha256\x02wc"
+            b"\x21\0\0\0\x00\x9b\x96\x01\x04\x02\x06sha256\x02wc\x03\x05upper\x02wc\x06sha256"
         );
+        // A result larger than the slot: 100000 bytes wanted, then the room given.
+        assert_eq!(
+            framed(&FromWorker::Grow {
+                job_id: 3,
+                len: 100_000
+            }),
+            b"\x05\0\0\0\x02\x03\xa0\x8d\x06"
+        );
+        let room = ToWorker::Room {
+            job_id: 3,
+            area: WireRegion {
+                offset: 1 << 20,
+                len: 131_072,
+            },
+        };
+        assert_eq!(framed(&room), b"\x08\0\0\0\x03\x03\x80\x80\x40\x80\x80\x08");
     }
 
     #[test]

@@ -101,8 +101,11 @@ proptest! {
         round_trip!(ToWorker::Job(job.clone()));
         round_trip!(ToWorker::More { job_id, ready: len });
         round_trip!(ToWorker::Abort { job_id });
+        round_trip!(ToWorker::Room { job_id, area: slot });
+        round_trip!(ToWorker::NoRoom { job_id, message: job.op.clone() });
+        round_trip!(FromWorker::Grow { job_id, len });
         round_trip!(FromWorker::Done(JobDone { job_id, outcome, result_offset: off, result_len: len }));
-        round_trip!(FromWorker::Ready { pid, version: 1, streams: vec!["sha256".into()] });
+        round_trip!(FromWorker::Ready { pid, version: 1, streams: vec!["sha256".into()], ops: vec!["sha256".into(), "echo".into()] });
     }
 
     #[test]

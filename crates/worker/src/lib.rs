@@ -84,6 +84,8 @@ pub enum WorkerError {
     ForeignSegment { owner: u32, parent: u32 },
     #[error("job {running}'s input was still arriving when job {next} came")]
     JobDuringInput { running: u64, next: u64 },
+    #[error("the dispatcher sent room for job {job}'s result, which was not asked for")]
+    UnaskedRoom { job: u64 },
     #[error("job {job}: {message}; the worker exits")]
     Crashed { job: u64, message: String },
 }
@@ -99,6 +101,7 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
         pid: std::process::id(),
         version: PIPE_VERSION,
         streams: worker.streams(config.allow_fault_injection),
+        ops: worker.names(),
     })?;
     // Soon after ready: map the whole segment so no job pays a page fault.
     segment.populate_in_background(std::time::Duration::from_millis(200));
@@ -117,6 +120,9 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
             Some(ToWorker::More { job_id, .. } | ToWorker::Abort { job_id }) => {
                 tracing::trace!(job = job_id, "input news for an answered job; ignored");
                 continue;
+            }
+            Some(ToWorker::Room { job_id, .. } | ToWorker::NoRoom { job_id, .. }) => {
+                return Err(WorkerError::UnaskedRoom { job: job_id })
             }
             None => {
                 tracing::debug!("job pipe closed; exiting");
@@ -250,6 +256,10 @@ impl<R: io::Read> Arrivals for Pipe<'_, R> {
                     ))
                 }
                 Ok(ToWorker::More { .. } | ToWorker::Abort { .. }) => continue, // an older job's
+                Ok(ToWorker::Room { job_id, .. } | ToWorker::NoRoom { job_id, .. }) => {
+                    self.broken = Some(WorkerError::UnaskedRoom { job: job_id });
+                    "room for a result came unasked".to_owned()
+                }
                 Ok(ToWorker::Job(next)) => {
                     self.broken = Some(WorkerError::JobDuringInput {
                         running: job_id,

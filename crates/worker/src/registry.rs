@@ -173,10 +173,9 @@ impl Worker {
             self.ops.iter().all(|o| o.name != name),
             "operation {name:?} is registered twice (ping is answered by the SDK)"
         );
-        let streams = self.ops.iter().filter(|o| o.streams()).count();
         assert!(
-            !matches!(runner, Runner::Stream(_)) || streams < MAX_ARGS,
-            "at most {MAX_ARGS} streaming operations"
+            self.ops.len() < MAX_ARGS,
+            "at most {MAX_ARGS} operations (Ready lists them in one frame)"
         );
         self.ops.push(Op {
             name: name.to_owned(),
@@ -222,6 +221,12 @@ impl Worker {
             .filter(|o| o.streams() && (allow_fault_injection || !o.fault_injection))
             .map(|o| o.name.clone())
             .collect()
+    }
+
+    /// Every operation, as `Ready` lists them (those that inject faults
+    /// too: the worker answers them `FaultInjectionDisabled` when off).
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.ops.iter().map(|o| o.name.clone()).collect()
     }
 
     /// Finds an operation; the error lists what exists.

@@ -58,7 +58,7 @@ fn a_worker_fed_frames_by_hand_runs_jobs_in_place_and_exits_on_eof() {
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
     assert!(
-        matches!(ready, FromWorker::Ready { pid, version: 3, ref streams } if pid == w.0.id() && streams == &["sha256", "wc"])
+        matches!(ready, FromWorker::Ready { pid, version: 4, ref streams, .. } if pid == w.0.id() && streams == &["sha256", "wc"])
     );
 
     let slot = seg.check(8192, 8192).unwrap();

@@ -62,7 +62,7 @@ fn a_panic_is_answered_worker_crashed_with_its_message_and_the_worker_exits() {
     let mut scratch = Vec::new();
     let ready: FromWorker = frame::read_frame(&mut stdout, &mut scratch, 4096).unwrap();
     assert!(
-        matches!(ready, FromWorker::Ready { version: 3, ref streams, .. } if streams == &["panic_streaming"]),
+        matches!(ready, FromWorker::Ready { version: 4, ref streams, .. } if streams == &["panic_streaming"]),
         "{ready:?}"
     );
     let slot = seg.check(0, 8192).unwrap();
