@@ -399,6 +399,9 @@ pub enum ErrorKind {
     InvalidInput,
     /// A bug or an unexpected condition in the server.
     Internal,
+    /// A command pool's command exited non-zero or was killed; the message
+    /// gives how it ended and the last lines of its stderr.
+    CommandFailed,
 }
 
 impl ErrorKind {
@@ -414,6 +417,7 @@ impl ErrorKind {
             ErrorKind::ShuttingDown => "shutting down",
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::Internal => "internal error",
+            ErrorKind::CommandFailed => "command failed",
         }
     }
 }
@@ -630,6 +634,7 @@ mod tests {
             ErrorKind::ShuttingDown,
             ErrorKind::InvalidInput,
             ErrorKind::Internal,
+            ErrorKind::CommandFailed,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);
