@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use ipc_core::status::{LatencyStatus, SegmentStatus, StatusReport, WorkerStatus};
+use ipc_core::status::{LatencyStatus, PoolStatus, SegmentStatus, StatusReport, WorkerStatus};
 
 /// Renders `r` as the table `osps-client status` prints.
 pub fn status_table(r: &StatusReport) -> String {
@@ -24,6 +24,7 @@ pub fn status_table(r: &StatusReport) -> String {
         "\nqueue    {} waiting · {} in flight · {} sent ahead to busy workers · {} connection(s)",
         r.queue_depth, r.in_flight, r.jobs_sent_ahead, r.connections
     );
+    pool_lines(&mut o, &r.pools);
     latency_line(&mut o, &r.latency);
     segment_lines(&mut o, &r.segment);
     let _ = writeln!(
@@ -75,7 +76,8 @@ fn cause(c: &str) -> String {
     }
 }
 
-/// The header, then one row per process: watchdog, dispatcher, workers.
+/// The header, then one row per process: watchdog, dispatcher, workers
+/// (under their pool's row, when the report has pools).
 fn process_rows(r: &StatusReport) -> Vec<Row> {
     let mut rows = vec![COLUMNS.map(str::to_owned)];
     if let Some(w) = &r.watchdog {
@@ -91,8 +93,55 @@ fn process_rows(r: &StatusReport) -> Vec<Row> {
         ]);
     }
     rows.push(dispatcher_row(r));
-    rows.extend(r.workers.iter().map(worker_row));
+    if r.pools.len() <= 1 {
+        // One pool: its workers under the dispatcher, as before pools.
+        rows.extend(r.workers.iter().map(|w| worker_row(w, "  ")));
+        return rows;
+    }
+    for p in &r.pools {
+        rows.push(pool_row(p));
+        let workers = r.workers.iter().filter(|w| w.pool == p.name);
+        rows.extend(workers.map(|w| worker_row(w, "    ")));
+    }
     rows
+}
+
+/// A pool's row: its kind, and what its workers did together.
+fn pool_row(p: &PoolStatus) -> Row {
+    [
+        format!("  pool {}", p.name),
+        dash(),
+        p.kind.clone(),
+        dash(),
+        p.restarts.to_string(),
+        p.jobs_done.to_string(),
+        p.jobs_failed.to_string(),
+        p.start_failure.as_deref().map_or_else(dash, cause),
+    ]
+}
+
+/// One line per pool: its program, size, policy and operations.
+fn pool_lines(o: &mut String, pools: &[PoolStatus]) {
+    for (i, p) in pools.iter().enumerate() {
+        let ops = if p.ops.is_empty() {
+            "not known yet (no worker ready)".to_owned()
+        } else {
+            p.ops.join(", ")
+        };
+        let _ = writeln!(
+            o,
+            "{}{}: {} · {} worker(s) · {} queued · timeout {} · {} attempt(s) · results up to {} · ops {}",
+            if i == 0 { "pools    " } else { "         " },
+            p.name,
+            p.program.join(" "),
+            p.workers,
+            p.queue_depth,
+            duration(p.job_timeout_ms),
+            p.max_attempts,
+            bytes(p.max_result),
+            ops
+        );
+    }
 }
 
 fn dispatcher_row(r: &StatusReport) -> Row {
@@ -109,11 +158,12 @@ fn dispatcher_row(r: &StatusReport) -> Row {
     ]
 }
 
-/// A worker's row; a worker without a process (starting) has no pid or uptime.
-fn worker_row(w: &WorkerStatus) -> Row {
+/// A worker's row, its role indented by `indent`; a worker without a
+/// process (starting) has no pid or uptime.
+fn worker_row(w: &WorkerStatus, indent: &str) -> Row {
     let running = w.pid != 0;
     [
-        format!("  worker {}", w.index),
+        format!("{indent}worker {}", w.index),
         if running { w.pid.to_string() } else { dash() },
         w.state.to_string(),
         if running {

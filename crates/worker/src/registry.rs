@@ -226,7 +226,11 @@ impl Worker {
     /// Every operation, as `Ready` lists them (those that inject faults
     /// too: the worker answers them `FaultInjectionDisabled` when off).
     pub(crate) fn names(&self) -> Vec<String> {
-        self.ops.iter().map(|o| o.name.clone()).collect()
+        self.ops
+            .iter()
+            .filter(|o| o.name != ipc_core::proto::OP_PING)
+            .map(|o| o.name.clone())
+            .collect()
     }
 
     /// Finds an operation; the error lists what exists.
