@@ -350,4 +350,30 @@ mod tests {
         let got = status_table(&sample(false, false));
         assert_eq!(got, "OSPS instance \"demo\" · protocol v1 · shutting down\n\nROLE         PID  STATE          UPTIME  RESTARTS  DONE  FAILED  LAST RESTART CAUSE\ndispatcher  4321  shutting down   2m14s         -    37       4  -\n  worker 0  4400  busy              45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  worker 1     -  starting            -         0     0       0  -\n(no watchdog: this dispatcher was started directly)\n\nqueue    5 waiting · 7 in flight · 9 sent ahead to busy workers · 2 connection(s)\nlatency  no jobs in the last 60 s\nsegment  posix /osps-1000-demo · 256 MiB · mode 0600 · owner uid 1000 · 3 attached · generation 3\n         slots in use 2 (8 KiB) · max payload 64 MiB · see: ls -l /dev/shm/osps-1000-demo\nsocket   /run/osps/demo/demo.sock · tcp 127.0.0.1:7070\n");
     }
+
+    #[test]
+    fn several_pools_group_their_workers_and_get_a_line_each() {
+        let mut r = sample(true, true);
+        r.workers[0].pool = "builtin".into();
+        r.workers[1].pool = "gz".into();
+        let pool = |name: &str, kind: &str, program: &[&str], ops: &[&str]| {
+            serde_json::from_value::<PoolStatus>(serde_json::json!({
+                "name": name, "kind": kind, "program": program, "ops": ops, "workers": 1,
+                "jobs_done": 31, "jobs_failed": 2, "restarts": 1, "recycled": 0, "queue_depth": 5,
+                "job_timeout_ms": 30_000, "max_attempts": 2, "max_result": 67_108_864u64,
+                "start_failure": null,
+            }))
+            .unwrap()
+        };
+        r.pools = vec![
+            pool("builtin", "builtin", &["/usr/bin/osps-worker"], &["echo", "upper"]),
+            pool("gz", "exec", &["gzip", "-c"], &[]),
+        ];
+        r.pools[1].start_failure = Some("gzip: not found".into());
+        let got = status_table(&r);
+        let want_rows = "dispatcher      4321  serving    2m14s         2    37       4  crash: exit status 1\n  pool builtin     -  builtin        -         1    31       2  -\n    worker 0    4400  busy         45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  pool gz          -  exec           -         1    31       2  gzip: not found\n    worker 1       -  starting       -         0     0       0  -\n";
+        assert!(got.contains(want_rows), "{got}");
+        let want_lines = "pools    builtin: /usr/bin/osps-worker · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops echo, upper\n         gz: gzip -c · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops not known yet (no worker ready)\n";
+        assert!(got.contains(want_lines), "{got}");
+    }
 }

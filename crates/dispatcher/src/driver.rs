@@ -589,10 +589,7 @@ impl WorkerDriver<'_> {
             News::More { ready, .. } => ToWorker::More { job_id, ready },
             News::Abort => ToWorker::Abort { job_id },
         };
-        out.clear();
-        frame::encode(&msg, out).expect("news encodes");
-        let stdin = self.w.stdin.as_mut().expect("open while serving");
-        stdin.write_all(out).await?;
+        self.send(&msg, out).await?;
         s.tell(news, std::time::Instant::now());
         Ok(true)
     }
