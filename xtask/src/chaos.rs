@@ -1,9 +1,16 @@
-//! `cargo xtask chaos [--seconds N] [--clients N] [--seed N]`: clients send
-//! verifiable requests under the watchdog while the dispatcher and workers
-//! are killed (SIGKILL) and stopped (SIGSTOP) at random. At the end it prints
-//! requests sent, answered correctly, failed (answered with an error) and
-//! lost (never answered, or answered wrongly), zombies that outlived a reap,
-//! and leaked objects; it exits non-zero if anything was lost or leaked.
+//! `cargo xtask chaos [--seconds N] [--clients N] [--seed N] [--builtin-only]`:
+//! clients send verifiable requests under the watchdog while the dispatcher
+//! and workers are killed (SIGKILL) and stopped (SIGSTOP) at random. By
+//! default the dispatcher runs three pools from a configuration file (the
+//! builtin `osps-worker`, the example SDK worker `inflate-worker` as a
+//! program pool, `gzip -c` as a command pool): the clients call operations
+//! of every pool, and the faults hit workers of every pool. `--builtin-only`
+//! runs the builtin pool alone, without a configuration file. At the end it
+//! prints requests sent, answered correctly, failed (answered with an
+//! error), answered wrongly and lost (never answered), zombies that outlived
+//! a reap, and leaked objects (processes, the command pool's per-job ones
+//! included, segments, sockets); it exits non-zero if anything was lost,
+//! wrong or leaked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,12 +19,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ipc_core::status::StatusReport;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_client::{ClientError, RetryPolicy, RetryingClient};
 use osps_testkit::{processes_mentioning, zombies_of, Instance};
 
-use crate::{build, step};
+use crate::pools::{self, ConfigFile, Rng, Sizes, EXEC_OP, PROGRAM_BIN};
+use crate::{build, our_descendants, step};
 
 /// Command-line options.
 #[derive(Debug)]
@@ -25,6 +34,8 @@ pub struct Options {
     seconds: u64,
     clients: u64,
     seed: u64,
+    /// The builtin pool alone (the run before pools existed).
+    builtin_only: bool,
 }
 
 impl Options {
@@ -33,9 +44,14 @@ impl Options {
             seconds: 20,
             clients: 8,
             seed: std::process::id() as u64,
+            builtin_only: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--builtin-only" {
+                o.builtin_only = true;
+                continue;
+            }
             let value = it.next().with_context(|| format!("{flag} needs a value"))?;
             let n: u64 = value
                 .parse()
@@ -51,65 +67,92 @@ impl Options {
     }
 }
 
-/// A small deterministic generator (xorshift), so a run can be replayed with --seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Default)]
 struct Counts {
     sent: AtomicU64,
     correct: AtomicU64,
     failed: AtomicU64,
+    wrong: AtomicU64,
     lost: AtomicU64,
 }
 
-/// One request and the answer it must get.
-fn request(rng: &mut Rng) -> (&'static str, Vec<String>, Vec<u8>, Vec<u8>) {
-    let len = rng.below(4096) as usize;
-    let data: Vec<u8> = (0..len)
-        .map(|_| b"abcdefgh ijklm\nNOPQ"[rng.below(19) as usize])
-        .collect();
-    match rng.below(5) {
-        0 => ("echo", vec![], data.clone(), data),
-        1 => ("upper", vec![], data.clone(), data.to_ascii_uppercase()),
-        2 => {
-            let want = osps_testkit::sha256_line(&data);
-            ("sha256", vec![], data, want)
+/// The answer a request must get.
+enum Want {
+    Bytes(Vec<u8>),
+    /// gzip that decompresses to these bytes (gzip's output is its own).
+    Gunzips(Vec<u8>),
+}
+
+impl Want {
+    fn check(&self, got: &[u8]) -> Result<()> {
+        match self {
+            Want::Bytes(want) if got == want => Ok(()),
+            Want::Bytes(want) => bail!(
+                "{:?} instead of {:?}",
+                String::from_utf8_lossy(&got[..got.len().min(80)]),
+                String::from_utf8_lossy(&want[..want.len().min(80)])
+            ),
+            Want::Gunzips(input) => pools::check_gzip(input, got),
         }
-        3 => {
-            let want = osps_testkit::wc_line(&data);
-            ("wc", vec![], data, want)
-        }
-        _ => ("ping", vec![], vec![], b"pong\n".to_vec()),
     }
 }
 
-fn client_loop(mut c: RetryingClient, seed: u64, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
+/// Up to 4 KiB of text, or of random bytes for the pools that compress.
+fn data(rng: &mut Rng, random: bool) -> Vec<u8> {
+    let len = rng.below(4096) as usize;
+    if random && rng.below(2) == 0 {
+        return rng.bytes(len);
+    }
+    (0..len)
+        .map(|_| b"abcdefgh ijklm\nNOPQ"[rng.below(19) as usize])
+        .collect()
+}
+
+/// One request and the answer it must get: an operation of the builtin
+/// pool, or (with `three`) of any of the three pools.
+fn request(rng: &mut Rng, three: bool) -> (&'static str, Vec<u8>, Want) {
+    let pick = rng.below(if three { 8 } else { 5 });
+    let data = data(rng, pick >= 5);
+    match pick {
+        0 => ("echo", data.clone(), Want::Bytes(data)),
+        1 => (
+            "upper",
+            data.clone(),
+            Want::Bytes(data.to_ascii_uppercase()),
+        ),
+        2 => {
+            let want = osps_testkit::sha256_line(&data);
+            ("sha256", data, Want::Bytes(want))
+        }
+        3 => {
+            let want = osps_testkit::wc_line(&data);
+            ("wc", data, Want::Bytes(want))
+        }
+        4 => ("ping", vec![], Want::Bytes(b"pong\n".to_vec())),
+        5 | 6 => {
+            let want = pools::crc_line(&data);
+            ("gunzip_crc32", pools::gzip(&data), Want::Bytes(want))
+        }
+        _ => (EXEC_OP, data.clone(), Want::Gunzips(data)),
+    }
+}
+
+fn client_loop(
+    mut c: RetryingClient,
+    seed: u64,
+    three: bool,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+) {
     let mut rng = Rng(seed | 1);
     while !stop.load(Ordering::Relaxed) {
-        let (op, args, payload, want) = request(&mut rng);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (op, payload, want) = request(&mut rng, three);
         counts.sent.fetch_add(1, Ordering::Relaxed);
-        match c.call(op, &args, &payload) {
-            Ok(got) if got == want => counts.correct.fetch_add(1, Ordering::Relaxed),
-            Ok(got) => {
-                eprintln!(
-                    "WRONG ANSWER to {op} of {} bytes: {:?}",
-                    payload.len(),
-                    String::from_utf8_lossy(&got)
-                );
-                counts.lost.fetch_add(1, Ordering::Relaxed)
+        match c.call(op, &[], &payload).map(|got| want.check(&got)) {
+            Ok(Ok(())) => counts.correct.fetch_add(1, Ordering::Relaxed),
+            Ok(Err(e)) => {
+                eprintln!("WRONG ANSWER to {op} of {} bytes: {e:#}", payload.len());
+                counts.wrong.fetch_add(1, Ordering::Relaxed)
             }
             // The service answered, with an error (e.g. a timeout after a worker was stopped).
             Err(ClientError::Remote(_)) => counts.failed.fetch_add(1, Ordering::Relaxed),
@@ -121,6 +164,76 @@ fn client_loop(mut c: RetryingClient, seed: u64, stop: Arc<AtomicBool>, counts: 
     }
 }
 
+/// The instance under chaos, and its configuration file (none with
+/// `--builtin-only`).
+fn start(o: &Options) -> Result<(Instance, Option<ConfigFile>)> {
+    let watchdog = [
+        "--heartbeat-ms",
+        "100",
+        "--miss-limit",
+        "3",
+        "--max-restarts",
+        "1000",
+        "--within",
+        "10",
+    ];
+    let sizes = [
+        "--segment-mib",
+        "32",
+        "--max-payload",
+        "1048576",
+        "--job-timeout-ms",
+        "1000",
+    ];
+    if o.builtin_only {
+        let mut args = vec!["--workers", "2"];
+        args.extend(sizes);
+        return Ok((Instance::supervised("chaos", &watchdog, &args), None));
+    }
+    let config = ConfigFile::write(pools::three_pools(
+        &osps_testkit::bin(PROGRAM_BIN),
+        Sizes {
+            builtin: 2,
+            program: 2,
+            exec: 2,
+        },
+        None,
+    ))?;
+    let mut args = watchdog.to_vec();
+    args.extend(["--config", config.arg()]);
+    Ok((Instance::supervised("chaos", &args, &sizes), Some(config)))
+}
+
+/// A fault to inflict: on the dispatcher, or on a worker of a pool picked
+/// at random (then one of its workers), so that every pool is hit.
+fn fault(rng: &mut Rng, s: &StatusReport) -> (String, u32, Signal) {
+    let sig = if rng.below(2) == 0 {
+        Signal::SIGKILL
+    } else {
+        Signal::SIGSTOP
+    };
+    let name = if sig == Signal::SIGKILL {
+        "SIGKILL"
+    } else {
+        "SIGSTOP"
+    };
+    if rng.below(2) == 0 || s.pools.is_empty() {
+        return (format!("{name} dispatcher"), s.dispatcher_pid, sig);
+    }
+    let pool = &s.pools[rng.below(s.pools.len() as u64) as usize].name;
+    let workers: Vec<u32> = s
+        .workers
+        .iter()
+        .filter(|w| &w.pool == pool)
+        .map(|w| w.pid)
+        .collect();
+    let pid = match workers.len() {
+        0 => 0,
+        n => workers[rng.below(n as u64) as usize],
+    };
+    (format!("{name} worker ({pool})"), pid, sig)
+}
+
 pub fn run(o: Options) -> Result<()> {
     step("building the binaries");
     build()?;
@@ -128,29 +241,19 @@ pub fn run(o: Options) -> Result<()> {
         "chaos for {} s with {} clients (seed {})",
         o.seconds, o.clients, o.seed
     ));
-    let mut inst = Instance::supervised(
-        "chaos",
-        &[
-            "--heartbeat-ms",
-            "100",
-            "--miss-limit",
-            "3",
-            "--max-restarts",
-            "1000",
-            "--within",
-            "10",
-        ],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "32",
-            "--max-payload",
-            "1048576",
-            "--job-timeout-ms",
-            "1000",
-        ],
-    );
+    let (mut inst, config) = start(&o)?;
+    let three = config.is_some();
+    let first = inst.status();
+    for p in &first.pools {
+        println!(
+            "  pool {:<9} {:<8} {} worker(s)  ops {}  program {}",
+            p.name,
+            p.kind,
+            p.workers,
+            p.ops.join(" "),
+            p.program.join(" ")
+        );
+    }
     let watchdog = inst.pid();
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
@@ -165,7 +268,7 @@ pub fn run(o: Options) -> Result<()> {
             );
             let (stop, counts) = (Arc::clone(&stop), Arc::clone(&counts));
             let seed = o.seed.wrapping_mul(31).wrapping_add(i);
-            thread::spawn(move || client_loop(c, seed, stop, counts))
+            thread::spawn(move || client_loop(c, seed, three, stop, counts))
         })
         .collect();
 
@@ -177,27 +280,14 @@ pub fn run(o: Options) -> Result<()> {
             ..RetryPolicy::default()
         },
     );
-    let mut actions: HashMap<&str, u64> = HashMap::new();
+    let mut actions: HashMap<String, u64> = HashMap::new();
     let mut zombie_seen: HashMap<u32, Instant> = HashMap::new();
     let mut lasting_zombies = 0u64;
     let end = Instant::now() + Duration::from_secs(o.seconds);
     while Instant::now() < end {
         thread::sleep(Duration::from_millis(300 + rng.below(700)));
         let s = control.status().context("the service never came back")?;
-        let (name, pid, sig) = match rng.below(4) {
-            0 => ("SIGKILL dispatcher", s.dispatcher_pid, Signal::SIGKILL),
-            1 => ("SIGSTOP dispatcher", s.dispatcher_pid, Signal::SIGSTOP),
-            2 => (
-                "SIGKILL worker",
-                s.workers[rng.below(s.workers.len() as u64) as usize].pid,
-                Signal::SIGKILL,
-            ),
-            _ => (
-                "SIGSTOP worker",
-                s.workers[rng.below(s.workers.len() as u64) as usize].pid,
-                Signal::SIGSTOP,
-            ),
-        };
+        let (name, pid, sig) = fault(&mut rng, &s);
         if pid != 0 && kill(Pid::from_raw(pid as i32), sig).is_ok() {
             *actions.entry(name).or_default() += 1;
         }
@@ -231,7 +321,17 @@ pub fn run(o: Options) -> Result<()> {
         .wait_exit(Duration::from_secs(30))
         .context("watchdog did not exit")?;
     thread::sleep(Duration::from_millis(200));
-    let leaks = inst.leftovers();
+    let mut leaks = inst.leftovers();
+    // What the instance started and the leftovers' patterns cannot name
+    // (the program pool's workers run with their own argv, a command
+    // pool's per-job processes with the command's): anything still under
+    // us, the subreaper of all of it.
+    leaks.extend(our_descendants().iter().map(|p| {
+        format!(
+            "process {} ({}) state {} under xtask",
+            p.pid, p.cmdline, p.state
+        )
+    }));
     let zombies_at_end = zombies_of(&[watchdog, final_status.dispatcher_pid, std::process::id()]);
 
     step("results");
@@ -242,15 +342,23 @@ pub fn run(o: Options) -> Result<()> {
     }
     let restarts = final_status.watchdog.as_ref().map_or(0, |w| w.restarts);
     println!("  dispatcher restarts  {restarts}");
-    let (sent, correct, failed, lost) = (
+    for p in &final_status.pools {
+        println!(
+            "  pool {:<15} {} done, {} failed, {} worker restarts (the last dispatcher's)",
+            p.name, p.jobs_done, p.jobs_failed, p.restarts
+        );
+    }
+    let (sent, correct, failed, wrong, lost) = (
         counts.sent.load(Ordering::Relaxed),
         counts.correct.load(Ordering::Relaxed),
         counts.failed.load(Ordering::Relaxed),
+        counts.wrong.load(Ordering::Relaxed),
         counts.lost.load(Ordering::Relaxed),
     );
     println!("  requests sent        {sent}");
     println!("  answered correctly   {correct}");
     println!("  failed (error reply) {failed}");
+    println!("  answered wrongly     {wrong}");
     println!("  lost                 {lost}");
     println!(
         "  zombies > 1 s        {}",
@@ -266,14 +374,16 @@ pub fn run(o: Options) -> Result<()> {
         }
     );
     println!("  watchdog exit        {exit}");
+    drop(config);
     if lost > 0
+        || wrong > 0
         || !leaks.is_empty()
         || lasting_zombies > 0
         || !zombies_at_end.is_empty()
         || !exit.success()
-        || sent != correct + failed + lost
+        || sent != correct + failed + wrong + lost
     {
-        bail!("chaos found losses or leaks");
+        bail!("chaos found losses, wrong answers or leaks");
     }
     println!("\nchaos OK");
     Ok(())

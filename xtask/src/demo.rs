@@ -1,8 +1,12 @@
-//! `cargo xtask demo`: the watchdog starts the dispatcher and its workers on
-//! a fresh instance; the demo serves requests, kills the dispatcher, kills a
-//! worker, stops (SIGSTOP) the dispatcher, shows each recovery, then stops
-//! everything in order and proves that nothing is left. Exits non-zero if
-//! any step fails, so CI can run it.
+//! `cargo xtask demo`: the watchdog starts the dispatcher and the workers of
+//! three pools (the builtin `osps-worker`, the example SDK worker
+//! `inflate-worker` as a program pool, `gzip -c` as a command pool) from a
+//! configuration file, on a fresh instance; the demo calls an operation of
+//! each pool and checks the bytes, kills the dispatcher, kills a worker of
+//! each pool, stops (SIGSTOP) the dispatcher, shows each recovery, then
+//! stops everything in order and proves that nothing is left (per-job
+//! processes of the command pool included). Exits non-zero if any step
+//! fails, so CI can run it.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -10,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ipc_core::segment::{self, SYSV_PREFIX};
+use ipc_core::status::StatusReport;
 use ipc_core::RuntimePaths;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osps_client::{RetryPolicy, RetryingClient};
 use osps_testkit::{wait_for, zombies_of, Instance, PATIENCE};
 
-use crate::{build, print_tree, step};
+use crate::pools::{self, ConfigFile, Rng, Sizes, EXEC_OP, PROGRAM_BIN};
+use crate::{build, our_descendants, print_tree, step};
 
 fn signal(pid: u32, sig: Signal) -> Result<()> {
     kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("signal {sig} to {pid}"))
@@ -37,18 +43,33 @@ pub fn run() -> Result<()> {
     step("building the binaries");
     build()?;
 
-    step("starting osps-watchdog, which starts osps-dispatcher and 2 workers");
+    step("the configuration file: three pools, one of each kind");
+    let config = ConfigFile::write(pools::three_pools(
+        &osps_testkit::bin(PROGRAM_BIN),
+        Sizes {
+            builtin: 2,
+            program: 1,
+            exec: 1,
+        },
+        None,
+    ))?;
+    println!("  {}:", config.path.display());
+    for line in config.text.lines() {
+        println!("  | {line}");
+    }
+
+    step("starting osps-watchdog --config FILE, which starts osps-dispatcher and the workers of every pool");
     let mut inst = Instance::supervised(
         "demo",
-        &["--heartbeat-ms", "100", "--miss-limit", "3"],
         &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "64",
-            "--max-payload",
-            "16777216",
+            "--heartbeat-ms",
+            "100",
+            "--miss-limit",
+            "3",
+            "--config",
+            config.arg(),
         ],
+        &["--segment-mib", "64", "--max-payload", "16777216"],
     );
     let watchdog = inst.pid();
     let status = inst.status();
@@ -60,11 +81,11 @@ pub fn run() -> Result<()> {
     );
     println!("socket   {}", status.socket);
     println!("segment  {}", status.segment.name);
-    print_tree(watchdog);
+    print_tree(watchdog, Some(&status));
     // Every segment name a dispatcher of the demo used: none may be left.
     let mut seen = vec![status.segment.name.clone()];
 
-    step("requests served (socket → dispatcher → pipe → worker, payload in the segment)");
+    step("requests served (socket → dispatcher → pipe → worker of the operation's pool, payload in the segment)");
     let mut c = RetryingClient::new(
         inst.endpoint(),
         RetryPolicy {
@@ -101,6 +122,13 @@ pub fn run() -> Result<()> {
     match c.call("nope", &[], b"") {
         Err(e) => println!("  {:<9} {:<30} → error: {e}", "nope", "\"\""),
         Ok(_) => bail!("an unknown operation succeeded"),
+    }
+    other_pools(&mut c)?;
+
+    step("osps-client status: the workers grouped by pool");
+    let status = c.status()?;
+    for line in osps_client::render::status_table(&status).lines() {
+        println!("  {line}");
     }
 
     step("the segment in /dev/shm and the socket");
@@ -143,19 +171,10 @@ pub fn run() -> Result<()> {
         &c.call("upper", &[], b"served by the new dispatcher")?,
     );
 
-    step("SIGKILL a worker: the dispatcher reaps and replaces it");
-    let before = c.status()?;
-    let victim = before.workers[0].pid;
-    signal(victim, Signal::SIGKILL)?;
-    let replaced = wait_for(PATIENCE, || {
-        let w = &c.status().ok()?.workers[0];
-        (w.pid != victim && w.pid != 0 && w.state == "idle").then_some(w.pid)
-    })
-    .context("worker not replaced")?;
-    println!(
-        "  killed worker {victim}; worker #0 is now pid {replaced} (restarts {})",
-        c.status()?.workers[0].restarts
-    );
+    step("SIGKILL a worker of each pool: the dispatcher reaps and replaces it");
+    for pool in c.status()?.pools.iter().map(|p| p.name.clone()) {
+        kill_worker_of(&mut c, &pool)?;
+    }
 
     step("SIGSTOP the dispatcher: the watchdog sees the heartbeat missed 3 times, kills and restarts it");
     let stopped = c.status()?.dispatcher_pid;
@@ -173,7 +192,7 @@ pub fn run() -> Result<()> {
             w.pid, w.restarts, w.last_restart_cause
         );
     }
-    print_tree(watchdog);
+    print_tree(watchdog, Some(&s));
 
     step("ordered shutdown: SIGTERM to the watchdog");
     let dispatcher = s.dispatcher_pid;
@@ -219,12 +238,19 @@ pub fn run() -> Result<()> {
     for w in &workers {
         check(
             osps_testkit::proc_info(*w).is_none(),
-            format!("worker {w} gone"),
+            format!("worker {w} ({}) gone", pool_of(&s, *w)),
         );
     }
     check(
         zombies_of(&[watchdog, dispatcher, std::process::id()]).is_empty(),
         "no zombie".into(),
+    );
+    let left = our_descendants();
+    check(
+        left.is_empty(),
+        format!(
+            "no process under the demo (the command pool's per-job processes included) {left:?}"
+        ),
     );
     for (ok, what) in leftover_checks(&inst.paths, &seen) {
         check(ok, what);
@@ -237,6 +263,66 @@ pub fn run() -> Result<()> {
         );
     }
     println!("\ndemo OK");
+    Ok(())
+}
+
+/// The pool of worker `pid` in `s`.
+fn pool_of(s: &StatusReport, pid: u32) -> &str {
+    s.workers
+        .iter()
+        .find(|w| w.pid == pid)
+        .map_or("?", |w| w.pool.as_str())
+}
+
+/// Calls an operation of the program pool and of the command pool, and
+/// checks their bytes.
+fn other_pools(c: &mut RetryingClient) -> Result<()> {
+    let mut rng = Rng(0x05b5_d3e0_0c0f_fee1);
+    let data = rng.bytes(1 << 20);
+    let gz = pools::gzip(&data);
+    let crc = c.call("gunzip_crc32", &[], &gz)?;
+    if crc != pools::crc_line(&data) {
+        bail!("gunzip_crc32 answered {:?}", String::from_utf8_lossy(&crc));
+    }
+    println!(
+        "  {:<9} {:<30} → {:?} (its length and CRC-32: right)",
+        "gunzip_crc32",
+        format!("({} B of gzip)", gz.len()),
+        String::from_utf8_lossy(&crc)
+    );
+    let out = c.call(EXEC_OP, &[], &data)?;
+    pools::check_gzip(&data, &out)?;
+    if out.len() <= data.len() {
+        bail!("gzip of random data came back smaller ({} B)", out.len());
+    }
+    println!(
+        "  {:<9} {:<30} → {} B of gzip, larger than its input; it gunzips to the input",
+        EXEC_OP,
+        format!("({} B of random data)", data.len()),
+        out.len()
+    );
+    Ok(())
+}
+
+/// SIGKILLs a worker of `pool` and waits until the dispatcher has replaced it.
+fn kill_worker_of(c: &mut RetryingClient, pool: &str) -> Result<()> {
+    let before = c.status()?;
+    let slot = before
+        .workers
+        .iter()
+        .position(|w| w.pool == pool)
+        .with_context(|| format!("pool {pool} has no worker"))?;
+    let victim = before.workers[slot].pid;
+    signal(victim, Signal::SIGKILL)?;
+    let replaced = wait_for(PATIENCE, || {
+        let w = c.status().ok()?.workers.get(slot)?.clone();
+        (w.pid != victim && w.pid != 0 && w.state == "idle").then_some(w)
+    })
+    .with_context(|| format!("the worker of pool {pool} was not replaced"))?;
+    println!(
+        "  pool {pool:<9} killed worker {victim}; it is now pid {} (restarts {})",
+        replaced.pid, replaced.restarts
+    );
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 mod bench;
 mod chaos;
 mod demo;
+mod pools;
 
 use std::process::{Command, ExitCode};
 
@@ -79,8 +80,21 @@ fn tree(root: u32) -> Vec<(usize, Proc)> {
     out
 }
 
-/// Prints a process tree, one line per process.
-fn print_tree(root: u32) -> usize {
+/// Processes descending from this one (itself excluded), zombies included:
+/// this process is the child subreaper (the test kit makes it one), so
+/// whatever an instance started, down to a command pool's per-job
+/// processes, ends up under it or under the watchdog once its parent is gone.
+fn our_descendants() -> Vec<Proc> {
+    tree(std::process::id())
+        .into_iter()
+        .filter(|(depth, _)| *depth > 0)
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// Prints a process tree, one line per process; a worker of `status` is
+/// shown with its pool.
+fn print_tree(root: u32, status: Option<&ipc_core::status::StatusReport>) -> usize {
     let t = tree(root);
     for (depth, p) in &t {
         let name = p
@@ -96,7 +110,10 @@ fn print_tree(root: u32) -> usize {
         } else {
             format!("{}└─ ", "   ".repeat(depth - 1))
         };
-        println!("  {branch}{name} pid {} state {}", p.pid, p.state);
+        let pool = status
+            .and_then(|s| s.workers.iter().find(|w| w.pid == p.pid))
+            .map_or(String::new(), |w| format!("  (pool {})", w.pool));
+        println!("  {branch}{name} pid {} state {}{pool}", p.pid, p.state);
     }
     t.len()
 }
