@@ -74,6 +74,8 @@ struct Counts {
     failed: AtomicU64,
     wrong: AtomicU64,
     lost: AtomicU64,
+    /// Correct answers from the builtin, program and command pools.
+    by_pool: [AtomicU64; 3],
 }
 
 /// The answer a request must get.
@@ -109,11 +111,25 @@ fn data(rng: &mut Rng, random: bool) -> Vec<u8> {
 }
 
 /// One request and the answer it must get: an operation of the builtin
-/// pool, or (with `three`) of any of the three pools.
-fn request(rng: &mut Rng, three: bool) -> (&'static str, Vec<u8>, Want) {
+/// pool, or (with `three`) of any of the three pools; and the pool's index
+/// (0 builtin, 1 program, 2 command).
+fn request(rng: &mut Rng, three: bool) -> (&'static str, Vec<u8>, Want, usize) {
     let pick = rng.below(if three { 8 } else { 5 });
-    let data = data(rng, pick >= 5);
-    match pick {
+    let data = if pick == 6 {
+        // Compressible, and up to 64 KiB: its gzip is small, so the answer
+        // is larger than the slot (input plus 4 KiB): the result grows.
+        let mut d = data(rng, false);
+        d.resize(d.len() * 16, b'z');
+        d
+    } else {
+        data(rng, pick >= 5)
+    };
+    let pool = match pick {
+        0..=4 => 0,
+        5 | 6 => 1,
+        _ => 2,
+    };
+    let (op, payload, want) = match pick {
         0 => ("echo", data.clone(), Want::Bytes(data)),
         1 => (
             "upper",
@@ -129,12 +145,14 @@ fn request(rng: &mut Rng, three: bool) -> (&'static str, Vec<u8>, Want) {
             ("wc", data, Want::Bytes(want))
         }
         4 => ("ping", vec![], Want::Bytes(b"pong\n".to_vec())),
-        5 | 6 => {
+        5 => {
             let want = pools::crc_line(&data);
             ("gunzip_crc32", pools::gzip(&data), Want::Bytes(want))
         }
+        6 => ("gunzip", pools::gzip(&data), Want::Bytes(data)),
         _ => (EXEC_OP, data.clone(), Want::Gunzips(data)),
-    }
+    };
+    (op, payload, want, pool)
 }
 
 fn client_loop(
@@ -146,10 +164,13 @@ fn client_loop(
 ) {
     let mut rng = Rng(seed | 1);
     while !stop.load(Ordering::Relaxed) {
-        let (op, payload, want) = request(&mut rng, three);
+        let (op, payload, want, pool) = request(&mut rng, three);
         counts.sent.fetch_add(1, Ordering::Relaxed);
         match c.call(op, &[], &payload).map(|got| want.check(&got)) {
-            Ok(Ok(())) => counts.correct.fetch_add(1, Ordering::Relaxed),
+            Ok(Ok(())) => {
+                counts.by_pool[pool].fetch_add(1, Ordering::Relaxed);
+                counts.correct.fetch_add(1, Ordering::Relaxed)
+            }
             Ok(Err(e)) => {
                 eprintln!("WRONG ANSWER to {op} of {} bytes: {e:#}", payload.len());
                 counts.wrong.fetch_add(1, Ordering::Relaxed)
@@ -338,13 +359,13 @@ pub fn run(o: Options) -> Result<()> {
     let mut actions: Vec<_> = actions.into_iter().collect();
     actions.sort();
     for (name, n) in &actions {
-        println!("  {name:<20} {n}");
+        println!("  {name:<26} {n}");
     }
     let restarts = final_status.watchdog.as_ref().map_or(0, |w| w.restarts);
-    println!("  dispatcher restarts  {restarts}");
+    println!("  {:<26} {restarts}", "dispatcher restarts");
     for p in &final_status.pools {
         println!(
-            "  pool {:<15} {} done, {} failed, {} worker restarts (the last dispatcher's)",
+            "  pool {:<21} {} done, {} failed, {} worker restarts (the last dispatcher's)",
             p.name, p.jobs_done, p.jobs_failed, p.restarts
         );
     }
@@ -356,7 +377,15 @@ pub fn run(o: Options) -> Result<()> {
         counts.lost.load(Ordering::Relaxed),
     );
     println!("  requests sent        {sent}");
-    println!("  answered correctly   {correct}");
+    let by_pool: Vec<u64> = counts
+        .by_pool
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
+    println!(
+        "  answered correctly   {correct} (builtin {}, program {}, command {})",
+        by_pool[0], by_pool[1], by_pool[2]
+    );
     println!("  failed (error reply) {failed}");
     println!("  answered wrongly     {wrong}");
     println!("  lost                 {lost}");
@@ -387,4 +416,61 @@ pub fn run(o: Options) -> Result<()> {
     }
     println!("\nchaos OK");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the real operation answers, computed here.
+    fn answer(op: &str, payload: &[u8]) -> Vec<u8> {
+        match op {
+            "echo" => payload.to_vec(),
+            "upper" => payload.to_ascii_uppercase(),
+            "sha256" => osps_testkit::sha256_line(payload),
+            "wc" => osps_testkit::wc_line(payload),
+            "ping" => b"pong\n".to_vec(),
+            "gunzip_crc32" => pools::crc_line(&pools::gunzip(payload).unwrap()),
+            "gunzip" => pools::gunzip(payload).unwrap(),
+            EXEC_OP => pools::gzip(payload),
+            other => panic!("unexpected operation {other}"),
+        }
+    }
+
+    #[test]
+    fn three_pool_requests_reach_every_pool_and_their_checks_tell_right_from_wrong() {
+        let mut rng = Rng(7);
+        let mut pools_seen = [0; 3];
+        let mut grown = 0;
+        for _ in 0..400 {
+            let (op, payload, want, pool) = request(&mut rng, true);
+            pools_seen[pool] += 1;
+            let right = answer(op, &payload);
+            want.check(&right).unwrap();
+            let mut wrong = right.clone();
+            wrong.push(b'!');
+            assert!(want.check(&wrong).is_err(), "{op}");
+            if op == "gunzip" && right.len() > payload.len() + 4096 {
+                grown += 1;
+            }
+        }
+        assert!(pools_seen.iter().all(|&n| n > 40), "{pools_seen:?}");
+        assert!(grown > 0, "no gunzip result larger than its slot");
+        let mut rng = Rng(7);
+        for _ in 0..100 {
+            assert_eq!(request(&mut rng, false).3, 0);
+        }
+    }
+
+    #[test]
+    fn options_parse_the_builtin_only_switch_among_valued_flags() {
+        let args: Vec<String> = ["--seconds", "3", "--builtin-only", "--clients", "2"]
+            .map(String::from)
+            .to_vec();
+        let o = Options::parse(&args).unwrap();
+        assert!(o.builtin_only);
+        assert_eq!((o.seconds, o.clients), (3, 2));
+        assert!(!Options::parse(&[]).unwrap().builtin_only);
+        assert!(Options::parse(&["--pools".into(), "3".into()]).is_err());
+    }
 }

@@ -95,7 +95,7 @@ pub fn run() -> Result<()> {
     );
     let show = |op: &str, input: &str, out: &[u8]| {
         println!(
-            "  {op:<9} {:<30} → {:?}",
+            "  {op:<12} {:<30} → {:?}",
             format!("{input:?}"),
             String::from_utf8_lossy(out)
         )
@@ -113,14 +113,14 @@ pub fn run() -> Result<()> {
     );
     let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
     println!(
-        "  {:<9} {:<30} → {:?}",
+        "  {:<12} {:<30} → {:?}",
         "sha256",
         "(8 MiB payload)",
         String::from_utf8_lossy(&c.call("sha256", &[], &big)?)
     );
     show("sleep 50", "", &c.call("sleep", &["50"], b"")?);
     match c.call("nope", &[], b"") {
-        Err(e) => println!("  {:<9} {:<30} → error: {e}", "nope", "\"\""),
+        Err(e) => println!("  {:<12} {:<30} → error: {e}", "nope", "\"\""),
         Ok(_) => bail!("an unknown operation succeeded"),
     }
     other_pools(&mut c)?;
@@ -285,10 +285,22 @@ fn other_pools(c: &mut RetryingClient) -> Result<()> {
         bail!("gunzip_crc32 answered {:?}", String::from_utf8_lossy(&crc));
     }
     println!(
-        "  {:<9} {:<30} → {:?} (its length and CRC-32: right)",
+        "  {:<12} {:<30} → {:?} (its length and CRC-32: right)",
         "gunzip_crc32",
         format!("({} B of gzip)", gz.len()),
         String::from_utf8_lossy(&crc)
+    );
+    // A result far larger than its input (and than the input's slot).
+    let text: Vec<u8> = b"OSPS runs your own work. ".repeat(160 << 10);
+    let small = pools::gzip(&text);
+    if c.call("gunzip", &[], &small)? != text {
+        bail!("gunzip did not give back the text");
+    }
+    println!(
+        "  {:<12} {:<30} → {} B, the text inside (the result grew past the slot)",
+        "gunzip",
+        format!("({} B of gzip)", small.len()),
+        text.len()
     );
     let out = c.call(EXEC_OP, &[], &data)?;
     pools::check_gzip(&data, &out)?;
@@ -296,7 +308,7 @@ fn other_pools(c: &mut RetryingClient) -> Result<()> {
         bail!("gzip of random data came back smaller ({} B)", out.len());
     }
     println!(
-        "  {:<9} {:<30} → {} B of gzip, larger than its input; it gunzips to the input",
+        "  {:<12} {:<30} → {} B of gzip, larger than its input; it gunzips to the input",
         EXEC_OP,
         format!("({} B of random data)", data.len()),
         out.len()

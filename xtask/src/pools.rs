@@ -15,7 +15,7 @@ pub const PROGRAM_BIN: &str = "inflate-worker";
 /// The command pool's name, command and operation.
 pub const EXEC_POOL: &str = "compress";
 pub const EXEC_CMD: [&str; 2] = ["gzip", "-c"];
-pub const EXEC_OP: &str = "gzip";
+pub const EXEC_OP: &str = "gz";
 
 /// Workers of each pool.
 #[derive(Debug, Clone, Copy)]
@@ -156,12 +156,10 @@ mod tests {
             text.contains("[pools.inflate]\nprogram = [\"/x/inflate-worker\"]\nworkers = 1\n"),
             "{text}"
         );
-        assert!(
-            text.contains(
-                "[pools.compress]\nexec = [\"gzip\", \"-c\"]\nops = [\"gzip\"]\nworkers = 3\n"
-            ),
-            "{text}"
+        let exec = format!(
+            "[pools.compress]\nexec = [\"gzip\", \"-c\"]\nops = [{EXEC_OP:?}]\nworkers = 3\n"
         );
+        assert!(text.contains(&exec), "{text}");
     }
 
     #[test]

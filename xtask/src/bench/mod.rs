@@ -1,11 +1,14 @@
 //! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg]`: OSPS against
-//! the kernel's floors, side by side in one run, reported as ratios (the
-//! machine is shared and noisy: only ratios hold). The outer command builds
+//! the kernel's floors, and its pools against each other (the same
+//! operation built in and through a program pool; a command pool against
+//! spawning the command directly), side by side in one run, reported as
+//! ratios (the machine is shared and noisy: only ratios hold). The outer command builds
 //! the release binaries and re-runs itself from them, so both the floors and
 //! OSPS are measured optimised.
 
 mod floors;
 mod osps;
+mod pools;
 mod report;
 
 use std::path::PathBuf;
@@ -72,6 +75,8 @@ pub struct Plan {
     pub stream: usize,
     pub recovery_trials: usize,
     pub idle_conns: usize,
+    /// o7: jobs of the command pool, and direct spawns.
+    pub spawn_jobs: usize,
 }
 
 impl Plan {
@@ -84,6 +89,7 @@ impl Plan {
                 stream: 64 << 20,
                 recovery_trials: 5,
                 idle_conns: 1000,
+                spawn_jobs: 100,
             }
         } else {
             Plan {
@@ -93,6 +99,7 @@ impl Plan {
                 stream: 64 << 20,
                 recovery_trials: 20,
                 idle_conns: 1000,
+                spawn_jobs: 1000,
             }
         }
     }
@@ -157,7 +164,7 @@ pub fn run_here(o: Options) -> Result<()> {
     let plan = Plan::new(o.quick);
     let dir = tempfile::Builder::new().prefix("osps-bench-").tempdir()?;
     let mut p = Progress {
-        total: 10,
+        total: 12,
         done: 0,
         started: Instant::now(),
     };
@@ -224,6 +231,15 @@ pub fn run_here(o: Options) -> Result<()> {
     drop(inst);
 
     osps::memory_and_recovery(&plan, &mut r, &mut |what: &str| p.step(what))?;
+
+    p.step("o6 sha256 of 64 B and 1 MiB, interleaved, on one CPU: builtin pool vs program pool running the same osps-worker");
+    pools::builtin_vs_program(&plan, &mut r)?;
+    p.step(&format!(
+        "o7 {} of {} B, interleaved: command pool job vs direct spawn (std::process::Command)",
+        pools::COMMAND,
+        pools::COMMAND_PAYLOAD
+    ));
+    pools::command_vs_spawn(&plan, &mut r)?;
 
     let table = r.table();
     println!("{table}");

@@ -35,6 +35,14 @@ pub struct Report {
     pub rss_shmem_kib: u64,
     pub recovery_dispatcher_ms: Vec<f64>,
     pub recovery_worker_ms: Vec<f64>,
+    /// Latencies (ns) of `sha256` of 64 B and of 1 MiB: [builtin pool,
+    /// program pool running the same osps-worker].
+    pub o6_small: [Vec<u64>; 2],
+    pub o6_large: [Vec<u64>; 2],
+    /// Per-job times (ns) of `cat` of 1 KiB through a command pool, and
+    /// spawned directly.
+    pub o7_osps: Vec<u64>,
+    pub o7_direct: Vec<u64>,
 }
 
 /// The `q` quantile of latencies (ns) in µs.
@@ -58,6 +66,11 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
 
+/// Mean of latencies (ns) in µs.
+fn mean_us(v: &[u64]) -> f64 {
+    v.iter().sum::<u64>() as f64 / v.len().max(1) as f64 / 1e3
+}
+
 fn lat(v: &[u64]) -> Value {
     json!({ "p50": pct(v, 0.5), "p99": pct(v, 0.99), "p999": pct(v, 0.999), "count": v.len() })
 }
@@ -65,7 +78,7 @@ fn lat(v: &[u64]) -> Value {
 const GB: f64 = 1e9;
 
 impl Report {
-    fn ratios(&self) -> [(&'static str, f64, &'static str); 5] {
+    fn ratios(&self) -> [(&'static str, f64, &'static str); 8] {
         [
             (
                 "ping_p50_vs_chain_floor",
@@ -88,6 +101,21 @@ impl Report {
                 self.sha256_inprocess / self.o3_sha256,
                 "<= 1.3",
             ),
+            (
+                "sha256_64b_program_vs_builtin",
+                pct(&self.o6_small[1], 0.5) / pct(&self.o6_small[0], 0.5),
+                "<= 1.05",
+            ),
+            (
+                "sha256_1mib_program_vs_builtin",
+                pct(&self.o6_large[1], 0.5) / pct(&self.o6_large[0], 0.5),
+                "<= 1.05",
+            ),
+            (
+                "command_job_vs_direct_spawn",
+                mean_us(&self.o7_osps) / mean_us(&self.o7_direct),
+                "info",
+            ),
         ]
     }
 
@@ -98,6 +126,7 @@ impl Report {
             "ping_p99_vs_chain_floor" => value <= 2.0,
             "throughput64_vs_echo_floor" => value >= 0.7,
             "echo64mib_vs_uds_stream" => value >= 0.8,
+            "sha256_64b_program_vs_builtin" | "sha256_1mib_program_vs_builtin" => value <= 1.05,
             _ => false,
         }
     }
@@ -242,19 +271,52 @@ impl Report {
             "o5 busy worker kill → replaced, max (ms)",
             max(&self.recovery_worker_ms)
         );
+        self.pools_table(&mut t);
         let _ = writeln!(
             t,
             "\n{:<44} {:>10} {:>10} {:>6}",
             "ratios", "value", "target", "met"
         );
         for (name, v, target) in self.ratios() {
-            let _ = writeln!(
-                t,
-                "{name:<44} {v:>10.2} {target:>10} {:>6}",
-                if self.met(name, v) { "yes" } else { "NO" }
-            );
+            let met = match target {
+                "info" => "-",
+                _ if self.met(name, v) => "yes",
+                _ => "NO",
+            };
+            let _ = writeln!(t, "{name:<44} {v:>10.2} {target:>10} {met:>6}");
         }
         t
+    }
+
+    /// o6 and o7: pools side by side.
+    fn pools_table(&self, t: &mut String) {
+        let _ = writeln!(
+            t,
+            "\n{:<44} {:>10} {:>10} {:>10}",
+            "pools (µs per call, one client)", "p50", "p99", "mean"
+        );
+        for (name, v) in [
+            ("o6 sha256 64 B, builtin pool", &self.o6_small[0]),
+            (
+                "o6 sha256 64 B, program pool (osps-worker)",
+                &self.o6_small[1],
+            ),
+            ("o6 sha256 1 MiB, builtin pool", &self.o6_large[0]),
+            (
+                "o6 sha256 1 MiB, program pool (osps-worker)",
+                &self.o6_large[1],
+            ),
+            ("o7 cat 1 KiB, command pool job via OSPS", &self.o7_osps),
+            ("o7 cat 1 KiB, spawned directly (Command)", &self.o7_direct),
+        ] {
+            let _ = writeln!(
+                t,
+                "{name:<44} {:>10.1} {:>10.1} {:>10.1}",
+                pct(v, 0.5),
+                pct(v, 0.99),
+                mean_us(v)
+            );
+        }
     }
 
     /// The JSON document (`--json`).
@@ -283,6 +345,12 @@ impl Report {
             "vmrss_mib_1000_idle": self.rss_kib as f64 / 1024.0,
             "rss_shmem_mib_1000_idle": self.rss_shmem_kib as f64 / 1024.0,
             "rss_anon_mib_1000_idle": self.rss_anon_kib as f64 / 1024.0,
+            "pools_us": {
+                "sha256_64b_builtin_o6": lat(&self.o6_small[0]), "sha256_64b_program_o6": lat(&self.o6_small[1]),
+                "sha256_1mib_builtin_o6": lat(&self.o6_large[0]), "sha256_1mib_program_o6": lat(&self.o6_large[1]),
+                "command_job_o7": lat(&self.o7_osps), "direct_spawn_o7": lat(&self.o7_direct),
+                "command_job_mean_o7": mean_us(&self.o7_osps), "direct_spawn_mean_o7": mean_us(&self.o7_direct),
+            },
             "recovery_ms": {
                 "dispatcher_median": median(&self.recovery_dispatcher_ms), "dispatcher_max": max(&self.recovery_dispatcher_ms),
                 "worker_median": median(&self.recovery_worker_ms), "worker_max": max(&self.recovery_worker_ms),
@@ -390,5 +458,39 @@ impl Report {
             h - 10.0
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_lines_are_reported_and_judged_as_ratios() {
+        let mut r = Report {
+            o6_small: [vec![20_000; 10], vec![20_800; 10]],
+            o6_large: [vec![800_000; 10], vec![900_000; 10]],
+            o7_osps: vec![1_200_000; 10],
+            o7_direct: vec![1_000_000; 10],
+            ..Default::default()
+        };
+        let t = r.table();
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no row {name} in\n{t}"))
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(row("sha256_64b_program_vs_builtin"), "1.04 <= 1.05 yes");
+        assert_eq!(row("sha256_1mib_program_vs_builtin"), "1.12 <= 1.05 NO");
+        assert_eq!(row("command_job_vs_direct_spawn"), "1.20 info -");
+        assert!(t.contains("o7 cat 1 KiB, spawned directly (Command)"), "{t}");
+        r.o7_direct = vec![600_000; 10];
+        let j = r.json();
+        assert_eq!(j["ratios"]["command_job_vs_direct_spawn"], json!(2.0));
+        assert_eq!(j["pools_us"]["direct_spawn_mean_o7"], json!(600.0));
     }
 }
