@@ -1046,6 +1046,12 @@ impl std::fmt::Debug for Claims<'_> {
 }
 
 impl<'s> Claims<'s> {
+    /// The region `offset`..`offset + len` of the arena, if it lies inside
+    /// (as [`Segment::check`]).
+    pub fn check(&self, offset: u64, len: u64) -> Result<Region, SegmentError> {
+        self.segment.check(offset, len)
+    }
+
     /// A view of `region` for reading and writing, valid as long as the
     /// segment's borrow: the worker's under the slot protocol (its job's
     /// slot, or a result area the dispatcher gave). Fails if it lies outside
@@ -1246,7 +1252,10 @@ mod tests {
             let e = claims.claim(Region::new(offset, len)).unwrap_err();
             assert!(matches!(e, SegmentError::Overlaps { .. }), "{e}");
         }
-        assert!(claims.claim(Region::new(50, 0)).is_ok(), "empty: no overlap");
+        assert!(
+            claims.claim(Region::new(50, 0)).is_ok(),
+            "empty: no overlap"
+        );
         assert!(matches!(
             claims.claim(Region::new(1 << 16, 1)),
             Err(SegmentError::OutOfBounds { .. })

@@ -174,7 +174,7 @@ impl Worker {
             "operation {name:?} is registered twice (ping is answered by the SDK)"
         );
         assert!(
-            self.ops.len() < MAX_ARGS,
+            self.ops.len() <= MAX_ARGS, // ping is not listed
             "at most {MAX_ARGS} operations (Ready lists them in one frame)"
         );
         self.ops.push(Op {
@@ -223,10 +223,15 @@ impl Worker {
             .collect()
     }
 
-    /// Every operation, as `Ready` lists them (those that inject faults
-    /// too: the worker answers them `FaultInjectionDisabled` when off).
+    /// Every operation, as `Ready` lists them: not `ping` (every worker
+    /// answers it), but those that inject faults (the worker answers them
+    /// `FaultInjectionDisabled` when off).
     pub(crate) fn names(&self) -> Vec<String> {
-        self.ops.iter().map(|o| o.name.clone()).collect()
+        self.ops
+            .iter()
+            .filter(|o| o.name != "ping")
+            .map(|o| o.name.clone())
+            .collect()
     }
 
     /// Finds an operation; the error lists what exists.
@@ -329,6 +334,7 @@ mod tests {
         assert_eq!(run(&w, "rev", b"abc").unwrap(), b"cba");
         assert_eq!(run(&w, "len", b"abcd").unwrap(), b"4");
         assert_eq!(w.streams(false), ["len"]);
+        assert_eq!(w.names(), ["rev", "len"], "ping is not listed");
         let e = run(&w, "nope", b"").unwrap_err();
         assert_eq!(e.kind, ErrorKind::UnknownOp);
         assert_eq!(

@@ -1,0 +1,1 @@
+//! Command pools: `osps-worker` in exec mode.
