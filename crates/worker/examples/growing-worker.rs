@@ -5,9 +5,9 @@
 
 use std::io::Write;
 
-use osps_worker::{expect_args, invalid_input, io_error, ErrorKind, JobCtx, Worker};
+use osps_worker::{expect_args, invalid_input, io_error, ErrorKind, JobCtx, RemoteError, Worker};
 
-fn times(job: &JobCtx<'_>) -> Result<usize, osps_worker::RemoteError> {
+fn times(job: &JobCtx<'_>) -> Result<usize, RemoteError> {
     expect_args(job.args(), 1, "repeat N")?;
     job.args()[0]
         .parse()
@@ -20,8 +20,9 @@ fn main() -> std::process::ExitCode {
             let n = times(job)?;
             let (input, mut out) = job.input_and_writer();
             for _ in 0..n {
-                out.write_all(input)
-                    .map_err(|e| io_error(e, ErrorKind::Internal))?;
+                out.write_all(input).map_err(|e| {
+                    io_error(e, |e| RemoteError::new(ErrorKind::Internal, e.to_string()))
+                })?;
             }
             out.finish()
         })

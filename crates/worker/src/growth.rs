@@ -318,16 +318,18 @@ impl io::Write for ResultWriter<'_, '_> {
     }
 }
 
-/// The [`RemoteError`] in an `io::Error` from a [`ResultWriter`] (`too
-/// large`, or `internal` when the dispatcher could not be asked), or
-/// `kind` with the error's text for any other.
-pub fn io_error(e: io::Error, kind: ErrorKind) -> RemoteError {
+/// The [`RemoteError`] an `io::Error` from a [`ResultWriter`] carries
+/// (`too large`, or `internal` when the dispatcher could not be asked), or
+/// `other`'s for any other error (one from the operation's own reading or
+/// decoding): how an operation that copies through a writer tells the two
+/// apart, e.g. `io_error(e, |e| invalid_input(format!("not valid gzip: {e}")))`.
+pub fn io_error(e: io::Error, other: impl FnOnce(io::Error) -> RemoteError) -> RemoteError {
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<RemoteError>())
     {
         Some(remote) => remote.clone(),
-        None => RemoteError::new(kind, e.to_string()),
+        None => other(e),
     }
 }
 
@@ -420,8 +422,9 @@ mod tests {
     fn write_in_chunks(job: &mut JobCtx<'_>, data: &[u8]) -> Result<Output, RemoteError> {
         let mut w = job.writer();
         for chunk in data.chunks(7000) {
-            w.write_all(chunk)
-                .map_err(|e| io_error(e, ErrorKind::Internal))?;
+            w.write_all(chunk).map_err(|e| {
+                io_error(e, |e| RemoteError::new(ErrorKind::Internal, e.to_string()))
+            })?;
         }
         w.finish()
     }
