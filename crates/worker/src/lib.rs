@@ -41,12 +41,12 @@ use registry::{panic_message, Op, Runner};
 const MAX_MESSAGE: usize = 1024;
 
 /// The arguments the dispatcher starts a worker with.
-#[derive(Debug, clap::Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 #[command(
     version,
     about = "An OSPS worker: runs jobs read from stdin on a shared-memory segment, answering on stdout"
 )]
-struct Args {
+pub(crate) struct Args {
     #[command(flatten)]
     log: ipc_core::cli::LogArgs,
     /// Name of the shared-memory segment to open, as the dispatcher gives it
@@ -93,6 +93,27 @@ pub enum WorkerError {
     UnaskedRoom { job: u64 },
     #[error("job {job}: {message}; the worker exits")]
     Crashed { job: u64, message: String },
+}
+
+/// Starts logging to stderr as `args` say and serves until stdin closes.
+/// Exits 0 then, 1 on an error (logged).
+fn start(
+    args: Args,
+    serve: impl FnOnce(&Config) -> Result<(), WorkerError>,
+) -> std::process::ExitCode {
+    let _span = ipc_core::logging::init("worker", args.log.log_format);
+    let config = Config {
+        segment: args.segment,
+        allow_fault_injection: args.allow_fault_injection,
+        parent_pid: args.parent_pid,
+    };
+    match serve(&config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Serves `worker`'s operations until stdin closes.

@@ -192,19 +192,7 @@ impl Worker {
     pub fn run(self) -> std::process::ExitCode {
         let cmd = crate::Args::command().name(self.name).bin_name(self.name);
         let args = crate::Args::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
-        let _span = ipc_core::logging::init("worker", args.log.log_format);
-        let config = Config {
-            segment: args.segment,
-            allow_fault_injection: args.allow_fault_injection,
-            parent_pid: args.parent_pid,
-        };
-        match self.serve(&config) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                std::process::ExitCode::FAILURE
-            }
-        }
+        crate::start(args, |config| self.serve(config))
     }
 
     /// Serves jobs on stdin and stdout until stdin closes (for a program
