@@ -118,3 +118,52 @@ fn room_that_was_not_asked_for_breaks_the_protocol() {
     });
     assert_eq!(b.w.0.wait().unwrap().code(), Some(1));
 }
+
+#[test]
+fn the_documented_ready_and_no_room_bytes() {
+    // docs/PROTOCOL.md 13.13: the builtin worker's Ready (its pid set to 19227).
+    let (b, ops) = Bench::start("grow-ready", 1, &osps_testkit::bin("osps-worker"), &[]);
+    let ready = FromWorker::Ready {
+        pid: 19227,
+        version: 4,
+        streams: vec!["sha256".into(), "wc".into()],
+        ops,
+    };
+    let framed = |msg: &dyn Fn(&mut Vec<u8>)| {
+        let mut out = Vec::new();
+        msg(&mut out);
+        out
+    };
+    let bytes = framed(&|out| ipc_core::frame::encode(&ready, out).unwrap());
+    let documented = "38 00 00 00 00 9b 96 01 04 02 06 73 68 61 32 35 36 02 77 63 \
+        07 04 65 63 68 6f 05 75 70 70 65 72 06 73 68 61 32 35 36 02 77 63 \
+        05 73 6c 65 65 70 05 63 72 61 73 68 05 73 70 61 77 6e";
+    assert_eq!(hex(&bytes), documented, "{ready:?}");
+    // 13.14: NoRoom, and the Done naming a result in the area given.
+    let no_room = ToWorker::NoRoom {
+        job_id: 3,
+        message: "result over max_result_mib".into(),
+    };
+    let bytes = framed(&|out| ipc_core::frame::encode(&no_room, out).unwrap());
+    assert_eq!(
+        hex(&bytes),
+        "1d 00 00 00 04 03 1a 72 65 73 75 6c 74 20 6f 76 65 72 20 6d 61 78 5f 72 65 73 75 6c 74 5f 6d 69 62"
+    );
+    let done = FromWorker::Done(ipc_core::proto::JobDone {
+        job_id: 3,
+        outcome: Outcome::Ok,
+        result_offset: 0,
+        result_len: 100_000,
+    });
+    let bytes = framed(&|out| ipc_core::frame::encode(&done, out).unwrap());
+    assert_eq!(hex(&bytes), "07 00 00 00 01 03 00 00 a0 8d 06");
+    assert_eq!(b.stop(), Some(0));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
