@@ -17,9 +17,9 @@
 //!   [`Slot`] of that arena (not `Clone`; `&mut Slot` for writing), so two
 //!   live `&mut` to one byte cannot exist in the process;
 //! - a worker: [`Segment::claim`] (`&mut self`: one slot view at a time) once
-//!   a job's input is all in, or [`Segment::claims`] for several disjoint
-//!   regions at once (a job's slot and the result areas the dispatcher gives
-//!   it), and [`Segment::copy_out`] for a prefix that is still arriving (a
+//!   a job's input is all in, or [`Segment::claims`] (itself `&mut self`,
+//!   as is each [`Claims::claim`]) for several disjoint regions at once (a
+//!   job's slot and the result areas the dispatcher gives it), and [`Segment::copy_out`] for a prefix that is still arriving (a
 //!   raw copy bounded by the announced length: no reference to bytes another
 //!   process writes).
 //!
@@ -893,7 +893,7 @@ impl Segment {
     pub fn claims(&mut self) -> Claims<'_> {
         Claims {
             segment: self,
-            taken: RefCell::new(Vec::new()),
+            taken: Vec::new(),
         }
     }
 
@@ -1033,14 +1033,14 @@ impl Segment {
 pub struct Claims<'s> {
     segment: &'s mut Segment,
     /// The regions given so far.
-    taken: RefCell<Vec<Region>>,
+    taken: Vec<Region>,
 }
 
 impl std::fmt::Debug for Claims<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Claims")
             .field("segment", &self.segment.name)
-            .field("taken", &self.taken.borrow())
+            .field("taken", &self.taken)
             .finish()
     }
 }
@@ -1053,22 +1053,21 @@ impl<'s> Claims<'s> {
     }
 
     /// A view of `region` for reading and writing, valid as long as the
-    /// segment's borrow: the worker's under the slot protocol (its job's
-    /// slot, or a result area the dispatcher gave). Fails if it lies outside
-    /// the arena or overlaps a region claimed before (an empty region
-    /// overlaps nothing).
-    pub fn claim(&self, region: Region) -> Result<&'s mut [u8], SegmentError> {
+    /// segment's borrow (not this `Claims`'s: the views outlive it): the
+    /// worker's under the slot protocol (its job's slot, or a result area
+    /// the dispatcher gave). Fails if it lies outside the arena or overlaps
+    /// a region claimed before (an empty region overlaps nothing).
+    pub fn claim(&mut self, region: Region) -> Result<&'s mut [u8], SegmentError> {
         let start = self.segment.start_of(region)?;
         let end = region.offset + region.len;
-        let mut taken = self.taken.borrow_mut();
         let overlaps = |t: &Region| region.offset < t.offset + t.len && t.offset < end;
-        if !region.is_empty() && taken.iter().any(overlaps) {
+        if !region.is_empty() && self.taken.iter().any(overlaps) {
             return Err(SegmentError::Overlaps {
                 offset: region.offset,
                 len: region.len,
             });
         }
-        taken.push(region);
+        self.taken.push(region);
         // SAFETY: in bounds (start_of). The region overlaps no other region
         // this `Claims` gave a view of (checked above, and recorded), and
         // `self.segment` is an exclusive borrow of the segment for 's, the
@@ -1242,7 +1241,7 @@ mod tests {
     fn claims_give_disjoint_views_at_once_and_refuse_overlaps() {
         let n = name("claims");
         let mut seg = Segment::create(&n, 1 << 16, 1).unwrap();
-        let claims = seg.claims();
+        let mut claims = seg.claims();
         let a = claims.claim(Region::new(0, 100)).unwrap();
         let b = claims.claim(Region::new(100, 50)).unwrap();
         a.fill(1);
@@ -1261,10 +1260,12 @@ mod tests {
             Err(SegmentError::OutOfBounds { .. })
         ));
         assert_eq!(claims.claim(Region::new(150, 1)).unwrap(), &[0]);
+        drop(claims); // the views live on, the segment borrowed
+        b[11] = 3;
         let (a, b) = (a.to_vec(), b.to_vec());
         assert_eq!(read(&mut seg, Region::new(0, 100)), a);
         assert_eq!(read(&mut seg, Region::new(100, 50)), b);
-        assert_eq!(&b[..12], &[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2]);
+        assert_eq!(&b[..12], &[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3]);
     }
 
     #[test]

@@ -44,7 +44,7 @@ enum Areas<'a> {
     Local(Vec<u8>),
     /// A worker's job: regions of the segment the dispatcher gives.
     Segment {
-        claims: &'a Claims<'a>,
+        claims: Claims<'a>,
         dispatcher: &'a mut dyn Dispatcher,
         job_id: u64,
         /// The last area given (empty before the first).
@@ -81,7 +81,7 @@ impl<'a> Growth<'a> {
 
     /// Growth into areas of the segment asked of `dispatcher`.
     pub(crate) fn segment(
-        claims: &'a Claims<'a>,
+        claims: Claims<'a>,
         dispatcher: &'a mut dyn Dispatcher,
         job_id: u64,
     ) -> Growth<'a> {
@@ -202,7 +202,7 @@ impl<'a> Growth<'a> {
 /// The view of an area the dispatcher gave, checked: inside the arena,
 /// disjoint from the job's other regions, and at least `want` bytes.
 fn claim_area<'a>(
-    claims: &Claims<'a>,
+    claims: &mut Claims<'a>,
     area: WireRegion,
     want: usize,
 ) -> Result<&'a mut [u8], RemoteError> {
@@ -395,7 +395,7 @@ mod tests {
     ) -> (Result<Output, RemoteError>, Vec<u8>, Vec<u64>) {
         let name = format!("/osps-unit-growth-{}-{tag}", std::process::id());
         let mut seg = Segment::create(&name, 8 << 20, 1).unwrap();
-        let claims = seg.claims();
+        let mut claims = seg.claims();
         let slot = claims.claim(claims.check(0, 1000).unwrap()).unwrap();
         slot[..900].fill(b'i');
         let mut fake = Fake {
@@ -403,7 +403,7 @@ mod tests {
             limit,
             asks: Vec::new(),
         };
-        let growth = Growth::segment(&claims, &mut fake, 7);
+        let growth = Growth::segment(claims, &mut fake, 7);
         let mut ctx = JobCtx::with_growth(&[], 1, slot, 900, growth);
         let ran = op(&mut ctx);
         assert!(

@@ -10,7 +10,10 @@
 //! dispatcher (`PR_SET_PDEATHSIG`) as a backstop.
 //!
 //! A program becomes a worker with [`Worker`]: register operations, call
-//! [`Worker::run`]; this module does the protocol. An operation's error is
+//! [`Worker::run`]; this module does the protocol. A result that outgrows
+//! its slot is written in room asked of the dispatcher (`Grow`, answered
+//! `Room` or `NoRoom`: [`JobCtx::reply`], [`ResultWriter`]). The builtin
+//! worker's exec mode, a command pool's worker, is [`exec`]. An operation's error is
 //! answered to the client as is; after a panic the worker answers the job
 //! `worker crashed` with the panic's message and runs nothing more (the
 //! dispatcher takes that answer as the worker's death, kills it, and runs
@@ -353,9 +356,9 @@ impl JobRunner<'_> {
         let streamed = take_input(segment, slot, job, op, arrivals, &mut self.out)?;
         // All of the input is in: the slot is this worker's alone until it
         // answers, and so are the result areas the dispatcher gives it.
-        let claims = segment.claims();
+        let mut claims = segment.claims();
         let slot = claims.claim(slot).expect("checked above");
-        let growth = Growth::segment(&claims, arrivals, job.job_id);
+        let growth = Growth::segment(claims, arrivals, job.job_id);
         let mut ctx = JobCtx::with_growth(&job.args, job.attempt, slot, input_len, growth);
         let ran = if streamed {
             ctx.reply(&self.out)

@@ -117,8 +117,9 @@ impl Worker {
 
     /// Adds a whole operation: it runs once all of the input is in the
     /// slot, and answers where its result lies ([`JobCtx::reply`] writes a
-    /// result after the input; [`JobCtx::in_place`] names a result made
-    /// over it).
+    /// result after the input, [`JobCtx::writer`] writes one as it is
+    /// made, both growing past the slot as needed; [`JobCtx::in_place`]
+    /// names a result made over the input).
     ///
     /// # Panics
     /// If `name` is taken (`ping` always is), empty, or `status`.
@@ -132,8 +133,8 @@ impl Worker {
     /// Adds a streaming operation: it reads its input front to back
     /// ([`Input::next_chunk`]) and may start before all of it has arrived
     /// (the dispatcher sends large uploads early to such operations). Its
-    /// result (any bytes; it is written in the slot once all of the input
-    /// is in, after it when it fits) must fit in the slot.
+    /// result (any bytes, kept in the worker's memory while it is made) is
+    /// written once all of the input is in, as [`JobCtx::reply`] does.
     ///
     /// # Panics
     /// As [`Worker::op`].
