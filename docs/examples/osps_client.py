@@ -65,6 +65,7 @@ ERROR_KINDS = [
     ("ShuttingDown", "shutting down"),
     ("InvalidInput", "invalid input"),
     ("Internal", "internal error"),
+    ("CommandFailed", "command failed"),
 ]
 KIND_INDEX = {rust: i for i, (rust, _) in enumerate(ERROR_KINDS)}
 
@@ -603,7 +604,13 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
             assert key in s["segment"], f"status.segment lacks {key!r}"
         for w in s["workers"]:
             assert set(w) == {"index", "pid", "state", "jobs_done", "restarts", "jobs_failed",
-                              "uptime_ms", "last_exit"}, w
+                              "uptime_ms", "last_exit", "pool"}, w
+        for p in s["pools"]:
+            assert set(p) == {"name", "kind", "program", "ops", "workers", "jobs_done",
+                              "jobs_failed", "restarts", "recycled", "queue_depth",
+                              "job_timeout_ms", "max_attempts", "max_result",
+                              "start_failure"}, p
+            assert {w["pool"] for w in s["workers"]} <= {p["name"] for p in s["pools"]}, s
         assert set(s["latency"]) == {"window_s", "count", "p50_us", "p90_us", "p99_us",
                                      "max_us"}, s["latency"]
 

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use ipc_core::status::{LatencyStatus, SegmentStatus, StatusReport, WorkerStatus};
+use ipc_core::status::{LatencyStatus, PoolStatus, SegmentStatus, StatusReport, WorkerStatus};
 
 /// Renders `r` as the table `osps-client status` prints.
 pub fn status_table(r: &StatusReport) -> String {
@@ -24,6 +24,7 @@ pub fn status_table(r: &StatusReport) -> String {
         "\nqueue    {} waiting · {} in flight · {} sent ahead to busy workers · {} connection(s)",
         r.queue_depth, r.in_flight, r.jobs_sent_ahead, r.connections
     );
+    pool_lines(&mut o, &r.pools);
     latency_line(&mut o, &r.latency);
     segment_lines(&mut o, &r.segment);
     let _ = writeln!(
@@ -75,7 +76,8 @@ fn cause(c: &str) -> String {
     }
 }
 
-/// The header, then one row per process: watchdog, dispatcher, workers.
+/// The header, then one row per process: watchdog, dispatcher, workers
+/// (under their pool's row, when the report has pools).
 fn process_rows(r: &StatusReport) -> Vec<Row> {
     let mut rows = vec![COLUMNS.map(str::to_owned)];
     if let Some(w) = &r.watchdog {
@@ -91,8 +93,55 @@ fn process_rows(r: &StatusReport) -> Vec<Row> {
         ]);
     }
     rows.push(dispatcher_row(r));
-    rows.extend(r.workers.iter().map(worker_row));
+    if r.pools.len() <= 1 {
+        // One pool: its workers under the dispatcher, as before pools.
+        rows.extend(r.workers.iter().map(|w| worker_row(w, "  ")));
+        return rows;
+    }
+    for p in &r.pools {
+        rows.push(pool_row(p));
+        let workers = r.workers.iter().filter(|w| w.pool == p.name);
+        rows.extend(workers.map(|w| worker_row(w, "    ")));
+    }
     rows
+}
+
+/// A pool's row: its kind, and what its workers did together.
+fn pool_row(p: &PoolStatus) -> Row {
+    [
+        format!("  pool {}", p.name),
+        dash(),
+        p.kind.clone(),
+        dash(),
+        p.restarts.to_string(),
+        p.jobs_done.to_string(),
+        p.jobs_failed.to_string(),
+        p.start_failure.as_deref().map_or_else(dash, cause),
+    ]
+}
+
+/// One line per pool: its program, size, policy and operations.
+fn pool_lines(o: &mut String, pools: &[PoolStatus]) {
+    for (i, p) in pools.iter().enumerate() {
+        let ops = if p.ops.is_empty() {
+            "not known yet (no worker ready)".to_owned()
+        } else {
+            p.ops.join(", ")
+        };
+        let _ = writeln!(
+            o,
+            "{}{}: {} · {} worker(s) · {} queued · timeout {} · {} attempt(s) · results up to {} · ops {}",
+            if i == 0 { "pools    " } else { "         " },
+            p.name,
+            p.program.join(" "),
+            p.workers,
+            p.queue_depth,
+            duration(p.job_timeout_ms),
+            p.max_attempts,
+            bytes(p.max_result),
+            ops
+        );
+    }
 }
 
 fn dispatcher_row(r: &StatusReport) -> Row {
@@ -109,11 +158,12 @@ fn dispatcher_row(r: &StatusReport) -> Row {
     ]
 }
 
-/// A worker's row; a worker without a process (starting) has no pid or uptime.
-fn worker_row(w: &WorkerStatus) -> Row {
+/// A worker's row, its role indented by `indent`; a worker without a
+/// process (starting) has no pid or uptime.
+fn worker_row(w: &WorkerStatus, indent: &str) -> Row {
     let running = w.pid != 0;
     [
-        format!("  worker {}", w.index),
+        format!("{indent}worker {}", w.index),
         if running { w.pid.to_string() } else { dash() },
         w.state.to_string(),
         if running {
@@ -299,5 +349,36 @@ mod tests {
         assert_eq!(got, "OSPS instance \"demo\" · protocol v1 · serving\n\nROLE         PID  STATE     UPTIME  RESTARTS  DONE  FAILED  LAST RESTART CAUSE\nwatchdog    4300  running    1h01m         -     -       -  -\ndispatcher  4321  serving    2m14s         2    37       4  crash: exit status 1\n  worker 0  4400  busy         45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  worker 1     -  starting       -         0     0       0  -\n\nqueue    5 waiting · 7 in flight · 9 sent ahead to busy workers · 2 connection(s)\nlatency  last 60 s, 12 job(s): p50 87 µs · p90 1.2 ms · p99 3.40 s · max 3.50 s\nsegment  posix /osps-1000-demo · 256 MiB · mode 0600 · owner uid 1000 · 3 attached · generation 3\n         slots in use 2 (8 KiB) · max payload 64 MiB · see: ls -l /dev/shm/osps-1000-demo\nsocket   /run/osps/demo/demo.sock · tcp 127.0.0.1:7070\n");
         let got = status_table(&sample(false, false));
         assert_eq!(got, "OSPS instance \"demo\" · protocol v1 · shutting down\n\nROLE         PID  STATE          UPTIME  RESTARTS  DONE  FAILED  LAST RESTART CAUSE\ndispatcher  4321  shutting down   2m14s         -    37       4  -\n  worker 0  4400  busy              45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  worker 1     -  starting            -         0     0       0  -\n(no watchdog: this dispatcher was started directly)\n\nqueue    5 waiting · 7 in flight · 9 sent ahead to busy workers · 2 connection(s)\nlatency  no jobs in the last 60 s\nsegment  posix /osps-1000-demo · 256 MiB · mode 0600 · owner uid 1000 · 3 attached · generation 3\n         slots in use 2 (8 KiB) · max payload 64 MiB · see: ls -l /dev/shm/osps-1000-demo\nsocket   /run/osps/demo/demo.sock · tcp 127.0.0.1:7070\n");
+    }
+
+    #[test]
+    fn several_pools_group_their_workers_and_get_a_line_each() {
+        let mut r = sample(true, true);
+        r.workers[0].pool = "builtin".into();
+        r.workers[1].pool = "gz".into();
+        let pool = |name: &str, kind: &str, program: &[&str], ops: &[&str]| {
+            serde_json::from_value::<PoolStatus>(serde_json::json!({
+                "name": name, "kind": kind, "program": program, "ops": ops, "workers": 1,
+                "jobs_done": 31, "jobs_failed": 2, "restarts": 1, "recycled": 0, "queue_depth": 5,
+                "job_timeout_ms": 30_000, "max_attempts": 2, "max_result": 67_108_864u64,
+                "start_failure": null,
+            }))
+            .unwrap()
+        };
+        r.pools = vec![
+            pool(
+                "builtin",
+                "builtin",
+                &["/usr/bin/osps-worker"],
+                &["echo", "upper"],
+            ),
+            pool("gz", "exec", &["gzip", "-c"], &[]),
+        ];
+        r.pools[1].start_failure = Some("gzip: not found".into());
+        let got = status_table(&r);
+        let want_rows = "dispatcher      4321  serving    2m14s         2    37       4  crash: exit status 1\n  pool builtin     -  builtin        -         1    31       2  -\n    worker 0    4400  busy         45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  pool gz          -  exec           -         1    31       2  gzip: not found\n    worker 1       -  starting       -         0     0       0  -\n";
+        assert!(got.contains(want_rows), "{got}");
+        let want_lines = "pools    builtin: /usr/bin/osps-worker · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops echo, upper\n         gz: gzip -c · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops not known yet (no worker ready)\n";
+        assert!(got.contains(want_lines), "{got}");
     }
 }

@@ -87,7 +87,7 @@ impl Budgets {
     /// client per listener would not fit.
     pub fn for_fd_limit(config: &Config, fd_limit: u64) -> Option<Budgets> {
         let listeners = if config.tcp.is_some() { 2 } else { 1 };
-        let reserve = fd_reserve(config.workers);
+        let reserve = fd_reserve(config.total_workers());
         let avail = fd_limit.saturating_sub(reserve);
         // At least a handshake, a refusal and a client per listener.
         if avail < 1 + 2 * listeners {

@@ -11,10 +11,15 @@
 //! (none of [`Config`]'s flags reads the environment; `--instance`,
 //! `--runtime-dir` and `--log-format`, which do, are not keys of the file).
 //!
-//! Pools: `[pools.builtin]` (the osps-worker pool) takes `workers`,
-//! `job_timeout_ms` and `max_attempts`, the same as the top-level keys (one
-//! or the other); the other pool keys of issue 13 and other pools are
-//! refused as not supported yet, until they work.
+//! Pools: `[pools.builtin]` (the osps-worker pool, `--worker-exe`) takes
+//! `enabled` and the top-level options `workers`, `job_timeout_ms`,
+//! `max_attempts` and `max_result_mib` (set there or at the top, not
+//! both). Every other `[pools.NAME]` is a pool of its own: `program` (a
+//! worker program) or `exec` with `ops` (a command per job), and its own
+//! `workers`, `job_timeout_ms`, `max_attempts`, `max_result_mib` (the
+//! top-level values when absent) and, for exec, `pass_args`. Each program
+//! is looked up when the file is read. The containment keys (recycling,
+//! memory limit, user, ...) are refused as not supported yet, until they work.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
@@ -27,17 +32,20 @@ use clap::{Arg, ArgAction, ArgMatches};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+use crate::pools::{find_program, PoolKind, PoolSpec, BUILTIN};
 use crate::{Config, Invalid};
 
-/// Keys of a pool that work today (on the builtin pool): each is the
-/// top-level option of the same name, set once.
-const POOL_KEYS: &[&str] = &["workers", "job_timeout_ms", "max_attempts"];
+/// Keys of `[pools.builtin]` besides `enabled`: each is the top-level
+/// option of the same name, set once.
+const POOL_KEYS: &[&str] = &[
+    "workers",
+    "job_timeout_ms",
+    "max_attempts",
+    "max_result_mib",
+];
 
-/// Keys of a pool the issue plans, refused until they work.
+/// Keys of a pool that come with pool containment, refused until they work.
 const NOT_YET_POOL_KEYS: &[&str] = &[
-    "program",
-    "exec",
-    "ops",
     "recycle_after_jobs",
     "recycle_above_rss_mib",
     "memory_limit_mib",
@@ -45,8 +53,7 @@ const NOT_YET_POOL_KEYS: &[&str] = &[
     "group",
     "env",
     "cwd",
-    "max_result_mib",
-    "pass_args",
+    "segment_mib",
 ];
 
 /// Shared flags every OSPS binary takes: not read from the file, so the
@@ -72,6 +79,12 @@ pub struct FromFile {
     lines: BTreeMap<String, (usize, String)>,
     /// The ids of keys the command line overrides.
     overridden: Vec<String>,
+    /// The pools of their own (`[pools.NAME]` but builtin), in the file's order.
+    pub pools: Vec<PoolSpec>,
+    /// Whether the builtin pool runs (`[pools.builtin] enabled`, true unless set).
+    pub builtin: bool,
+    /// The operations exec pools name: the pool and line of each.
+    claimed: BTreeMap<String, (String, usize)>,
 }
 
 impl FromFile {
@@ -120,6 +133,7 @@ pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
         args: config_args(),
         out: FromFile {
             file: path.to_owned(),
+            builtin: true,
             ..FromFile::default()
         },
     };
@@ -298,16 +312,17 @@ impl Reader<'_> {
         self.error(Some(key.span()), message)
     }
 
-    /// `[pools]`: only `[pools.builtin]`, only the [`POOL_KEYS`]. Returns
-    /// those given, with the top-level option each sets.
+    /// `[pools]`: `[pools.builtin]` sets the top-level options of its
+    /// [`POOL_KEYS`] (returned, with the option each sets) and `enabled`;
+    /// every other table is a pool of its own (kept in `out.pools`).
     fn pools<'v, 'i>(
-        &self,
+        &mut self,
         key: &Key<'i>,
         value: &'v Spanned<DeValue<'i>>,
     ) -> Result<Vec<(Entry<'v, 'i>, &'static str)>, FileError> {
         let Some(pools) = value.get_ref().as_table() else {
             let message = format!(
-                "key \"pools\": expected a table of pools ([pools.builtin]), found {}",
+                "key \"pools\": expected a table of pools ([pools.NAME]), found {}",
                 found(value.get_ref(), Kind::String)
             );
             return Err(self.error(Some(key.span()), message));
@@ -315,41 +330,306 @@ impl Reader<'_> {
         let mut given = Vec::new();
         for (pool, table) in pools {
             let pool_name = pool.get_ref().as_ref();
-            if pool_name != "builtin" {
-                let message = format!("pool \"{pool_name}\" is not supported yet: only [pools.builtin], the osps-worker pool, is");
-                return Err(self.error(Some(pool.span()), message));
-            }
             let Some(table) = table.get_ref().as_table() else {
                 let message = format!(
-                    "key \"pools.builtin\": expected a table, found {}",
+                    "key \"pools.{pool_name}\": expected a table, found {}",
                     found(table.get_ref(), Kind::String)
                 );
                 return Err(self.error(Some(pool.span()), message));
             };
-            for (k, v) in table {
-                let name = k.get_ref().as_ref();
-                if let Some(&top) = POOL_KEYS.iter().find(|&&p| p == name) {
-                    given.push(((k, v), top));
-                } else if NOT_YET_POOL_KEYS.contains(&name) {
-                    let message = format!("key \"pools.builtin.{name}\" is not supported yet (a pool takes only {} today)", POOL_KEYS.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "));
-                    return Err(self.error(Some(k.span()), message));
-                } else {
-                    let known: Vec<String> = POOL_KEYS
-                        .iter()
-                        .copied()
-                        .chain(NOT_YET_POOL_KEYS.iter().copied())
-                        .map(String::from)
-                        .collect();
-                    let message = format!(
-                        "unknown key \"pools.builtin.{name}\"{}",
-                        suggest(name, &known)
-                    );
-                    return Err(self.error(Some(k.span()), message));
-                }
+            if pool_name == BUILTIN {
+                given.extend(self.builtin_pool(table)?);
+            } else {
+                let spec = self.pool(pool, table)?;
+                self.out.pools.push(spec);
             }
         }
         Ok(given)
     }
+
+    /// `[pools.builtin]`: `enabled`, and the [`POOL_KEYS`] as top-level options.
+    fn builtin_pool<'v, 'i>(
+        &mut self,
+        table: &'v DeTable<'i>,
+    ) -> Result<Vec<(Entry<'v, 'i>, &'static str)>, FileError> {
+        let mut given = Vec::new();
+        for (k, v) in table {
+            let name = k.get_ref().as_ref();
+            if name == "enabled" {
+                self.out.builtin = self.boolean(k, v, "pools.builtin.enabled")?;
+            } else if let Some(&top) = POOL_KEYS.iter().find(|&&p| p == name) {
+                given.push(((k, v), top));
+            } else if OWN_POOL_KEYS.contains(&name) {
+                let message = format!("key \"pools.builtin.{name}\": the builtin pool runs --worker-exe (worker_exe); a program or command is a pool of its own, [pools.NAME]");
+                return Err(self.error(Some(k.span()), message));
+            } else {
+                let known: Vec<&str> = POOL_KEYS.iter().copied().chain(["enabled"]).collect();
+                return Err(self.pool_key_error(
+                    k,
+                    BUILTIN,
+                    &known,
+                    "the builtin pool runs --worker-exe and takes",
+                ));
+            }
+        }
+        Ok(given)
+    }
+
+    /// A refusal of key `k` of pool `pool`: not supported yet, or unknown.
+    fn pool_key_error(&self, k: &Key<'_>, pool: &str, known: &[&str], what: &str) -> FileError {
+        let name = k.get_ref().as_ref();
+        let keys = known
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = if NOT_YET_POOL_KEYS.contains(&name) {
+            format!("key \"pools.{pool}.{name}\" is not supported yet (it comes with pool containment); {what} {keys}")
+        } else {
+            let all: Vec<String> = known
+                .iter()
+                .chain(NOT_YET_POOL_KEYS)
+                .map(|s| s.to_string())
+                .collect();
+            format!(
+                "unknown key \"pools.{pool}.{name}\"{}; {what} {keys}",
+                suggest(name, &all)
+            )
+        };
+        self.error(Some(k.span()), message)
+    }
+
+    /// `[pools.NAME]`, a pool of its own: `program` or `exec` (with `ops`).
+    fn pool(&mut self, pool: &Key<'_>, table: &DeTable<'_>) -> Result<PoolSpec, FileError> {
+        let name = pool.get_ref().as_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            let message = format!("pool name \"{name}\": use 1 to 32 letters, digits, '_' or '-'");
+            return Err(self.error(Some(pool.span()), message));
+        }
+        let mut p = PoolKeys::default();
+        for (k, v) in table {
+            self.pool_key(&mut p, name, k, v)?;
+        }
+        let origin = format!(
+            "{}:{}",
+            self.file.display(),
+            self.line(Some(pool.span())).unwrap_or(1)
+        );
+        let at = |key: &Option<(Range<usize>, Vec<String>)>| key.as_ref().map(|(s, _)| s.clone());
+        let kind = match (p.program.take(), p.exec.take()) {
+            (Some((_, argv)), None) => {
+                if let Some((span, _)) = &p.ops {
+                    let message = format!("key \"pools.{name}.ops\": a program pool's workers announce their operations themselves; \"ops\" is for an exec pool");
+                    return Err(self.error(Some(span.clone()), message));
+                }
+                if let Some(span) = &p.pass_args_at {
+                    let message = format!("key \"pools.{name}.pass_args\": only an exec pool passes arguments to a command");
+                    return Err(self.error(Some(span.clone()), message));
+                }
+                PoolKind::Program { argv }
+            }
+            (None, Some((_, argv))) => {
+                let Some((span, ops)) = p.ops.take() else {
+                    let message = format!("pool \"{name}\": an exec pool needs \"ops\", the operations its command serves (e.g. ops = [\"{name}\"])");
+                    return Err(self.error(Some(pool.span()), message));
+                };
+                self.claim_ops(name, &ops, span)?;
+                PoolKind::Exec {
+                    argv,
+                    ops,
+                    pass_args: p.pass_args,
+                }
+            }
+            (Some(_), Some(_)) => {
+                let message = format!("pool \"{name}\": give \"program\" (a worker program) or \"exec\" (a command per job), not both");
+                return Err(self.error(at(&p.exec).or(Some(pool.span())), message));
+            }
+            (None, None) => {
+                let message = format!("pool \"{name}\": give \"program\" (a worker program that speaks the worker protocol) or \"exec\" (a command run per job)");
+                return Err(self.error(Some(pool.span()), message));
+            }
+        };
+        Ok(PoolSpec {
+            name: name.to_owned(),
+            kind,
+            workers: p.workers,
+            job_timeout_ms: p.job_timeout_ms,
+            max_attempts: p.max_attempts,
+            max_result_mib: p.max_result_mib,
+            origin,
+        })
+    }
+}
+
+/// Keys of a pool of its own.
+const OWN_POOL_KEYS: &[&str] = &[
+    "program",
+    "exec",
+    "ops",
+    "workers",
+    "job_timeout_ms",
+    "max_attempts",
+    "max_result_mib",
+    "pass_args",
+];
+
+/// The keys of one `[pools.NAME]` table, as read.
+#[derive(Debug, Default)]
+struct PoolKeys {
+    program: Option<(Range<usize>, Vec<String>)>,
+    exec: Option<(Range<usize>, Vec<String>)>,
+    ops: Option<(Range<usize>, Vec<String>)>,
+    workers: Option<usize>,
+    job_timeout_ms: Option<u64>,
+    max_attempts: Option<u8>,
+    max_result_mib: Option<u64>,
+    pass_args: bool,
+    pass_args_at: Option<Range<usize>>,
+}
+
+impl Reader<'_> {
+    /// One key of a pool of its own, checked.
+    fn pool_key(
+        &mut self,
+        p: &mut PoolKeys,
+        pool: &str,
+        k: &Key<'_>,
+        v: &Spanned<DeValue<'_>>,
+    ) -> Result<(), FileError> {
+        let name = k.get_ref().as_ref();
+        let shown = format!("pools.{pool}.{name}");
+        let span = Some(v.span());
+        match name {
+            "program" | "exec" => {
+                let argv = self.string_list(v, &shown)?;
+                let program = find_program(&argv[0])
+                    .map_err(|e| self.error(span.clone(), format!("key \"{shown}\": {e}")))?;
+                tracing::debug!(pool, program = %program.display(), "found");
+                let slot = if name == "program" {
+                    &mut p.program
+                } else {
+                    &mut p.exec
+                };
+                *slot = Some((v.span(), argv));
+            }
+            "ops" => {
+                let ops = self.string_list(v, &shown)?;
+                if let Some(bad) = ops.iter().find(|o| !valid_op(o)) {
+                    let message = format!("key \"{shown}\": \"{bad}\" cannot be an operation's name (1 to 64 bytes; ping and status are the dispatcher's)");
+                    return Err(self.error(span, message));
+                }
+                p.ops = Some((v.span(), ops));
+            }
+            "workers" => p.workers = Some(self.integer(v, &shown, 1..=1024)? as usize),
+            "job_timeout_ms" => {
+                p.job_timeout_ms = Some(self.integer(v, &shown, 1..=u32::MAX as u64)?)
+            }
+            "max_attempts" => p.max_attempts = Some(self.integer(v, &shown, 1..=100)? as u8),
+            "max_result_mib" => p.max_result_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
+            "pass_args" => {
+                p.pass_args = self.boolean(k, v, &shown)?;
+                p.pass_args_at = Some(k.span());
+            }
+            _ => return Err(self.pool_key_error(k, pool, OWN_POOL_KEYS, "a pool takes")),
+        }
+        Ok(())
+    }
+
+    /// Records that pool `name` serves `ops`; refuses one another pool of
+    /// the file serves.
+    fn claim_ops(
+        &mut self,
+        name: &str,
+        ops: &[String],
+        span: Range<usize>,
+    ) -> Result<(), FileError> {
+        let line = self.line(Some(span.clone())).unwrap_or(1);
+        for op in ops {
+            if let Some((other, at)) = self.out.claimed.get(op) {
+                let message = format!("key \"pools.{name}.ops\": operation \"{op}\" is served by pool \"{other}\" too (line {at}); an operation is served by one pool");
+                return Err(self.error(Some(span), message));
+            }
+            self.out.claimed.insert(op.clone(), (name.to_owned(), line));
+        }
+        Ok(())
+    }
+
+    /// A non-empty array of strings (at most 64).
+    fn string_list(&self, v: &Spanned<DeValue<'_>>, shown: &str) -> Result<Vec<String>, FileError> {
+        match strings(v.get_ref(), Kind::Strings) {
+            Some(list) if !list.is_empty() && list.len() <= 64 => Ok(list),
+            Some(_) => Err(self.error(
+                Some(v.span()),
+                format!("key \"{shown}\": expected 1 to 64 strings"),
+            )),
+            None => Err(self.error(
+                Some(v.span()),
+                format!(
+                    "key \"{shown}\": expected an array of strings, found {}",
+                    found(v.get_ref(), Kind::Strings)
+                ),
+            )),
+        }
+    }
+
+    fn integer(
+        &self,
+        v: &Spanned<DeValue<'_>>,
+        shown: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, FileError> {
+        let n = strings(v.get_ref(), Kind::Integer).and_then(|s| s[0].parse::<i64>().ok());
+        let Some(n) = n else {
+            let message = format!(
+                "key \"{shown}\": expected an integer, found {}",
+                found(v.get_ref(), Kind::Integer)
+            );
+            return Err(self.error(Some(v.span()), message));
+        };
+        match u64::try_from(n) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.error(
+                Some(v.span()),
+                format!(
+                    "key \"{shown}\": {n} is not in {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    }
+
+    fn boolean(
+        &self,
+        k: &Key<'_>,
+        v: &Spanned<DeValue<'_>>,
+        shown: &str,
+    ) -> Result<bool, FileError> {
+        match v.get_ref() {
+            DeValue::Boolean(b) => Ok(*b),
+            other => {
+                let _ = k;
+                let message = format!(
+                    "key \"{shown}\": expected a boolean (true or false), found a {}",
+                    other.type_str()
+                );
+                Err(self.error(Some(v.span()), message))
+            }
+        }
+    }
+}
+
+/// Whether `op` may name an operation of a pool.
+fn valid_op(op: &str) -> bool {
+    !op.is_empty()
+        && op.len() <= 64
+        && op != ipc_core::proto::OP_PING
+        && op != ipc_core::proto::OP_STATUS
 }
 
 /// A value as the flag's arguments, if it has the flag's type.

@@ -23,14 +23,15 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::pools::{Pool, PoolKind};
 use crate::replies::Body;
 use crate::session::{Ahead, Answered, End, Session, SessionJob};
 use crate::shared::{QueuedJob, Shared};
-use crate::slots::{News, Streamed, UploadState};
+use crate::slots::{News, SlotLease, Streamed, UploadState};
 use crate::workers::{WorkerEntry, WorkerState};
 
 /// How long a new worker has to say it is ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker has to exit after its stdin closes.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Failed starts in a row after which waiting jobs are answered with an error.
@@ -38,6 +39,9 @@ const GIVE_UP_JOBS_AFTER_FAILED_STARTS: u32 = 3;
 /// How long a worker whose job timed out has between SIGTERM and SIGKILL
 /// (to log what it was doing).
 const TERM_GRACE: Duration = Duration::from_secs(1);
+/// An exec pool's worker times its command out itself (to answer with the
+/// command's stderr); the dispatcher's timer is a backstop this much later.
+const EXEC_BACKSTOP: Duration = Duration::from_secs(3);
 
 impl SessionJob for QueuedJob {
     fn id(&self) -> u64 {
@@ -65,26 +69,34 @@ struct Worker {
     stdout: ChildStdout,
 }
 
-/// Drives pool place `index` until `stop` turns true.
-pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<bool>) {
-    let entry = shared.workers.get(index);
+/// Drives place `index` of pool `pool` until `stop` turns true.
+pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watch::Receiver<bool>) {
+    let p = &shared.pools[pool];
+    let entry = p.workers.get(index);
     let mut failures_in_a_row = 0u32;
     while !*stop.borrow() {
-        let mut worker = match spawn(&shared).await {
+        let mut worker = match spawn(&shared, p).await {
             Ok(w) => {
                 failures_in_a_row = 0;
                 w
             }
             Err(e) => {
                 failures_in_a_row += 1;
-                start_failed(&shared, index, failures_in_a_row, &e, &mut stop).await;
+                p.start_failed(&e);
+                start_failed(&shared, p, index, failures_in_a_row, &e, &mut stop).await;
                 continue;
             }
         };
-        tracing::info!(worker = index, pid = worker.pid, "worker started");
+        tracing::info!(
+            pool = p.name(),
+            worker = index,
+            pid = worker.pid,
+            "worker started"
+        );
         entry.started(worker.pid);
         let end = WorkerDriver {
             shared: &shared,
+            pool: p,
             index,
             w: &mut worker,
             stop: &mut stop,
@@ -94,7 +106,7 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
         .await;
         let status = finish(&mut worker, &end).await;
         entry.ended();
-        if settle(&shared, index, worker.pid, end, status, *stop.borrow()) {
+        if settle(&shared, p, index, worker.pid, end, status, *stop.borrow()) {
             break;
         }
         if *stop.borrow() {
@@ -111,6 +123,7 @@ pub async fn drive(shared: Rc<Shared>, index: usize, mut stop: watch::Receiver<b
 /// that cannot start; then backs off.
 async fn start_failed(
     shared: &Shared,
+    pool: &Pool,
     index: usize,
     failures: u32,
     e: &str,
@@ -118,12 +131,16 @@ async fn start_failed(
 ) {
     let delay = Duration::from_millis(50 << failures.min(6));
     tracing::error!(
+        pool = pool.name(),
         worker = index,
         "cannot start worker: {e}; retrying in {delay:?}"
     );
     if failures >= GIVE_UP_JOBS_AFTER_FAILED_STARTS {
-        let msg = format!("no worker can be started ({e}); see the dispatcher's log");
-        for job in shared.queue.take_all() {
+        let msg = format!(
+            "no worker of pool \"{}\" can be started ({e}); see the dispatcher's log",
+            pool.name()
+        );
+        for job in pool.queue.take_all() {
             answer_err(shared, job, ErrorKind::Internal, msg.clone());
         }
     }
@@ -137,6 +154,7 @@ async fn start_failed(
 /// why. Returns true when the driver is done (a polite stop).
 fn settle(
     shared: &Shared,
+    pool: &Pool,
     index: usize,
     pid: u32,
     end: End<QueuedJob>,
@@ -150,18 +168,23 @@ fn settle(
         ..
     } = end
     else {
-        tracing::info!(worker = index, pid, "worker stopped: {status}");
+        tracing::info!(
+            pool = pool.name(),
+            worker = index,
+            pid,
+            "worker stopped: {status}"
+        );
         return true;
     };
     tracing::warn!(
+        pool = pool.name(),
         worker = index,
         pid,
         "worker ended ({why}): {status}; replacing it"
     );
     if !stopping {
         let lost = answer.len() as u64;
-        shared
-            .workers
+        pool.workers
             .get(index)
             .lost(lost, format!("{status}: {why}"));
     }
@@ -177,19 +200,58 @@ fn settle(
     } else {
         // Back to the front of the queue, in their order.
         for job in requeue.into_iter().rev() {
-            shared.queue.push(job, true);
+            pool.queue.push(job, true);
         }
     }
     false
 }
 
-async fn spawn(shared: &Shared) -> Result<Worker, String> {
-    let mut cmd = Command::new(&shared.config.worker_exe);
-    cmd.arg("--segment")
-        .arg(shared.slots.segment().name())
-        .arg("--parent-pid")
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::piped())
+/// The command that starts one of `pool`'s workers.
+fn command(shared: &Shared, pool: &Pool) -> Command {
+    let segment = shared.slots.segment().name();
+    let parent = std::process::id().to_string();
+    let fault = shared.config.allow_fault_injection;
+    let osps_worker = |extra: &[&str]| {
+        let mut cmd = Command::new(&shared.config.worker_exe);
+        cmd.args(["--segment", segment, "--parent-pid", &parent]);
+        if fault {
+            cmd.arg("--allow-fault-injection");
+        }
+        cmd.args(extra);
+        cmd
+    };
+    let mut cmd = match &pool.config.kind {
+        PoolKind::Builtin => osps_worker(&[]),
+        PoolKind::Program { argv } => {
+            // The program's arguments stay its own: ours go in the environment.
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .env(ipc_core::env::SEGMENT, segment)
+                .env(ipc_core::env::PARENT_PID, &parent);
+            if fault {
+                cmd.env(ipc_core::env::ALLOW_FAULT_INJECTION, "1");
+            }
+            cmd
+        }
+        PoolKind::Exec {
+            argv,
+            ops,
+            pass_args,
+        } => {
+            let timeout = pool.config.job_timeout_ms.to_string();
+            let mut extra: Vec<&str> = vec!["--timeout-ms", &timeout];
+            for op in ops {
+                extra.extend(["--exec-op", op]);
+            }
+            if *pass_args {
+                extra.push("--pass-args");
+            }
+            extra.push("--");
+            extra.extend(argv.iter().map(String::as_str));
+            osps_worker(&extra)
+        }
+    };
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .env(
@@ -198,12 +260,16 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         )
         .process_group(0)
         .kill_on_drop(true);
-    if shared.config.allow_fault_injection {
-        cmd.arg("--allow-fault-injection");
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("{}: {e}", shared.config.worker_exe.display()))?;
+    cmd
+}
+
+/// Starts one of `pool`'s workers and waits for its `Ready`; the first
+/// ready worker of a pool tells which operations it serves.
+async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
+    let mut child = command(shared, pool).spawn().map_err(|e| {
+        let program = pool.config.program(&shared.config.worker_exe);
+        format!("{}: {e}", program[0])
+    })?;
     let pid = child.id().ok_or("worker exited at once")?;
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
@@ -214,10 +280,13 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
         stdout,
     };
     let failed = match ready(&mut worker).await {
-        Ok(streams) => {
-            shared.queue.set_streaming_ops(streams);
-            return Ok(worker);
-        }
+        Ok((streams, ops)) => match shared.routes.learn(&shared.pools, pool, &ops) {
+            Ok(()) => {
+                pool.queue.set_streaming_ops(streams);
+                return Ok(worker);
+            }
+            Err(refused) => refused,
+        },
         Err(failed) => failed,
     };
     let not_ready = End::Kill {
@@ -230,8 +299,9 @@ async fn spawn(shared: &Shared) -> Result<Worker, String> {
     Err(format!("worker {pid}: {failed} ({status})"))
 }
 
-/// Waits for a new worker's `Ready`; returns the operations it streams.
-async fn ready(worker: &mut Worker) -> Result<Vec<String>, String> {
+/// Waits for a new worker's `Ready`; returns the operations it streams,
+/// and all it serves.
+async fn ready(worker: &mut Worker) -> Result<(Vec<String>, Vec<String>), String> {
     let mut scratch = Vec::new();
     let hello = frame::read_frame_async::<FromWorker, _>(
         &mut worker.stdout,
@@ -242,8 +312,9 @@ async fn ready(worker: &mut Worker) -> Result<Vec<String>, String> {
         Ok(Ok(FromWorker::Ready {
             version: PIPE_VERSION,
             streams,
+            ops,
             ..
-        })) => return Ok(streams),
+        })) => return Ok((streams, ops)),
         Ok(Ok(FromWorker::Ready { version, .. })) => format!(
             "it speaks worker pipe version {version}, this dispatcher {PIPE_VERSION} (a worker must speak pipe version {PIPE_VERSION}, docs/PROTOCOL.md section 13: osps-worker or an SDK worker from the same OSPS as osps-dispatcher)"
         ),
@@ -255,8 +326,13 @@ async fn ready(worker: &mut Worker) -> Result<Vec<String>, String> {
     })
 }
 
+/// A `Grow`'s wait for room in the arena.
+type RoomWait = std::pin::Pin<Box<dyn std::future::Future<Output = Option<SlotLease>>>>;
+
 /// What woke a busy driver.
 enum Woke {
+    /// The room a `Grow` asked for (`None`: the pool is closed).
+    Room(Option<SlotLease>),
     /// Result bytes (or the end of the pipe).
     Read(std::io::Result<usize>),
     /// The running job's payload made progress.
@@ -268,6 +344,7 @@ enum Woke {
 /// One live worker's service: its session and its pipes.
 struct WorkerDriver<'a> {
     shared: &'a Rc<Shared>,
+    pool: &'a Pool,
     index: usize,
     w: &'a mut Worker,
     stop: &'a mut watch::Receiver<bool>,
@@ -282,22 +359,30 @@ struct WorkerDriver<'a> {
 
 impl WorkerDriver<'_> {
     fn entry(&self) -> &WorkerEntry {
-        self.shared.workers.get(self.index)
+        self.pool.workers.get(self.index)
     }
 
     /// Feeds jobs to the worker until it must go.
     async fn serve(mut self) -> End<QueuedJob> {
-        let timeout = Duration::from_millis(self.shared.config.job_timeout_ms);
-        let mut s = Session::new(self.shared.config.max_attempts, Instant::now().into_std());
+        let config = &self.pool.config;
+        let timeout = Duration::from_millis(config.job_timeout_ms);
+        // An exec worker answers a timeout itself; ours is a backstop.
+        let backstop = match config.kind {
+            PoolKind::Exec { .. } => EXEC_BACKSTOP,
+            _ => Duration::ZERO,
+        };
+        let mut s = Session::new(config.max_attempts, Instant::now().into_std());
         // The running job's upload, while the worker is told of its progress.
         let mut upload: Option<Rc<Streamed>> = None;
         let mut out = Vec::with_capacity(4096);
         let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
+        // The room a `Grow` waits for, while it waits.
+        let mut room: Option<RoomWait> = None;
         loop {
             if s.is_idle() {
                 self.entry().set_state(WorkerState::Idle);
                 let job = tokio::select! {
-                    job = self.shared.queue.next() => job,
+                    job = self.pool.queue.next() => job,
                     status = self.w.child.wait() => return s.died(format!("exited while idle: {}", describe(status)), op_name),
                     _ = self.stop.wait_for(|s| *s) => return End::Stop,
                 };
@@ -319,15 +404,25 @@ impl WorkerDriver<'_> {
                     Err(e) => return s.died(format!("job pipe: {e}"), op_name),
                 }
             }
-            let deadline = s.deadline(timeout).map(Instant::from_std);
-            match self.wait(&mut inbuf, upload.as_deref(), deadline).await {
+            let deadline = s.deadline(timeout + backstop).map(Instant::from_std);
+            match self
+                .wait(&mut inbuf, upload.as_deref(), &mut room, deadline)
+                .await
+            {
+                Woke::Room(given) => {
+                    room = None;
+                    match self.give_room(&mut s, given, &mut out).await {
+                        Ok(()) => continue,
+                        Err(e) => return s.died(format!("job pipe: {e}"), op_name),
+                    }
+                }
                 Woke::Read(Ok(0)) => return s.died("result pipe closed".into(), op_name),
                 Woke::Read(Err(e)) => return s.died(format!("result pipe: {e}"), op_name),
                 Woke::Read(Ok(_)) => {}
                 Woke::Upload => continue,
                 Woke::TimedOut => {
                     let head = s.head().expect("a job runs");
-                    tracing::warn!(worker = self.index, job = head.job_id, op = %head.op, "job timed out after {timeout:?}");
+                    tracing::warn!(pool = config.name, worker = self.index, job = head.job_id, op = %head.op, "job timed out after {timeout:?}");
                     return s.timed_out(timeout);
                 }
                 // Stop arrives while busy only when the drain deadline has passed.
@@ -338,15 +433,89 @@ impl WorkerDriver<'_> {
                 Err(Failed::Broke(why)) => return s.broke(why),
                 Err(Failed::Crashed(said)) => return s.crashed(said, op_name),
             }
+            if let Err(e) = self.ask_room(&mut s, &mut room, &mut out).await {
+                return s.died(format!("job pipe: {e}"), op_name);
+            }
             if !s.arriving() {
                 upload = None;
             }
         }
     }
 
+    /// After the worker's frames are read: starts waiting for the room a
+    /// `Grow` asked for (or refuses it at once, past the pool's limit), and
+    /// forgets a wait whose job was answered meanwhile.
+    async fn ask_room(
+        &mut self,
+        s: &mut Session<QueuedJob>,
+        room: &mut Option<RoomWait>,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let Some(len) = s.growing() else {
+            *room = None;
+            return Ok(());
+        };
+        if room.is_some() {
+            return Ok(());
+        }
+        let limit = self.pool.config.max_result;
+        if len > limit {
+            let message = format!(
+                "a result of {len} bytes exceeds pool \"{}\"'s limit of {limit} bytes (max_result_mib)",
+                self.pool.name()
+            );
+            let job_id = s.grow_answered().expect("a job runs").job_id;
+            let msg = ToWorker::NoRoom {
+                job_id,
+                message: message.into(),
+            };
+            return self.send(&msg, out).await;
+        }
+        let job = s.head().expect("a job runs");
+        let (slots, holder) = (Rc::clone(&self.shared.slots), Rc::clone(job.lease.holder()));
+        *room = Some(Box::pin(
+            async move { slots.lease_room(len, &holder).await },
+        ));
+        Ok(())
+    }
+
+    /// Gives the running job the room it waited for (`None`: the
+    /// dispatcher is shutting down, and refuses).
+    async fn give_room(
+        &mut self,
+        s: &mut Session<QueuedJob>,
+        given: Option<SlotLease>,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let Some(job) = s.grow_answered() else {
+            return Ok(());
+        };
+        let job_id = job.job_id;
+        let msg = match given {
+            Some(lease) => {
+                let area = lease.region().into();
+                job.lease.add_room(lease);
+                ToWorker::Room { job_id, area }
+            }
+            None => ToWorker::NoRoom {
+                job_id,
+                message: "the dispatcher is shutting down".into(),
+            },
+        };
+        self.send(&msg, out).await
+    }
+
+    /// Writes one frame to the worker.
+    async fn send(&mut self, msg: &ToWorker<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
+        out.clear();
+        frame::encode(msg, out).expect("frames to a worker encode");
+        let stdin = self.w.stdin.as_mut().expect("open while serving");
+        stdin.write_all(out).await
+    }
+
     /// Takes more queued jobs for the same write, while the session allows.
     fn take_ahead(&self, s: &mut Session<QueuedJob>) {
-        let queue = &self.shared.queue;
+        let queue = &self.pool.queue;
         let mut ahead = 0;
         while s.may_send_ahead(queue.idle_workers()) {
             let Some(job) = queue.try_next() else {
@@ -420,10 +589,7 @@ impl WorkerDriver<'_> {
             News::More { ready, .. } => ToWorker::More { job_id, ready },
             News::Abort => ToWorker::Abort { job_id },
         };
-        out.clear();
-        frame::encode(&msg, out).expect("news encodes");
-        let stdin = self.w.stdin.as_mut().expect("open while serving");
-        stdin.write_all(out).await?;
+        self.send(&msg, out).await?;
         s.tell(news, std::time::Instant::now());
         Ok(true)
     }
@@ -434,8 +600,15 @@ impl WorkerDriver<'_> {
         &mut self,
         inbuf: &mut Vec<u8>,
         upload: Option<&Streamed>,
+        room: &mut Option<RoomWait>,
         deadline: Option<Instant>,
     ) -> Woke {
+        let room_given = async {
+            match room {
+                Some(r) => r.await,
+                None => std::future::pending().await,
+            }
+        };
         let progress = async {
             match upload {
                 Some(up) => up.upload.changed().await,
@@ -449,6 +622,7 @@ impl WorkerDriver<'_> {
         }
         tokio::select! {
             r = self.w.stdout.read_buf(inbuf) => Woke::Read(r),
+            given = room_given => Woke::Room(given),
             () = progress => Woke::Upload,
             () = &mut self.timer, if deadline.is_some() => Woke::TimedOut,
             _ = self.stop.wait_for(|s| *s) => Woke::Stopped,
@@ -464,6 +638,13 @@ impl WorkerDriver<'_> {
                 Ok(Some((FromWorker::Done(done), n))) => {
                     consumed += n;
                     done
+                }
+                Ok(Some((FromWorker::Grow { job_id, len }, n))) => {
+                    consumed += n;
+                    match s.asked(job_id, len) {
+                        Ok(()) => continue,
+                        Err(why) => break Err(Failed::Broke(why)),
+                    }
                 }
                 Ok(Some((other, _))) => {
                     break Err(Failed::Broke(format!("unexpected message {other:?}")))
@@ -509,10 +690,10 @@ fn answer(shared: &Shared, job: QueuedJob, done: JobDone) -> bool {
     let result = done
         .result_offset
         .checked_add(done.result_len)
-        .filter(|&end| end <= job.lease.region().len())
+        .filter(|&end| end <= job.lease.result_area().len())
         .map(|end| done.result_offset as usize..end as usize);
     let Some(result) = result else {
-        let msg = "the worker described a result outside its slot".into();
+        let msg = "the worker described a result outside its slot (or its last room)".into();
         answer_err(shared, job, ErrorKind::Internal, msg);
         return false;
     };

@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 use crate::admission::{Holder, Wait};
 use crate::handshake::skip;
+use crate::pools::Pool;
 use crate::replies::{Body, Permit, Replies, Reply};
 use crate::shared::{OpName, QueuedJob, Shared};
 use crate::slots::{JobSlot, SlotLease, Uploading, RESULT_RESERVE};
@@ -164,55 +165,61 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
         }
     }
 
-    /// Takes a job's request: a slot, its payload, the queue.
+    /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
-        // A slot, unless the request is refused; waiting for one ends if shutdown begins.
-        let lease = match req.op.as_str() {
-            proto::OP_STATUS => None,
-            _ => {
-                let len = req.payload_len + RESULT_RESERVE;
-                self.shared.slots.lease(len, self.holder).await
-            }
-        };
-        let Some(lease) = lease else {
-            return self.refuse(req, permit).await;
-        };
         let shared = self.shared;
-        if !shared.life.draining() && shared.queue.should_stream(req.op.as_str(), req.payload_len) {
-            return self.stream(req, lease, permit).await;
+        if req.op.as_str() == proto::OP_STATUS {
+            let message = "status takes no payload".to_owned();
+            return self
+                .refuse(req, permit, ErrorKind::BadRequest, message)
+                .await;
         }
-        self.read_payload(req, lease, permit).await
+        let Some(pool) = shared.route(req.op.as_str()) else {
+            let message = shared.unknown_op(req.op.as_str());
+            return self
+                .refuse(req, permit, ErrorKind::UnknownOp, message)
+                .await;
+        };
+        // A slot; waiting for one ends if shutdown begins.
+        let len = req.payload_len + RESULT_RESERVE;
+        let Some(lease) = shared.slots.lease(len, self.holder).await else {
+            let message = SHUTTING_DOWN.to_owned();
+            return self
+                .refuse(req, permit, ErrorKind::ShuttingDown, message)
+                .await;
+        };
+        if !shared.life.draining() && pool.queue.should_stream(req.op.as_str(), req.payload_len) {
+            return self.stream(req, pool, lease, permit).await;
+        }
+        self.read_payload(req, pool, lease, permit).await
     }
 
-    /// Skips a refused request's payload to stay in step with the stream
-    /// (under the same deadline as any payload: a refused one cannot be
-    /// trickled forever), then answers why.
-    async fn refuse(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
+    /// Answers why a request is refused at once, then skips its payload
+    /// to stay in step with the stream (under the same deadline as any
+    /// payload: a refused one cannot be trickled forever).
+    async fn refuse(
+        &mut self,
+        req: Header,
+        permit: Permit,
+        kind: ErrorKind,
+        message: String,
+    ) -> Result<(), Ended> {
+        answer_err(permit, req.id, kind, message);
         match tokio::time::timeout(self.frame_deadline(), skip(self.rd, req.payload_len)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::debug!("connection ended inside a payload: {e}");
-                return Err(Ended::Gone);
+                Err(Ended::Gone)
             }
-            Err(_) => return Err(self.stalled()),
+            Err(_) => Err(self.stalled()),
         }
-        if req.op.as_str() == proto::OP_STATUS {
-            answer_err(
-                permit,
-                req.id,
-                ErrorKind::BadRequest,
-                "status takes no payload".into(),
-            );
-        } else {
-            shutting_down(permit, req.id);
-        }
-        Ok(())
     }
 
     /// Reads the payload into the slot, then queues the job.
     async fn read_payload(
         &mut self,
         req: Header,
+        pool: &Pool,
         mut lease: SlotLease,
         permit: Permit,
     ) -> Result<(), Ended> {
@@ -232,18 +239,24 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             return Ok(());
         }
         let job = self.job(req, JobSlot::own(lease), permit);
-        self.shared.queue.push(job, false);
+        pool.queue.push(job, false);
         Ok(())
     }
 
     /// Queues the job now, for an idle worker to start on, and reads the
     /// payload as it comes; the connection holds the slot until the upload
     /// ends (or is dropped with it: then the job hears the payload never will).
-    async fn stream(&mut self, req: Header, lease: SlotLease, permit: Permit) -> Result<(), Ended> {
+    async fn stream(
+        &mut self,
+        req: Header,
+        pool: &Pool,
+        lease: SlotLease,
+        permit: Permit,
+    ) -> Result<(), Ended> {
         let (id, len) = (req.id, req.payload_len);
         let (mut uploading, slot) = Uploading::start(lease, len);
         let job = self.job(req, slot, permit);
-        self.shared.queue.push(job, false);
+        pool.queue.push(job, false);
         let payload = tokio::time::timeout(self.frame_deadline(), uploading.read_from(self.rd));
         let read = payload.await.unwrap_or(Err(FrameError::Stalled));
         uploading.finish(read.is_ok());
@@ -252,7 +265,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
 
     fn job(&self, req: Header, lease: JobSlot, reply: Permit) -> QueuedJob {
         QueuedJob {
-            job_id: self.shared.queue.next_job_id(),
+            job_id: self.shared.next_job_id(),
             req_id: req.id,
             op: req.op,
             args: req.args,
@@ -278,7 +291,8 @@ fn answer_err(permit: Permit, id: u64, kind: ErrorKind, message: String) {
     permit.answer(id, error(kind, message), Body::Inline(Vec::new()));
 }
 
+const SHUTTING_DOWN: &str = "the dispatcher is shutting down; retry later";
+
 fn shutting_down(permit: Permit, id: u64) {
-    let msg = "the dispatcher is shutting down; retry later".into();
-    answer_err(permit, id, ErrorKind::ShuttingDown, msg);
+    answer_err(permit, id, ErrorKind::ShuttingDown, SHUTTING_DOWN.into());
 }

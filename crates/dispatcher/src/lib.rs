@@ -15,6 +15,7 @@ mod handler;
 mod handshake;
 mod latency;
 mod listener;
+pub mod pools;
 mod queue;
 mod replies;
 mod session;
@@ -132,6 +133,16 @@ pub struct Config {
     /// The worker program [default: osps-worker beside this program, else from PATH].
     #[arg(long, default_value_os_t = default_worker_exe(), hide_default_value = true)]
     pub worker_exe: PathBuf,
+    /// Largest result a job may return, in MiB (a worker asks for room past its slot) [default: the largest payload].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_result_mib: Option<u64>,
+    /// The pools of their own, from the configuration file (`[pools.NAME]`).
+    #[arg(skip)]
+    pub pools: Vec<pools::PoolSpec>,
+    /// Whether the builtin pool (`--worker-exe`) runs: unless the file's
+    /// `[pools.builtin]` says `enabled = false`.
+    #[arg(skip = true)]
+    pub builtin_pool: bool,
     /// The watchdog that started us, if any: we stop (SIGTERM) when it dies.
     #[arg(skip)]
     pub watchdog: Option<ipc_core::status::WatchdogStatus>,
@@ -260,6 +271,45 @@ impl Config {
     pub fn tcp_connections(&self) -> usize {
         self.max_tcp_connections.unwrap_or(self.max_connections)
     }
+
+    /// Every pool that runs, its values settled: the builtin pool first
+    /// (unless disabled), with the top-level options; then the file's
+    /// pools, each taking the top-level option for a key it does not set.
+    pub fn pools(&self) -> Vec<pools::PoolConfig> {
+        use pools::{PoolConfig, PoolKind, PoolSpec};
+        let builtin = PoolSpec {
+            name: pools::BUILTIN.into(),
+            kind: PoolKind::Builtin,
+            workers: None,
+            job_timeout_ms: None,
+            max_attempts: None,
+            max_result_mib: None,
+            origin: "the command line and top-level options".into(),
+        };
+        let max_result = |mib: Option<u64>| {
+            mib.or(self.max_result_mib)
+                .map_or(self.max_payload, |m| m.saturating_mul(MIB))
+        };
+        self.builtin_pool
+            .then_some(builtin)
+            .into_iter()
+            .chain(self.pools.iter().cloned())
+            .map(|p| PoolConfig {
+                workers: p.workers.unwrap_or(self.workers),
+                job_timeout_ms: p.job_timeout_ms.unwrap_or(self.job_timeout_ms),
+                max_attempts: p.max_attempts.unwrap_or(self.max_attempts),
+                max_result: max_result(p.max_result_mib),
+                name: p.name,
+                kind: p.kind,
+                origin: p.origin,
+            })
+            .collect()
+    }
+
+    /// Workers of every pool.
+    pub fn total_workers(&self) -> usize {
+        self.pools().iter().map(|p| p.workers).sum()
+    }
 }
 
 /// `osps-worker` beside the running program, else from `PATH`.
@@ -354,7 +404,30 @@ impl Config {
             );
         }
         self.validate_tcp()?;
-        self.validate_sizes()
+        self.validate_sizes()?;
+        self.validate_pools()
+    }
+
+    /// At least one pool; each one's largest result fits in a slot.
+    fn validate_pools(&self) -> Result<(), Invalid> {
+        let pools = self.pools();
+        if pools.is_empty() {
+            return Err(Invalid {
+                key: "pools",
+                message: "no pool runs: [pools.builtin] has enabled = false and no other [pools.NAME] is configured".into(),
+            });
+        }
+        let max_slot = ipc_core::SlotAllocator::max_slot_for(self.segment_mib.saturating_mul(MIB));
+        match pools.iter().find(|p| p.max_result > max_slot) {
+            Some(p) => Err(Invalid {
+                key: "max-result-mib",
+                message: format!(
+                    "pool \"{}\" ({}): a result of up to {} MiB needs a slot the {} MiB segment cannot give (its largest is {} bytes); raise --segment-mib or lower max_result_mib",
+                    p.name, p.origin, p.max_result >> 20, self.segment_mib, max_slot
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn validate_tcp(&self) -> Result<(), Invalid> {
@@ -453,8 +526,8 @@ fn budgets(config: &Config) -> Result<admission::Budgets, DispatcherError> {
     let Some(b) = admission::Budgets::for_fd_limit(config, limit) else {
         return Err(DispatcherError::Config(format!(
             "the open-file limit ({limit}) is too low: {} descriptors are kept for the dispatcher, {} worker(s) and the watchdog's probe, and clients need a few more; raise it (ulimit -n) or lower --workers",
-            admission::fd_reserve(config.workers),
-            config.workers
+            admission::fd_reserve(config.total_workers()),
+            config.total_workers()
         )));
     };
     let clamped = [
@@ -474,7 +547,7 @@ fn budgets(config: &Config) -> Result<admission::Budgets, DispatcherError> {
             tracing::warn!(
                 "{flag} {asked} clamped to {got}: the open-file limit is {limit}, and {} descriptors are kept for the dispatcher, its {} worker(s) and the watchdog's probe (raise it with ulimit -n or LimitNOFILE=)",
                 b.fd_reserve,
-                config.workers
+                config.total_workers()
             );
         }
     }
@@ -556,9 +629,21 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     let running = start(config)?;
     let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let drivers: Vec<_> = (0..shared.config.workers)
-        .map(|i| tokio::task::spawn_local(driver::drive(Rc::clone(shared), i, stop_rx.clone())))
+    let drivers: Vec<_> = shared
+        .pools
+        .iter()
+        .flat_map(|p| (0..p.config.workers).map(move |i| (p.index, i)))
+        .map(|(p, i)| {
+            tokio::task::spawn_local(driver::drive(Rc::clone(shared), p, i, stop_rx.clone()))
+        })
         .collect();
+    if let Err(refused) = pools_ready(shared).await {
+        let _ = stop_tx.send(true);
+        for d in drivers {
+            let _ = d.await;
+        }
+        return Err(DispatcherError::Config(refused));
+    }
     let listeners = listen(shared).await?;
     tracing::info!(
         instance = shared.paths.instance(),
@@ -567,7 +652,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         tcp_token = shared.admission.tcp_token.is_some(),
         segment = %shared.slots.segment().name(),
         generation = shared.slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
-        workers = shared.config.workers,
+        pools = shared.pools.len(),
+        workers = shared.config.total_workers(),
         "dispatcher ready"
     );
     // Soon after we serve: map the whole segment so no request pays a page fault.
@@ -614,6 +700,30 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     Ok(())
 }
 
+/// Waits (up to the time a worker has to say it is ready, and a little
+/// more) until each pool's operations are known or its first start has
+/// failed, so requests are routed from the first; refuses two pools that
+/// serve one operation.
+async fn pools_ready(shared: &Shared) -> Result<(), String> {
+    let wait = driver::READY_TIMEOUT + Duration::from_secs(1);
+    let settled = async {
+        for p in &shared.pools {
+            p.settle().await;
+        }
+    };
+    let _ = tokio::time::timeout(wait, settled).await;
+    if let Some(conflict) = shared.pools.iter().find_map(|p| p.conflict()) {
+        return Err(conflict);
+    }
+    for p in shared.pools.iter().filter(|p| p.ops().is_none()) {
+        tracing::error!(
+            pool = p.name(),
+            "the pool's first worker is not ready; its operations are unknown until one is"
+        );
+    }
+    Ok(())
+}
+
 /// Ordered shutdown's first half: refuses new jobs, waits up to the drain
 /// deadline (or a second signal) for in-flight jobs, and answers what is
 /// still queued.
@@ -639,7 +749,7 @@ async fn drain(
             shared.in_flight()
         );
     }
-    for job in shared.queue.take_all() {
+    for job in shared.pools.iter().flat_map(|p| p.queue.take_all()) {
         driver::answer_err(
             shared,
             job,

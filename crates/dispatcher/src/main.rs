@@ -17,7 +17,7 @@ struct Args {
     log: ipc_core::cli::LogArgs,
     #[command(flatten)]
     place: ipc_core::cli::InstanceArgs,
-    /// Read options from this TOML file (keys: the flags' names with underscores, e.g. job_timeout_ms = 30000); a flag given here overrides the file.
+    /// Read options from this TOML file (keys: the flags' names with underscores, e.g. job_timeout_ms = 30000, and pools as [pools.NAME] tables); a flag given here overrides the file.
     #[arg(long = "config", value_name = "FILE")]
     config_file: Option<PathBuf>,
     /// Check the options (with the --config file's) and exit: status 0 if they would be accepted, else one line saying why.
@@ -41,7 +41,9 @@ fn parse() -> Result<Args, config_file::FileError> {
     let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
     argv.extend(from_file.args.iter().cloned());
     argv.extend(std::env::args_os().skip(1));
-    let args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+    let mut args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+    args.config.pools = from_file.pools.clone();
+    args.config.builtin_pool = from_file.builtin;
     if let Err(invalid) = args.config.validate() {
         if let Some(e) = from_file.locate(&invalid) {
             return Err(e);

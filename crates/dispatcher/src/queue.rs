@@ -20,19 +20,11 @@ pub struct JobQueue {
     jobs: RefCell<VecDeque<QueuedJob>>,
     job_ready: Notify,
     idle_workers: Cell<usize>,
-    next_job_id: Cell<u64>,
     /// Operations the workers read front to back (from their `Ready`).
     streaming_ops: RefCell<Vec<String>>,
 }
 
 impl JobQueue {
-    /// Numbers a new job (from 1).
-    pub fn next_job_id(&self) -> u64 {
-        let id = self.next_job_id.get() + 1;
-        self.next_job_id.set(id);
-        id
-    }
-
     /// Queues a job at the back (or, for a retry, at the front).
     pub fn push(&self, job: QueuedJob, front: bool) {
         if front {

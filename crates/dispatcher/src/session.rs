@@ -89,6 +89,8 @@ pub struct Session<J> {
     told: Option<u64>,
     /// Attempts per job: the first run plus retries after worker crashes.
     max_attempts: u8,
+    /// The running job's `Grow` not answered yet: the bytes asked.
+    grow: Option<u64>,
 }
 
 impl<J: SessionJob> Session<J> {
@@ -99,6 +101,7 @@ impl<J: SessionJob> Session<J> {
             head_since: now,
             told: None,
             max_attempts,
+            grow: None,
         }
     }
 
@@ -212,11 +215,49 @@ impl<J: SessionJob> Session<J> {
             }
         }
         // An error may come early (bad arguments); the news still sent for
-        // that job is ignored by the worker.
+        // that job is ignored by the worker. A room it asked for is no
+        // longer wanted.
         self.told = None;
+        self.grow = None;
         self.written -= 1;
         self.head_since = now;
         Answered::Job(self.sent.pop_front().expect("checked above"))
+    }
+
+    /// The worker asks for `len` bytes of result area for job `job_id`:
+    /// accepted only for the running job, with none asked already.
+    pub fn asked(&mut self, job_id: u64, len: u64) -> Result<(), String> {
+        let running = self
+            .sent
+            .front()
+            .map(SessionJob::id)
+            .filter(|_| self.written > 0);
+        if running != Some(job_id) {
+            return Err(format!(
+                "Grow for job {job_id}, which is not the running job"
+            ));
+        }
+        if self.grow.is_some() {
+            return Err(format!(
+                "a second Grow for job {job_id} before the first was answered"
+            ));
+        }
+        if len == 0 {
+            return Err(format!("a Grow of 0 bytes for job {job_id}"));
+        }
+        self.grow = Some(len);
+        Ok(())
+    }
+
+    /// The bytes the running job's worker waits for, if it does.
+    pub fn growing(&self) -> Option<u64> {
+        self.grow
+    }
+
+    /// The `Grow` is answered now: the running job (to hold its room).
+    pub fn grow_answered(&mut self) -> Option<&mut J> {
+        self.grow.take()?;
+        self.sent.front_mut()
     }
 
     /// The running job ran past its timeout.
@@ -610,5 +651,28 @@ mod tests {
         assert_eq!((a, r), (vec![(1, ErrorKind::Internal)], vec![2, 3]));
         // Nothing held: no deadline.
         assert_eq!(holding(&[], t0).deadline(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn grow_table() {
+        let t0 = Instant::now();
+        let mut s = holding(&[job(1), job(2)], t0);
+        // Only the running job, once at a time, never 0 bytes.
+        assert!(s.asked(2, 10).unwrap_err().contains("not the running job"));
+        assert!(s.asked(1, 0).unwrap_err().contains("0 bytes"));
+        assert_eq!(s.growing(), None);
+        s.asked(1, 10).unwrap();
+        assert!(s.asked(1, 20).unwrap_err().contains("second Grow"));
+        assert_eq!(s.growing(), Some(10));
+        assert_eq!(s.grow_answered().map(|j| j.id), Some(1));
+        assert_eq!((s.growing(), s.grow_answered().map(|j| j.id)), (None, None));
+        // Asked again, then the job is answered: the ask is forgotten.
+        s.asked(1, 30).unwrap();
+        assert!(matches!(s.answered(1, &Outcome::Ok, t0), Answered::Job(_)));
+        assert_eq!(s.growing(), None);
+        assert!(s.asked(1, 5).is_err(), "job 1 is done");
+        s.asked(2, 5).unwrap();
+        // Nothing held: nothing to grow.
+        assert!(holding(&[], t0).asked(1, 5).is_err());
     }
 }

@@ -10,11 +10,10 @@ use std::time::Instant;
 use ipc_core::{RuntimePaths, Segment};
 
 use crate::admission::{Admission, Budgets};
-use crate::queue::JobQueue;
+use crate::pools::{Pool, Routes};
 use crate::replies::Permit;
 use crate::slots::{JobSlot, SlotPool};
 use crate::stats::Stats;
-use crate::workers::WorkerTable;
 use crate::Config;
 
 /// An operation name, kept inline when short (every real one is): no
@@ -82,10 +81,11 @@ pub struct Shared {
     /// The segment's slots, their caps and leases.
     pub slots: Rc<SlotPool>,
     pub max_payload: u64,
-    /// Jobs waiting for a worker.
-    pub queue: JobQueue,
-    /// What each worker is doing and has done.
-    pub workers: WorkerTable,
+    /// The pools: each one's queue and workers.
+    pub pools: Vec<Pool>,
+    /// Which pool serves each operation.
+    pub routes: Routes,
+    next_job_id: Cell<u64>,
     /// Jobs by outcome, latencies.
     pub stats: Stats,
     /// Who may connect, and how many at once.
@@ -135,19 +135,90 @@ impl Shared {
             config.conn_arena_percent,
             config.peer_arena_percent,
         );
+        let pools: Vec<Pool> = config
+            .pools()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Pool::new(p, i))
+            .collect();
+        let routes = Routes::default();
+        for pool in &pools {
+            // An exec pool's operations are in the configuration (a
+            // conflict is kept in the pool, and refused before serving).
+            if let Some(ops) = pool.ops() {
+                let _ = routes.learn(&pools, pool, &ops);
+            }
+        }
         Rc::new(Shared {
-            workers: WorkerTable::new(config.workers),
             admission: Admission::new(&budgets, tcp_token),
             config,
             paths,
             slots,
             max_payload,
-            queue: JobQueue::default(),
+            pools,
+            routes,
+            next_job_id: Cell::new(0),
             stats: Stats::default(),
             life: Lifecycle::default(),
             started: Instant::now(),
             tcp_addr: std::cell::OnceCell::new(),
         })
+    }
+
+    /// Numbers a new job (from 1).
+    pub fn next_job_id(&self) -> u64 {
+        let id = self.next_job_id.get() + 1;
+        self.next_job_id.set(id);
+        id
+    }
+
+    /// The pool that runs `op`: the one serving it, or for `ping` (which
+    /// every worker answers) the pool with the most idle workers. `None`
+    /// for an operation no pool serves.
+    pub fn route(&self, op: &str) -> Option<&Pool> {
+        if op == ipc_core::proto::OP_PING {
+            return self
+                .pools
+                .iter()
+                .max_by_key(|p| (p.queue.idle_workers(), std::cmp::Reverse(p.queue.len())));
+        }
+        self.routes.get(op).map(|i| &self.pools[i])
+    }
+
+    /// The answer to an operation no pool serves: what exists (and which
+    /// pools have not said yet).
+    pub fn unknown_op(&self, op: &str) -> String {
+        let mut known = self.routes.names();
+        known.push(ipc_core::proto::OP_PING.into());
+        known.sort();
+        // The name as sent, cut: a long one must not make a long answer.
+        let mut cut = op.len().min(64);
+        while !op.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let shown = if cut < op.len() {
+            format!("{:?}... ({} bytes)", &op[..cut], op.len())
+        } else {
+            format!("{op:?}")
+        };
+        let mut message = format!("{shown} is not an operation; known: {}", known.join(", "));
+        for p in self.pools.iter().filter(|p| p.ops().is_none()) {
+            message.push_str(&format!(
+                "; pool \"{}\" has no worker ready yet, and serves operations not known until one is",
+                p.name()
+            ));
+        }
+        message
+    }
+
+    /// Workers with a live process, in every pool.
+    pub fn running_workers(&self) -> usize {
+        self.pools.iter().map(|p| p.workers.running()).sum()
+    }
+
+    /// Jobs waiting, in every pool.
+    pub fn queued(&self) -> usize {
+        self.pools.iter().map(|p| p.queue.len()).sum()
     }
 
     /// Slots on loan: every accepted job holds one until its reply is written.

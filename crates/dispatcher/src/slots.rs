@@ -111,7 +111,7 @@ impl SlotPool {
             if self.closed.get() {
                 return None;
             }
-            let why = match self.try_lease(len, slot_len, holder) {
+            let why = match self.try_lease(len, slot_len, holder, true) {
                 Ok(lease) => return Some(lease),
                 Err(why) => why,
             };
@@ -123,12 +123,31 @@ impl SlotPool {
         }
     }
 
-    /// A slot now, or what stops it.
+    /// Waits for room for a job's result of `len` bytes (a worker's
+    /// `Grow`), counted against `holder`'s connection and peer but not
+    /// capped by them (the job already holds its slot; the pool's
+    /// `max_result` bounds it); `None` once the pool is closed.
+    pub async fn lease_room(self: &Rc<Self>, len: u64, holder: &Rc<Holder>) -> Option<SlotLease> {
+        let slot_len = SlotAllocator::slot_len(len);
+        loop {
+            let freed = self.freed.notified();
+            if self.closed.get() {
+                return None;
+            }
+            if let Ok(lease) = self.try_lease(len, slot_len, holder, false) {
+                return Some(lease);
+            }
+            freed.await;
+        }
+    }
+
+    /// A slot now (within the caps if `capped`), or what stops it.
     fn try_lease(
         self: &Rc<Self>,
         len: u64,
         slot_len: u64,
         holder: &Rc<Holder>,
+        capped: bool,
     ) -> Result<SlotLease, Wait> {
         let blocked = self.limits.blocked_by(
             slot_len,
@@ -136,7 +155,7 @@ impl SlotPool {
             self.peer_held.get(&holder.peer),
             self.arena.bytes_in_use(),
         );
-        if let Some(why) = blocked {
+        if let Some(why) = blocked.filter(|_| capped) {
             return Err(why);
         }
         match self.arena.alloc(len) {
@@ -219,9 +238,14 @@ impl Drop for SlotLease {
 /// gives the slot's `Region` (for the `Job` frame) and no bytes, since the
 /// worker may be writing them. Only [`JobSlot::settle`], which consumes it
 /// once the worker has answered (or is dead and reaped), leads back to the
-/// bytes.
+/// bytes. It also holds the result areas given to the worker past the
+/// slot (`Room`), the last one holding the result.
 #[derive(Debug)]
-pub struct JobSlot(Hold);
+pub struct JobSlot {
+    hold: Hold,
+    rooms: Vec<SlotLease>,
+    holder: Rc<Holder>,
+}
 
 #[derive(Debug)]
 enum Hold {
@@ -236,20 +260,41 @@ enum Hold {
 impl JobSlot {
     /// A slot whose payload is all in.
     pub fn own(lease: SlotLease) -> JobSlot {
-        JobSlot(Hold::Own(lease))
+        JobSlot {
+            holder: Rc::clone(&lease.holder),
+            hold: Hold::Own(lease),
+            rooms: Vec::new(),
+        }
     }
 
     /// The slot's bytes in the arena.
     pub fn region(&self) -> Region {
-        match &self.0 {
+        match &self.hold {
             Hold::Own(lease) => lease.region(),
             Hold::Streamed(s) => s.region,
         }
     }
 
+    /// Where the worker's result lies: the last room given, else the slot.
+    pub fn result_area(&self) -> Region {
+        self.rooms
+            .last()
+            .map_or_else(|| self.region(), SlotLease::region)
+    }
+
+    /// The connection whose job this is (whose bytes a room counts against).
+    pub fn holder(&self) -> &Rc<Holder> {
+        &self.holder
+    }
+
+    /// Adds a result area given to the worker (it holds it until it answers).
+    pub fn add_room(&mut self, room: SlotLease) {
+        self.rooms.push(room);
+    }
+
     /// The payload's upload, unless it has arrived in full.
     pub fn upload(&self) -> Option<&Rc<Streamed>> {
-        match &self.0 {
+        match &self.hold {
             Hold::Streamed(s) if s.upload.state() != UploadState::Complete => Some(s),
             _ => None,
         }
@@ -259,7 +304,7 @@ impl JobSlot {
     /// the dispatcher's again, its bytes readable if the upload is over too
     /// (the connection has put the lease back).
     pub fn settle(self) -> Settled {
-        Settled(match self.0 {
+        let hold = match self.hold {
             Hold::Streamed(s) => {
                 let back = s.lease.borrow_mut().take();
                 match back {
@@ -268,20 +313,31 @@ impl JobSlot {
                 }
             }
             own => own,
-        })
+        };
+        Settled {
+            hold,
+            rooms: self.rooms,
+        }
     }
 }
 
-/// A job's slot back from its worker, held by the reply until it is written.
+/// A job's slot (and result areas) back from its worker, held by the
+/// reply until it is written.
 #[derive(Debug)]
-pub struct Settled(Hold);
+pub struct Settled {
+    hold: Hold,
+    rooms: Vec<SlotLease>,
+}
 
 impl Settled {
-    /// Bytes `range` of the slot, for the reply: empty (whatever the range)
-    /// while the connection may still write the slot, or if the range is
-    /// out of the slot.
+    /// Bytes `range` of the result area (the last room, else the slot),
+    /// for the reply: empty (whatever the range) while the connection may
+    /// still write the slot, or if the range is out of the area.
     pub fn result(&self, range: Range<usize>) -> &[u8] {
-        match &self.0 {
+        if let Some(room) = self.rooms.last() {
+            return room.bytes().get(range).unwrap_or(&[]);
+        }
+        match &self.hold {
             Hold::Own(lease) => lease.bytes().get(range).unwrap_or(&[]),
             Hold::Streamed(_) => &[],
         }
@@ -315,7 +371,11 @@ impl Uploading {
             lease: RefCell::new(None),
             upload: Upload::new(len),
         });
-        let job = JobSlot(Hold::Streamed(Rc::clone(&streamed)));
+        let job = JobSlot {
+            holder: Rc::clone(&lease.holder),
+            hold: Hold::Streamed(Rc::clone(&streamed)),
+            rooms: Vec::new(),
+        };
         let up = Uploading {
             streamed,
             lease: Some(lease),
@@ -480,7 +540,7 @@ mod tests {
     }
 
     fn lease(pool: &Rc<SlotPool>, holder: &Rc<Holder>) -> SlotLease {
-        pool.try_lease(4, 4096, holder).expect("room")
+        pool.try_lease(4, 4096, holder, true).expect("room")
     }
 
     fn upload(up: &mut Uploading, bytes: &[u8]) -> Result<(), FrameError> {

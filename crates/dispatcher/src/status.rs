@@ -16,10 +16,14 @@ pub fn report(shared: &Shared) -> StatusReport {
         socket: shared.paths.socket().display().to_string(),
         tcp: shared.tcp_addr.get().cloned(),
         segment: segment(shared),
-        workers: shared.workers.report(),
+        workers: shared
+            .pools
+            .iter()
+            .flat_map(|p| p.workers.report(p.name()))
+            .collect(),
         jobs_done: shared.stats.jobs_done(),
         jobs_failed: shared.stats.jobs_failed(),
-        queue_depth: shared.queue.len(),
+        queue_depth: shared.queued(),
         in_flight: shared.in_flight(),
         connections: shared.admission.connections(),
         shutting_down: shared.life.draining(),
@@ -31,11 +35,16 @@ pub fn report(shared: &Shared) -> StatusReport {
         }),
         jobs_sent_ahead: shared.stats.jobs_sent_ahead(),
         latency: shared.stats.latency(),
+        pools: shared
+            .pools
+            .iter()
+            .map(|p| p.status(&config.worker_exe))
+            .collect(),
     }
 }
 
 fn segment(shared: &Shared) -> SegmentStatus {
-    let attached_here = 1 + shared.workers.running();
+    let attached_here = 1 + shared.running_workers();
     SegmentStatus {
         max_payload: shared.max_payload,
         ..shared.slots.describe(attached_here)

@@ -85,7 +85,7 @@ impl WorkerEntry {
         );
     }
 
-    fn report(&self, index: usize) -> WorkerStatus {
+    fn report(&self, index: usize, pool: &str) -> WorkerStatus {
         WorkerStatus {
             index,
             pid: self.pid.get(),
@@ -98,6 +98,7 @@ impl WorkerEntry {
                 .get()
                 .map_or(0, |t| t.elapsed().as_millis() as u64),
             last_exit: self.last_exit.borrow().clone(),
+            pool: pool.to_owned(),
         }
     }
 }
@@ -124,11 +125,12 @@ impl WorkerTable {
         self.0.iter().filter(|w| w.state().is_up()).count()
     }
 
-    pub fn report(&self) -> Vec<WorkerStatus> {
+    /// Each place's report; `pool` names the pool they belong to.
+    pub fn report(&self, pool: &str) -> Vec<WorkerStatus> {
         self.0
             .iter()
             .enumerate()
-            .map(|(i, w)| w.report(i))
+            .map(|(i, w)| w.report(i, pool))
             .collect()
     }
 }

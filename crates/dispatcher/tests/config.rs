@@ -202,12 +202,42 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
         (
             "[pools.builtin]\nworkers = 2\nexec = [\"gzip\", \"-c\"]\n",
             3,
-            "key \"pools.builtin.exec\" is not supported yet",
+            "key \"pools.builtin.exec\": the builtin pool runs --worker-exe",
         ),
         (
-            "[pools.thumbs]\nprogram = [\"/bin/thumbs\"]\n",
+            "[pools.builtin]\nmemory_limit_mib = 5\n",
+            2,
+            "key \"pools.builtin.memory_limit_mib\" is not supported yet",
+        ),
+        (
+            "[pools.thumbs]\nworkers = 1\nprogram = [\"/bin/thumbs\"]\n",
+            3,
+            "key \"pools.thumbs.program\": /bin/thumbs: No such file or directory",
+        ),
+        (
+            "[pools.z]\nexec = [\"no-such-command-osps\"]\nops = [\"z\"]\n",
+            2,
+            "key \"pools.z.exec\": no-such-command-osps: not found in PATH",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nworkers = \"2\"\n",
+            4,
+            "key \"pools.z.workers\": expected an integer, found a string",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nrecycle_after_job = 5\n",
+            4,
+            "unknown key \"pools.z.recycle_after_job\" (did you mean \"recycle_after_jobs\"?)",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\n",
             1,
-            "pool \"thumbs\" is not supported yet",
+            "pool \"z\": an exec pool needs \"ops\"",
+        ),
+        (
+            "[pools.a]\nexec = [\"cat\"]\nops = [\"x\", \"y\"]\n[pools.b]\nexec = [\"cat\"]\nops = [\"y\"]\n",
+            6,
+            "key \"pools.b.ops\": operation \"y\" is served by pool \"a\" too (line 3); an operation is served by one pool",
         ),
         (
             "conn_arena_percent = 101\n",

@@ -27,6 +27,14 @@ pub const RUNTIME_DIR: &str = "OSPS_RUNTIME_DIR";
 pub const TOKEN_FILE: &str = "OSPS_TOKEN_FILE";
 /// A uid the client also trusts to serve (default of `osps-client --server-uid`).
 pub const SERVER_UID: &str = "OSPS_SERVER_UID";
+/// The segment a worker opens (set by the dispatcher for every worker; the
+/// default of the worker's `--segment`).
+pub const SEGMENT: &str = "OSPS_SEGMENT";
+/// The dispatcher's pid, for a worker to die with (default of `--parent-pid`).
+pub const PARENT_PID: &str = "OSPS_PARENT_PID";
+/// `1` when the worker may serve fault-injection operations (default of
+/// `--allow-fault-injection`).
+pub const ALLOW_FAULT_INJECTION: &str = "OSPS_ALLOW_FAULT_INJECTION";
 
 /// What the watchdog tells the dispatcher it starts, as environment variables.
 #[derive(Debug, Clone, PartialEq, Eq)]

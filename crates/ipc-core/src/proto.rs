@@ -47,6 +47,8 @@ pub const HELLO_LEN: usize = 8;
 pub const PIPE_VERSION: u16 = 4;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
+/// The health check every worker answers (`pong\n`), whatever it serves.
+pub const OP_PING: &str = "ping";
 
 /// Client hello flag: a token follows the hello (u16 LE length, then that
 /// many bytes, at most [`crate::token::MAX_TOKEN_LEN`]). Needed on a TCP

@@ -51,6 +51,37 @@ pub struct StatusReport {
     /// How long jobs took over the last minute.
     #[serde(default)]
     pub latency: LatencyStatus,
+    /// The pools, in the configuration's order (the builtin pool first
+    /// when it runs); each worker of `workers` names its pool.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+}
+
+/// One pool: what it runs, what it serves, what its workers did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    /// `builtin`, `program` or `exec`.
+    pub kind: String,
+    /// The program its workers run (exec: the command run per job), with its arguments.
+    pub program: Vec<String>,
+    /// The operations it serves (empty until its first worker is ready).
+    pub ops: Vec<String>,
+    /// Workers configured.
+    pub workers: usize,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    /// Workers replaced after they died, hung or broke protocol.
+    pub restarts: u64,
+    /// Workers replaced by policy (always 0 until recycling exists).
+    pub recycled: u64,
+    pub queue_depth: usize,
+    pub job_timeout_ms: u64,
+    pub max_attempts: u8,
+    /// The largest result a job may return, in bytes.
+    pub max_result: u64,
+    /// Why its first worker could not start, while none has.
+    pub start_failure: Option<String>,
 }
 
 /// Job latency percentiles over a recent window: from the moment a request
@@ -145,6 +176,9 @@ pub struct WorkerStatus {
     /// the first restart), e.g. `killed by signal 9 (SIGKILL): job timed out`.
     #[serde(default)]
     pub last_exit: String,
+    /// The pool it belongs to.
+    #[serde(default)]
+    pub pool: String,
 }
 
 /// Where one worker of the pool stands, serialised as the lower-case string

@@ -32,7 +32,7 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitSta
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ipc_core::proto::{ErrorKind, RemoteError, MAX_ARGS, OP_STATUS};
+use ipc_core::proto::{ErrorKind, RemoteError, MAX_ARGS, OP_PING, OP_STATUS};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -135,7 +135,7 @@ impl Exec {
             return Err("exec mode needs the command after `--` (e.g. -- gzip -c)".into());
         }
         for (i, op) in args.ops.iter().enumerate() {
-            if op.is_empty() || op == "ping" || op == OP_STATUS {
+            if op.is_empty() || op == OP_PING || op == OP_STATUS {
                 return Err(format!("--exec-op {op:?}: not a name an operation can have (ping and status are answered by OSPS)"));
             }
             if args.ops[..i].contains(op) {

@@ -54,13 +54,13 @@ pub(crate) struct Args {
     log: ipc_core::cli::LogArgs,
     /// Name of the shared-memory segment to open, as the dispatcher gives it
     /// (e.g. /osps-1000-default-5e5ccee6-9f3a61c2d07b48e5; sysv: before it for System V).
-    #[arg(long)]
+    #[arg(long, env = ipc_core::env::SEGMENT)]
     segment: String,
     /// Serve the fault-injection operations (the builtin `crash` and `spawn`).
-    #[arg(long)]
+    #[arg(long, env = ipc_core::env::ALLOW_FAULT_INJECTION, value_parser = clap::builder::BoolishValueParser::new())]
     allow_fault_injection: bool,
     /// Exit when this process (the dispatcher) dies.
-    #[arg(long)]
+    #[arg(long, env = ipc_core::env::PARENT_PID)]
     parent_pid: Option<u32>,
 }
 

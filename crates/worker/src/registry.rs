@@ -218,7 +218,7 @@ impl Worker {
     pub(crate) fn names(&self) -> Vec<String> {
         self.ops
             .iter()
-            .filter(|o| o.name != "ping")
+            .filter(|o| o.name != ipc_core::proto::OP_PING)
             .map(|o| o.name.clone())
             .collect()
     }

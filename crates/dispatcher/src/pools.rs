@@ -1,0 +1,275 @@
+//! Pools: what each runs ([`PoolSpec`], from the flags and the
+//! configuration file), and each one's running state ([`Pool`]: its queue,
+//! its workers, the operations its workers serve). [`Routes`] maps every
+//! operation to the one pool that serves it.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ipc_core::status::PoolStatus;
+use tokio::sync::Notify;
+
+use crate::queue::JobQueue;
+use crate::workers::WorkerTable;
+
+/// The builtin pool's name.
+pub const BUILTIN: &str = "builtin";
+
+/// What a pool's workers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolKind {
+    /// `osps-worker` (`--worker-exe`): the operations built into OSPS.
+    Builtin,
+    /// A long-lived program speaking the worker protocol, which announces
+    /// its operations in `Ready`.
+    Program { argv: Vec<String> },
+    /// A command run once per job (payload on stdin, stdout the result),
+    /// under `osps-worker`'s exec mode, for the operations `ops`.
+    Exec {
+        argv: Vec<String>,
+        ops: Vec<String>,
+        pass_args: bool,
+    },
+}
+
+impl PoolKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PoolKind::Builtin => "builtin",
+            PoolKind::Program { .. } => "program",
+            PoolKind::Exec { .. } => "exec",
+        }
+    }
+}
+
+/// A pool as configured; `None` fields take the top-level option's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub name: String,
+    pub kind: PoolKind,
+    pub workers: Option<usize>,
+    pub job_timeout_ms: Option<u64>,
+    pub max_attempts: Option<u8>,
+    pub max_result_mib: Option<u64>,
+    /// Where the pool was configured (`FILE:LINE`), for messages.
+    pub origin: String,
+}
+
+/// A pool with every value settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub kind: PoolKind,
+    pub workers: usize,
+    pub job_timeout_ms: u64,
+    pub max_attempts: u8,
+    /// The largest result a job of the pool may return, in bytes.
+    pub max_result: u64,
+    pub origin: String,
+}
+
+impl PoolConfig {
+    /// The program the pool's workers run, as status shows it.
+    pub fn program(&self, worker_exe: &std::path::Path) -> Vec<String> {
+        match &self.kind {
+            PoolKind::Builtin => vec![worker_exe.display().to_string()],
+            PoolKind::Program { argv } | PoolKind::Exec { argv, .. } => argv.clone(),
+        }
+    }
+}
+
+/// Where `argv[0]` is, if it can be run: a path as given, else searched in `PATH`.
+pub fn find_program(program: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return match std::fs::metadata(&p) {
+            Err(e) => Err(format!("{program}: {e}")),
+            Ok(_) if !runnable(&p) => Err(format!("{program}: not an executable file")),
+            Ok(_) => Ok(p),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+        .ok_or_else(|| format!("{program}: not found in PATH"))
+}
+
+/// One pool's running state.
+#[derive(Debug)]
+pub struct Pool {
+    pub config: PoolConfig,
+    pub index: usize,
+    /// Its jobs waiting for one of its workers.
+    pub queue: JobQueue,
+    pub workers: WorkerTable,
+    /// The operations its workers serve: from the configuration (exec), or
+    /// from its first worker's `Ready`.
+    ops: RefCell<Option<Vec<String>>>,
+    /// Why its first worker could not start, if it could not.
+    start_failure: RefCell<Option<String>>,
+    /// Set when its workers serve an operation another pool serves.
+    conflict: RefCell<Option<String>>,
+    /// Woken when the pool settles (operations known, a first start
+    /// failed, or a conflict).
+    news: Notify,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig, index: usize) -> Pool {
+        let ops = match &config.kind {
+            PoolKind::Exec { ops, .. } => Some(ops.clone()),
+            _ => None,
+        };
+        Pool {
+            workers: WorkerTable::new(config.workers),
+            config,
+            index,
+            queue: JobQueue::default(),
+            ops: RefCell::new(ops),
+            start_failure: RefCell::new(None),
+            conflict: RefCell::new(None),
+            news: Notify::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The operations, once known.
+    pub fn ops(&self) -> Option<Vec<String>> {
+        self.ops.borrow().clone()
+    }
+
+    /// Whether the pool has had a first answer: operations known, or a
+    /// first start failed.
+    fn settled(&self) -> bool {
+        self.ops.borrow().is_some()
+            || self.start_failure.borrow().is_some()
+            || self.conflict.borrow().is_some()
+    }
+
+    /// Waits until the pool has settled (see [`Pool::settled`]).
+    pub async fn settle(&self) {
+        loop {
+            let news = self.news.notified();
+            if self.settled() {
+                return;
+            }
+            news.await;
+        }
+    }
+
+    /// Two pools serving one operation, if this one found it so.
+    pub fn conflict(&self) -> Option<String> {
+        self.conflict.borrow().clone()
+    }
+
+    /// A worker could not start.
+    pub fn start_failed(&self, why: &str) {
+        if self.ops.borrow().is_none() {
+            *self.start_failure.borrow_mut() = Some(why.to_owned());
+            self.news.notify_waiters();
+        }
+    }
+
+    pub fn status(&self, worker_exe: &std::path::Path) -> PoolStatus {
+        let workers = self.workers.report(&self.config.name);
+        let sum = |f: fn(&ipc_core::status::WorkerStatus) -> u64| workers.iter().map(f).sum();
+        PoolStatus {
+            name: self.config.name.clone(),
+            kind: self.config.kind.as_str().into(),
+            program: self.config.program(worker_exe),
+            ops: self.ops().unwrap_or_default(),
+            workers: self.config.workers,
+            jobs_done: sum(|w| w.jobs_done),
+            jobs_failed: sum(|w| w.jobs_failed),
+            restarts: sum(|w| w.restarts),
+            recycled: 0,
+            queue_depth: self.queue.len(),
+            job_timeout_ms: self.config.job_timeout_ms,
+            max_attempts: self.config.max_attempts,
+            max_result: self.config.max_result,
+            start_failure: self.start_failure.borrow().clone(),
+        }
+    }
+}
+
+/// Which pool serves each operation.
+#[derive(Debug, Default)]
+pub struct Routes(RefCell<BTreeMap<String, usize>>);
+
+impl Routes {
+    /// The pool serving `op`.
+    pub fn get(&self, op: &str) -> Option<usize> {
+        self.0.borrow().get(op).copied()
+    }
+
+    /// Every routed operation, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.0.borrow().keys().cloned().collect()
+    }
+
+    /// Records what `pool` serves, from its first worker's `Ready` (or its
+    /// configuration); a replacement must serve the same. Refuses an
+    /// operation another pool serves.
+    pub fn learn(&self, pools: &[Pool], pool: &Pool, ops: &[String]) -> Result<(), String> {
+        // Every worker answers ping: it is no pool's own.
+        let mut sorted: Vec<String> = ops
+            .iter()
+            .filter(|o| *o != ipc_core::proto::OP_PING)
+            .cloned()
+            .collect();
+        sorted.sort();
+        sorted.dedup();
+        if let Some(known) = pool.ops() {
+            let mut known = known;
+            known.sort();
+            if known != sorted {
+                return Err(format!(
+                    "it serves {}, but the pool's first worker served {}; restart the dispatcher to change a pool's operations",
+                    list(&sorted),
+                    list(&known)
+                ));
+            }
+            if self.0.borrow().values().any(|&p| p == pool.index) {
+                return Ok(());
+            }
+        }
+        let routes = self.0.borrow();
+        for op in &sorted {
+            if let Some(&other) = routes.get(op).filter(|&&p| p != pool.index) {
+                let other = &pools[other];
+                let conflict = format!(
+                    "pool \"{}\" ({}) serves operation \"{op}\", which pool \"{}\" ({}) serves too; an operation is served by one pool",
+                    pool.name(),
+                    pool.config.origin,
+                    other.name(),
+                    other.config.origin
+                );
+                *pool.conflict.borrow_mut() = Some(conflict.clone());
+                pool.news.notify_waiters();
+                return Err(conflict);
+            }
+        }
+        drop(routes);
+        let mut routes = self.0.borrow_mut();
+        for op in &sorted {
+            routes.insert(op.clone(), pool.index);
+        }
+        *pool.ops.borrow_mut() = Some(sorted);
+        *pool.start_failure.borrow_mut() = None;
+        pool.news.notify_waiters();
+        Ok(())
+    }
+}
+
+fn list(ops: &[String]) -> String {
+    format!("[{}]", ops.join(", "))
+}
