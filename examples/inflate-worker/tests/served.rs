@@ -152,3 +152,39 @@ fn the_example_worker_stops_with_its_dispatcher_and_leaves_nothing() {
         inst.log()
     );
 }
+
+#[test]
+fn gunzip_answers_results_many_times_its_input_up_to_the_pools_limit() {
+    let inst = Instance::start(
+        "inflate-gunzip",
+        &["--worker-exe", WORKER, "--workers", "1", "--max-result-mib", "3"],
+    );
+    let mut c = inst.client();
+    // 2.5 MiB of text from a few KiB of gzip: the result grows through
+    // areas of twice the size each time, until twice the last one (4 MiB)
+    // passes the 3 MiB limit: then the worker asks for less (PROTOCOL
+    // §13.14) and the job succeeds.
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(5 << 19)
+        .collect();
+    let gz = gzip_of(&text);
+    assert!(gz.len() < 40_000, "{}", gz.len());
+    assert!(c.call("gunzip", &[], &gz).unwrap() == text);
+    // A decompression bomb past the limit: a typed error, and the worker serves on.
+    let bomb = gzip_of(&vec![0u8; 8 << 20]);
+    let e = c.call("gunzip", &[], &bomb).unwrap_err();
+    let osps_client::ClientError::Remote(e) = e else {
+        panic!("typed error expected, got {e}")
+    };
+    assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
+    assert!(e.message.contains("max_result_mib"), "{e}");
+    // (The client library takes any `too large` as the end of its
+    // connection, as for a payload over the limit: a new one.)
+    let mut c = inst.client();
+    assert_eq!(c.call("gunzip", &[], &gzip_of(b"small")).unwrap(), b"small");
+    let st = inst.status();
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
+}
