@@ -157,7 +157,14 @@ fn the_example_worker_stops_with_its_dispatcher_and_leaves_nothing() {
 fn gunzip_answers_results_many_times_its_input_up_to_the_pools_limit() {
     let inst = Instance::start(
         "inflate-gunzip",
-        &["--worker-exe", WORKER, "--workers", "1", "--max-result-mib", "3"],
+        &[
+            "--worker-exe",
+            WORKER,
+            "--workers",
+            "1",
+            "--max-result-mib",
+            "3",
+        ],
     );
     let mut c = inst.client();
     // 2.5 MiB of text from a few KiB of gzip: the result grows through
