@@ -1141,7 +1141,7 @@ impl Client {
         let reply = self.recv_fresh().inspect_err(|_| self.broken = true)?;
         let fatal = match &reply.result {
             Err(e) if reply.id == 0 => Some(e.clone()),
-            Err(e) if reply.id == id && e.kind == proto::ErrorKind::TooLarge => Some(e.clone()),
+            Err(e) if reply.id == id && closes(e) => Some(e.clone()),
             _ => None,
         };
         if let Some(e) = fatal {
@@ -1241,7 +1241,7 @@ impl Client {
                 None => self.recv_fresh()?,
             };
             if reply.id == id {
-                if matches!(&reply.result, Err(e) if e.kind == proto::ErrorKind::TooLarge) {
+                if matches!(&reply.result, Err(e) if closes(e)) {
                     self.broken = true; // the server closes after it
                 }
                 return Ok(reply.result?);
@@ -1316,7 +1316,7 @@ impl Client {
             });
         }
         if let Outcome::Err(e) = resp.outcome {
-            if e.kind == proto::ErrorKind::TooLarge {
+            if closes(&e) {
                 self.broken = true;
             }
             return Err(e.into());
@@ -1368,6 +1368,17 @@ impl Client {
         }
     }
 }
+
+/// Whether the server closes the connection after this answer to a
+/// request: a payload over its limit (`TooLarge`, ending with "closing the
+/// connection", PROTOCOL §9), not a result over a pool's limit (`TooLarge`
+/// too, and the connection stays open).
+fn closes(e: &RemoteError) -> bool {
+    e.kind == proto::ErrorKind::TooLarge && e.message.ends_with(CLOSING)
+}
+
+/// How the dispatcher's answers that close the connection end.
+const CLOSING: &str = "; closing the connection";
 
 #[cfg(test)]
 mod tests {

@@ -366,7 +366,12 @@ mod tests {
             .unwrap()
         };
         r.pools = vec![
-            pool("builtin", "builtin", &["/usr/bin/osps-worker"], &["echo", "upper"]),
+            pool(
+                "builtin",
+                "builtin",
+                &["/usr/bin/osps-worker"],
+                &["echo", "upper"],
+            ),
             pool("gz", "exec", &["gzip", "-c"], &[]),
         ];
         r.pools[1].start_failure = Some("gzip: not found".into());

@@ -169,6 +169,12 @@ fn the_example_file_is_accepted() {
         ],
     );
     assert_eq!(inst.client().call("ping", &[], &[]).unwrap(), b"pong\n");
+    // Its command pool runs gzip: the answer is gzip's (magic 1f 8b).
+    let gz = inst.client().call("gzip", &[], b"hello").unwrap();
+    assert_eq!(gz[..2], [0x1f, 0x8b], "{gz:?}");
+    let st = inst.status();
+    let names: Vec<&str> = st.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["builtin", "compress"]);
 }
 
 #[test]

@@ -27,4 +27,4 @@ pub use frame::FrameError;
 pub use lock::{InstanceLock, LockError};
 pub use paths::{PathError, RuntimePaths};
 pub use proto::{ErrorKind, Outcome, RemoteError, Request, Response};
-pub use segment::{Arena, Backend, Region, Segment, SegmentError};
+pub use segment::{Arena, Backend, Claims, Region, Segment, SegmentError};

@@ -17,9 +17,11 @@
 //!   [`Slot`] of that arena (not `Clone`; `&mut Slot` for writing), so two
 //!   live `&mut` to one byte cannot exist in the process;
 //! - a worker: [`Segment::claim`] (`&mut self`: one slot view at a time) once
-//!   a job's input is all in, and [`Segment::copy_out`] for a prefix that is
-//!   still arriving (a raw copy bounded by the announced length: no
-//!   reference to bytes another process writes).
+//!   a job's input is all in, or [`Segment::claims`] (itself `&mut self`,
+//!   as is each [`Claims::claim`]) for several disjoint regions at once (a
+//!   job's slot and the result areas the dispatcher gives it), and [`Segment::copy_out`] for a prefix that is still arriving (a
+//!   raw copy bounded by the announced length: no reference to bytes another
+//!   process writes).
 //!
 //! A [`Region`] is a range checked against the arena; it carries no access.
 
@@ -122,6 +124,8 @@ pub enum SegmentError {
     },
     #[error("a slot of another arena was used with the arena of segment {name}")]
     ForeignSlot { name: String },
+    #[error("region {offset}+{len} overlaps a region claimed already (a job's slot and result areas are disjoint)")]
+    Overlaps { offset: u64, len: u64 },
     #[error(
         "segment {name} was opened, not created, by this process: only its creator allocates in it"
     )]
@@ -881,6 +885,18 @@ impl Segment {
         Ok(unsafe { std::slice::from_raw_parts_mut(start, slot.len as usize) })
     }
 
+    /// A way to claim several regions at once, each as its own `&mut [u8]`,
+    /// for as long as the segment stays borrowed: a worker's view of its
+    /// job's slot and of the result areas given to it while it runs.
+    /// [`Claims::claim`] refuses a region overlapping one claimed before, so
+    /// no two views alias.
+    pub fn claims(&mut self) -> Claims<'_> {
+        Claims {
+            segment: self,
+            taken: Vec::new(),
+        }
+    }
+
     /// Copies bytes `from..` of `slot` into `dst`, but none at or past
     /// `announced` (how much of the slot its writer has said is in place):
     /// the way to read a prefix that another process is still extending.
@@ -1011,6 +1027,57 @@ impl Segment {
 }
 
 /// Counters updated in the header.
+/// Disjoint views of a segment's regions, from [`Segment::claims`]. It
+/// holds the segment's exclusive borrow, so this process makes no other
+/// view of the arena while any view it gave lives.
+pub struct Claims<'s> {
+    segment: &'s mut Segment,
+    /// The regions given so far.
+    taken: Vec<Region>,
+}
+
+impl std::fmt::Debug for Claims<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims")
+            .field("segment", &self.segment.name)
+            .field("taken", &self.taken)
+            .finish()
+    }
+}
+
+impl<'s> Claims<'s> {
+    /// The region `offset`..`offset + len` of the arena, if it lies inside
+    /// (as [`Segment::check`]).
+    pub fn check(&self, offset: u64, len: u64) -> Result<Region, SegmentError> {
+        self.segment.check(offset, len)
+    }
+
+    /// A view of `region` for reading and writing, valid as long as the
+    /// segment's borrow (not this `Claims`'s: the views outlive it): the
+    /// worker's under the slot protocol (its job's slot, or a result area
+    /// the dispatcher gave). Fails if it lies outside the arena or overlaps
+    /// a region claimed before (an empty region overlaps nothing).
+    pub fn claim(&mut self, region: Region) -> Result<&'s mut [u8], SegmentError> {
+        let start = self.segment.start_of(region)?;
+        let end = region.offset + region.len;
+        let overlaps = |t: &Region| region.offset < t.offset + t.len && t.offset < end;
+        if !region.is_empty() && self.taken.iter().any(overlaps) {
+            return Err(SegmentError::Overlaps {
+                offset: region.offset,
+                len: region.len,
+            });
+        }
+        self.taken.push(region);
+        // SAFETY: in bounds (start_of). The region overlaps no other region
+        // this `Claims` gave a view of (checked above, and recorded), and
+        // `self.segment` is an exclusive borrow of the segment for 's, the
+        // views' lifetime: no other reference into the arena is made in this
+        // process while they live. Other processes keep out of it under the
+        // slot protocol, as for [`Segment::claim`].
+        Ok(unsafe { std::slice::from_raw_parts_mut(start, region.len as usize) })
+    }
+}
+
 impl SegmentHeader {
     /// Adds one to the completed-jobs counter.
     pub fn count_job(&self) {
@@ -1168,6 +1235,37 @@ mod tests {
         let mut out = vec![0; r.len() as usize];
         assert_eq!(seg.copy_out(r, 0, r.len(), &mut out).unwrap(), out.len());
         out
+    }
+
+    #[test]
+    fn claims_give_disjoint_views_at_once_and_refuse_overlaps() {
+        let n = name("claims");
+        let mut seg = Segment::create(&n, 1 << 16, 1).unwrap();
+        let mut claims = seg.claims();
+        let a = claims.claim(Region::new(0, 100)).unwrap();
+        let b = claims.claim(Region::new(100, 50)).unwrap();
+        a.fill(1);
+        b.fill(2);
+        b[..10].copy_from_slice(&a[..10]);
+        for (offset, len) in [(99, 2), (0, 1), (120, 500), (10, 20)] {
+            let e = claims.claim(Region::new(offset, len)).unwrap_err();
+            assert!(matches!(e, SegmentError::Overlaps { .. }), "{e}");
+        }
+        assert!(
+            claims.claim(Region::new(50, 0)).is_ok(),
+            "empty: no overlap"
+        );
+        assert!(matches!(
+            claims.claim(Region::new(1 << 16, 1)),
+            Err(SegmentError::OutOfBounds { .. })
+        ));
+        assert_eq!(claims.claim(Region::new(150, 1)).unwrap(), &[0]);
+        drop(claims); // the views live on, the segment borrowed
+        b[11] = 3;
+        let (a, b) = (a.to_vec(), b.to_vec());
+        assert_eq!(read(&mut seg, Region::new(0, 100)), a);
+        assert_eq!(read(&mut seg, Region::new(100, 50)), b);
+        assert_eq!(&b[..12], &[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3]);
     }
 
     #[test]

@@ -1,19 +1,38 @@
 //! What an operation sees of its job: [`JobCtx`] (a whole operation's slot,
-//! input, arguments and attempt), [`Call`] and [`Input`] (a streaming
-//! operation's arguments and its input, chunk by chunk), and where its result
-//! lies ([`Output`]).
+//! input, arguments and attempt, and where it writes its result), [`Call`]
+//! and [`Input`] (a streaming operation's arguments and its input, chunk by
+//! chunk), and where its result lies ([`Output`]).
 
 use std::borrow::Cow;
 
 use ipc_core::proto::{ErrorKind, RemoteError};
 
-/// Where the result lies in the slot.
+use crate::growth::{Growth, ResultWriter};
+
+/// Where the result lies: in the slot, or, once the result outgrew it, in
+/// the last result area the dispatcher gave. Made by [`JobCtx::reply`],
+/// [`JobCtx::in_place`] and [`ResultWriter::finish`]; read it with
+/// [`JobCtx::result`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Output {
-    /// Offset from the slot's start.
+    /// Offset from the start of the slot, or of the last result area.
     pub offset: usize,
     /// Length in bytes.
     pub len: usize,
+    /// The area it is in: 0 for the slot, `k` for the `k`-th area given.
+    area: u32,
+}
+
+impl Output {
+    pub(crate) fn new(offset: usize, len: usize, area: u32) -> Output {
+        Output { offset, len, area }
+    }
+
+    /// Whether the result lies in a result area given by the dispatcher
+    /// (then [`Output::offset`] counts from that area's start).
+    pub fn in_area(&self) -> bool {
+        self.area > 0
+    }
 }
 
 /// What a streaming operation is told about its job, besides its input.
@@ -41,22 +60,35 @@ impl<'a> Call<'a> {
 }
 
 /// A whole operation's job: its slot in the shared segment (the input at
-/// the start, free room after it), its arguments and its attempt.
+/// the start, free room after it), its arguments and its attempt, and
+/// where its result goes.
 ///
-/// The slot is the job's alone until the operation returns; the SDK
-/// answers with the [`Output`] the operation returns, and the slot is not
-/// touched after that.
+/// A result is written after the input ([`JobCtx::reply`], or
+/// [`JobCtx::writer`] as it is made), or made over it
+/// ([`JobCtx::in_place`]). One that does not fit after the input grows: the
+/// SDK asks the dispatcher for a larger result area in the segment and
+/// writes there (up to the pool's `max_result_mib`; past it the job is
+/// answered `too large`). The input stays intact, so a job retried after
+/// its worker died sees the same bytes.
+///
+/// The slot and areas are the job's alone until the operation returns;
+/// the SDK answers with the [`Output`] the operation returns, and touches
+/// none of them after that.
 #[derive(Debug)]
 pub struct JobCtx<'a> {
     args: &'a [Cow<'a, str>],
     attempt: u32,
     slot: &'a mut [u8],
     input_len: usize,
+    growth: Growth<'a>,
 }
 
 impl<'a> JobCtx<'a> {
-    /// A job on `slot` whose first `input_len` bytes are the input (for
-    /// unit tests of an operation: the SDK makes these itself).
+    /// A job on `slot` whose first `input_len` bytes are the input, for
+    /// unit tests of an operation (the SDK makes these itself). No
+    /// dispatcher is there to give room: a result larger than the slot
+    /// grows in a buffer of the context's own, without a limit; read it
+    /// with [`JobCtx::result`].
     ///
     /// # Panics
     /// If `input_len` is longer than the slot.
@@ -66,12 +98,23 @@ impl<'a> JobCtx<'a> {
         slot: &'a mut [u8],
         input_len: usize,
     ) -> Self {
+        Self::with_growth(args, attempt, slot, input_len, Growth::local())
+    }
+
+    pub(crate) fn with_growth(
+        args: &'a [Cow<'a, str>],
+        attempt: u32,
+        slot: &'a mut [u8],
+        input_len: usize,
+        growth: Growth<'a>,
+    ) -> Self {
         assert!(input_len <= slot.len(), "input longer than its slot");
         JobCtx {
             args,
             attempt,
             slot,
             input_len,
+            growth,
         }
     }
 
@@ -80,9 +123,9 @@ impl<'a> JobCtx<'a> {
         self.args
     }
 
-    /// Which run of the job this is: 1, then 2, 3, ... (up to the
-    /// dispatcher's `--max-attempts`) when it runs again because its worker
-    /// died during an earlier run (see [`Call::attempt`]).
+    /// Which run of the job this is: 1, then 2, 3, ... (up to the pool's
+    /// `max_attempts`) when it runs again because its worker died during
+    /// an earlier run (see [`Call::attempt`]).
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -113,7 +156,9 @@ impl<'a> JobCtx<'a> {
     }
 
     /// The result is the first `len` bytes of the slot (the input
-    /// transformed in place, or its first `len` bytes).
+    /// transformed in place, or its first `len` bytes). Not after the
+    /// result has grown out of the slot ([`JobCtx::reply`] or a writer
+    /// asked for an area): the SDK then answers the job an internal error.
     pub fn in_place(&self, len: usize) -> Result<Output, RemoteError> {
         if len > self.slot.len() {
             return Err(RemoteError::new(
@@ -121,28 +166,78 @@ impl<'a> JobCtx<'a> {
                 format!("result of {len} bytes exceeds the slot"),
             ));
         }
-        Ok(Output { offset: 0, len })
+        Ok(Output::new(0, len, 0))
     }
 
-    /// Writes `bytes` as the result: after the input when it fits there (the
-    /// dispatcher reserves 4 KiB for small results, and leaving the input
-    /// intact lets a retried job see the same bytes), else over the input.
+    /// Writes `bytes` as the result: after the input when it fits there
+    /// (the dispatcher reserves 4 KiB for small results), else in a result
+    /// area of its length asked of the dispatcher (or in the last area
+    /// given, if the result grew before and `bytes` fit there).
     pub fn reply(&mut self, bytes: &[u8]) -> Result<Output, RemoteError> {
-        let offset = if self.slot.len() - self.input_len >= bytes.len() {
-            self.input_len
-        } else if bytes.len() <= self.slot.len() {
-            0
+        let len = bytes.len();
+        if self.growth.grants() == 0 && self.slot.len() - self.input_len >= len {
+            self.slot[self.input_len..self.input_len + len].copy_from_slice(bytes);
+            return Ok(Output::new(self.input_len, len, 0));
+        }
+        if self.growth.grants() == 0 || self.growth.area().len() < len {
+            self.growth.grow(len, len, 0, &[])?;
+        }
+        self.growth.area_mut()[..len].copy_from_slice(bytes);
+        Ok(Output::new(0, len, self.growth.grants()))
+    }
+
+    /// A writer of the result, straight into the segment: after the input,
+    /// growing into larger areas as needed (see [`ResultWriter`]). Return
+    /// its [`ResultWriter::finish`].
+    pub fn writer(&mut self) -> ResultWriter<'_, 'a> {
+        self.input_and_writer().1
+    }
+
+    /// The input, and a writer of the result at the same time (to
+    /// transform the one into the other as a stream: decompress, convert).
+    pub fn input_and_writer(&mut self) -> (&[u8], ResultWriter<'_, 'a>) {
+        let (input, free) = self.slot.split_at_mut(self.input_len);
+        (
+            input,
+            ResultWriter::new(free, self.input_len, &mut self.growth),
+        )
+    }
+
+    /// The bytes `out` names, if it names the current result (in the slot
+    /// while the result never grew, else in the last area given): how a
+    /// unit test reads an operation's result.
+    pub fn result(&self, out: &Output) -> Option<&[u8]> {
+        if out.area != self.growth.grants() {
+            return None;
+        }
+        let within = if out.area == 0 {
+            &self.slot[..]
         } else {
+            self.growth.area()
+        };
+        within.get(out.offset..out.offset.checked_add(out.len)?)
+    }
+
+    /// The answer to the job from what its operation returned: a refusal
+    /// of room wins (but for a panic), and an [`Output`] must name the
+    /// current result.
+    pub(crate) fn settle(&self, ran: Result<Output, RemoteError>) -> Result<Output, RemoteError> {
+        match (&ran, self.growth.refused()) {
+            (Err(e), _) if e.kind == ErrorKind::WorkerCrashed => return ran,
+            (_, Some(refused)) => return Err(refused.clone()),
+            _ => {}
+        }
+        let out = ran?;
+        if self.result(&out).is_none() {
             return Err(RemoteError::new(
                 ErrorKind::Internal,
-                format!("result of {} bytes exceeds the slot", bytes.len()),
+                format!(
+                    "the operation answered a result ({} bytes at {}) outside its current result area (a result named before it grew, or in place after it grew)",
+                    out.len, out.offset
+                ),
             ));
-        };
-        self.slot[offset..offset + bytes.len()].copy_from_slice(bytes);
-        Ok(Output {
-            offset,
-            len: bytes.len(),
-        })
+        }
+        Ok(out)
     }
 }
 

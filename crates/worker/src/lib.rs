@@ -10,25 +10,33 @@
 //! dispatcher (`PR_SET_PDEATHSIG`) as a backstop.
 //!
 //! A program becomes a worker with [`Worker`]: register operations, call
-//! [`Worker::run`]; this module does the protocol. An operation's error is
+//! [`Worker::run`]; this module does the protocol. A result that outgrows
+//! its slot is written in room asked of the dispatcher (`Grow`, answered
+//! `Room` or `NoRoom`: [`JobCtx::reply`], [`ResultWriter`]). The builtin
+//! worker's exec mode, a command pool's worker, is [`exec`]. An operation's error is
 //! answered to the client as is; after a panic the worker answers the job
 //! `worker crashed` with the panic's message and runs nothing more (the
 //! dispatcher takes that answer as the worker's death, kills it, and runs
 //! the job again on a fresh worker while `--max-attempts` allows).
 
+pub mod exec;
+mod growth;
 mod job;
 pub mod ops;
+mod pipe;
 mod registry;
 
-use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use ipc_core::frame::{self, FrameError, DEFAULT_MAX_FRAME};
+pub use growth::{io_error, ResultWriter};
+use growth::{Dispatcher, Growth};
+use ipc_core::frame::FrameError;
 pub use ipc_core::proto::{ErrorKind, RemoteError};
 use ipc_core::proto::{FromWorker, Job, JobDone, Outcome, ToWorker, PIPE_VERSION};
 use ipc_core::{Region, Segment, SegmentError};
 pub use job::{expect_args, invalid_input, Call, Input, JobCtx, Output, Short, Whole, SHORT_MAX};
+use pipe::{JobPipe, Pipes};
 pub use registry::Worker;
 use registry::{panic_message, Op, Runner};
 
@@ -36,12 +44,12 @@ use registry::{panic_message, Op, Runner};
 const MAX_MESSAGE: usize = 1024;
 
 /// The arguments the dispatcher starts a worker with.
-#[derive(Debug, clap::Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 #[command(
     version,
     about = "An OSPS worker: runs jobs read from stdin on a shared-memory segment, answering on stdout"
 )]
-struct Args {
+pub(crate) struct Args {
     #[command(flatten)]
     log: ipc_core::cli::LogArgs,
     /// Name of the shared-memory segment to open, as the dispatcher gives it
@@ -90,6 +98,27 @@ pub enum WorkerError {
     Crashed { job: u64, message: String },
 }
 
+/// Starts logging to stderr as `args` say and serves until stdin closes.
+/// Exits 0 then, 1 on an error (logged).
+fn start(
+    args: Args,
+    serve: impl FnOnce(&Config) -> Result<(), WorkerError>,
+) -> std::process::ExitCode {
+    let _span = ipc_core::logging::init("worker", args.log.log_format);
+    let config = Config {
+        segment: args.segment,
+        allow_fault_injection: args.allow_fault_injection,
+        parent_pid: args.parent_pid,
+    };
+    match serve(&config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Serves `worker`'s operations until stdin closes.
 fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
     if let Some(expected) = config.parent_pid {
@@ -114,7 +143,7 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
     };
     loop {
         // Decoded in place: the job borrows its strings from `scratch`.
-        let job = match read_message(&mut pipes.input, &mut scratch)? {
+        let job = match pipes.next(&mut scratch)? {
             Some(ToWorker::Job(job)) => job,
             // News of a job answered before its input was in (it failed early).
             Some(ToWorker::More { job_id, .. } | ToWorker::Abort { job_id }) => {
@@ -129,8 +158,8 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
                 return Ok(());
             }
         };
-        let mut pipe = Pipe {
-            input: &mut pipes.input,
+        let mut pipe = JobPipe {
+            pipes: &mut pipes,
             scratch: &mut news_scratch,
             broken: None,
         };
@@ -151,36 +180,9 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
             // run nothing more. Frames still coming (news of a streamed
             // input) are read and dropped until the dispatcher, which takes
             // the answer as this worker's death, kills it or closes the pipe.
-            while let Ok(Some(_)) = read_message(&mut pipes.input, &mut scratch) {}
+            while let Ok(Some(_)) = pipes.next(&mut scratch) {}
             return Err(WorkerError::Crashed { job, message });
         }
-    }
-}
-
-/// The job pipe (stdin) and the result pipe (stdout), buffered by us.
-struct Pipes {
-    input: io::BufReader<std::fs::File>,
-    output: io::BufWriter<std::fs::File>,
-    out_buf: Vec<u8>,
-}
-
-impl Pipes {
-    fn open() -> io::Result<Pipes> {
-        let fd = |f: std::os::fd::BorrowedFd<'_>| f.try_clone_to_owned().map(std::fs::File::from);
-        Ok(Pipes {
-            input: io::BufReader::with_capacity(64 * 1024, fd(io::stdin().as_fd())?),
-            output: io::BufWriter::with_capacity(64 * 1024, fd(io::stdout().as_fd())?),
-            out_buf: Vec::with_capacity(256),
-        })
-    }
-
-    /// Writes one message and flushes it: a result is answered at once, as
-    /// holding it back while the next job runs would make a crash or a hang
-    /// of that job look like this one's.
-    fn send(&mut self, msg: &FromWorker) -> Result<(), WorkerError> {
-        frame::write_frame(&mut self.output, msg, &mut self.out_buf)?;
-        self.output.flush()?;
-        Ok(())
     }
 }
 
@@ -213,71 +215,6 @@ fn open_segment(config: &Config) -> Result<Segment, WorkerError> {
     Ok(segment)
 }
 
-/// The next message from the job pipe; `None` once it is closed.
-fn read_message<'s>(
-    input: &mut impl io::Read,
-    scratch: &'s mut Vec<u8>,
-) -> Result<Option<ToWorker<'s>>, WorkerError> {
-    match frame::read_body(input, scratch, DEFAULT_MAX_FRAME) {
-        Ok(()) => Ok(Some(frame::decode_body(scratch)?)),
-        Err(FrameError::Closed) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Where a job whose input is still arriving learns that more has come.
-pub(crate) trait Arrivals {
-    /// Waits until the dispatcher says more of job `job_id`'s input is in the
-    /// slot, and returns how many bytes are there now; an error when the
-    /// input will never arrive in full.
-    fn more(&mut self, job_id: u64) -> Result<u64, RemoteError>;
-}
-
-/// [`Arrivals`] read from the job pipe.
-struct Pipe<'a, R> {
-    input: &'a mut R,
-    scratch: &'a mut Vec<u8>,
-    /// Set when the pipe failed or broke protocol: the worker exits after
-    /// answering the job.
-    broken: Option<WorkerError>,
-}
-
-impl<R: io::Read> Arrivals for Pipe<'_, R> {
-    fn more(&mut self, job_id: u64) -> Result<u64, RemoteError> {
-        loop {
-            let msg = frame::read_body(self.input, self.scratch, DEFAULT_MAX_FRAME)
-                .and_then(|()| frame::decode_body::<ToWorker<'_>>(self.scratch));
-            let next = match msg {
-                Ok(ToWorker::More { job_id: id, ready }) if id == job_id => return Ok(ready),
-                Ok(ToWorker::Abort { job_id: id }) if id == job_id => {
-                    return Err(RemoteError::new(
-                        ErrorKind::BadRequest,
-                        "the payload did not arrive in full (the client left or stalled)",
-                    ))
-                }
-                Ok(ToWorker::More { .. } | ToWorker::Abort { .. }) => continue, // an older job's
-                Ok(ToWorker::Room { job_id, .. } | ToWorker::NoRoom { job_id, .. }) => {
-                    self.broken = Some(WorkerError::UnaskedRoom { job: job_id });
-                    "room for a result came unasked".to_owned()
-                }
-                Ok(ToWorker::Job(next)) => {
-                    self.broken = Some(WorkerError::JobDuringInput {
-                        running: job_id,
-                        next: next.job_id,
-                    });
-                    "a new job came while the input was still arriving".to_owned()
-                }
-                Err(e) => {
-                    let why = format!("job pipe failed while the input was arriving: {e}");
-                    self.broken = Some(e.into());
-                    why
-                }
-            };
-            return Err(RemoteError::new(ErrorKind::Internal, next));
-        }
-    }
-}
-
 /// Bytes a streaming job's input is copied out in, while it arrives.
 const CHUNK: usize = 128 * 1024;
 
@@ -286,7 +223,7 @@ const CHUNK: usize = 128 * 1024;
 /// it is taken (see [`Segment::copy_out`]).
 struct Arriving<'a> {
     segment: &'a mut Segment,
-    arrivals: &'a mut dyn Arrivals,
+    arrivals: &'a mut dyn Dispatcher,
     job_id: u64,
     slot: Region,
     input_len: u64,
@@ -361,7 +298,7 @@ impl JobRunner<'_> {
         &mut self,
         segment: &mut Segment,
         job: &Job<'_>,
-        arrivals: &mut dyn Arrivals,
+        arrivals: &mut dyn Dispatcher,
     ) -> JobDone {
         match self.run_checked(segment, job, arrivals) {
             Ok(out) => JobDone {
@@ -402,7 +339,7 @@ impl JobRunner<'_> {
         &mut self,
         segment: &mut Segment,
         job: &Job<'_>,
-        arrivals: &mut dyn Arrivals,
+        arrivals: &mut dyn Dispatcher,
     ) -> Result<Output, RemoteError> {
         let op = self.worker.lookup(&job.op, self.allow_fault_injection)?;
         let slot = segment.check(job.slot.offset, job.slot.len).map_err(|e| {
@@ -417,15 +354,20 @@ impl JobRunner<'_> {
             .ok_or_else(|| RemoteError::new(ErrorKind::Internal, "input longer than its slot"))?;
         self.out.clear();
         let streamed = take_input(segment, slot, job, op, arrivals, &mut self.out)?;
-        // All of the input is in: the slot is this worker's alone until it answers.
-        let slot = segment.claim(slot).expect("checked above");
-        let mut ctx = JobCtx::new(&job.args, job.attempt, slot, input_len);
-        if streamed {
-            return ctx.reply(&self.out);
-        }
-        let out = &mut self.out;
-        catch_unwind(AssertUnwindSafe(|| op.run_whole(&mut ctx, out)))
-            .unwrap_or_else(|p| Err(panicked(&job.op, &*p)))
+        // All of the input is in: the slot is this worker's alone until it
+        // answers, and so are the result areas the dispatcher gives it.
+        let mut claims = segment.claims();
+        let slot = claims.claim(slot).expect("checked above");
+        let growth = Growth::segment(claims, arrivals, job.job_id);
+        let mut ctx = JobCtx::with_growth(&job.args, job.attempt, slot, input_len, growth);
+        let ran = if streamed {
+            ctx.reply(&self.out)
+        } else {
+            let out = &mut self.out;
+            catch_unwind(AssertUnwindSafe(|| op.run_whole(&mut ctx, out)))
+                .unwrap_or_else(|p| Err(panicked(&job.op, &*p)))
+        };
+        ctx.settle(ran)
     }
 }
 
@@ -437,7 +379,7 @@ fn take_input(
     slot: Region,
     job: &Job<'_>,
     op: &Op,
-    arrivals: &mut dyn Arrivals,
+    arrivals: &mut dyn Dispatcher,
     out: &mut Vec<u8>,
 ) -> Result<bool, RemoteError> {
     let mut arriving = Arriving {

@@ -117,8 +117,9 @@ impl Worker {
 
     /// Adds a whole operation: it runs once all of the input is in the
     /// slot, and answers where its result lies ([`JobCtx::reply`] writes a
-    /// result after the input; [`JobCtx::in_place`] names a result made
-    /// over it).
+    /// result after the input, [`JobCtx::writer`] writes one as it is
+    /// made, both growing past the slot as needed; [`JobCtx::in_place`]
+    /// names a result made over the input).
     ///
     /// # Panics
     /// If `name` is taken (`ping` always is), empty, or `status`.
@@ -132,8 +133,8 @@ impl Worker {
     /// Adds a streaming operation: it reads its input front to back
     /// ([`Input::next_chunk`]) and may start before all of it has arrived
     /// (the dispatcher sends large uploads early to such operations). Its
-    /// result (any bytes; it is written in the slot once all of the input
-    /// is in, after it when it fits) must fit in the slot.
+    /// result (any bytes, kept in the worker's memory while it is made) is
+    /// written once all of the input is in, as [`JobCtx::reply`] does.
     ///
     /// # Panics
     /// As [`Worker::op`].
@@ -174,7 +175,7 @@ impl Worker {
             "operation {name:?} is registered twice (ping is answered by the SDK)"
         );
         assert!(
-            self.ops.len() < MAX_ARGS,
+            self.ops.len() <= MAX_ARGS, // ping is not listed
             "at most {MAX_ARGS} operations (Ready lists them in one frame)"
         );
         self.ops.push(Op {
@@ -192,19 +193,7 @@ impl Worker {
     pub fn run(self) -> std::process::ExitCode {
         let cmd = crate::Args::command().name(self.name).bin_name(self.name);
         let args = crate::Args::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
-        let _span = ipc_core::logging::init("worker", args.log.log_format);
-        let config = Config {
-            segment: args.segment,
-            allow_fault_injection: args.allow_fault_injection,
-            parent_pid: args.parent_pid,
-        };
-        match self.serve(&config) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                std::process::ExitCode::FAILURE
-            }
-        }
+        crate::start(args, |config| self.serve(config))
     }
 
     /// Serves jobs on stdin and stdout until stdin closes (for a program
@@ -223,8 +212,9 @@ impl Worker {
             .collect()
     }
 
-    /// Every operation, as `Ready` lists them (those that inject faults
-    /// too: the worker answers them `FaultInjectionDisabled` when off).
+    /// Every operation, as `Ready` lists them: not `ping` (every worker
+    /// answers it), but those that inject faults (the worker answers them
+    /// `FaultInjectionDisabled` when off).
     pub(crate) fn names(&self) -> Vec<String> {
         self.ops
             .iter()
@@ -333,6 +323,7 @@ mod tests {
         assert_eq!(run(&w, "rev", b"abc").unwrap(), b"cba");
         assert_eq!(run(&w, "len", b"abcd").unwrap(), b"4");
         assert_eq!(w.streams(false), ["len"]);
+        assert_eq!(w.names(), ["rev", "len"], "ping is not listed");
         let e = run(&w, "nope", b"").unwrap_err();
         assert_eq!(e.kind, ErrorKind::UnknownOp);
         assert_eq!(

@@ -179,7 +179,7 @@ fn two_program_pools_serving_one_operation_are_refused_at_start() {
     let err = String::from_utf8(out.stderr).unwrap();
     let file = path.display().to_string();
     assert!(
-        err.contains("serves operation \"gunzip_crc32\", which pool")
+        err.contains("serves operation \"gunzip\", which pool")
             && err.contains(&format!("({file}:4)"))
             && err.contains(&format!("({file}:8)")),
         "{err}"

@@ -119,7 +119,8 @@ fn corrupt_or_truncated_gzip_and_bad_arguments_get_typed_errors() {
     };
     assert_eq!(e.kind, ErrorKind::UnknownOp);
     assert!(
-        e.message.ends_with("known: gunzip_crc32, gzip, ping"),
+        e.message
+            .ends_with("known: gunzip, gunzip_crc32, gzip, ping"),
         "{e}"
     );
     // Errors are answers, not crashes: the workers are the first ones still.
@@ -150,4 +151,46 @@ fn the_example_worker_stops_with_its_dispatcher_and_leaves_nothing() {
         "log:\n{}",
         inst.log()
     );
+}
+
+#[test]
+fn gunzip_answers_results_many_times_its_input_up_to_the_pools_limit() {
+    let inst = Instance::start(
+        "inflate-gunzip",
+        &[
+            "--worker-exe",
+            WORKER,
+            "--workers",
+            "1",
+            "--max-result-mib",
+            "3",
+        ],
+    );
+    let mut c = inst.client();
+    // 2.5 MiB of text from a few KiB of gzip: the result grows through
+    // areas of twice the size each time, until twice the last one (4 MiB)
+    // passes the 3 MiB limit: then the worker asks for less (PROTOCOL
+    // §13.14) and the job succeeds.
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(5 << 19)
+        .collect();
+    let gz = gzip_of(&text);
+    assert!(gz.len() < 40_000, "{}", gz.len());
+    assert!(c.call("gunzip", &[], &gz).unwrap() == text);
+    // A decompression bomb past the limit: a typed error, and the worker serves on.
+    let bomb = gzip_of(&vec![0u8; 8 << 20]);
+    let e = c.call("gunzip", &[], &bomb).unwrap_err();
+    let osps_client::ClientError::Remote(e) = e else {
+        panic!("typed error expected, got {e}")
+    };
+    assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
+    assert!(e.message.contains("max_result_mib"), "{e}");
+    // The connection stays open (only a payload over the limit closes it),
+    // and the client library knows it.
+    assert_eq!(c.call("gunzip", &[], &gzip_of(b"small")).unwrap(), b"small");
+    let st = inst.status();
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
 }
