@@ -376,25 +376,27 @@ pub fn run(o: Options) -> Result<()> {
         counts.wrong.load(Ordering::Relaxed),
         counts.lost.load(Ordering::Relaxed),
     );
-    println!("  requests sent        {sent}");
+    println!("  {:<26} {sent}", "requests sent");
     let by_pool: Vec<u64> = counts
         .by_pool
         .iter()
         .map(|n| n.load(Ordering::Relaxed))
         .collect();
     println!(
-        "  answered correctly   {correct} (builtin {}, program {}, command {})",
-        by_pool[0], by_pool[1], by_pool[2]
+        "  {:<26} {correct} (builtin {}, program {}, command {})",
+        "answered correctly", by_pool[0], by_pool[1], by_pool[2]
     );
-    println!("  failed (error reply) {failed}");
-    println!("  answered wrongly     {wrong}");
-    println!("  lost                 {lost}");
+    println!("  {:<26} {failed}", "failed (error reply)");
+    println!("  {:<26} {wrong}", "answered wrongly");
+    println!("  {:<26} {lost}", "lost");
     println!(
-        "  zombies > 1 s        {}",
+        "  {:<26} {}",
+        "zombies > 1 s",
         lasting_zombies + zombies_at_end.len() as u64
     );
     println!(
-        "  leaked objects       {}{}",
+        "  {:<26} {}{}",
+        "leaked objects",
         leaks.len(),
         if leaks.is_empty() {
             String::new()
@@ -402,7 +404,7 @@ pub fn run(o: Options) -> Result<()> {
             format!(" {leaks:?}")
         }
     );
-    println!("  watchdog exit        {exit}");
+    println!("  {:<26} {exit}", "watchdog exit");
     drop(config);
     if lost > 0
         || wrong > 0

@@ -117,3 +117,39 @@ fn print_tree(root: u32, status: Option<&ipc_core::status::StatusReport>) -> usi
     }
     t.len()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process started below this one, even orphaned below a child that
+    /// exited, is seen until it is gone.
+    #[test]
+    fn our_descendants_sees_a_grandchild_left_behind() {
+        osps_testkit::become_subreaper();
+        // `sh` starts `sleep` in the background and exits: the grandchild
+        // is reparented to us (the subreaper), as a leaked per-job process would be.
+        let out = Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        struct Reap(u32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let pid = nix::unistd::Pid::from_raw(self.0 as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+            }
+        }
+        let guard = Reap(pid);
+        assert!(our_descendants().iter().any(|p| p.pid == pid));
+        drop(guard);
+        assert!(!our_descendants().iter().any(|p| p.pid == pid));
+    }
+}

@@ -12,10 +12,12 @@ use anyhow::{ensure, Context, Result};
 /// The program pool's name and the example worker's binary.
 pub const PROGRAM_POOL: &str = "inflate";
 pub const PROGRAM_BIN: &str = "inflate-worker";
-/// The command pool's name, command and operation.
+/// The command pool's name, command and operation (not `gzip`: the example
+/// worker serves an operation of that name, and one operation is served by
+/// one pool).
 pub const EXEC_POOL: &str = "compress";
 pub const EXEC_CMD: [&str; 2] = ["gzip", "-c"];
-pub const EXEC_OP: &str = "gz";
+pub const EXEC_OP: &str = "gzip_c";
 
 /// Workers of each pool.
 #[derive(Debug, Clone, Copy)]

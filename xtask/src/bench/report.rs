@@ -487,7 +487,10 @@ mod tests {
         assert_eq!(row("sha256_64b_program_vs_builtin"), "1.04 <= 1.05 yes");
         assert_eq!(row("sha256_1mib_program_vs_builtin"), "1.12 <= 1.05 NO");
         assert_eq!(row("command_job_vs_direct_spawn"), "1.20 info -");
-        assert!(t.contains("o7 cat 1 KiB, spawned directly (Command)"), "{t}");
+        assert!(
+            t.contains("o7 cat 1 KiB, spawned directly (Command)"),
+            "{t}"
+        );
         r.o7_direct = vec![600_000; 10];
         let j = r.json();
         assert_eq!(j["ratios"]["command_job_vs_direct_spawn"], json!(2.0));
