@@ -226,7 +226,9 @@ fn start(o: &Options) -> Result<(Instance, Option<ConfigFile>)> {
 }
 
 /// A fault to inflict: on the dispatcher, or on a worker of a pool picked
-/// at random (then one of its workers), so that every pool is hit.
+/// at random (then one of its workers), so that every pool is hit; for a
+/// command pool, half of the time on the command one of its workers is
+/// running, when one is.
 fn fault(rng: &mut Rng, s: &StatusReport) -> (String, u32, Signal) {
     let sig = if rng.below(2) == 0 {
         Signal::SIGKILL
@@ -241,13 +243,28 @@ fn fault(rng: &mut Rng, s: &StatusReport) -> (String, u32, Signal) {
     if rng.below(2) == 0 || s.pools.is_empty() {
         return (format!("{name} dispatcher"), s.dispatcher_pid, sig);
     }
-    let pool = &s.pools[rng.below(s.pools.len() as u64) as usize].name;
+    let pool = &s.pools[rng.below(s.pools.len() as u64) as usize];
+    let (kind, pool) = (pool.kind.as_str(), &pool.name);
     let workers: Vec<u32> = s
         .workers
         .iter()
         .filter(|w| &w.pool == pool)
         .map(|w| w.pid)
         .collect();
+    if kind == "exec" && rng.below(2) == 0 {
+        // A command a worker of the pool is running, if any: its job ends
+        // in `command failed` (killed) or `timeout` (stopped), and nothing
+        // of its process group may be left.
+        let commands: Vec<u32> = osps_testkit::all_processes()
+            .iter()
+            .filter(|p| workers.contains(&p.ppid) && p.state != 'Z')
+            .map(|p| p.pid)
+            .collect();
+        if !commands.is_empty() {
+            let pid = commands[rng.below(commands.len() as u64) as usize];
+            return (format!("{name} command ({pool})"), pid, sig);
+        }
+    }
     let pid = match workers.len() {
         0 => 0,
         n => workers[rng.below(n as u64) as usize],
