@@ -218,6 +218,29 @@ pub fn write_token_file(path: &Path, token: &[u8]) {
         .expect("write the token file");
 }
 
+/// `len` bytes that do not compress (xorshift from a fixed seed: the same
+/// bytes every time).
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `text` as `osps.toml` in a fresh directory (removed when the
+/// guard is dropped); returns both.
+pub fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("osps.toml");
+    std::fs::write(&path, text).expect("the configuration file written");
+    (dir, path)
+}
+
 /// What the `sha256` operation answers for `bytes`, computed here: the hex
 /// digest and a newline.
 pub fn sha256_line(bytes: &[u8]) -> Vec<u8> {

@@ -75,18 +75,6 @@ fn assert_group_gone(pgid: i32) {
     }
 }
 
-fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn error(outcome: Outcome) -> ipc_core::RemoteError {
     match outcome {
         Outcome::Err(e) => e,
@@ -97,7 +85,7 @@ fn error(outcome: Outcome) -> ipc_core::RemoteError {
 #[test]
 fn gzip_of_random_data_comes_back_larger_through_the_room_given_and_gunzips_to_the_input() {
     let mut b = start("exec-gzip", &["--exec-op", "gzip", "--", "gzip", "-c"]);
-    let data = noise(1 << 20);
+    let data = osps_testkit::noise(1 << 20);
     let slot = b.seg.check(0, data.len() as u64 + 4096).unwrap();
     b.job(1, "gzip", &[], slot, &data);
     let (d, area) = b.done_giving_room();
