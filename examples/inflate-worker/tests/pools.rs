@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use ipc_core::frame;
 use ipc_core::proto::{ErrorKind, Outcome, RemoteError, Response};
-use osps_testkit::{bin, config_file, run_to_exit, unique_instance, wait_for, Instance};
+use osps_testkit::{
+    assert_group_gone, bin, config_file, run_to_exit, unique_instance, wait_for, GroupGuard,
+    Instance,
+};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_inflate-worker");
 
@@ -198,51 +201,6 @@ fn gunzip(gz: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Live (not zombie) processes of process group `pgid`.
-fn group_members(pgid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = text.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = text[close + 2..].split(' ').collect();
-        if fields.len() > 2 && fields[2] == pgid.to_string() && !matches!(fields[0], "Z" | "X") {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Kills a command's process group when the test ends, however it ends.
-struct GroupGuard(i32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-fn assert_group_gone(pgid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !group_members(pgid).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "group {pgid} left: {:?}",
-            group_members(pgid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn three_pools_builtin_the_example_worker_and_a_command_each_answer_their_operations() {
     let (_dir, path) = config_file(&format!(
@@ -292,7 +250,7 @@ fn a_failing_command_and_one_past_its_timeout_get_clear_errors_and_leave_nothing
     let began = Instant::now();
     let e = remote(c.call("slow", &[], b"").unwrap_err());
     assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
-    let pgid: i32 = e
+    let pgid: u32 = e
         .message
         .strip_prefix("sh ran past 500 ms and was killed; stderr: started ")
         .unwrap_or_else(|| panic!("{e}"))
