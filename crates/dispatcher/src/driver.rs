@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::pools::{Pool, PoolKind};
 use crate::replies::Body;
-use crate::session::{Ahead, Answered, End, Session, SessionJob};
+use crate::session::{Ahead, Answered, Ask, End, Session, SessionJob, ROOMS_PER_RESULT};
 use crate::shared::{QueuedJob, Shared};
 use crate::slots::{News, SlotLease, Streamed, UploadState};
 use crate::workers::{WorkerEntry, WorkerState};
@@ -371,7 +371,8 @@ impl WorkerDriver<'_> {
             PoolKind::Exec { .. } => EXEC_BACKSTOP,
             _ => Duration::ZERO,
         };
-        let mut s = Session::new(config.max_attempts, Instant::now().into_std());
+        let mut s = Session::new(config.max_attempts, Instant::now().into_std())
+            .limit_results(config.max_result);
         // The running job's upload, while the worker is told of its progress.
         let mut upload: Option<Rc<Streamed>> = None;
         let mut out = Vec::with_capacity(4096);
@@ -451,32 +452,49 @@ impl WorkerDriver<'_> {
         room: &mut Option<RoomWait>,
         out: &mut Vec<u8>,
     ) -> std::io::Result<()> {
-        let Some(len) = s.growing() else {
-            *room = None;
-            return Ok(());
+        let len = match s.pending_ask() {
+            None => {
+                *room = None;
+                return Ok(());
+            }
+            Some(_) if room.is_some() => return Ok(()),
+            Some(Ask::Wait(len)) => len,
+            Some(Ask::OverLimit { len, limit }) => {
+                let message = format!(
+                    "a result of {len} bytes exceeds pool \"{}\"'s limit of {limit} bytes (max_result_mib)",
+                    self.pool.name()
+                );
+                return self.refuse_room(s, message, out).await;
+            }
+            Some(Ask::TooMuchHeld { held, limit }) => {
+                let message = format!(
+                    "the job's result areas would hold {held} bytes, more than {ROOMS_PER_RESULT} times pool \"{}\"'s limit of {limit} bytes (max_result_mib)",
+                    self.pool.name()
+                );
+                return self.refuse_room(s, message, out).await;
+            }
         };
-        if room.is_some() {
-            return Ok(());
-        }
-        let limit = self.pool.config.max_result;
-        if len > limit {
-            let message = format!(
-                "a result of {len} bytes exceeds pool \"{}\"'s limit of {limit} bytes (max_result_mib)",
-                self.pool.name()
-            );
-            let job_id = s.grow_answered().expect("a job runs").job_id;
-            let msg = ToWorker::NoRoom {
-                job_id,
-                message: message.into(),
-            };
-            return self.send(&msg, out).await;
-        }
         let job = s.head().expect("a job runs");
         let (slots, holder) = (Rc::clone(&self.shared.slots), Rc::clone(job.lease.holder()));
         *room = Some(Box::pin(
             async move { slots.lease_room(len, &holder).await },
         ));
         Ok(())
+    }
+
+    /// Refuses the running job's ask for room, saying why.
+    async fn refuse_room(
+        &mut self,
+        s: &mut Session<QueuedJob>,
+        message: String,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let job_id = s.grow_answered(0).expect("a job runs").job_id;
+        let msg = ToWorker::NoRoom {
+            job_id,
+            message: message.into(),
+        };
+        self.send(&msg, out).await
     }
 
     /// Gives the running job the room it waited for (`None`: the
@@ -487,7 +505,8 @@ impl WorkerDriver<'_> {
         given: Option<SlotLease>,
         out: &mut Vec<u8>,
     ) -> std::io::Result<()> {
-        let Some(job) = s.grow_answered() else {
+        let area = given.as_ref().map_or(0, |lease| lease.region().len());
+        let Some(job) = s.grow_answered(area) else {
             return Ok(());
         };
         let job_id = job.job_id;

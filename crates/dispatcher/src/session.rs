@@ -91,6 +91,29 @@ pub struct Session<J> {
     max_attempts: u8,
     /// The running job's `Grow` not answered yet: the bytes asked.
     grow: Option<u64>,
+    /// Bytes of result area given to the running job so far.
+    rooms_held: u64,
+    /// The largest result a job may have (the pool's `max_result`).
+    max_result: u64,
+}
+
+/// The result areas one job may hold, as a multiple of its pool's
+/// `max_result`: enough for a result grown by doubling (less than twice the
+/// last area) and one more area of up to the limit (PROTOCOL §13.14). Each
+/// area stays the worker's until the job ends: a worker asking again and
+/// again would otherwise hold the arena other jobs need.
+pub const ROOMS_PER_RESULT: u64 = 3;
+
+/// What to answer a worker's unanswered `Grow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Give it an area of this many bytes, once the arena has room.
+    Wait(u64),
+    /// Refuse: more than the pool's limit.
+    OverLimit { len: u64, limit: u64 },
+    /// Refuse: the job's areas would hold `held` bytes, more than
+    /// [`ROOMS_PER_RESULT`] times the limit.
+    TooMuchHeld { held: u64, limit: u64 },
 }
 
 impl<J: SessionJob> Session<J> {
@@ -102,7 +125,15 @@ impl<J: SessionJob> Session<J> {
             told: None,
             max_attempts,
             grow: None,
+            rooms_held: 0,
+            max_result: u64::MAX,
         }
+    }
+
+    /// Limits the results of the jobs to `max_result` bytes (the pool's).
+    pub fn limit_results(mut self, max_result: u64) -> Self {
+        self.max_result = max_result;
+        self
     }
 
     /// Whether the worker holds no job (it waits for one).
@@ -219,6 +250,7 @@ impl<J: SessionJob> Session<J> {
         // longer wanted.
         self.told = None;
         self.grow = None;
+        self.rooms_held = 0;
         self.written -= 1;
         self.head_since = now;
         Answered::Job(self.sent.pop_front().expect("checked above"))
@@ -249,14 +281,24 @@ impl<J: SessionJob> Session<J> {
         Ok(())
     }
 
-    /// The bytes the running job's worker waits for, if it does.
-    pub fn growing(&self) -> Option<u64> {
-        self.grow
+    /// What to answer the running job's unanswered `Grow`, if there is one.
+    pub fn pending_ask(&self) -> Option<Ask> {
+        let len = self.grow?;
+        let (limit, held) = (self.max_result, self.rooms_held.saturating_add(len));
+        Some(if len > limit {
+            Ask::OverLimit { len, limit }
+        } else if held > limit.saturating_mul(ROOMS_PER_RESULT) {
+            Ask::TooMuchHeld { held, limit }
+        } else {
+            Ask::Wait(len)
+        })
     }
 
-    /// The `Grow` is answered now: the running job (to hold its room).
-    pub fn grow_answered(&mut self) -> Option<&mut J> {
+    /// The `Grow` is answered now, with an area of `given` bytes (0 for a
+    /// refusal): the running job (to hold its area).
+    pub fn grow_answered(&mut self, given: u64) -> Option<&mut J> {
         self.grow.take()?;
+        self.rooms_held = self.rooms_held.saturating_add(given);
         self.sent.front_mut()
     }
 
@@ -660,19 +702,56 @@ mod tests {
         // Only the running job, once at a time, never 0 bytes.
         assert!(s.asked(2, 10).unwrap_err().contains("not the running job"));
         assert!(s.asked(1, 0).unwrap_err().contains("0 bytes"));
-        assert_eq!(s.growing(), None);
+        assert_eq!(s.pending_ask(), None);
         s.asked(1, 10).unwrap();
         assert!(s.asked(1, 20).unwrap_err().contains("second Grow"));
-        assert_eq!(s.growing(), Some(10));
-        assert_eq!(s.grow_answered().map(|j| j.id), Some(1));
-        assert_eq!((s.growing(), s.grow_answered().map(|j| j.id)), (None, None));
+        assert_eq!(s.pending_ask(), Some(Ask::Wait(10)));
+        assert_eq!(s.grow_answered(16).map(|j| j.id), Some(1));
+        assert_eq!(
+            (s.pending_ask(), s.grow_answered(0).map(|j| j.id)),
+            (None, None)
+        );
         // Asked again, then the job is answered: the ask is forgotten.
         s.asked(1, 30).unwrap();
         assert!(matches!(s.answered(1, &Outcome::Ok, t0), Answered::Job(_)));
-        assert_eq!(s.growing(), None);
+        assert_eq!(s.pending_ask(), None);
         assert!(s.asked(1, 5).is_err(), "job 1 is done");
         s.asked(2, 5).unwrap();
         // Nothing held: nothing to grow.
         assert!(holding(&[], t0).asked(1, 5).is_err());
+    }
+
+    #[test]
+    fn room_limits_table() {
+        let t0 = Instant::now();
+        let mut s = holding(&[job(1), job(2)], t0).limit_results(100);
+        // Over the limit: refused, and the job may ask again for less.
+        s.asked(1, 101).unwrap();
+        let over = Ask::OverLimit {
+            len: 101,
+            limit: 100,
+        };
+        assert_eq!(s.pending_ask(), Some(over));
+        s.grow_answered(0);
+        // Areas given add up, to three times the limit.
+        for (ask, given) in [(64, 64), (100, 128), (90, 96)] {
+            s.asked(1, ask).unwrap();
+            assert_eq!(s.pending_ask(), Some(Ask::Wait(ask)));
+            s.grow_answered(given);
+        }
+        s.asked(1, 13).unwrap();
+        let held = Ask::TooMuchHeld {
+            held: 301,
+            limit: 100,
+        };
+        assert_eq!(s.pending_ask(), Some(held), "288 held, 13 more");
+        s.grow_answered(0);
+        s.asked(1, 12).unwrap();
+        assert_eq!(s.pending_ask(), Some(Ask::Wait(12)), "300 is the most");
+        s.grow_answered(12);
+        // The next job starts with none held.
+        assert!(matches!(s.answered(1, &Outcome::Ok, t0), Answered::Job(_)));
+        s.asked(2, 100).unwrap();
+        assert_eq!(s.pending_ask(), Some(Ask::Wait(100)));
     }
 }

@@ -3,19 +3,11 @@
 //! unsupported key, a wrong type or a conflict is refused at start with one
 //! line naming the file, the line and the key.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use osps_client::ClientError;
-use osps_testkit::{bin, run_to_exit, unique_instance, Instance};
-
-/// Writes `text` as `osps.toml` in a fresh directory (kept alive by the guard).
-fn config(text: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("osps.toml");
-    std::fs::write(&path, text).unwrap();
-    (dir, path)
-}
+use osps_testkit::{bin, config_file, run_to_exit, unique_instance, Instance};
 
 fn arg(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -39,7 +31,7 @@ fn refused(path: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn a_file_sets_options_and_a_flag_overrides_the_file() {
-    let (_dir, path) = config(
+    let (_dir, path) = config_file(
         "# sizes\nworkers = 3\nsegment_mib = 8\nmax_payload = 65536\ntcp = \"127.0.0.1:0\"\nallow_uid = []\n",
     );
     let inst = Instance::start("cfgset", &["--config", arg(&path)]);
@@ -73,14 +65,14 @@ fn a_file_sets_options_and_a_flag_overrides_the_file() {
 #[test]
 fn the_builtin_pool_sets_the_number_of_workers() {
     let (_dir, path) =
-        config("segment_mib = 8\nmax_payload = 65536\n\n[pools.builtin]\nworkers = 2\n");
+        config_file("segment_mib = 8\nmax_payload = 65536\n\n[pools.builtin]\nworkers = 2\n");
     let inst = Instance::start("cfgpool", &["--config", arg(&path)]);
     assert_eq!(inst.status().workers.len(), 2);
 }
 
 #[test]
 fn the_builtin_pool_sets_its_job_timeout_and_attempts() {
-    let (_dir, path) = config(
+    let (_dir, path) = config_file(
         "segment_mib = 8\nmax_payload = 65536\n\n[pools.builtin]\nworkers = 1\njob_timeout_ms = 300\nmax_attempts = 1\n",
     );
     let inst = Instance::start(
@@ -279,7 +271,7 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
         ("segment_mib = 8\nworkers = \n", 2, ""),
     ];
     for (text, line, says) in cases {
-        let (_dir, path) = config(text);
+        let (_dir, path) = config_file(text);
         let err = refused(&path, &[]);
         let want = format!("osps-dispatcher: {}:{line}: {says}", path.display());
         assert!(
@@ -292,7 +284,7 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
 
 #[test]
 fn a_value_a_flag_overrides_is_still_checked() {
-    let (_dir, path) = config("workers = \"many\"\n");
+    let (_dir, path) = config_file("workers = \"many\"\n");
     let err = refused(&path, &["--workers", "1"]);
     assert!(
         err.contains(":1: key \"workers\": expected an integer"),

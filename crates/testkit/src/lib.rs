@@ -68,6 +68,8 @@ pub fn become_subreaper() {
 pub struct Proc {
     pub pid: u32,
     pub ppid: u32,
+    /// Its process group.
+    pub pgid: u32,
     /// One-letter state (`R`, `S`, `Z`, ...).
     pub state: char,
     pub cmdline: String,
@@ -81,6 +83,7 @@ pub fn proc_info(pid: u32) -> Option<Proc> {
     let mut fields = rest.split(' ');
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
     let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&raw)
         .replace('\0', " ")
@@ -89,6 +92,7 @@ pub fn proc_info(pid: u32) -> Option<Proc> {
     Some(Proc {
         pid,
         ppid,
+        pgid,
         state,
         cmdline,
     })
@@ -112,6 +116,42 @@ pub fn processes_mentioning(needle: &str) -> Vec<Proc> {
         .into_iter()
         .filter(|p| p.pid != me && p.cmdline.contains(needle))
         .collect()
+}
+
+/// The live (not zombie) processes of process group `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    all_processes()
+        .into_iter()
+        .filter(|p| p.pgid == pgid && !matches!(p.state, 'Z' | 'X'))
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Waits (up to 5 s) until process group `pgid` has no live process; fails
+/// the test, naming them, if some are left.
+pub fn assert_group_gone(pgid: u32) {
+    let left = wait_for(Duration::from_secs(5), || {
+        group_members(pgid).is_empty().then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "processes of group {pgid} are left: {:?}",
+        group_members(pgid)
+    );
+}
+
+/// Kills process group `.0` when dropped: a test's guard for the processes
+/// a command started, however the test ends.
+#[derive(Debug)]
+pub struct GroupGuard(pub u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// Zombies (state `Z`) whose parent is one of `parents`.
@@ -216,6 +256,29 @@ pub fn write_token_file(path: &Path, token: &[u8]) {
         .open(path)
         .and_then(|mut f| f.write_all(token))
         .expect("write the token file");
+}
+
+/// `len` bytes that do not compress (xorshift from a fixed seed: the same
+/// bytes every time).
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `text` as `osps.toml` in a fresh directory (removed when the
+/// guard is dropped); returns both.
+pub fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("osps.toml");
+    std::fs::write(&path, text).expect("the configuration file written");
+    (dir, path)
 }
 
 /// What the `sha256` operation answers for `bytes`, computed here: the hex

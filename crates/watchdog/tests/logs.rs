@@ -57,8 +57,9 @@ fn json_logs_name_role_and_pid_and_carry_the_lifecycle() {
     let expected = [
         ("watchdog", "watchdog started"),
         ("watchdog", "dispatcher started"),
-        ("dispatcher", "dispatcher ready"),
+        // Each pool's first worker is ready before the dispatcher listens.
         ("dispatcher", "worker started"),
+        ("dispatcher", "dispatcher ready"),
         (
             "watchdog",
             "ready: the dispatcher answers and 2 worker(s) are up",

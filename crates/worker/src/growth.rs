@@ -373,18 +373,6 @@ mod tests {
         }
     }
 
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     /// Runs `op` on a 1000-byte slot holding 900 input bytes, in a test
     /// segment, with a [`Fake`] dispatcher of `limit`; returns the answer,
     /// the result's bytes and the asks.
@@ -431,7 +419,7 @@ mod tests {
 
     #[test]
     fn a_writer_fills_the_slot_then_grows_about_twofold_keeping_what_it_wrote() {
-        let data = noise(300_000);
+        let data = osps_testkit::noise(300_000);
         let (out, bytes, asks) = run("twofold", u64::MAX, |job| write_in_chunks(job, &data));
         let out = out.unwrap();
         assert!(out.in_area() && out.offset == 0 && out.len == data.len());
@@ -447,7 +435,7 @@ mod tests {
 
     #[test]
     fn near_the_limit_asks_shrink_below_the_refused_length_and_past_it_the_answer_is_too_large() {
-        let data = noise(200_000);
+        let data = osps_testkit::noise(200_000);
         let (out, bytes, asks) = run("near", 210_000, |job| write_in_chunks(job, &data));
         assert!(out.is_ok() && bytes == data, "{out:?}");
         // 262162 refused: halfway between what is needed and that, until given.
@@ -458,7 +446,7 @@ mod tests {
             "{asks:?}"
         );
 
-        let big = noise(250_000);
+        let big = osps_testkit::noise(250_000);
         let (out, _, asks) = run("past", 210_000, |job| {
             // The operation sees the writer's error as an io::Error, and
             // may make any error of it: the answer is `too large`.
@@ -473,7 +461,7 @@ mod tests {
 
     #[test]
     fn a_reply_larger_than_the_free_room_asks_for_its_length_and_a_stale_output_is_refused() {
-        let data = noise(5000);
+        let data = osps_testkit::noise(5000);
         let (out, bytes, asks) = run("reply", u64::MAX, |job| job.reply(&data));
         assert!(out.unwrap().in_area() && bytes == data);
         assert_eq!(asks, [5000]);
@@ -489,7 +477,7 @@ mod tests {
 
     #[test]
     fn without_a_dispatcher_the_result_grows_in_memory() {
-        let data = noise(100_000);
+        let data = osps_testkit::noise(100_000);
         let mut slot = b"input".to_vec();
         slot.resize(64, 0);
         let mut job = JobCtx::new(&[], 1, &mut slot, 5);

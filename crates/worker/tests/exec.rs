@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::Bench;
 use ipc_core::proto::{ErrorKind, Outcome};
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use osps_testkit::{assert_group_gone, group_members, GroupGuard};
 
 fn start(tag: &str, args: &[&str]) -> Bench {
     let (b, ops) = Bench::start(tag, 16, &osps_testkit::bin("osps-worker"), args);
@@ -26,67 +27,6 @@ fn start(tag: &str, args: &[&str]) -> Bench {
     b
 }
 
-/// Kills a command's process group when the test ends, however it ends.
-struct GroupGuard(i32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        let _ = killpg(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
-
-/// The live (not zombie) processes of process group `pgid`, from /proc.
-fn group_members(pgid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Some((state, _ppid, pgrp)) = stat(pid) {
-            if pgrp == pgid && state != 'Z' && state != 'X' {
-                found.push(pid);
-            }
-        }
-    }
-    found
-}
-
-/// State, parent and process group of `pid` (from /proc/PID/stat).
-fn stat(pid: i32) -> Option<(char, i32, i32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((state, ppid, pgrp))
-}
-
-/// Waits (up to 5 s) until process group `pgid` has no live process.
-fn assert_group_gone(pgid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !group_members(pgid).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "processes of group {pgid} are left: {:?}",
-            group_members(pgid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn error(outcome: Outcome) -> ipc_core::RemoteError {
     match outcome {
         Outcome::Err(e) => e,
@@ -97,7 +37,7 @@ fn error(outcome: Outcome) -> ipc_core::RemoteError {
 #[test]
 fn gzip_of_random_data_comes_back_larger_through_the_room_given_and_gunzips_to_the_input() {
     let mut b = start("exec-gzip", &["--exec-op", "gzip", "--", "gzip", "-c"]);
-    let data = noise(1 << 20);
+    let data = osps_testkit::noise(1 << 20);
     let slot = b.seg.check(0, data.len() as u64 + 4096).unwrap();
     b.job(1, "gzip", &[], slot, &data);
     let (d, area) = b.done_giving_room();
@@ -179,7 +119,7 @@ fn a_command_past_its_timeout_is_killed_with_its_children_and_answered_timeout()
     let took = began.elapsed();
     let e = error(d.outcome);
     assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
-    let pgid: i32 = e
+    let pgid: u32 = e
         .message
         .strip_prefix("sh ran past 500 ms and was killed; stderr: started ")
         .unwrap_or_else(|| panic!("{e}"))
@@ -206,7 +146,7 @@ fn what_a_command_leaves_behind_is_killed_when_it_exits() {
     let began = Instant::now();
     let (d, out) = b.run(1, "bg", &[], b"");
     assert_eq!(d.outcome, Outcome::Ok);
-    let pgid: i32 = String::from_utf8(out).unwrap().trim().parse().unwrap();
+    let pgid: u32 = String::from_utf8(out).unwrap().trim().parse().unwrap();
     let _guard = GroupGuard(pgid);
     assert!(began.elapsed() < Duration::from_secs(5));
     assert_group_gone(pgid);
@@ -276,18 +216,18 @@ fn a_sigterm_to_the_worker_kills_the_running_command_group_first() {
     let sh = loop {
         let child = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
             let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-            (stat(pid)?.1 == worker).then_some(pid)
+            (osps_testkit::proc_info(pid as u32)?.ppid == worker as u32).then_some(pid)
         });
-        if let Some(pid) = child.filter(|&p| group_members(p).len() == 3) {
+        if let Some(pid) = child.filter(|&p| group_members(p as u32).len() == 3) {
             break pid;
         }
         assert!(Instant::now() < deadline, "the command did not start");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _guard = GroupGuard(sh);
+    let _guard = GroupGuard(sh as u32);
     kill(Pid::from_raw(worker), Signal::SIGTERM).unwrap();
     let status = b.w.0.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(Signal::SIGTERM as i32), "{status:?}");
-    assert_group_gone(sh);
+    assert_group_gone(sh as u32);
 }

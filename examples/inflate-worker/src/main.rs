@@ -122,19 +122,6 @@ mod tests {
         Ok((job.result(&out).unwrap().to_vec(), out.in_area()))
     }
 
-    /// `len` bytes that do not compress (xorshift).
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn gzip_then_gunzip_gives_back_the_input_and_its_length_and_crc() {
         let text = b"hello hello hello hello\n".repeat(100);
@@ -160,7 +147,7 @@ mod tests {
 
     #[test]
     fn random_data_grows_under_gzip_past_its_slot() {
-        let data = noise(1 << 20);
+        let data = osps_testkit::noise(1 << 20);
         let (gz, grew) = run_where(gzip, &data).unwrap();
         assert!(gz.len() > data.len() && grew, "{} bytes", gz.len());
         assert_eq!(run(gunzip, &gz).unwrap(), data);

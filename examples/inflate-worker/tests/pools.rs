@@ -3,24 +3,23 @@
 //! unknown operation answered before its payload, `ping` with any pools, a
 //! program pool's worker killed mid-job (retried, then a clear error) while
 //! the other pools serve, and two pools serving one operation refused.
+//! Command pools: each job runs the command (`osps-worker` in exec mode)
+//! with the payload on its stdin and its stdout as the result, however
+//! large; a failing command, one past its timeout with children of its own,
+//! and arguments are answered as documented, and no process of a job is left.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ipc_core::frame;
-use ipc_core::proto::{ErrorKind, Outcome, Response};
-use osps_testkit::{bin, run_to_exit, unique_instance, wait_for, Instance};
+use ipc_core::proto::{ErrorKind, Outcome, RemoteError, Response};
+use osps_testkit::{
+    assert_group_gone, bin, config_file, run_to_exit, unique_instance, wait_for, GroupGuard,
+    Instance,
+};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_inflate-worker");
-
-/// A configuration file in a fresh directory (kept alive by the guard).
-fn config(text: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("osps.toml");
-    std::fs::write(&path, text).unwrap();
-    (dir, path)
-}
 
 fn start(tag: &str, path: &Path) -> Instance {
     Instance::start(
@@ -36,7 +35,7 @@ fn start(tag: &str, path: &Path) -> Instance {
     )
 }
 
-fn remote(e: osps_client::ClientError) -> ipc_core::proto::RemoteError {
+fn remote(e: osps_client::ClientError) -> RemoteError {
     match e {
         osps_client::ClientError::Remote(e) => e,
         other => panic!("a typed error expected, got {other}"),
@@ -51,7 +50,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn ping_works_when_the_only_pool_is_the_example_worker_and_unknown_ops_are_answered_first() {
-    let (_dir, path) = config(&format!(
+    let (_dir, path) = config_file(&format!(
         "[pools.builtin]\nenabled = false\n\n[pools.inflate]\nprogram = [\"{WORKER}\"]\nworkers = 2\n"
     ));
     let inst = start("pool-ping", &path);
@@ -117,7 +116,7 @@ fn busy_worker(inst: &Instance, pool: &str) -> u32 {
 fn a_program_pools_worker_killed_mid_job_is_retried_then_a_clear_error_while_other_pools_serve() {
     // osps-worker as a program pool (its `sleep` makes a long job), next
     // to the example worker; no builtin pool.
-    let (_dir, path) = config(&format!(
+    let (_dir, path) = config_file(&format!(
         "[pools.builtin]\nenabled = false\n\n[pools.slow]\nprogram = [\"{}\"]\nworkers = 1\nmax_attempts = 2\n\n[pools.inflate]\nprogram = [\"{WORKER}\"]\nworkers = 1\n",
         bin("osps-worker").display()
     ));
@@ -163,7 +162,7 @@ fn a_program_pools_worker_killed_mid_job_is_retried_then_a_clear_error_while_oth
 
 #[test]
 fn two_program_pools_serving_one_operation_are_refused_at_start() {
-    let (_dir, path) = config(&format!(
+    let (_dir, path) = config_file(&format!(
         "[pools.builtin]\nenabled = false\n\n[pools.a]\nprogram = [\"{WORKER}\"]\nworkers = 1\n\n[pools.b]\nprogram = [\"{WORKER}\"]\nworkers = 1\n"
     ));
     let runtime = tempfile::tempdir().unwrap();
@@ -192,4 +191,80 @@ fn two_program_pools_serving_one_operation_are_refused_at_start() {
     // Nothing left: no socket, no segment, no state file.
     let paths = ipc_core::RuntimePaths::new(&instance, Some(runtime.path())).unwrap();
     assert_eq!(osps_testkit::leftovers(&paths), Vec::<String>::new());
+}
+
+fn gunzip(gz: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn three_pools_builtin_the_example_worker_and_a_command_each_answer_their_operations() {
+    let (_dir, path) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.inflate]\nprogram = [\"{WORKER}\"]\nworkers = 1\n\n\
+         [pools.gz]\nexec = [\"gzip\", \"-c\"]\nops = [\"gzip_c\"]\nworkers = 2\n"
+    ));
+    let inst = start("cmd-three", &path);
+    let mut c = inst.client();
+    // 1 MiB of random data through the command pool: larger than it went in,
+    // and gunzips to the input.
+    let data = osps_testkit::noise(1 << 20);
+    let gz = c.call("gzip_c", &[], &data).unwrap();
+    assert!(gz.len() > data.len(), "{} bytes", gz.len());
+    assert!(gunzip(&gz) == data);
+    // The example worker's operation, and a builtin one.
+    assert!(c.call("gunzip", &[], &gz).unwrap() == data);
+    assert_eq!(c.call("upper", &[], b"abc").unwrap(), b"ABC");
+    c.ping().unwrap();
+    let st = inst.status();
+    let gz_pool = st.pools.iter().find(|p| p.name == "gz").unwrap();
+    assert_eq!(
+        (gz_pool.kind.as_str(), &gz_pool.ops[..]),
+        ("exec", &["gzip_c".to_owned()][..])
+    );
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
+}
+
+#[test]
+fn a_failing_command_and_one_past_its_timeout_get_clear_errors_and_leave_nothing() {
+    let (_dir, path) = config_file(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.fail]\nexec = [\"sh\", \"-c\", \"echo oops >&2; exit 3\"]\nops = [\"fail\"]\nworkers = 1\n\n\
+         [pools.slow]\nexec = [\"sh\", \"-c\", \"echo started $$ >&2; sleep 100 & sleep 100\"]\nops = [\"slow\"]\nworkers = 1\njob_timeout_ms = 500\n\n\
+         [pools.args]\nexec = [\"sh\", \"-c\", \"printf '%s,' \\\"$@\\\"\", \"sh\"]\nops = [\"args\"]\npass_args = true\nworkers = 1\n",
+    );
+    let inst = start("cmd-errors", &path);
+    let mut c = inst.client();
+    let e = remote(c.call("fail", &[], b"x").unwrap_err());
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (
+            ErrorKind::CommandFailed,
+            "sh exited with status 3; stderr: oops"
+        )
+    );
+    let began = Instant::now();
+    let e = remote(c.call("slow", &[], b"").unwrap_err());
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+    let pgid: u32 = e
+        .message
+        .strip_prefix("sh ran past 500 ms and was killed; stderr: started ")
+        .unwrap_or_else(|| panic!("{e}"))
+        .parse()
+        .unwrap();
+    let _guard = GroupGuard(pgid);
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_group_gone(pgid);
+    assert_eq!(c.call("args", &["a b", "c"], b"").unwrap(), b"a b,c,");
+    // The command pools' workers answered all of it: none was replaced.
+    let st = inst.status();
+    assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
 }

@@ -10,19 +10,6 @@ use osps_testkit::Instance;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_inflate-worker");
 
-/// `len` bytes that do not compress (xorshift).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn gunzip(gz: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(gz)
@@ -62,7 +49,7 @@ fn gzip_and_gunzip_crc32_answer_the_right_bytes() {
     let inst = serve("inflate-ops");
     let mut c = inst.client();
     // Random data grows under gzip (by a few bytes), and fits in the slot.
-    let data = noise(1 << 20);
+    let data = osps_testkit::noise(1 << 20);
     let gz = c.call("gzip", &[], &data).unwrap();
     assert!(gz.len() > data.len(), "{} bytes", gz.len());
     assert_eq!(gunzip(&gz), data);

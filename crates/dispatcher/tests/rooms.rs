@@ -1,0 +1,62 @@
+//! A worker program in another language as a pool: `tests/workers/grower.py`
+//! is written from docs/PROTOCOL.md section 13 alone (Python, no SDK). It
+//! answers `ping`; and a greedy job that keeps asking for result areas is
+//! refused once its areas would pass three times its pool's limit, as one
+//! over the limit is at once; the areas are freed when the job ends.
+
+use std::path::Path;
+
+use ipc_core::proto::ErrorKind;
+use osps_client::ClientError;
+use osps_testkit::{config_file, Instance};
+
+fn too_large(r: Result<Vec<u8>, ClientError>) -> String {
+    match r {
+        Err(ClientError::Remote(e)) if e.kind == ErrorKind::TooLarge => e.message,
+        other => panic!("too large expected, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_python_worker_serves_and_a_greedy_job_is_refused_room_past_three_times_the_limit() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/grower.py");
+    let (_dir, path) = config_file(&format!(
+        "[pools.builtin]\nenabled = false\n\n[pools.py]\nprogram = [\"python3\", \"{}\"]\nworkers = 1\nmax_result_mib = 1\n",
+        script.display()
+    ));
+    let inst = Instance::start(
+        "rooms",
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "65536",
+        ],
+    );
+    let mut c = inst.client();
+    c.ping().unwrap();
+    let st = inst.status();
+    assert_eq!(
+        (st.pools[0].kind.as_str(), &st.pools[0].ops[..]),
+        ("program", &["grow".to_owned()][..])
+    );
+    // Areas of 1 MiB, one after another: three are given, the fourth refused.
+    let said = too_large(c.call("grow", &["1048576"], b""));
+    assert!(
+        said.contains("the job's result areas would hold")
+            && said.contains("more than 3 times pool \"py\"'s limit of 1048576 bytes"),
+        "{said}"
+    );
+    // More than the limit at once: refused at once.
+    let said = too_large(c.call("grow", &["1048577"], b""));
+    assert_eq!(
+        said,
+        "a result of 1048577 bytes exceeds pool \"py\"'s limit of 1048576 bytes (max_result_mib)"
+    );
+    // The job's areas went with it; the worker serves on.
+    inst.wait_status("the areas freed", |st| st.segment.slots_in_use == 0);
+    c.ping().unwrap();
+    assert!(inst.status().workers.iter().all(|w| w.restarts == 0));
+}

@@ -1,0 +1,118 @@
+"""A worker in Python, from docs/PROTOCOL.md section 13 alone (no SDK): it
+serves `ping` and `grow N`, which asks the dispatcher for result areas of N
+bytes again and again (a greedy worker) until refused, then answers the
+refusal; after 16 areas it gives up asking and answers success (so a
+dispatcher that never refuses is caught). The segment is mapped from
+/dev/shm (OSPS_SEGMENT in the environment)."""
+
+import mmap
+import os
+import struct
+import sys
+
+IN, OUT = sys.stdin.buffer, sys.stdout.buffer
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def string(s):
+    b = s.encode()
+    return varint(len(b)) + b
+
+
+class Reader:
+    def __init__(self, body):
+        self.b, self.i = body, 0
+
+    def varint(self):
+        n = shift = 0
+        while True:
+            byte = self.b[self.i]
+            self.i += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return n
+
+    def string(self):
+        n = self.varint()
+        s = self.b[self.i:self.i + n].decode()
+        self.i += n
+        return s
+
+
+def send(body):
+    OUT.write(struct.pack("<I", len(body)) + body)
+    OUT.flush()
+
+
+def receive():
+    head = IN.read(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack("<I", head)
+    return Reader(IN.read(n))
+
+
+def done(job_id, ok, offset=0, length=0, kind=0, message=""):
+    outcome = b"\x00" if ok else b"\x01" + varint(kind) + string(message)
+    send(b"\x01" + varint(job_id) + outcome + varint(offset) + varint(length))
+
+
+def grow(job_id, n):
+    """Asks for areas of n bytes until refused; returns the answer."""
+    for _ in range(16):
+        send(b"\x02" + varint(job_id) + varint(n))
+        while True:
+            r = receive()
+            variant = r.varint()
+            if variant in (1, 2):  # More / Abort of an earlier job: ignore
+                continue
+            break
+        if variant == 4:  # NoRoom { job_id, message }
+            r.varint()
+            return r.string()
+        assert variant == 3, variant  # Room { job_id, area }
+    return None
+
+
+def main():
+    name = os.environ["OSPS_SEGMENT"]
+    with open("/dev/shm/" + name.lstrip("/"), "r+b") as f:
+        seg = mmap.mmap(f.fileno(), 0)
+    assert seg[:8] == b"OSPSSEG\x00"
+    # Ready { pid, version 4, streams [], ops ["grow"] }
+    send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(1) + string("grow"))
+    while True:
+        r = receive()
+        if r is None:
+            return 0
+        if r.varint() != 0:  # not a Job
+            continue
+        job_id, op = r.varint(), r.string()
+        args = [r.string() for _ in range(r.varint())]
+        offset, _slot_len = r.varint(), r.varint()
+        input_len = r.varint()
+        if op == "ping":
+            at = 4096 + offset + input_len
+            seg[at:at + 5] = b"pong\n"
+            done(job_id, True, input_len, 5)
+        elif op == "grow":
+            refused = grow(job_id, int(args[0]))
+            if refused is None:
+                done(job_id, True)
+            else:
+                done(job_id, False, kind=2, message=refused)  # TooLarge
+        else:
+            done(job_id, False, kind=1, message=f"{op!r} is not served here")
+
+
+sys.exit(main())
