@@ -218,7 +218,6 @@ fn start(o: &Options) -> Result<(Instance, Option<ConfigFile>)> {
             program: 2,
             exec: 2,
         },
-        None,
     ))?;
     let mut args = watchdog.to_vec();
     args.extend(["--config", config.arg()]);
@@ -284,10 +283,11 @@ pub fn run(o: Options) -> Result<()> {
     let first = inst.status();
     for p in &first.pools {
         println!(
-            "  pool {:<9} {:<8} {} worker(s)  ops {}  program {}",
+            "  pool {:<9} {:<8} {} worker(s)  timeout {} ms  ops {}  program {}",
             p.name,
             p.kind,
             p.workers,
+            p.job_timeout_ms,
             p.ops.join(" "),
             p.program.join(" ")
         );

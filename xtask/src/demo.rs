@@ -51,7 +51,6 @@ pub fn run() -> Result<()> {
             program: 1,
             exec: 1,
         },
-        None,
     ))?;
     println!("  {}:", config.path.display());
     for line in config.text.lines() {

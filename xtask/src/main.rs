@@ -1,6 +1,8 @@
 //! Project automation, run as `cargo xtask <task>`: `demo` shows the whole
-//! system under its watchdog and proves a clean shutdown; `chaos` kills and
-//! stops processes at random under load and counts what was lost.
+//! system (three pools, one of each kind) under its watchdog and proves a
+//! clean shutdown; `chaos` kills and stops processes at random under load
+//! and counts what was lost; `bench` measures OSPS against the kernel's
+//! floors and its pools against each other.
 
 mod bench;
 mod chaos;
@@ -29,7 +31,7 @@ fn main() -> ExitCode {
         "__bench-run" => bench::Options::parse(&args[1..]).and_then(bench::run_here),
         "chaos" => chaos::Options::parse(&args[1..]).and_then(chaos::run),
         _ => {
-            eprintln!("usage: cargo xtask demo | chaos [--seconds N] [--clients N] [--seed N] | bench [--quick] [--json PATH] [--plot PATH.svg]");
+            eprintln!("usage: cargo xtask demo | chaos [--seconds N] [--clients N] [--seed N] [--builtin-only] | bench [--quick] [--json PATH] [--plot PATH.svg]");
             return ExitCode::from(2);
         }
     };

@@ -54,19 +54,32 @@ impl ConfigFile {
     }
 }
 
-/// TOML string array of `items`.
+/// TOML string array of `items` (basic strings, escaped).
 pub fn toml_array<S: AsRef<str>>(items: &[S]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("{:?}", s.as_ref())).collect();
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| {
+            let mut q = String::from('"');
+            for c in s.as_ref().chars() {
+                match c {
+                    '"' => q.push_str("\\\""),
+                    '\\' => q.push_str("\\\\"),
+                    c if c.is_control() => q.push_str(&format!("\\u{:04X}", c as u32)),
+                    c => q.push(c),
+                }
+            }
+            q.push('"');
+            q
+        })
+        .collect();
     format!("[{}]", quoted.join(", "))
 }
 
 /// The three-pool configuration: builtin, the example worker as a program
 /// pool (`program`, its path), and `gzip -c` as a command pool.
-pub fn three_pools(program: &Path, n: Sizes, job_timeout_ms: Option<u64>) -> String {
-    let timeout = job_timeout_ms.map_or(String::new(), |t| format!("job_timeout_ms = {t}\n"));
+pub fn three_pools(program: &Path, n: Sizes) -> String {
     format!(
-        "# Written by cargo xtask: the three kinds of pools.\n\
-         {timeout}\n\
+        "# Written by cargo xtask: the three kinds of pools.\n\n\
          [pools.builtin]\nworkers = {}\n\n\
          [pools.{PROGRAM_POOL}]\nprogram = {}\nworkers = {}\n\n\
          [pools.{EXEC_POOL}]\nexec = {}\nops = [{EXEC_OP:?}]\nworkers = {}\n",
@@ -150,9 +163,7 @@ mod tests {
                 program: 1,
                 exec: 3,
             },
-            Some(1000),
         );
-        assert!(text.contains("job_timeout_ms = 1000\n"), "{text}");
         assert!(text.contains("[pools.builtin]\nworkers = 2\n"), "{text}");
         assert!(
             text.contains("[pools.inflate]\nprogram = [\"/x/inflate-worker\"]\nworkers = 1\n"),
@@ -162,6 +173,14 @@ mod tests {
             "[pools.compress]\nexec = [\"gzip\", \"-c\"]\nops = [{EXEC_OP:?}]\nworkers = 3\n"
         );
         assert!(text.contains(&exec), "{text}");
+    }
+
+    #[test]
+    fn toml_arrays_escape_what_a_basic_string_must() {
+        assert_eq!(
+            toml_array(&["/a b/wörker", "say \"hi\"", "c:\\x", "del\u{7f}"]),
+            r#"["/a b/wörker", "say \"hi\"", "c:\\x", "del\u007F"]"#
+        );
     }
 
     #[test]
