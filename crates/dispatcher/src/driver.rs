@@ -105,6 +105,9 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
         .serve()
         .await;
         let status = finish(&mut worker, &end).await;
+        shared.orphans.worker_reaped(worker.pid);
+        // What its jobs left behind (now ours): killed and reaped.
+        shared.orphans.sweep();
         entry.ended();
         if settle(&shared, p, index, worker.pid, end, status, *stop.borrow()) {
             break;
@@ -271,6 +274,8 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         format!("{}: {e}", program[0])
     })?;
     let pid = child.id().ok_or("worker exited at once")?;
+    // Before any `.await`: a sweep must never take it for an orphan.
+    shared.orphans.worker_started(pid);
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let mut worker = Worker {
@@ -296,6 +301,8 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         term_first: false,
     };
     let status = finish(&mut worker, &not_ready).await;
+    shared.orphans.worker_reaped(pid);
+    shared.orphans.sweep();
     Err(format!("worker {pid}: {failed} ({status})"))
 }
 

@@ -15,6 +15,7 @@ mod handler;
 mod handshake;
 mod latency;
 mod listener;
+mod orphans;
 pub mod pools;
 mod queue;
 mod replies;
@@ -361,6 +362,8 @@ pub fn run(config: Config) -> Result<(), DispatcherError> {
             )));
         }
     }
+    // What jobs leave behind becomes ours, to kill and reap (`orphans.rs`).
+    orphans::Orphans::adopt();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -637,6 +640,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             tokio::task::spawn_local(driver::drive(Rc::clone(shared), p, i, stop_rx.clone()))
         })
         .collect();
+    let sweeper = tokio::task::spawn_local(sweep_orphans(Rc::clone(shared)));
     if let Err(refused) = pools_ready(shared).await {
         let _ = stop_tx.send(true);
         for d in drivers {
@@ -678,6 +682,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     for d in drivers {
         let _ = d.await;
     }
+    sweeper.abort();
+    shared.orphans.sweep();
     tracing::info!(
         jobs_done = shared.stats.jobs_done(),
         jobs_failed = shared.stats.jobs_failed(),
@@ -722,6 +728,17 @@ async fn pools_ready(shared: &Shared) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Kills and reaps what jobs left behind, every second
+/// (`orphans::SWEEP_EVERY`; the drivers also sweep after each worker's end).
+async fn sweep_orphans(shared: Rc<Shared>) {
+    let mut every = tokio::time::interval(orphans::SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        shared.orphans.sweep();
+    }
 }
 
 /// Ordered shutdown's first half: refuses new jobs, waits up to the drain

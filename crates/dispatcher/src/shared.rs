@@ -10,6 +10,7 @@ use std::time::Instant;
 use ipc_core::{RuntimePaths, Segment};
 
 use crate::admission::{Admission, Budgets};
+use crate::orphans::Orphans;
 use crate::pools::{Pool, Routes};
 use crate::replies::Permit;
 use crate::slots::{JobSlot, SlotPool};
@@ -85,6 +86,8 @@ pub struct Shared {
     pub pools: Vec<Pool>,
     /// Which pool serves each operation.
     pub routes: Routes,
+    /// The worker processes, and the sweep of what jobs leave behind.
+    pub orphans: Orphans,
     next_job_id: Cell<u64>,
     /// Jobs by outcome, latencies.
     pub stats: Stats,
@@ -157,6 +160,7 @@ impl Shared {
             max_payload,
             pools,
             routes,
+            orphans: Orphans::default(),
             next_job_id: Cell::new(0),
             stats: Stats::default(),
             life: Lifecycle::default(),

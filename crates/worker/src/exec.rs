@@ -22,8 +22,8 @@
 //!
 //! Not done: `PR_SET_PDEATHSIG` for the command (it must be set in the
 //! child between fork and exec, which takes `unsafe`); a worker killed by
-//! SIGKILL leaves its command's group to the watchdog's sweep of
-//! descendants.
+//! SIGKILL leaves its command an orphan, which the dispatcher (their child
+//! subreaper) kills with its group and reaps.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};

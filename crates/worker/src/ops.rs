@@ -198,8 +198,9 @@ fn crash(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
 /// running a helper program might. One `sleep 1000` stays in the worker's
 /// process group; the other leaves it (and the session) through
 /// `setsid(1)`. The job does not wait for them (a thread reaps each if it
-/// dies while the worker lives): they are for the watchdog's sweep and
-/// the dispatcher's process-group kill to end. They get no descriptor of
+/// dies while the worker lives): they are for the dispatcher's
+/// process-group kill and sweep of orphans (once the worker is gone) and
+/// the watchdog's sweep to end. They get no descriptor of
 /// the worker's (stdin, stdout and stderr are `/dev/null`), so the job and
 /// result pipes stay the worker's alone.
 fn spawn(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {

@@ -268,3 +268,52 @@ fn a_failing_command_and_one_past_its_timeout_get_clear_errors_and_leave_nothing
     let st = inst.status();
     assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
 }
+
+#[test]
+fn a_command_whose_worker_is_killed_from_outside_leaves_nothing_behind() {
+    // A marker only this test's command carries; it ignores its stdin, so
+    // the end of its input does not stop it.
+    let marker = format!("9{}.5", std::process::id() % 100_000);
+    let (_dir, path) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n[pools.stuck]\nexec = [\"sh\", \"-c\", \"sleep {marker} & sleep {marker}\"]\nops = [\"stuck\"]\nworkers = 1\nmax_attempts = 1\n"
+    ));
+    let inst = start("pool-orphans", &path);
+    let endpoint = inst.endpoint();
+    let call = std::thread::spawn(move || {
+        let mut c = osps_client::Client::connect(&endpoint).unwrap();
+        c.call("stuck", &[], b"")
+    });
+    let sleeps = |m: &str| {
+        let mut found = osps_testkit::processes_mentioning(m);
+        found.retain(|p| p.cmdline.starts_with("sleep "));
+        found
+    };
+    let started = wait_for(Duration::from_secs(10), || {
+        (sleeps(&marker).len() == 2).then_some(())
+    });
+    assert!(started.is_some(), "the command's two sleeps run");
+    let sh = sleeps(&marker)[0].pgid;
+    let _guard = GroupGuard(sh);
+    let worker = busy_worker(&inst, "stuck");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let e = remote(call.join().unwrap().unwrap_err());
+    assert_eq!(e.kind, ErrorKind::WorkerCrashed, "{e:?}");
+    // The command's group (its own, out of the worker's) is swept: killed
+    // and reaped by the dispatcher, long before the dispatcher ends.
+    assert_group_gone(sh);
+    let zombies = wait_for(Duration::from_secs(5), || {
+        osps_testkit::zombies_of(&[inst.pid()])
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        zombies.is_some(),
+        "{:?}",
+        osps_testkit::zombies_of(&[inst.pid()])
+    );
+    assert_eq!(inst.client().call("upper", &[], b"on").unwrap(), b"ON");
+}
