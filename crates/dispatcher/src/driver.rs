@@ -27,7 +27,7 @@ use crate::pools::{Pool, PoolKind};
 use crate::replies::Body;
 use crate::session::{Ahead, Answered, Ask, End, Session, SessionJob, ROOMS_PER_RESULT};
 use crate::shared::{QueuedJob, Shared};
-use crate::slots::{News, SlotLease, Streamed, UploadState};
+use crate::slots::{News, NoRoom, SlotLease, Streamed, UploadState, ROOM_WAIT};
 use crate::workers::{WorkerEntry, WorkerState};
 
 /// How long a new worker has to say it is ready.
@@ -201,8 +201,10 @@ fn settle(
             answer_err(shared, job, ErrorKind::ShuttingDown, msg);
         }
     } else {
-        // Back to the front of the queue, in their order.
-        for job in requeue.into_iter().rev() {
+        // Back to the front of the queue, in their order; a dead run's
+        // result areas are not the next run's.
+        for mut job in requeue.into_iter().rev() {
+            job.lease.clear_rooms();
             pool.queue.push(job, true);
         }
     }
@@ -334,12 +336,12 @@ async fn ready(worker: &mut Worker) -> Result<(Vec<String>, Vec<String>), String
 }
 
 /// A `Grow`'s wait for room in the arena.
-type RoomWait = std::pin::Pin<Box<dyn std::future::Future<Output = Option<SlotLease>>>>;
+type RoomWait = std::pin::Pin<Box<dyn std::future::Future<Output = Result<SlotLease, NoRoom>>>>;
 
 /// What woke a busy driver.
 enum Woke {
-    /// The room a `Grow` asked for (`None`: the pool is closed).
-    Room(Option<SlotLease>),
+    /// The room a `Grow` asked for, or why none.
+    Room(Result<SlotLease, NoRoom>),
     /// Result bytes (or the end of the pipe).
     Read(std::io::Result<usize>),
     /// The running job's payload made progress.
@@ -509,23 +511,34 @@ impl WorkerDriver<'_> {
     async fn give_room(
         &mut self,
         s: &mut Session<QueuedJob>,
-        given: Option<SlotLease>,
+        given: Result<SlotLease, NoRoom>,
         out: &mut Vec<u8>,
     ) -> std::io::Result<()> {
         let area = given.as_ref().map_or(0, |lease| lease.region().len());
+        let asked = match s.pending_ask() {
+            Some(Ask::Wait(len)) => len,
+            _ => 0,
+        };
         let Some(job) = s.grow_answered(area) else {
             return Ok(());
         };
         let job_id = job.job_id;
         let msg = match given {
-            Some(lease) => {
+            Ok(lease) => {
                 let area = lease.region().into();
                 job.lease.add_room(lease);
                 ToWorker::Room { job_id, area }
             }
-            None => ToWorker::NoRoom {
+            Err(NoRoom::Closed) => ToWorker::NoRoom {
                 job_id,
                 message: "the dispatcher is shutting down".into(),
+            },
+            Err(NoRoom::Busy) => ToWorker::NoRoom {
+                job_id,
+                message: format!(
+                    "no room in the shared segment for a result of {asked} bytes within {ROOM_WAIT:?} (other jobs and clients hold it); retry later"
+                )
+                .into(),
             },
         };
         self.send(&msg, out).await

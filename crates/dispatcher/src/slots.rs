@@ -29,6 +29,19 @@ use crate::admission::{Holder, PeerHoldings, SlotLimits, Wait};
 /// operation never has to overwrite its input to answer.
 pub const RESULT_RESERVE: u64 = 4096;
 
+/// How long a worker's ask for room past its slot waits for the arena.
+pub const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why a result gets no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// Shutdown has begun.
+    Closed,
+    /// None came free within [`ROOM_WAIT`] (within the peer's share and
+    /// outside the reserve for small requests).
+    Busy,
+}
+
 /// The segment's slots and who holds them.
 #[derive(Debug)]
 pub struct SlotPool {
@@ -123,39 +136,55 @@ impl SlotPool {
         }
     }
 
-    /// Waits for room for a job's result of `len` bytes (a worker's
-    /// `Grow`), counted against `holder`'s connection and peer but not
-    /// capped by them (the job already holds its slot; the pool's
-    /// `max_result` bounds it); `None` once the pool is closed.
-    pub async fn lease_room(self: &Rc<Self>, len: u64, holder: &Rc<Holder>) -> Option<SlotLease> {
+    /// Waits, up to [`ROOM_WAIT`], for room for a job's result of `len`
+    /// bytes (a worker's `Grow`), counted against `holder`'s connection and
+    /// peer. The connection's cap does not apply (the job holds its slot
+    /// already, and the pool's `max_result` bounds it); the peer's cap and
+    /// the reserve for small requests do, so one peer's results cannot take
+    /// the arena from the others. The wait is short: jobs that each hold
+    /// rooms and wait for more must not wait on each other until they time
+    /// out.
+    pub async fn lease_room(
+        self: &Rc<Self>,
+        len: u64,
+        holder: &Rc<Holder>,
+    ) -> Result<SlotLease, NoRoom> {
         let slot_len = SlotAllocator::slot_len(len);
-        loop {
-            let freed = self.freed.notified();
-            if self.closed.get() {
-                return None;
+        let wait = async {
+            loop {
+                let freed = self.freed.notified();
+                if self.closed.get() {
+                    return Err(NoRoom::Closed);
+                }
+                match self.try_lease(len, slot_len, holder, false) {
+                    Ok(lease) => return Ok(lease),
+                    Err(why) => tracing::trace!(len, "a result waits for room: {why:?}"),
+                }
+                freed.await;
             }
-            if let Ok(lease) = self.try_lease(len, slot_len, holder, false) {
-                return Some(lease);
-            }
-            freed.await;
-        }
+        };
+        tokio::time::timeout(ROOM_WAIT, wait)
+            .await
+            .unwrap_or(Err(NoRoom::Busy))
     }
 
-    /// A slot now (within the caps if `capped`), or what stops it.
+    /// A slot now (within the connection's cap if `conn_capped`, within
+    /// the peer's and the reserve always), or what stops it.
     fn try_lease(
         self: &Rc<Self>,
         len: u64,
         slot_len: u64,
         holder: &Rc<Holder>,
-        capped: bool,
+        conn_capped: bool,
     ) -> Result<SlotLease, Wait> {
+        let conn_held = if conn_capped { holder.held.get() } else { 0 };
         let blocked = self.limits.blocked_by(
             slot_len,
-            holder.held.get(),
+            conn_held,
             self.peer_held.get(&holder.peer),
             self.arena.bytes_in_use(),
         );
-        if let Some(why) = blocked.filter(|_| capped) {
+        if let Some(why) = blocked {
             return Err(why);
         }
         match self.arena.alloc(len) {
@@ -285,6 +314,12 @@ impl JobSlot {
     /// The connection whose job this is (whose bytes a room counts against).
     pub fn holder(&self) -> &Rc<Holder> {
         &self.holder
+    }
+
+    /// Gives back the result areas of a run that ended with its worker's
+    /// death: a run again starts from its slot (its areas freed, not read).
+    pub fn clear_rooms(&mut self) {
+        self.rooms.clear();
     }
 
     /// Adds a result area given to the worker (it holds it until it answers).

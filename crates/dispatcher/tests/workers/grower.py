@@ -1,9 +1,11 @@
 """A worker in Python, from docs/PROTOCOL.md section 13 alone (no SDK): it
-serves `ping` and `grow N`, which asks the dispatcher for result areas of N
+serves `ping`; `grow N`, which asks the dispatcher for result areas of N
 bytes again and again (a greedy worker) until refused, then answers the
-refusal; after 16 areas it gives up asking and answers success (so a
-dispatcher that never refuses is caught). The segment is mapped from
-/dev/shm (OSPS_SEGMENT in the environment)."""
+refusal (after 16 areas it gives up asking and answers success, so a
+dispatcher that never refuses is caught); and `stale`, whose first attempt
+writes STALE in a result area it was given and dies, and whose second
+answers `fresh` in its slot. The segment is mapped from /dev/shm
+(OSPS_SEGMENT in the environment)."""
 
 import mmap
 import os
@@ -90,7 +92,7 @@ def main():
         seg = mmap.mmap(f.fileno(), 0)
     assert seg[:8] == b"OSPSSEG\x00"
     # Ready { pid, version 4, streams [], ops ["grow"] }
-    send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(1) + string("grow"))
+    send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(2) + string("grow") + string("stale"))
     while True:
         r = receive()
         if r is None:
@@ -100,8 +102,20 @@ def main():
         job_id, op = r.varint(), r.string()
         args = [r.string() for _ in range(r.varint())]
         offset, _slot_len = r.varint(), r.varint()
-        input_len = r.varint()
-        if op == "ping":
+        input_len, _ready, attempt = r.varint(), r.varint(), r.varint()
+        if op == "stale" and attempt == 1:
+            send(b"\x02" + varint(job_id) + varint(100))
+            room = receive()
+            assert room.varint() == 3, "Room"
+            room.varint()
+            at = 4096 + room.varint()
+            seg[at:at + 5] = b"STALE"
+            os._exit(1)
+        if op == "stale":
+            at = 4096 + offset + input_len
+            seg[at:at + 6] = b"fresh\n"
+            done(job_id, True, input_len, 6)
+        elif op == "ping":
             at = 4096 + offset + input_len
             seg[at:at + 5] = b"pong\n"
             done(job_id, True, input_len, 5)
