@@ -174,6 +174,14 @@ impl Exec {
                 "this pool does not pass arguments (pass_args = false)",
             ));
         }
+        // A client's argument is never an option of the command (`-o FILE`
+        // would let it write where the pool's user may).
+        if let Some(a) = job.args().iter().find(|a| a.starts_with('-')) {
+            return Err(invalid_input(format!(
+                "argument {:?} starts with '-': a command pool passes no options from clients",
+                cut(a)
+            )));
+        }
         let mut child = self.spawn(job.args())?;
         let group = Arc::new(Group::new(&child));
         let _running = backstop::Running::set(&group);
@@ -549,3 +557,12 @@ mod backstop {
             .map(drop)
     }
 }
+/// At most the first 64 bytes of `arg`, for a message.
+fn cut(arg: &str) -> &str {
+    let mut end = arg.len().min(64);
+    while !arg.is_char_boundary(end) {
+        end -= 1;
+    }
+    &arg[..end]
+}
+
