@@ -174,7 +174,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 .refuse(req, permit, ErrorKind::BadRequest, message)
                 .await;
         }
-        let Some(pool) = shared.route(req.op.as_str()) else {
+        let Some(pool) = shared.route_when_known(req.op.as_str()).await else {
             let message = shared.unknown_op(req.op.as_str());
             return self
                 .refuse(req, permit, ErrorKind::UnknownOp, message)

@@ -706,12 +706,17 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     Ok(())
 }
 
-/// Waits (up to the time a worker has to say it is ready, and a little
-/// more) until each pool's operations are known or its first start has
-/// failed, so requests are routed from the first; refuses two pools that
-/// serve one operation.
+/// How long the dispatcher waits for its pools' first workers before it
+/// listens: well under the watchdog's start timeout (10 s by default), so
+/// a slow pool never makes the dispatcher look hung. A request for an
+/// operation not known by then waits for the pools still starting.
+const POOLS_READY_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits (up to [`POOLS_READY_WAIT`]) until each pool's operations are
+/// known or its first start has failed, so requests are routed from the
+/// first; refuses two pools that serve one operation.
 async fn pools_ready(shared: &Shared) -> Result<(), String> {
-    let wait = driver::READY_TIMEOUT + Duration::from_secs(1);
+    let wait = POOLS_READY_WAIT;
     let settled = async {
         for p in &shared.pools {
             p.settle().await;
@@ -722,9 +727,9 @@ async fn pools_ready(shared: &Shared) -> Result<(), String> {
         return Err(conflict);
     }
     for p in shared.pools.iter().filter(|p| p.ops().is_none()) {
-        tracing::error!(
+        tracing::warn!(
             pool = p.name(),
-            "the pool's first worker is not ready; its operations are unknown until one is"
+            "the pool's first worker is not ready yet; listening all the same (a request for an operation not known yet waits for it)"
         );
     }
     Ok(())

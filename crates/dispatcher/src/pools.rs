@@ -149,7 +149,7 @@ impl Pool {
 
     /// Whether the pool has had a first answer: operations known, or a
     /// first start failed.
-    fn settled(&self) -> bool {
+    pub fn settled(&self) -> bool {
         self.ops.borrow().is_some()
             || self.start_failure.borrow().is_some()
             || self.conflict.borrow().is_some()

@@ -189,6 +189,25 @@ impl Shared {
         self.routes.get(op).map(|i| &self.pools[i])
     }
 
+    /// [`Shared::route`], and for an operation not known while a pool's
+    /// first worker is still starting, the same once the pools have
+    /// settled (up to the time a worker has to be ready).
+    pub async fn route_when_known(&self, op: &str) -> Option<&Pool> {
+        if let Some(pool) = self.route(op) {
+            return Some(pool);
+        }
+        if self.pools.iter().all(Pool::settled) {
+            return None;
+        }
+        let settled = async {
+            for p in &self.pools {
+                p.settle().await;
+            }
+        };
+        let _ = tokio::time::timeout(crate::driver::READY_TIMEOUT, settled).await;
+        self.route(op)
+    }
+
     /// The answer to an operation no pool serves: what exists (and which
     /// pools have not said yet).
     pub fn unknown_op(&self, op: &str) -> String {

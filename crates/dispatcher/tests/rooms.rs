@@ -111,3 +111,45 @@ fn results_cannot_take_the_arena_from_others_and_a_wait_for_room_is_short() {
     );
     inst.wait_status("the areas freed", |st| st.segment.slots_in_use == 0);
 }
+
+/// A pool whose first worker takes 8 s to be ready (a program that
+/// sleeps first), next to the builtin pool.
+fn slow_pool() -> (tempfile::TempDir, std::path::PathBuf) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/grower.py");
+    config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n[pools.slow]\nprogram = [\"sh\", \"-c\", \"sleep 8; exec python3 {}\"]\nworkers = 1\nmax_result_mib = 1\n",
+        script.display()
+    ))
+}
+
+#[test]
+fn a_slow_pool_neither_keeps_the_dispatcher_from_serving_nor_loses_its_operations() {
+    let (_dir, path) = slow_pool();
+    let args = [
+        "--config",
+        path.to_str().unwrap(),
+        "--segment-mib",
+        "16",
+        "--max-payload",
+        "65536",
+    ];
+    // Alone: it listens before the slow pool is ready, and a request for
+    // that pool's operation waits for it rather than being told it is unknown.
+    let t = std::time::Instant::now();
+    let inst = Instance::start_answering("rooms-slow", &args);
+    assert_eq!(inst.client().call("upper", &[], b"up").unwrap(), b"UP");
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(7500),
+        "{:?}",
+        t.elapsed()
+    );
+    let said = too_large(inst.client().call("grow", &["2000000"], b""));
+    assert!(said.contains("exceeds pool \"slow\"'s limit"), "{said}");
+    drop(inst);
+    // Under the watchdog (start timeout 10 s): never taken for hung, as it
+    // was when the dispatcher listened only once every pool was ready.
+    let inst = Instance::supervised("rooms-slowwd", &[], &args);
+    let st = inst.status();
+    assert_eq!(st.watchdog.as_ref().map(|w| w.restarts), Some(0), "{st:?}");
+    assert_eq!(st.pools[1].ops, ["grow", "stale"]);
+}

@@ -565,4 +565,3 @@ fn cut(arg: &str) -> &str {
     }
     &arg[..end]
 }
-

@@ -183,7 +183,10 @@ fn arguments_are_refused_unless_the_pool_passes_them_and_never_go_through_a_shel
     // Never an option: `-o FILE` would make `sort` write a file.
     let e = error(b.run(2, "args", &["x", "-o/tmp/osps-no"], b"").0.outcome);
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
-    assert!(e.message.contains("\"-o/tmp/osps-no\" starts with '-'"), "{e}");
+    assert!(
+        e.message.contains("\"-o/tmp/osps-no\" starts with '-'"),
+        "{e}"
+    );
     assert_eq!(b.run(3, "args", &["a-b"], b"").1, b"a-b,");
     drop(b);
     // The command starts with no signal blocked (the SIGTERM backstop blocks none).
