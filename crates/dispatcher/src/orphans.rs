@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use ipc_core::children::{children_of, Child};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -27,13 +28,6 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct Orphans {
     /// Pids of the worker processes started and not yet reaped.
     workers: RefCell<BTreeSet<u32>>,
-}
-
-/// A child of ours, from `/proc/PID/stat`.
-struct Child {
-    pid: u32,
-    pgid: u32,
-    zombie: bool,
 }
 
 impl Orphans {
@@ -87,47 +81,5 @@ impl Orphans {
             }
         }
         orphans.len()
-    }
-}
-
-/// The children of process `parent`, from `/proc`.
-fn children_of(parent: u32) -> Vec<Child> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The name is in parentheses and may hold spaces: fields after the last ')'.
-            let mut fields = stat[stat.rfind(')')? + 2..].split(' ');
-            let state = fields.next()?;
-            let ppid: u32 = fields.next()?.parse().ok()?;
-            let pgid: u32 = fields.next()?.parse().ok()?;
-            (ppid == parent).then_some(Child {
-                pid,
-                pgid,
-                zombie: state == "Z",
-            })
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn children_are_found_by_their_parent() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let found = children_of(std::process::id());
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(
-            found.iter().any(|c| c.pid == child.id() && !c.zombie),
-            "the sleep is our child"
-        );
     }
 }

@@ -6,6 +6,7 @@
 //! through the types here. `unsafe` code lives in [`segment`] only.
 
 pub mod alloc;
+pub mod children;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod endpoint;

@@ -16,7 +16,9 @@
 //! error `command failed` with the status and stderr's tail. Past
 //! `--timeout-ms` the group gets SIGTERM, then SIGKILL a second later, and
 //! the job `timeout`. Whatever the end, once the command's main process has
-//! exited its group is killed (what it left behind) and the process reaped.
+//! exited its group is killed (what it left behind) and the process reaped;
+//! the worker is the child subreaper of its commands, so what left the
+//! group and lost its parent (`setsid`, a daemon) is killed and reaped too.
 //! A SIGTERM to the worker (the dispatcher's backstop) kills the running
 //! command's group before the worker dies of it.
 //!
@@ -103,6 +105,10 @@ pub fn main() -> std::process::ExitCode {
         return crate::start(args.worker, |config| worker.serve(config));
     }
     let exec = Exec::new(args.exec).unwrap_or_else(|e| clap_error(&e));
+    // What a command leaves once its parent dies becomes ours, to kill.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!("cannot become the child subreaper ({e}): a command's detached processes are left to the dispatcher");
+    }
     if let Err(e) = backstop::install() {
         clap_error(&format!(
             "cannot take SIGTERM (to kill a running command first): {e}"
@@ -350,7 +356,37 @@ fn reap(mut child: Child, group: &Group) -> std::io::Result<ExitStatus> {
         state.exited = true;
         group.changed.notify_all();
     }
+    kill_adopted(child.id());
     child.wait()
+}
+
+/// Kills and reaps what the command left to this worker, its child
+/// subreaper: processes that left its process group (`setsid`, a daemon)
+/// and whose parent is gone. Several rounds, since each death may leave
+/// more; `command`, the command's own process, is reaped by the caller.
+fn kill_adopted(command: u32) {
+    use nix::sys::signal::kill;
+    use nix::sys::wait::waitpid;
+    let me = std::process::id();
+    let own_group = nix::unistd::getpgrp().as_raw() as u32;
+    for _ in 0..20 {
+        let left: Vec<_> = ipc_core::children::children_of(me)
+            .into_iter()
+            .filter(|c| c.pid != command)
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for c in &left {
+            tracing::warn!(pid = c.pid, "killing a process the command left behind");
+            if c.pgid != own_group {
+                let _ = killpg(Pid::from_raw(c.pgid as i32), Signal::SIGKILL);
+            }
+            let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
+            // Dead or dying: a short wait, on the reaper's thread.
+            let _ = waitpid(Pid::from_raw(c.pid as i32), None);
+        }
+    }
 }
 
 /// The timeout: SIGTERM to the group, then SIGKILL after [`GRACE`].

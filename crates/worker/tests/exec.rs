@@ -239,3 +239,36 @@ fn a_sigterm_to_the_worker_kills_the_running_command_group_first() {
     assert_eq!(status.signal(), Some(Signal::SIGTERM as i32), "{status:?}");
     assert_group_gone(sh as u32);
 }
+
+#[test]
+fn what_a_command_detaches_from_its_group_is_killed_when_it_ends() {
+    // A marker only this test's sleep carries.
+    let marker = format!("8{}.75", std::process::id() % 100_000);
+    let script =
+        format!("setsid sleep {marker} </dev/null >/dev/null 2>&1 & sleep 0.2; echo started");
+    let mut b = start(
+        "exec-setsid",
+        &["--exec-op", "detach", "--", "sh", "-c", &script],
+    );
+    let (d, out) = b.run(1, "detach", &[], b"");
+    assert_eq!(
+        (d.outcome, out.as_slice()),
+        (Outcome::Ok, &b"started\n"[..])
+    );
+    // The detached sleep (its own session, its parent gone) was the
+    // worker's to kill: the job left nothing.
+    let sleeping = || {
+        let mut found = osps_testkit::processes_mentioning(&marker);
+        found.retain(|p| p.cmdline.starts_with("sleep "));
+        found
+    };
+    let gone = osps_testkit::wait_for(Duration::from_secs(5), || {
+        sleeping().is_empty().then_some(())
+    });
+    let left = sleeping();
+    for p in &left {
+        let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
+    }
+    assert!(gone.is_some(), "left running: {left:?}");
+    assert_eq!(b.stop(), Some(0));
+}
