@@ -99,7 +99,10 @@ fn main() -> ExitCode {
 /// What to do about an error, when the server's line does not say it.
 fn hint(e: &ClientError) -> &'static str {
     match e {
-        ClientError::Remote(r) if r.kind == ipc_core::ErrorKind::TooLarge => {
+        ClientError::Remote(r)
+            if r.kind == ipc_core::ErrorKind::TooLarge
+                && r.message.ends_with("closing the connection") =>
+        {
             " (the limit is the dispatcher's --max-payload; raise it there, with a --segment-mib large enough to hold it)"
         }
         _ => "",

@@ -32,7 +32,7 @@ use clap::{Arg, ArgAction, ArgMatches};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::pools::{find_program, PoolKind, PoolSpec, BUILTIN};
+use crate::pools::{find_program, valid_op, PoolKind, PoolSpec, BUILTIN};
 use crate::{Config, Invalid};
 
 /// Keys of `[pools.builtin]` besides `enabled`: each is the top-level
@@ -520,7 +520,7 @@ impl Reader<'_> {
             "ops" => {
                 let ops = self.string_list(v, &shown)?;
                 if let Some(bad) = ops.iter().find(|o| !valid_op(o)) {
-                    let message = format!("key \"{shown}\": \"{bad}\" cannot be an operation's name (1 to 64 bytes; ping and status are the dispatcher's)");
+                    let message = format!("key \"{shown}\": \"{bad}\" cannot be an operation's name (1 to 64 bytes, no leading '-'; ping and status are the dispatcher's)");
                     return Err(self.error(span, message));
                 }
                 p.ops = Some((v.span(), ops));
@@ -622,14 +622,6 @@ impl Reader<'_> {
             }
         }
     }
-}
-
-/// Whether `op` may name an operation of a pool.
-fn valid_op(op: &str) -> bool {
-    !op.is_empty()
-        && op.len() <= 64
-        && op != ipc_core::proto::OP_PING
-        && op != ipc_core::proto::OP_STATUS
 }
 
 /// A value as the flag's arguments, if it has the flag's type.

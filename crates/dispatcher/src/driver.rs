@@ -244,10 +244,9 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
             pass_args,
         } => {
             let timeout = pool.config.job_timeout_ms.to_string();
+            let named: Vec<String> = ops.iter().map(|op| format!("--exec-op={op}")).collect();
             let mut extra: Vec<&str> = vec!["--timeout-ms", &timeout];
-            for op in ops {
-                extra.extend(["--exec-op", op]);
-            }
+            extra.extend(named.iter().map(String::as_str));
             if *pass_args {
                 extra.push("--pass-args");
             }

@@ -100,6 +100,16 @@ pub fn find_program(program: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{program}: not found in PATH"))
 }
 
+/// Whether `op` may name an operation of a pool: 1 to 64 bytes, no
+/// leading `-`, not `ping` (every worker's) nor `status` (the dispatcher's).
+pub fn valid_op(op: &str) -> bool {
+    !op.is_empty()
+        && op.len() <= 64
+        && !op.starts_with('-')
+        && op != ipc_core::proto::OP_PING
+        && op != ipc_core::proto::OP_STATUS
+}
+
 /// One pool's running state.
 #[derive(Debug)]
 pub struct Pool {
@@ -228,6 +238,11 @@ impl Routes {
             .collect();
         sorted.sort();
         sorted.dedup();
+        if let Some(bad) = sorted.iter().find(|o| !valid_op(o)) {
+            return Err(format!(
+                "it announces {bad:?}, which cannot be an operation's name (1 to 64 bytes, no leading '-', not status)"
+            ));
+        }
         if let Some(known) = pool.ops() {
             let mut known = known;
             known.sort();

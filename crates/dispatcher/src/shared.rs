@@ -181,10 +181,15 @@ impl Shared {
     /// for an operation no pool serves.
     pub fn route(&self, op: &str) -> Option<&Pool> {
         if op == ipc_core::proto::OP_PING {
-            return self
-                .pools
-                .iter()
-                .max_by_key(|p| (p.queue.idle_workers(), std::cmp::Reverse(p.queue.len())));
+            // A pool with a live worker first, then the most idle
+            // workers, then the shortest queue.
+            return self.pools.iter().max_by_key(|p| {
+                (
+                    p.workers.running() > 0,
+                    p.queue.idle_workers(),
+                    std::cmp::Reverse(p.queue.len()),
+                )
+            });
         }
         self.routes.get(op).map(|i| &self.pools[i])
     }

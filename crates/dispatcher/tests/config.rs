@@ -233,6 +233,11 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             "pool \"z\": an exec pool needs \"ops\"",
         ),
         (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"-x\"]\n",
+            3,
+            "key \"pools.z.ops\": \"-x\" cannot be an operation's name",
+        ),
+        (
             "[pools.a]\nexec = [\"cat\"]\nops = [\"x\", \"y\"]\n[pools.b]\nexec = [\"cat\"]\nops = [\"y\"]\n",
             6,
             "key \"pools.b.ops\": operation \"y\" is served by pool \"a\" too (line 3); an operation is served by one pool",

@@ -91,8 +91,10 @@ def main():
     with open("/dev/shm/" + name.lstrip("/"), "r+b") as f:
         seg = mmap.mmap(f.fileno(), 0)
     assert seg[:8] == b"OSPSSEG\x00"
-    # Ready { pid, version 4, streams [], ops ["grow"] }
-    send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(2) + string("grow") + string("stale"))
+    # Ready { pid, version 4, streams [], ops ["grow", "stale", and any names given as arguments] }
+    ops = ["grow", "stale"] + sys.argv[1:]
+    send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(len(ops))
+         + b"".join(string(o) for o in ops))
     while True:
         r = receive()
         if r is None:
