@@ -53,7 +53,7 @@ enum Command {
         #[arg(long, visible_alias = "timeout")]
         timeout_ms: Option<u64>,
     },
-    /// Runs an operation: ping, echo, upper, sha256, wc, sleep MS.
+    /// Runs an operation: a builtin one (ping, echo, upper, sha256, wc, sleep MS) or any a pool serves (status lists them).
     Run {
         /// The operation.
         op: String,
