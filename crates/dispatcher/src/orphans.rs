@@ -22,6 +22,10 @@ use nix::unistd::Pid;
 
 /// How often the sweep runs besides after a worker's end.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A killed orphan is waited for this many times, this long apart, before
+/// it is left to the next sweep.
+const REAP_TRIES: u32 = 10;
+const REAP_PAUSE: Duration = Duration::from_millis(1);
 
 /// The dispatcher's workers, and the sweep of every other child.
 #[derive(Debug, Default)]
@@ -73,11 +77,18 @@ impl Orphans {
                 }
                 let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
             }
-            // Reaped now if it is dead already, else at a later sweep:
-            // never a blocking wait on the dispatcher's thread.
-            match waitpid(Pid::from_raw(c.pid as i32), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => {}
-                Ok(_) => tracing::debug!(pid = c.pid, "reaped a process a job left behind"),
+            // SIGKILL takes effect at once but not synchronously: reaped
+            // within a few milliseconds, else at a later sweep (never a
+            // long wait on the dispatcher's thread).
+            for _ in 0..REAP_TRIES {
+                match waitpid(Pid::from_raw(c.pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => std::thread::sleep(REAP_PAUSE),
+                    Ok(_) => {
+                        tracing::debug!(pid = c.pid, "reaped a process a job left behind");
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
         }
         orphans.len()

@@ -12,23 +12,35 @@ pub struct Child {
     pub zombie: bool,
 }
 
-/// The children of process `parent` now: from the kernel's list of each
-/// of its threads' children (`/proc/PID/task/TID/children`, a few small
-/// reads), else, where the kernel does not keep it, from a scan of every
-/// process's parent.
+/// The children of process `parent` now: from the kernel's lists of the
+/// children of its main thread and, when `parent` is this process, of the
+/// calling thread (`/proc/PID/task/TID/children`: one or two small reads),
+/// else, where the kernel keeps no such list, from a scan of every
+/// process's parent. A child belongs to the thread that forked it, and
+/// what is left to a child subreaper to the thread that forked its
+/// ancestor: the OSPS processes that use this fork from their main thread.
 pub fn children_of(parent: u32) -> Vec<Child> {
     let pids = listed_children(parent).unwrap_or_else(|| scanned_children(parent));
-    pids.into_iter().filter_map(|pid| child(pid, parent)).collect()
+    pids.into_iter()
+        .filter_map(|pid| child(pid, parent))
+        .collect()
 }
 
-/// The pids the kernel lists as `parent`'s threads' children.
+/// The pids the kernel lists as the children of `parent`'s main thread;
+/// `None` if it keeps no such list (no `CONFIG_PROC_CHILDREN`).
 fn listed_children(parent: u32) -> Option<Vec<u32>> {
-    let mut pids = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{parent}/task")).ok()?.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).ok()?;
-        pids.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    let read = |tid: u32| std::fs::read_to_string(format!("/proc/{parent}/task/{tid}/children"));
+    let mut list = read(parent).ok()?;
+    let me = nix::unistd::gettid().as_raw() as u32;
+    if parent == std::process::id() && me != parent {
+        list.push(' ');
+        list.push_str(&read(me).unwrap_or_default());
     }
-    Some(pids)
+    Some(
+        list.split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .collect(),
+    )
 }
 
 /// Every process's pid, for a scan.
