@@ -18,6 +18,7 @@ pub struct WorkerEntry {
     jobs_done: Cell<u64>,
     jobs_failed: Cell<u64>,
     restarts: Cell<u64>,
+    recycled: Cell<u64>,
     last_exit: RefCell<String>,
 }
 
@@ -30,6 +31,7 @@ impl WorkerEntry {
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
             restarts: Cell::new(0),
+            recycled: Cell::new(0),
             last_exit: RefCell::new(String::new()),
         }
     }
@@ -68,6 +70,12 @@ impl WorkerEntry {
         self.state.set(WorkerState::Starting);
     }
 
+    /// Its process was replaced by policy, between jobs, by one already
+    /// started and ready.
+    pub fn recycled(&self) {
+        add(&self.recycled, 1);
+    }
+
     /// Not replaced (the dispatcher stops).
     pub fn retired(&self) {
         self.pid.set(0);
@@ -92,6 +100,7 @@ impl WorkerEntry {
             state: self.state.get(),
             jobs_done: self.jobs_done.get(),
             restarts: self.restarts.get(),
+            recycled: self.recycled.get(),
             jobs_failed: self.jobs_failed.get(),
             uptime_ms: self
                 .started

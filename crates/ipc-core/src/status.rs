@@ -73,7 +73,8 @@ pub struct PoolStatus {
     pub jobs_failed: u64,
     /// Workers replaced after they died, hung or broke protocol.
     pub restarts: u64,
-    /// Workers replaced by policy (always 0 until recycling exists).
+    /// Workers replaced by policy, between jobs (`recycle_after_jobs`);
+    /// not counted in `restarts`.
     pub recycled: u64,
     pub queue_depth: usize,
     pub job_timeout_ms: u64,
@@ -165,6 +166,10 @@ pub struct WorkerStatus {
     pub jobs_done: u64,
     /// Times this worker was replaced after dying or timing out.
     pub restarts: u64,
+    /// Times this worker was replaced by policy, between jobs
+    /// (`recycle_after_jobs`); not counted in `restarts`.
+    #[serde(default)]
+    pub recycled: u64,
     /// Jobs of this pool slot that ended in an error: answered with one by
     /// the worker, or lost with a worker that died or timed out on them.
     #[serde(default)]
