@@ -460,10 +460,9 @@ enum Woke {
     Room(Result<SlotLease, NoRoom>),
     /// Result bytes (or the end of the pipe).
     Read(std::io::Result<usize>),
-    /// The running job's payload made progress.
+    /// The running job's payload made progress, or the replacement being
+    /// started (recycling) is ready or failed: nothing to read, look again.
     Upload,
-    /// The replacement being started (recycling) is ready, or failed.
-    Replacement(Result<Worker, String>),
     TimedOut,
     Stopped,
 }
@@ -511,8 +510,7 @@ impl WorkerDriver<'_> {
             if s.is_idle() {
                 let job = match self.next_job().await {
                     Ok(job) => job,
-                    Err(Some(died)) => return s.died(died, op_name),
-                    Err(None) => return End::Stop,
+                    Err(died) => return died.map_or(End::Stop, |why| s.died(why, op_name)),
                 };
                 upload = job.lease.upload().cloned();
                 s.start(job, Instant::now().into_std());
@@ -548,10 +546,6 @@ impl WorkerDriver<'_> {
                 Woke::Read(Err(e)) => return s.died(format!("result pipe: {e}"), op_name),
                 Woke::Read(Ok(_)) => {}
                 Woke::Upload => continue,
-                Woke::Replacement(started) => {
-                    self.recycle.started(self.pool, self.index, started);
-                    continue;
-                }
                 Woke::TimedOut => {
                     let head = s.head().expect("a job runs");
                     tracing::warn!(pool = config.name, worker = self.index, job = head.job_id, op = %head.op, "job timed out after {timeout:?}");
@@ -780,7 +774,8 @@ impl WorkerDriver<'_> {
     }
 
     /// Waits for the worker's answer bytes, the upload's progress, the
-    /// running job's deadline or the drain deadline.
+    /// running job's deadline or the drain deadline; keeps a replacement
+    /// being started (recycling) going, and records its start.
     async fn wait(
         &mut self,
         inbuf: &mut Vec<u8>,
@@ -805,14 +800,16 @@ impl WorkerDriver<'_> {
                 self.timer.as_mut().reset(at);
             }
         }
-        tokio::select! {
-            r = self.w.stdout.read_buf(inbuf) => Woke::Read(r),
-            given = room_given => Woke::Room(given),
-            () = progress => Woke::Upload,
-            () = &mut self.timer, if deadline.is_some() => Woke::TimedOut,
-            _ = self.stop.wait_for(|s| *s) => Woke::Stopped,
-            started = replacement(&mut self.recycle.starting) => Woke::Replacement(started),
-        }
+        let started = tokio::select! {
+            r = self.w.stdout.read_buf(inbuf) => return Woke::Read(r),
+            given = room_given => return Woke::Room(given),
+            () = progress => return Woke::Upload,
+            () = &mut self.timer, if deadline.is_some() => return Woke::TimedOut,
+            _ = self.stop.wait_for(|s| *s) => return Woke::Stopped,
+            started = replacement(&mut self.recycle.starting) => started,
+        };
+        self.recycle.started(self.pool, self.index, started);
+        Woke::Upload
     }
 
     /// Answers the jobs whose `JobDone` frames are whole in `inbuf`.

@@ -204,7 +204,7 @@ impl Pool {
             jobs_done: sum(|w| w.jobs_done),
             jobs_failed: sum(|w| w.jobs_failed),
             restarts: sum(|w| w.restarts),
-            recycled: sum(|w| w.recycled),
+            recycled: self.workers.recycled(),
             queue_depth: self.queue.len(),
             job_timeout_ms: self.config.job_timeout_ms,
             max_attempts: self.config.max_attempts,

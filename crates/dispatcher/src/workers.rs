@@ -100,7 +100,6 @@ impl WorkerEntry {
             state: self.state.get(),
             jobs_done: self.jobs_done.get(),
             restarts: self.restarts.get(),
-            recycled: self.recycled.get(),
             jobs_failed: self.jobs_failed.get(),
             uptime_ms: self
                 .started
@@ -132,6 +131,11 @@ impl WorkerTable {
     /// Workers with a live process that has said it is ready.
     pub fn running(&self) -> usize {
         self.0.iter().filter(|w| w.state().is_up()).count()
+    }
+
+    /// Workers replaced by policy, between jobs, in every place.
+    pub fn recycled(&self) -> u64 {
+        self.0.iter().map(|w| w.recycled.get()).sum()
     }
 
     /// Each place's report; `pool` names the pool they belong to.

@@ -95,8 +95,6 @@ fn a_builtin_pool_recycling_after_100_jobs_has_new_workers_after_250_and_no_job_
     assert!(pool.recycled >= 2, "{pool:?}");
     assert_eq!((pool.restarts, pool.jobs_failed), (0, 0), "{pool:?}");
     assert!(pool.jobs_done >= 250, "{pool:?}");
-    let per_worker: u64 = st.workers.iter().map(|w| w.recycled).sum();
-    assert_eq!(per_worker, pool.recycled, "{st:?}");
     assert!(st.workers.iter().all(|w| w.restarts == 0), "{st:?}");
     assert!(
         inst.log().contains("worker recycled after "),

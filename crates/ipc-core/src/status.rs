@@ -166,10 +166,6 @@ pub struct WorkerStatus {
     pub jobs_done: u64,
     /// Times this worker was replaced after dying or timing out.
     pub restarts: u64,
-    /// Times this worker was replaced by policy, between jobs
-    /// (`recycle_after_jobs`); not counted in `restarts`.
-    #[serde(default)]
-    pub recycled: u64,
     /// Jobs of this pool slot that ended in an error: answered with one by
     /// the worker, or lost with a worker that died or timed out on them.
     #[serde(default)]
