@@ -13,13 +13,13 @@
 //!
 //! Pools: `[pools.builtin]` (the osps-worker pool, `--worker-exe`) takes
 //! `enabled` and the top-level options `workers`, `job_timeout_ms`,
-//! `max_attempts` and `max_result_mib` (set there or at the top, not
-//! both). Every other `[pools.NAME]` is a pool of its own: `program` (a
+//! `max_attempts`, `max_result_mib` and `recycle_after_jobs` (set there or
+//! at the top, not both). Every other `[pools.NAME]` is a pool of its own: `program` (a
 //! worker program) or `exec` with `ops` (a command per job), and its own
-//! `workers`, `job_timeout_ms`, `max_attempts`, `max_result_mib` (the
-//! top-level values when absent) and, for exec, `pass_args`. Each program
-//! is looked up when the file is read. The containment keys (recycling,
-//! memory limit, user, ...) are refused as not supported yet, until they work.
+//! `workers`, `job_timeout_ms`, `max_attempts`, `max_result_mib`,
+//! `recycle_after_jobs` (the top-level values when absent) and, for exec, `pass_args`. Each program
+//! is looked up when the file is read. The other containment keys (RSS
+//! recycling, memory limit, user, ...) are refused as not supported yet, until they work.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
@@ -42,11 +42,11 @@ const POOL_KEYS: &[&str] = &[
     "job_timeout_ms",
     "max_attempts",
     "max_result_mib",
+    "recycle_after_jobs",
 ];
 
 /// Keys of a pool that come with pool containment, refused until they work.
 const NOT_YET_POOL_KEYS: &[&str] = &[
-    "recycle_after_jobs",
     "recycle_above_rss_mib",
     "memory_limit_mib",
     "user",
@@ -461,6 +461,7 @@ impl Reader<'_> {
             job_timeout_ms: p.job_timeout_ms,
             max_attempts: p.max_attempts,
             max_result_mib: p.max_result_mib,
+            recycle_after_jobs: p.recycle_after_jobs,
             origin,
         })
     }
@@ -475,6 +476,7 @@ const OWN_POOL_KEYS: &[&str] = &[
     "job_timeout_ms",
     "max_attempts",
     "max_result_mib",
+    "recycle_after_jobs",
     "pass_args",
 ];
 
@@ -488,6 +490,7 @@ struct PoolKeys {
     job_timeout_ms: Option<u64>,
     max_attempts: Option<u8>,
     max_result_mib: Option<u64>,
+    recycle_after_jobs: Option<u64>,
     pass_args: bool,
     pass_args_at: Option<Range<usize>>,
 }
@@ -531,6 +534,9 @@ impl Reader<'_> {
             }
             "max_attempts" => p.max_attempts = Some(self.integer(v, &shown, 1..=100)? as u8),
             "max_result_mib" => p.max_result_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
+            "recycle_after_jobs" => {
+                p.recycle_after_jobs = Some(self.integer(v, &shown, 1..=u32::MAX as u64)?)
+            }
             "pass_args" => {
                 p.pass_args = self.boolean(k, v, &shown)?;
                 p.pass_args_at = Some(k.span());

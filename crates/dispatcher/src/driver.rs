@@ -74,8 +74,14 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
     let p = &shared.pools[pool];
     let entry = p.workers.get(index);
     let mut failures_in_a_row = 0u32;
+    // A replacement started while its predecessor served (recycling).
+    let mut next: Option<Spawning> = None;
     while !*stop.borrow() {
-        let mut worker = match spawn(&shared, p).await {
+        let spawned = match next.take() {
+            Some(started) => started.await,
+            None => spawn(&shared, p).await,
+        };
+        let mut worker = match spawned {
             Ok(w) => {
                 failures_in_a_row = 0;
                 w
@@ -94,21 +100,42 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
             "worker started"
         );
         entry.started(worker.pid);
-        let end = WorkerDriver {
+        let mut driver = WorkerDriver {
             shared: &shared,
             pool: p,
             index,
             w: &mut worker,
             stop: &mut stop,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-        }
-        .serve()
-        .await;
+            recycle: Recycle::new(p.config.recycle_after_jobs),
+        };
+        let end = driver.serve().await;
+        let mut recycle = driver.recycle;
         let status = finish(&mut worker, &end).await;
         shared.orphans.worker_reaped(worker.pid);
         // What its jobs left behind (now ours): killed and reaped.
         shared.orphans.sweep();
         entry.ended();
+        let swap = if recycle.due {
+            recycle.ready.take()
+        } else {
+            None
+        };
+        if let Some(fresh) = swap {
+            tracing::info!(
+                pool = p.name(),
+                worker = index,
+                pid = worker.pid,
+                new_pid = fresh.pid,
+                "worker recycled after {} jobs: {status}",
+                recycle.jobs
+            );
+            entry.recycled();
+            next = Some(Box::pin(std::future::ready(Ok(fresh))));
+            continue;
+        }
+        // A replacement still starting (or ready) replaces it whatever its end.
+        next = recycle.take();
         if settle(&shared, p, index, worker.pid, end, status, *stop.borrow()) {
             break;
         }
@@ -118,6 +145,96 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
             break;
         }
         entry.restarting();
+    }
+    if let Some(started) = next {
+        discard(&shared, started).await;
+    }
+}
+
+/// A worker being started (by [`spawn`]) while another serves.
+type Spawning = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Worker, String>>>>;
+
+/// Stops a replacement the driver no longer needs (the dispatcher stops).
+async fn discard(shared: &Shared, started: Spawning) {
+    if let Ok(mut w) = started.await {
+        let status = finish(&mut w, &End::Stop).await;
+        shared.orphans.worker_reaped(w.pid);
+        shared.orphans.sweep();
+        tracing::debug!(pid = w.pid, "unused replacement stopped: {status}");
+    }
+}
+
+/// Recycling by job count (`recycle_after_jobs`): once its worker has
+/// answered that many jobs, a replacement is started while the worker
+/// serves on; once the replacement is ready, nothing more is sent ahead,
+/// and at the next moment the worker holds no job it is swapped for it.
+struct Recycle {
+    after: Option<u64>,
+    /// Jobs the current worker answered.
+    jobs: u64,
+    /// The replacement, while it starts.
+    starting: Option<Spawning>,
+    /// The replacement, ready.
+    ready: Option<Worker>,
+    /// Set when `serve` returned to swap the worker for `ready`.
+    due: bool,
+}
+
+impl Recycle {
+    fn new(after: Option<u64>) -> Recycle {
+        Recycle {
+            after,
+            jobs: 0,
+            starting: None,
+            ready: None,
+            due: false,
+        }
+    }
+
+    /// Counts an answered job; starts the replacement when it is time.
+    fn answered(&mut self, shared: &Rc<Shared>, pool: usize) {
+        self.jobs += 1;
+        let due = self.after.is_some_and(|n| self.jobs >= n);
+        if due && self.starting.is_none() && self.ready.is_none() {
+            let shared = Rc::clone(shared);
+            self.starting = Some(Box::pin(async move {
+                spawn(&shared, &shared.pools[pool]).await
+            }));
+        }
+    }
+
+    /// The replacement started (or could not: the worker serves on, and
+    /// another is tried after as many jobs again).
+    fn started(&mut self, pool: &Pool, index: usize, started: Result<Worker, String>) {
+        self.starting = None;
+        match started {
+            Ok(w) => self.ready = Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    pool = pool.name(),
+                    worker = index,
+                    "cannot start a worker to recycle this one (after {} jobs): {e}; it serves on",
+                    self.jobs
+                );
+                self.jobs = 0;
+            }
+        }
+    }
+
+    /// The replacement, started or starting, if any.
+    fn take(self) -> Option<Spawning> {
+        match self.ready {
+            Some(w) => Some(Box::pin(std::future::ready(Ok(w)))),
+            None => self.starting,
+        }
+    }
+}
+
+/// Waits for a replacement being started, if one is.
+async fn replacement(starting: &mut Option<Spawning>) -> Result<Worker, String> {
+    match starting {
+        Some(started) => started.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -343,7 +460,8 @@ enum Woke {
     Room(Result<SlotLease, NoRoom>),
     /// Result bytes (or the end of the pipe).
     Read(std::io::Result<usize>),
-    /// The running job's payload made progress.
+    /// The running job's payload made progress, or the replacement being
+    /// started (recycling) is ready or failed: nothing to read, look again.
     Upload,
     TimedOut,
     Stopped,
@@ -363,6 +481,7 @@ struct WorkerDriver<'a> {
     /// eventfd: a write(2) and an extra epoll_wait(2) per job. Moved later,
     /// a timer stays where it is in the wheel and costs no system call.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    recycle: Recycle,
 }
 
 impl WorkerDriver<'_> {
@@ -371,7 +490,7 @@ impl WorkerDriver<'_> {
     }
 
     /// Feeds jobs to the worker until it must go.
-    async fn serve(mut self) -> End<QueuedJob> {
+    async fn serve(&mut self) -> End<QueuedJob> {
         let config = &self.pool.config;
         let timeout = Duration::from_millis(config.job_timeout_ms);
         // An exec worker answers a timeout itself; ours is a backstop.
@@ -389,11 +508,9 @@ impl WorkerDriver<'_> {
         let mut room: Option<RoomWait> = None;
         loop {
             if s.is_idle() {
-                self.entry().set_state(WorkerState::Idle);
-                let job = tokio::select! {
-                    job = self.pool.queue.next() => job,
-                    status = self.w.child.wait() => return s.died(format!("exited while idle: {}", describe(status)), op_name),
-                    _ = self.stop.wait_for(|s| *s) => return End::Stop,
+                let job = match self.next_job().await {
+                    Ok(job) => job,
+                    Err(died) => return died.map_or(End::Stop, |why| s.died(why, op_name)),
                 };
                 upload = job.lease.upload().cloned();
                 s.start(job, Instant::now().into_std());
@@ -448,6 +565,26 @@ impl WorkerDriver<'_> {
             if !s.arriving() {
                 upload = None;
             }
+        }
+    }
+
+    /// Waits, idle, for the next job; `Err` ends the worker's service: it
+    /// died (why), or stops (`None`: the dispatcher stops, or it is swapped
+    /// for its ready replacement).
+    async fn next_job(&mut self) -> Result<QueuedJob, Option<String>> {
+        loop {
+            if self.recycle.ready.is_some() {
+                self.recycle.due = true;
+                return Err(None);
+            }
+            self.entry().set_state(WorkerState::Idle);
+            let started = tokio::select! {
+                job = self.pool.queue.next() => return Ok(job),
+                status = self.w.child.wait() => return Err(Some(format!("exited while idle: {}", describe(status)))),
+                _ = self.stop.wait_for(|s| *s) => return Err(None),
+                started = replacement(&mut self.recycle.starting) => started,
+            };
+            self.recycle.started(self.pool, self.index, started);
         }
     }
 
@@ -553,6 +690,10 @@ impl WorkerDriver<'_> {
 
     /// Takes more queued jobs for the same write, while the session allows.
     fn take_ahead(&self, s: &mut Session<QueuedJob>) {
+        if self.recycle.ready.is_some() {
+            // Its replacement waits: let it run dry, to be swapped.
+            return;
+        }
         let queue = &self.pool.queue;
         let mut ahead = 0;
         while s.may_send_ahead(queue.idle_workers()) {
@@ -633,7 +774,8 @@ impl WorkerDriver<'_> {
     }
 
     /// Waits for the worker's answer bytes, the upload's progress, the
-    /// running job's deadline or the drain deadline.
+    /// running job's deadline or the drain deadline; keeps a replacement
+    /// being started (recycling) going, and records its start.
     async fn wait(
         &mut self,
         inbuf: &mut Vec<u8>,
@@ -658,17 +800,24 @@ impl WorkerDriver<'_> {
                 self.timer.as_mut().reset(at);
             }
         }
-        tokio::select! {
-            r = self.w.stdout.read_buf(inbuf) => Woke::Read(r),
-            given = room_given => Woke::Room(given),
-            () = progress => Woke::Upload,
-            () = &mut self.timer, if deadline.is_some() => Woke::TimedOut,
-            _ = self.stop.wait_for(|s| *s) => Woke::Stopped,
-        }
+        let started = tokio::select! {
+            r = self.w.stdout.read_buf(inbuf) => return Woke::Read(r),
+            given = room_given => return Woke::Room(given),
+            () = progress => return Woke::Upload,
+            () = &mut self.timer, if deadline.is_some() => return Woke::TimedOut,
+            _ = self.stop.wait_for(|s| *s) => return Woke::Stopped,
+            started = replacement(&mut self.recycle.starting) => started,
+        };
+        self.recycle.started(self.pool, self.index, started);
+        Woke::Upload
     }
 
     /// Answers the jobs whose `JobDone` frames are whole in `inbuf`.
-    fn take_answers(&self, s: &mut Session<QueuedJob>, inbuf: &mut Vec<u8>) -> Result<(), Failed> {
+    fn take_answers(
+        &mut self,
+        s: &mut Session<QueuedJob>,
+        inbuf: &mut Vec<u8>,
+    ) -> Result<(), Failed> {
         let mut consumed = 0;
         let result = loop {
             let done = match frame::try_decode::<FromWorker>(&inbuf[consumed..], DEFAULT_MAX_FRAME)
@@ -694,6 +843,7 @@ impl WorkerDriver<'_> {
                 Answered::Job(job) => {
                     let ok = answer(self.shared, job, done);
                     self.entry().answered(ok);
+                    self.recycle.answered(self.shared, self.pool.index);
                 }
                 Answered::Crashed(said) => break Err(Failed::Crashed(said)),
                 Answered::Broke(why) => break Err(Failed::Broke(why)),

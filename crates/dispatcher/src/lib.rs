@@ -137,6 +137,9 @@ pub struct Config {
     /// Largest result a job may return, in MiB (a worker asks for room past its slot) [default: the largest payload].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_result_mib: Option<u64>,
+    /// Replace a worker once it has run this many jobs, between jobs: its replacement is started and ready first [default: never].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub recycle_after_jobs: Option<u64>,
     /// The pools of their own, from the configuration file (`[pools.NAME]`).
     #[arg(skip)]
     pub pools: Vec<pools::PoolSpec>,
@@ -285,6 +288,7 @@ impl Config {
             job_timeout_ms: None,
             max_attempts: None,
             max_result_mib: None,
+            recycle_after_jobs: None,
             origin: "the command line and top-level options".into(),
         };
         let max_result = |mib: Option<u64>| {
@@ -300,6 +304,7 @@ impl Config {
                 job_timeout_ms: p.job_timeout_ms.unwrap_or(self.job_timeout_ms),
                 max_attempts: p.max_attempts.unwrap_or(self.max_attempts),
                 max_result: max_result(p.max_result_mib),
+                recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
                 name: p.name,
                 kind: p.kind,
                 origin: p.origin,

@@ -52,6 +52,7 @@ pub struct PoolSpec {
     pub job_timeout_ms: Option<u64>,
     pub max_attempts: Option<u8>,
     pub max_result_mib: Option<u64>,
+    pub recycle_after_jobs: Option<u64>,
     /// Where the pool was configured (`FILE:LINE`), for messages.
     pub origin: String,
 }
@@ -66,6 +67,8 @@ pub struct PoolConfig {
     pub max_attempts: u8,
     /// The largest result a job of the pool may return, in bytes.
     pub max_result: u64,
+    /// Jobs after which a worker is replaced, between jobs (`None`: never).
+    pub recycle_after_jobs: Option<u64>,
     pub origin: String,
 }
 
@@ -201,7 +204,7 @@ impl Pool {
             jobs_done: sum(|w| w.jobs_done),
             jobs_failed: sum(|w| w.jobs_failed),
             restarts: sum(|w| w.restarts),
-            recycled: 0,
+            recycled: self.workers.recycled(),
             queue_depth: self.queue.len(),
             job_timeout_ms: self.config.job_timeout_ms,
             max_attempts: self.config.max_attempts,

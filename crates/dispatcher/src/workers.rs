@@ -18,6 +18,7 @@ pub struct WorkerEntry {
     jobs_done: Cell<u64>,
     jobs_failed: Cell<u64>,
     restarts: Cell<u64>,
+    recycled: Cell<u64>,
     last_exit: RefCell<String>,
 }
 
@@ -30,6 +31,7 @@ impl WorkerEntry {
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
             restarts: Cell::new(0),
+            recycled: Cell::new(0),
             last_exit: RefCell::new(String::new()),
         }
     }
@@ -66,6 +68,12 @@ impl WorkerEntry {
         add(&self.restarts, 1);
         self.pid.set(0);
         self.state.set(WorkerState::Starting);
+    }
+
+    /// Its process was replaced by policy, between jobs, by one already
+    /// started and ready.
+    pub fn recycled(&self) {
+        add(&self.recycled, 1);
     }
 
     /// Not replaced (the dispatcher stops).
@@ -123,6 +131,11 @@ impl WorkerTable {
     /// Workers with a live process that has said it is ready.
     pub fn running(&self) -> usize {
         self.0.iter().filter(|w| w.state().is_up()).count()
+    }
+
+    /// Workers replaced by policy, between jobs, in every place.
+    pub fn recycled(&self) -> u64 {
+        self.0.iter().map(|w| w.recycled.get()).sum()
     }
 
     /// Each place's report; `pool` names the pool they belong to.

@@ -223,6 +223,11 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             "key \"pools.z.workers\": expected an integer, found a string",
         ),
         (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nrecycle_after_jobs = 0\n",
+            4,
+            "key \"pools.z.recycle_after_jobs\": 0 is not in 1..=4294967295",
+        ),
+        (
             "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nrecycle_after_job = 5\n",
             4,
             "unknown key \"pools.z.recycle_after_job\" (did you mean \"recycle_after_jobs\"?)",

@@ -73,7 +73,8 @@ pub struct PoolStatus {
     pub jobs_failed: u64,
     /// Workers replaced after they died, hung or broke protocol.
     pub restarts: u64,
-    /// Workers replaced by policy (always 0 until recycling exists).
+    /// Workers replaced by policy, between jobs (`recycle_after_jobs`);
+    /// not counted in `restarts`.
     pub recycled: u64,
     pub queue_depth: usize,
     pub job_timeout_ms: u64,
