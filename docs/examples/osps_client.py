@@ -607,7 +607,7 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
                               "uptime_ms", "last_exit", "pool"}, w
         for p in s["pools"]:
             assert set(p) == {"name", "kind", "program", "ops", "workers", "jobs_done",
-                              "jobs_failed", "restarts", "recycled", "queue_depth",
+                              "jobs_failed", "restarts", "recycled", "recycled_above_rss", "queue_depth",
                               "job_timeout_ms", "max_attempts", "max_result",
                               "start_failure"}, p
             assert {w["pool"] for w in s["workers"]} <= {p["name"] for p in s["pools"]}, s

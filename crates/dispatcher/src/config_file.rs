@@ -43,11 +43,11 @@ const POOL_KEYS: &[&str] = &[
     "max_attempts",
     "max_result_mib",
     "recycle_after_jobs",
+    "recycle_above_rss_mib",
 ];
 
 /// Keys of a pool that come with pool containment, refused until they work.
 const NOT_YET_POOL_KEYS: &[&str] = &[
-    "recycle_above_rss_mib",
     "memory_limit_mib",
     "user",
     "group",
@@ -462,6 +462,7 @@ impl Reader<'_> {
             max_attempts: p.max_attempts,
             max_result_mib: p.max_result_mib,
             recycle_after_jobs: p.recycle_after_jobs,
+            recycle_above_rss_mib: p.recycle_above_rss_mib,
             origin,
         })
     }
@@ -477,6 +478,7 @@ const OWN_POOL_KEYS: &[&str] = &[
     "max_attempts",
     "max_result_mib",
     "recycle_after_jobs",
+    "recycle_above_rss_mib",
     "pass_args",
 ];
 
@@ -491,6 +493,7 @@ struct PoolKeys {
     max_attempts: Option<u8>,
     max_result_mib: Option<u64>,
     recycle_after_jobs: Option<u64>,
+    recycle_above_rss_mib: Option<u64>,
     pass_args: bool,
     pass_args_at: Option<Range<usize>>,
 }
@@ -536,6 +539,9 @@ impl Reader<'_> {
             "max_result_mib" => p.max_result_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
             "recycle_after_jobs" => {
                 p.recycle_after_jobs = Some(self.integer(v, &shown, 1..=u32::MAX as u64)?)
+            }
+            "recycle_above_rss_mib" => {
+                p.recycle_above_rss_mib = Some(self.integer(v, &shown, 1..=1 << 20)?)
             }
             "pass_args" => {
                 p.pass_args = self.boolean(k, v, &shown)?;

@@ -107,7 +107,7 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
             w: &mut worker,
             stop: &mut stop,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-            recycle: Recycle::new(p.config.recycle_after_jobs),
+            recycle: Recycle::new(&p.config),
         };
         let end = driver.serve().await;
         let mut recycle = driver.recycle;
@@ -127,10 +127,10 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
                 worker = index,
                 pid = worker.pid,
                 new_pid = fresh.pid,
-                "worker recycled after {} jobs: {status}",
-                recycle.jobs
+                "worker recycled {}: {status}",
+                recycle.cause.unwrap_or(RecycleCause::Jobs(recycle.jobs))
             );
-            entry.recycled();
+            entry.recycled(matches!(recycle.cause, Some(RecycleCause::Rss(_))));
             next = Some(Box::pin(std::future::ready(Ok(fresh))));
             continue;
         }
@@ -164,14 +164,20 @@ async fn discard(shared: &Shared, started: Spawning) {
     }
 }
 
-/// Recycling by job count (`recycle_after_jobs`): once its worker has
-/// answered that many jobs, a replacement is started while the worker
-/// serves on; once the replacement is ready, nothing more is sent ahead,
-/// and at the next moment the worker holds no job it is swapped for it.
+/// Recycling by job count (`recycle_after_jobs`) or by memory
+/// (`recycle_above_rss_mib`): once its worker has answered that many jobs,
+/// or is found above that resident size after a job, a replacement is
+/// started while the worker serves on; once the replacement is ready,
+/// nothing more is sent ahead, and at the next moment the worker holds no
+/// job it is swapped for it.
 struct Recycle {
     after: Option<u64>,
+    /// Resident bytes above which the worker is replaced.
+    above_rss: Option<u64>,
     /// Jobs the current worker answered.
     jobs: u64,
+    /// Why a replacement was started, once one was.
+    cause: Option<RecycleCause>,
     /// The replacement, while it starts.
     starting: Option<Spawning>,
     /// The replacement, ready.
@@ -181,21 +187,34 @@ struct Recycle {
 }
 
 impl Recycle {
-    fn new(after: Option<u64>) -> Recycle {
+    fn new(config: &crate::pools::PoolConfig) -> Recycle {
         Recycle {
-            after,
+            after: config.recycle_after_jobs,
+            above_rss: config.recycle_above_rss_mib.map(|m| m << 20),
             jobs: 0,
+            cause: None,
             starting: None,
             ready: None,
             due: false,
         }
     }
 
-    /// Counts an answered job; starts the replacement when it is time.
-    fn answered(&mut self, shared: &Rc<Shared>, pool: usize) {
+    /// Counts a job worker `pid` answered; starts the replacement when it
+    /// is time.
+    fn answered(&mut self, shared: &Rc<Shared>, pool: usize, pid: u32) {
         self.jobs += 1;
-        let due = self.after.is_some_and(|n| self.jobs >= n);
-        if due && self.starting.is_none() && self.ready.is_none() {
+        if self.starting.is_some() || self.ready.is_some() {
+            return;
+        }
+        let rss = self
+            .above_rss
+            .and_then(|limit| Some(rss(pid)?).filter(|&r| r > limit));
+        self.cause = match (self.after.is_some_and(|n| self.jobs >= n), rss) {
+            (true, _) => Some(RecycleCause::Jobs(self.jobs)),
+            (false, Some(bytes)) => Some(RecycleCause::Rss(bytes)),
+            (false, None) => None,
+        };
+        if self.cause.is_some() {
             let shared = Rc::clone(shared);
             self.starting = Some(Box::pin(async move {
                 spawn(&shared, &shared.pools[pool]).await
@@ -228,6 +247,34 @@ impl Recycle {
             None => self.starting,
         }
     }
+}
+
+/// Why a worker was recycled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecycleCause {
+    /// It had answered this many jobs.
+    Jobs(u64),
+    /// Its resident memory was this many bytes, over the limit.
+    Rss(u64),
+}
+
+impl std::fmt::Display for RecycleCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecycleCause::Jobs(n) => write!(f, "after {n} jobs"),
+            RecycleCause::Rss(b) => {
+                write!(f, "with {} MiB resident (recycle_above_rss_mib)", b >> 20)
+            }
+        }
+    }
+}
+
+/// Resident bytes of process `pid` (`/proc/PID/statm`, in pages).
+fn rss(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * page as u64)
 }
 
 /// Waits for a replacement being started, if one is.
@@ -843,7 +890,8 @@ impl WorkerDriver<'_> {
                 Answered::Job(job) => {
                     let ok = answer(self.shared, job, done);
                     self.entry().answered(ok);
-                    self.recycle.answered(self.shared, self.pool.index);
+                    self.recycle
+                        .answered(self.shared, self.pool.index, self.w.pid);
                 }
                 Answered::Crashed(said) => break Err(Failed::Crashed(said)),
                 Answered::Broke(why) => break Err(Failed::Broke(why)),

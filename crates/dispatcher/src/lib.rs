@@ -140,6 +140,9 @@ pub struct Config {
     /// Replace a worker once it has run this many jobs, between jobs: its replacement is started and ready first [default: never].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub recycle_after_jobs: Option<u64>,
+    /// Replace a worker whose resident memory is above this many MiB after a job, between jobs, as for --recycle-after-jobs [default: never].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub recycle_above_rss_mib: Option<u64>,
     /// The pools of their own, from the configuration file (`[pools.NAME]`).
     #[arg(skip)]
     pub pools: Vec<pools::PoolSpec>,
@@ -289,6 +292,7 @@ impl Config {
             max_attempts: None,
             max_result_mib: None,
             recycle_after_jobs: None,
+            recycle_above_rss_mib: None,
             origin: "the command line and top-level options".into(),
         };
         let max_result = |mib: Option<u64>| {
@@ -305,6 +309,7 @@ impl Config {
                 max_attempts: p.max_attempts.unwrap_or(self.max_attempts),
                 max_result: max_result(p.max_result_mib),
                 recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
+                recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
                 name: p.name,
                 kind: p.kind,
                 origin: p.origin,

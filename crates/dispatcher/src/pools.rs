@@ -53,6 +53,7 @@ pub struct PoolSpec {
     pub max_attempts: Option<u8>,
     pub max_result_mib: Option<u64>,
     pub recycle_after_jobs: Option<u64>,
+    pub recycle_above_rss_mib: Option<u64>,
     /// Where the pool was configured (`FILE:LINE`), for messages.
     pub origin: String,
 }
@@ -69,6 +70,9 @@ pub struct PoolConfig {
     pub max_result: u64,
     /// Jobs after which a worker is replaced, between jobs (`None`: never).
     pub recycle_after_jobs: Option<u64>,
+    /// Resident memory (MiB) above which a worker is replaced after a job,
+    /// between jobs (`None`: never).
+    pub recycle_above_rss_mib: Option<u64>,
     pub origin: String,
 }
 
@@ -205,6 +209,7 @@ impl Pool {
             jobs_failed: sum(|w| w.jobs_failed),
             restarts: sum(|w| w.restarts),
             recycled: self.workers.recycled(),
+            recycled_above_rss: self.workers.recycled_for_memory(),
             queue_depth: self.queue.len(),
             job_timeout_ms: self.config.job_timeout_ms,
             max_attempts: self.config.max_attempts,

@@ -19,6 +19,8 @@ pub struct WorkerEntry {
     jobs_failed: Cell<u64>,
     restarts: Cell<u64>,
     recycled: Cell<u64>,
+    /// Of those, replaced for their memory.
+    recycled_for_memory: Cell<u64>,
     last_exit: RefCell<String>,
 }
 
@@ -32,6 +34,7 @@ impl WorkerEntry {
             jobs_failed: Cell::new(0),
             restarts: Cell::new(0),
             recycled: Cell::new(0),
+            recycled_for_memory: Cell::new(0),
             last_exit: RefCell::new(String::new()),
         }
     }
@@ -71,9 +74,12 @@ impl WorkerEntry {
     }
 
     /// Its process was replaced by policy, between jobs, by one already
-    /// started and ready.
-    pub fn recycled(&self) {
+    /// started and ready (`for_memory`: for `recycle_above_rss_mib`).
+    pub fn recycled(&self, for_memory: bool) {
         add(&self.recycled, 1);
+        if for_memory {
+            add(&self.recycled_for_memory, 1);
+        }
     }
 
     /// Not replaced (the dispatcher stops).
@@ -136,6 +142,11 @@ impl WorkerTable {
     /// Workers replaced by policy, between jobs, in every place.
     pub fn recycled(&self) -> u64 {
         self.0.iter().map(|w| w.recycled.get()).sum()
+    }
+
+    /// Of those, the ones replaced for their memory.
+    pub fn recycled_for_memory(&self) -> u64 {
+        self.0.iter().map(|w| w.recycled_for_memory.get()).sum()
     }
 
     /// Each place's report; `pool` names the pool they belong to.

@@ -7,7 +7,8 @@
 //! wait for room is short while the peer's small requests go on; a pool
 //! slow to start neither keeps the dispatcher from serving nor loses its
 //! operations; `ping` goes to a pool with a live worker; a worker
-//! announcing `status` is refused.
+//! announcing `status` is refused; a worker that leaks is recycled by its
+//! resident memory, with no job failed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -56,7 +57,10 @@ fn a_python_worker_serves_and_a_greedy_job_is_refused_room_past_three_times_the_
     let st = inst.status();
     assert_eq!(
         (st.pools[0].kind.as_str(), &st.pools[0].ops[..]),
-        ("program", &["grow".to_owned(), "stale".to_owned()][..])
+        (
+            "program",
+            &["grow".to_owned(), "leak".to_owned(), "stale".to_owned()][..]
+        )
     );
     // A run that got an area and died: the next run answers in its slot,
     // and the client gets that answer, not the dead run's area.
@@ -141,7 +145,7 @@ fn a_slow_pool_neither_keeps_the_dispatcher_from_serving_nor_loses_its_operation
     let inst = Instance::supervised("pp-slowwd", &[], &strs(&args));
     let st = inst.status();
     assert_eq!(st.watchdog.as_ref().map(|w| w.restarts), Some(0), "{st:?}");
-    assert_eq!(st.pools[1].ops, ["grow", "stale"]);
+    assert_eq!(st.pools[1].ops, ["grow", "leak", "stale"]);
 }
 
 #[test]
@@ -191,4 +195,36 @@ fn a_worker_announcing_status_is_refused() {
     assert!(st.pools[1].ops.is_empty(), "{st:?}");
     // The dispatcher still answers status itself, and the builtin pool serves.
     assert_eq!(inst.client().call("upper", &[], b"ok").unwrap(), b"OK");
+}
+
+#[test]
+fn a_worker_that_leaks_is_recycled_by_its_memory_with_no_job_failed() {
+    let (_dir, args) = setup(
+        "[pools.builtin]\nenabled = false\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\nrecycle_above_rss_mib = 60\n",
+        "16",
+    );
+    let inst = Instance::start("pp-leak", &strs(&args));
+    let mut c = inst.client();
+    let mut pids = Vec::new();
+    // 20 MiB kept per job: over 60 MiB after the third or so.
+    for _ in 0..8 {
+        let pid = String::from_utf8(c.call("leak", &["20"], b"").unwrap()).unwrap();
+        pids.push(pid);
+    }
+    let st = inst.wait_status("a worker recycled for its memory", |st| {
+        st.pools[0].recycled_above_rss >= 1
+    });
+    let pool = &st.pools[0];
+    assert_eq!((pool.restarts, pool.jobs_failed), (0, 0), "{pool:?}");
+    assert_eq!(pool.recycled, pool.recycled_above_rss, "{pool:?}");
+    // The next job runs on the fresh process (the leaky one kept serving
+    // while its replacement started).
+    let fresh = String::from_utf8(c.call("leak", &["1"], b"").unwrap()).unwrap();
+    assert!(!pids.contains(&fresh), "{fresh} served before: {pids:?}");
+    assert!(
+        inst.log().contains("worker recycled with ")
+            && inst.log().contains("MiB resident (recycle_above_rss_mib)"),
+        "{}",
+        inst.log()
+    );
 }

@@ -73,9 +73,12 @@ pub struct PoolStatus {
     pub jobs_failed: u64,
     /// Workers replaced after they died, hung or broke protocol.
     pub restarts: u64,
-    /// Workers replaced by policy, between jobs (`recycle_after_jobs`);
-    /// not counted in `restarts`.
+    /// Workers replaced by policy, between jobs (`recycle_after_jobs`,
+    /// `recycle_above_rss_mib`); not counted in `restarts`.
     pub recycled: u64,
+    /// Of `recycled`, those replaced for their memory (`recycle_above_rss_mib`).
+    #[serde(default)]
+    pub recycled_above_rss: u64,
     pub queue_depth: usize,
     pub job_timeout_ms: u64,
     pub max_attempts: u8,

@@ -4,8 +4,9 @@ bytes again and again (a greedy worker) until refused, then answers the
 refusal (after 16 areas it gives up asking and answers success, so a
 dispatcher that never refuses is caught); and `stale`, whose first attempt
 writes STALE in a result area it was given and dies, and whose second
-answers `fresh` in its slot. The segment is mapped from /dev/shm
-(OSPS_SEGMENT in the environment)."""
+answers `fresh` in its slot; and `leak N`, which keeps N MiB more of
+memory for good (a leaking worker) and answers its pid. The segment is
+mapped from /dev/shm (OSPS_SEGMENT in the environment)."""
 
 import mmap
 import os
@@ -86,13 +87,16 @@ def grow(job_id, n):
     return None
 
 
+LEAKED = []
+
+
 def main():
     name = os.environ["OSPS_SEGMENT"]
     with open("/dev/shm/" + name.lstrip("/"), "r+b") as f:
         seg = mmap.mmap(f.fileno(), 0)
     assert seg[:8] == b"OSPSSEG\x00"
     # Ready { pid, version 4, streams [], ops ["grow", "stale", and any names given as arguments] }
-    ops = ["grow", "stale"] + sys.argv[1:]
+    ops = ["grow", "stale", "leak"] + sys.argv[1:]
     send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(len(ops))
          + b"".join(string(o) for o in ops))
     while True:
@@ -117,6 +121,12 @@ def main():
             at = 4096 + offset + input_len
             seg[at:at + 6] = b"fresh\n"
             done(job_id, True, input_len, 6)
+        elif op == "leak":
+            LEAKED.append(b"x" * (int(args[0]) << 20))  # touched: resident
+            answer = str(os.getpid()).encode()
+            at = 4096 + offset + input_len
+            seg[at:at + len(answer)] = answer
+            done(job_id, True, input_len, len(answer))
         elif op == "ping":
             at = 4096 + offset + input_len
             seg[at:at + 5] = b"pong\n"
