@@ -359,7 +359,7 @@ impl Reader<'_> {
                 self.out.builtin = self.boolean(k, v, "pools.builtin.enabled")?;
             } else if let Some(&top) = POOL_KEYS.iter().find(|&&p| p == name) {
                 given.push(((k, v), top));
-            } else if OWN_POOL_KEYS.contains(&name) {
+            } else if KIND_KEYS.contains(&name) {
                 let message = format!("key \"pools.builtin.{name}\": the builtin pool runs --worker-exe (worker_exe); a program or command is a pool of its own, [pools.NAME]");
                 return Err(self.error(Some(k.span()), message));
             } else {
@@ -468,19 +468,9 @@ impl Reader<'_> {
     }
 }
 
-/// Keys of a pool of its own.
-const OWN_POOL_KEYS: &[&str] = &[
-    "program",
-    "exec",
-    "ops",
-    "workers",
-    "job_timeout_ms",
-    "max_attempts",
-    "max_result_mib",
-    "recycle_after_jobs",
-    "recycle_above_rss_mib",
-    "pass_args",
-];
+/// Keys only a pool of its own takes (what it runs); it takes the
+/// [`POOL_KEYS`] too.
+const KIND_KEYS: &[&str] = &["program", "exec", "ops", "pass_args"];
 
 /// The keys of one `[pools.NAME]` table, as read.
 #[derive(Debug, Default)]
@@ -547,7 +537,10 @@ impl Reader<'_> {
                 p.pass_args = self.boolean(k, v, &shown)?;
                 p.pass_args_at = Some(k.span());
             }
-            _ => return Err(self.pool_key_error(k, pool, OWN_POOL_KEYS, "a pool takes")),
+            _ => {
+                let known: Vec<&str> = KIND_KEYS.iter().chain(POOL_KEYS).copied().collect();
+                return Err(self.pool_key_error(k, pool, &known, "a pool takes"));
+            }
         }
         Ok(())
     }
