@@ -12,14 +12,13 @@
 //! `--runtime-dir` and `--log-format`, which do, are not keys of the file).
 //!
 //! Pools: `[pools.builtin]` (the osps-worker pool, `--worker-exe`) takes
-//! `enabled` and the top-level options `workers`, `job_timeout_ms`,
-//! `max_attempts`, `max_result_mib` and `recycle_after_jobs` (set there or
-//! at the top, not both). Every other `[pools.NAME]` is a pool of its own: `program` (a
-//! worker program) or `exec` with `ops` (a command per job), and its own
-//! `workers`, `job_timeout_ms`, `max_attempts`, `max_result_mib`,
-//! `recycle_after_jobs` (the top-level values when absent) and, for exec, `pass_args`. Each program
-//! is looked up when the file is read. The other containment keys (RSS
-//! recycling, memory limit, user, ...) are refused as not supported yet, until they work.
+//! `enabled` and the top-level options of [`POOL_KEYS`] (set there or at
+//! the top, not both). Every other `[pools.NAME]` is a pool of its own:
+//! `program` (a worker program) or `exec` with `ops` (a command per job),
+//! `env` and `cwd`, its own [`POOL_KEYS`] (the top-level values when
+//! absent) and, for exec, `pass_args`. Each program is looked up when the
+//! file is read. The other containment keys (memory limit, user, group, a
+//! segment per pool) are refused as not supported yet, until they work.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
@@ -47,14 +46,7 @@ const POOL_KEYS: &[&str] = &[
 ];
 
 /// Keys of a pool that come with pool containment, refused until they work.
-const NOT_YET_POOL_KEYS: &[&str] = &[
-    "memory_limit_mib",
-    "user",
-    "group",
-    "env",
-    "cwd",
-    "segment_mib",
-];
+const NOT_YET_POOL_KEYS: &[&str] = &["memory_limit_mib", "user", "group", "segment_mib"];
 
 /// Shared flags every OSPS binary takes: not read from the file, so the
 /// watchdog, the dispatcher and the client always agree on them.
@@ -360,7 +352,7 @@ impl Reader<'_> {
             } else if let Some(&top) = POOL_KEYS.iter().find(|&&p| p == name) {
                 given.push(((k, v), top));
             } else if KIND_KEYS.contains(&name) {
-                let message = format!("key \"pools.builtin.{name}\": the builtin pool runs --worker-exe (worker_exe); a program or command is a pool of its own, [pools.NAME]");
+                let message = format!("key \"pools.builtin.{name}\": the builtin pool runs --worker-exe (worker_exe) as it is; a program, a command, env and cwd are for a pool of its own, [pools.NAME]");
                 return Err(self.error(Some(k.span()), message));
             } else {
                 let known: Vec<&str> = POOL_KEYS.iter().copied().chain(["enabled"]).collect();
@@ -463,6 +455,8 @@ impl Reader<'_> {
             max_result_mib: p.max_result_mib,
             recycle_after_jobs: p.recycle_after_jobs,
             recycle_above_rss_mib: p.recycle_above_rss_mib,
+            env: std::mem::take(&mut p.env),
+            cwd: p.cwd.take(),
             origin,
         })
     }
@@ -470,7 +464,7 @@ impl Reader<'_> {
 
 /// Keys only a pool of its own takes (what it runs); it takes the
 /// [`POOL_KEYS`] too.
-const KIND_KEYS: &[&str] = &["program", "exec", "ops", "pass_args"];
+const KIND_KEYS: &[&str] = &["program", "exec", "ops", "pass_args", "env", "cwd"];
 
 /// The keys of one `[pools.NAME]` table, as read.
 #[derive(Debug, Default)]
@@ -484,6 +478,8 @@ struct PoolKeys {
     max_result_mib: Option<u64>,
     recycle_after_jobs: Option<u64>,
     recycle_above_rss_mib: Option<u64>,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
     pass_args: bool,
     pass_args_at: Option<Range<usize>>,
 }
@@ -502,10 +498,16 @@ impl Reader<'_> {
         let span = Some(v.span());
         match name {
             "program" | "exec" => {
-                let argv = self.string_list(v, &shown)?;
+                let mut argv = self.string_list(v, &shown)?;
                 let program = find_program(&argv[0])
                     .map_err(|e| self.error(span.clone(), format!("key \"{shown}\": {e}")))?;
                 tracing::debug!(pool, program = %program.display(), "found");
+                // A path, made absolute: the workers may run elsewhere (`cwd`).
+                if argv[0].contains('/') {
+                    if let Ok(full) = std::fs::canonicalize(&program) {
+                        argv[0] = full.display().to_string();
+                    }
+                }
                 let slot = if name == "program" {
                     &mut p.program
                 } else {
@@ -533,6 +535,8 @@ impl Reader<'_> {
             "recycle_above_rss_mib" => {
                 p.recycle_above_rss_mib = Some(self.integer(v, &shown, 1..=1 << 20)?)
             }
+            "env" => p.env = self.env(v, &shown)?,
+            "cwd" => p.cwd = Some(self.cwd(v, &shown)?),
             "pass_args" => {
                 p.pass_args = self.boolean(k, v, &shown)?;
                 p.pass_args_at = Some(k.span());
@@ -562,6 +566,61 @@ impl Reader<'_> {
             self.out.claimed.insert(op.clone(), (name.to_owned(), line));
         }
         Ok(())
+    }
+
+    /// `env = { NAME = "value", ... }`: variables added to the workers'
+    /// environment (not the `OSPS_` ones, which OSPS sets).
+    fn env(
+        &self,
+        v: &Spanned<DeValue<'_>>,
+        shown: &str,
+    ) -> Result<Vec<(String, String)>, FileError> {
+        let bad = |message: String| {
+            Err(self.error(Some(v.span()), format!("key \"{shown}\": {message}")))
+        };
+        let Some(table) = v.get_ref().as_table() else {
+            return bad(format!(
+                "expected a table of strings (env = {{ NAME = \"value\" }}), found a {}",
+                v.get_ref().type_str()
+            ));
+        };
+        let mut env = Vec::new();
+        for (name, value) in table {
+            let name = name.get_ref().as_ref();
+            let ok_name = !name.is_empty() && !name.contains(['=', '\0']);
+            if !ok_name || name.starts_with("OSPS_") {
+                return bad(format!("{name:?} cannot be set here (a name without '=', not one of OSPS_*, which OSPS sets)"));
+            }
+            match value.get_ref() {
+                DeValue::String(s) if !s.contains('\0') => {
+                    env.push((name.to_owned(), s.to_string()))
+                }
+                other => {
+                    return bad(format!(
+                        "{name}: expected a string, found a {}",
+                        other.type_str()
+                    ))
+                }
+            }
+        }
+        Ok(env)
+    }
+
+    /// `cwd = "/dir"`: the workers' working directory, which must exist.
+    fn cwd(&self, v: &Spanned<DeValue<'_>>, shown: &str) -> Result<PathBuf, FileError> {
+        let at = Some(v.span());
+        let Some(dir) = v.get_ref().as_str() else {
+            let message = format!(
+                "key \"{shown}\": expected a string, found a {}",
+                v.get_ref().type_str()
+            );
+            return Err(self.error(at, message));
+        };
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(PathBuf::from(dir)),
+            Ok(_) => Err(self.error(at, format!("key \"{shown}\": {dir}: not a directory"))),
+            Err(e) => Err(self.error(at, format!("key \"{shown}\": {dir}: {e}"))),
+        }
     }
 
     /// A non-empty array of strings (at most 64).

@@ -419,6 +419,11 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
             osps_worker(&extra)
         }
     };
+    // The pool's own variables (the file refuses OSPS_* names).
+    cmd.envs(pool.config.env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = &pool.config.cwd {
+        cmd.current_dir(dir);
+    }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -293,6 +293,8 @@ impl Config {
             max_result_mib: None,
             recycle_after_jobs: None,
             recycle_above_rss_mib: None,
+            env: Vec::new(),
+            cwd: None,
             origin: "the command line and top-level options".into(),
         };
         let max_result = |mib: Option<u64>| {
@@ -310,6 +312,8 @@ impl Config {
                 max_result: max_result(p.max_result_mib),
                 recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
                 recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
+                env: p.env,
+                cwd: p.cwd,
                 name: p.name,
                 kind: p.kind,
                 origin: p.origin,

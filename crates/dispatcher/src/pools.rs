@@ -54,6 +54,10 @@ pub struct PoolSpec {
     pub max_result_mib: Option<u64>,
     pub recycle_after_jobs: Option<u64>,
     pub recycle_above_rss_mib: Option<u64>,
+    /// Variables added to its workers' environment.
+    pub env: Vec<(String, String)>,
+    /// Its workers' working directory (`None`: the dispatcher's).
+    pub cwd: Option<std::path::PathBuf>,
     /// Where the pool was configured (`FILE:LINE`), for messages.
     pub origin: String,
 }
@@ -73,6 +77,10 @@ pub struct PoolConfig {
     /// Resident memory (MiB) above which a worker is replaced after a job,
     /// between jobs (`None`: never).
     pub recycle_above_rss_mib: Option<u64>,
+    /// Variables added to its workers' environment.
+    pub env: Vec<(String, String)>,
+    /// Its workers' working directory (`None`: the dispatcher's).
+    pub cwd: Option<std::path::PathBuf>,
     pub origin: String,
 }
 

@@ -203,6 +203,21 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             "key \"pools.builtin.exec\": the builtin pool runs --worker-exe",
         ),
         (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nenv = { OSPS_SEGMENT = \"/x\" }\n",
+            4,
+            "key \"pools.z.env\": \"OSPS_SEGMENT\" cannot be set here",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nenv = \"A=1\"\n",
+            4,
+            "key \"pools.z.env\": expected a table of strings",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\ncwd = \"/no/such/dir-osps\"\n",
+            4,
+            "key \"pools.z.cwd\": /no/such/dir-osps: No such file or directory",
+        ),
+        (
             "[pools.builtin]\nmemory_limit_mib = 5\n",
             2,
             "key \"pools.builtin.memory_limit_mib\" is not supported yet",

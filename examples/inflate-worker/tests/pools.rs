@@ -317,3 +317,21 @@ fn a_command_whose_worker_is_killed_from_outside_leaves_nothing_behind() {
     );
     assert_eq!(inst.client().call("upper", &[], b"on").unwrap(), b"ON");
 }
+
+#[test]
+fn a_pool_runs_with_its_own_environment_and_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let place = std::fs::canonicalize(dir.path()).unwrap();
+    let (_cfg, path) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n[pools.where]\nexec = [\"sh\", \"-c\", \"printf '%s %s' \\\"$GREETING\\\" \\\"$(pwd)\\\"\"]\nops = [\"where\"]\nworkers = 1\nenv = {{ GREETING = \"hello there\" }}\ncwd = \"{}\"\n",
+        place.display()
+    ));
+    let inst = start("pool-envcwd", &path);
+    let got = inst.client().call("where", &[], b"").unwrap();
+    assert_eq!(
+        String::from_utf8(got).unwrap(),
+        format!("hello there {}", place.display())
+    );
+    // The builtin pool keeps the dispatcher's.
+    assert_eq!(inst.client().call("upper", &[], b"x").unwrap(), b"X");
+}
