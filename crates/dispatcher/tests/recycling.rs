@@ -9,6 +9,21 @@ use osps_testkit::{assert_group_gone, bin, config_file, zombies_of, Instance};
 
 /// Runs `jobs` jobs over `clients` connections at once, each a `sleep` of
 /// 2 ms then an `upper`; each answer is checked.
+/// A dispatcher serving the configuration file `path` with small sizes,
+/// and `extra` flags.
+fn start(tag: &str, path: &std::path::Path, extra: &[&str]) -> Instance {
+    let mut args = vec![
+        "--config",
+        path.to_str().unwrap(),
+        "--segment-mib",
+        "16",
+        "--max-payload",
+        "65536",
+    ];
+    args.extend_from_slice(extra);
+    Instance::start(tag, &args)
+}
+
 fn run_jobs(inst: &Instance, clients: usize, jobs: usize) {
     let threads: Vec<_> = (0..clients)
         .map(|t| {
@@ -65,17 +80,7 @@ fn assert_retired(inst: &Instance, old: &BTreeSet<u32>) {
 #[test]
 fn a_builtin_pool_recycling_after_100_jobs_has_new_workers_after_250_and_no_job_failed() {
     let (_dir, path) = config_file("[pools.builtin]\nworkers = 2\nrecycle_after_jobs = 100\n");
-    let inst = Instance::start(
-        "recycle-builtin",
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "65536",
-        ],
-    );
+    let inst = start("recycle-builtin", &path, &[]);
     let before = pids(&inst, "builtin", 2);
     // Two clients, one job each at a time, and jobs of a few ms: each job
     // finds an idle worker, so the two share the 250 about evenly, and
@@ -113,19 +118,7 @@ fn a_program_pool_takes_the_top_level_flag_and_recycles_between_sequential_jobs(
         "[pools.builtin]\nenabled = false\n\n[pools.own]\nprogram = [\"{}\"]\nworkers = 1\n",
         worker.display()
     ));
-    let inst = Instance::start(
-        "recycle-program",
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "--segment-mib",
-            "16",
-            "--max-payload",
-            "65536",
-            "--recycle-after-jobs",
-            "10",
-        ],
-    );
+    let inst = start("recycle-program", &path, &["--recycle-after-jobs", "10"]);
     let first = pids(&inst, "own", 1);
     let mut seen = first.clone();
     let mut c = inst.client();

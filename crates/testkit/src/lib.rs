@@ -140,6 +140,16 @@ pub fn assert_group_gone(pgid: u32) {
     );
 }
 
+/// The pid a timed-out command's message names after `prefix` (a test's
+/// command prints its `$$` to stderr, which the `timeout` answer's tail
+/// carries): `message` must start with `prefix`, then the pid.
+pub fn pid_after(message: &str, prefix: &str) -> u32 {
+    message
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.parse().ok())
+        .unwrap_or_else(|| panic!("{message:?} is not {prefix:?} then a pid"))
+}
+
 /// Kills process group `.0` when dropped: a test's guard for the processes
 /// a command started, however the test ends.
 #[derive(Debug)]

@@ -119,12 +119,10 @@ fn a_command_past_its_timeout_is_killed_with_its_children_and_answered_timeout()
     let took = began.elapsed();
     let e = error(d.outcome);
     assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
-    let pgid: u32 = e
-        .message
-        .strip_prefix("sh ran past 500 ms and was killed; stderr: started ")
-        .unwrap_or_else(|| panic!("{e}"))
-        .parse()
-        .unwrap();
+    let pgid = osps_testkit::pid_after(
+        &e.message,
+        "sh ran past 500 ms and was killed; stderr: started ",
+    );
     let _guard = GroupGuard(pgid);
     // SIGTERM ends it (sh and both sleeps): no need for the SIGKILL a second later.
     assert!(

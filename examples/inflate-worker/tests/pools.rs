@@ -250,12 +250,10 @@ fn a_failing_command_and_one_past_its_timeout_get_clear_errors_and_leave_nothing
     let began = Instant::now();
     let e = remote(c.call("slow", &[], b"").unwrap_err());
     assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
-    let pgid: u32 = e
-        .message
-        .strip_prefix("sh ran past 500 ms and was killed; stderr: started ")
-        .unwrap_or_else(|| panic!("{e}"))
-        .parse()
-        .unwrap();
+    let pgid = osps_testkit::pid_after(
+        &e.message,
+        "sh ran past 500 ms and was killed; stderr: started ",
+    );
     let _guard = GroupGuard(pgid);
     assert!(
         began.elapsed() < Duration::from_secs(3),
