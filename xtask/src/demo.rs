@@ -402,7 +402,10 @@ mod tests {
         paths
             .write_state(&ipc_core::paths::InstanceState {
                 generation: 3,
-                segment: last.clone(),
+                segments: vec![ipc_core::paths::RecordedSegment {
+                    name: last.clone(),
+                    owner: nix::unistd::geteuid().as_raw(),
+                }],
             })
             .unwrap();
         let seen = [first.clone(), last.clone(), last_sysv.clone()];

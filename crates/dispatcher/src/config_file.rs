@@ -31,7 +31,7 @@ use clap::{Arg, ArgAction, ArgMatches};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::pools::{find_program, valid_op, PoolKind, PoolSpec, BUILTIN};
+use crate::pools::{find_program, valid_op, PoolKind, PoolSpec, RunAs, BUILTIN};
 use crate::{Config, Invalid};
 
 /// Keys of `[pools.builtin]` besides `enabled`: each is the top-level
@@ -43,10 +43,14 @@ const POOL_KEYS: &[&str] = &[
     "max_result_mib",
     "recycle_after_jobs",
     "recycle_above_rss_mib",
+    "segment_mib",
 ];
 
 /// Keys of a pool that come with pool containment, refused until they work.
-const NOT_YET_POOL_KEYS: &[&str] = &["memory_limit_mib", "user", "group", "segment_mib"];
+const NOT_YET_POOL_KEYS: &[&str] = &["memory_limit_mib"];
+
+/// Whom a pool's workers run as: keys of every pool, the builtin one too.
+const RUN_AS_KEYS: &[&str] = &["user", "group"];
 
 /// Shared flags every OSPS binary takes: not read from the file, so the
 /// watchdog, the dispatcher and the client always agree on them.
@@ -75,6 +79,8 @@ pub struct FromFile {
     pub pools: Vec<PoolSpec>,
     /// Whether the builtin pool runs (`[pools.builtin] enabled`, true unless set).
     pub builtin: bool,
+    /// Whom the builtin pool's workers run as (`[pools.builtin] user, group`).
+    pub builtin_run_as: Option<RunAs>,
     /// The operations exec pools name: the pool and line of each.
     claimed: BTreeMap<String, (String, usize)>,
 }
@@ -345,17 +351,25 @@ impl Reader<'_> {
         table: &'v DeTable<'i>,
     ) -> Result<Vec<(Entry<'v, 'i>, &'static str)>, FileError> {
         let mut given = Vec::new();
+        let mut run_as = RunAsKeys::default();
         for (k, v) in table {
             let name = k.get_ref().as_ref();
             if name == "enabled" {
                 self.out.builtin = self.boolean(k, v, "pools.builtin.enabled")?;
+            } else if RUN_AS_KEYS.contains(&name) {
+                self.run_as_key(&mut run_as, BUILTIN, k, v)?;
             } else if let Some(&top) = POOL_KEYS.iter().find(|&&p| p == name) {
                 given.push(((k, v), top));
             } else if KIND_KEYS.contains(&name) {
                 let message = format!("key \"pools.builtin.{name}\": the builtin pool runs --worker-exe (worker_exe) as it is; a program, a command, env and cwd are for a pool of its own, [pools.NAME]");
                 return Err(self.error(Some(k.span()), message));
             } else {
-                let known: Vec<&str> = POOL_KEYS.iter().copied().chain(["enabled"]).collect();
+                let known: Vec<&str> = POOL_KEYS
+                    .iter()
+                    .chain(RUN_AS_KEYS)
+                    .copied()
+                    .chain(["enabled"])
+                    .collect();
                 return Err(self.pool_key_error(
                     k,
                     BUILTIN,
@@ -364,7 +378,50 @@ impl Reader<'_> {
                 ));
             }
         }
+        self.out.builtin_run_as = self.resolve_run_as(&run_as)?;
         Ok(given)
+    }
+
+    /// `user = "NAME"` or `group = "NAME"` of a pool, kept with its place.
+    fn run_as_key(
+        &self,
+        r: &mut RunAsKeys,
+        pool: &str,
+        k: &Key<'_>,
+        v: &Spanned<DeValue<'_>>,
+    ) -> Result<(), FileError> {
+        let name = k.get_ref().as_ref();
+        let Some(value) = v.get_ref().as_str() else {
+            let message = format!(
+                "key \"pools.{pool}.{name}\": expected a {name} name (a string), found {}",
+                found(v.get_ref(), Kind::String)
+            );
+            return Err(self.error(Some(v.span()), message));
+        };
+        let slot = if name == "user" {
+            &mut r.user
+        } else {
+            &mut r.group
+        };
+        *slot = Some((v.span(), value.to_owned()));
+        Ok(())
+    }
+
+    /// The pool's [`RunAs`], if it set `user` or `group`.
+    fn resolve_run_as(&self, r: &RunAsKeys) -> Result<Option<RunAs>, FileError> {
+        if r.user.is_none() && r.group.is_none() {
+            return Ok(None);
+        }
+        let (user, group) = (r.user.as_ref(), r.group.as_ref());
+        RunAs::resolve(
+            user.map(|(_, n)| n.as_str()),
+            group.map(|(_, n)| n.as_str()),
+        )
+        .map(Some)
+        .map_err(|e| {
+            let span = r.user.as_ref().or(r.group.as_ref()).map(|(s, _)| s.clone());
+            self.error(span, e)
+        })
     }
 
     /// A refusal of key `k` of pool `pool`: not supported yet, or unknown.
@@ -455,6 +512,8 @@ impl Reader<'_> {
             max_result_mib: p.max_result_mib,
             recycle_after_jobs: p.recycle_after_jobs,
             recycle_above_rss_mib: p.recycle_above_rss_mib,
+            segment_mib: p.segment_mib,
+            run_as: self.resolve_run_as(&p.run_as)?,
             env: std::mem::take(&mut p.env),
             cwd: p.cwd.take(),
             origin,
@@ -478,10 +537,19 @@ struct PoolKeys {
     max_result_mib: Option<u64>,
     recycle_after_jobs: Option<u64>,
     recycle_above_rss_mib: Option<u64>,
+    segment_mib: Option<u64>,
+    run_as: RunAsKeys,
     env: Vec<(String, String)>,
     cwd: Option<PathBuf>,
     pass_args: bool,
     pass_args_at: Option<Range<usize>>,
+}
+
+/// A pool's `user` and `group`, as read (with their places).
+#[derive(Debug, Default)]
+struct RunAsKeys {
+    user: Option<(Range<usize>, String)>,
+    group: Option<(Range<usize>, String)>,
 }
 
 impl Reader<'_> {
@@ -535,6 +603,8 @@ impl Reader<'_> {
             "recycle_above_rss_mib" => {
                 p.recycle_above_rss_mib = Some(self.integer(v, &shown, 1..=1 << 20)?)
             }
+            "segment_mib" => p.segment_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
+            "user" | "group" => self.run_as_key(&mut p.run_as, pool, k, v)?,
             "env" => p.env = self.env(v, &shown)?,
             "cwd" => p.cwd = Some(self.cwd(v, &shown)?),
             "pass_args" => {
@@ -542,7 +612,12 @@ impl Reader<'_> {
                 p.pass_args_at = Some(k.span());
             }
             _ => {
-                let known: Vec<&str> = KIND_KEYS.iter().chain(POOL_KEYS).copied().collect();
+                let known: Vec<&str> = KIND_KEYS
+                    .iter()
+                    .chain(POOL_KEYS)
+                    .chain(RUN_AS_KEYS)
+                    .copied()
+                    .collect();
                 return Err(self.pool_key_error(k, pool, &known, "a pool takes"));
             }
         }

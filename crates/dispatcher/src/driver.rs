@@ -377,7 +377,7 @@ fn settle(
 
 /// The command that starts one of `pool`'s workers.
 fn command(shared: &Shared, pool: &Pool) -> Command {
-    let segment = shared.slots.segment().name();
+    let segment = pool.slots.segment().name();
     let parent = std::process::id().to_string();
     let fault = shared.config.allow_fault_injection;
     let osps_worker = |extra: &[&str]| {
@@ -423,6 +423,10 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
     cmd.envs(pool.config.env.iter().map(|(k, v)| (k, v)));
     if let Some(dir) = &pool.config.cwd {
         cmd.current_dir(dir);
+    }
+    if let Some(who) = &pool.config.run_as {
+        // As root, std also drops the supplementary groups (setgroups(0)).
+        cmd.uid(who.uid).gid(who.gid);
     }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -672,7 +676,7 @@ impl WorkerDriver<'_> {
             }
         };
         let job = s.head().expect("a job runs");
-        let (slots, holder) = (Rc::clone(&self.shared.slots), Rc::clone(job.lease.holder()));
+        let (slots, holder) = (Rc::clone(&self.pool.slots), Rc::clone(job.lease.holder()));
         *room = Some(Box::pin(
             async move { slots.lease_room(len, &holder).await },
         ));

@@ -180,9 +180,18 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 .refuse(req, permit, ErrorKind::UnknownOp, message)
                 .await;
         };
-        // A slot; waiting for one ends if shutdown begins.
+        if req.payload_len > pool.max_payload {
+            let message = format!(
+                "payload of {} bytes exceeds pool \"{}\"'s limit of {} bytes (its segment's largest slot; segment_mib)",
+                req.payload_len,
+                pool.name(),
+                pool.max_payload
+            );
+            return self.refuse(req, permit, ErrorKind::TooLarge, message).await;
+        }
+        // A slot of the pool's segment; waiting for one ends if shutdown begins.
         let len = req.payload_len + RESULT_RESERVE;
-        let Some(lease) = shared.slots.lease(len, self.holder).await else {
+        let Some(lease) = pool.slots.lease(len, self.holder).await else {
             let message = SHUTTING_DOWN.to_owned();
             return self
                 .refuse(req, permit, ErrorKind::ShuttingDown, message)

@@ -150,6 +150,9 @@ pub struct Config {
     /// `[pools.builtin]` says `enabled = false`.
     #[arg(skip = true)]
     pub builtin_pool: bool,
+    /// Whom the builtin pool's workers run as (`[pools.builtin] user, group`).
+    #[arg(skip)]
+    pub builtin_run_as: Option<pools::RunAs>,
     /// The watchdog that started us, if any: we stop (SIGTERM) when it dies.
     #[arg(skip)]
     pub watchdog: Option<ipc_core::status::WatchdogStatus>,
@@ -293,6 +296,8 @@ impl Config {
             max_result_mib: None,
             recycle_after_jobs: None,
             recycle_above_rss_mib: None,
+            segment_mib: None,
+            run_as: self.builtin_run_as.clone(),
             env: Vec::new(),
             cwd: None,
             origin: "the command line and top-level options".into(),
@@ -312,6 +317,8 @@ impl Config {
                 max_result: max_result(p.max_result_mib),
                 recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
                 recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
+                segment_mib: p.segment_mib.unwrap_or(self.segment_mib),
+                run_as: p.run_as,
                 env: p.env,
                 cwd: p.cwd,
                 name: p.name,
@@ -434,13 +441,15 @@ impl Config {
                 message: "no pool runs: [pools.builtin] has enabled = false and no other [pools.NAME] is configured".into(),
             });
         }
-        let max_slot = ipc_core::SlotAllocator::max_slot_for(self.segment_mib.saturating_mul(MIB));
-        match pools.iter().find(|p| p.max_result > max_slot) {
+        let max_slot = |p: &pools::PoolConfig| {
+            ipc_core::SlotAllocator::max_slot_for(p.segment_mib.saturating_mul(MIB))
+        };
+        match pools.iter().find(|p| p.max_result > max_slot(p)) {
             Some(p) => Err(Invalid {
                 key: "max-result-mib",
                 message: format!(
-                    "pool \"{}\" ({}): a result of up to {} MiB needs a slot the {} MiB segment cannot give (its largest is {} bytes); raise --segment-mib or lower max_result_mib",
-                    p.name, p.origin, p.max_result >> 20, self.segment_mib, max_slot
+                    "pool \"{}\" ({}): a result of up to {} MiB needs a slot its {} MiB segment cannot give (its largest is {} bytes); raise its segment_mib (--segment-mib) or lower max_result_mib",
+                    p.name, p.origin, p.max_result >> 20, p.segment_mib, max_slot(p)
                 ),
             }),
             None => Ok(()),
@@ -507,15 +516,18 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
 /// `serve` ends (return, error or panic unwinding).
 struct Cleanup {
     socket: PathBuf,
-    segment: String,
-    /// The state file naming the segment: gone with it.
+    /// One per pool.
+    segments: Vec<String>,
+    /// The state file naming the segments: gone with them.
     state: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        segment::unlink(&self.segment);
+        for name in &self.segments {
+            segment::unlink(name);
+        }
         let _ = std::fs::remove_file(&self.state);
     }
 }
@@ -604,23 +616,34 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
         let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
         tracing::warn!(%name, "removed the {kind} of a dead predecessor");
     }
-    let mut seg = ipc_core::start::create_segment(
+    // One segment per pool, each given to the uid its workers run as.
+    let wanted: Vec<_> = config
+        .pools()
+        .iter()
+        .map(|p| ipc_core::start::Wanted {
+            backend: config.backend,
+            arena_len: (p.segment_mib * MIB) as usize,
+            owner: p.run_as.as_ref().map(|r| (r.uid, r.gid)),
+        })
+        .collect();
+    let mut segments = ipc_core::start::create_segments(
         &paths,
         &lock,
-        config.backend,
-        (config.segment_mib * MIB) as usize,
+        &wanted,
         before.generation.saturating_add(1),
     )?;
     let cleanup = Cleanup {
         socket: paths.socket(),
-        segment: seg.name().to_owned(),
+        segments: segments.iter().map(|s| s.name().to_owned()).collect(),
         state: paths.state_file(),
     };
-    // The name is unlinked by `cleanup`, before the lock is released; the
-    // mapping itself may outlive it in tasks still being torn down.
-    seg.disown();
+    // The names are unlinked by `cleanup`, before the lock is released; the
+    // mappings themselves may outlive them in tasks still being torn down.
+    for seg in &mut segments {
+        seg.disown();
+    }
     Ok(Running {
-        shared: Shared::new(config, paths, seg, tcp_token, budgets),
+        shared: Shared::new(config, paths, segments, tcp_token, budgets),
         cleanup,
         lock,
         made_dir,
@@ -668,17 +691,17 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         socket = %shared.paths.socket().display(),
         tcp = ?shared.tcp_addr.get(),
         tcp_token = shared.admission.tcp_token.is_some(),
-        segment = %shared.slots.segment().name(),
-        generation = shared.slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
+        segments = %segment_names(shared),
+        generation = shared.pools[0].slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
         pools = shared.pools.len(),
         workers = shared.config.total_workers(),
         "dispatcher ready"
     );
-    // Soon after we serve: map the whole segment so no request pays a page fault.
-    shared
-        .slots
-        .segment()
-        .populate_in_background(POPULATE_AFTER);
+    // Soon after we serve: map the whole of each segment so no request
+    // pays a page fault.
+    for p in &shared.pools {
+        p.slots.segment().populate_in_background(POPULATE_AFTER);
+    }
     let why = loop {
         tokio::select! {
             () = listener::serve_next(&listeners, shared) => {}
@@ -701,8 +724,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     tracing::info!(
         jobs_done = shared.stats.jobs_done(),
         jobs_failed = shared.stats.jobs_failed(),
-        "workers reaped; removing segment {} and socket",
-        shared.slots.segment().name()
+        "workers reaped; removing segments {} and socket",
+        segment_names(shared)
     );
     let Running {
         shared,
@@ -718,6 +741,16 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     }
     tracing::info!("dispatcher stopped");
     Ok(())
+}
+
+/// Each pool's segment, `POOL=NAME`, for the log.
+fn segment_names(shared: &Shared) -> String {
+    let names: Vec<String> = shared
+        .pools
+        .iter()
+        .map(|p| format!("{}={}", p.name(), p.slots.segment().name()))
+        .collect();
+    names.join(" ")
 }
 
 /// How long the dispatcher waits for its pools' first workers before it
@@ -797,7 +830,9 @@ async fn drain(
 
 /// Resolves once no slot is on loan, i.e. every accepted job is answered.
 async fn drained(shared: &Shared) {
-    shared.slots.all_returned().await
+    for p in &shared.pools {
+        p.slots.all_returned().await;
+    }
 }
 
 #[cfg(test)]

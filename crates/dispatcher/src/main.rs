@@ -44,6 +44,7 @@ fn parse() -> Result<Args, config_file::FileError> {
     let mut args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
     args.config.pools = from_file.pools.clone();
     args.config.builtin_pool = from_file.builtin;
+    args.config.builtin_run_as = from_file.builtin_run_as.clone();
     if let Err(invalid) = args.config.validate() {
         if let Some(e) = from_file.locate(&invalid) {
             return Err(e);

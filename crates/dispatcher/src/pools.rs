@@ -1,16 +1,19 @@
 //! Pools: what each runs ([`PoolSpec`], from the flags and the
 //! configuration file), and each one's running state ([`Pool`]: its queue,
-//! its workers, the operations its workers serve). [`Routes`] maps every
-//! operation to the one pool that serves it.
+//! its workers, the operations its workers serve, its segment's slots).
+//! [`Routes`] maps every operation to the one pool that serves it.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 
-use ipc_core::status::PoolStatus;
+use ipc_core::status::{PoolStatus, RunAsStatus, SegmentStatus};
+use ipc_core::Segment;
 use tokio::sync::Notify;
 
 use crate::queue::JobQueue;
+use crate::slots::{SlotPool, RESULT_RESERVE};
 use crate::workers::WorkerTable;
 
 /// The builtin pool's name.
@@ -54,6 +57,10 @@ pub struct PoolSpec {
     pub max_result_mib: Option<u64>,
     pub recycle_after_jobs: Option<u64>,
     pub recycle_above_rss_mib: Option<u64>,
+    /// Its segment's arena, in MiB.
+    pub segment_mib: Option<u64>,
+    /// Whom its workers run as (`user`, `group`; `None`: the dispatcher's uid).
+    pub run_as: Option<RunAs>,
     /// Variables added to its workers' environment.
     pub env: Vec<(String, String)>,
     /// Its workers' working directory (`None`: the dispatcher's).
@@ -77,11 +84,77 @@ pub struct PoolConfig {
     /// Resident memory (MiB) above which a worker is replaced after a job,
     /// between jobs (`None`: never).
     pub recycle_above_rss_mib: Option<u64>,
+    /// Its segment's arena, in MiB.
+    pub segment_mib: u64,
+    /// Whom its workers run as (`None`: the dispatcher's uid).
+    pub run_as: Option<RunAs>,
     /// Variables added to its workers' environment.
     pub env: Vec<(String, String)>,
     /// Its workers' working directory (`None`: the dispatcher's).
     pub cwd: Option<std::path::PathBuf>,
     pub origin: String,
+}
+
+/// Whom a pool's workers run as (`user`, `group`), resolved when the
+/// configuration is read; its segment is given to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub group: String,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Resolves `user` (its primary group unless `group` is given) and
+    /// `group` by name. Another uid or gid than the dispatcher's own needs
+    /// the dispatcher to run as root.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<RunAs, String> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        let (euid, egid) = (Uid::effective(), Gid::effective());
+        let u = match user {
+            Some(name) => User::from_name(name)
+                .map_err(|e| format!("cannot look up user \"{name}\": {e}"))?
+                .ok_or_else(|| format!("no user \"{name}\" on this host"))?,
+            None => User::from_uid(euid)
+                .ok()
+                .flatten()
+                .ok_or_else(|| format!("no user name for uid {euid}"))?,
+        };
+        let g = match group {
+            Some(name) => Group::from_name(name)
+                .map_err(|e| format!("cannot look up group \"{name}\": {e}"))?
+                .ok_or_else(|| format!("no group \"{name}\" on this host"))?,
+            None => {
+                let gid = if user.is_some() { u.gid } else { egid };
+                Group::from_gid(gid)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| format!("no group name for gid {gid}"))?
+            }
+        };
+        if !euid.is_root() && (u.uid != euid || g.gid != egid) {
+            return Err(format!(
+                "running workers as user \"{}\" (uid {}) and group \"{}\" (gid {}) needs the dispatcher to run as root; it runs as uid {euid}",
+                u.name, u.uid, g.name, g.gid
+            ));
+        }
+        Ok(RunAs {
+            user: u.name,
+            uid: u.uid.as_raw(),
+            group: g.name,
+            gid: g.gid.as_raw(),
+        })
+    }
+
+    pub fn status(&self) -> RunAsStatus {
+        RunAsStatus {
+            user: self.user.clone(),
+            uid: self.uid,
+            group: self.group.clone(),
+            gid: self.gid,
+        }
+    }
 }
 
 impl PoolConfig {
@@ -143,15 +216,35 @@ pub struct Pool {
     /// Woken when the pool settles (operations known, a first start
     /// failed, or a conflict).
     news: Notify,
+    /// Its segment's slots, their caps and leases: its workers map this
+    /// segment and no other.
+    pub slots: Rc<SlotPool>,
+    /// The largest payload it takes: `--max-payload`, or less if its
+    /// segment's largest slot holds less.
+    pub max_payload: u64,
+}
+
+/// What a pool's slots are cut to: the largest payload, and the
+/// percentages of the arena one connection and one peer may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotCaps {
+    pub max_payload: u64,
+    pub conn_percent: u64,
+    pub peer_percent: u64,
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, index: usize) -> Pool {
+    pub fn new(config: PoolConfig, index: usize, segment: Segment, caps: SlotCaps) -> Pool {
         let ops = match &config.kind {
             PoolKind::Exec { ops, .. } => Some(ops.clone()),
             _ => None,
         };
+        let largest = ipc_core::SlotAllocator::max_slot_for(segment.arena_len() as u64);
+        let max_payload = caps.max_payload.min(largest.saturating_sub(RESULT_RESERVE));
+        let slots = SlotPool::new(segment, max_payload, caps.conn_percent, caps.peer_percent);
         Pool {
+            slots,
+            max_payload,
             workers: WorkerTable::new(config.workers),
             config,
             index,
@@ -223,6 +316,16 @@ impl Pool {
             max_attempts: self.config.max_attempts,
             max_result: self.config.max_result,
             start_failure: self.start_failure.borrow().clone(),
+            segment: Some(self.segment_status()),
+            run_as: self.config.run_as.as_ref().map(RunAs::status),
+        }
+    }
+
+    /// Its segment, for status (mapped here and by its live workers).
+    pub fn segment_status(&self) -> SegmentStatus {
+        SegmentStatus {
+            max_payload: self.max_payload,
+            ..self.slots.describe(1 + self.workers.running())
         }
     }
 }

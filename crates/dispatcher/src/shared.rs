@@ -1,6 +1,7 @@
 //! State shared by the dispatcher's tasks (one thread, so `Rc` and `Cell`):
-//! the slot pool (`slots.rs`), and the parts (queue, workers, stats,
-//! admission, lifecycle) that each own their state. No borrow of a
+//! the pools (each with its segment's slots, `slots.rs`, its queue and its
+//! workers), and the parts (stats, admission, lifecycle) that each own
+//! their state. No borrow of a
 //! `RefCell` here is ever held across an `.await`.
 
 use std::cell::Cell;
@@ -11,9 +12,9 @@ use ipc_core::{RuntimePaths, Segment};
 
 use crate::admission::{Admission, Budgets};
 use crate::orphans::Orphans;
-use crate::pools::{Pool, Routes};
+use crate::pools::{Pool, Routes, SlotCaps};
 use crate::replies::Permit;
-use crate::slots::{JobSlot, SlotPool};
+use crate::slots::JobSlot;
 use crate::stats::Stats;
 use crate::Config;
 
@@ -79,10 +80,10 @@ pub struct QueuedJob {
 pub struct Shared {
     pub config: Config,
     pub paths: RuntimePaths,
-    /// The segment's slots, their caps and leases.
-    pub slots: Rc<SlotPool>,
+    /// The largest payload any pool takes (`--max-payload`): a request
+    /// announcing more is refused and its connection closed.
     pub max_payload: u64,
-    /// The pools: each one's queue and workers.
+    /// The pools: each one's segment, queue and workers.
     pub pools: Vec<Pool>,
     /// Which pool serves each operation.
     pub routes: Routes,
@@ -127,22 +128,23 @@ impl Shared {
     pub fn new(
         config: Config,
         paths: RuntimePaths,
-        segment: Segment,
+        segments: Vec<Segment>,
         tcp_token: Option<Box<[u8]>>,
         budgets: Budgets,
     ) -> Rc<Self> {
         let max_payload = config.max_payload;
-        let slots = SlotPool::new(
-            segment,
+        let caps = SlotCaps {
             max_payload,
-            config.conn_arena_percent,
-            config.peer_arena_percent,
-        );
-        let pools: Vec<Pool> = config
-            .pools()
+            conn_percent: config.conn_arena_percent,
+            peer_percent: config.peer_arena_percent,
+        };
+        let configs = config.pools();
+        assert_eq!(configs.len(), segments.len(), "one segment per pool");
+        let pools: Vec<Pool> = configs
             .into_iter()
+            .zip(segments)
             .enumerate()
-            .map(|(i, p)| Pool::new(p, i))
+            .map(|(i, (p, seg))| Pool::new(p, i, seg, caps))
             .collect();
         let routes = Routes::default();
         for pool in &pools {
@@ -156,7 +158,6 @@ impl Shared {
             admission: Admission::new(&budgets, tcp_token),
             config,
             paths,
-            slots,
             max_payload,
             pools,
             routes,
@@ -239,25 +240,23 @@ impl Shared {
         message
     }
 
-    /// Workers with a live process, in every pool.
-    pub fn running_workers(&self) -> usize {
-        self.pools.iter().map(|p| p.workers.running()).sum()
-    }
-
     /// Jobs waiting, in every pool.
     pub fn queued(&self) -> usize {
         self.pools.iter().map(|p| p.queue.len()).sum()
     }
 
-    /// Slots on loan: every accepted job holds one until its reply is written.
+    /// Slots on loan, in every pool: every accepted job holds one until
+    /// its reply is written.
     pub fn in_flight(&self) -> usize {
-        self.slots.in_use()
+        self.pools.iter().map(|p| p.slots.in_use()).sum()
     }
 
     /// Begins shutdown: new jobs are refused, and requests waiting for a slot
     /// are woken to be refused too.
     pub fn begin_draining(&self) {
         self.life.draining.set(true);
-        self.slots.close();
+        for p in &self.pools {
+            p.slots.close();
+        }
     }
 }

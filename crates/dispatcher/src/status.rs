@@ -43,10 +43,8 @@ pub fn report(shared: &Shared) -> StatusReport {
     }
 }
 
+/// The first pool's segment (the builtin pool's when it runs): each
+/// pool's own is in its entry of `pools`.
 fn segment(shared: &Shared) -> SegmentStatus {
-    let attached_here = 1 + shared.running_workers();
-    SegmentStatus {
-        max_payload: shared.max_payload,
-        ..shared.slots.describe(attached_here)
-    }
+    shared.pools[0].segment_status()
 }

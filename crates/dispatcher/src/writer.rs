@@ -185,8 +185,7 @@ fn stall_cause(shared: &Shared, holder: &Holder, deadline: Duration) -> String {
     let writes = "the client writes requests without reading its replies (a client must read replies while it writes: docs/PROTOCOL.md §10)";
     match wait {
         Wait::ConnCap => format!(
-            "{stalled} while its next request waited {waited:.1?} for a slot over the connection's own share of the arena ({} bytes, --conn-arena-percent), which only writing its replies frees: {writes}",
-            shared.slots.limits.conn
+            "{stalled} while its next request waited {waited:.1?} for a slot over the connection's own share of the arena of its pool's segment (--conn-arena-percent), which only writing its replies frees: {writes}"
         ),
         Wait::InFlight => format!(
             "{stalled} while its next request waited {waited:.1?} behind {} unanswered requests (--max-in-flight), which only writing its replies frees: {writes}",

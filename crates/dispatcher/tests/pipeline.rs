@@ -239,7 +239,10 @@ fn stale_segment_and_socket_of_a_dead_predecessor_are_replaced() {
         paths
             .write_state(&ipc_core::paths::InstanceState {
                 generation: 41,
-                segment: name.clone(),
+                segments: vec![ipc_core::paths::RecordedSegment {
+                    name: name.clone(),
+                    owner: nix::unistd::geteuid().as_raw(),
+                }],
             })
             .unwrap();
         let mut seg = ipc_core::Segment::create(&name, 4096, 41).unwrap();

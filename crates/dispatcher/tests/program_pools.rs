@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ipc_core::proto::ErrorKind;
 use osps_client::ClientError;
-use osps_testkit::{config_file, Instance};
+use osps_testkit::{config_file, pool_segment, Instance};
 
 /// The arguments of a dispatcher serving the configuration `config` (in
 /// which `GROWER` stands for the Python worker's path), with a segment of
@@ -79,7 +79,9 @@ fn a_python_worker_serves_and_a_greedy_job_is_refused_room_past_three_times_the_
         "a result of 1048577 bytes exceeds pool \"py\"'s limit of 1048576 bytes (max_result_mib)"
     );
     // The job's areas went with it; the worker serves on.
-    inst.wait_status("the areas freed", |st| st.segment.slots_in_use == 0);
+    inst.wait_status("the areas freed", |st| {
+        pool_segment(st, "py").slots_in_use == 0
+    });
     c.ping().unwrap();
     assert!(inst.status().workers.iter().all(|w| w.restarts == 1));
 }
@@ -97,10 +99,11 @@ fn results_cannot_take_the_arena_from_others_and_a_wait_for_room_is_short() {
         let mut c = osps_client::Client::connect(&endpoint).unwrap();
         too_large(c.call("grow", &["1048576"], b""))
     });
-    // While it holds what its peer may of the 8 MiB arena and waits for
-    // more, the same peer's small requests are served from the reserve.
+    // While it holds what its peer may of its pool's 8 MiB arena and
+    // waits for more, the same peer's requests to another pool are served
+    // (from that pool's own segment).
     inst.wait_status("the greedy job holds areas", |st| {
-        st.segment.slot_bytes_in_use >= 4 << 20
+        pool_segment(st, "py").slot_bytes_in_use >= 4 << 20
     });
     let mut c = inst.client();
     for _ in 0..20 {
@@ -117,7 +120,9 @@ fn results_cannot_take_the_arena_from_others_and_a_wait_for_room_is_short() {
         "{:?}",
         began.elapsed()
     );
-    inst.wait_status("the areas freed", |st| st.segment.slots_in_use == 0);
+    inst.wait_status("the areas freed", |st| {
+        pool_segment(st, "py").slots_in_use == 0
+    });
 }
 
 #[test]

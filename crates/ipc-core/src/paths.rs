@@ -81,10 +81,20 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// What one dispatcher leaves for the next in [`RuntimePaths::state_file`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceState {
-    /// The generation of the segment last built (the next start adds one).
+    /// The generation of the segments last built (the next start adds one).
     pub generation: u64,
-    /// That segment's name, with the `sysv:` prefix for the System V backend.
-    pub segment: String,
+    /// Those segments (one per pool, in the pools' order; the last one may
+    /// be a name about to be tried), never empty.
+    pub segments: Vec<RecordedSegment>,
+}
+
+/// A segment named in the state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedSegment {
+    /// Its name, with the `sysv:` prefix for the System V backend.
+    pub name: String,
+    /// The uid it was given to: the dispatcher's, or its pool's `user`.
+    pub owner: u32,
 }
 
 /// Creates `dir` with `mode` if absent (exactly that mode, whatever the
@@ -216,7 +226,7 @@ impl RuntimePaths {
     /// and tests: the dispatcher itself reads [`RuntimePaths::read_state`].
     pub fn segment_name(&self) -> String {
         match self.read_state() {
-            Ok(Some(st)) => crate::segment::Backend::base_name(&st.segment).to_owned(),
+            Ok(Some(st)) => crate::segment::Backend::base_name(&st.segments[0].name).to_owned(),
             _ => self.segment_prefix(),
         }
     }
@@ -266,23 +276,39 @@ impl RuntimePaths {
             .take(4096)
             .read_to_string(&mut text)
             .map_err(|e| bad(e.to_string()))?;
-        let (mut generation, mut segment) = (None, None);
+        let (mut generation, mut segments, mut ok) = (None, Vec::new(), true);
         for line in text.lines() {
             match line.split_once(' ') {
                 Some(("generation", g)) => generation = g.trim().parse::<u64>().ok(),
-                Some(("segment", s)) => segment = Some(s.trim().to_owned()),
+                Some(("segment", s)) => match self.recorded(s, euid) {
+                    Some(r) => segments.push(r),
+                    None => ok = false,
+                },
                 _ => {}
             }
         }
-        match (generation, segment) {
-            (Some(generation), Some(segment)) if self.is_segment_name(&segment) => {
-                Ok(Some(InstanceState {
-                    generation,
-                    segment,
-                }))
-            }
+        match generation {
+            Some(generation) if ok && !segments.is_empty() => Ok(Some(InstanceState {
+                generation,
+                segments,
+            })),
             _ => Err(bad(format!("unreadable contents {text:?}"))),
         }
+    }
+
+    /// A state file's `segment NAME [OWNER]` (no owner: ours, as a version
+    /// with one segment wrote it); `None` for a name not of this instance.
+    fn recorded(&self, line: &str, euid: u32) -> Option<RecordedSegment> {
+        let mut words = line.split_whitespace();
+        let name = words.next().filter(|n| self.is_segment_name(n))?;
+        let owner = match words.next() {
+            Some(uid) => uid.parse().ok()?,
+            None => euid,
+        };
+        words.next().is_none().then(|| RecordedSegment {
+            name: name.to_owned(),
+            owner,
+        })
     }
 
     /// Writes the state file atomically (a temporary file beside it, mode
@@ -304,12 +330,11 @@ impl RuntimePaths {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(err)?;
-        write!(
-            f,
-            "generation {}\nsegment {}\n",
-            state.generation, state.segment
-        )
-        .map_err(err)?;
+        let mut text = format!("generation {}\n", state.generation);
+        for s in &state.segments {
+            text.push_str(&format!("segment {} {}\n", s.name, s.owner));
+        }
+        f.write_all(text.as_bytes()).map_err(err)?;
         drop(f);
         fs::rename(&tmp, &path).map_err(err)
     }
@@ -430,11 +455,29 @@ mod tests {
         assert_eq!(p.read_state().unwrap(), None);
         let st = InstanceState {
             generation: u64::MAX,
-            segment: format!("sysv:{}", p.new_segment_name().unwrap()),
+            segments: vec![
+                RecordedSegment {
+                    name: format!("sysv:{}", p.new_segment_name().unwrap()),
+                    owner: 0,
+                },
+                RecordedSegment {
+                    name: p.new_segment_name().unwrap(),
+                    owner: 65534,
+                },
+            ],
         };
         p.write_state(&st).unwrap();
         assert_eq!(p.read_state().unwrap(), Some(st.clone()));
-        assert_eq!(p.segment_name(), st.segment.strip_prefix("sysv:").unwrap());
+        let first = &st.segments[0].name;
+        assert_eq!(p.segment_name(), first.strip_prefix("sysv:").unwrap());
+        // A file of a version with one segment and no owner: ours.
+        let euid = nix::unistd::geteuid().as_raw();
+        fs::write(p.state_file(), format!("generation 3\nsegment {first}\n")).unwrap();
+        let old = p.read_state().unwrap().unwrap();
+        assert_eq!((old.generation, old.segments[0].owner), (3, euid));
+        let bad_owner = format!("generation 3\nsegment {first} nobody\n");
+        fs::write(p.state_file(), bad_owner).unwrap();
+        assert!(matches!(p.read_state(), Err(PathError::State { .. })));
         assert_eq!(fs::metadata(p.state_file()).unwrap().mode() & 0o777, 0o600);
         fs::write(p.state_file(), "generation 3\nsegment /dev/shm/../x\n").unwrap();
         assert!(matches!(p.read_state(), Err(PathError::State { .. })));

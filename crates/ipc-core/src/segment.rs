@@ -150,6 +150,13 @@ pub enum SegmentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot give segment {name} to uid {uid}: {source}")]
+    Give {
+        name: String,
+        uid: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Names that start with this select the System V backend (`shmget`, listed
@@ -240,7 +247,9 @@ trait Shm {
     /// Removes the object; whether one was there.
     fn unlink(&self, name: &str) -> bool;
     /// Removes the object only if `euid` owns it, without mapping it.
-    fn remove_if_ours(&self, name: &str, euid: u32) -> Removal;
+    fn remove_if_ours(&self, name: &str, euid: u32, owner: u32) -> Removal;
+    /// Gives the object (made by this process, not yet shared) to `uid`/`gid`.
+    fn give(&self, name: &str, id: &dyn Map, uid: u32, gid: u32) -> std::io::Result<()>;
     /// Whether an object of that name exists.
     fn exists(&self, name: &str) -> bool;
 }
@@ -256,6 +265,10 @@ trait Map {
     /// Which object this maps, the same for every mapping of it in the
     /// process whatever name reached it.
     fn identity(&self, name: &str) -> String;
+    /// The System V id, for a System V mapping.
+    fn sysv_id(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// A backend's description of its object (the backend-neutral part of
@@ -416,13 +429,13 @@ impl Shm for PosixShm {
         nix::sys::mman::shm_unlink(name).is_ok()
     }
 
-    /// The `/dev/shm` entry is `lstat`ed: a regular file of ours (`/dev/shm`
-    /// is sticky, so nobody else can swap it before the unlink).
-    fn remove_if_ours(&self, name: &str, euid: u32) -> Removal {
+    /// The `/dev/shm` entry is `lstat`ed: a regular file of `owner` (`/dev/shm`
+    /// is sticky, so only its owner can swap it before the unlink).
+    fn remove_if_ours(&self, name: &str, _euid: u32, owner: u32) -> Removal {
         use std::os::unix::fs::MetadataExt;
         match std::fs::symlink_metadata(fs_path(name)) {
             Err(_) => Removal::Absent,
-            Ok(m) if !m.file_type().is_file() || m.uid() != euid => {
+            Ok(m) if !m.file_type().is_file() || m.uid() != owner => {
                 Removal::Foreign { uid: m.uid() }
             }
             Ok(_) => {
@@ -437,6 +450,12 @@ impl Shm for PosixShm {
 
     fn exists(&self, name: &str) -> bool {
         std::path::Path::new(&fs_path(name)).exists()
+    }
+
+    /// `lchown` of the `/dev/shm` entry this process just made (exclusively,
+    /// in a sticky directory: nobody else can have swapped it).
+    fn give(&self, name: &str, _map: &dyn Map, uid: u32, gid: u32) -> std::io::Result<()> {
+        std::os::unix::fs::lchown(fs_path(name), Some(uid), Some(gid))
     }
 }
 
@@ -496,6 +515,10 @@ impl Map for SysvMap {
 
     fn identity(&self, _name: &str) -> String {
         format!("sysv {}", self.id)
+    }
+
+    fn sysv_id(&self) -> Option<i32> {
+        Some(self.id)
     }
 }
 
@@ -596,14 +619,16 @@ impl Shm for SysvShm {
         sysv_id(name).is_some_and(sysv_remove)
     }
 
-    /// The kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
-    fn remove_if_ours(&self, name: &str, euid: u32) -> Removal {
+    /// The kernel's `IPC_STAT` must name us as creator and `owner` as
+    /// owner before `IPC_RMID` (the creator is the kernel's record: no other
+    /// uid can fake it).
+    fn remove_if_ours(&self, name: &str, euid: u32, owner: u32) -> Removal {
         let Some(ds) = sysv_id(name).and_then(|id| Some((id, sysv_stat(id).ok()?))) else {
             return Removal::Absent;
         };
         let (id, ds) = ds;
         let (uid, cuid) = (ds.shm_perm.uid, ds.shm_perm.cuid);
-        if uid != euid || cuid != euid {
+        if uid != owner || cuid != euid {
             return Removal::Foreign { uid: cuid };
         }
         if sysv_remove(id) {
@@ -615,6 +640,22 @@ impl Shm for SysvShm {
 
     fn exists(&self, name: &str) -> bool {
         sysv_id(name).is_some()
+    }
+
+    /// `IPC_SET` of the owner (the creator stays this process's uid).
+    fn give(&self, _name: &str, map: &dyn Map, uid: u32, gid: u32) -> std::io::Result<()> {
+        let id = map
+            .sysv_id()
+            .ok_or_else(|| std::io::Error::other("not a System V mapping"))?;
+        let mut ds = sysv_stat(id)?;
+        ds.shm_perm.uid = uid;
+        ds.shm_perm.gid = gid;
+        // SAFETY: `ds` is a valid shmid_ds (from IPC_STAT) that IPC_SET only reads.
+        if unsafe { libc::shmctl(id, libc::IPC_SET, &mut ds) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 
@@ -643,7 +684,15 @@ pub enum Removal {
 /// kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
 pub fn remove_if_ours(name: &str) -> Removal {
     let euid = nix::unistd::geteuid().as_raw();
-    Backend::of(name).imp().remove_if_ours(name, euid)
+    Backend::of(name).imp().remove_if_ours(name, euid, euid)
+}
+
+/// [`remove_if_ours`] of a segment this uid made and gave to `owner` (a
+/// pool's `user`): for POSIX a regular file owned by `owner`, for System V
+/// created by us and owned by `owner`.
+pub fn remove_if_given(name: &str, owner: u32) -> Removal {
+    let euid = nix::unistd::geteuid().as_raw();
+    Backend::of(name).imp().remove_if_ours(name, euid, owner)
 }
 
 /// Whether a segment of that name exists (either backend).
@@ -758,6 +807,20 @@ impl Segment {
         // any other process, so this write races with nothing.
         unsafe { std::ptr::write(seg.map.as_ptr().cast::<SegmentHeader>(), header) };
         Ok(seg)
+    }
+
+    /// Gives a segment this process just created (before its name is
+    /// handed to anyone) to `uid` and `gid`, keeping its mode 0600: its
+    /// owner and root alone can open it. For a pool whose workers run as
+    /// another user.
+    pub fn give_to(&self, uid: u32, gid: u32) -> Result<(), SegmentError> {
+        let imp = self.backend().imp();
+        imp.give(&self.name, self.map.as_ref(), uid, gid)
+            .map_err(|source| SegmentError::Give {
+                name: self.name.clone(),
+                uid,
+                source,
+            })
     }
 
     /// Opens an existing segment and checks its header. A process maps a

@@ -9,7 +9,7 @@
 //! predecessor is removed by name after an ownership check, never mapped.
 
 use crate::lock::{InstanceLock, LockError};
-use crate::paths::{InstanceState, PathError, RuntimePaths};
+use crate::paths::{InstanceState, PathError, RecordedSegment, RuntimePaths};
 use crate::segment::{self, Backend, Removal, Segment, SegmentError};
 
 /// Fresh names tried before giving up (each collision is a 1 in 2^64 chance,
@@ -25,24 +25,27 @@ pub struct Predecessor {
     pub removed: Vec<String>,
 }
 
-/// Removes what a dead dispatcher of this instance left behind: the segment
-/// named in the state file (only if ours: [`segment::remove_if_ours`]), a
+/// Removes what a dead dispatcher of this instance left behind: the segments
+/// named in the state file (only if ours, or given by us to the uid
+/// recorded with it: [`segment::remove_if_given`]), a
 /// segment under the old fixed name of a version before the state file
 /// ([`RuntimePaths::legacy_segment_name`], both backends, also only if ours)
 /// and the socket. Holding `_lock` proves no live dispatcher owns them. The
 /// state file is kept (the caller writes the next one, or removes it).
 pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predecessor {
     let mut found = Predecessor::default();
-    let mut remove = |name: &str, what: &str| match segment::remove_if_ours(name) {
-        Removal::Removed => found.removed.push(format!("segment {name}")),
-        Removal::Absent => {}
-        // Another uid's object under a name it could guess: never touched.
-        Removal::Foreign { uid } => tracing::warn!(
-            segment = %name,
-            owner = uid,
-            "the {what} name is held by another uid; left alone"
-        ),
-    };
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut remove =
+        |name: &str, owner: u32, what: &str| match segment::remove_if_given(name, owner) {
+            Removal::Removed => found.removed.push(format!("segment {name}")),
+            Removal::Absent => {}
+            // Another uid's object under a name it could guess: never touched.
+            Removal::Foreign { uid } => tracing::warn!(
+                segment = %name,
+                owner = uid,
+                "the {what} name is held by another uid; left alone"
+            ),
+        };
     let state = match paths.read_state() {
         Ok(state) => state,
         Err(e) => {
@@ -50,12 +53,12 @@ pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predeces
             None
         }
     };
-    if let Some(state) = &state {
-        remove(&state.segment, "recorded segment's");
+    for s in state.iter().flat_map(|st| &st.segments) {
+        remove(&s.name, s.owner, "recorded segment's");
     }
     let legacy = paths.legacy_segment_name();
     for name in Backend::ALL.map(|b| b.segment_name(&legacy)) {
-        remove(&name, "old fixed segment");
+        remove(&name, euid, "old fixed segment");
     }
     if let Some(state) = state {
         found.generation = state.generation;
@@ -67,42 +70,83 @@ pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predeces
     found
 }
 
-/// Creates the instance's segment: a fresh random name (retried if taken),
-/// recorded with `generation` in the state file *before* the segment is
-/// made, so a crash at any point leaves nothing unrecorded, in `backend`
-/// (whose name format the recorded name carries, e.g. the `sysv:` prefix).
-pub fn create_segment(
+/// A segment to make at a start: one per pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub backend: Backend,
+    pub arena_len: usize,
+    /// The uid and gid to give it to (a pool's `user`); `None`: ours.
+    pub owner: Option<(u32, u32)>,
+}
+
+/// Creates the instance's segments, one per [`Wanted`], in order: each
+/// under a fresh random name (retried if taken), recorded with
+/// `generation` and its owner in the state file *before* the segment is
+/// made, so a crash at any point leaves nothing unrecorded; each in its
+/// backend (whose name format the recorded name carries, e.g. the `sysv:`
+/// prefix), and given to its owner before its name goes anywhere else. On
+/// an error, those made already are removed with the state file.
+pub fn create_segments(
     paths: &RuntimePaths,
     _lock: &InstanceLock,
-    backend: Backend,
-    arena_len: usize,
+    wanted: &[Wanted],
     generation: u64,
+) -> Result<Vec<Segment>, StartError> {
+    let mut made = Vec::with_capacity(wanted.len());
+    let mut recorded = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        match create_one(paths, w, generation, &mut recorded) {
+            Ok(seg) => made.push(seg),
+            Err(e) => {
+                drop(made); // their creator: dropping unlinks them
+                paths.remove_state();
+                return Err(e);
+            }
+        }
+    }
+    Ok(made)
+}
+
+/// One segment of [`create_segments`]; `recorded` holds those made before
+/// it, and this one's name once made.
+fn create_one(
+    paths: &RuntimePaths,
+    w: &Wanted,
+    generation: u64,
+    recorded: &mut Vec<RecordedSegment>,
 ) -> Result<Segment, StartError> {
+    let euid = nix::unistd::geteuid().as_raw();
     for _ in 0..NAME_ATTEMPTS {
         let name = paths
             .new_segment_name()
             .map_err(|e| StartError::Random(e.to_string()))?;
-        let name = backend.segment_name(&name);
+        recorded.push(RecordedSegment {
+            name: w.backend.segment_name(&name),
+            owner: w.owner.map_or(euid, |(uid, _)| uid),
+        });
         paths.write_state(&InstanceState {
             generation,
-            segment: name.clone(),
+            segments: recorded.clone(),
         })?;
-        match Segment::create(&name, arena_len, generation) {
-            Ok(seg) => return Ok(seg),
+        let name = &recorded[recorded.len() - 1].name;
+        match Segment::create(name, w.arena_len, generation) {
+            Ok(seg) => {
+                if let Some((uid, gid)) = w.owner {
+                    seg.give_to(uid, gid)?;
+                }
+                return Ok(seg);
+            }
             Err(SegmentError::Exists { .. }) => {
                 tracing::warn!(segment = %name, "segment name already taken; trying another");
+                recorded.pop();
             }
-            Err(e) => {
-                paths.remove_state();
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         }
     }
-    paths.remove_state();
     Err(StartError::NoFreeName(NAME_ATTEMPTS))
 }
 
-/// Why [`create_segment`] failed.
+/// Why [`create_segments`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]

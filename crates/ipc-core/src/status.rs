@@ -86,6 +86,22 @@ pub struct PoolStatus {
     pub max_result: u64,
     /// Why its first worker could not start, while none has.
     pub start_failure: Option<String>,
+    /// Its own segment: its workers map it and no other.
+    #[serde(default)]
+    pub segment: Option<SegmentStatus>,
+    /// Whom its workers run as, when set (`user`, `group`); else the
+    /// dispatcher's own uid.
+    #[serde(default)]
+    pub run_as: Option<RunAsStatus>,
+}
+
+/// Whom a pool's workers run as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAsStatus {
+    pub user: String,
+    pub uid: u32,
+    pub group: String,
+    pub gid: u32,
 }
 
 /// Job latency percentiles over a recent window: from the moment a request

@@ -172,6 +172,15 @@ pub fn zombies_of(parents: &[u32]) -> Vec<Proc> {
         .collect()
 }
 
+/// Pool `pool`'s own segment in a status report.
+pub fn pool_segment<'a>(st: &'a StatusReport, pool: &str) -> &'a ipc_core::status::SegmentStatus {
+    st.pools
+        .iter()
+        .find(|p| p.name == pool)
+        .and_then(|p| p.segment.as_ref())
+        .unwrap_or_else(|| panic!("no pool {pool:?} with a segment in {st:?}"))
+}
+
 /// POSIX segments of this instance in `/dev/shm` (any generation's name).
 pub fn instance_segments(paths: &RuntimePaths) -> Vec<PathBuf> {
     let Ok(dir) = fs::read_dir("/dev/shm") else {
