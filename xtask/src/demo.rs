@@ -79,10 +79,16 @@ pub fn run() -> Result<()> {
         status.dispatcher_pid
     );
     println!("socket   {}", status.socket);
-    println!("segment  {}", status.segment.name);
+    for p in &status.pools {
+        let seg = p.segment.as_ref().map_or("", |s| s.name.as_str());
+        println!(
+            "segment  {seg} (pool {}: its workers map this one alone)",
+            p.name
+        );
+    }
     print_tree(watchdog, Some(&status));
     // Every segment name a dispatcher of the demo used: none may be left.
-    let mut seen = vec![status.segment.name.clone()];
+    let mut seen = segment_names(&status);
 
     step("requests served (socket → dispatcher → pipe → worker of the operation's pool, payload in the segment)");
     let mut c = RetryingClient::new(
@@ -159,7 +165,7 @@ pub fn run() -> Result<()> {
     let old = inst.dispatcher_pid();
     signal(old, Signal::SIGKILL)?;
     let (new, took) = new_dispatcher(&mut c, old)?;
-    seen.push(c.status()?.segment.name);
+    seen.extend(segment_names(&c.status()?));
     println!(
         "  killed dispatcher {old}; dispatcher {new} serves again after {} ms",
         took.as_millis()
@@ -180,7 +186,7 @@ pub fn run() -> Result<()> {
     signal(stopped, Signal::SIGSTOP)?;
     let (new, took) = new_dispatcher(&mut c, stopped)?;
     let s = c.status()?;
-    seen.push(s.segment.name.clone());
+    seen.extend(segment_names(&s));
     println!(
         "  stopped dispatcher {stopped}; dispatcher {new} serves again after {} ms",
         took.as_millis()
@@ -335,6 +341,14 @@ fn kill_worker_of(c: &mut RetryingClient, pool: &str) -> Result<()> {
         replaced.pid, replaced.restarts
     );
     Ok(())
+}
+
+/// Every pool's segment name in a status report.
+fn segment_names(s: &ipc_core::status::StatusReport) -> Vec<String> {
+    s.pools
+        .iter()
+        .filter_map(|p| Some(p.segment.as_ref()?.name.clone()))
+        .collect()
 }
 
 /// What must be gone once the demo's instance stopped, each with whether it

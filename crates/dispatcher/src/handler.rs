@@ -180,12 +180,12 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 .refuse(req, permit, ErrorKind::UnknownOp, message)
                 .await;
         };
-        if req.payload_len > pool.max_payload {
+        if req.payload_len > pool.config.max_payload {
             let message = format!(
                 "payload of {} bytes exceeds pool \"{}\"'s limit of {} bytes (its segment's largest slot; segment_mib)",
                 req.payload_len,
                 pool.name(),
-                pool.max_payload
+                pool.config.max_payload
             );
             return self.refuse(req, permit, ErrorKind::TooLarge, message).await;
         }

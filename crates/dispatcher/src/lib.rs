@@ -302,9 +302,11 @@ impl Config {
             cwd: None,
             origin: "the command line and top-level options".into(),
         };
-        let max_result = |mib: Option<u64>| {
-            mib.or(self.max_result_mib)
-                .map_or(self.max_payload, |m| m.saturating_mul(MIB))
+        // A pool's largest payload is what its segment's largest slot
+        // holds, up to --max-payload; its largest result, unless set, too.
+        let max_payload = |segment_mib: u64| {
+            let largest = ipc_core::SlotAllocator::max_slot_for(segment_mib.saturating_mul(MIB));
+            self.max_payload.min(largest.saturating_sub(RESULT_RESERVE))
         };
         self.builtin_pool
             .then_some(builtin)
@@ -314,7 +316,11 @@ impl Config {
                 workers: p.workers.unwrap_or(self.workers),
                 job_timeout_ms: p.job_timeout_ms.unwrap_or(self.job_timeout_ms),
                 max_attempts: p.max_attempts.unwrap_or(self.max_attempts),
-                max_result: max_result(p.max_result_mib),
+                max_payload: max_payload(p.segment_mib.unwrap_or(self.segment_mib)),
+                max_result: p.max_result_mib.or(self.max_result_mib).map_or(
+                    max_payload(p.segment_mib.unwrap_or(self.segment_mib)),
+                    |m| m.saturating_mul(MIB),
+                ),
                 recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
                 recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
                 segment_mib: p.segment_mib.unwrap_or(self.segment_mib),

@@ -13,7 +13,7 @@ use ipc_core::Segment;
 use tokio::sync::Notify;
 
 use crate::queue::JobQueue;
-use crate::slots::{SlotPool, RESULT_RESERVE};
+use crate::slots::SlotPool;
 use crate::workers::WorkerTable;
 
 /// The builtin pool's name.
@@ -77,6 +77,9 @@ pub struct PoolConfig {
     pub workers: usize,
     pub job_timeout_ms: u64,
     pub max_attempts: u8,
+    /// The largest payload it takes: `--max-payload`, or less if its
+    /// segment's largest slot holds less.
+    pub max_payload: u64,
     /// The largest result a job of the pool may return, in bytes.
     pub max_result: u64,
     /// Jobs after which a worker is replaced, between jobs (`None`: never).
@@ -219,16 +222,11 @@ pub struct Pool {
     /// Its segment's slots, their caps and leases: its workers map this
     /// segment and no other.
     pub slots: Rc<SlotPool>,
-    /// The largest payload it takes: `--max-payload`, or less if its
-    /// segment's largest slot holds less.
-    pub max_payload: u64,
 }
 
-/// What a pool's slots are cut to: the largest payload, and the
-/// percentages of the arena one connection and one peer may hold.
+/// The percentages of a pool's arena one connection and one peer may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotCaps {
-    pub max_payload: u64,
     pub conn_percent: u64,
     pub peer_percent: u64,
 }
@@ -239,12 +237,14 @@ impl Pool {
             PoolKind::Exec { ops, .. } => Some(ops.clone()),
             _ => None,
         };
-        let largest = ipc_core::SlotAllocator::max_slot_for(segment.arena_len() as u64);
-        let max_payload = caps.max_payload.min(largest.saturating_sub(RESULT_RESERVE));
-        let slots = SlotPool::new(segment, max_payload, caps.conn_percent, caps.peer_percent);
+        let slots = SlotPool::new(
+            segment,
+            config.max_payload,
+            caps.conn_percent,
+            caps.peer_percent,
+        );
         Pool {
             slots,
-            max_payload,
             workers: WorkerTable::new(config.workers),
             config,
             index,
@@ -324,7 +324,7 @@ impl Pool {
     /// Its segment, for status (mapped here and by its live workers).
     pub fn segment_status(&self) -> SegmentStatus {
         SegmentStatus {
-            max_payload: self.max_payload,
+            max_payload: self.config.max_payload,
             ..self.slots.describe(1 + self.workers.running())
         }
     }

@@ -134,7 +134,6 @@ impl Shared {
     ) -> Rc<Self> {
         let max_payload = config.max_payload;
         let caps = SlotCaps {
-            max_payload,
             conn_percent: config.conn_arena_percent,
             peer_percent: config.peer_arena_percent,
         };

@@ -292,6 +292,26 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             1,
             "key \"instance\" is not read from the file",
         ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nuser = \"no-such-user-osps\"\n",
+            4,
+            "no user \"no-such-user-osps\" on this host",
+        ),
+        (
+            "[pools.builtin]\ngroup = \"no-such-group-osps\"\n",
+            2,
+            "no group \"no-such-group-osps\" on this host",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nuser = 65534\n",
+            4,
+            "key \"pools.z.user\": expected a user name (a string), found an integer",
+        ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nsegment_mib = 0\n",
+            4,
+            "key \"pools.z.segment_mib\": 0 is not in 1..=1048576",
+        ),
         // Not TOML: the parser's own words, on the line.
         ("segment_mib = 8\nworkers = \n", 2, ""),
     ];

@@ -5,9 +5,18 @@ refusal (after 16 areas it gives up asking and answers success, so a
 dispatcher that never refuses is caught); and `stale`, whose first attempt
 writes STALE in a result area it was given and dies, and whose second
 answers `fresh` in its slot; and `leak N`, which keeps N MiB more of
-memory for good (a leaking worker) and answers its pid. The segment is
-mapped from /dev/shm (OSPS_SEGMENT in the environment)."""
+memory for good (a leaking worker) and answers its pid; and `scan
+MARKER PREFIX` (announced when `scan` is given as an argument), a
+hostile worker's search: it tries to open and read every OSPS object it
+can find (POSIX segments in /dev/shm, System V segments listed in
+/proc/sysvipc/shm) and answers `FOUND MARKER in NAME` for each that holds
+MARKER, one line per POSIX segment whose name starts with PREFIX (`own
+NAME`, `opened NAME` or `denied NAME (why)`), and the System V count
+(`sysv: N opened, M denied`). The segment
+is mapped from /dev/shm, or attached for System V (OSPS_SEGMENT in the
+environment)."""
 
+import ctypes
 import mmap
 import os
 import struct
@@ -88,6 +97,59 @@ def grow(job_id, n):
 
 
 LEAKED = []
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.shmat.restype = ctypes.c_void_p
+LIBC.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+SHM_RDONLY = 0o10000
+
+
+def sysv_attach(shmid, size):
+    """A System V segment's bytes (a copy), or raises OSError."""
+    addr = LIBC.shmat(shmid, None, SHM_RDONLY)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    try:
+        return ctypes.string_at(addr, size)
+    finally:
+        LIBC.shmdt(ctypes.c_void_p(addr))
+
+
+def scan(marker, prefix, own):
+    """Every OSPS object this process can open, and what is in it."""
+    lines = []
+    for entry in sorted(os.listdir("/dev/shm")):
+        if not entry.startswith("osps-"):
+            continue
+        name = "/" + entry
+        ours = name.startswith(prefix)
+        try:
+            with open("/dev/shm/" + entry, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            if ours:
+                lines.append(f"denied {name} ({e.strerror})")
+            continue
+        if ours:
+            lines.append(("own " if name == own else "opened ") + name)
+        if marker in data:
+            lines.append(f"FOUND {marker.decode()} in {name}")
+    opened = denied = 0
+    with open("/proc/sysvipc/shm") as f:
+        rows = [r.split() for r in f.read().splitlines()[1:]]
+    for row in rows:
+        key, shmid, size = int(row[0]), int(row[1]), int(row[3])
+        name = f"sysv key {key & 0xFFFFFFFF:#010x} id {shmid}"
+        try:
+            data = sysv_attach(shmid, size)
+        except OSError:
+            denied += 1
+            continue
+        opened += 1
+        if marker in data:
+            lines.append(f"FOUND {marker.decode()} in {name}")
+    lines.append(f"sysv: {opened} opened, {denied} denied")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -124,6 +186,11 @@ def main():
         elif op == "leak":
             LEAKED.append(b"x" * (int(args[0]) << 20))  # touched: resident
             answer = str(os.getpid()).encode()
+            at = 4096 + offset + input_len
+            seg[at:at + len(answer)] = answer
+            done(job_id, True, input_len, len(answer))
+        elif op == "scan":
+            answer = scan(args[0].encode(), args[1], name).encode()
             at = 4096 + offset + input_len
             seg[at:at + len(answer)] = answer
             done(job_id, True, input_len, len(answer))

@@ -1,0 +1,330 @@
+//! Pools contain their workers: each pool has its own segment, which its
+//! workers map and no other (checked in `/proc/PID/maps`); run as root, a
+//! pool with `user` runs its workers as that user, its segment is given to
+//! that user alone, and a hostile worker of another pool and uid (the
+//! Python worker's `scan`, which opens every OSPS object it can find)
+//! finds none of the other pools' jobs; a killed dispatcher's segments are
+//! all removed by the next, those given to a pool's user too; the System V
+//! backend makes one segment per pool as well.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipc_core::status::StatusReport;
+use nix::sys::signal::Signal;
+use osps_testkit::{config_file, pool_segment, sha256_line, wait_for, Instance};
+
+fn grower() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/grower.py")
+}
+
+/// The OSPS segments process `pid` maps, as `/proc/PID/maps` names them
+/// (`/dev/shm/NAME` for POSIX, `/SYSV<key>` for System V).
+fn mapped_segments(pid: u32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut found: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.starts_with("/dev/shm/osps-") || p.starts_with("/SYSV"))
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The real, effective, saved and file-system uids of process `pid`.
+fn uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace()
+        .skip(1)
+        .map(|u| u.parse().unwrap())
+        .collect()
+}
+
+fn workers_of(st: &StatusReport, pool: &str) -> Vec<u32> {
+    st.workers
+        .iter()
+        .filter(|w| w.pool == pool)
+        .map(|w| w.pid)
+        .collect()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn each_pools_workers_map_their_own_segment_and_no_other() {
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nworkers = 2\n\n\
+         [pools.py]\nprogram = [\"python3\", \"{}\"]\nworkers = 1\nsegment_mib = 8\n\n\
+         [pools.cat]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n",
+        grower().display()
+    ));
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "16",
+        "--max-payload",
+        "4194304",
+    ];
+    let inst = Instance::start("ct-maps", &args);
+    let mut c = inst.client();
+    assert_eq!(c.call("upper", &[], b"abc").unwrap(), b"ABC");
+    assert_eq!(c.call("cat", &[], b"through cat").unwrap(), b"through cat");
+    assert_eq!(c.call("stale", &[], b"x").unwrap(), b"fresh\n");
+    let st = inst.status();
+    let mut names = Vec::new();
+    for (pool, mib) in [("builtin", 16), ("py", 8), ("cat", 4)] {
+        let seg = pool_segment(&st, pool);
+        assert_eq!(seg.size, 4096 + (mib << 20), "pool {pool}: {seg:?}");
+        // A pool's payloads are what its segment's largest slot holds.
+        let largest = ipc_core::SlotAllocator::max_slot_for(mib << 20);
+        assert_eq!(seg.max_payload, (largest - 4096).min(4 << 20), "{pool}");
+        assert_eq!(seg.attached, 1 + workers_of(&st, pool).len(), "{seg:?}");
+        names.push(seg.path.clone());
+        for pid in workers_of(&st, pool) {
+            assert_eq!(
+                mapped_segments(pid),
+                vec![seg.path.clone()],
+                "worker {pid} of pool {pool} maps its pool's segment alone"
+            );
+        }
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 3, "three segments: {names:?}");
+    // The dispatcher maps them all.
+    assert_eq!(mapped_segments(inst.pid()), names);
+}
+
+#[test]
+fn a_payload_larger_than_its_pools_segment_holds_is_refused_and_the_connection_kept() {
+    let (_dir, file) = config_file(
+        "[pools.small]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 1\n",
+    );
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "16",
+        "--max-payload",
+        "4194304",
+    ];
+    let inst = Instance::start("ct-small", &args);
+    let mut c = inst.client();
+    let big = vec![7u8; 2 << 20];
+    let limit = ipc_core::SlotAllocator::max_slot_for(1 << 20) - 4096;
+    match c.call("cat", &[], &big) {
+        Err(osps_client::ClientError::Remote(e)) => {
+            assert_eq!(e.kind, ipc_core::ErrorKind::TooLarge);
+            let said = format!("exceeds pool \"small\"'s limit of {limit} bytes");
+            assert!(e.message.contains(&said), "{}", e.message);
+        }
+        other => panic!("too large expected: {other:?}"),
+    }
+    // The same connection goes on: other pools take large payloads.
+    assert_eq!(c.call("sha256", &[], &big).unwrap(), sha256_line(&big));
+    assert_eq!(c.call("cat", &[], b"small").unwrap(), b"small");
+}
+
+/// Root only: a pool of `nobody` and a hostile pool of `daemon`; the
+/// hostile worker finds nothing of the others' jobs, and cannot open their
+/// segments (nor can any worker of another uid open nobody's).
+#[test]
+fn a_hostile_worker_of_another_uid_finds_nothing_of_another_pools_jobs() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run pools as other users");
+        return;
+    }
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\nuser = \"nobody\"\n\n\
+         [pools.root]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\n\n\
+         [pools.hostile]\nprogram = [\"python3\", \"{}\", \"scan\"]\nworkers = 1\nuser = \"daemon\"\n",
+        grower().display()
+    ));
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "16",
+        "--max-payload",
+        "4194304",
+    ];
+    let inst = Instance::start("ct-hostile", &args);
+    let mut c = inst.client();
+    let st = inst.status();
+    // nobody's workers serve, as nobody, from a segment given to nobody.
+    let nobody = st.pools.iter().find(|p| p.name == "builtin").unwrap();
+    let who = nobody.run_as.as_ref().expect("run_as in status");
+    assert_eq!((who.user.as_str(), who.uid), ("nobody", 65534));
+    for pid in workers_of(&st, "builtin") {
+        assert_eq!(uids(pid), vec![65534; 4], "worker {pid} runs as nobody");
+    }
+    let seg = pool_segment(&st, "builtin");
+    assert_eq!(
+        (seg.owner_uid, seg.mode.as_str()),
+        (65534, "0600"),
+        "{seg:?}"
+    );
+    for pid in workers_of(&st, "hostile") {
+        assert_eq!(uids(pid), vec![1; 4], "worker {pid} runs as daemon");
+    }
+    let data = osps_testkit::noise(100_000);
+    assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data));
+    // Secrets of the other pools' clients, left in their segments.
+    let marker = format!("SECRET-{}", std::process::id());
+    let secret = format!("{marker} of a client of pool builtin");
+    assert_eq!(
+        c.call("echo", &[], secret.as_bytes()).unwrap(),
+        secret.as_bytes()
+    );
+    let secret = format!("{marker} of a client of pool root");
+    assert_eq!(
+        c.call("cat", &[], secret.as_bytes()).unwrap(),
+        secret.as_bytes()
+    );
+    let prefix = inst.paths.segment_prefix();
+    let report = c.call("scan", &[&marker, &prefix], b"").unwrap();
+    let report = String::from_utf8(report).unwrap();
+    println!("{report}");
+    assert!(
+        !report.contains("FOUND"),
+        "the hostile worker found a secret:\n{report}"
+    );
+    let hostile_seg = &pool_segment(&st, "hostile").name;
+    assert!(report.contains(&format!("own {hostile_seg}\n")), "{report}");
+    for pool in ["builtin", "root"] {
+        let name = &pool_segment(&st, pool).name;
+        assert!(
+            report.contains(&format!("denied {name} (Permission denied)")),
+            "pool {pool}'s segment {name} not denied:\n{report}"
+        );
+    }
+    // The hostile pool serves on, and so do the others.
+    assert_eq!(c.call("upper", &[], b"ok").unwrap(), b"OK");
+}
+
+/// With the System V backend too, each pool has its own segment, given
+/// to its user (run as root); another uid cannot attach it.
+#[test]
+fn with_system_v_each_pool_has_its_own_segment_given_to_its_user() {
+    let user = if is_root() { "user = \"nobody\"\n" } else { "" };
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.second]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n{user}"
+    ));
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment",
+        "sysv",
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    let inst = Instance::start("ct-sysv", &args);
+    let mut c = inst.client();
+    let data = osps_testkit::noise(10_000);
+    assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data));
+    assert_eq!(c.call("cat", &[], &data).unwrap(), data);
+    let st = inst.status();
+    let (a, b) = (pool_segment(&st, "builtin"), pool_segment(&st, "second"));
+    assert_eq!((a.backend.as_str(), b.backend.as_str()), ("sysv", "sysv"));
+    assert_ne!(a.name, b.name);
+    assert_eq!((a.size, b.size), (4096 + (8 << 20), 4096 + (4 << 20)));
+    for (pool, seg) in [("builtin", a), ("second", b)] {
+        let key = ipc_core::segment::sysv_key(&seg.name) as u32;
+        for pid in workers_of(&st, pool) {
+            assert_eq!(
+                mapped_segments(pid),
+                vec![format!("/SYSV{key:08x}")],
+                "{pool}"
+            );
+        }
+    }
+    if !is_root() {
+        return;
+    }
+    assert_eq!((b.owner_uid, b.mode.as_str()), (65534, "0600"), "{b:?}");
+    for pid in workers_of(&st, "second") {
+        assert_eq!(uids(pid), vec![65534; 4], "worker {pid} runs as nobody");
+    }
+    // Another uid (daemon) cannot attach nobody's segment.
+    let key = ipc_core::segment::sysv_key(&b.name);
+    let attach = format!(
+        "import ctypes, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         libc.shmat.restype = ctypes.c_void_p\n\
+         shmid = libc.shmget({key}, 0, 0)\n\
+         assert shmid >= 0, os.strerror(ctypes.get_errno())\n\
+         addr = libc.shmat(shmid, None, 0o10000)\n\
+         print('attached' if addr not in (None, ctypes.c_void_p(-1).value) else os.strerror(ctypes.get_errno()))\n"
+    );
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("python3")
+        .args(["-c", &attach])
+        .uid(1)
+        .gid(1)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.trim(), "Permission denied", "{out:?}");
+}
+
+/// A dispatcher killed with its segments (one given to a pool's user)
+/// leaves them to the next, which removes them all.
+#[test]
+fn a_killed_dispatchers_segments_are_all_removed_by_the_next() {
+    let user = if is_root() { "user = \"nobody\"\n" } else { "" };
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.second]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n{user}"
+    ));
+    let dispatcher = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    let inst = Instance::supervised("ct-killed", &[], &dispatcher);
+    let mut c = inst.client();
+    assert_eq!(c.call("cat", &[], b"before").unwrap(), b"before");
+    let st = inst.status();
+    let old: Vec<String> = st
+        .pools
+        .iter()
+        .map(|p| p.segment.as_ref().unwrap().path.clone())
+        .collect();
+    assert_eq!(old.len(), 2);
+    let old_pid = st.dispatcher_pid;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
+    let st = wait_for(Duration::from_secs(20), || {
+        let st = inst.try_status()?;
+        (st.dispatcher_pid != old_pid && st.workers.iter().all(|w| w.pid != 0)).then_some(st)
+    })
+    .expect("a new dispatcher");
+    for path in &old {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} left by the dead dispatcher"
+        );
+    }
+    assert_eq!(st.pools.len(), 2);
+    assert!(
+        inst.log()
+            .matches("removed the segment of a dead predecessor")
+            .count()
+            >= 2,
+        "{}",
+        inst.log()
+    );
+    let mut c = inst.client();
+    assert_eq!(c.call("cat", &[], b"after").unwrap(), b"after");
+}
