@@ -26,7 +26,20 @@ pub fn status_table(r: &StatusReport) -> String {
     );
     pool_lines(&mut o, &r.pools);
     latency_line(&mut o, &r.latency);
-    segment_lines(&mut o, &r.segment);
+    // Each pool's own segment (a report of a dispatcher before per-pool
+    // segments has only the one).
+    let pools: Vec<_> = r
+        .pools
+        .iter()
+        .filter_map(|p| Some((p.name.as_str(), p.segment.as_ref()?)))
+        .collect();
+    if pools.len() > 1 {
+        for (name, s) in pools {
+            segment_lines(&mut o, s, &format!(" (pool {name})"));
+        }
+    } else {
+        segment_lines(&mut o, &r.segment, "");
+    }
     let _ = writeln!(
         o,
         "socket   {}{}",
@@ -128,9 +141,12 @@ fn pool_lines(o: &mut String, pools: &[PoolStatus]) {
         } else {
             p.ops.join(", ")
         };
+        let run_as = p.run_as.as_ref().map_or(String::new(), |r| {
+            format!(" · as {} (uid {}, group {})", r.user, r.uid, r.group)
+        });
         let _ = writeln!(
             o,
-            "{}{}: {} · {} worker(s) · {} queued · timeout {} · {} attempt(s) · results up to {} · ops {}",
+            "{}{}: {}{run_as} · {} worker(s) · {} queued · timeout {} · {} attempt(s) · results up to {} · ops {}",
             if i == 0 { "pools    " } else { "         " },
             p.name,
             p.program.join(" "),
@@ -195,10 +211,10 @@ fn latency_line(o: &mut String, l: &LatencyStatus) {
     );
 }
 
-fn segment_lines(o: &mut String, s: &SegmentStatus) {
+fn segment_lines(o: &mut String, s: &SegmentStatus, pool: &str) {
     let _ = writeln!(
         o,
-        "segment  {} {} · {} · mode {} · owner uid {} · {} attached · generation {}",
+        "segment  {} {}{pool} · {} · mode {} · owner uid {} · {} attached · generation {}",
         s.backend,
         s.name,
         bytes(s.size),
@@ -375,10 +391,25 @@ mod tests {
             pool("gz", "exec", &["gzip", "-c"], &[]),
         ];
         r.pools[1].start_failure = Some("gzip: not found".into());
+        r.pools[1].run_as = Some(ipc_core::status::RunAsStatus {
+            user: "nobody".into(),
+            uid: 65534,
+            group: "nogroup".into(),
+            gid: 65534,
+        });
+        for (p, name) in r.pools.iter_mut().zip(["/osps-a", "/osps-b"]) {
+            p.segment = Some(SegmentStatus {
+                name: name.into(),
+                ..r.segment.clone()
+            });
+        }
         let got = status_table(&r);
         let want_rows = "dispatcher      4321  serving    2m14s         2    37       4  crash: exit status 1\n  pool builtin     -  builtin        -         1    31       2  -\n    worker 0    4400  busy         45s         1    31       2  killed by signal 9 (SIGKILL): job timed out\n  pool gz          -  exec           -         1    31       2  gzip: not found\n    worker 1       -  starting       -         0     0       0  -\n";
         assert!(got.contains(want_rows), "{got}");
-        let want_lines = "pools    builtin: /usr/bin/osps-worker · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops echo, upper\n         gz: gzip -c · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops not known yet (no worker ready)\n";
+        let want_lines = "pools    builtin: /usr/bin/osps-worker · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops echo, upper\n         gz: gzip -c · as nobody (uid 65534, group nogroup) · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · ops not known yet (no worker ready)\n";
         assert!(got.contains(want_lines), "{got}");
+        for want in ["/osps-a (pool builtin) · ", "/osps-b (pool gz) · "] {
+            assert!(got.contains(want), "{got}");
+        }
     }
 }
