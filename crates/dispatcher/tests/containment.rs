@@ -235,6 +235,11 @@ fn with_system_v_each_pool_has_its_own_segment_given_to_its_user() {
     let st = inst.status();
     let (a, b) = (pool_segment(&st, "builtin"), pool_segment(&st, "second"));
     assert_eq!((a.backend.as_str(), b.backend.as_str()), ("sysv", "sysv"));
+    if is_root() {
+        for pid in workers_of(&st, "second") {
+            assert_eq!(uids(pid), vec![65534; 4], "worker {pid} runs as nobody");
+        }
+    }
     assert_ne!(a.name, b.name);
     assert_eq!((a.size, b.size), (4096 + (8 << 20), 4096 + (4 << 20)));
     for (pool, seg) in [("builtin", a), ("second", b)] {
@@ -247,13 +252,28 @@ fn with_system_v_each_pool_has_its_own_segment_given_to_its_user() {
             );
         }
     }
-    if !is_root() {
-        return;
+    if is_root() {
+        another_uid_cannot_attach(b);
     }
+    // An ordered stop removes both (one given to another user).
+    let names = [a.name.clone(), b.name.clone()];
+    let mut inst = inst;
+    inst.signal(Signal::SIGTERM);
+    assert!(inst
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    for name in &names {
+        assert!(
+            !ipc_core::segment::exists(name),
+            "{name} left after the stop"
+        );
+    }
+}
+
+/// Pool `b`'s System V segment is nobody's, its workers run as nobody,
+/// and daemon cannot attach it.
+fn another_uid_cannot_attach(b: &ipc_core::status::SegmentStatus) {
     assert_eq!((b.owner_uid, b.mode.as_str()), (65534, "0600"), "{b:?}");
-    for pid in workers_of(&st, "second") {
-        assert_eq!(uids(pid), vec![65534; 4], "worker {pid} runs as nobody");
-    }
     // Another uid (daemon) cannot attach nobody's segment.
     let key = ipc_core::segment::sysv_key(&b.name);
     let attach = format!(

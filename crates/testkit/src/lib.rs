@@ -214,11 +214,16 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
     for seg in instance_segments(paths) {
         found.push(format!("segment {}", seg.display()));
     }
-    let sysv = sysv_name(paths);
-    if ipc_core::segment::exists(&sysv) {
+    let mut sysv: Vec<String> = recorded_segments(paths)
+        .into_iter()
+        .filter(|n| n.starts_with(ipc_core::segment::SYSV_PREFIX))
+        .collect();
+    sysv.push(sysv_name(paths));
+    sysv.dedup();
+    for name in sysv.iter().filter(|n| ipc_core::segment::exists(n)) {
         found.push(format!(
-            "System V segment key {} ({sysv})",
-            ipc_core::segment::sysv_key(&sysv)
+            "System V segment key {} ({name})",
+            ipc_core::segment::sysv_key(name)
         ));
     }
     for f in [paths.socket(), paths.state_file()] {
@@ -229,7 +234,16 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
     found
 }
 
-/// The name of an instance's segment when it runs with `--segment sysv`.
+/// Every segment the instance's state file names (one per pool), while
+/// it exists: a live dispatcher's, or a dead one's.
+pub fn recorded_segments(paths: &RuntimePaths) -> Vec<String> {
+    match paths.read_state() {
+        Ok(Some(st)) => st.segments.into_iter().map(|s| s.name).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The name of an instance's (first pool's) segment when it runs with `--segment sysv`.
 pub fn sysv_name(paths: &RuntimePaths) -> String {
     format!("{}{}", ipc_core::segment::SYSV_PREFIX, paths.segment_name())
 }
@@ -667,6 +681,11 @@ impl Drop for Instance {
                     }
                 });
             }
+        }
+        // Every pool's segment the state file names (System V ones cannot
+        // be found by listing /dev/shm), then any POSIX one of the instance.
+        for name in recorded_segments(&self.paths) {
+            ipc_core::segment::unlink(&name);
         }
         ipc_core::segment::unlink(&sysv_name(&self.paths));
         for seg in instance_segments(&self.paths) {
