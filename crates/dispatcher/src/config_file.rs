@@ -17,8 +17,8 @@
 //! `program` (a worker program) or `exec` with `ops` (a command per job),
 //! `env` and `cwd`, its own [`POOL_KEYS`] (the top-level values when
 //! absent) and, for exec, `pass_args`. Each program is looked up when the
-//! file is read. The other containment keys (memory limit, user, group, a
-//! segment per pool) are refused as not supported yet, until they work.
+//! file is read. The other containment keys (user, group, a segment per
+//! pool) are refused as not supported yet, until they work.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
@@ -43,10 +43,11 @@ const POOL_KEYS: &[&str] = &[
     "max_result_mib",
     "recycle_after_jobs",
     "recycle_above_rss_mib",
+    "memory_limit_mib",
 ];
 
 /// Keys of a pool that come with pool containment, refused until they work.
-const NOT_YET_POOL_KEYS: &[&str] = &["memory_limit_mib", "user", "group", "segment_mib"];
+const NOT_YET_POOL_KEYS: &[&str] = &["user", "group", "segment_mib"];
 
 /// Shared flags every OSPS binary takes: not read from the file, so the
 /// watchdog, the dispatcher and the client always agree on them.
@@ -455,6 +456,7 @@ impl Reader<'_> {
             max_result_mib: p.max_result_mib,
             recycle_after_jobs: p.recycle_after_jobs,
             recycle_above_rss_mib: p.recycle_above_rss_mib,
+            memory_limit_mib: p.memory_limit_mib,
             env: std::mem::take(&mut p.env),
             cwd: p.cwd.take(),
             origin,
@@ -478,6 +480,7 @@ struct PoolKeys {
     max_result_mib: Option<u64>,
     recycle_after_jobs: Option<u64>,
     recycle_above_rss_mib: Option<u64>,
+    memory_limit_mib: Option<u64>,
     env: Vec<(String, String)>,
     cwd: Option<PathBuf>,
     pass_args: bool,
@@ -534,6 +537,12 @@ impl Reader<'_> {
             }
             "recycle_above_rss_mib" => {
                 p.recycle_above_rss_mib = Some(self.integer(v, &shown, 1..=1 << 20)?)
+            }
+            "memory_limit_mib" => {
+                let mib = self.integer(v, &shown, 0..=i64::MAX as u64)?;
+                let mib = ipc_core::memory::parse_limit_mib(&mib.to_string())
+                    .map_err(|m| self.error(span, format!("key \"{shown}\": {m}")))?;
+                p.memory_limit_mib = Some(mib);
             }
             "env" => p.env = self.env(v, &shown)?,
             "cwd" => p.cwd = Some(self.cwd(v, &shown)?),

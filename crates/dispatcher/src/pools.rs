@@ -3,10 +3,11 @@
 //! its workers, the operations its workers serve). [`Routes`] maps every
 //! operation to the one pool that serves it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use ipc_core::memory::Mechanism;
 use ipc_core::status::PoolStatus;
 use tokio::sync::Notify;
 
@@ -54,6 +55,7 @@ pub struct PoolSpec {
     pub max_result_mib: Option<u64>,
     pub recycle_after_jobs: Option<u64>,
     pub recycle_above_rss_mib: Option<u64>,
+    pub memory_limit_mib: Option<u64>,
     /// Variables added to its workers' environment.
     pub env: Vec<(String, String)>,
     /// Its workers' working directory (`None`: the dispatcher's).
@@ -77,6 +79,9 @@ pub struct PoolConfig {
     /// Resident memory (MiB) above which a worker is replaced after a job,
     /// between jobs (`None`: never).
     pub recycle_above_rss_mib: Option<u64>,
+    /// Its workers' memory limit in MiB (`None`: none), enforced by
+    /// [`PoolConfig::memory_limit_by`].
+    pub memory_limit_mib: Option<u64>,
     /// Variables added to its workers' environment.
     pub env: Vec<(String, String)>,
     /// Its workers' working directory (`None`: the dispatcher's).
@@ -85,6 +90,12 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
+    /// How its memory limit is enforced, if it has one: `RLIMIT_DATA`,
+    /// the one mechanism OSPS has (a cgroup v2 `memory.max` is not done).
+    pub fn memory_limit_by(&self) -> Option<Mechanism> {
+        self.memory_limit_mib.map(|_| Mechanism::RlimitData)
+    }
+
     /// The program the pool's workers run, as status shows it.
     pub fn program(&self, worker_exe: &std::path::Path) -> Vec<String> {
         match &self.kind {
@@ -143,6 +154,8 @@ pub struct Pool {
     /// Woken when the pool settles (operations known, a first start
     /// failed, or a conflict).
     news: Notify,
+    /// Jobs answered `out of memory`.
+    out_of_memory: Cell<u64>,
 }
 
 impl Pool {
@@ -160,6 +173,7 @@ impl Pool {
             start_failure: RefCell::new(None),
             conflict: RefCell::new(None),
             news: Notify::new(),
+            out_of_memory: Cell::new(0),
         }
     }
 
@@ -204,6 +218,11 @@ impl Pool {
         }
     }
 
+    /// Counts a job answered `out of memory`.
+    pub fn ran_out_of_memory(&self) {
+        self.out_of_memory.set(self.out_of_memory.get() + 1);
+    }
+
     pub fn status(&self, worker_exe: &std::path::Path) -> PoolStatus {
         let workers = self.workers.report(&self.config.name);
         let sum = |f: fn(&ipc_core::status::WorkerStatus) -> u64| workers.iter().map(f).sum();
@@ -222,6 +241,9 @@ impl Pool {
             job_timeout_ms: self.config.job_timeout_ms,
             max_attempts: self.config.max_attempts,
             max_result: self.config.max_result,
+            memory_limit_mib: self.config.memory_limit_mib,
+            memory_limit_by: self.config.memory_limit_by().map(|m| m.as_str().into()),
+            out_of_memory: self.out_of_memory.get(),
             start_failure: self.start_failure.borrow().clone(),
         }
     }

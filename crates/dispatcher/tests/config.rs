@@ -218,9 +218,9 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             "key \"pools.z.cwd\": /no/such/dir-osps: No such file or directory",
         ),
         (
-            "[pools.builtin]\nmemory_limit_mib = 5\n",
+            "[pools.builtin]\nuser = \"nobody\"\n",
             2,
-            "key \"pools.builtin.memory_limit_mib\" is not supported yet",
+            "key \"pools.builtin.user\" is not supported yet",
         ),
         (
             "[pools.thumbs]\nworkers = 1\nprogram = [\"/bin/thumbs\"]\n",
