@@ -66,6 +66,7 @@ ERROR_KINDS = [
     ("InvalidInput", "invalid input"),
     ("Internal", "internal error"),
     ("CommandFailed", "command failed"),
+    ("OutOfMemory", "out of memory"),
 ]
 KIND_INDEX = {rust: i for i, (rust, _) in enumerate(ERROR_KINDS)}
 

@@ -122,13 +122,7 @@ async fn forward_stderr(stderr: ChildStderr) -> Option<String> {
 pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watch::Receiver<bool>) {
     let p = &shared.pools[pool];
     let entry = p.workers.get(index);
-    if let (0, Some(mib), Some(by)) = (index, p.config.memory_limit_mib, p.config.memory_limit_by())
-    {
-        tracing::info!(
-            pool = p.name(),
-            "workers limited to {mib} MiB of memory by {by} (their heap and private mappings; the shared segment does not count); a cgroup v2 memory.max is not used"
-        );
-    }
+    log_memory_limit(p, index);
     let mut failures_in_a_row = 0u32;
     // A replacement started while its predecessor served (recycling).
     let mut next: Option<Spawning> = None;
@@ -138,10 +132,7 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
             None => spawn(&shared, p).await,
         };
         let mut worker = match spawned {
-            Ok(w) => {
-                failures_in_a_row = 0;
-                w
-            }
+            Ok(w) => w,
             Err(e) => {
                 failures_in_a_row += 1;
                 p.start_failed(&e);
@@ -149,6 +140,7 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
                 continue;
             }
         };
+        failures_in_a_row = 0;
         tracing::info!(
             pool = p.name(),
             worker = index,
@@ -204,6 +196,19 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
     }
     if let Some(started) = next {
         discard(&shared, started).await;
+    }
+}
+
+/// Says how a pool's memory limit is enforced, if it has one (once: for
+/// its place 0).
+fn log_memory_limit(pool: &Pool, index: usize) {
+    let config = &pool.config;
+    let limit = (config.memory_limit_mib, config.memory_limit_by());
+    if let (0, (Some(mib), Some(by))) = (index, limit) {
+        tracing::info!(
+            pool = pool.name(),
+            "workers limited to {mib} MiB of memory by {by} (their heap and private mappings; the shared segment does not count); a cgroup v2 memory.max is not used"
+        );
     }
 }
 
@@ -723,7 +728,7 @@ impl WorkerDriver<'_> {
         if s.head().is_some() {
             self.pool.ran_out_of_memory();
         }
-        let oom = ipc_core::memory::out_of_memory_message("the job", &config.name, mib, by);
+        let oom = ipc_core::memory::out_of_memory_message("the job", Some(&config.name), mib, by);
         let message = format!("{oom}; its worker was replaced (it said: {said})");
         s.out_of_memory(format!("{why}: out of memory ({said})"), message)
     }

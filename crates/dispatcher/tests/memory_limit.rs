@@ -58,7 +58,7 @@ fn worker_of(inst: &Instance, pool: &str) -> u32 {
 }
 
 /// The call's error, which must be `out of memory` naming pool `pool`'s
-/// limit of `mib` MiB.
+/// limit of `mib` MiB (as a client shows it: kind, then message).
 fn assert_out_of_memory(got: Result<Vec<u8>, ClientError>, pool: &str, mib: u64) -> String {
     let e = match got {
         Err(ClientError::Remote(e)) => e,
@@ -68,7 +68,7 @@ fn assert_out_of_memory(got: Result<Vec<u8>, ClientError>, pool: &str, mib: u64)
     let want = format!(
         "out of memory: the job went past pool \"{pool}\"'s memory limit of {mib} MiB (RLIMIT_DATA)"
     );
-    assert!(e.message.starts_with(&want), "{}", e.message);
+    assert!(e.to_string().starts_with(&want), "{e}");
     e.message
 }
 
@@ -171,12 +171,24 @@ fn a_python_worker_past_the_limit_is_out_of_memory_too() {
 fn an_exec_pools_command_runs_under_the_limit() {
     let (_dir, inst) = start(
         "memlimitexec",
-        "[pools.builtin]\nworkers = 1\n\n[pools.lim]\nexec = [\"sh\", \"-c\", \"ulimit -d\"]\nops = [\"limit\"]\nworkers = 1\nmemory_limit_mib = 64\n",
+        "[pools.builtin]\nworkers = 1\n\n[pools.lim]\nexec = [\"sh\", \"-c\", \"ulimit -d\"]\nops = [\"limit\"]\nworkers = 1\nmemory_limit_mib = 64\n\n[pools.big]\nexec = [\"python3\", \"-c\", \"import sys; sys.stdout.write(str(len(b'x' * (int(sys.stdin.read()) << 20))))\"]\nops = [\"big\"]\nworkers = 1\nmemory_limit_mib = 64\n",
         &[],
     );
     let mut c = inst.client();
     // `ulimit -d` is in KiB.
     assert_eq!(c.call("limit", &[], b"").unwrap(), b"65536\n");
+    // A command past the limit: out of memory, with its own words.
+    assert_eq!(c.call("big", &[], b"1").unwrap(), b"1048576");
+    let e = match c.call("big", &[], b"128") {
+        Err(ClientError::Remote(e)) => e,
+        other => panic!("want an out of memory error, got {other:?}"),
+    };
+    assert_eq!(e.kind, ErrorKind::OutOfMemory, "{e}");
+    let want = "out of memory: the command went past the pool's memory limit of 64 MiB (RLIMIT_DATA); python3 exited with status 1; stderr: ";
+    assert!(e.to_string().starts_with(want), "{e}");
+    assert!(e.message.ends_with("MemoryError"), "{}", e.message);
+    // The worker serves on.
+    assert_eq!(c.call("big", &[], b"2").unwrap(), b"2097152");
 }
 
 /// Runs the dispatcher with `extra` flags; it must refuse to start:

@@ -75,10 +75,13 @@ pub fn is_allocation_failure(line: &str) -> bool {
         || line.contains("std::bad_alloc")
 }
 
-/// The error a job past its pool's limit gets (`who` went past it: "the
-/// job", "the command").
-pub fn out_of_memory_message(who: &str, pool: &str, mib: u64, by: Mechanism) -> String {
-    format!("out of memory: {who} went past pool \"{pool}\"'s memory limit of {mib} MiB ({by})")
+/// The message of the error a job past its pool's limit gets, of kind
+/// `OutOfMemory` (shown `out of memory: ` first, so the message does not
+/// say it again); `who` went past it ("the job", "the command"), `pool`
+/// is its name, when known.
+pub fn out_of_memory_message(who: &str, pool: Option<&str>, mib: u64, by: Mechanism) -> String {
+    let whose = pool.map_or("the pool's".to_owned(), |p| format!("pool \"{p}\"'s"));
+    format!("{who} went past {whose} memory limit of {mib} MiB ({by})")
 }
 
 #[cfg(test)]
@@ -121,8 +124,12 @@ mod tests {
     #[test]
     fn the_message_names_the_limit_and_how() {
         assert_eq!(
-            out_of_memory_message("the job", "p", 64, Mechanism::RlimitData),
-            "out of memory: the job went past pool \"p\"'s memory limit of 64 MiB (RLIMIT_DATA)"
+            out_of_memory_message("the job", Some("p"), 64, Mechanism::RlimitData),
+            "the job went past pool \"p\"'s memory limit of 64 MiB (RLIMIT_DATA)"
+        );
+        assert_eq!(
+            out_of_memory_message("the command", None, 16, Mechanism::RlimitData),
+            "the command went past the pool's memory limit of 16 MiB (RLIMIT_DATA)"
         );
     }
 }
