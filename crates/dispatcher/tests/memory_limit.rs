@@ -96,6 +96,12 @@ fn a_job_past_the_limit_is_answered_out_of_memory_and_the_next_is_served() {
     assert_eq!(b.memory_limit_mib, Some(32));
     assert_eq!(b.memory_limit_by.as_deref(), Some("RLIMIT_DATA"));
     assert_eq!(pool(&st, "py").memory_limit_mib, None);
+    // The shared segment, larger than the limit, is mapped all the same:
+    // RLIMIT_DATA does not count shared mappings (RLIMIT_AS would).
+    assert!(st.segment.size > 32 << 20, "{}", st.segment.size);
+    let maps = std::fs::read_to_string(format!("/proc/{limited}/maps")).unwrap();
+    let name = st.segment.name.trim_start_matches('/');
+    assert!(maps.contains(name), "the worker maps {name}");
 
     let mut c = inst.client();
     // Under the limit: served, by the same worker.
