@@ -1,7 +1,8 @@
 //! `osps-worker --contain-memory BYTES -- PROGRAM ARGS...`: the launcher
 //! the dispatcher puts in front of a worker of a pool with a memory limit
 //! (`memory_limit_mib`, [`ipc_core::memory`]). It lowers its own
-//! `RLIMIT_DATA` (soft and hard, so the program cannot raise it again) to
+//! `RLIMIT_DATA` (soft and hard, so the program cannot raise it again
+//! without `CAP_SYS_RESOURCE`) to
 //! BYTES and execs PROGRAM in its place: same pid, process group, pipes,
 //! environment and working directory, and the limit in force from the
 //! program's first instruction (and inherited by whatever it starts).
