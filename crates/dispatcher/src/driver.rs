@@ -1006,6 +1006,11 @@ impl WorkerDriver<'_> {
             };
             match s.answered(done.job_id, &done.outcome, std::time::Instant::now()) {
                 Answered::Job(job) => {
+                    if matches!(&done.outcome, Outcome::Err(e) if e.kind == ErrorKind::OutOfMemory)
+                    {
+                        // An exec worker's command went past the limit.
+                        self.pool.ran_out_of_memory();
+                    }
                     let ok = answer(self.shared, job, done);
                     self.entry().answered(ok);
                     self.recycle

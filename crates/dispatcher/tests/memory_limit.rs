@@ -195,6 +195,9 @@ fn an_exec_pools_command_runs_under_the_limit() {
     assert!(e.message.ends_with("MemoryError"), "{}", e.message);
     // The worker serves on.
     assert_eq!(c.call("big", &[], b"2").unwrap(), b"2097152");
+    let st = inst.status();
+    let big = st.pools.iter().find(|p| p.name == "big").unwrap();
+    assert_eq!((big.out_of_memory, big.restarts), (1, 0));
 }
 
 /// Runs the dispatcher with `extra` flags; it must refuse to start:
