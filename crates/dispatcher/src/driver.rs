@@ -566,6 +566,14 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     let status = finish(&mut worker, &not_ready).await;
     shared.orphans.worker_reaped(pid);
     shared.orphans.sweep();
+    // Out of memory before it was ready: the limit, not the protocol, is why.
+    let failed = match (worker.allocation_failure().await, pool.config.memory_limit_mib) {
+        (Some(said), Some(mib)) => format!(
+            "it ran out of memory before it was ready ({said}): pool \"{}\"'s memory_limit_mib of {mib} MiB is too small for it",
+            pool.name()
+        ),
+        _ => failed,
+    };
     Err(format!("worker {pid}: {failed} ({status})"))
 }
 

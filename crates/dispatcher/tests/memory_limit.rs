@@ -19,6 +19,17 @@ use osps_testkit::{assert_group_gone, bin, config_file, noise, run_to_exit, uniq
 /// worker's path) with a 64 MiB segment (more than the limits used here),
 /// fault injection on; the guard keeps the file.
 fn start(tag: &str, config: &str, extra: &[&str]) -> (tempfile::TempDir, Instance) {
+    start_by(Instance::start, tag, config, extra)
+}
+
+/// [`start`], the instance started by `how` (`Instance::start` waits for
+/// every worker).
+fn start_by(
+    how: fn(&str, &[&str]) -> Instance,
+    tag: &str,
+    config: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, Instance) {
     let grower = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/grower.py");
     let config = config
         .replace("GROWER", grower.to_str().unwrap())
@@ -34,7 +45,7 @@ fn start(tag: &str, config: &str, extra: &[&str]) -> (tempfile::TempDir, Instanc
         "--allow-fault-injection",
     ];
     args.extend_from_slice(extra);
-    (dir, Instance::start(tag, &args))
+    (dir, how(tag, &args))
 }
 
 /// The `Max data size` soft limit of process `pid` (`/proc/PID/limits`).
@@ -198,6 +209,24 @@ fn an_exec_pools_command_runs_under_the_limit() {
     let st = inst.status();
     let big = st.pools.iter().find(|p| p.name == "big").unwrap();
     assert_eq!((big.out_of_memory, big.restarts), (1, 0));
+}
+
+#[test]
+fn a_limit_too_small_for_the_program_is_named_as_why_it_cannot_start() {
+    let (_dir, inst) = start_by(
+        Instance::start_answering,
+        "memlimitstart",
+        "[pools.builtin]\nworkers = 1\n\n[pools.fat]\nprogram = [\"python3\", \"-c\", \"b'x' * (64 << 20)\"]\nworkers = 1\nmemory_limit_mib = 16\n",
+        &[],
+    );
+    let st = inst.wait_status("the pool's start failure", |st| {
+        st.pools.iter().any(|p| p.start_failure.is_some())
+    });
+    let why = st.pools[1].start_failure.clone().unwrap();
+    let want = "it ran out of memory before it was ready (MemoryError): pool \"fat\"'s memory_limit_mib of 16 MiB is too small for it (exit status 1)";
+    assert!(why.contains(want), "{why}");
+    // The other pool serves.
+    assert_eq!(inst.client().call("upper", &[], b"a").unwrap(), b"A");
 }
 
 /// Runs the dispatcher with `extra` flags; it must refuse to start:
