@@ -66,6 +66,7 @@ ERROR_KINDS = [
     ("InvalidInput", "invalid input"),
     ("Internal", "internal error"),
     ("CommandFailed", "command failed"),
+    ("OutOfMemory", "out of memory"),
 ]
 KIND_INDEX = {rust: i for i, (rust, _) in enumerate(ERROR_KINDS)}
 
@@ -609,6 +610,7 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
             assert set(p) == {"name", "kind", "program", "ops", "workers", "jobs_done",
                               "jobs_failed", "restarts", "recycled", "recycled_above_rss", "queue_depth",
                               "job_timeout_ms", "max_attempts", "max_result",
+                              "memory_limit_mib", "memory_limit_by", "out_of_memory",
                               "start_failure", "segment", "run_as"}, p
             assert p["segment"]["name"] != "", p
             assert {w["pool"] for w in s["workers"]} <= {p["name"] for p in s["pools"]}, s

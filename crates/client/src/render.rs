@@ -146,7 +146,7 @@ fn pool_lines(o: &mut String, pools: &[PoolStatus]) {
         });
         let _ = writeln!(
             o,
-            "{}{}: {}{run_as} · {} worker(s) · {} queued · timeout {} · {} attempt(s) · results up to {} · ops {}",
+            "{}{}: {}{run_as} · {} worker(s) · {} queued · timeout {} · {} attempt(s) · results up to {}{} · ops {}",
             if i == 0 { "pools    " } else { "         " },
             p.name,
             p.program.join(" "),
@@ -155,9 +155,23 @@ fn pool_lines(o: &mut String, pools: &[PoolStatus]) {
             duration(p.job_timeout_ms),
             p.max_attempts,
             bytes(p.max_result),
+            memory_limit(p),
             ops
         );
     }
+}
+
+/// ` · memory limit 64 MiB (RLIMIT_DATA), N job(s) out of memory`, for a
+/// pool with a memory limit; nothing for one without.
+fn memory_limit(p: &PoolStatus) -> String {
+    let Some(mib) = p.memory_limit_mib else {
+        return String::new();
+    };
+    let by = p.memory_limit_by.as_deref().unwrap_or("?");
+    format!(
+        " · memory limit {mib} MiB ({by}), {} job(s) out of memory",
+        p.out_of_memory
+    )
 }
 
 fn dispatcher_row(r: &StatusReport) -> Row {
@@ -411,5 +425,12 @@ mod tests {
         for want in ["/osps-a (pool builtin) · ", "/osps-b (pool gz) · "] {
             assert!(got.contains(want), "{got}");
         }
+        // A pool with a memory limit says so, and how, on its line.
+        r.pools[1].memory_limit_mib = Some(64);
+        r.pools[1].memory_limit_by = Some("RLIMIT_DATA".into());
+        r.pools[1].out_of_memory = 3;
+        let got = status_table(&r);
+        let want = "         gz: gzip -c · as nobody (uid 65534, group nogroup) · 1 worker(s) · 5 queued · timeout 30s · 2 attempt(s) · results up to 64 MiB · memory limit 64 MiB (RLIMIT_DATA), 3 job(s) out of memory · ops not known yet (no worker ready)\n";
+        assert!(got.contains(want), "{got}");
     }
 }

@@ -17,8 +17,8 @@
 //! `program` (a worker program) or `exec` with `ops` (a command per job),
 //! `env` and `cwd`, its own [`POOL_KEYS`] (the top-level values when
 //! absent) and, for exec, `pass_args`. Each program is looked up when the
-//! file is read. The other containment keys (memory limit, user, group, a
-//! segment per pool) are refused as not supported yet, until they work.
+//! file is read. The other containment keys (user, group, a segment per
+//! pool) are refused as not supported yet, until they work.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
@@ -44,10 +44,8 @@ const POOL_KEYS: &[&str] = &[
     "recycle_after_jobs",
     "recycle_above_rss_mib",
     "segment_mib",
+    "memory_limit_mib",
 ];
-
-/// Keys of a pool that come with pool containment, refused until they work.
-const NOT_YET_POOL_KEYS: &[&str] = &["memory_limit_mib"];
 
 /// Whom a pool's workers run as: keys of every pool, the builtin one too.
 const RUN_AS_KEYS: &[&str] = &["user", "group"];
@@ -424,7 +422,7 @@ impl Reader<'_> {
         })
     }
 
-    /// A refusal of key `k` of pool `pool`: not supported yet, or unknown.
+    /// A refusal of an unknown key `k` of pool `pool`.
     fn pool_key_error(&self, k: &Key<'_>, pool: &str, known: &[&str], what: &str) -> FileError {
         let name = k.get_ref().as_ref();
         let keys = known
@@ -432,19 +430,11 @@ impl Reader<'_> {
             .map(|k| format!("\"{k}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let message = if NOT_YET_POOL_KEYS.contains(&name) {
-            format!("key \"pools.{pool}.{name}\" is not supported yet (it comes with pool containment); {what} {keys}")
-        } else {
-            let all: Vec<String> = known
-                .iter()
-                .chain(NOT_YET_POOL_KEYS)
-                .map(|s| s.to_string())
-                .collect();
-            format!(
-                "unknown key \"pools.{pool}.{name}\"{}; {what} {keys}",
-                suggest(name, &all)
-            )
-        };
+        let all: Vec<String> = known.iter().map(|s| s.to_string()).collect();
+        let message = format!(
+            "unknown key \"pools.{pool}.{name}\"{}; {what} {keys}",
+            suggest(name, &all)
+        );
         self.error(Some(k.span()), message)
     }
 
@@ -514,6 +504,7 @@ impl Reader<'_> {
             recycle_above_rss_mib: p.recycle_above_rss_mib,
             segment_mib: p.segment_mib,
             run_as: self.resolve_run_as(&p.run_as)?,
+            memory_limit_mib: p.memory_limit_mib,
             env: std::mem::take(&mut p.env),
             cwd: p.cwd.take(),
             origin,
@@ -539,6 +530,7 @@ struct PoolKeys {
     recycle_above_rss_mib: Option<u64>,
     segment_mib: Option<u64>,
     run_as: RunAsKeys,
+    memory_limit_mib: Option<u64>,
     env: Vec<(String, String)>,
     cwd: Option<PathBuf>,
     pass_args: bool,
@@ -605,6 +597,12 @@ impl Reader<'_> {
             }
             "segment_mib" => p.segment_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
             "user" | "group" => self.run_as_key(&mut p.run_as, pool, k, v)?,
+            "memory_limit_mib" => {
+                let mib = self.integer(v, &shown, 0..=i64::MAX as u64)?;
+                let mib = ipc_core::memory::parse_limit_mib(&mib.to_string())
+                    .map_err(|m| self.error(span, format!("key \"{shown}\": {m}")))?;
+                p.memory_limit_mib = Some(mib);
+            }
             "env" => p.env = self.env(v, &shown)?,
             "cwd" => p.cwd = Some(self.cwd(v, &shown)?),
             "pass_args" => {

@@ -18,9 +18,10 @@ use ipc_core::proto::{
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::pools::{Pool, PoolKind};
@@ -42,6 +43,11 @@ const TERM_GRACE: Duration = Duration::from_secs(1);
 /// An exec pool's worker times its command out itself (to answer with the
 /// command's stderr); the dispatcher's timer is a backstop this much later.
 const EXEC_BACKSTOP: Duration = Duration::from_secs(3);
+/// How long a dead worker of a pool with a memory limit has to close its
+/// stderr (so its last lines are read) before its death is judged.
+const STDERR_GRACE: Duration = Duration::from_secs(1);
+/// Longest stderr line forwarded whole (a longer one goes out in pieces).
+const MAX_STDERR_LINE: u64 = 64 * 1024;
 
 impl SessionJob for QueuedJob {
     fn id(&self) -> u64 {
@@ -67,12 +73,56 @@ struct Worker {
     /// `None` once closed (the polite stop).
     stdin: Option<ChildStdin>,
     stdout: ChildStdout,
+    /// A worker of a pool with a memory limit: its stderr's forwarder, which
+    /// ends with the line that said an allocation failed, if one did.
+    stderr: Option<JoinHandle<Option<String>>>,
+}
+
+impl Worker {
+    /// The line its stderr said an allocation failed with, once the stderr
+    /// is closed (waiting at most [`STDERR_GRACE`]); `None` for a worker
+    /// whose stderr is not read (no memory limit) or that said none.
+    async fn allocation_failure(&mut self) -> Option<String> {
+        let forwarder = self.stderr.take()?;
+        match tokio::time::timeout(STDERR_GRACE, forwarder).await {
+            Ok(Ok(said)) => said,
+            _ => None,
+        }
+    }
+}
+
+/// Forwards a worker's stderr to ours line by line, unchanged (a worker's
+/// log lines reach the log as when it writes there itself); returns the
+/// first line that said an allocation failed
+/// ([`ipc_core::memory::is_allocation_failure`]), at the stderr's end.
+async fn forward_stderr(stderr: ChildStderr) -> Option<String> {
+    use std::io::Write;
+    let mut reader = tokio::io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    let mut failure = None;
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_STDERR_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return failure,
+            Ok(_) => {}
+        }
+        let _ = std::io::stderr().lock().write_all(&line);
+        let text = String::from_utf8_lossy(&line);
+        if failure.is_none() && ipc_core::memory::is_allocation_failure(&text) {
+            failure = Some(text.trim().to_owned());
+        }
+    }
 }
 
 /// Drives place `index` of pool `pool` until `stop` turns true.
 pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watch::Receiver<bool>) {
     let p = &shared.pools[pool];
     let entry = p.workers.get(index);
+    log_memory_limit(p, index);
     let mut failures_in_a_row = 0u32;
     // A replacement started while its predecessor served (recycling).
     let mut next: Option<Spawning> = None;
@@ -82,10 +132,7 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
             None => spawn(&shared, p).await,
         };
         let mut worker = match spawned {
-            Ok(w) => {
-                failures_in_a_row = 0;
-                w
-            }
+            Ok(w) => w,
             Err(e) => {
                 failures_in_a_row += 1;
                 p.start_failed(&e);
@@ -93,6 +140,7 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
                 continue;
             }
         };
+        failures_in_a_row = 0;
         tracing::info!(
             pool = p.name(),
             worker = index,
@@ -148,6 +196,19 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
     }
     if let Some(started) = next {
         discard(&shared, started).await;
+    }
+}
+
+/// Says how a pool's memory limit is enforced, if it has one (once: for
+/// its place 0).
+fn log_memory_limit(pool: &Pool, index: usize) {
+    let config = &pool.config;
+    let limit = (config.memory_limit_mib, config.memory_limit_by());
+    if let (0, (Some(mib), Some(by))) = (index, limit) {
+        tracing::info!(
+            pool = pool.name(),
+            "workers limited to {mib} MiB of memory by {by} (their heap and private mappings; the shared segment does not count); a cgroup v2 memory.max is not used"
+        );
     }
 }
 
@@ -419,6 +480,9 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
             osps_worker(&extra)
         }
     };
+    if let Some(mib) = pool.config.memory_limit_mib {
+        cmd = contained(&shared.config.worker_exe, mib, &cmd);
+    }
     // The pool's own variables (the file refuses OSPS_* names).
     cmd.envs(pool.config.env.iter().map(|(k, v)| (k, v)));
     if let Some(dir) = &pool.config.cwd {
@@ -430,7 +494,11 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
     }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(match pool.config.memory_limit_mib {
+            // Read, to tell an allocation failure from another death.
+            Some(_) => Stdio::piped(),
+            None => Stdio::inherit(),
+        })
         .env(
             ipc_core::env::LOG_FORMAT,
             ipc_core::logging::format().as_str(),
@@ -438,6 +506,29 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
         .process_group(0)
         .kill_on_drop(true);
     cmd
+}
+
+/// `cmd` run under a memory limit of `mib` MiB: through `osps-worker
+/// --contain-memory BYTES -- PROGRAM ARGS...`, which sets its own
+/// `RLIMIT_DATA` and execs the program (no code runs between fork and
+/// exec here: the limit is the launcher's, applied before the program's
+/// first instruction). The environment `cmd` sets goes with it.
+fn contained(worker_exe: &std::path::Path, mib: u64, cmd: &Command) -> Command {
+    let inner = cmd.as_std();
+    let mut outer = Command::new(worker_exe);
+    outer
+        .arg(ipc_core::memory::CONTAIN_FLAG)
+        .arg((mib << 20).to_string())
+        .arg("--")
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        match value {
+            Some(value) => outer.env(key, value),
+            None => outer.env_remove(key),
+        };
+    }
+    outer
 }
 
 /// Starts one of `pool`'s workers and waits for its `Ready`; the first
@@ -452,11 +543,13 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     shared.orphans.worker_started(pid);
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().map(|e| tokio::spawn(forward_stderr(e)));
     let mut worker = Worker {
         child,
         pid,
         stdin: Some(stdin),
         stdout,
+        stderr,
     };
     let failed = match ready(&mut worker).await {
         Ok((streams, ops)) => match shared.routes.learn(&shared.pools, pool, &ops) {
@@ -477,6 +570,14 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     let status = finish(&mut worker, &not_ready).await;
     shared.orphans.worker_reaped(pid);
     shared.orphans.sweep();
+    // Out of memory before it was ready: the limit, not the protocol, is why.
+    let failed = match (worker.allocation_failure().await, pool.config.memory_limit_mib) {
+        (Some(said), Some(mib)) => format!(
+            "it ran out of memory before it was ready ({said}): pool \"{}\"'s memory_limit_mib of {mib} MiB is too small for it",
+            pool.name()
+        ),
+        _ => failed,
+    };
     Err(format!("worker {pid}: {failed} ({status})"))
 }
 
@@ -573,7 +674,7 @@ impl WorkerDriver<'_> {
             }
             self.take_ahead(&mut s);
             if let Err(e) = self.write_jobs(&mut s, upload.as_deref(), &mut out).await {
-                return s.died(format!("job pipe: {e}"), op_name);
+                return self.died(s, format!("job pipe: {e}")).await;
             }
             if !s.arriving() {
                 upload = None;
@@ -583,7 +684,7 @@ impl WorkerDriver<'_> {
                 match self.tell_news(&mut s, up, &mut out).await {
                     Ok(true) => continue,
                     Ok(false) => {}
-                    Err(e) => return s.died(format!("job pipe: {e}"), op_name),
+                    Err(e) => return self.died(s, format!("job pipe: {e}")).await,
                 }
             }
             let deadline = s.deadline(timeout + backstop).map(Instant::from_std);
@@ -595,11 +696,11 @@ impl WorkerDriver<'_> {
                     room = None;
                     match self.give_room(&mut s, given, &mut out).await {
                         Ok(()) => continue,
-                        Err(e) => return s.died(format!("job pipe: {e}"), op_name),
+                        Err(e) => return self.died(s, format!("job pipe: {e}")).await,
                     }
                 }
-                Woke::Read(Ok(0)) => return s.died("result pipe closed".into(), op_name),
-                Woke::Read(Err(e)) => return s.died(format!("result pipe: {e}"), op_name),
+                Woke::Read(Ok(0)) => return self.died(s, "result pipe closed".into()).await,
+                Woke::Read(Err(e)) => return self.died(s, format!("result pipe: {e}")).await,
                 Woke::Read(Ok(_)) => {}
                 Woke::Upload => continue,
                 Woke::TimedOut => {
@@ -616,12 +717,32 @@ impl WorkerDriver<'_> {
                 Err(Failed::Crashed(said)) => return s.crashed(said, op_name),
             }
             if let Err(e) = self.ask_room(&mut s, &mut room, &mut out).await {
-                return s.died(format!("job pipe: {e}"), op_name);
+                return self.died(s, format!("job pipe: {e}")).await;
             }
             if !s.arriving() {
                 upload = None;
             }
         }
+    }
+
+    /// The worker died while it held jobs: if it said an allocation failed
+    /// and its pool has a memory limit, the running job went past the
+    /// limit and is answered `out of memory` (not retried: it would fail
+    /// again); otherwise an ordinary death ([`Session::died`]).
+    async fn died(&mut self, s: Session<QueuedJob>, why: String) -> End<QueuedJob> {
+        let config = &self.pool.config;
+        let (Some(mib), Some(by)) = (config.memory_limit_mib, config.memory_limit_by()) else {
+            return s.died(why, op_name);
+        };
+        let Some(said) = self.w.allocation_failure().await else {
+            return s.died(why, op_name);
+        };
+        if s.head().is_some() {
+            self.pool.ran_out_of_memory();
+        }
+        let oom = ipc_core::memory::out_of_memory_message("the job", Some(&config.name), mib, by);
+        let message = format!("{oom}; its worker was replaced (it said: {said})");
+        s.out_of_memory(format!("{why}: out of memory ({said})"), message)
     }
 
     /// Waits, idle, for the next job; `Err` ends the worker's service: it
@@ -897,6 +1018,11 @@ impl WorkerDriver<'_> {
             };
             match s.answered(done.job_id, &done.outcome, std::time::Instant::now()) {
                 Answered::Job(job) => {
+                    if matches!(&done.outcome, Outcome::Err(e) if e.kind == ErrorKind::OutOfMemory)
+                    {
+                        // An exec worker's command went past the limit.
+                        self.pool.ran_out_of_memory();
+                    }
                     let ok = answer(self.shared, job, done);
                     self.entry().answered(ok);
                     self.recycle

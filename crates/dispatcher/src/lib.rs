@@ -143,6 +143,9 @@ pub struct Config {
     /// Replace a worker whose resident memory is above this many MiB after a job, between jobs, as for --recycle-after-jobs [default: never].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub recycle_above_rss_mib: Option<u64>,
+    /// Limit each worker's own memory (heap and private mappings, not the shared segment) to this many MiB, from its first instruction (RLIMIT_DATA); a job past it is answered `out of memory` and its worker replaced [default: no limit].
+    #[arg(long, value_parser = ipc_core::memory::parse_limit_mib)]
+    pub memory_limit_mib: Option<u64>,
     /// The pools of their own, from the configuration file (`[pools.NAME]`).
     #[arg(skip)]
     pub pools: Vec<pools::PoolSpec>,
@@ -298,6 +301,7 @@ impl Config {
             recycle_above_rss_mib: None,
             segment_mib: None,
             run_as: self.builtin_run_as.clone(),
+            memory_limit_mib: None,
             env: Vec::new(),
             cwd: None,
             origin: "the command line and top-level options".into(),
@@ -325,6 +329,7 @@ impl Config {
                 recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
                 segment_mib: p.segment_mib.unwrap_or(self.segment_mib),
                 run_as: p.run_as,
+                memory_limit_mib: p.memory_limit_mib.or(self.memory_limit_mib),
                 env: p.env,
                 cwd: p.cwd,
                 name: p.name,

@@ -3,11 +3,12 @@
 //! its workers, the operations its workers serve, its segment's slots).
 //! [`Routes`] maps every operation to the one pool that serves it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use ipc_core::memory::Mechanism;
 use ipc_core::status::{PoolStatus, RunAsStatus, SegmentStatus};
 use ipc_core::Segment;
 use tokio::sync::Notify;
@@ -61,6 +62,7 @@ pub struct PoolSpec {
     pub segment_mib: Option<u64>,
     /// Whom its workers run as (`user`, `group`; `None`: the dispatcher's uid).
     pub run_as: Option<RunAs>,
+    pub memory_limit_mib: Option<u64>,
     /// Variables added to its workers' environment.
     pub env: Vec<(String, String)>,
     /// Its workers' working directory (`None`: the dispatcher's).
@@ -91,6 +93,9 @@ pub struct PoolConfig {
     pub segment_mib: u64,
     /// Whom its workers run as (`None`: the dispatcher's uid).
     pub run_as: Option<RunAs>,
+    /// Its workers' memory limit in MiB (`None`: none), enforced by
+    /// [`PoolConfig::memory_limit_by`].
+    pub memory_limit_mib: Option<u64>,
     /// Variables added to its workers' environment.
     pub env: Vec<(String, String)>,
     /// Its workers' working directory (`None`: the dispatcher's).
@@ -161,6 +166,12 @@ impl RunAs {
 }
 
 impl PoolConfig {
+    /// How its memory limit is enforced, if it has one: `RLIMIT_DATA`,
+    /// the one mechanism OSPS has (a cgroup v2 `memory.max` is not done).
+    pub fn memory_limit_by(&self) -> Option<Mechanism> {
+        self.memory_limit_mib.map(|_| Mechanism::RlimitData)
+    }
+
     /// The program the pool's workers run, as status shows it.
     pub fn program(&self, worker_exe: &std::path::Path) -> Vec<String> {
         match &self.kind {
@@ -219,6 +230,8 @@ pub struct Pool {
     /// Woken when the pool settles (operations known, a first start
     /// failed, or a conflict).
     news: Notify,
+    /// Jobs answered `out of memory`.
+    out_of_memory: Cell<u64>,
     /// Its segment's slots, their caps and leases: its workers map this
     /// segment and no other.
     pub slots: Rc<SlotPool>,
@@ -253,6 +266,7 @@ impl Pool {
             start_failure: RefCell::new(None),
             conflict: RefCell::new(None),
             news: Notify::new(),
+            out_of_memory: Cell::new(0),
         }
     }
 
@@ -297,6 +311,11 @@ impl Pool {
         }
     }
 
+    /// Counts a job answered `out of memory`.
+    pub fn ran_out_of_memory(&self) {
+        self.out_of_memory.set(self.out_of_memory.get() + 1);
+    }
+
     pub fn status(&self, worker_exe: &std::path::Path) -> PoolStatus {
         let workers = self.workers.report(&self.config.name);
         let sum = |f: fn(&ipc_core::status::WorkerStatus) -> u64| workers.iter().map(f).sum();
@@ -315,6 +334,9 @@ impl Pool {
             job_timeout_ms: self.config.job_timeout_ms,
             max_attempts: self.config.max_attempts,
             max_result: self.config.max_result,
+            memory_limit_mib: self.config.memory_limit_mib,
+            memory_limit_by: self.config.memory_limit_by().map(|m| m.as_str().into()),
+            out_of_memory: self.out_of_memory.get(),
             start_failure: self.start_failure.borrow().clone(),
             segment: Some(self.segment_status()),
             run_as: self.config.run_as.as_ref().map(RunAs::status),

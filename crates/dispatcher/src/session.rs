@@ -384,6 +384,25 @@ impl<J: SessionJob> Session<J> {
         }
     }
 
+    /// The worker died of the running job going past its pool's memory
+    /// limit: that job is answered `out of memory` (`message`) and not
+    /// retried, whatever its attempts (it would fail again); the others
+    /// had not started and go back to the queue without an attempt.
+    pub fn out_of_memory(mut self, why: String, message: String) -> End<J> {
+        let answer = self
+            .sent
+            .pop_front()
+            .map(|head| (head, ErrorKind::OutOfMemory, message))
+            .into_iter()
+            .collect();
+        End::Kill {
+            why,
+            answer,
+            requeue: self.sent.into(),
+            term_first: false,
+        }
+    }
+
     /// The worker broke protocol: its running job gets an internal error,
     /// the rest are requeued.
     pub fn broke(mut self, why: String) -> End<J> {
@@ -676,6 +695,16 @@ mod tests {
             }
             End::Stop => panic!("a kill"),
         }
+    }
+
+    #[test]
+    fn a_job_out_of_memory_is_answered_at_once_and_the_rest_requeued() {
+        let t0 = Instant::now();
+        // Never retried, even with attempts left.
+        let held = [job(1), job(2), job(3)];
+        let (why, a, r) = kill(holding(&held, t0).out_of_memory("oom".into(), "m".into()));
+        assert_eq!(why, "oom");
+        assert_eq!((a, r), (vec![(1, ErrorKind::OutOfMemory)], vec![2, 3]));
     }
 
     #[test]

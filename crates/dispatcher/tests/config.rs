@@ -218,9 +218,9 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             "key \"pools.z.cwd\": /no/such/dir-osps: No such file or directory",
         ),
         (
-            "[pools.builtin]\nmemory_limit_mib = 5\n",
+            "[pools.builtin]\nsegment_mb = 8\n",
             2,
-            "key \"pools.builtin.memory_limit_mib\" is not supported yet",
+            "unknown key \"pools.builtin.segment_mb\" (did you mean \"segment_mib\"?)",
         ),
         (
             "[pools.thumbs]\nworkers = 1\nprogram = [\"/bin/thumbs\"]\n",

@@ -14,6 +14,7 @@ pub mod env;
 pub mod frame;
 pub mod lock;
 pub mod logging;
+pub mod memory;
 pub mod paths;
 pub mod peer;
 pub mod proto;

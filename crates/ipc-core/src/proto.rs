@@ -404,6 +404,9 @@ pub enum ErrorKind {
     /// A command pool's command exited non-zero or was killed; the message
     /// gives how it ended and the last lines of its stderr.
     CommandFailed,
+    /// The job went past its pool's memory limit (`memory_limit_mib`); the
+    /// message names the limit. Its worker was replaced; the job is not retried.
+    OutOfMemory,
 }
 
 impl ErrorKind {
@@ -420,6 +423,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::Internal => "internal error",
             ErrorKind::CommandFailed => "command failed",
+            ErrorKind::OutOfMemory => "out of memory",
         }
     }
 }
@@ -637,6 +641,7 @@ mod tests {
             ErrorKind::InvalidInput,
             ErrorKind::Internal,
             ErrorKind::CommandFailed,
+            ErrorKind::OutOfMemory,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);

@@ -84,6 +84,15 @@ pub struct PoolStatus {
     pub max_attempts: u8,
     /// The largest result a job may return, in bytes.
     pub max_result: u64,
+    /// Its workers' memory limit in MiB (`memory_limit_mib`), if any.
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
+    /// How the limit is enforced (`RLIMIT_DATA`), when there is one.
+    #[serde(default)]
+    pub memory_limit_by: Option<String>,
+    /// Jobs answered `out of memory` (past the limit).
+    #[serde(default)]
+    pub out_of_memory: u64,
     /// Why its first worker could not start, while none has.
     pub start_failure: Option<String>,
     /// Its own segment: its workers map it and no other.

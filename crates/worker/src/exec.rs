@@ -218,6 +218,13 @@ impl Exec {
         pumped?;
         if !status.success() {
             let what = format!("{} {}", self.program(), ended(status));
+            if let Some(oom) = out_of_memory(&tail) {
+                let what = format!("{oom}; {what}");
+                return Err(RemoteError::new(
+                    ErrorKind::OutOfMemory,
+                    with_tail(what, &tail),
+                ));
+            }
             return Err(RemoteError::new(
                 ErrorKind::CommandFailed,
                 with_tail(what, &tail),
@@ -247,6 +254,26 @@ impl Exec {
         tracing::debug!(pid = child.id(), command = ?self.argv, "command started");
         Ok(child)
     }
+}
+
+/// The start of an `out of memory` message, when a failed command's
+/// stderr says an allocation failed and this worker runs under a memory
+/// limit (its pool's `memory_limit_mib`: the `RLIMIT_DATA` its launcher
+/// set, which the command inherited).
+fn out_of_memory(tail: &Tail) -> Option<String> {
+    use ipc_core::memory::{is_allocation_failure, out_of_memory_message, Mechanism};
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let (limit, _) = getrlimit(Resource::RLIMIT_DATA).ok()?;
+    if limit == RLIM_INFINITY || !tail.text().lines().any(is_allocation_failure) {
+        return None;
+    }
+    let mib = limit >> 20;
+    Some(out_of_memory_message(
+        "the command",
+        None,
+        mib,
+        Mechanism::RlimitData,
+    ))
 }
 
 fn internal(message: &str) -> RemoteError {

@@ -96,6 +96,12 @@ pub const OPS: &[OpSpec] = &[
         fault_injection: true,
         run: Run::Whole(spawn),
     },
+    OpSpec {
+        name: "alloc",
+        usage: "alloc MIB (allocates MIB MiB of its own memory, touches every page, frees it and answers \"allocated MIB MiB\\n\"; past the pool's memory limit the worker dies of it; fault injection only)",
+        fault_injection: true,
+        run: Run::Whole(alloc),
+    },
 ];
 
 fn echo(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
@@ -234,6 +240,33 @@ fn spawn(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
         "spawn operation: left two processes behind on purpose (fault injection)"
     );
     ctx.reply(format!("group {group}\nsession {session}\n").as_bytes())
+}
+
+/// Fault injection: a job that takes `MIB` MiB of the worker's own memory
+/// (not the segment's), every page written, so a pool's memory limit
+/// (`memory_limit_mib`) can be shown at work: past it the allocation
+/// fails and the worker aborts (`memory allocation of N bytes failed`).
+fn alloc(ctx: &mut JobCtx<'_>) -> Result<Output, RemoteError> {
+    let usage = "alloc MIB";
+    expect_args(ctx.args(), 1, usage)?;
+    let mib = ctx.args()[0]
+        .parse::<usize>()
+        .ok()
+        .filter(|&m| m <= 1 << 20)
+        .ok_or_else(|| {
+            RemoteError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "alloc takes MiB from 0 to 1048576, got {:?}; usage: {usage}",
+                    ctx.args()[0]
+                ),
+            )
+        })?;
+    let mut taken: Vec<u8> = Vec::with_capacity(mib << 20);
+    taken.resize(mib << 20, 1);
+    std::hint::black_box(&mut taken);
+    drop(taken);
+    ctx.reply(format!("allocated {mib} MiB\n").as_bytes())
 }
 
 #[cfg(test)]
@@ -379,6 +412,22 @@ mod tests {
             run_as("crash", &["1", "2"], b"", 2, true).unwrap_err().kind,
             ErrorKind::InvalidInput
         );
+    }
+
+    #[test]
+    fn alloc_is_fault_injection_and_answers_what_it_took() {
+        assert_eq!(
+            run("alloc", &["1"], b"").unwrap_err().kind,
+            ErrorKind::FaultInjectionDisabled
+        );
+        assert_eq!(
+            run_as("alloc", &["3"], b"", 1, true).unwrap(),
+            b"allocated 3 MiB\n"
+        );
+        for bad in [&[][..], &["x"], &["1", "2"], &["1048577"]] {
+            let e = run_as("alloc", bad, b"", 1, true).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{bad:?}");
+        }
     }
 
     #[test]

@@ -135,9 +135,9 @@ fn the_documented_ready_and_no_room_bytes() {
         out
     };
     let bytes = framed(&|out| ipc_core::frame::encode(&ready, out).unwrap());
-    let documented = "38 00 00 00 00 9b 96 01 04 02 06 73 68 61 32 35 36 02 77 63 \
-        07 04 65 63 68 6f 05 75 70 70 65 72 06 73 68 61 32 35 36 02 77 63 \
-        05 73 6c 65 65 70 05 63 72 61 73 68 05 73 70 61 77 6e";
+    let documented = "3e 00 00 00 00 9b 96 01 04 02 06 73 68 61 32 35 36 02 77 63 \
+        08 04 65 63 68 6f 05 75 70 70 65 72 06 73 68 61 32 35 36 02 77 63 \
+        05 73 6c 65 65 70 05 63 72 61 73 68 05 73 70 61 77 6e 05 61 6c 6c 6f 63";
     assert_eq!(hex(&bytes), documented, "{ready:?}");
     // 13.14: NoRoom, and the Done naming a result in the area given.
     let no_room = ToWorker::NoRoom {
