@@ -77,9 +77,11 @@ pub fn toml_array<S: AsRef<str>>(items: &[S]) -> String {
 
 /// The three-pool configuration: builtin, the example worker as a program
 /// pool (`program`, its path), and `gzip -c` as a command pool; each with
-/// a segment of its own of another size and, run as root, as another
-/// user: builtin as root, the program pool as `nobody`, the command pool
-/// as `daemon` (so no pool can open another's segment).
+/// a segment of its own of another size, a memory limit of its own
+/// (builtin 256 MiB per worker, the program pool 128, the command pool
+/// 64) and, run as root, another user: builtin as root, the program pool
+/// as `nobody`, the command pool as `daemon` (so no pool can open
+/// another's segment).
 pub fn three_pools(program: &Path, n: Sizes) -> String {
     let root = nix::unistd::geteuid().is_root();
     let user = |name: &str| {
@@ -91,9 +93,9 @@ pub fn three_pools(program: &Path, n: Sizes) -> String {
     };
     format!(
         "# Written by cargo xtask: the three kinds of pools.\n\n\
-         [pools.builtin]\nworkers = {}\n\n\
-         [pools.{PROGRAM_POOL}]\nprogram = {}\nworkers = {}\nsegment_mib = 16\n{}\n\
-         [pools.{EXEC_POOL}]\nexec = {}\nops = [{EXEC_OP:?}]\nworkers = {}\nsegment_mib = 8\n{}",
+         [pools.builtin]\nworkers = {}\nmemory_limit_mib = 256\n\n\
+         [pools.{PROGRAM_POOL}]\nprogram = {}\nworkers = {}\nsegment_mib = 16\nmemory_limit_mib = 128\n{}\n\
+         [pools.{EXEC_POOL}]\nexec = {}\nops = [{EXEC_OP:?}]\nworkers = {}\nsegment_mib = 8\nmemory_limit_mib = 64\n{}",
         n.builtin,
         toml_array(&[program.display().to_string()]),
         n.program,
