@@ -18,13 +18,13 @@ use ipc_core::proto::{
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::oneshot;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::pools::{Pool, PoolKind};
+use crate::pools::{Pool, PoolConfig, PoolKind};
 use crate::replies::Body;
 use crate::session::{Ahead, Answered, Ask, End, Session, SessionJob, ROOMS_PER_RESULT};
 use crate::shared::{QueuedJob, Shared};
@@ -75,7 +75,7 @@ struct Worker {
     stdout: ChildStdout,
     /// A worker of a pool with a memory limit: its stderr's forwarder, which
     /// ends with the line that said an allocation failed, if one did.
-    stderr: Option<JoinHandle<Option<String>>>,
+    stderr: Option<oneshot::Receiver<Option<String>>>,
 }
 
 impl Worker {
@@ -92,30 +92,43 @@ impl Worker {
 }
 
 /// Forwards a worker's stderr to ours line by line, unchanged (a worker's
-/// log lines reach the log as when it writes there itself); returns the
-/// first line that said an allocation failed
-/// ([`ipc_core::memory::is_allocation_failure`]), at the stderr's end.
-async fn forward_stderr(stderr: ChildStderr) -> Option<String> {
-    use std::io::Write;
-    let mut reader = tokio::io::BufReader::new(stderr);
-    let mut line = Vec::new();
-    let mut failure = None;
-    loop {
-        line.clear();
-        match (&mut reader)
-            .take(MAX_STDERR_LINE)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) | Err(_) => return failure,
-            Ok(_) => {}
-        }
-        let _ = std::io::stderr().lock().write_all(&line);
-        let text = String::from_utf8_lossy(&line);
-        if failure.is_none() && ipc_core::memory::is_allocation_failure(&text) {
-            failure = Some(text.trim().to_owned());
-        }
-    }
+/// log lines reach the log as when it writes there itself), on a thread of
+/// its own: a slow reader of our stderr then holds up that worker (its
+/// writes block), never the dispatcher's event loop. Resolves, at the
+/// stderr's end, to the first line that said an allocation failed
+/// ([`ipc_core::memory::is_allocation_failure`]).
+fn forward_stderr(stderr: ChildStderr) -> std::io::Result<oneshot::Receiver<Option<String>>> {
+    use std::io::{BufRead, Read, Write};
+    use std::os::fd::AsRawFd;
+    let fd = stderr.into_owned_fd()?;
+    // Tokio made it non-blocking; this thread reads it blocking.
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_GETFL)?;
+    let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_SETFL(blocking))?;
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("stderr".into())
+        .spawn(move || {
+            let mut reader = std::io::BufReader::new(std::fs::File::from(fd));
+            let (mut line, mut failure) = (Vec::new(), None);
+            loop {
+                line.clear();
+                match (&mut reader)
+                    .take(MAX_STDERR_LINE)
+                    .read_until(b'\n', &mut line)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let _ = std::io::stderr().lock().write_all(&line);
+                let text = String::from_utf8_lossy(&line);
+                if failure.is_none() && ipc_core::memory::is_allocation_failure(&text) {
+                    failure = Some(text.trim().to_owned());
+                }
+            }
+            let _ = tx.send(failure);
+        })?;
+    Ok(rx)
 }
 
 /// Drives place `index` of pool `pool` until `stop` turns true.
@@ -480,8 +493,12 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
             osps_worker(&extra)
         }
     };
-    if let Some(mib) = pool.config.memory_limit_mib {
-        cmd = contained(&shared.config.worker_exe, mib, &cmd);
+    let run_as = pool.config.run_as.as_ref();
+    if pool.config.memory_limit_mib.is_some() || run_as.is_some() {
+        cmd = contained(&shared.config.worker_exe, &pool.config, &cmd);
+    }
+    if let Some(who) = run_as {
+        own_environment(&mut cmd, who);
     }
     // The pool's own variables (the file refuses OSPS_* names).
     cmd.envs(pool.config.env.iter().map(|(k, v)| (k, v)));
@@ -503,22 +520,72 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
             ipc_core::env::LOG_FORMAT,
             ipc_core::logging::format().as_str(),
         )
-        .process_group(0)
         .kill_on_drop(true);
+    if run_as.is_none() {
+        // A group of its own, so its group can be killed with it (a
+        // worker of another user gets a session of its own from the
+        // launcher instead: a group leader could not start one).
+        cmd.process_group(0);
+    }
     cmd
 }
 
-/// `cmd` run under a memory limit of `mib` MiB: through `osps-worker
-/// --contain-memory BYTES -- PROGRAM ARGS...`, which sets its own
-/// `RLIMIT_DATA` and execs the program (no code runs between fork and
-/// exec here: the limit is the launcher's, applied before the program's
-/// first instruction). The environment `cmd` sets goes with it.
-fn contained(worker_exe: &std::path::Path, mib: u64, cmd: &Command) -> Command {
+/// What of the dispatcher's environment a worker of another user keeps
+/// (besides every `LC_*`): locale, time zone, logging.
+const KEPT_FOR_ANOTHER_USER: &[&str] = &["LANG", "LANGUAGE", "TZ", "RUST_LOG", "RUST_BACKTRACE"];
+
+/// The `PATH` a worker of another user gets (the dispatcher's may name
+/// its own user's directories).
+const SAFE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Gives a worker of another user an environment of its own: none of the
+/// dispatcher's (which may hold its user's secrets) but
+/// [`KEPT_FOR_ANOTHER_USER`], a plain `PATH`, the user's `HOME`, `USER`,
+/// `LOGNAME` and `SHELL`, and what `cmd` sets itself (`OSPS_*`).
+fn own_environment(cmd: &mut Command, who: &crate::pools::RunAs) {
+    let set: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = cmd
+        .as_std()
+        .get_envs()
+        .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+        .collect();
+    let kept = std::env::vars_os().filter(|(k, _)| {
+        k.to_str()
+            .is_some_and(|k| KEPT_FOR_ANOTHER_USER.contains(&k) || k.starts_with("LC_"))
+    });
+    cmd.env_clear()
+        .envs(kept)
+        .env("PATH", SAFE_PATH)
+        .env("HOME", &who.home)
+        .env("USER", &who.user)
+        .env("LOGNAME", &who.user)
+        .env("SHELL", &who.shell);
+    for (key, value) in set {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
+}
+
+/// `cmd` run through the launcher, `osps-worker [--contain-memory BYTES]
+/// [--contain-session] -- PROGRAM ARGS...`: for a pool with a memory limit
+/// it sets its own `RLIMIT_DATA`, for a pool of another user it starts a
+/// session of its own (no controlling terminal), sets no_new_privs and
+/// closes what it inherited past stderr; then it execs the program (no code
+/// runs between fork and exec here: all of this is the launcher's, done
+/// before the program's first instruction). The environment `cmd` sets
+/// goes with it.
+fn contained(worker_exe: &std::path::Path, pool: &PoolConfig, cmd: &Command) -> Command {
     let inner = cmd.as_std();
     let mut outer = Command::new(worker_exe);
+    if let Some(mib) = pool.memory_limit_mib {
+        outer
+            .arg(ipc_core::memory::CONTAIN_FLAG)
+            .arg((mib << 20).to_string());
+    }
+    if pool.run_as.is_some() {
+        outer.arg(ipc_core::memory::SESSION_FLAG);
+    }
     outer
-        .arg(ipc_core::memory::CONTAIN_FLAG)
-        .arg((mib << 20).to_string())
         .arg("--")
         .arg(inner.get_program())
         .args(inner.get_args());
@@ -536,14 +603,32 @@ fn contained(worker_exe: &std::path::Path, mib: u64, cmd: &Command) -> Command {
 async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     let mut child = command(shared, pool).spawn().map_err(|e| {
         let program = pool.config.program(&shared.config.worker_exe);
-        format!("{}: {e}", program[0])
+        let mut said = format!("{}: {e}", program[0]);
+        if let Some(who) = &pool.config.run_as {
+            // It may be the directory, not the program, that user cannot reach.
+            let cwd = pool.config.cwd.as_ref().map_or(String::new(), |d| {
+                format!(" in {}", d.display())
+            });
+            said.push_str(&format!(
+                " (run as user {} (uid {}){cwd}: the program, its directories and the working directory must be open to that user)",
+                who.user, who.uid
+            ));
+        }
+        said
     })?;
     let pid = child.id().ok_or("worker exited at once")?;
     // Before any `.await`: a sweep must never take it for an orphan.
     shared.orphans.worker_started(pid);
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().map(|e| tokio::spawn(forward_stderr(e)));
+    let stderr = match child.stderr.take().map(forward_stderr) {
+        Some(Ok(rx)) => Some(rx),
+        Some(Err(e)) => {
+            tracing::warn!(pool = pool.name(), "cannot read worker {pid}'s stderr: {e}");
+            None
+        }
+        None => None,
+    };
     let mut worker = Worker {
         child,
         pid,

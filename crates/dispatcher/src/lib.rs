@@ -452,6 +452,16 @@ impl Config {
                 message: "no pool runs: [pools.builtin] has enabled = false and no other [pools.NAME] is configured".into(),
             });
         }
+        if pools.len() > ipc_core::paths::MAX_POOLS {
+            return Err(Invalid {
+                key: "pools",
+                message: format!(
+                    "{} pools: a dispatcher runs at most {}",
+                    pools.len(),
+                    ipc_core::paths::MAX_POOLS
+                ),
+            });
+        }
         let max_slot = |p: &pools::PoolConfig| {
             ipc_core::SlotAllocator::max_slot_for(p.segment_mib.saturating_mul(MIB))
         };
@@ -537,7 +547,10 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         for name in &self.segments {
-            segment::unlink(name);
+            if !segment::unlink(name) {
+                // Its pool's user owns it, and may have renamed or removed it.
+                tracing::warn!(segment = %name, "the segment was gone already at the stop (renamed or removed by its pool's user?)");
+            }
         }
         let _ = std::fs::remove_file(&self.state);
     }

@@ -111,6 +111,9 @@ pub struct RunAs {
     pub uid: u32,
     pub group: String,
     pub gid: u32,
+    /// The user's home directory and shell (for its workers' `HOME`, `SHELL`).
+    pub home: PathBuf,
+    pub shell: PathBuf,
 }
 
 impl RunAs {
@@ -152,6 +155,8 @@ impl RunAs {
             uid: u.uid.as_raw(),
             group: g.name,
             gid: g.gid.as_raw(),
+            home: u.dir,
+            shell: u.shell,
         })
     }
 

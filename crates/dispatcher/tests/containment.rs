@@ -348,3 +348,183 @@ fn a_killed_dispatchers_segments_are_all_removed_by_the_next() {
     let mut c = inst.client();
     assert_eq!(c.call("cat", &[], b"after").unwrap(), b"after");
 }
+
+/// Root only: a worker of another user gets a session of its own (no
+/// controlling terminal, so no `TIOCSTI` into the dispatcher's), no new
+/// privileges, no descriptor the dispatcher inherited, and an environment
+/// of its own: none of the dispatcher's variables, its user's HOME and USER.
+#[test]
+fn a_worker_of_another_user_gets_its_own_session_and_environment_and_no_inherited_fd() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run pools as other users");
+        return;
+    }
+    let (_dir, file) = config_file(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.other]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nuser = \"nobody\"\nenv = { MINE = \"given\" }\n",
+    );
+    // The dispatcher inherits fd 7 (not close-on-exec) and a secret variable.
+    let wrapper = [
+        "env",
+        "OSPS_TEST_SECRET=hunter2",
+        "sh",
+        "-c",
+        "exec 7</etc/passwd; exec \"$@\"",
+        "sh",
+    ];
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    let inst = Instance::start_under("ct-session", &wrapper, &args);
+    let mut c = inst.client();
+    assert_eq!(c.call("cat", &[], b"served").unwrap(), b"served");
+    let st = inst.status();
+    let (root, other) = (workers_of(&st, "builtin")[0], workers_of(&st, "other")[0]);
+    // Which of a process's descriptors are /etc/passwd (the inherited one).
+    let passwd = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                (target == Path::new("/etc/passwd"))
+                    .then(|| e.file_name().to_string_lossy().into_owned())
+            })
+            .collect()
+    };
+    assert_eq!(
+        passwd(inst.pid()),
+        ["7"],
+        "the set-up: the dispatcher inherits fd 7"
+    );
+    assert_eq!(
+        passwd(root),
+        ["7"],
+        "the set-up: so does a worker of its own user"
+    );
+    assert!(
+        passwd(other).is_empty(),
+        "the nobody worker inherits no descriptor"
+    );
+    let stat = |pid: u32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = s[s.rfind(')').unwrap() + 2..].to_owned();
+        let f: Vec<i64> = after
+            .split(' ')
+            .skip(2)
+            .take(4)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (f[0], f[1], f[2]) // pgrp, session, tty_nr
+    };
+    let (pgrp, session, tty) = stat(other);
+    assert_eq!(
+        (pgrp, session, tty),
+        (other as i64, other as i64, 0),
+        "its own session, no tty"
+    );
+    assert_ne!(stat(inst.pid()).1, session);
+    let status = std::fs::read_to_string(format!("/proc/{other}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let environ = std::fs::read(format!("/proc/{other}/environ")).unwrap();
+    let vars: Vec<String> = environ
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    for want in ["USER=nobody", "HOME=/nonexistent", "MINE=given"] {
+        assert!(vars.iter().any(|v| v == want), "{want} not in {vars:?}");
+    }
+    assert!(
+        !vars.iter().any(|v| v.starts_with("OSPS_TEST_SECRET")),
+        "{vars:?}"
+    );
+    assert!(!vars.iter().any(|v| v.contains("/root")), "{vars:?}");
+    // The root pool's worker, for contrast, has the dispatcher's environment.
+    let root_env = std::fs::read(format!("/proc/{root}/environ")).unwrap();
+    assert!(String::from_utf8_lossy(&root_env).contains("OSPS_TEST_SECRET=hunter2"));
+}
+
+/// Root only, System V: the pool's user (owner of its segment) gives it to
+/// root; the next dispatcher, after a crash, still removes it (it goes by
+/// the creator, which only the kernel sets).
+#[test]
+fn a_system_v_segment_whose_owner_changed_it_is_still_removed_after_a_crash() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run pools as other users");
+        return;
+    }
+    let (_dir, file) = config_file(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.other]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nuser = \"nobody\"\n",
+    );
+    let dispatcher = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment",
+        "sysv",
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    let inst = Instance::supervised("ct-svowner", &[], &dispatcher);
+    let st = inst.status();
+    let name = pool_segment(&st, "other").name.clone();
+    let key = ipc_core::segment::sysv_key(&name);
+    // As nobody, its owner: IPC_STAT, uid := 0, IPC_SET (shmid_ds's
+    // ipc_perm.uid is at offset 4).
+    let give_to_root = format!(
+        "import ctypes, struct\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         shmid = libc.shmget({key}, 0, 0)\n\
+         buf = ctypes.create_string_buffer(256)\n\
+         assert libc.shmctl(shmid, 2, buf) == 0\n\
+         struct.pack_into('<I', buf, 4, 0)\n\
+         assert libc.shmctl(shmid, 1, buf) == 0, ctypes.get_errno()\n\
+         print(shmid)\n"
+    );
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("python3")
+        .args(["-c", &give_to_root])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ipcs = || {
+        String::from_utf8(
+            std::process::Command::new("ipcs")
+                .args(["-m"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+    };
+    let hex = format!("0x{:08x}", key as u32);
+    assert!(
+        ipcs()
+            .lines()
+            .any(|l| l.starts_with(&hex) && l.contains(" root ")),
+        "{}",
+        ipcs()
+    );
+    let old_pid = st.dispatcher_pid;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let st = inst.try_status()?;
+        (st.dispatcher_pid != old_pid && st.workers.iter().all(|w| w.pid != 0)).then_some(())
+    })
+    .expect("a new dispatcher");
+    assert!(
+        !ipc_core::segment::exists(&name),
+        "{name} left:\n{}",
+        ipcs()
+    );
+}

@@ -13,8 +13,16 @@
 //! `MemoryError`, a C++ one throws `std::bad_alloc`
 //! ([`is_allocation_failure`] knows these lines).
 
-/// The launcher's flag (the first argument of `osps-worker`).
+/// The launcher's flag for a memory limit (an `osps-worker` command line
+/// that starts with it, or with [`SESSION_FLAG`], is the launcher's).
 pub const CONTAIN_FLAG: &str = "--contain-memory";
+
+/// The launcher's flag for a worker of another uid (a pool's `user`): a
+/// session of its own (no controlling terminal: it cannot push input into
+/// one with `TIOCSTI`), `PR_SET_NO_NEW_PRIVS` (no setuid program raises
+/// its privileges) and no descriptor inherited past stdin, stdout and
+/// stderr.
+pub const SESSION_FLAG: &str = "--contain-session";
 
 /// The smallest limit a pool takes, in MiB: an idle `osps-worker` has about
 /// 3 MiB of data, with a thread 5, a Python worker 8.

@@ -78,6 +78,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The most of a state file read: a line per pool's segment (under 100
+/// bytes each) for [`MAX_POOLS`] pools, with room to spare.
+const STATE_MAX: u64 = 64 << 10;
+
+/// The most pools a dispatcher runs (each has a segment, named in the
+/// state file).
+pub const MAX_POOLS: usize = 256;
+
 /// What one dispatcher leaves for the next in [`RuntimePaths::state_file`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceState {
@@ -273,7 +281,7 @@ impl RuntimePaths {
         }
         let mut text = String::new();
         file.by_ref()
-            .take(4096)
+            .take(STATE_MAX)
             .read_to_string(&mut text)
             .map_err(|e| bad(e.to_string()))?;
         let (mut generation, mut segments, mut ok) = (None, Vec::new(), true);
@@ -484,6 +492,27 @@ mod tests {
         p.remove_state();
         std::os::unix::fs::symlink("/etc/hostname", p.state_file()).unwrap();
         assert!(matches!(p.read_state(), Err(PathError::State { .. })));
+    }
+
+    #[test]
+    fn a_state_file_naming_a_segment_per_pool_for_the_most_pools_is_read_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = RuntimePaths::new("many-pools-instance", Some(tmp.path())).unwrap();
+        p.ensure_dir().unwrap();
+        let segments: Vec<RecordedSegment> = (0..MAX_POOLS)
+            .map(|i| RecordedSegment {
+                name: format!("sysv:{}", p.new_segment_name().unwrap()),
+                owner: 4_000_000_000 - i as u32,
+            })
+            .collect();
+        let st = InstanceState {
+            generation: u64::MAX,
+            segments,
+        };
+        p.write_state(&st).unwrap();
+        let len = fs::metadata(p.state_file()).unwrap().len();
+        assert!(len > 16 << 10 && len < STATE_MAX, "{len}");
+        assert_eq!(p.read_state().unwrap(), Some(st));
     }
 
     #[test]

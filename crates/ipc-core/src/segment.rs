@@ -619,17 +619,19 @@ impl Shm for SysvShm {
         sysv_id(name).is_some_and(sysv_remove)
     }
 
-    /// The kernel's `IPC_STAT` must name us as creator and `owner` as
-    /// owner before `IPC_RMID` (the creator is the kernel's record: no other
-    /// uid can fake it).
-    fn remove_if_ours(&self, name: &str, euid: u32, owner: u32) -> Removal {
+    /// The kernel's `IPC_STAT` must name us as creator before `IPC_RMID`:
+    /// the creator is the kernel's record, which no other uid can change
+    /// (the owner, `owner` when we gave it to a pool's user, can: it is not
+    /// what decides).
+    fn remove_if_ours(&self, name: &str, euid: u32, _owner: u32) -> Removal {
         let Some(ds) = sysv_id(name).and_then(|id| Some((id, sysv_stat(id).ok()?))) else {
             return Removal::Absent;
         };
         let (id, ds) = ds;
-        let (uid, cuid) = (ds.shm_perm.uid, ds.shm_perm.cuid);
-        if uid != owner || cuid != euid {
-            return Removal::Foreign { uid: cuid };
+        if ds.shm_perm.cuid != euid {
+            return Removal::Foreign {
+                uid: ds.shm_perm.cuid,
+            };
         }
         if sysv_remove(id) {
             Removal::Removed
@@ -673,7 +675,8 @@ pub enum Removal {
     Absent,
     /// Ours: removed.
     Removed,
-    /// Someone else's (owner uid given), or not a plain segment: left alone.
+    /// Someone else's (its owner's uid, or for System V its creator's), or
+    /// not a plain segment: left alone.
     Foreign { uid: u32 },
 }
 
@@ -681,7 +684,7 @@ pub enum Removal {
 /// process's effective uid, without ever opening or mapping it: for POSIX
 /// the `/dev/shm` entry is `lstat`ed (a regular file of ours; `/dev/shm` is
 /// sticky, so nobody else can swap it before the unlink), for System V the
-/// kernel's `IPC_STAT` must name us as owner and creator before `IPC_RMID`.
+/// kernel's `IPC_STAT` must name us as creator before `IPC_RMID`.
 pub fn remove_if_ours(name: &str) -> Removal {
     let euid = nix::unistd::geteuid().as_raw();
     Backend::of(name).imp().remove_if_ours(name, euid, euid)
@@ -689,7 +692,7 @@ pub fn remove_if_ours(name: &str) -> Removal {
 
 /// [`remove_if_ours`] of a segment this uid made and gave to `owner` (a
 /// pool's `user`): for POSIX a regular file owned by `owner`, for System V
-/// created by us and owned by `owner`.
+/// created by us (whoever owns it now: its owner may have changed that).
 pub fn remove_if_given(name: &str, owner: u32) -> Removal {
     let euid = nix::unistd::geteuid().as_raw();
     Backend::of(name).imp().remove_if_ours(name, euid, owner)

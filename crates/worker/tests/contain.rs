@@ -50,7 +50,7 @@ fn a_bad_command_line_or_program_is_refused_with_one_line() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["--contain-memory"],
-            "usage: osps-worker --contain-memory BYTES",
+            "usage: osps-worker [--contain-memory BYTES]",
         ),
         (
             &["--contain-memory", "x", "--", "true"],
