@@ -7,7 +7,8 @@
 //! (64 KiB … 4 MiB) on the other worker, and on the killed one before its
 //! `sleep` came, as real load does. What the kernel does between the kill
 //! and the worker's pipes closing (tearing down its memory map first) is
-//! what this measures.
+//! what this measures. Each kill is followed by the floor: SIGKILL of a
+//! `sleep` to EOF on its stdout, on the same machine under the same load.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,12 +41,14 @@ pub fn worker_kill_noticed(plan: &Plan, r: &mut Report) -> Result<()> {
         let (ms, kib) = trial(&mut status, &mut sleeper)?;
         r.o8_idle_ms.push(ms);
         r.o8_idle_mapped_kib.push(kib);
+        r.o8_idle_floor_ms.push(floor()?);
     }
     let load = Load::start(&inst)?;
     for _ in 0..plan.kill_trials {
         let (ms, kib) = trial(&mut status, &mut sleeper)?;
         r.o8_load_ms.push(ms);
         r.o8_load_mapped_kib.push(kib);
+        r.o8_load_floor_ms.push(floor()?);
     }
     r.o8_load_jobs = load.stop()?;
     Ok(())
@@ -80,6 +83,26 @@ fn trial(status: &mut Client, sleeper: &mut Client) -> Result<(f64, u64)> {
         Err(ClientError::Remote(e)) if e.kind == ErrorKind::WorkerCrashed => Ok((ms, mapped)),
         other => anyhow::bail!("the killed worker's job was answered {other:?}"),
     }
+}
+
+/// The floor: SIGKILL of a small process (`sleep`) to EOF on its stdout,
+/// read here (ms): what the kernel and the scheduler take, without OSPS.
+fn floor() -> Result<f64> {
+    use std::io::Read;
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawning sleep")?;
+    let mut out = child.stdout.take().context("piped")?;
+    std::thread::sleep(Duration::from_millis(20));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL)?;
+    let t = Instant::now();
+    let n = out.read(&mut [0; 16])?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    child.wait()?;
+    ensure!(n == 0, "sleep wrote to its stdout");
+    Ok(ms)
 }
 
 /// The segment pages a process has mapped (`RssShmem`, KiB).

@@ -49,6 +49,9 @@ pub struct Report {
     pub o8_load_ms: Vec<f64>,
     pub o8_idle_mapped_kib: Vec<u64>,
     pub o8_load_mapped_kib: Vec<u64>,
+    /// The floor after each kill: SIGKILL of a `sleep` → EOF on its pipe (ms).
+    pub o8_idle_floor_ms: Vec<f64>,
+    pub o8_load_floor_ms: Vec<f64>,
     /// Calls the load clients made meanwhile.
     pub o8_load_jobs: u64,
 }
@@ -336,9 +339,19 @@ impl Report {
             "worker kill (default segment, 2 workers)", "value", "target"
         );
         let mib = |v: &[u64]| median(&v.iter().map(|&k| k as f64 / 1024.0).collect::<Vec<_>>());
-        for (what, ms, mapped) in [
-            ("idle", &self.o8_idle_ms, &self.o8_idle_mapped_kib),
-            ("under load", &self.o8_load_ms, &self.o8_load_mapped_kib),
+        for (what, ms, mapped, floor) in [
+            (
+                "idle",
+                &self.o8_idle_ms,
+                &self.o8_idle_mapped_kib,
+                &self.o8_idle_floor_ms,
+            ),
+            (
+                "under load",
+                &self.o8_load_ms,
+                &self.o8_load_mapped_kib,
+                &self.o8_load_floor_ms,
+            ),
         ] {
             let target = if what == "idle" { "" } else { "< 2" };
             let _ = writeln!(
@@ -361,6 +374,12 @@ impl Report {
                 "   segment mapped by the victim, median (MiB)",
                 mib(mapped)
             );
+            let _ = writeln!(
+                t,
+                "{:<44} {:>10}",
+                "   floor: kill of a `sleep` → EOF, median / max",
+                format!("{:.2} / {:.2}", median(floor), max(floor))
+            );
         }
     }
 
@@ -374,6 +393,8 @@ impl Report {
             "idle_victim_mapped_mib_median": mib(&self.o8_idle_mapped_kib),
             "load_victim_mapped_mib_median": mib(&self.o8_load_mapped_kib),
             "idle_victim_mapped_kib": self.o8_idle_mapped_kib, "load_victim_mapped_kib": self.o8_load_mapped_kib,
+            "idle_floor_median": median(&self.o8_idle_floor_ms), "idle_floor_max": max(&self.o8_idle_floor_ms),
+            "load_floor_median": median(&self.o8_load_floor_ms), "load_floor_max": max(&self.o8_load_floor_ms),
             "load_jobs": self.o8_load_jobs,
         })
     }
