@@ -377,7 +377,7 @@ impl Report {
             let _ = writeln!(
                 t,
                 "{:<44} {:>10}",
-                "   floor: kill of a `sleep` → EOF, median / max",
+                "   floor: `sleep` kill → EOF, median / max",
                 format!("{:.2} / {:.2}", median(floor), max(floor))
             );
         }
