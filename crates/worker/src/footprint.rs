@@ -1,13 +1,16 @@
 //! How much of the segment a worker keeps mapped. When a process dies, the
 //! kernel tears down its memory map before it closes its files, so the
 //! dispatcher learns of a killed worker (EOF on its pipe) only once every
-//! page-table entry the worker had for the segment is gone: 5–26 ms for a
-//! worker that had mapped all of a 256 MiB segment. So a worker does not
-//! map the whole segment ahead of use; it counts the bytes its jobs were
-//! given (slots and results), and past [`BUDGET`], between jobs (after the
-//! answer is sent, so no job waits for it), drops its page-table entries
-//! for the segment ([`Segment::drop_page_tables`]: the bytes stay in the
-//! segment; pages fault back in on next use).
+//! page-table entry the worker had for the segment is gone: 16–41 ms under
+//! load (median, `cargo xtask bench` o8) for a worker that had mapped all of
+//! a 256 MiB segment. So a worker does not map the whole segment ahead of
+//! use; it counts the bytes its jobs were given (slots and results; a result
+//! in the slot counts twice, so the budget errs low), and past [`BUDGET`],
+//! between jobs, drops its page-table entries for the segment
+//! ([`Segment::drop_page_tables`]: the bytes stay in the segment; pages
+//! fault back in on next use). It does so after the answer is sent, so the
+//! answer does not wait for it; a job sent ahead does, as long as the
+//! kernel takes to unmap what was mapped (what a kill would have cost).
 
 use ipc_core::Segment;
 
