@@ -1022,28 +1022,36 @@ impl Segment {
     /// touches it). A fill in progress ([`Segment::populate_in_background`])
     /// may map some pages again.
     pub fn drop_page_tables(&self) -> std::io::Result<()> {
-        let arena = self.arena_len();
-        if arena == 0 {
+        // From the first page boundary at or after the header (the header
+        // is one page where pages are 4 KiB; where they are larger, the
+        // arena's first bytes share the header's page and stay mapped).
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(HEADER_LEN, |p| p as usize);
+        let start = HEADER_LEN.next_multiple_of(page);
+        if start >= self.map.len() {
             return Ok(());
         }
-        // SAFETY: the range is this mapping's arena (HEADER_LEN..len, inside
-        // the mapping, HEADER_LEN page aligned like the mapping's start).
-        // Both backends map the segment MAP_SHARED over a shmem object (POSIX
-        // shm_open + mmap MAP_SHARED; System V shmat), and no handle of this
-        // module locks or remaps it. For a shared mapping of shmem,
-        // MADV_DONTNEED only removes this process's page-table entries: the
-        // pages belong to the object and keep their bytes (unlike a private
-        // mapping, where it would throw away copy-on-write copies). So no byte
-        // any reference can reach changes: a `&[u8]`/`&mut [u8]` from a claim
-        // or an arena slot, or the header, still alive in this process (on
-        // this or another thread) reads the same bytes after it, faulting the
-        // same page back in, and a write made before it is in the page. The
-        // call is the same as another process doing nothing to our view; it
-        // reads or writes no memory through Rust references.
+        // SAFETY: the range is start..len of this mapping: inside it, and
+        // page aligned (start is a multiple of the page size, and so is the
+        // mapping's address). Both backends map the segment MAP_SHARED over
+        // a shmem object (POSIX shm_open + mmap MAP_SHARED; System V shmat),
+        // and nothing here locks or remaps it. For a shared mapping of
+        // shmem, MADV_DONTNEED only removes this process's page-table
+        // entries: the pages belong to the object and keep their bytes
+        // (unlike a private mapping, where it would throw away copy-on-write
+        // copies). So no byte any reference can reach changes: a
+        // `&[u8]`/`&mut [u8]` from a claim or an arena slot, or the header,
+        // alive in this process (on this or another thread) reads the same
+        // bytes after it, the same page faulting back in, and a write made
+        // before it is in the page. It is what the kernel may do to such a
+        // mapping at any time anyway (reclaim unmaps shmem pages); it reads
+        // or writes no memory through Rust references.
         let rc = unsafe {
             libc::madvise(
-                self.map.as_ptr().add(HEADER_LEN).cast::<libc::c_void>(),
-                arena,
+                self.map.as_ptr().add(start).cast::<libc::c_void>(),
+                self.map.len() - start,
                 libc::MADV_DONTNEED,
             )
         };
