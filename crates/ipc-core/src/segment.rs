@@ -1077,6 +1077,57 @@ impl Segment {
         }
     }
 
+    /// Drops this process's page-table entries for the arena
+    /// (`MADV_DONTNEED`), and nothing else: the pages and their bytes stay
+    /// in the segment, for every process, and the next touch here maps the
+    /// same page again (a minor fault). What it saves is the kernel's work
+    /// when this process dies: it tears down the process's page tables
+    /// before it closes its files, so a killed worker that kept the whole
+    /// arena mapped (65,536 entries for 256 MiB) is seen dead, by EOF on its
+    /// pipe, milliseconds late. The header's page is left mapped (every job
+    /// touches it). A fill in progress ([`Segment::populate_in_background`])
+    /// may map some pages again.
+    pub fn drop_page_tables(&self) -> std::io::Result<()> {
+        // From the first page boundary at or after the header (the header
+        // is one page where pages are 4 KiB; where they are larger, the
+        // arena's first bytes share the header's page and stay mapped).
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(HEADER_LEN, |p| p as usize);
+        let start = HEADER_LEN.next_multiple_of(page);
+        if start >= self.map.len() {
+            return Ok(());
+        }
+        // SAFETY: the range is start..len of this mapping: inside it, and
+        // page aligned (start is a multiple of the page size, and so is the
+        // mapping's address). Both backends map the segment MAP_SHARED over
+        // a shmem object (POSIX shm_open + mmap MAP_SHARED; System V shmat),
+        // and nothing here locks or remaps it. For a shared mapping of
+        // shmem, MADV_DONTNEED only removes this process's page-table
+        // entries: the pages belong to the object and keep their bytes
+        // (unlike a private mapping, where it would throw away copy-on-write
+        // copies). So no byte any reference can reach changes: a
+        // `&[u8]`/`&mut [u8]` from a claim or an arena slot, or the header,
+        // alive in this process (on this or another thread) reads the same
+        // bytes after it, the same page faulting back in, and a write made
+        // before it is in the page. It is what the kernel may do to such a
+        // mapping at any time anyway (reclaim unmaps shmem pages); it reads
+        // or writes no memory through Rust references.
+        let rc = unsafe {
+            libc::madvise(
+                self.map.as_ptr().add(start).cast::<libc::c_void>(),
+                self.map.len() - start,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// Waits until [`Segment::populate_in_background`] is done.
     pub fn wait_populated(&self) {
         let taken = self.populating.borrow_mut().take();
@@ -1539,6 +1590,67 @@ mod tests {
             taken < 64,
             "{taken} minor faults writing 2048 populated pages"
         );
+    }
+
+    /// Resident KiB of this process's mapping that starts at `addr`
+    /// (`/proc/self/smaps`: the pages it has page-table entries for).
+    fn rss_kib_at(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut ours = false;
+        for line in smaps.lines() {
+            let start = line.split_once('-').map(|(s, _)| s);
+            if let Some(start) = start.and_then(|s| usize::from_str_radix(s, 16).ok()) {
+                ours = start == addr;
+            } else if ours && line.starts_with("Rss:") {
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+        panic!("no mapping at {addr:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn dropping_page_tables_unmaps_the_arena_and_keeps_its_bytes() {
+        for n in both("drop") {
+            drop_keeps_bytes(&n);
+        }
+    }
+
+    fn drop_keeps_bytes(n: &str) {
+        const LEN: usize = 8 << 20;
+        let byte = |i: usize| b'a' + (i * 7 % 26) as u8;
+        let arena = Arena::new(Segment::create(n, LEN, 1).unwrap()).unwrap();
+        let addr = arena.segment().map.as_ptr() as usize;
+        let mut slot = arena.alloc(LEN as u64 / 2).unwrap();
+        let mut other = arena.alloc(LEN as u64 / 4).unwrap();
+        for (i, b) in arena.bytes_mut(&mut other).unwrap().iter_mut().enumerate() {
+            *b = byte(i + 1);
+        }
+        // A view still alive across the drop: its bytes stay what they were.
+        let view = arena.bytes_mut(&mut slot).unwrap();
+        for (i, b) in view.iter_mut().enumerate() {
+            *b = byte(i);
+        }
+        assert!(rss_kib_at(addr) >= (LEN / 2 + LEN / 4) as u64 / 1024);
+        arena.segment().drop_page_tables().unwrap();
+        let left = rss_kib_at(addr);
+        assert!(left <= 64, "{left} KiB still mapped after the drop");
+        assert!(view.iter().enumerate().all(|(i, &b)| b == byte(i)));
+        view[0] = b'A';
+        let bytes = arena.bytes(&other).unwrap();
+        assert!(bytes.iter().enumerate().all(|(i, &b)| b == byte(i + 1)));
+        // Another process reads them in the segment, and writes there;
+        // its write is seen here through the pages mapped again.
+        arena.segment().drop_page_tables().unwrap();
+        let r = arena.segment().check(slot.region().offset(), 8).unwrap();
+        let mut o = Opener::start(n, r, "written!");
+        let want: String = "A".chars().chain((1..8).map(|i| byte(i) as char)).collect();
+        assert_eq!(o.line(), format!("{want} 1 {}", std::process::id()));
+        assert_eq!(o.line(), "done");
+        let after = &arena.bytes(&slot).unwrap()[..9];
+        assert_eq!((&after[..8], after[8]), (&b"written!"[..], byte(8)));
+        drop(o);
+        arena.free(slot).unwrap();
+        arena.free(other).unwrap();
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! the job again on a fresh worker while `--max-attempts` allows).
 
 pub mod exec;
+mod footprint;
 mod growth;
 mod job;
 pub mod ops;
@@ -125,6 +126,7 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
         die_with_parent(expected)?;
     }
     let mut segment = open_segment(config)?;
+    let mut footprint = footprint::Footprint::default();
     let mut pipes = Pipes::open()?;
     pipes.send(&FromWorker::Ready {
         pid: std::process::id(),
@@ -132,8 +134,7 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
         streams: worker.streams(config.allow_fault_injection),
         ops: worker.names(),
     })?;
-    // Soon after ready: map the whole segment so no job pays a page fault.
-    segment.populate_in_background(std::time::Duration::from_millis(200));
+    // The segment is not mapped ahead of use: see `footprint`.
     tracing::debug!(segment = %config.segment, "worker ready");
     let (mut scratch, mut news_scratch) = (Vec::with_capacity(256), Vec::with_capacity(64));
     let mut runner = JobRunner {
@@ -170,6 +171,8 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
             Outcome::Err(e) if e.kind == ErrorKind::WorkerCrashed => Some(e.message.clone()),
             _ => None,
         };
+        // What the job may have touched of the segment: its slot, its result.
+        let touched = job.slot.len.saturating_add(done.result_len);
         let job = done.job_id;
         pipes.send(&FromWorker::Done(done))?;
         if let Some(e) = broken {
@@ -183,6 +186,7 @@ fn serve(worker: &Worker, config: &Config) -> Result<(), WorkerError> {
             while let Ok(Some(_)) = pipes.next(&mut scratch) {}
             return Err(WorkerError::Crashed { job, message });
         }
+        footprint.after_job(&segment, touched);
     }
 }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg]`: OSPS against
+//! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8]`: OSPS against
 //! the kernel's floors, and its pools against each other (the same
 //! operation built in and through a program pool; a command pool against
 //! spawning the command directly), side by side in one run, reported as
@@ -7,6 +7,7 @@
 //! OSPS are measured optimised.
 
 mod floors;
+mod kill;
 mod osps;
 mod pools;
 mod report;
@@ -27,6 +28,8 @@ pub struct Options {
     pub quick: bool,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// `--only o8`: run o8 (worker kill → noticed) alone.
+    pub only_o8: bool,
 }
 
 impl Options {
@@ -38,6 +41,10 @@ impl Options {
                 "--quick" => o.quick = true,
                 "--json" => o.json = Some(it.next().context("--json needs a path")?.into()),
                 "--plot" => o.plot = Some(it.next().context("--plot needs a path")?.into()),
+                "--only" => match it.next().map(String::as_str) {
+                    Some("o8") => o.only_o8 = true,
+                    other => bail!("--only takes o8 (the one part run alone), not {other:?}"),
+                },
                 _ => bail!("unknown option {a}"),
             }
         }
@@ -54,6 +61,9 @@ impl Options {
         }
         if let Some(p) = &self.plot {
             v.extend(["--plot".into(), abs(p)]);
+        }
+        if self.only_o8 {
+            v.extend(["--only".into(), "o8".into()]);
         }
         v
     }
@@ -77,6 +87,8 @@ pub struct Plan {
     pub idle_conns: usize,
     /// o7: jobs of the command pool, and direct spawns.
     pub spawn_jobs: usize,
+    /// o8: worker kills under load (and half as many idle).
+    pub kill_trials: usize,
 }
 
 impl Plan {
@@ -90,6 +102,7 @@ impl Plan {
                 recovery_trials: 5,
                 idle_conns: 1000,
                 spawn_jobs: 100,
+                kill_trials: 8,
             }
         } else {
             Plan {
@@ -100,6 +113,7 @@ impl Plan {
                 recovery_trials: 20,
                 idle_conns: 1000,
                 spawn_jobs: 1000,
+                kill_trials: 20,
             }
         }
     }
@@ -163,8 +177,11 @@ impl Progress {
 pub fn run_here(o: Options) -> Result<()> {
     let plan = Plan::new(o.quick);
     let dir = tempfile::Builder::new().prefix("osps-bench-").tempdir()?;
+    if o.only_o8 {
+        return only_o8(&o, &plan);
+    }
     let mut p = Progress {
-        total: 12,
+        total: 13,
         done: 0,
         started: Instant::now(),
     };
@@ -240,9 +257,36 @@ pub fn run_here(o: Options) -> Result<()> {
         pools::COMMAND_PAYLOAD
     ));
     pools::command_vs_spawn(&plan, &mut r)?;
+    p.step(&format!("o8 worker kill → noticed (default segment, 2 workers): {} kills idle, {} under sha256 load", plan.kill_trials / 2, plan.kill_trials));
+    kill::worker_kill_noticed(&plan, &mut r)?;
 
-    let table = r.table();
-    println!("{table}");
+    println!("{}", r.table());
+    write_files(&o, &r)
+}
+
+/// `--only o8`: the o8 lines and their JSON alone.
+fn only_o8(o: &Options, plan: &Plan) -> Result<()> {
+    let mut r = report::Report {
+        quick: o.quick,
+        ..Default::default()
+    };
+    eprintln!(
+        "o8 worker kill → noticed (default segment, 2 workers): {} kills idle, {} under sha256 load",
+        plan.kill_trials / 2,
+        plan.kill_trials
+    );
+    kill::worker_kill_noticed(plan, &mut r)?;
+    let mut t = String::new();
+    r.kill_table(&mut t);
+    println!("{t}");
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r.kill_json())?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn write_files(o: &Options, r: &report::Report) -> Result<()> {
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&r.json())?)?;
         eprintln!("wrote {}", path.display());

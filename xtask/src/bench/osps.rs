@@ -21,8 +21,8 @@ fn connect(inst: &Instance) -> Result<Client> {
 /// The instance measured for o1–o3: default settings, 2 workers.
 pub fn start() -> Instance {
     let inst = Instance::start("bench", &["--workers", "2"]);
-    // Steady state: let every process finish prefaulting the segment
-    // (it starts 200 ms after each is ready).
+    // Steady state: let the dispatcher finish prefaulting the segment
+    // (it starts 200 ms after it is ready; workers map what they touch).
     std::thread::sleep(Duration::from_millis(1500));
     inst
 }

@@ -43,6 +43,17 @@ pub struct Report {
     /// spawned directly.
     pub o7_osps: Vec<u64>,
     pub o7_direct: Vec<u64>,
+    /// o8: kill → `worker crashed` answered (ms), idle and under load, and
+    /// the segment the killed worker had mapped just before (KiB).
+    pub o8_idle_ms: Vec<f64>,
+    pub o8_load_ms: Vec<f64>,
+    pub o8_idle_mapped_kib: Vec<u64>,
+    pub o8_load_mapped_kib: Vec<u64>,
+    /// The floor after each kill: SIGKILL of a `sleep` → EOF on its pipe (ms).
+    pub o8_idle_floor_ms: Vec<f64>,
+    pub o8_load_floor_ms: Vec<f64>,
+    /// Calls the load clients made meanwhile.
+    pub o8_load_jobs: u64,
 }
 
 /// The `q` quantile of latencies (ns) in µs.
@@ -272,6 +283,7 @@ impl Report {
             max(&self.recovery_worker_ms)
         );
         self.pools_table(&mut t);
+        self.kill_table(&mut t);
         let _ = writeln!(
             t,
             "\n{:<44} {:>10} {:>10} {:>6}",
@@ -319,6 +331,74 @@ impl Report {
         }
     }
 
+    /// o8: worker kill → noticed.
+    pub fn kill_table(&self, t: &mut String) {
+        let _ = writeln!(
+            t,
+            "\n{:<44} {:>10} {:>10}",
+            "worker kill (default segment, 2 workers)", "value", "target"
+        );
+        let mib = |v: &[u64]| median(&v.iter().map(|&k| k as f64 / 1024.0).collect::<Vec<_>>());
+        for (what, ms, mapped, floor) in [
+            (
+                "idle",
+                &self.o8_idle_ms,
+                &self.o8_idle_mapped_kib,
+                &self.o8_idle_floor_ms,
+            ),
+            (
+                "under load",
+                &self.o8_load_ms,
+                &self.o8_load_mapped_kib,
+                &self.o8_load_floor_ms,
+            ),
+        ] {
+            let target = if what == "idle" { "" } else { "< 2" };
+            let _ = writeln!(
+                t,
+                "{:<48} {:>6.2} {:>10}",
+                format!("o8 worker kill → noticed {what}, median (ms)"),
+                median(ms),
+                target
+            );
+            let _ = writeln!(
+                t,
+                "{:<48} {:>6.2} {:>10}",
+                format!("o8 worker kill → noticed {what}, max (ms)"),
+                max(ms),
+                target
+            );
+            let _ = writeln!(
+                t,
+                "{:<44} {:>10.1}",
+                "   segment mapped by the victim, median (MiB)",
+                mib(mapped)
+            );
+            let _ = writeln!(
+                t,
+                "{:<44} {:>10}",
+                "   floor: `sleep` kill → EOF, median / max",
+                format!("{:.2} / {:.2}", median(floor), max(floor))
+            );
+        }
+    }
+
+    /// o8's part of the JSON document.
+    pub fn kill_json(&self) -> Value {
+        let mib = |v: &[u64]| median(&v.iter().map(|&k| k as f64 / 1024.0).collect::<Vec<_>>());
+        json!({
+            "idle_median": median(&self.o8_idle_ms), "idle_max": max(&self.o8_idle_ms),
+            "load_median": median(&self.o8_load_ms), "load_max": max(&self.o8_load_ms),
+            "idle_trials": self.o8_idle_ms, "load_trials": self.o8_load_ms,
+            "idle_victim_mapped_mib_median": mib(&self.o8_idle_mapped_kib),
+            "load_victim_mapped_mib_median": mib(&self.o8_load_mapped_kib),
+            "idle_victim_mapped_kib": self.o8_idle_mapped_kib, "load_victim_mapped_kib": self.o8_load_mapped_kib,
+            "idle_floor_median": median(&self.o8_idle_floor_ms), "idle_floor_max": max(&self.o8_idle_floor_ms),
+            "load_floor_median": median(&self.o8_load_floor_ms), "load_floor_max": max(&self.o8_load_floor_ms),
+            "load_jobs": self.o8_load_jobs,
+        })
+    }
+
     /// The JSON document (`--json`).
     pub fn json(&self) -> Value {
         let ratios: serde_json::Map<String, Value> = self
@@ -356,6 +436,7 @@ impl Report {
                 "worker_median": median(&self.recovery_worker_ms), "worker_max": max(&self.recovery_worker_ms),
                 "dispatcher_trials": self.recovery_dispatcher_ms, "worker_trials": self.recovery_worker_ms,
             },
+            "worker_kill_noticed_ms_o8": self.kill_json(),
         })
     }
 
@@ -495,5 +576,39 @@ mod tests {
         let j = r.json();
         assert_eq!(j["ratios"]["command_job_vs_direct_spawn"], json!(2.0));
         assert_eq!(j["pools_us"]["direct_spawn_mean_o7"], json!(600.0));
+    }
+
+    #[test]
+    fn the_worker_kill_lines_show_median_and_max_against_the_target() {
+        let r = Report {
+            o8_load_ms: vec![1.5, 0.5, 3.25, 1.0, 1.25],
+            o8_load_mapped_kib: vec![2048, 4096, 1024],
+            o8_idle_ms: vec![0.75],
+            ..Default::default()
+        };
+        let t = r.table();
+        let row = |name: &str| {
+            let l = t.lines().find(|l| l.starts_with(name));
+            let l = l.unwrap_or_else(|| panic!("no row {name} in\n{t}"));
+            l[name.len()..]
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            row("o8 worker kill → noticed under load, median (ms)"),
+            "1.25 < 2"
+        );
+        assert_eq!(
+            row("o8 worker kill → noticed under load, max (ms)"),
+            "3.25 < 2"
+        );
+        assert_eq!(row("o8 worker kill → noticed idle, max (ms)"), "0.75");
+        let j = &r.json()["worker_kill_noticed_ms_o8"];
+        assert_eq!(
+            (j["load_median"].clone(), j["load_max"].clone()),
+            (json!(1.25), json!(3.25))
+        );
+        assert_eq!(j["load_victim_mapped_mib_median"], json!(2.0));
     }
 }
