@@ -206,6 +206,10 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
             break;
         }
         entry.restarting();
+        // Let the answers just given go out before the replacement's
+        // start (a fork and exec, synchronous, well under a millisecond
+        // but not nothing) holds this thread.
+        tokio::task::yield_now().await;
     }
     if let Some(started) = next {
         discard(&shared, started).await;
