@@ -55,23 +55,74 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// A configuration file of `pools`, and the dispatcher's arguments that
+/// read it, with a top-level segment of `mib` MiB, payloads up to
+/// `payload` bytes and `extra`; the guard keeps the file.
+fn with_pools(
+    pools: &str,
+    mib: u64,
+    payload: u64,
+    extra: &[&str],
+) -> (tempfile::TempDir, Vec<String>) {
+    let (dir, file) = config_file(pools);
+    let mut args: Vec<String> = ["--config", file.to_str().unwrap(), "--segment-mib"]
+        .map(String::from)
+        .to_vec();
+    args.extend([mib.to_string(), "--max-payload".into(), payload.to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    (dir, args)
+}
+
+/// The builtin pool, and a command pool `second` (`cat`, with a 4 MiB
+/// segment) run as nobody when we are root.
+fn two_pools() -> String {
+    let user = if is_root() { "user = \"nobody\"\n" } else { "" };
+    format!(
+        "[pools.builtin]\nworkers = 1\n\n\
+         [pools.second]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n{user}"
+    )
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// SIGKILLs the supervised dispatcher and waits for the next one to serve
+/// with all its workers; returns its status.
+fn kill_dispatcher(inst: &Instance, old_pid: u32) -> StatusReport {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let st = inst.try_status()?;
+        (st.dispatcher_pid != old_pid && st.workers.iter().all(|w| w.pid != 0)).then_some(st)
+    })
+    .expect("a new dispatcher")
+}
+
+/// Runs the Python `script` as `uid` (its group the same number).
+fn python_as(uid: u32, script: &str) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("python3")
+        .args(["-c", script])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn each_pools_workers_map_their_own_segment_and_no_other() {
-    let (_dir, file) = config_file(&format!(
-        "[pools.builtin]\nworkers = 2\n\n\
+    let (_dir, args) = with_pools(
+        &format!(
+            "[pools.builtin]\nworkers = 2\n\n\
          [pools.py]\nprogram = [\"python3\", \"{}\"]\nworkers = 1\nsegment_mib = 8\n\n\
          [pools.cat]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n",
-        grower().display()
-    ));
-    let args = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment-mib",
-        "16",
-        "--max-payload",
-        "4194304",
-    ];
-    let inst = Instance::start("ct-maps", &args);
+            grower().display()
+        ),
+        16,
+        4 << 20,
+        &[],
+    );
+    let inst = Instance::start("ct-maps", &strs(&args));
     let mut c = inst.client();
     assert_eq!(c.call("upper", &[], b"abc").unwrap(), b"ABC");
     assert_eq!(c.call("cat", &[], b"through cat").unwrap(), b"through cat");
@@ -103,18 +154,9 @@ fn each_pools_workers_map_their_own_segment_and_no_other() {
 
 #[test]
 fn a_payload_larger_than_its_pools_segment_holds_is_refused_and_the_connection_kept() {
-    let (_dir, file) = config_file(
-        "[pools.small]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 1\n",
-    );
-    let args = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment-mib",
-        "16",
-        "--max-payload",
-        "4194304",
-    ];
-    let inst = Instance::start("ct-small", &args);
+    let pools = "[pools.small]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 1\n";
+    let (_dir, args) = with_pools(pools, 16, 4 << 20, &[]);
+    let inst = Instance::start("ct-small", &strs(&args));
     let mut c = inst.client();
     let big = vec![7u8; 2 << 20];
     let limit = ipc_core::SlotAllocator::max_slot_for(1 << 20) - 4096;
@@ -140,21 +182,13 @@ fn a_hostile_worker_of_another_uid_finds_nothing_of_another_pools_jobs() {
         eprintln!("skipped: needs root to run pools as other users");
         return;
     }
-    let (_dir, file) = config_file(&format!(
+    let (_dir, args) = with_pools(&format!(
         "[pools.builtin]\nworkers = 1\nuser = \"nobody\"\n\n\
          [pools.root]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\n\n\
          [pools.hostile]\nprogram = [\"python3\", \"{}\", \"scan\"]\nworkers = 1\nuser = \"daemon\"\n",
         grower().display()
-    ));
-    let args = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment-mib",
-        "16",
-        "--max-payload",
-        "4194304",
-    ];
-    let inst = Instance::start("ct-hostile", &args);
+    ), 16, 4 << 20, &[]);
+    let inst = Instance::start("ct-hostile", &strs(&args));
     let mut c = inst.client();
     let st = inst.status();
     // nobody's workers serve, as nobody, from a segment given to nobody.
@@ -212,22 +246,8 @@ fn a_hostile_worker_of_another_uid_finds_nothing_of_another_pools_jobs() {
 /// to its user (run as root); another uid cannot attach it.
 #[test]
 fn with_system_v_each_pool_has_its_own_segment_given_to_its_user() {
-    let user = if is_root() { "user = \"nobody\"\n" } else { "" };
-    let (_dir, file) = config_file(&format!(
-        "[pools.builtin]\nworkers = 1\n\n\
-         [pools.second]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n{user}"
-    ));
-    let args = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment",
-        "sysv",
-        "--segment-mib",
-        "8",
-        "--max-payload",
-        "65536",
-    ];
-    let inst = Instance::start("ct-sysv", &args);
+    let (_dir, args) = with_pools(&two_pools(), 8, 65536, &["--segment", "sysv"]);
+    let inst = Instance::start("ct-sysv", &strs(&args));
     let mut c = inst.client();
     let data = osps_testkit::noise(10_000);
     assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data));
@@ -285,13 +305,7 @@ fn another_uid_cannot_attach(b: &ipc_core::status::SegmentStatus) {
          addr = libc.shmat(shmid, None, 0o10000)\n\
          print('attached' if addr not in (None, ctypes.c_void_p(-1).value) else os.strerror(ctypes.get_errno()))\n"
     );
-    use std::os::unix::process::CommandExt;
-    let out = std::process::Command::new("python3")
-        .args(["-c", &attach])
-        .uid(1)
-        .gid(1)
-        .output()
-        .unwrap();
+    let out = python_as(1, &attach);
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(said.trim(), "Permission denied", "{out:?}");
 }
@@ -300,20 +314,8 @@ fn another_uid_cannot_attach(b: &ipc_core::status::SegmentStatus) {
 /// leaves them to the next, which removes them all.
 #[test]
 fn a_killed_dispatchers_segments_are_all_removed_by_the_next() {
-    let user = if is_root() { "user = \"nobody\"\n" } else { "" };
-    let (_dir, file) = config_file(&format!(
-        "[pools.builtin]\nworkers = 1\n\n\
-         [pools.second]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nsegment_mib = 4\n{user}"
-    ));
-    let dispatcher = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment-mib",
-        "8",
-        "--max-payload",
-        "65536",
-    ];
-    let inst = Instance::supervised("ct-killed", &[], &dispatcher);
+    let (_dir, args) = with_pools(&two_pools(), 8, 65536, &[]);
+    let inst = Instance::supervised("ct-killed", &[], &strs(&args));
     let mut c = inst.client();
     assert_eq!(c.call("cat", &[], b"before").unwrap(), b"before");
     let st = inst.status();
@@ -323,13 +325,7 @@ fn a_killed_dispatchers_segments_are_all_removed_by_the_next() {
         .map(|p| p.segment.as_ref().unwrap().path.clone())
         .collect();
     assert_eq!(old.len(), 2);
-    let old_pid = st.dispatcher_pid;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
-    let st = wait_for(Duration::from_secs(20), || {
-        let st = inst.try_status()?;
-        (st.dispatcher_pid != old_pid && st.workers.iter().all(|w| w.pid != 0)).then_some(st)
-    })
-    .expect("a new dispatcher");
+    let st = kill_dispatcher(&inst, st.dispatcher_pid);
     for path in &old {
         assert!(
             !Path::new(path).exists(),
@@ -359,9 +355,12 @@ fn a_worker_of_another_user_gets_its_own_session_and_environment_and_no_inherite
         eprintln!("skipped: needs root to run pools as other users");
         return;
     }
-    let (_dir, file) = config_file(
+    let (_dir, args) = with_pools(
         "[pools.builtin]\nworkers = 1\n\n\
          [pools.other]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nuser = \"nobody\"\nenv = { MINE = \"given\" }\n",
+        8,
+        65536,
+        &[],
     );
     // The dispatcher inherits fd 7 (not close-on-exec) and a secret variable.
     let wrapper = [
@@ -372,15 +371,7 @@ fn a_worker_of_another_user_gets_its_own_session_and_environment_and_no_inherite
         "exec 7</etc/passwd; exec \"$@\"",
         "sh",
     ];
-    let args = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment-mib",
-        "8",
-        "--max-payload",
-        "65536",
-    ];
-    let inst = Instance::start_under("ct-session", &wrapper, &args);
+    let inst = Instance::start_under("ct-session", &wrapper, &strs(&args));
     let mut c = inst.client();
     assert_eq!(c.call("cat", &[], b"served").unwrap(), b"served");
     let st = inst.status();
@@ -459,23 +450,10 @@ fn a_system_v_segment_whose_owner_changed_it_is_still_removed_after_a_crash() {
         eprintln!("skipped: needs root to run pools as other users");
         return;
     }
-    let (_dir, file) = config_file(
-        "[pools.builtin]\nworkers = 1\n\n\
-         [pools.other]\nexec = [\"cat\"]\nops = [\"cat\"]\nworkers = 1\nuser = \"nobody\"\n",
-    );
-    let dispatcher = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment",
-        "sysv",
-        "--segment-mib",
-        "8",
-        "--max-payload",
-        "65536",
-    ];
-    let inst = Instance::supervised("ct-svowner", &[], &dispatcher);
+    let (_dir, args) = with_pools(&two_pools(), 8, 65536, &["--segment", "sysv"]);
+    let inst = Instance::supervised("ct-svowner", &[], &strs(&args));
     let st = inst.status();
-    let name = pool_segment(&st, "other").name.clone();
+    let name = pool_segment(&st, "second").name.clone();
     let key = ipc_core::segment::sysv_key(&name);
     // As nobody, its owner: IPC_STAT, uid := 0, IPC_SET (shmid_ds's
     // ipc_perm.uid is at offset 4).
@@ -489,13 +467,7 @@ fn a_system_v_segment_whose_owner_changed_it_is_still_removed_after_a_crash() {
          assert libc.shmctl(shmid, 1, buf) == 0, ctypes.get_errno()\n\
          print(shmid)\n"
     );
-    use std::os::unix::process::CommandExt;
-    let out = std::process::Command::new("python3")
-        .args(["-c", &give_to_root])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let out = python_as(65534, &give_to_root);
     assert!(out.status.success(), "{out:?}");
     let ipcs = || {
         String::from_utf8(
@@ -515,13 +487,7 @@ fn a_system_v_segment_whose_owner_changed_it_is_still_removed_after_a_crash() {
         "{}",
         ipcs()
     );
-    let old_pid = st.dispatcher_pid;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
-    wait_for(Duration::from_secs(20), || {
-        let st = inst.try_status()?;
-        (st.dispatcher_pid != old_pid && st.workers.iter().all(|w| w.pid != 0)).then_some(())
-    })
-    .expect("a new dispatcher");
+    kill_dispatcher(&inst, st.dispatcher_pid);
     assert!(
         !ipc_core::segment::exists(&name),
         "{name} left:\n{}",
