@@ -463,6 +463,21 @@ pub fn run(o: Options) -> Result<()> {
     Ok(())
 }
 
+/// The ids of the System V segments our uid created (`/proc/sysvipc/shm`:
+/// key, shmid, perms, size, cpid, lpid, nattch, uid, gid, cuid, ...).
+fn sysv_segments_of_ours() -> std::collections::HashSet<u64> {
+    let euid = nix::unistd::geteuid().as_raw().to_string();
+    let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(9) == Some(&euid.as_str())).then(|| f.get(1)?.parse().ok())?
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,19 +533,4 @@ mod tests {
         assert!(!Options::parse(&[]).unwrap().builtin_only);
         assert!(Options::parse(&["--pools".into(), "3".into()]).is_err());
     }
-}
-
-/// The ids of the System V segments our uid created (`/proc/sysvipc/shm`:
-/// key, shmid, perms, size, cpid, lpid, nattch, uid, gid, cuid, ...).
-fn sysv_segments_of_ours() -> std::collections::HashSet<u64> {
-    let euid = nix::unistd::geteuid().as_raw().to_string();
-    let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(9) == Some(&euid.as_str())).then(|| f.get(1)?.parse().ok())?
-        })
-        .collect()
 }
