@@ -561,16 +561,7 @@ impl Reader<'_> {
         let span = Some(v.span());
         match name {
             "program" | "exec" => {
-                let mut argv = self.string_list(v, &shown)?;
-                let program = find_program(&argv[0])
-                    .map_err(|e| self.error(span.clone(), format!("key \"{shown}\": {e}")))?;
-                tracing::debug!(pool, program = %program.display(), "found");
-                // A path, made absolute: the workers may run elsewhere (`cwd`).
-                if argv[0].contains('/') {
-                    if let Ok(full) = std::fs::canonicalize(&program) {
-                        argv[0] = full.display().to_string();
-                    }
-                }
+                let argv = self.command(v, &shown, pool)?;
                 let slot = if name == "program" {
                     &mut p.program
                 } else {
@@ -599,17 +590,7 @@ impl Reader<'_> {
                 p.recycle_above_rss_mib = Some(self.integer(v, &shown, 1..=1 << 20)?)
             }
             "segment_mib" => p.segment_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
-            "segment" => {
-                let backend = v.get_ref().as_str().and_then(|b| b.parse().ok());
-                let Some(backend) = backend else {
-                    let names = ipc_core::Backend::ALL
-                        .map(|b| format!("\"{b}\""))
-                        .join(" or ");
-                    let message = format!("key \"{shown}\": expected {names}");
-                    return Err(self.error(span, message));
-                };
-                p.backend = Some(backend);
-            }
+            "segment" => p.backend = Some(self.backend(v, &shown)?),
             "user" | "group" => self.run_as_key(&mut p.run_as, pool, k, v)?,
             "memory_limit_mib" => {
                 let mib = self.integer(v, &shown, 0..=i64::MAX as u64)?;
@@ -634,6 +615,41 @@ impl Reader<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `program` or `exec`: the command line, its program found (and made
+    /// absolute when given as a path: the workers may run elsewhere, `cwd`).
+    fn command(
+        &self,
+        v: &Spanned<DeValue<'_>>,
+        shown: &str,
+        pool: &str,
+    ) -> Result<Vec<String>, FileError> {
+        let mut argv = self.string_list(v, shown)?;
+        let program = find_program(&argv[0])
+            .map_err(|e| self.error(Some(v.span()), format!("key \"{shown}\": {e}")))?;
+        tracing::debug!(pool, program = %program.display(), "found");
+        if argv[0].contains('/') {
+            if let Ok(full) = std::fs::canonicalize(&program) {
+                argv[0] = full.display().to_string();
+            }
+        }
+        Ok(argv)
+    }
+
+    /// `segment = "posix"` or `"sysv"`: a pool's segment backend.
+    fn backend(
+        &self,
+        v: &Spanned<DeValue<'_>>,
+        shown: &str,
+    ) -> Result<ipc_core::Backend, FileError> {
+        let backend = v.get_ref().as_str().and_then(|b| b.parse().ok());
+        backend.ok_or_else(|| {
+            let names = ipc_core::Backend::ALL
+                .map(|b| format!("\"{b}\""))
+                .join(" or ");
+            self.error(Some(v.span()), format!("key \"{shown}\": expected {names}"))
+        })
     }
 
     /// Records that pool `name` serves `ops`; refuses one another pool of
