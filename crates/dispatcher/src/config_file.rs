@@ -562,9 +562,11 @@ impl Reader<'_> {
                 let program = find_program(&argv[0])
                     .map_err(|e| self.error(span.clone(), format!("key \"{shown}\": {e}")))?;
                 tracing::debug!(pool, program = %program.display(), "found");
-                // A path, made absolute: the workers may run elsewhere (`cwd`).
+                // A path, made absolute: the workers may run elsewhere
+                // (`cwd`). Symlinks are kept: a venv's `bin/python` is one,
+                // and Python finds its venv by the path it was run as.
                 if argv[0].contains('/') {
-                    if let Ok(full) = std::fs::canonicalize(&program) {
+                    if let Ok(full) = std::path::absolute(&program) {
                         argv[0] = full.display().to_string();
                     }
                 }
