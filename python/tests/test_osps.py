@@ -127,6 +127,109 @@ class WorkerAloneTest(unittest.TestCase):
                 w.op(bad)
 
 
+class FakeServer:
+    """A Unix socket that answers the hello, reads one request per
+    connection and then does what `behave(conn, request_id)` does."""
+
+    def __init__(self, behave) -> None:
+        import socket as _socket
+        self.path = os.path.join(SCRATCH, f"fake-{random.getrandbits(32):08x}.sock")
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(16)
+        self.requests = 0
+        self.behave = behave
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:
+                f.read(8)
+                conn.sendall(wire.encode_hello(1, 0))
+                n = int.from_bytes(f.read(4), "little")
+                if n == 0:
+                    continue
+                body = wire.Reader(f.read(n))
+                req_id = body.varint()
+                body.string()
+                body.strings()
+                f.read(body.varint())
+                self.requests += 1
+                self.behave(conn, req_id)
+
+    def close(self) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+
+
+def _pong(conn, req_id: int) -> None:
+    conn.sendall(wire.encode_frame(wire.encode_varint(req_id) + b"\x00\x05") + b"pong\n")
+
+
+class RetryRulesTest(unittest.TestCase):
+    """The RetryingClient's rules, against a fake server."""
+
+    def test_a_request_whose_answer_is_lost_is_sent_at_most_4_times(self) -> None:
+        server = FakeServer(lambda conn, req_id: None)  # reads it, closes: answer lost
+        try:
+            rc = osps.RetryingClient(socket_path=server.path, deadline=30.0)
+            self.addCleanup(rc.close)
+            with self.assertRaises(osps.ResentError) as e:
+                rc.call("ping")
+            self.assertEqual((e.exception.sends, server.requests), (4, 4))
+            self.assertIsInstance(e.exception.last, osps.ConnectionLost)
+        finally:
+            server.close()
+
+    def test_waiting_for_an_answer_does_not_count_against_the_retry_deadline(self) -> None:
+        def slow(conn, req_id: int) -> None:
+            time.sleep(1.0)
+            _pong(conn, req_id)
+        server = FakeServer(slow)
+        try:
+            rc = osps.RetryingClient(socket_path=server.path, deadline=0.2)
+            self.addCleanup(rc.close)
+            self.assertEqual(rc.call("ping"), b"pong\n")
+            self.assertEqual(server.requests, 1)
+        finally:
+            server.close()
+
+    def test_shutting_down_is_sent_again_and_not_counted_as_a_lost_send(self) -> None:
+        def stopping_then_pong(conn, req_id: int) -> None:
+            if server.requests <= 5:
+                msg = wire.encode_string("the dispatcher is shutting down; retry later")
+                conn.sendall(wire.encode_frame(wire.encode_varint(req_id) + b"\x01\x06" + msg + b"\x00"))
+            else:
+                _pong(conn, req_id)
+        server = FakeServer(stopping_then_pong)
+        try:
+            rc = osps.RetryingClient(socket_path=server.path, deadline=30.0)
+            self.addCleanup(rc.close)
+            self.assertEqual(rc.call("ping"), b"pong\n")
+            self.assertEqual((server.requests, rc.retries), (6, 5))
+        finally:
+            server.close()
+
+    def test_other_answers_are_not_sent_again(self) -> None:
+        def invalid(conn, req_id: int) -> None:
+            msg = wire.encode_string("nope")
+            conn.sendall(wire.encode_frame(wire.encode_varint(req_id) + b"\x01\x07" + msg + b"\x00"))
+        server = FakeServer(invalid)
+        try:
+            rc = osps.RetryingClient(socket_path=server.path, deadline=30.0)
+            self.addCleanup(rc.close)
+            with self.assertRaises(osps.InvalidInputError):
+                rc.call("ping")
+            self.assertEqual(server.requests, 1)
+        finally:
+            server.close()
+
+
 @needs_dispatcher
 class CallTest(unittest.TestCase):
     def test_python_operations_answer_the_right_bytes(self) -> None:
@@ -322,6 +425,7 @@ class ZzRetryingTest(unittest.TestCase):
 
     def test_a_retrying_client_stops_at_once_when_no_dispatcher_runs(self) -> None:
         rc = osps.RetryingClient("nobody-runs-this", runtime_dir=SCRATCH, start_grace=0.2)
+        self.addCleanup(rc.close)
         began = time.monotonic()
         with self.assertRaises(osps.OspsConnectionError):
             rc.call("ping")

@@ -62,24 +62,74 @@ fn venv_with_package(dir: &Path) -> PathBuf {
     python
 }
 
-#[test]
-fn the_python_package_passes_its_suite_against_python_workers() {
-    let dir = tempfile::tempdir().unwrap();
-    let python = venv_with_package(dir.path());
-    let tests = python_dir().join("tests").canonicalize().unwrap();
-    let scratch = dir.path().join("scratch");
-    std::fs::create_dir(&scratch).unwrap();
+/// The configuration of the Python pools: `py` (4 workers) and, with
+/// `big`, `big` (1 worker, for the 64 MiB payload).
+fn pools(python: &Path, big: bool) -> (tempfile::TempDir, PathBuf) {
+    let cwd = python_dir().join("tests").canonicalize().unwrap();
+    let cwd = cwd.to_str().unwrap();
     let program = format!(
         "[{:?}, \"-m\", \"osps_test_workers\"",
         python.to_str().unwrap()
     );
-    let (_cfg, config) = config_file(&format!(
+    let mut text = format!(
         "[pools.builtin]\nenabled = false\n\n\
-         [pools.py]\nprogram = {program}]\ncwd = {cwd:?}\nworkers = 4\nmax_attempts = 2\nsegment_mib = 16\n\n\
-         [pools.big]\nprogram = {program}, \"big\"]\ncwd = {cwd:?}\nworkers = 1\n",
-        cwd = tests.to_str().unwrap()
-    ));
-    let mut inst = Instance::supervised(
+         [pools.py]\nprogram = {program}]\ncwd = {cwd:?}\nworkers = 4\nmax_attempts = 2\nsegment_mib = 16\n"
+    );
+    if big {
+        text +=
+            &format!("\n[pools.big]\nprogram = {program}, \"big\"]\ncwd = {cwd:?}\nworkers = 1\n");
+    }
+    config_file(&text)
+}
+
+/// Runs the Python tests named (or all) against `inst`; panics with the
+/// report unless they all pass (none skipped).
+fn run_suite(python: &Path, inst: &Instance, scratch: &Path, tests: &[&str]) {
+    let out = Command::new(python)
+        .args(["-m", "unittest", "-v"])
+        .args(if tests.is_empty() {
+            &["test_osps"][..]
+        } else {
+            tests
+        })
+        .current_dir(python_dir().join("tests"))
+        .env("OSPS_TEST_INSTANCE", inst.name())
+        .env("OSPS_TEST_RUNTIME_DIR", inst.runtime_dir())
+        .env("OSPS_TEST_SCRATCH", scratch)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("the venv's python runs");
+    let report = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{report}");
+    assert!(
+        out.status.success() && report.contains("\nOK") && !report.contains("skipped"),
+        "the Python suite failed or skipped a test ({}):\n{}{report}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Stops `inst`: nothing may be left, and Python's resource tracker never spoke.
+fn stop_clean(mut inst: Instance) {
+    inst.signal(Signal::SIGTERM);
+    assert!(
+        inst.wait_exit(Duration::from_secs(30)).is_some(),
+        "the instance did not stop; log:\n{}",
+        inst.log()
+    );
+    assert_eq!(inst.leftovers(), Vec::<String>::new());
+    let log = inst.log();
+    for word in ["resource_tracker", "leaked", "left behind"] {
+        assert!(!log.contains(word), "{word:?} in the log:\n{log}");
+    }
+}
+
+#[test]
+fn the_python_package_passes_its_suite_against_python_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = venv_with_package(dir.path());
+    let (_cfg, config) = pools(&python, true);
+    let inst = Instance::supervised(
         "pypkg",
         &["--max-restarts", "20", "--within", "60"],
         &[
@@ -91,34 +141,40 @@ fn the_python_package_passes_its_suite_against_python_workers() {
             "70000000",
         ],
     );
-    let out = Command::new(&python)
-        .args(["-m", "unittest", "-v", "test_osps"])
-        .current_dir(&tests)
-        .env("OSPS_TEST_INSTANCE", inst.name())
-        .env("OSPS_TEST_RUNTIME_DIR", inst.runtime_dir())
-        .env("OSPS_TEST_SCRATCH", &scratch)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .expect("the venv's python runs");
-    let report = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{report}");
-    assert!(
-        out.status.success() && report.contains("\nOK"),
-        "the Python suite failed ({}):\n{}{report}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
+    run_suite(&python, &inst, dir.path(), &[]);
+    stop_clean(inst);
+}
+
+#[test]
+fn python_workers_serve_from_a_system_v_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = venv_with_package(dir.path());
+    let (_cfg, config) = pools(&python, false);
+    let inst = Instance::start(
+        "pysysv",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--segment",
+            "sysv",
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "4194304",
+        ],
     );
-    assert!(!report.contains("skipped"), "a test was skipped:\n{report}");
-    // Stop: nothing left, and Python's resource tracker never spoke.
-    inst.signal(Signal::SIGTERM);
-    assert!(
-        inst.wait_exit(Duration::from_secs(30)).is_some(),
-        "the watchdog did not stop; log:\n{}",
-        inst.log()
+    assert!(osps_testkit::pool_segment(&inst.status(), "py")
+        .name
+        .starts_with("sysv:"));
+    run_suite(
+        &python,
+        &inst,
+        dir.path(),
+        &[
+            "test_osps.CallTest.test_python_operations_answer_the_right_bytes",
+            "test_osps.CallTest.test_a_result_larger_than_the_slot_grows_into_a_result_area",
+            "test_osps.CallTest.test_an_exception_is_a_typed_error_naming_it",
+        ],
     );
-    assert_eq!(inst.leftovers(), Vec::<String>::new());
-    let log = inst.log();
-    for word in ["resource_tracker", "leaked", "left behind"] {
-        assert!(!log.contains(word), "{word:?} in the log:\n{log}");
-    }
+    stop_clean(inst);
 }
