@@ -39,11 +39,14 @@ fn run(cmd: &mut Command, what: &str) -> String {
 
 /// A venv in `dir` with the package installed from a copy of `python/`
 /// (so the build leaves nothing in the source tree); returns its python.
+/// The venv is made by `python3`, or by `$OSPS_TEST_PYTHON` (e.g.
+/// `python3.9`) to try another version.
 fn venv_with_package(dir: &Path) -> PathBuf {
     let venv = dir.join("venv");
+    let base = std::env::var("OSPS_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     run(
-        Command::new("python3").arg("-m").arg("venv").arg(&venv),
-        "python3 -m venv",
+        Command::new(&base).arg("-m").arg("venv").arg(&venv),
+        &format!("{base} -m venv"),
     );
     let copy = dir.join("src");
     run(
