@@ -6,6 +6,7 @@ osps_test_workers.py, and sets:
 
     OSPS_TEST_INSTANCE, OSPS_TEST_RUNTIME_DIR  where the dispatcher is
     OSPS_TEST_SCRATCH                         a directory for the tests' files
+    OSPS_TEST_TOKEN_FILE                      the token of the dispatcher's TCP port
 
 Standard library only (unittest). The tests that need no dispatcher
 (wire encoding, a worker run alone) run anywhere.
@@ -256,6 +257,20 @@ class CallTest(unittest.TestCase):
                 rid, result = c.recv()
                 self.assertEqual(result, sent.pop(rid))
             self.assertEqual(sent, {})
+
+    @unittest.skipUnless(os.environ.get("OSPS_TEST_TOKEN_FILE"), "no TCP port with a token")
+    def test_tcp_with_a_token(self) -> None:
+        with connect() as c:
+            tcp = c.status()["tcp"]
+        token_file = os.environ["OSPS_TEST_TOKEN_FILE"]
+        with osps.connect(tcp=tcp, token_file=token_file) as c:
+            self.assertEqual(c.call("pyupper", b"over tcp"), b"OVER TCP")
+        with self.assertRaises(osps.HelloRefused) as e:
+            osps.connect(tcp=tcp, token=b"not-the-token-0123456789")
+        self.assertEqual(e.exception.status, 3)  # denied
+        rc = osps.RetryingClient(tcp=tcp, token_file=token_file)
+        self.addCleanup(rc.close)
+        self.assertEqual(rc.call("pyupper", b"retrying"), b"RETRYING")
 
     def test_status_lists_the_pools(self) -> None:
         with connect() as c:

@@ -88,6 +88,7 @@ fn pools(python: &Path, big: bool) -> (tempfile::TempDir, PathBuf) {
 /// Runs the Python tests named (or all) against `inst`; panics with the
 /// report unless they all pass (none skipped).
 fn run_suite(python: &Path, inst: &Instance, scratch: &Path, tests: &[&str]) {
+    let token_file = scratch.join("token");
     let out = Command::new(python)
         .args(["-m", "unittest", "-v"])
         .args(if tests.is_empty() {
@@ -99,6 +100,7 @@ fn run_suite(python: &Path, inst: &Instance, scratch: &Path, tests: &[&str]) {
         .env("OSPS_TEST_INSTANCE", inst.name())
         .env("OSPS_TEST_RUNTIME_DIR", inst.runtime_dir())
         .env("OSPS_TEST_SCRATCH", scratch)
+        .env("OSPS_TEST_TOKEN_FILE", &token_file)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .expect("the venv's python runs");
@@ -132,6 +134,8 @@ fn the_python_package_passes_its_suite_against_python_workers() {
     let dir = tempfile::tempdir().unwrap();
     let python = venv_with_package(dir.path());
     let (_cfg, config) = pools(&python, true);
+    let token_file = dir.path().join("token");
+    osps_testkit::write_token_file(&token_file, b"python-package-token-0123456789");
     let inst = Instance::supervised(
         "pypkg",
         &["--max-restarts", "20", "--within", "60"],
@@ -142,6 +146,10 @@ fn the_python_package_passes_its_suite_against_python_workers() {
             "72",
             "--max-payload",
             "70000000",
+            "--tcp",
+            "127.0.0.1:0",
+            "--token-file",
+            token_file.to_str().unwrap(),
         ],
     );
     run_suite(&python, &inst, dir.path(), &[]);
