@@ -292,8 +292,22 @@ pub fn run(o: Options) -> Result<()> {
             p.ops.join(" "),
             p.program.join(" ")
         );
+        let seg = p.segment.as_ref();
+        println!(
+            "                 as {}  {} segment of {} MiB  memory limit {}",
+            p.run_as
+                .as_ref()
+                .map_or("the dispatcher's user", |r| r.user.as_str()),
+            seg.map_or("?", |s| s.backend.as_str()),
+            seg.map_or(0, |s| s.size >> 20),
+            p.memory_limit_mib
+                .map_or("none".into(), |m| format!("{m} MiB"))
+        );
     }
     let watchdog = inst.pid();
+    // System V segments have no file to find afterwards: any of ours made
+    // during the run and still there after the stop is a leak.
+    let sysv_before = sysv_segments_of_ours();
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
     let clients: Vec<_> = (0..o.clients)
@@ -367,6 +381,11 @@ pub fn run(o: Options) -> Result<()> {
         .context("watchdog did not exit")?;
     thread::sleep(Duration::from_millis(200));
     let mut leaks = inst.leftovers();
+    leaks.extend(
+        sysv_segments_of_ours()
+            .difference(&sysv_before)
+            .map(|id| format!("System V segment id {id}")),
+    );
     // What the instance started and the leftovers' patterns cannot name
     // (the program pool's workers run with their own argv, a command
     // pool's per-job processes with the command's): anything still under
@@ -442,6 +461,21 @@ pub fn run(o: Options) -> Result<()> {
     }
     println!("\nchaos OK");
     Ok(())
+}
+
+/// The ids of the System V segments our uid created (`/proc/sysvipc/shm`:
+/// key, shmid, perms, size, cpid, lpid, nattch, uid, gid, cuid, ...).
+fn sysv_segments_of_ours() -> std::collections::HashSet<u64> {
+    let euid = nix::unistd::geteuid().as_raw().to_string();
+    let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(9) == Some(&euid.as_str())).then(|| f.get(1)?.parse().ok())?
+        })
+        .collect()
 }
 
 #[cfg(test)]

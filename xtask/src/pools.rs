@@ -81,7 +81,8 @@ pub fn toml_array<S: AsRef<str>>(items: &[S]) -> String {
 /// (builtin 256 MiB per worker, the program pool 128, the command pool
 /// 64) and, run as root, another user: builtin as root, the program pool
 /// as `nobody`, the command pool as `daemon` (so no pool can open
-/// another's segment).
+/// another's segment); the command pool's segment is System V, the
+/// others' POSIX.
 pub fn three_pools(program: &Path, n: Sizes) -> String {
     let root = nix::unistd::geteuid().is_root();
     let user = |name: &str| {
@@ -95,7 +96,7 @@ pub fn three_pools(program: &Path, n: Sizes) -> String {
         "# Written by cargo xtask: the three kinds of pools.\n\n\
          [pools.builtin]\nworkers = {}\nmemory_limit_mib = 256\n\n\
          [pools.{PROGRAM_POOL}]\nprogram = {}\nworkers = {}\nsegment_mib = 16\nmemory_limit_mib = 128\n{}\n\
-         [pools.{EXEC_POOL}]\nexec = {}\nops = [{EXEC_OP:?}]\nworkers = {}\nsegment_mib = 8\nmemory_limit_mib = 64\n{}",
+         [pools.{EXEC_POOL}]\nexec = {}\nops = [{EXEC_OP:?}]\nworkers = {}\nsegment_mib = 8\nsegment = \"sysv\"\nmemory_limit_mib = 64\n{}",
         n.builtin,
         toml_array(&[program.display().to_string()]),
         n.program,

@@ -44,6 +44,7 @@ const POOL_KEYS: &[&str] = &[
     "recycle_after_jobs",
     "recycle_above_rss_mib",
     "segment_mib",
+    "segment",
     "memory_limit_mib",
 ];
 
@@ -503,6 +504,7 @@ impl Reader<'_> {
             recycle_after_jobs: p.recycle_after_jobs,
             recycle_above_rss_mib: p.recycle_above_rss_mib,
             segment_mib: p.segment_mib,
+            backend: p.backend,
             run_as: self.resolve_run_as(&p.run_as)?,
             memory_limit_mib: p.memory_limit_mib,
             env: std::mem::take(&mut p.env),
@@ -529,6 +531,7 @@ struct PoolKeys {
     recycle_after_jobs: Option<u64>,
     recycle_above_rss_mib: Option<u64>,
     segment_mib: Option<u64>,
+    backend: Option<ipc_core::Backend>,
     run_as: RunAsKeys,
     memory_limit_mib: Option<u64>,
     env: Vec<(String, String)>,
@@ -598,6 +601,17 @@ impl Reader<'_> {
                 p.recycle_above_rss_mib = Some(self.integer(v, &shown, 1..=1 << 20)?)
             }
             "segment_mib" => p.segment_mib = Some(self.integer(v, &shown, 1..=1 << 20)?),
+            "segment" => {
+                let backend = v.get_ref().as_str().and_then(|b| b.parse().ok());
+                let Some(backend) = backend else {
+                    let names = ipc_core::Backend::ALL
+                        .map(|b| format!("\"{b}\""))
+                        .join(" or ");
+                    let message = format!("key \"{shown}\": expected {names}");
+                    return Err(self.error(span, message));
+                };
+                p.backend = Some(backend);
+            }
             "user" | "group" => self.run_as_key(&mut p.run_as, pool, k, v)?,
             "memory_limit_mib" => {
                 let mib = self.integer(v, &shown, 0..=i64::MAX as u64)?;

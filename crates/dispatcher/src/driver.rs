@@ -177,21 +177,7 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
         // What its jobs left behind (now ours): killed and reaped.
         shared.orphans.sweep();
         entry.ended();
-        let swap = if recycle.due {
-            recycle.ready.take()
-        } else {
-            None
-        };
-        if let Some(fresh) = swap {
-            tracing::info!(
-                pool = p.name(),
-                worker = index,
-                pid = worker.pid,
-                new_pid = fresh.pid,
-                "worker recycled {}: {status}",
-                recycle.cause.unwrap_or(RecycleCause::Jobs(recycle.jobs))
-            );
-            entry.recycled(matches!(recycle.cause, Some(RecycleCause::Rss(_))));
+        if let Some(fresh) = recycled(p, index, worker.pid, &mut recycle, &status) {
             next = Some(Box::pin(std::future::ready(Ok(fresh))));
             continue;
         }
@@ -207,13 +193,40 @@ pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watc
         }
         entry.restarting();
         // Let the answers just given go out before the replacement's
-        // start (a fork and exec, synchronous, well under a millisecond
-        // but not nothing) holds this thread.
+        // start (a synchronous fork and exec) holds this thread.
         tokio::task::yield_now().await;
     }
     if let Some(started) = next {
         discard(&shared, started).await;
     }
+}
+
+/// The replacement of a worker that ended because it was due for
+/// recycling (started and ready already), counted and logged.
+fn recycled(
+    p: &Pool,
+    index: usize,
+    pid: u32,
+    recycle: &mut Recycle,
+    status: &str,
+) -> Option<Worker> {
+    let fresh = if recycle.due {
+        recycle.ready.take()?
+    } else {
+        return None;
+    };
+    tracing::info!(
+        pool = p.name(),
+        worker = index,
+        pid,
+        new_pid = fresh.pid,
+        "worker recycled {}: {status}",
+        recycle.cause.unwrap_or(RecycleCause::Jobs(recycle.jobs))
+    );
+    p.workers
+        .get(index)
+        .recycled(matches!(recycle.cause, Some(RecycleCause::Rss(_))));
+    Some(fresh)
 }
 
 /// Says how a pool's memory limit is enforced, if it has one (once: for

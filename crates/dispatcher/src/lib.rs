@@ -300,6 +300,7 @@ impl Config {
             recycle_after_jobs: None,
             recycle_above_rss_mib: None,
             segment_mib: None,
+            backend: None,
             run_as: self.builtin_run_as.clone(),
             memory_limit_mib: None,
             env: Vec::new(),
@@ -328,6 +329,7 @@ impl Config {
                 recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
                 recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
                 segment_mib: p.segment_mib.unwrap_or(self.segment_mib),
+                backend: p.backend.unwrap_or(self.backend),
                 run_as: p.run_as,
                 memory_limit_mib: p.memory_limit_mib.or(self.memory_limit_mib),
                 env: p.env,
@@ -645,7 +647,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
         .pools()
         .iter()
         .map(|p| ipc_core::start::Wanted {
-            backend: config.backend,
+            backend: p.backend,
             arena_len: (p.segment_mib * MIB) as usize,
             owner: p.run_as.as_ref().map(|r| (r.uid, r.gid)),
         })

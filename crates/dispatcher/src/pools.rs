@@ -60,6 +60,8 @@ pub struct PoolSpec {
     pub recycle_above_rss_mib: Option<u64>,
     /// Its segment's arena, in MiB.
     pub segment_mib: Option<u64>,
+    /// Its segment's backend (`segment = "posix"` or `"sysv"`).
+    pub backend: Option<ipc_core::Backend>,
     /// Whom its workers run as (`user`, `group`; `None`: the dispatcher's uid).
     pub run_as: Option<RunAs>,
     pub memory_limit_mib: Option<u64>,
@@ -91,6 +93,8 @@ pub struct PoolConfig {
     pub recycle_above_rss_mib: Option<u64>,
     /// Its segment's arena, in MiB.
     pub segment_mib: u64,
+    /// Its segment's backend.
+    pub backend: ipc_core::Backend,
     /// Whom its workers run as (`None`: the dispatcher's uid).
     pub run_as: Option<RunAs>,
     /// Its workers' memory limit in MiB (`None`: none), enforced by

@@ -312,6 +312,11 @@ fn a_bad_file_is_refused_at_start_with_the_file_line_and_key() {
             4,
             "key \"pools.z.segment_mib\": 0 is not in 1..=1048576",
         ),
+        (
+            "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nsegment = \"tmpfs\"\n",
+            4,
+            "key \"pools.z.segment\": expected \"posix\" or \"sysv\"",
+        ),
         // Not TOML: the parser's own words, on the line.
         ("segment_mib = 8\nworkers = \n", 2, ""),
     ];

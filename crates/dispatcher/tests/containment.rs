@@ -494,3 +494,32 @@ fn a_system_v_segment_whose_owner_changed_it_is_still_removed_after_a_crash() {
         ipcs()
     );
 }
+
+/// A pool may have a System V segment of its own (`segment = "sysv"`, the
+/// choice for untrusted code: its size cannot change) beside POSIX ones.
+#[test]
+fn a_pool_may_have_a_system_v_segment_beside_posix_ones() {
+    let pools = format!("{}segment = \"sysv\"\n", two_pools());
+    let (_dir, args) = with_pools(&pools, 8, 65536, &[]);
+    let mut inst = Instance::start("ct-mixed", &strs(&args));
+    let mut c = inst.client();
+    let data = osps_testkit::noise(5000);
+    assert_eq!(c.call("cat", &[], &data).unwrap(), data);
+    assert_eq!(c.call("sha256", &[], &data).unwrap(), sha256_line(&data));
+    let st = inst.status();
+    let (a, b) = (pool_segment(&st, "builtin"), pool_segment(&st, "second"));
+    assert_eq!((a.backend.as_str(), b.backend.as_str()), ("posix", "sysv"));
+    assert!(b.name.starts_with(ipc_core::segment::SYSV_PREFIX), "{b:?}");
+    let names = [a.name.clone(), b.name.clone()];
+    drop(c);
+    inst.signal(Signal::SIGTERM);
+    assert!(inst
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    for name in &names {
+        assert!(
+            !ipc_core::segment::exists(name),
+            "{name} left after the stop"
+        );
+    }
+}

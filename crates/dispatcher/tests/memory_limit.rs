@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ipc_core::proto::ErrorKind;
 use osps_client::ClientError;
@@ -288,4 +289,72 @@ fn a_limit_of_zero_or_too_small_is_refused_with_the_line_and_why() {
         err.contains("0 MiB would leave a worker no memory at all"),
         "{err}"
     );
+}
+
+/// A worker of a limited pool that floods its stderr, while the
+/// dispatcher's stderr drains slowly, holds up only itself: another pool's
+/// calls are answered at once (its stderr is forwarded on a thread of its
+/// own, not on the event loop).
+#[test]
+fn a_limited_worker_flooding_its_stderr_holds_up_no_other_pool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("stderr");
+    let reader_pid = tmp.path().join("reader.pid");
+    // Reads 4 KiB every 50 ms: a log pipe that drains slowly.
+    let slow = "import sys, time\nf = open(sys.argv[1], 'rb', buffering=0)\nwhile f.read(4096):\n    time.sleep(0.05)\n";
+    let script = format!(
+        "mkfifo {fifo}; (python3 -c \"$0\" {fifo} & echo $! > {pid}); exec \"$@\" 2>{fifo}",
+        fifo = fifo.display(),
+        pid = reader_pid.display()
+    );
+    let wrapper = ["sh", "-c", &script, slow];
+    let grower = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/grower.py");
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nworkers = 1\n\n[pools.spew]\nprogram = [\"sh\", \"-c\", \"yes flooding-the-log-of-the-dispatcher >&2 & exec python3 {}\"]\nworkers = 1\nmemory_limit_mib = 64\n",
+        grower.display()
+    ));
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    // The slow reader (a child of ours once its shell is gone): killed
+    // and reaped however the test ends.
+    struct Reader(std::path::PathBuf);
+    impl Drop for Reader {
+        fn drop(&mut self) {
+            let Some(pid) = std::fs::read_to_string(&self.0)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                return;
+            };
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+    let _reader = Reader(reader_pid.clone());
+    let inst = Instance::start_under("ml-flood", &wrapper, &args);
+    let mut c = inst.client();
+    let began = Instant::now();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(c.call("upper", &[], b"quick").unwrap(), b"QUICK");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "a call took {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    drop(c);
+    drop(inst);
 }
