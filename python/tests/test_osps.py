@@ -298,6 +298,29 @@ class CallTest(unittest.TestCase):
 
 
 @needs_dispatcher
+class ExampleTest(unittest.TestCase):
+    """python/examples/untrusted.py, served as the pool `untrusted`."""
+
+    def test_the_example_parses_untrusted_input_and_refuses_bad_input_by_kind(self) -> None:
+        import io
+        import json
+        import zipfile
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("a.txt", "hello")
+        with connect() as c:
+            got = json.loads(c.call("xmlstats", b"<a><b/><b>text</b></a>"))
+            self.assertEqual(got, {"elements": 3, "root": "a", "tags": {"a": 1, "b": 2}})
+            self.assertEqual(c.call("zipindex", buf.getvalue()),
+                             b"5\t" + hashlib.sha256(b"hello").hexdigest().encode() + b"\ta.txt\n")
+            with self.assertRaises(osps.InvalidInputError) as e:
+                c.call("xmlstats", b"<a><b></a>")
+            self.assertIn("not well-formed XML: mismatched tag", e.exception.message)
+            with self.assertRaises(osps.InvalidInputError):
+                c.call("zipindex", b"not a zip")
+
+
+@needs_dispatcher
 class LoadTest(unittest.TestCase):
     def test_100_concurrent_clients_of_50_calls_each_get_correct_bytes(self) -> None:
         failures: List[str] = []

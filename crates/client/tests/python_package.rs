@@ -66,7 +66,8 @@ fn venv_with_package(dir: &Path) -> PathBuf {
 }
 
 /// The configuration of the Python pools: `py` (4 workers) and, with
-/// `big`, `big` (1 worker, for the 64 MiB payload).
+/// `big`, `big` (1 worker, for the 64 MiB payload) and `untrusted` (the
+/// example `python/examples/untrusted.py`).
 fn pools(python: &Path, big: bool) -> (tempfile::TempDir, PathBuf) {
     let cwd = python_dir().join("tests").canonicalize().unwrap();
     let cwd = cwd.to_str().unwrap();
@@ -81,6 +82,12 @@ fn pools(python: &Path, big: bool) -> (tempfile::TempDir, PathBuf) {
     if big {
         text +=
             &format!("\n[pools.big]\nprogram = {program}, \"big\"]\ncwd = {cwd:?}\nworkers = 1\n");
+        let examples = python_dir().join("examples").canonicalize().unwrap();
+        text += &format!(
+            "\n[pools.untrusted]\nprogram = [{:?}, \"-m\", \"untrusted\"]\ncwd = {:?}\nworkers = 1\n",
+            python.to_str().unwrap(),
+            examples.to_str().unwrap()
+        );
     }
     config_file(&text)
 }
