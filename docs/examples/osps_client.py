@@ -4,6 +4,10 @@
 Written from docs/PROTOCOL.md alone, as a check that the document is enough
 to talk to the dispatcher. Section numbers in comments refer to that document.
 
+For programs, prefer the package in python/ (`pip install ./python`,
+`import osps`): the same client with typed exceptions and a retrying
+client, and an SDK to write workers in Python.
+
 Command line:
 
     osps_client.py [--socket PATH | --tcp HOST:PORT | --instance NAME] OP [ARGS...]

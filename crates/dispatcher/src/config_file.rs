@@ -548,6 +548,29 @@ struct RunAsKeys {
 }
 
 impl Reader<'_> {
+    /// A pool's `program` or `exec`: its argv, the program found (in
+    /// `PATH` without a `/`) and, given as a path, made absolute: the
+    /// workers may run elsewhere (`cwd`). Symlinks are kept: a venv's
+    /// `bin/python` is one, and Python finds its venv by the path it was
+    /// run as.
+    fn program_argv(
+        &mut self,
+        pool: &str,
+        v: &Spanned<DeValue<'_>>,
+        shown: &str,
+    ) -> Result<Vec<String>, FileError> {
+        let mut argv = self.string_list(v, shown)?;
+        let program = find_program(&argv[0])
+            .map_err(|e| self.error(Some(v.span()), format!("key \"{shown}\": {e}")))?;
+        tracing::debug!(pool, program = %program.display(), "found");
+        if argv[0].contains('/') {
+            if let Ok(full) = std::path::absolute(&program) {
+                argv[0] = full.display().to_string();
+            }
+        }
+        Ok(argv)
+    }
+
     /// One key of a pool of its own, checked.
     fn pool_key(
         &mut self,
@@ -561,7 +584,7 @@ impl Reader<'_> {
         let span = Some(v.span());
         match name {
             "program" | "exec" => {
-                let argv = self.command(v, &shown, pool)?;
+                let argv = self.program_argv(pool, v, &shown)?;
                 let slot = if name == "program" {
                     &mut p.program
                 } else {
@@ -615,26 +638,6 @@ impl Reader<'_> {
             }
         }
         Ok(())
-    }
-
-    /// `program` or `exec`: the command line, its program found (and made
-    /// absolute when given as a path: the workers may run elsewhere, `cwd`).
-    fn command(
-        &self,
-        v: &Spanned<DeValue<'_>>,
-        shown: &str,
-        pool: &str,
-    ) -> Result<Vec<String>, FileError> {
-        let mut argv = self.string_list(v, shown)?;
-        let program = find_program(&argv[0])
-            .map_err(|e| self.error(Some(v.span()), format!("key \"{shown}\": {e}")))?;
-        tracing::debug!(pool, program = %program.display(), "found");
-        if argv[0].contains('/') {
-            if let Ok(full) = std::fs::canonicalize(&program) {
-                argv[0] = full.display().to_string();
-            }
-        }
-        Ok(argv)
     }
 
     /// `segment = "posix"` or `"sysv"`: a pool's segment backend.
