@@ -1,7 +1,8 @@
-//! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8]`: OSPS against
+//! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8|o9]`: OSPS against
 //! the kernel's floors, and its pools against each other (the same
 //! operation built in and through a program pool; a command pool against
-//! spawning the command directly), side by side in one run, reported as
+//! spawning the command directly; Python workers against Python's
+//! `ProcessPoolExecutor`), side by side in one run, reported as
 //! ratios (the machine is shared and noisy: only ratios hold). The outer command builds
 //! the release binaries and re-runs itself from them, so both the floors and
 //! OSPS are measured optimised.
@@ -10,6 +11,7 @@ mod floors;
 mod kill;
 mod osps;
 mod pools;
+mod python;
 mod report;
 
 use std::path::PathBuf;
@@ -28,8 +30,17 @@ pub struct Options {
     pub quick: bool,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
-    /// `--only o8`: run o8 (worker kill → noticed) alone.
-    pub only_o8: bool,
+    /// `--only o8` or `--only o9`: run that part alone.
+    pub only: Option<Only>,
+}
+
+/// The parts `--only` runs alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    /// Worker kill → noticed.
+    O8,
+    /// Python workers against `ProcessPoolExecutor`.
+    O9,
 }
 
 impl Options {
@@ -42,8 +53,9 @@ impl Options {
                 "--json" => o.json = Some(it.next().context("--json needs a path")?.into()),
                 "--plot" => o.plot = Some(it.next().context("--plot needs a path")?.into()),
                 "--only" => match it.next().map(String::as_str) {
-                    Some("o8") => o.only_o8 = true,
-                    other => bail!("--only takes o8 (the one part run alone), not {other:?}"),
+                    Some("o8") => o.only = Some(Only::O8),
+                    Some("o9") => o.only = Some(Only::O9),
+                    other => bail!("--only takes o8 or o9 (the parts run alone), not {other:?}"),
                 },
                 _ => bail!("unknown option {a}"),
             }
@@ -62,8 +74,10 @@ impl Options {
         if let Some(p) = &self.plot {
             v.extend(["--plot".into(), abs(p)]);
         }
-        if self.only_o8 {
-            v.extend(["--only".into(), "o8".into()]);
+        match self.only {
+            Some(Only::O8) => v.extend(["--only".into(), "o8".into()]),
+            Some(Only::O9) => v.extend(["--only".into(), "o9".into()]),
+            None => {}
         }
         v
     }
@@ -89,6 +103,8 @@ pub struct Plan {
     pub spawn_jobs: usize,
     /// o8: worker kills under load (and half as many idle).
     pub kill_trials: usize,
+    /// o9: seconds of each turn of each side (two turns per case).
+    pub py_secs: f64,
 }
 
 impl Plan {
@@ -103,6 +119,7 @@ impl Plan {
                 idle_conns: 1000,
                 spawn_jobs: 100,
                 kill_trials: 8,
+                py_secs: 0.25,
             }
         } else {
             Plan {
@@ -114,6 +131,7 @@ impl Plan {
                 idle_conns: 1000,
                 spawn_jobs: 1000,
                 kill_trials: 20,
+                py_secs: 1.5,
             }
         }
     }
@@ -177,11 +195,13 @@ impl Progress {
 pub fn run_here(o: Options) -> Result<()> {
     let plan = Plan::new(o.quick);
     let dir = tempfile::Builder::new().prefix("osps-bench-").tempdir()?;
-    if o.only_o8 {
-        return only_o8(&o, &plan);
+    match o.only {
+        Some(Only::O8) => return only_o8(&o, &plan),
+        Some(Only::O9) => return only_o9(&o, &plan),
+        None => {}
     }
     let mut p = Progress {
-        total: 13,
+        total: 14,
         done: 0,
         started: Instant::now(),
     };
@@ -259,6 +279,8 @@ pub fn run_here(o: Options) -> Result<()> {
     pools::command_vs_spawn(&plan, &mut r)?;
     p.step(&format!("o8 worker kill → noticed (default segment, 2 workers): {} kills idle, {} under sha256 load", plan.kill_trials / 2, plan.kill_trials));
     kill::worker_kill_noticed(&plan, &mut r)?;
+    p.step(O9_STEP);
+    python::python_vs_executor(&plan, &mut r)?;
 
     println!("{}", r.table());
     write_files(&o, &r)
@@ -281,6 +303,28 @@ fn only_o8(o: &Options, plan: &Plan) -> Result<()> {
     println!("{t}");
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&r.kill_json())?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// o9's progress line.
+const O9_STEP: &str = "o9 Python workers through OSPS vs ProcessPoolExecutor, same functions and python3: 64 B and 16 MiB calls/s at 1 and 8 callers, 100 pending calls with one crashing";
+
+/// `--only o9`: the o9 lines and their JSON alone.
+fn only_o9(o: &Options, plan: &Plan) -> Result<()> {
+    let mut r = report::Report {
+        quick: o.quick,
+        ..Default::default()
+    };
+    eprintln!("{O9_STEP}");
+    python::python_vs_executor(plan, &mut r)?;
+    let mut t = String::new();
+    r.python_table(&mut t);
+    r.ratio_rows(&mut t, &r.python_ratios());
+    println!("{t}");
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r.python_json())?)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -403,4 +447,21 @@ where
         .into_inner()
         .expect("lock");
     Ok((count.load(Ordering::Relaxed) as f64 / secs, lat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_takes_o8_or_o9_and_passes_it_on() {
+        let parse =
+            |a: &[&str]| Options::parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        for (arg, only) in [("o8", Only::O8), ("o9", Only::O9)] {
+            let o = parse(&["--quick", "--only", arg]).unwrap();
+            assert_eq!(o.only, Some(only));
+            assert_eq!(o.to_args(), ["--quick", "--only", arg]);
+        }
+        assert!(parse(&["--only", "o7"]).is_err());
+    }
 }

@@ -54,7 +54,44 @@ pub struct Report {
     pub o8_load_floor_ms: Vec<f64>,
     /// Calls the load clients made meanwhile.
     pub o8_load_jobs: u64,
+    /// o9: Python workers through OSPS against `ProcessPoolExecutor`.
+    pub py: PyBench,
 }
+
+/// o9's figures.
+#[derive(Debug, Default)]
+pub struct PyBench {
+    /// Calls per second, [OSPS, executor], of: 64 B at 1 and 8 callers,
+    /// 16 MiB at 1 and 8 callers.
+    pub rps: [[f64; 2]; 4],
+    /// The crash trial, [OSPS, executor].
+    pub crash: [PyCrash; 2],
+    /// Pending calls of the crash trial.
+    pub calls: u64,
+    /// Worker processes on each side.
+    pub workers: u64,
+    /// The interpreter's version.
+    pub python: String,
+}
+
+/// One side of o9's crash trial.
+#[derive(Debug, Default, Clone)]
+pub struct PyCrash {
+    /// Calls that failed.
+    pub failed: u64,
+    /// From submitting the first call to the last answer.
+    pub secs: f64,
+    /// The error(s) the failed calls got (type names).
+    pub error: String,
+}
+
+/// o9's cases, in `PyBench::rps` order: (JSON key, table label).
+const PY_CASES: [(&str, &str); 4] = [
+    ("small_c1", "64 B, 1 caller"),
+    ("small_c8", "64 B, 8 callers"),
+    ("16mib_c1", "16 MiB sha256, 1 caller"),
+    ("16mib_c8", "16 MiB sha256, 8 callers"),
+];
 
 /// The `q` quantile of latencies (ns) in µs.
 pub fn pct(v: &[u64], q: f64) -> f64 {
@@ -89,7 +126,34 @@ fn lat(v: &[u64]) -> Value {
 const GB: f64 = 1e9;
 
 impl Report {
-    fn ratios(&self) -> [(&'static str, f64, &'static str); 8] {
+    fn ratios(&self) -> Vec<(&'static str, f64, &'static str)> {
+        let mut v = self.core_ratios().to_vec();
+        v.extend(self.python_ratios());
+        v
+    }
+
+    /// o9's ratios: OSPS over the executor, and failed calls of the crash trial.
+    pub fn python_ratios(&self) -> [(&'static str, f64, &'static str); 6] {
+        let x = |i: usize| self.py.rps[i][0] / self.py.rps[i][1];
+        [
+            ("python_small_c1_vs_executor", x(0), ">= 1"),
+            ("python_small_c8_vs_executor", x(1), ">= 1"),
+            ("python_16mib_c1_vs_executor", x(2), ">= 3"),
+            ("python_16mib_c8_vs_executor", x(3), ">= 3"),
+            (
+                "python_crash_failed_osps",
+                self.py.crash[0].failed as f64,
+                "== 1",
+            ),
+            (
+                "python_crash_failed_executor",
+                self.py.crash[1].failed as f64,
+                "info",
+            ),
+        ]
+    }
+
+    fn core_ratios(&self) -> [(&'static str, f64, &'static str); 8] {
         [
             (
                 "ping_p50_vs_chain_floor",
@@ -138,6 +202,9 @@ impl Report {
             "throughput64_vs_echo_floor" => value >= 0.7,
             "echo64mib_vs_uds_stream" => value >= 0.8,
             "sha256_64b_program_vs_builtin" | "sha256_1mib_program_vs_builtin" => value <= 1.05,
+            "python_small_c1_vs_executor" | "python_small_c8_vs_executor" => value >= 1.0,
+            "python_16mib_c1_vs_executor" | "python_16mib_c8_vs_executor" => value >= 3.0,
+            "python_crash_failed_osps" => value == 1.0,
             _ => false,
         }
     }
@@ -284,12 +351,19 @@ impl Report {
         );
         self.pools_table(&mut t);
         self.kill_table(&mut t);
+        self.python_table(&mut t);
+        self.ratio_rows(&mut t, &self.ratios());
+        t
+    }
+
+    /// The ratio rows, each judged against its target.
+    pub fn ratio_rows(&self, t: &mut String, ratios: &[(&'static str, f64, &'static str)]) {
         let _ = writeln!(
             t,
             "\n{:<44} {:>10} {:>10} {:>6}",
             "ratios", "value", "target", "met"
         );
-        for (name, v, target) in self.ratios() {
+        for &(name, v, target) in ratios {
             let met = match target {
                 "info" => "-",
                 _ if self.met(name, v) => "yes",
@@ -297,7 +371,70 @@ impl Report {
             };
             let _ = writeln!(t, "{name:<44} {v:>10.2} {target:>10} {met:>6}");
         }
-        t
+    }
+
+    /// o9: Python workers through OSPS and `ProcessPoolExecutor`.
+    pub fn python_table(&self, t: &mut String) {
+        let py = &self.py;
+        let _ = writeln!(
+            t,
+            "\n{:<44} {:>10} {:>10} {:>10}",
+            format!(
+                "o9 Python {} ({} workers each), calls/s",
+                py.python, py.workers
+            ),
+            "OSPS",
+            "executor",
+            "ratio"
+        );
+        for ((_, label), [osps, ppe]) in PY_CASES.iter().zip(py.rps) {
+            let _ = writeln!(
+                t,
+                "{:<44} {osps:>10.1} {ppe:>10.1} {:>10.2}",
+                format!("o9 {label}"),
+                osps / ppe
+            );
+        }
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10} {:>10}",
+            format!("o9 {} pending calls, 1 crashes: failed", py.calls),
+            py.crash[0].failed,
+            py.crash[1].failed
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10.2} {:>10.2}",
+            "   all answered after (s)", py.crash[0].secs, py.crash[1].secs
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>10} {:>10}",
+            "   error(s)", py.crash[0].error, py.crash[1].error
+        );
+    }
+
+    /// o9's part of the JSON document.
+    pub fn python_json(&self) -> Value {
+        let py = &self.py;
+        let mut o = serde_json::Map::new();
+        for ((key, _), [osps, ppe]) in PY_CASES.iter().zip(py.rps) {
+            o.insert(key.to_string(), json!({ "osps": osps, "executor": ppe }));
+        }
+        let crash = |c: &PyCrash| json!({ "failed": c.failed, "secs": c.secs, "error": c.error });
+        o.insert(
+            "crash".into(),
+            json!({ "calls": py.calls, "osps": crash(&py.crash[0]), "executor": crash(&py.crash[1]) }),
+        );
+        o.insert("workers".into(), json!(py.workers));
+        o.insert("python".into(), json!(py.python));
+        let ratios: serde_json::Map<String, Value> = self
+            .python_ratios()
+            .iter()
+            .map(|(k, v, _)| (k.to_string(), json!(v)))
+            .collect();
+        o.insert("ratios".into(), Value::Object(ratios));
+        Value::Object(o)
     }
 
     /// o6 and o7: pools side by side.
@@ -437,6 +574,7 @@ impl Report {
                 "dispatcher_trials": self.recovery_dispatcher_ms, "worker_trials": self.recovery_worker_ms,
             },
             "worker_kill_noticed_ms_o8": self.kill_json(),
+            "python_vs_executor_o9": self.python_json(),
         })
     }
 
@@ -610,5 +748,57 @@ mod tests {
             (json!(1.25), json!(3.25))
         );
         assert_eq!(j["load_victim_mapped_mib_median"], json!(2.0));
+    }
+
+    #[test]
+    fn the_python_lines_judge_osps_against_the_executor() {
+        let r = Report {
+            py: PyBench {
+                rps: [
+                    [2000.0, 1000.0],
+                    [900.0, 1000.0],
+                    [30.0, 10.0],
+                    [20.0, 10.0],
+                ],
+                crash: [
+                    PyCrash {
+                        failed: 1,
+                        secs: 0.5,
+                        error: "WorkerCrashedError".into(),
+                    },
+                    PyCrash {
+                        failed: 90,
+                        secs: 0.1,
+                        error: "BrokenProcessPool".into(),
+                    },
+                ],
+                calls: 100,
+                workers: 2,
+                python: "3.11.7".into(),
+            },
+            ..Default::default()
+        };
+        let t = r.table();
+        let row = |name: &str| {
+            let l = t.lines().find(|l| l.starts_with(name));
+            let l = l.unwrap_or_else(|| panic!("no row {name} in\n{t}"));
+            l[name.len()..]
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(row("o9 64 B, 1 caller"), "2000.0 1000.0 2.00");
+        assert_eq!(row("o9 100 pending calls, 1 crashes: failed"), "1 90");
+        assert_eq!(row("python_small_c1_vs_executor"), "2.00 >= 1 yes");
+        assert_eq!(row("python_small_c8_vs_executor"), "0.90 >= 1 NO");
+        assert_eq!(row("python_16mib_c1_vs_executor"), "3.00 >= 3 yes");
+        assert_eq!(row("python_16mib_c8_vs_executor"), "2.00 >= 3 NO");
+        assert_eq!(row("python_crash_failed_osps"), "1.00 == 1 yes");
+        assert_eq!(row("python_crash_failed_executor"), "90.00 info -");
+        let j = &r.json()["python_vs_executor_o9"];
+        assert_eq!(j["16mib_c8"]["executor"], json!(10.0));
+        assert_eq!(j["crash"]["executor"]["failed"], json!(90));
+        assert_eq!(j["ratios"]["python_16mib_c1_vs_executor"], json!(3.0));
+        assert_eq!(r.json()["ratios"]["python_crash_failed_osps"], json!(1.0));
     }
 }
