@@ -470,5 +470,209 @@ class ZzRetryingTest(unittest.TestCase):
         self.assertLess(time.monotonic() - began, 5)
 
 
+def executor(**kw) -> osps.Executor:
+    return osps.Executor(INSTANCE, runtime_dir=RUNTIME_DIR, **kw)
+
+
+@needs_dispatcher
+class ExecutorTest(unittest.TestCase):
+    """osps.Executor, the concurrent.futures face."""
+
+    def test_submit_and_map_give_futures_of_bytes_and_typed_errors(self) -> None:
+        import concurrent.futures as cf
+        datas = [f"item {i}".encode() for i in range(100)]
+        with executor(max_workers=4) as ex:
+            self.assertIsInstance(ex, cf.Executor)
+            self.assertEqual(list(ex.map("pyupper", datas)), [d.upper() for d in datas])
+            self.assertEqual(ex.submit("pyargs", b"", "a", "b c").result(), b"a\x00b c")
+            bad = ex.submit("pyraise", b"{oops")
+            self.assertIsInstance(bad.exception(60), osps.InvalidInputError)
+            self.assertIn("raised ValueError", bad.exception().message)
+            # A crash fails its own future only: no BrokenProcessPool.
+            pending = [ex.submit("pyupper", d) for d in datas[:20]]
+            crash = ex.submit("pysegv")
+            pending += [ex.submit("pyupper", d) for d in datas[20:40]]
+            self.assertIsInstance(crash.exception(120), osps.WorkerCrashedError)
+            self.assertEqual([f.result(120) for f in pending], [d.upper() for d in datas[:40]])
+            self.assertEqual(ex.submit("pyupper", b"after").result(60), b"AFTER")
+            clients = list(ex._clients)
+        self.assertTrue(1 <= len(clients) <= 4, len(clients))
+        self.assertTrue(all(rc._client is None for rc in clients), "shutdown closes the connections")
+        self.assertEqual(ex._clients, [])
+        with self.assertRaises(RuntimeError):
+            ex.submit("pyupper", b"late")
+
+    def test_max_workers_calls_run_at_once(self) -> None:
+        with executor(max_workers=4) as ex:
+            ex.submit("ping").result(60)  # connected
+            began = time.monotonic()
+            got = list(ex.map("pysleep", [b""] * 8, ["400"] * 8))
+            took = time.monotonic() - began
+        self.assertEqual(got, [b"slept\n"] * 8)
+        self.assertGreaterEqual(took, 0.8)
+        self.assertLess(took, 2.4, "8 calls of 0.4 s on 4 threads take 2 rounds, not 8")
+
+    def test_bad_options_fail_at_construction(self) -> None:
+        with self.assertRaises(TypeError):
+            osps.Executor(INSTANCE, runtime_dir=RUNTIME_DIR, no_such_option=1)
+
+
+class _CountingFile:
+    """A binary file that records the size of each read."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "rb")
+        self.reads: List[int] = []
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(buf)
+        self.reads.append(n)
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class RecordingServer(FakeServer):
+    """A FakeServer that keeps each request's payload."""
+
+    def __init__(self, behave) -> None:
+        self.payloads: List[bytes] = []
+        super().__init__(behave)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:
+                f.read(8)
+                conn.sendall(wire.encode_hello(1, 0))
+                n = int.from_bytes(f.read(4), "little")
+                if n == 0:
+                    continue
+                body = wire.Reader(f.read(n))
+                req_id = body.varint()
+                body.string()
+                body.strings()
+                self.payloads.append(f.read(body.varint()))
+                self.requests += 1
+                self.behave(conn, req_id)
+
+
+def _answer_sha256(server: "RecordingServer"):
+    def behave(conn, req_id: int) -> None:
+        if server.requests == 1:
+            return  # the first answer is lost: the client must send it again
+        digest = hashlib.sha256(server.payloads[-1]).hexdigest().encode()
+        conn.sendall(wire.encode_frame(wire.encode_varint(req_id) + b"\x00"
+                                       + wire.encode_varint(len(digest))) + digest)
+    return behave
+
+
+class CallFileRulesTest(unittest.TestCase):
+    """call_file against a fake server: what goes out, and resends."""
+
+    def test_a_retrying_client_sends_the_file_again_from_where_it_stood(self) -> None:
+        path = os.path.join(SCRATCH, f"resend-{random.getrandbits(32):08x}")
+        data = os.urandom(3 << 20)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.addCleanup(os.unlink, path)
+        for start, arg in ((0, path), (5, None)):
+            server = RecordingServer(lambda conn, req_id: None)
+            server.behave = _answer_sha256(server)
+            try:
+                with osps.RetryingClient(socket_path=server.path, deadline=30.0) as rc:
+                    if arg is None:
+                        arg = _CountingFile(path)
+                        self.addCleanup(arg.close)
+                        arg.seek(start)
+                    got = rc.call_file("sha256", arg)
+                want = data[start:]
+                self.assertEqual(got, hashlib.sha256(want).hexdigest().encode())
+                self.assertEqual(server.payloads, [want, want])
+                if isinstance(arg, _CountingFile):
+                    self.assertEqual(sum(arg.reads), 2 * len(want))
+                    self.assertLessEqual(max(arg.reads), 256 << 10, "read in chunks")
+            finally:
+                server.close()
+
+    def test_a_small_file_goes_out_whole_and_a_file_that_shrinks_is_refused(self) -> None:
+        path = os.path.join(SCRATCH, f"small-{random.getrandbits(32):08x}")
+        with open(path, "wb") as f:
+            f.write(b"tiny")
+        self.addCleanup(os.unlink, path)
+        def pong_unless_gone(conn, req_id: int) -> None:
+            try:
+                _pong(conn, req_id)
+            except OSError:
+                pass  # the client of the cut-short request has gone
+        server = RecordingServer(pong_unless_gone)
+        self.addCleanup(server.close)
+        with osps.connect(socket_path=server.path) as c:
+            self.assertEqual(c.call_file("x", path), b"pong\n")
+        self.assertEqual(server.payloads, [b"tiny"])
+
+        class Shrinking(_CountingFile):
+            def seek(self, pos: int, whence: int = 0) -> int:
+                got = self.f.seek(pos, whence)
+                return got + (1 << 20) if whence == os.SEEK_END else got
+        f = Shrinking(path)
+        self.addCleanup(f.close)
+        c = osps.connect(socket_path=server.path)
+        with self.assertRaises(ValueError) as e:
+            c.call_file("x", f)
+        self.assertIn("ended", str(e.exception))
+
+
+@needs_dispatcher
+class CallFileTest(unittest.TestCase):
+    def test_64_mib_stream_from_a_file_with_the_client_staying_small(self) -> None:
+        path = os.path.join(SCRATCH, f"big-{random.getrandbits(32):08x}")
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            for _ in range(64):
+                chunk = os.urandom(1 << 20)
+                h.update(chunk)
+                f.write(chunk)
+        self.addCleanup(os.unlink, path)
+        want = (h.hexdigest() + "\n").encode()
+        # A fresh process, so its peak RSS (VmHWM: ru_maxrss would count
+        # this process's, from before the exec) is this call's alone.
+        script = (
+            "import osps, sys\n"
+            "c = osps.connect(sys.argv[1], runtime_dir=sys.argv[2])\n"
+            "sys.stdout.buffer.write(c.call_file('bigsha256', sys.argv[3]))\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n")
+        p = subprocess.run([sys.executable, "-c", script, INSTANCE, RUNTIME_DIR, path],
+                           capture_output=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        digest, maxrss_kib = p.stdout.rsplit(b"\n", 2)[:2]
+        self.assertEqual(digest + b"\n", want)
+        print(f"\n  64 MiB from a file: the client's peak RSS {int(maxrss_kib) >> 10} MiB",
+              file=sys.stderr)
+        self.assertLess(int(maxrss_kib), 40 << 10, "the file was not read into memory whole")
+        # In this process too, through a RetryingClient, counting the reads.
+        f = _CountingFile(path)
+        self.addCleanup(f.close)
+        with retrying(deadline=30.0) as rc:
+            self.assertEqual(rc.call_file("bigsha256", f), want)
+        self.assertEqual(sum(f.reads), 64 << 20)
+        self.assertLessEqual(max(f.reads), 256 << 10)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -6,7 +6,7 @@ SDK to write its workers in Python (`osps.worker`). Standard library only.
         print(c.call("sha256", b"hello"))
 """
 
-from .client import Client, Endpoint, RetryingClient, connect, instance_paths, load_token
+from .client import Client, Endpoint, Executor, RetryingClient, connect, instance_paths, load_token
 from .errors import (BadRequestError, CallTimeout, CommandFailedError, ConnectionLost,
                      FaultInjectionDisabledError, HelloRefused, InternalError, InvalidInputError,
                      JobTimeoutError, OspsConnectionError, OspsError, OutOfMemoryError,
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadRequestError", "CallTimeout", "Client", "CommandFailedError", "ConnectionLost", "Endpoint",
-    "FaultInjectionDisabledError", "HelloRefused", "InternalError", "InvalidInputError",
+    "Executor", "FaultInjectionDisabledError", "HelloRefused", "InternalError", "InvalidInputError",
     "JobTimeoutError", "OspsConnectionError", "OspsError", "OutOfMemoryError", "ProtocolError",
     "RemoteError", "ResentError", "RetryingClient", "ShuttingDownError", "TooLargeError",
     "UnknownOpError", "UntrustedServer", "WorkerCrashedError", "connect", "instance_paths",

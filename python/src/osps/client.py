@@ -20,6 +20,7 @@ whose answer is lost, and, for an instance, no waiting once its socket and
 lock file are both gone after a start grace of 2 s.
 """
 
+import concurrent.futures
 import ipaddress
 import json
 import os
@@ -27,8 +28,10 @@ import pwd
 import select
 import socket
 import struct
+import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar, Union
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple,
+                    TypeVar, Union)
 
 from . import _wire as wire
 from .errors import (ConnectionLost, HelloRefused, OspsConnectionError, ProtocolError, RemoteError,
@@ -146,6 +149,32 @@ def _verify_server(sock: socket.socket, where: str, accept: Iterable[int]) -> No
 
 
 # --- one connection ------------------------------------------------------------
+
+FileArg = Union[str, bytes, "os.PathLike[str]", BinaryIO]
+
+
+class _FileShrank(Exception):
+    pass
+
+
+def _file_chunks(f: BinaryIO, header: bytes, size: int) -> Iterator[Payload]:
+    """The header, then `size` bytes of `f` in chunks read into one reused
+    buffer (each is sent before the next is read)."""
+    if size <= COALESCE:
+        data = f.read(size) if size else b""
+        if len(data) < size:
+            raise _FileShrank(f"the file ended {size - len(data)} bytes early")
+        yield header + data
+        return
+    yield header
+    buf = memoryview(bytearray(SEND_CHUNK))
+    left = size
+    while left:
+        n = f.readinto(buf[:min(left, SEND_CHUNK)])  # type: ignore[attr-defined]
+        if not n:
+            raise _FileShrank(f"the file ended {left} bytes early")
+        yield buf[:n]
+        left -= n
 
 class Endpoint:
     """Where a dispatcher listens: a Unix socket path, or a TCP address with
@@ -280,14 +309,40 @@ class Client:
         `recv`/`wait`. A write that fails because the server closed raises
         the server's answer when it sent one.
         """
-        req_id = self._next_id
-        self._next_id += 1
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        header = wire.encode_frame(wire.encode_request(req_id, op, [str(a) for a in args], len(view)))
+        req_id, header = self._next_request(op, args, len(view))
         if len(view) <= COALESCE:
             chunks: List[Payload] = [header + bytes(view)]
         else:
             chunks = [header] + [view[i:i + SEND_CHUNK] for i in range(0, len(view), SEND_CHUNK)]
+        return self._send_chunks(req_id, chunks)
+
+    def send_file(self, op: str, file: FileArg, *args: str) -> int:
+        """`send` with the payload read from `file` as it goes out: a path
+        (opened and closed here), or a seekable binary file, whose payload is
+        what lies from its position to its end. The file is read in chunks
+        of 256 KiB into one buffer, never whole. A file that ends before
+        the size it had when the header went out raises `ValueError` and
+        closes this connection (its request was cut short)."""
+        if isinstance(file, (str, bytes, os.PathLike)):
+            with open(file, "rb") as f:
+                return self.send_file(op, f, *args)
+        start = file.tell()
+        size = file.seek(0, os.SEEK_END) - start
+        file.seek(start)
+        req_id, header = self._next_request(op, args, size)
+        try:
+            return self._send_chunks(req_id, _file_chunks(file, header, size))
+        except _FileShrank as e:
+            self.close()
+            raise ValueError(f"{e}; the request was cut short and the connection closed") from None
+
+    def _next_request(self, op: str, args: Tuple[str, ...], length: int) -> Tuple[int, bytes]:
+        req_id = self._next_id
+        self._next_id += 1
+        return req_id, wire.encode_frame(wire.encode_request(req_id, op, [str(a) for a in args], length))
+
+    def _send_chunks(self, req_id: int, chunks: Iterable[Payload]) -> int:
         for chunk in chunks:
             while select.select([self.sock], [], [], 0)[0]:
                 self._take_answer(req_id)
@@ -359,6 +414,12 @@ class Client:
     def call(self, op: str, data: Payload = b"", *args: str) -> bytes:
         """Runs `op` on `data` with string `args`; returns the result bytes."""
         return self.wait(self.send(op, data, *args))
+
+    def call_file(self, op: str, file: FileArg, *args: str) -> bytes:
+        """`call` with the payload streamed from `file` (see `send_file`):
+        a file of any size up to the dispatcher's `--max-payload` goes out
+        without being read into memory whole."""
+        return self.wait(self.send_file(op, file, *args))
 
     def status(self) -> Dict[str, Any]:
         """The dispatcher's status report (PROTOCOL section 7)."""
@@ -466,6 +527,20 @@ class RetryingClient:
         """`Client.call`, with reconnection and resends."""
         return self.run(lambda c: c.call(op, data, *args))
 
+    def call_file(self, op: str, file: FileArg, *args: str) -> bytes:
+        """`Client.call_file`, with reconnection and resends: each send
+        reads the file again from where it stood at the call (a path is
+        opened once; a file object must be seekable)."""
+        if isinstance(file, (str, bytes, os.PathLike)):
+            with open(file, "rb") as f:
+                return self.call_file(op, f, *args)
+        start = file.tell()
+
+        def attempt(c: Client) -> bytes:
+            file.seek(start)
+            return c.call_file(op, file, *args)
+        return self.run(attempt)
+
     def status(self) -> Dict[str, Any]:
         return self.run(Client.status)
 
@@ -538,3 +613,83 @@ class RetryingClient:
         if _is_connect_failure(e) and isinstance(e, OSError):
             raise OspsConnectionError(e.errno, f"cannot connect to {self.endpoint}: {e.strerror}") from e
         raise e
+
+
+# --- a concurrent.futures face ------------------------------------------------
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` whose calls run on a dispatcher:
+    `submit(op, data, *args)` returns a `Future` of the result bytes, and
+    `map(op, datas)` (from the base class) yields results in order.
+
+        with osps.Executor("default", max_workers=8) as ex:
+            digests = list(ex.map("sha256", blobs))
+            f = ex.submit("parse", data, "strict")
+            f.result()                      # bytes, or raises the typed error
+
+    It is meant as a drop-in for code written against `ProcessPoolExecutor`
+    (`submit`, `map`, `as_completed`, `wait`, `shutdown`, `with`), minus
+    its failure modes: a call that crashes its worker fails only its own
+    future (`WorkerCrashedError`, after the pool's `max_attempts`), never
+    the pending ones (no `BrokenProcessPool`), and a dispatcher restart
+    costs latency, not errors.
+
+    Why threads each with its own `RetryingClient` rather than one
+    pipelining connection: each call gets the retrying client's full rules
+    (reconnect, resend, deadlines) on its own, so a lost connection or a
+    failed send touches one call and not every call in flight on a shared
+    socket; the threads wait on sockets with the GIL released, so N of them
+    keep N calls in flight; and no reader thread has to demultiplex answers.
+    A pipelined connection saves threads, which matters little at the
+    concurrency an executor is given (`max_workers`, default as
+    `ThreadPoolExecutor`'s). Connections are opened lazily, one per thread
+    that runs a call, and `shutdown` closes them.
+
+    The options are `RetryingClient`'s (`instance`, `socket_path`, `tcp`,
+    `token_file`, `deadline`, `overall`, ...). A payload is not copied at
+    `submit`: do not change a bytearray until its future is done.
+    """
+
+    def __init__(self, instance: Optional[str] = None, *, max_workers: Optional[int] = None,
+                 **options: Any) -> None:
+        RetryingClient(instance, **options).close()  # bad options fail here, not in a future
+        self._instance = instance
+        self._options = options
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="osps")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: List[RetryingClient] = []
+
+    def _client(self) -> RetryingClient:
+        rc: Optional[RetryingClient] = getattr(self._local, "client", None)
+        if rc is None:
+            rc = RetryingClient(self._instance, **self._options)
+            self._local.client = rc
+            with self._lock:
+                self._clients.append(rc)
+        return rc
+
+    def _call(self, op: str, data: Payload, args: Tuple[str, ...]) -> bytes:
+        return self._client().call(op, data, *args)
+
+    def submit(self, op: str, data: Payload = b"", *args: str) -> "concurrent.futures.Future[bytes]":  # type: ignore[override]
+        """Schedules `op` on `data` with `args`; the future's result is the
+        result bytes, or its exception the typed error of the answer."""
+        return self._pool.submit(self._call, op, data, args)
+
+    def _close_clients(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for rc in clients:
+            rc.close()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As `concurrent.futures.Executor.shutdown`; the connections are
+        closed once the running calls are done (at once with `wait`, else
+        by a background thread)."""
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait:
+            self._close_clients()
+        else:
+            threading.Thread(target=lambda: (self._pool.shutdown(wait=True), self._close_clients()),
+                             name="osps-executor-close", daemon=True).start()
