@@ -11,7 +11,9 @@
     rc.call("parse", data)
 
 `Client` is one connection (not thread-safe: use one per thread); it also
-pipelines (`send`, then `recv` or `wait`). `RetryingClient` reconnects and
+pipelines (`send`, then `recv` or `wait`), and streams a payload from a file
+(`call_file`, `send_file`). `Executor` is a `concurrent.futures.Executor`
+on a dispatcher: `submit(op, data, *args)` returns a `Future` of the bytes. `RetryingClient` reconnects and
 sends again on a lost connection or a `shutting down` answer, like the Rust
 `RetryingClient` (PROTOCOL section 14): backoff from 5 ms doubling to 200 ms,
 a retry deadline counting only the time spent reconnecting (waiting for an
