@@ -95,8 +95,19 @@ def noisy(data: memoryview, args: list) -> bytes:
     return b"quiet\n"
 
 
+@w.stream("pysha256s")
+def sha256_streamed(chunks, args: list) -> bytes:
+    # Hashed as it arrives; answers the digest and how many parts it came in.
+    h, parts = hashlib.sha256(), 0
+    for chunk in chunks:
+        h.update(chunk)
+        parts += 1
+    return f"{h.hexdigest()} {parts}\n".encode()
+
+
 if BIG:
     w.ops.clear()
+    w.streams.clear()
     w.op("bigsha256")(sha256)
     w.op("bigmem")(mem)
 

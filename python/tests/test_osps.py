@@ -420,6 +420,20 @@ class BigPayloadTest(unittest.TestCase):
 
 
 @needs_dispatcher
+class StreamTest(unittest.TestCase):
+    def test_a_streaming_operation_hashes_a_large_payload_as_it_arrives(self) -> None:
+        data = os.urandom(8 << 20)
+        with connect() as c:
+            got = c.call("pysha256s", data).decode().split()
+            small = c.call("pysha256s", b"abc").decode().split()
+        self.assertEqual(got[0], hashlib.sha256(data).hexdigest())
+        # Sent to the worker while it arrived: more than one part.
+        self.assertGreater(int(got[1]), 1, got)
+        # A small input is one part.
+        self.assertEqual(small, [hashlib.sha256(b"abc").hexdigest(), "1"])
+
+
+@needs_dispatcher
 class ZzRetryingTest(unittest.TestCase):
     """Last (unittest sorts by name): kills the dispatcher."""
 

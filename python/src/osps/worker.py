@@ -46,7 +46,7 @@ import os
 import struct
 import sys
 import traceback
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import _wire as wire
 from .errors import ProtocolError, RemoteError
@@ -238,6 +238,20 @@ class _Job:
         r.end()
 
 
+class _Aborted(Exception):
+    """The payload of a streamed job will never arrive in full (`Abort`)."""
+
+
+class _Whole:
+    """A streaming operation called with a whole input: one chunk."""
+
+    def __init__(self, f: Callable[[Iterator[memoryview], List[str]], Result]) -> None:
+        self.f = f
+
+    def __call__(self, data: memoryview, args: List[str]) -> Result:
+        return self.f(iter([data]), args)
+
+
 # --- the worker ---------------------------------------------------------------------
 
 class Worker:
@@ -248,6 +262,8 @@ class Worker:
         self.ops: Dict[str, Operation] = {}
         self._seg: Optional[Segment] = None
         self._pending: List[wire.Reader] = []
+        # Operations that take their input as it arrives (`Worker.stream`).
+        self.streams: Dict[str, Callable[[Iterator[memoryview], List[str]], Result]] = {}
 
     def op(self, name: str) -> Callable[[Operation], Operation]:
         """Registers the decorated `f(data: memoryview, args: list[str]) -> bytes` as `name`."""
@@ -258,6 +274,22 @@ class Worker:
 
         def register(f: Operation) -> Operation:
             self.ops[name] = f
+            return f
+        return register
+
+    def stream(self, name: str) -> Callable[[Callable[[Iterator[memoryview], List[str]], Result]],
+                                             Callable[[Iterator[memoryview], List[str]], Result]]:
+        """Registers the decorated `f(chunks, args) -> bytes` as `name`, a
+        streaming operation: `chunks` yields read-only memoryviews of the
+        input in order, each as soon as the dispatcher has it in the
+        segment (a large payload is hashed while it still arrives; PROTOCOL
+        §13.6), every one valid until the next is asked for. A small
+        input comes as one chunk."""
+        register_op = self.op(name)
+
+        def register(f: Callable[[Iterator[memoryview], List[str]], Result]):
+            self.streams[name] = f
+            register_op(_Whole(f))  # type: ignore[arg-type]
             return f
         return register
 
@@ -292,8 +324,11 @@ class Worker:
         pipes = _Pipes(inp, out)
         try:
             ops = list(self.ops)
+            streams = list(self.streams)
             pipes.send(b"\x00" + wire.encode_varint(os.getpid()) + wire.encode_varint(PIPE_VERSION)
-                       + wire.encode_varint(0) + wire.encode_varint(len(ops))
+                       + wire.encode_varint(len(streams))
+                       + b"".join(wire.encode_string(o) for o in streams)
+                       + wire.encode_varint(len(ops))
                        + b"".join(wire.encode_string(o) for o in ops))
             while True:
                 r = self._pending.pop(0) if self._pending else pipes.receive()
@@ -319,7 +354,10 @@ class Worker:
             pipes.done_err(job.job_id, _INTERNAL, "bad job: slot outside the arena or input past it")
             return
         if job.ready < job.input_len:
-            pipes.done_err(job.job_id, _INTERNAL, "a streamed input, but this worker lists no streams")
+            if job.op not in self.streams:
+                pipes.done_err(job.job_id, _INTERNAL, f"a streamed input for {job.op!r}, which this worker does not stream")
+                return
+            self._streamed(pipes, job, self.streams[job.op])
             return
         start = HEADER_LEN + job.slot_offset
         if job.op == "ping":
@@ -343,9 +381,70 @@ class Worker:
             except BufferError:
                 pass  # the operation kept a view of it
 
+    def _streamed(self, pipes: _Pipes, job: _Job, f: Callable[[Iterator[memoryview], List[str]], Result]) -> None:
+        """A job sent while its payload arrives: `f` gets the input part by
+        part as `More` frames announce it; the result is written only once
+        all of it is in (the dispatcher writes the slot until then)."""
+        assert self._seg is not None
+        start = HEADER_LEN + job.slot_offset
+        seg = self._seg
+        state = {"ready": job.ready, "aborted": False}
+
+        def wait_more() -> None:
+            while True:
+                r = pipes.receive()
+                if r is None:
+                    raise WorkerExit(0, "the job pipe closed while a payload arrived")
+                variant = r.varint("u32")
+                if variant == 0:
+                    pipes.done_err(job.job_id, _INTERNAL, "a job came while a payload still arrived")
+                    raise WorkerExit(1, "a Job frame while a job's input still arrived")
+                job_id = r.varint()
+                if job_id != job.job_id:
+                    continue  # news of an older job: ignored
+                if variant == 1:
+                    state["ready"] = min(r.varint(), job.input_len)
+                    return
+                if variant == 2:
+                    state["aborted"] = True
+                    return
+
+        def chunks() -> Iterator[memoryview]:
+            done = 0
+            while True:
+                if state["ready"] > done:
+                    view = seg.buf[start + done:start + state["ready"]].toreadonly()
+                    done = state["ready"]
+                    try:
+                        yield view
+                    finally:
+                        view.release()
+                if done >= job.input_len:
+                    return
+                wait_more()
+                if state["aborted"]:
+                    raise _Aborted()
+
+        def run(_data: memoryview, args: List[str]) -> Result:
+            result = f(chunks(), args)
+            # Nothing goes in the slot before the last `More`: an operation
+            # done early waits for the rest of its input.
+            while state["ready"] < job.input_len:
+                wait_more()
+                if state["aborted"]:
+                    raise _Aborted()
+            return result
+
+        try:
+            self._run_op(pipes, job, run, memoryview(b""))
+        except _Aborted:
+            pipes.done_err(job.job_id, _BAD_REQUEST, "the payload did not arrive in full")
+
     def _run_op(self, pipes: _Pipes, job: _Job, f: Operation, data: memoryview) -> None:
         try:
             result = f(data, list(job.args))
+        except (_Aborted, WorkerExit):
+            raise
         except RemoteError as e:
             pipes.done_err(job.job_id, e.kind, e.message)
             return
