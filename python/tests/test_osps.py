@@ -139,6 +139,7 @@ class FakeServer:
         self.sock.bind(self.path)
         self.sock.listen(16)
         self.requests = 0
+        self.payloads: List[bytes] = []
         self.behave = behave
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -159,7 +160,7 @@ class FakeServer:
                 req_id = body.varint()
                 body.string()
                 body.strings()
-                f.read(body.varint())
+                self.payloads.append(f.read(body.varint()))
                 self.requests += 1
                 self.behave(conn, req_id)
 
@@ -559,31 +560,7 @@ class _CountingFile:
 
 
 class RecordingServer(FakeServer):
-    """A FakeServer that keeps each request's payload."""
-
-    def __init__(self, behave) -> None:
-        self.payloads: List[bytes] = []
-        super().__init__(behave)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn, conn.makefile("rb") as f:
-                f.read(8)
-                conn.sendall(wire.encode_hello(1, 0))
-                n = int.from_bytes(f.read(4), "little")
-                if n == 0:
-                    continue
-                body = wire.Reader(f.read(n))
-                req_id = body.varint()
-                body.string()
-                body.strings()
-                self.payloads.append(f.read(body.varint()))
-                self.requests += 1
-                self.behave(conn, req_id)
+    """A FakeServer, named for the tests that read its `payloads`."""
 
 
 def _answer_sha256(server: "RecordingServer"):

@@ -55,6 +55,15 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Whether we are root; says the test is skipped when not (pools of
+/// other users need root).
+fn root_or_skip() -> bool {
+    if !is_root() {
+        eprintln!("skipped: needs root to run pools as other users");
+    }
+    is_root()
+}
+
 /// A configuration file of `pools`, and the dispatcher's arguments that
 /// read it, with a top-level segment of `mib` MiB, payloads up to
 /// `payload` bytes and `extra`; the guard keeps the file.
@@ -178,8 +187,7 @@ fn a_payload_larger_than_its_pools_segment_holds_is_refused_and_the_connection_k
 /// segments (nor can any worker of another uid open nobody's).
 #[test]
 fn a_hostile_worker_of_another_uid_finds_nothing_of_another_pools_jobs() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run pools as other users");
+    if !root_or_skip() {
         return;
     }
     let (_dir, args) = with_pools(&format!(
@@ -351,8 +359,7 @@ fn a_killed_dispatchers_segments_are_all_removed_by_the_next() {
 /// of its own: none of the dispatcher's variables, its user's HOME and USER.
 #[test]
 fn a_worker_of_another_user_gets_its_own_session_and_environment_and_no_inherited_fd() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run pools as other users");
+    if !root_or_skip() {
         return;
     }
     let (_dir, args) = with_pools(
@@ -446,8 +453,7 @@ fn a_worker_of_another_user_gets_its_own_session_and_environment_and_no_inherite
 /// the creator, which only the kernel sets).
 #[test]
 fn a_system_v_segment_whose_owner_changed_it_is_still_removed_after_a_crash() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run pools as other users");
+    if !root_or_skip() {
         return;
     }
     let (_dir, args) = with_pools(&two_pools(), 8, 65536, &["--segment", "sysv"]);

@@ -716,6 +716,16 @@ mod tests {
         assert_eq!(j["pools_us"]["direct_spawn_mean_o7"], json!(600.0));
     }
 
+    /// The values of table `t`'s row `name`, separated by one space.
+    fn row_of(t: &str, name: &str) -> String {
+        let l = t.lines().find(|l| l.starts_with(name));
+        let l = l.unwrap_or_else(|| panic!("no row {name} in\n{t}"));
+        l[name.len()..]
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     #[test]
     fn the_worker_kill_lines_show_median_and_max_against_the_target() {
         let r = Report {
@@ -725,14 +735,7 @@ mod tests {
             ..Default::default()
         };
         let t = r.table();
-        let row = |name: &str| {
-            let l = t.lines().find(|l| l.starts_with(name));
-            let l = l.unwrap_or_else(|| panic!("no row {name} in\n{t}"));
-            l[name.len()..]
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        let row = |name: &str| row_of(&t, name);
         assert_eq!(
             row("o8 worker kill → noticed under load, median (ms)"),
             "1.25 < 2"
@@ -779,14 +782,7 @@ mod tests {
             ..Default::default()
         };
         let t = r.table();
-        let row = |name: &str| {
-            let l = t.lines().find(|l| l.starts_with(name));
-            let l = l.unwrap_or_else(|| panic!("no row {name} in\n{t}"));
-            l[name.len()..]
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        let row = |name: &str| row_of(&t, name);
         assert_eq!(row("o9 64 B, 1 caller"), "2000.0 1000.0 2.00");
         assert_eq!(row("o9 100 pending calls, 1 crashes: failed"), "1 90");
         assert_eq!(row("python_small_c1_vs_executor"), "2.00 >= 1 yes");
