@@ -81,8 +81,9 @@ pub fn toml_array<S: AsRef<str>>(items: &[S]) -> String {
 /// (builtin 256 MiB per worker, the program pool 128, the command pool
 /// 64) and, run as root, another user: builtin as root, the program pool
 /// as `nobody`, the command pool as `daemon` (so no pool can open
-/// another's segment); the command pool's segment is System V, the
-/// others' POSIX.
+/// another's segment); the command pool asks for a System V segment, and
+/// the program pool, run as root, gets one too (a pool of another user
+/// always does); builtin's is POSIX.
 pub fn three_pools(program: &Path, n: Sizes) -> String {
     let root = nix::unistd::geteuid().is_root();
     let user = |name: &str| {

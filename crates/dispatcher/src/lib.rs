@@ -329,7 +329,11 @@ impl Config {
                 recycle_after_jobs: p.recycle_after_jobs.or(self.recycle_after_jobs),
                 recycle_above_rss_mib: p.recycle_above_rss_mib.or(self.recycle_above_rss_mib),
                 segment_mib: p.segment_mib.unwrap_or(self.segment_mib),
-                backend: p.backend.unwrap_or(self.backend),
+                backend: p.backend.unwrap_or(if another_uid(&p) {
+                    Backend::SysV
+                } else {
+                    self.backend
+                }),
                 run_as: p.run_as,
                 memory_limit_mib: p.memory_limit_mib.or(self.memory_limit_mib),
                 env: p.env,
@@ -345,6 +349,17 @@ impl Config {
     pub fn total_workers(&self) -> usize {
         self.pools().iter().map(|p| p.workers).sum()
     }
+}
+
+/// Whether a pool's workers run as another uid than the dispatcher's. Such
+/// a pool's segment is System V unless it says otherwise (and it may not
+/// say POSIX): its user owns the segment, and a POSIX segment's owner can
+/// `ftruncate` it, after which the dispatcher's next access to it is a
+/// SIGBUS that kills it. A System V segment's size cannot change.
+fn another_uid(p: &pools::PoolSpec) -> bool {
+    p.run_as
+        .as_ref()
+        .is_some_and(|r| r.uid != nix::unistd::geteuid().as_raw())
 }
 
 /// `osps-worker` beside the running program, else from `PATH`.
@@ -461,6 +476,21 @@ impl Config {
                     "{} pools: a dispatcher runs at most {}",
                     pools.len(),
                     ipc_core::paths::MAX_POOLS
+                ),
+            });
+        }
+        if let Some(p) = self
+            .pools
+            .iter()
+            .find(|p| another_uid(p) && p.backend == Some(Backend::Posix))
+        {
+            return Err(Invalid {
+                key: "segment",
+                message: format!(
+                    "pool \"{}\" ({}) runs as user \"{}\", another uid than the dispatcher's, so its segment is given to that user; a POSIX segment's owner can shrink it and crash the dispatcher: remove segment = \"posix\" (such a pool gets a System V segment)",
+                    p.name,
+                    p.origin,
+                    p.run_as.as_ref().map_or("", |r| r.user.as_str())
                 ),
             });
         }

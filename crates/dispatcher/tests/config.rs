@@ -366,3 +366,38 @@ fn the_example_file_shows_every_key() {
         assert!(shown, "contrib/osps.toml does not show the key {key:?}");
     }
 }
+
+/// A pool run as another user owns its segment. A POSIX segment's owner can
+/// shrink it (`ftruncate`), and the dispatcher's next access to the lost
+/// pages is a SIGBUS that kills it: such a pool gets a System V segment
+/// (whose size no one can change), and asking for POSIX is refused. Root
+/// only (another user needs it).
+#[test]
+fn a_pool_of_another_user_may_not_ask_for_a_posix_segment() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let text =
+        "[pools.z]\nexec = [\"cat\"]\nops = [\"z\"]\nuser = \"nobody\"\nsegment = \"posix\"\n";
+    let (_dir, path) = config_file(text);
+    let err = refused(&path, &[]);
+    assert!(
+        err.contains("pool \"z\"")
+            && err.contains("runs as user \"nobody\"")
+            && err.contains("can shrink it and crash the dispatcher"),
+        "{err}"
+    );
+    // Without the key it starts, with a System V segment given to nobody.
+    let (_dir, path) = config_file(&text.replace("segment = \"posix\"\n", ""));
+    let inst = Instance::start("cfgsysv", &["--config", arg(&path), "--segment", "posix"]);
+    let st = inst.status();
+    let seg = osps_testkit::pool_segment(&st, "z");
+    assert_eq!(
+        (seg.backend.as_str(), seg.owner_uid),
+        ("sysv", 65534),
+        "{seg:?}"
+    );
+    assert_eq!(osps_testkit::pool_segment(&st, "builtin").backend, "posix");
+    assert_eq!(inst.client().call("z", &[], b"abc").unwrap(), b"abc");
+}

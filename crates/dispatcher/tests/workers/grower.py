@@ -11,7 +11,8 @@ hostile worker's search: it tries to open and read every OSPS object it
 can find (POSIX segments in /dev/shm, System V segments listed in
 /proc/sysvipc/shm) and answers `FOUND MARKER in NAME` for each that holds
 MARKER, one line per POSIX segment whose name starts with PREFIX (`own
-NAME`, `opened NAME` or `denied NAME (why)`), and the System V count
+NAME`, `opened NAME` or `denied NAME (why)`), one line per System V segment
+(`own`, `opened` or `denied sysv key 0x...`), and the System V count
 (`sysv: N opened, M denied`). The segment
 is mapped from /dev/shm, or attached for System V (OSPS_SEGMENT in the
 environment)."""
@@ -100,6 +101,7 @@ LEAKED = []
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.shmat.restype = ctypes.c_void_p
 LIBC.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+LIBC.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
 SHM_RDONLY = 0o10000
 
 
@@ -113,6 +115,33 @@ def sysv_attach(shmid, size):
         return ctypes.string_at(addr, size)
     finally:
         LIBC.shmdt(ctypes.c_void_p(addr))
+
+
+def sysv_key(name):
+    """The key of a `sysv:` segment name: FNV-1a (64-bit) of the rest, its
+    low 31 bits, 1 if 0 (PROTOCOL 13.1)."""
+    h = 0xCBF29CE484222325
+    for b in name[len("sysv:"):].encode():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return (h & 0x7FFFFFFF) or 1
+
+
+def open_segment(name):
+    """The segment, writable: /dev/shm/NAME mapped, or, for `sysv:NAME`,
+    the System V segment attached (shmget of its key, shmat)."""
+    if not name.startswith("sysv:"):
+        with open("/dev/shm/" + name.lstrip("/"), "r+b") as f:
+            return mmap.mmap(f.fileno(), 0)
+    shmid = LIBC.shmget(sysv_key(name), 0, 0)
+    if shmid < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    with open("/proc/sysvipc/shm") as f:
+        size = next(int(r.split()[3]) for r in f.read().splitlines()[1:]
+                    if int(r.split()[1]) == shmid)
+    addr = LIBC.shmat(shmid, None, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), "shmat")
+    return memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
 
 
 def scan(marker, prefix, own):
@@ -135,17 +164,20 @@ def scan(marker, prefix, own):
         if marker in data:
             lines.append(f"FOUND {marker.decode()} in {name}")
     opened = denied = 0
+    own_key = sysv_key(own) if own.startswith("sysv:") else None
     with open("/proc/sysvipc/shm") as f:
         rows = [r.split() for r in f.read().splitlines()[1:]]
     for row in rows:
-        key, shmid, size = int(row[0]), int(row[1]), int(row[3])
-        name = f"sysv key {key & 0xFFFFFFFF:#010x} id {shmid}"
+        key, shmid, size = int(row[0]) & 0xFFFFFFFF, int(row[1]), int(row[3])
+        name = f"sysv key {key:#010x}"
         try:
             data = sysv_attach(shmid, size)
-        except OSError:
+        except OSError as e:
             denied += 1
+            lines.append(f"denied {name} ({e.strerror})")
             continue
         opened += 1
+        lines.append(("own " if key == own_key else "opened ") + name)
         if marker in data:
             lines.append(f"FOUND {marker.decode()} in {name}")
     lines.append(f"sysv: {opened} opened, {denied} denied")
@@ -154,8 +186,7 @@ def scan(marker, prefix, own):
 
 def main():
     name = os.environ["OSPS_SEGMENT"]
-    with open("/dev/shm/" + name.lstrip("/"), "r+b") as f:
-        seg = mmap.mmap(f.fileno(), 0)
+    seg = open_segment(name)
     assert seg[:8] == b"OSPSSEG\x00"
     # Ready { pid, version 4, streams [], ops ["grow", "stale", and any names given as arguments] }
     ops = ["grow", "stale", "leak"] + sys.argv[1:]
