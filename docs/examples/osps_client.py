@@ -71,6 +71,7 @@ ERROR_KINDS = [
     ("Internal", "internal error"),
     ("CommandFailed", "command failed"),
     ("OutOfMemory", "out of memory"),
+    ("Cancelled", "cancelled"),
 ]
 KIND_INDEX = {rust: i for i, (rust, _) in enumerate(ERROR_KINDS)}
 

@@ -54,6 +54,9 @@ class WireTest(unittest.TestCase):
         self.assertEqual((e.kind, e.message, e.req_id), (10, "no", 7))
         e = wire.decode_response(b"\x07\x01\x09\x00\x00")[1]
         self.assertIsInstance(e, osps.CommandFailedError)
+        e = wire.decode_response(b"\x07\x01\x0b\x00\x00")[1]
+        self.assertIsInstance(e, osps.JobCancelledError)
+        self.assertNotIsInstance(e, __import__("concurrent.futures").futures.CancelledError)
         e = wire.decode_response(b"\x07\x01\x63\x00\x00")[1]
         self.assertIs(type(e), osps.RemoteError)
         self.assertEqual(str(e), "error kind 99: ")
@@ -354,6 +357,50 @@ class LoadTest(unittest.TestCase):
             t.join(300)
         self.assertEqual(failures, [])
         self.assertEqual(done[0], 100 * 50)
+
+
+@needs_dispatcher
+class CancelTest(unittest.TestCase):
+    def _busy(self, c: osps.Client, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = [w for w in c.status()["workers"] if w["pool"] == "py"]
+            if sum(w["state"] == "busy" for w in workers) >= n:
+                return
+            time.sleep(0.02)
+        self.fail(f"{n} py workers never busy")
+
+    def test_a_queued_and_a_running_call_are_cancelled(self) -> None:
+        self.assertEqual(osps.JobCancelledError.KIND, 11)
+        self.assertEqual(osps.JobCancelledError.NAME, "cancelled")
+        with connect() as c, connect() as watcher, connect() as stranger:
+            long = c.send("pysleep", b"", "60000")
+            short = [c.send("pysleep", b"", "2000") for _ in range(3)]
+            self._busy(watcher, 4)  # every py worker: the next one waits in the queue
+            queued = c.send("pyupper", b"queued")
+            # Ids are per connection: another one cannot cancel them.
+            self.assertFalse(stranger.cancel(queued))
+            self.assertFalse(stranger.cancel(long))
+            began = time.monotonic()
+            self.assertTrue(c.cancel(queued))
+            with self.assertRaises(osps.JobCancelledError) as e:
+                c.wait(queued)
+            self.assertEqual(e.exception.kind_name, "cancelled")
+            self.assertTrue(c.cancel(long))
+            with self.assertRaises(osps.JobCancelledError):
+                c.wait(long)
+            self.assertLess(time.monotonic() - began, 1.5, "not waiting for the sleeps")
+            self.assertEqual([c.wait(i) for i in short], [b"slept\n"] * 3, "the others ran on")
+            self.assertFalse(c.cancel(long), "answered already")
+            # The pipelined form: the request's answer comes before the cancel's.
+            rid = c.send("pysleep", b"", "60000")
+            self._busy(watcher, 1)
+            cid = c.send_cancel(rid)
+            first, second = c.recv(), c.recv()
+            self.assertEqual(first[0], rid)
+            self.assertIsInstance(first[1], osps.JobCancelledError)
+            self.assertEqual(second, (cid, b"cancelled\n"))
+            self.assertEqual(c.call("pyupper", b"after"), b"AFTER")
 
 
 @needs_dispatcher

@@ -809,6 +809,16 @@ mod tests {
             crate::frame::encode(msg, &mut out).unwrap();
             out
         }
+        let sleep = Request {
+            id: 4,
+            op: "sleep".into(),
+            args: vec!["60000".into()].into(),
+            payload_len: 0,
+        };
+        assert_eq!(
+            framed(&sleep),
+            b"\x0f\0\0\0\x04\x05sleep\x01\x0560000\x00".to_vec()
+        );
         let cancel = Request {
             id: 5,
             op: OP_CANCEL.into(),
@@ -836,7 +846,12 @@ mod tests {
             result_len: CANCEL_DONE.len() as u64,
         };
         assert_eq!(framed(&done), b"\x03\0\0\0\x05\x00\x0a".to_vec());
+        let message = b"\x63\x61\x6e\x63\x65\x6c\x6c\x65\x64\x20\x62\x79\x20\x74\x68\x65\x20\x63\x6c\x69\x65\x6e\x74\x20\x28\x72\x65\x71\x75\x65\x73\x74\x20\x35\x29";
+        assert_eq!(&want[8..8 + 35], message);
         assert_eq!(CANCEL_DONE, b"\x63\x61\x6e\x63\x65\x6c\x6c\x65\x64\x0a");
-        assert_eq!(CANCEL_NOT_FOUND, b"not found\n");
+        assert_eq!(
+            CANCEL_NOT_FOUND,
+            b"\x6e\x6f\x74\x20\x66\x6f\x75\x6e\x64\x0a"
+        );
     }
 }

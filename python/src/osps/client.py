@@ -417,6 +417,29 @@ class Client:
         """Runs `op` on `data` with string `args`; returns the result bytes."""
         return self.wait(self.send(op, data, *args))
 
+    def send_cancel(self, req_id: int) -> int:
+        """Sends a `cancel` of request `req_id` (sent on this connection,
+        its answer not yet received) without waiting; returns the cancel's
+        own id. A queued job is taken off its queue, a running one's worker
+        killed and replaced; the request is answered `JobCancelledError`.
+        Its answer always comes before the cancel's, whose result is
+        `b"cancelled\\n"`, or `b"not found\\n"` when the request was not
+        pending (answered already, or answered otherwise meanwhile). Only
+        this connection can cancel its requests (PROTOCOL section 8)."""
+        return self.send(wire.OP_CANCEL, b"", str(req_id))
+
+    def cancel(self, req_id: int) -> bool:
+        """Cancels request `req_id` (see `send_cancel`) and waits for the
+        cancel's answer: True when the request was cancelled, False when it
+        was not pending. Either way its own answer has arrived by then and
+        is kept for `wait`/`recv` (`JobCancelledError` when this is True)."""
+        got = self.wait(self.send_cancel(req_id))
+        if got == wire.CANCEL_DONE:
+            return True
+        if got == wire.CANCEL_NOT_FOUND:
+            return False
+        raise ProtocolError(f"cancel answered {got!r}")
+
     def call_file(self, op: str, file: FileArg, *args: str) -> bytes:
         """`call` with the payload streamed from `file` (see `send_file`):
         a file of any size up to the dispatcher's `--max-payload` goes out
