@@ -574,6 +574,28 @@ class ExecutorTest(unittest.TestCase):
         self.assertGreaterEqual(took, 0.8)
         self.assertLess(took, 2.4, "8 calls of 0.4 s on 4 threads take 2 rounds, not 8")
 
+    def test_cancelling_a_future_cancels_its_call(self) -> None:
+        with executor(max_workers=1) as ex, connect() as watcher:
+            running = ex.submit("pysleep", b"", "60000")
+            waiting = ex.submit("pyupper", b"never")  # behind it, in the executor
+            deadline = time.monotonic() + 60
+            while not any(w["pool"] == "py" and w["state"] == "busy"
+                          for w in watcher.status()["workers"]):
+                self.assertLess(time.monotonic(), deadline, "the sleep never ran")
+                time.sleep(0.02)
+            time.sleep(0.1)  # sent whole: the call waits for its answer
+            self.assertTrue(waiting.cancel(), "not started: cancelled as concurrent.futures does")
+            self.assertTrue(waiting.cancelled())
+            began = time.monotonic()
+            self.assertFalse(running.cancel(), "running: False, and cancelled on the dispatcher")
+            self.assertIsInstance(running.exception(30), osps.JobCancelledError)
+            self.assertLess(time.monotonic() - began, 5)
+            # The thread's connection stays in step (the cancel's answer was read).
+            self.assertEqual(ex.submit("pyupper", b"after").result(60), b"AFTER")
+            done = ex.submit("pyupper", b"done")
+            self.assertEqual(done.result(60), b"DONE")
+            self.assertFalse(done.cancel(), "a finished call")
+
     def test_bad_options_fail_at_construction(self) -> None:
         with self.assertRaises(TypeError):
             osps.Executor(INSTANCE, runtime_dir=RUNTIME_DIR, no_such_option=1)
