@@ -734,7 +734,8 @@ enum Woke {
     /// Result bytes (or the end of the pipe).
     Read(std::io::Result<usize>),
     /// The running job's payload made progress, or the replacement being
-    /// started (recycling) is ready or failed: nothing to read, look again.
+    /// started (recycling) is ready or failed, or a client cancelled a job
+    /// (this worker's, perhaps): nothing to read, look again.
     Upload,
     TimedOut,
     Stopped,
