@@ -192,3 +192,52 @@ fn a_connection_with_every_place_taken_can_still_cancel() {
     assert_eq!(kind(a.wait(long)), ErrorKind::Cancelled);
     assert_eq!(a.wait(queued).unwrap(), b"q");
 }
+
+/// A job sent ahead to a busy worker (batching) cannot be taken back out of
+/// its pipe: it is answered `cancelled` when the worker reaches it, the
+/// worker then killed and replaced; the job before it is answered as ever.
+#[test]
+fn a_job_sent_ahead_is_cancelled_when_its_worker_reaches_it() {
+    use ipc_core::proto::{Outcome, Response};
+    use osps_testkit::request_header;
+    use std::io::{Read, Write};
+    let inst = Instance::start("cancelahead", osps_testkit::args!(1, 32, 8388608));
+    let old = inst.status().workers[0].pid;
+    let mut raw = inst.raw_client();
+    // In one write: the worker takes the first sleep, and the second behind it.
+    let mut both = request_header(1, "sleep", &["300"], 0);
+    both.extend(request_header(2, "sleep", &["60000"], 0));
+    raw.write_all(&both).unwrap();
+    let st = inst.wait_status("a busy worker", |s| s.workers[0].state == WorkerState::Busy);
+    assert_eq!(
+        (st.jobs_sent_ahead, st.queue_depth),
+        (1, 0),
+        "the second sleep is in the worker's pipe"
+    );
+    let t = Instant::now();
+    raw.write_all(&request_header(3, "cancel", &["2"], 0))
+        .unwrap();
+    let mut scratch = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let r: Response = ipc_core::frame::read_frame(&mut raw, &mut scratch, 65536).unwrap();
+        let mut bytes = vec![0; r.result_len as usize];
+        raw.read_exact(&mut bytes).unwrap();
+        let kind = match r.outcome {
+            Outcome::Ok => None,
+            Outcome::Err(e) => Some(e.kind),
+        };
+        answers.push((r.id, kind, bytes));
+    }
+    assert_eq!(
+        answers,
+        [
+            (1, None, b"slept 300 ms\n".to_vec()),
+            (2, Some(ErrorKind::Cancelled), vec![]),
+            (3, None, b"cancelled\n".to_vec()),
+        ]
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    replaced(&inst, 0, old);
+    assert_eq!(inst.client().call("echo", &[], b"x").unwrap(), b"x");
+}
