@@ -241,3 +241,105 @@ fn a_job_sent_ahead_is_cancelled_when_its_worker_reaches_it() {
     replaced(&inst, 0, old);
     assert_eq!(inst.client().call("echo", &[], b"x").unwrap(), b"x");
 }
+
+/// A job whose worker died, waiting to run again (attempt 2) while the
+/// replacement starts, is taken off the queue by a cancel, and never runs
+/// again. The pool's workers take a second to start, so the wait is long.
+#[test]
+fn a_job_waiting_to_be_retried_is_cancelled() {
+    let worker = osps_testkit::bin("osps-worker");
+    let slow = format!("sleep 1; exec {}", worker.display());
+    let (_dir, config) = osps_testkit::config_file(&format!(
+        "[pools.builtin]\nenabled = false\n\n[pools.slow]\nprogram = [\"sh\", \"-c\", {slow:?}]\nworkers = 1\n"
+    ));
+    let inst = Instance::start(
+        "cancelretry",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--allow-fault-injection",
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "65536",
+        ],
+    );
+    let mut a = inst.client();
+    // Attempt 1 aborts its worker; attempt 2 would answer "attempt 2".
+    let id = a.send("crash", &["1"], &[]).unwrap();
+    inst.wait_status("the retry waiting for the replacement", |s| {
+        s.queue_depth == 1 && s.workers[0].restarts == 1 && !s.workers[0].state.is_up()
+    });
+    assert!(a.cancel(id).unwrap());
+    assert_eq!(kind(a.wait(id)), ErrorKind::Cancelled);
+    let st = inst.wait_status("the replacement up", |s| s.workers[0].state.is_up());
+    assert_eq!((st.queue_depth, st.jobs_cancelled, st.jobs_done), (0, 1, 0));
+    assert_eq!(a.call("crash", &["0"], &[]).unwrap(), b"attempt 1\n");
+}
+
+/// A job sent ahead to a worker that is being killed (its running job timed
+/// out, and it ignores SIGTERM: a second until SIGKILL) is on its way back
+/// to the queue: cancelled meanwhile, it is answered `cancelled` then, not
+/// requeued.
+#[test]
+fn a_job_cancelled_while_its_worker_is_being_killed_is_not_requeued() {
+    use ipc_core::proto::{Outcome, Response};
+    use osps_testkit::request_header;
+    use std::io::{Read, Write};
+    let worker = osps_testkit::bin("osps-worker");
+    let deaf = format!("trap '' TERM; exec {}", worker.display());
+    let (_dir, config) = osps_testkit::config_file(&format!(
+        "[pools.builtin]\nenabled = false\n\n[pools.deaf]\nprogram = [\"sh\", \"-c\", {deaf:?}]\nworkers = 1\njob_timeout_ms = 300\n"
+    ));
+    let inst = Instance::start(
+        "cancelkilling",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--segment-mib",
+            "16",
+            "--max-payload",
+            "65536",
+        ],
+    );
+    let mut raw = inst.raw_client();
+    let mut both = request_header(1, "sleep", &["5000"], 0);
+    both.extend(request_header(2, "echo", &[], 0));
+    raw.write_all(&both).unwrap();
+    let st = inst.wait_status("a busy worker", |s| s.workers[0].state == WorkerState::Busy);
+    assert_eq!(st.jobs_sent_ahead, 1, "the echo is in the worker's pipe");
+    wait_for(PATIENCE, || {
+        inst.log().contains("job timed out").then_some(())
+    })
+    .expect("the sleep times out");
+    // Within the second between SIGTERM (ignored) and SIGKILL.
+    raw.write_all(&request_header(3, "cancel", &["2"], 0))
+        .unwrap();
+    let mut scratch = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let r: Response = ipc_core::frame::read_frame(&mut raw, &mut scratch, 65536).unwrap();
+        let mut bytes = vec![0; r.result_len as usize];
+        raw.read_exact(&mut bytes).unwrap();
+        let kind = match r.outcome {
+            Outcome::Ok => None,
+            Outcome::Err(e) => Some(e.kind),
+        };
+        answers.push((r.id, kind, bytes));
+    }
+    assert_eq!(
+        answers,
+        [
+            (1, Some(ErrorKind::Timeout), vec![]),
+            (2, Some(ErrorKind::Cancelled), vec![]),
+            (3, None, b"cancelled\n".to_vec()),
+        ]
+    );
+    let st = inst.wait_status("the replacement up", |s| s.workers[0].state.is_up());
+    assert_eq!((st.queue_depth, st.jobs_cancelled, st.jobs_done), (0, 1, 0));
+    // Answered on its way back: the replacement never got it (and was not
+    // killed for it).
+    thread::sleep(Duration::from_millis(300));
+    let st = inst.status();
+    assert_eq!(st.workers[0].restarts, 1, "{st:?}");
+}
