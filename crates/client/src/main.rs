@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(ClientError::Remote(e)) if e.kind == ipc_core::ErrorKind::Cancelled => {
             // Only our Ctrl-C cancels a request of our connection.
-            eprintln!("osps-client: interrupted: the job was cancelled on the dispatcher ({e})");
+            eprintln!("osps-client: interrupted: the job was cancelled on the dispatcher");
             ExitCode::from(interrupt::EXIT_INTERRUPTED)
         }
         Err(e) => {
