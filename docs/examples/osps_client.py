@@ -41,6 +41,7 @@ import select
 import socket
 import struct
 import sys
+import time
 
 # --- constants (PROTOCOL.md sections 3, 4 and 11) ---------------------------
 
@@ -71,6 +72,7 @@ ERROR_KINDS = [
     ("Internal", "internal error"),
     ("CommandFailed", "command failed"),
     ("OutOfMemory", "out of memory"),
+    ("Cancelled", "cancelled"),
 ]
 KIND_INDEX = {rust: i for i, (rust, _) in enumerate(ERROR_KINDS)}
 
@@ -594,6 +596,22 @@ def selftest(path, timeout=60.0, tcp=None, token_file=None):
             got = c.call("wc", [], data)
             assert got == expected_wc(data), (data, got, expected_wc(data))
         assert c.call("wc", [], b"one two\nthree\n\n  four") == b"3 4 21\n"
+
+    @check("cancel (section 8.1, example 12.8): the request's answer first")
+    def _():
+        frame = encode_frame(encode_request(5, "cancel", ["4"], 0))
+        assert frame.hex(" ") == "0c 00 00 00 05 06 63 61 6e 63 65 6c 01 01 34 00", frame.hex(" ")
+        with Client.connect_unix(path, timeout) as own:
+            rid = own.send("sleep", ["60000"])
+            time.sleep(0.2)  # running (or queued: cancelled alike)
+            cid = own.send("cancel", [str(rid)])
+            first, second = own.recv(), own.recv()
+            assert first[0] == rid and isinstance(first[1], RemoteError), first
+            assert first[1].kind_rust == "Cancelled", first[1]
+            assert second == (cid, b"cancelled\n"), second
+            assert own.call("cancel", [str(rid)]) == b"not found\n"
+        # Ids belong to their connection: another one's cancel finds nothing.
+        assert c.call("cancel", [str(rid)]) == b"not found\n"
 
     @check("status")
     def _():

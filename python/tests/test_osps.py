@@ -54,6 +54,9 @@ class WireTest(unittest.TestCase):
         self.assertEqual((e.kind, e.message, e.req_id), (10, "no", 7))
         e = wire.decode_response(b"\x07\x01\x09\x00\x00")[1]
         self.assertIsInstance(e, osps.CommandFailedError)
+        e = wire.decode_response(b"\x07\x01\x0b\x00\x00")[1]
+        self.assertIsInstance(e, osps.JobCancelledError)
+        self.assertNotIsInstance(e, __import__("concurrent.futures").futures.CancelledError)
         e = wire.decode_response(b"\x07\x01\x63\x00\x00")[1]
         self.assertIs(type(e), osps.RemoteError)
         self.assertEqual(str(e), "error kind 99: ")
@@ -357,6 +360,50 @@ class LoadTest(unittest.TestCase):
 
 
 @needs_dispatcher
+class CancelTest(unittest.TestCase):
+    def _busy(self, c: osps.Client, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = [w for w in c.status()["workers"] if w["pool"] == "py"]
+            if sum(w["state"] == "busy" for w in workers) >= n:
+                return
+            time.sleep(0.02)
+        self.fail(f"{n} py workers never busy")
+
+    def test_a_queued_and_a_running_call_are_cancelled(self) -> None:
+        self.assertEqual(osps.JobCancelledError.KIND, 11)
+        self.assertEqual(osps.JobCancelledError.NAME, "cancelled")
+        with connect() as c, connect() as watcher, connect() as stranger:
+            long = c.send("pysleep", b"", "60000")
+            short = [c.send("pysleep", b"", "2000") for _ in range(3)]
+            self._busy(watcher, 4)  # every py worker: the next one waits in the queue
+            queued = c.send("pyupper", b"queued")
+            # Ids are per connection: another one cannot cancel them.
+            self.assertFalse(stranger.cancel(queued))
+            self.assertFalse(stranger.cancel(long))
+            began = time.monotonic()
+            self.assertTrue(c.cancel(queued))
+            with self.assertRaises(osps.JobCancelledError) as e:
+                c.wait(queued)
+            self.assertEqual(e.exception.kind_name, "cancelled")
+            self.assertTrue(c.cancel(long))
+            with self.assertRaises(osps.JobCancelledError):
+                c.wait(long)
+            self.assertLess(time.monotonic() - began, 1.5, "not waiting for the sleeps")
+            self.assertEqual([c.wait(i) for i in short], [b"slept\n"] * 3, "the others ran on")
+            self.assertFalse(c.cancel(long), "answered already")
+            # The pipelined form: the request's answer comes before the cancel's.
+            rid = c.send("pysleep", b"", "60000")
+            self._busy(watcher, 1)
+            cid = c.send_cancel(rid)
+            first, second = c.recv(), c.recv()
+            self.assertEqual(first[0], rid)
+            self.assertIsInstance(first[1], osps.JobCancelledError)
+            self.assertEqual(second, (cid, b"cancelled\n"))
+            self.assertEqual(c.call("pyupper", b"after"), b"AFTER")
+
+
+@needs_dispatcher
 class CrashTest(unittest.TestCase):
     def test_a_segfault_is_retried_then_worker_crashed_while_others_are_served(self) -> None:
         runs = os.path.join(SCRATCH, f"segv-runs-{random.getrandbits(32):08x}")
@@ -526,6 +573,28 @@ class ExecutorTest(unittest.TestCase):
         self.assertEqual(got, [b"slept\n"] * 8)
         self.assertGreaterEqual(took, 0.8)
         self.assertLess(took, 2.4, "8 calls of 0.4 s on 4 threads take 2 rounds, not 8")
+
+    def test_cancelling_a_future_cancels_its_call(self) -> None:
+        with executor(max_workers=1) as ex, connect() as watcher:
+            running = ex.submit("pysleep", b"", "60000")
+            waiting = ex.submit("pyupper", b"never")  # behind it, in the executor
+            deadline = time.monotonic() + 60
+            while not any(w["pool"] == "py" and w["state"] == "busy"
+                          for w in watcher.status()["workers"]):
+                self.assertLess(time.monotonic(), deadline, "the sleep never ran")
+                time.sleep(0.02)
+            time.sleep(0.1)  # sent whole: the call waits for its answer
+            self.assertTrue(waiting.cancel(), "not started: cancelled as concurrent.futures does")
+            self.assertTrue(waiting.cancelled())
+            began = time.monotonic()
+            self.assertFalse(running.cancel(), "running: False, and cancelled on the dispatcher")
+            self.assertIsInstance(running.exception(30), osps.JobCancelledError)
+            self.assertLess(time.monotonic() - began, 5)
+            # The thread's connection stays in step (the cancel's answer was read).
+            self.assertEqual(ex.submit("pyupper", b"after").result(60), b"AFTER")
+            done = ex.submit("pyupper", b"done")
+            self.assertEqual(done.result(60), b"DONE")
+            self.assertFalse(done.cancel(), "a finished call")
 
     def test_bad_options_fail_at_construction(self) -> None:
         with self.assertRaises(TypeError):

@@ -1269,6 +1269,59 @@ impl Client {
         self.wait(id)
     }
 
+    /// Sends a `cancel` of request `id` (one this client sent and has not
+    /// received the reply of) without waiting; returns the cancel's own id.
+    /// The dispatcher takes a queued job off its queue, or kills the
+    /// worker running it (and starts another), and answers the request
+    /// `Cancelled`. The request's reply always comes before the cancel's,
+    /// whose result is `cancelled\n` when the request was answered
+    /// `Cancelled`, `not found\n` when it was not pending (answered already,
+    /// or answered otherwise while the cancel arrived). Only this
+    /// connection can cancel its requests (PROTOCOL section 8).
+    pub fn send_cancel(&mut self, id: u64) -> Result<u64, ClientError> {
+        self.send(proto::OP_CANCEL, &[&id.to_string()], &[])
+    }
+
+    /// Cancels request `id` (see [`Client::send_cancel`]) and waits for the
+    /// cancel's reply: `true` when the request was cancelled, `false` when
+    /// it was not pending. Either way the request's own reply has arrived
+    /// by then and is kept for [`Client::wait`] or [`Client::recv`]
+    /// (`Cancelled`, when this returns `true`).
+    pub fn cancel(&mut self, id: u64) -> Result<bool, ClientError> {
+        let cancel = self.send_cancel(id)?;
+        match self.wait(cancel)?.as_slice() {
+            proto::CANCEL_DONE => Ok(true),
+            proto::CANCEL_NOT_FOUND => Ok(false),
+            other => Err(ClientError::Protocol(format!(
+                "cancel answered {:?}",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
+    /// A handle that can cancel request `id` from another thread (a Ctrl-C
+    /// handler) while this client waits for its reply: use it only once
+    /// the request is sent whole, and not while this client sends anything
+    /// else (two writers would mix their bytes). The cancel's reply comes
+    /// after the request's, so a client that waits for the request alone
+    /// gets its `Cancelled` answer and may leave the other unread.
+    pub fn canceller(&mut self, id: u64) -> Result<Canceller, ClientError> {
+        let cancel_id = self.next_id;
+        self.next_id += 1;
+        let req = Request {
+            id: cancel_id,
+            op: proto::OP_CANCEL.into(),
+            args: [id.to_string()].into_iter().collect(),
+            payload_len: 0,
+        };
+        let mut frame = Vec::new();
+        frame::encode(&req, &mut frame)?;
+        Ok(Canceller {
+            writer: self.writer.try_clone()?,
+            frame,
+        })
+    }
+
     /// Calls `op` with a payload read from `input` and writes the result to
     /// `output` as it arrives; returns the result's length.
     pub fn call_streaming<R: Read, W: Write>(
@@ -1300,6 +1353,19 @@ impl Client {
             ));
         }
         let id = self.send_from(op, args, len, input)?;
+        self.recv_streaming(id, output, on_result)
+    }
+
+    /// Waits for the reply to request `id`, the only one this client waits
+    /// for, and writes its result to `output` as it arrives (see
+    /// [`Client::call_streaming_observed`], which is [`Client::send_from`]
+    /// and this); returns the result's length.
+    pub fn recv_streaming<W: Write>(
+        &mut self,
+        id: u64,
+        output: &mut W,
+        on_result: impl FnOnce(u64),
+    ) -> Result<u64, ClientError> {
         if let Some(reply) = self.early.remove(&id) {
             // Answered while the payload was still going out.
             let bytes = reply.result?;
@@ -1366,6 +1432,34 @@ impl Client {
                 String::from_utf8_lossy(&r)
             )))
         }
+    }
+}
+
+/// Cancels one request from another thread: see [`Client::canceller`].
+#[derive(Debug)]
+pub struct Canceller {
+    writer: Stream,
+    /// The whole `cancel` request.
+    frame: Vec<u8>,
+}
+
+impl Canceller {
+    /// Sends the cancel (at most once is useful), waiting at most
+    /// `within` for the socket to take it.
+    pub fn cancel(&self, within: Duration) -> Result<(), ClientError> {
+        let end = Instant::now() + within;
+        let mut rest = &self.frame[..];
+        while !rest.is_empty() {
+            match self.writer.send_now(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod interrupt;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -89,6 +90,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(ClientError::Remote(e)) if e.kind == ipc_core::ErrorKind::Cancelled => {
+            // Only our Ctrl-C cancels a request of our connection.
+            eprintln!("osps-client: interrupted: the job was cancelled on the dispatcher");
+            ExitCode::from(interrupt::EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("osps-client: {e}{}", hint(&e));
             ExitCode::FAILURE
@@ -332,6 +338,13 @@ impl Write for Sink {
     }
 }
 
+/// What `run` asks for.
+struct Job<'a> {
+    op: &'a str,
+    args: &'a [&'a str],
+    payload: &'a Payload<'a>,
+}
+
 enum Payload<'a> {
     Bytes(Vec<u8>),
     File(&'a Path),
@@ -357,7 +370,15 @@ fn run(args: Args) -> Result<(), ClientError> {
             let result_on_terminal =
                 matches!(sink, Sink::Stdout { .. }) && io::stdout().is_terminal();
             let payload = read_payload(input.as_deref())?;
-            client.run(|c| run_once(c, op, &op_args, &payload, &mut sink, result_on_terminal))?;
+            let ctrl_c = interrupt::CtrlC::install()?;
+            client.run(|c| {
+                let job = Job {
+                    op,
+                    args: &op_args,
+                    payload: &payload,
+                };
+                run_once(c, &job, &mut sink, result_on_terminal, &ctrl_c)
+            })?;
             sink.finish()?;
             Ok(())
         }
@@ -427,14 +448,14 @@ fn read_payload(input: Option<&Path>) -> Result<Payload<'_>, ClientError> {
 /// result's length.
 fn run_once(
     c: &mut Client,
-    op: &str,
-    op_args: &[&str],
-    payload: &Payload<'_>,
+    job: &Job<'_>,
     sink: &mut Sink,
     result_on_terminal: bool,
+    ctrl_c: &interrupt::CtrlC,
 ) -> Result<u64, ClientError> {
+    let op = job.op;
     sink.restart()?;
-    let (len, input): (u64, Box<dyn Read>) = match payload {
+    let (len, input): (u64, Box<dyn Read>) = match job.payload {
         Payload::Bytes(bytes) => (bytes.len() as u64, Box::new(&bytes[..])),
         Payload::File(p) => {
             let f = open_input(p)?;
@@ -444,8 +465,10 @@ fn run_once(
     let mut progress = progress::Progress::new(op, len, result_on_terminal);
     let input = progress.reader(input);
     let mut output = progress.writer(&mut *sink);
-    let result = c.call_streaming_observed(op, op_args, len, input, &mut output, |n| {
-        progress.receiving(n)
+    // Sent whole, the job can be cancelled by Ctrl-C until it is answered.
+    let result = c.send_from(op, job.args, len, input).and_then(|id| {
+        let _armed = ctrl_c.arm(c.canceller(id)?);
+        c.recv_streaming(id, &mut output, |n| progress.receiving(n))
     });
     progress.clear();
     drop(output);

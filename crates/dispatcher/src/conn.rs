@@ -198,6 +198,7 @@ where
         rd: &mut rd,
         replies: &replies,
         holder: &holder,
+        tickets: Default::default(),
     };
     let (ended, wrote) = {
         let mut reading = std::pin::pin!(handler.run());

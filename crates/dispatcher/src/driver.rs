@@ -65,6 +65,10 @@ impl SessionJob for QueuedJob {
     fn attempts(&mut self) -> &mut u8 {
         &mut self.attempts
     }
+
+    fn cancelled(&self) -> bool {
+        self.ticket.cancelled()
+    }
 }
 
 struct Worker {
@@ -441,7 +445,11 @@ fn settle(
         "worker ended ({why}): {status}; replacing it"
     );
     if !stopping {
-        let lost = answer.len() as u64;
+        // A job its client cancelled is not one the worker lost.
+        let lost = answer
+            .iter()
+            .filter(|(_, kind, _)| *kind != ErrorKind::Cancelled)
+            .count() as u64;
         pool.workers
             .get(index)
             .lost(lost, format!("{status}: {why}"));
@@ -459,6 +467,12 @@ fn settle(
         // Back to the front of the queue, in their order; a dead run's
         // result areas are not the next run's.
         for mut job in requeue.into_iter().rev() {
+            if job.ticket.cancelled() {
+                // Cancelled while its worker died (a retry included).
+                let message = job.ticket.message();
+                answer_err(shared, job, ErrorKind::Cancelled, message);
+                continue;
+            }
             job.lease.clear_rooms();
             pool.queue.push(job, true);
         }
@@ -720,7 +734,8 @@ enum Woke {
     /// Result bytes (or the end of the pipe).
     Read(std::io::Result<usize>),
     /// The running job's payload made progress, or the replacement being
-    /// started (recycling) is ready or failed: nothing to read, look again.
+    /// started (recycling) is ready or failed, or a client cancelled a job
+    /// (this worker's, perhaps): nothing to read, look again.
     Upload,
     TimedOut,
     Stopped,
@@ -788,6 +803,9 @@ impl WorkerDriver<'_> {
                     Ok(false) => {}
                     Err(e) => return self.died(s, format!("job pipe: {e}")).await,
                 }
+            }
+            if let Some(end) = s.cancelled(|job| job.ticket.message()) {
+                return end;
             }
             let deadline = s.deadline(timeout + backstop).map(Instant::from_std);
             match self
@@ -1085,6 +1103,8 @@ impl WorkerDriver<'_> {
             () = progress => return Woke::Upload,
             () = &mut self.timer, if deadline.is_some() => return Woke::TimedOut,
             _ = self.stop.wait_for(|s| *s) => return Woke::Stopped,
+            // A job was cancelled: look whether it is this worker's.
+            () = self.shared.cancels.notified() => return Woke::Upload,
             started = replacement(&mut self.recycle.starting) => started,
         };
         self.recycle.started(self.pool, self.index, started);
@@ -1187,8 +1207,12 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
 fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
     shared.stats.answered(&outcome, job.received);
     let lease = job.lease.settle();
+    let ticket = job.ticket;
+    let answered = ticket.answers_cancels(&outcome);
     job.reply
         .answer(job.req_id, outcome, Body::Slot { result, lease });
+    // A cancel waiting for this answer goes after it.
+    drop(answered);
 }
 
 /// Ends a worker: on `Stop`, closes its stdin and waits a grace period; in

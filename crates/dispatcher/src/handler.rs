@@ -44,6 +44,8 @@ pub struct Handler<'a, R> {
     pub rd: &'a mut R,
     pub replies: &'a Rc<Replies>,
     pub holder: &'a Rc<Holder>,
+    /// The tickets of this connection's jobs, for `cancel`.
+    pub tickets: crate::cancel::Tickets,
 }
 
 impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
@@ -63,6 +65,10 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 Ok(req) => req,
                 Err(ended) => return ended,
             };
+            if req.op.as_str() == proto::OP_CANCEL && req.payload_len == 0 {
+                self.cancel(req).await;
+                continue;
+            }
             let permit = self.permit().await;
             if req.payload_len > self.shared.max_payload {
                 let msg = format!(
@@ -165,11 +171,24 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
         }
     }
 
+    /// A `cancel`: acts at once (before waiting for a place in flight, so a
+    /// connection with all its places taken can still cancel), then answers
+    /// after the request it cancels (`cancel.rs`).
+    async fn cancel(&mut self, req: Header) {
+        let found = crate::cancel::target(&req.args)
+            .map(|target| self.tickets.cancel(self.shared, target, req.id));
+        let permit = self.permit().await;
+        match found {
+            Ok(found) => crate::cancel::answer(found, req.id, permit),
+            Err(message) => answer_err(permit, req.id, ErrorKind::InvalidInput, message),
+        }
+    }
+
     /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
         let shared = self.shared;
-        if req.op.as_str() == proto::OP_STATUS {
-            let message = "status takes no payload".to_owned();
+        if [proto::OP_STATUS, proto::OP_CANCEL].contains(&req.op.as_str()) {
+            let message = format!("{} takes no payload", req.op);
             return self
                 .refuse(req, permit, ErrorKind::BadRequest, message)
                 .await;
@@ -247,7 +266,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             shutting_down(permit, req.id);
             return Ok(());
         }
-        let job = self.job(req, JobSlot::own(lease), permit);
+        let job = self.job(req, pool, JobSlot::own(lease), permit);
         pool.queue.push(job, false);
         Ok(())
     }
@@ -264,7 +283,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     ) -> Result<(), Ended> {
         let (id, len) = (req.id, req.payload_len);
         let (mut uploading, slot) = Uploading::start(lease, len);
-        let job = self.job(req, slot, permit);
+        let job = self.job(req, pool, slot, permit);
         pool.queue.push(job, false);
         let payload = tokio::time::timeout(self.frame_deadline(), uploading.read_from(self.rd));
         let read = payload.await.unwrap_or(Err(FrameError::Stalled));
@@ -272,9 +291,11 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
         read.map_err(|e| left_inside(id, len, e))
     }
 
-    fn job(&self, req: Header, lease: JobSlot, reply: Permit) -> QueuedJob {
+    fn job(&self, req: Header, pool: &Pool, lease: JobSlot, reply: Permit) -> QueuedJob {
+        let job_id = self.shared.next_job_id();
         QueuedJob {
-            job_id: self.shared.next_job_id(),
+            ticket: self.tickets.issue(req.id, pool.index, job_id),
+            job_id,
             req_id: req.id,
             op: req.op,
             args: req.args,

@@ -8,6 +8,7 @@
 //! the workers do the work.
 
 mod admission;
+mod cancel;
 pub mod config_file;
 mod conn;
 mod driver;

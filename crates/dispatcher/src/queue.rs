@@ -60,6 +60,13 @@ impl JobQueue {
         self.jobs.borrow_mut().pop_front()
     }
 
+    /// Takes job `job_id` off the queue, if it waits there (a cancel).
+    pub fn remove(&self, job_id: u64) -> Option<QueuedJob> {
+        let mut jobs = self.jobs.borrow_mut();
+        let at = jobs.iter().position(|j| j.job_id == job_id)?;
+        jobs.remove(at)
+    }
+
     /// Removes every queued job (to answer them).
     pub fn take_all(&self) -> Vec<QueuedJob> {
         self.jobs.borrow_mut().drain(..).collect()

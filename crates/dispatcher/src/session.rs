@@ -29,6 +29,10 @@ pub trait SessionJob {
     fn arriving(&self) -> bool;
     /// Runs so far that ended with the worker dying.
     fn attempts(&mut self) -> &mut u8;
+    /// Whether its client cancelled it.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// How a worker's service ended.
@@ -318,6 +322,26 @@ impl<J: SessionJob> Session<J> {
         }
     }
 
+    /// The running job was cancelled by its client (`message`, for it): the
+    /// worker is killed as for a timeout (SIGTERM, then SIGKILL), the job
+    /// answered `Cancelled` and not retried; the others had not started and
+    /// go back to the queue without an attempt. `None` when the running job
+    /// is not cancelled, or not yet in the pipe.
+    pub fn cancelled(&mut self, message: impl FnOnce(&J) -> String) -> Option<End<J>> {
+        let head = self
+            .sent
+            .front()
+            .filter(|h| h.cancelled() && self.written > 0)?;
+        let message = message(head);
+        let head = self.sent.pop_front().expect("checked above");
+        Some(End::Kill {
+            why: "job cancelled by its client".into(),
+            answer: vec![(head, ErrorKind::Cancelled, message)],
+            requeue: std::mem::take(&mut self.sent).into(),
+            term_first: true,
+        })
+    }
+
     /// Shutdown's drain deadline passed while the worker held jobs.
     pub fn stopped(self) -> End<J> {
         let msg =
@@ -435,6 +459,7 @@ mod tests {
         size: usize,
         arriving: bool,
         attempts: u8,
+        cancelled: bool,
     }
 
     impl SessionJob for J {
@@ -450,6 +475,9 @@ mod tests {
         fn attempts(&mut self) -> &mut u8 {
             &mut self.attempts
         }
+        fn cancelled(&self) -> bool {
+            self.cancelled
+        }
     }
 
     fn job(id: u64) -> J {
@@ -458,6 +486,7 @@ mod tests {
             size: 100,
             arriving: false,
             attempts: 0,
+            cancelled: false,
         }
     }
 
@@ -782,5 +811,36 @@ mod tests {
         assert!(matches!(s.answered(1, &Outcome::Ok, t0), Answered::Job(_)));
         s.asked(2, 100).unwrap();
         assert_eq!(s.pending_ask(), Some(Ask::Wait(100)));
+    }
+
+    #[test]
+    fn a_cancelled_running_job_ends_its_worker_and_is_not_retried() {
+        let t0 = Instant::now();
+        let cancelled = |id| J {
+            cancelled: true,
+            ..job(id)
+        };
+        let mut ahead = holding(&[job(1), cancelled(2)], t0);
+        assert!(
+            ahead.cancelled(|_| String::new()).is_none(),
+            "sent ahead: waits to be the running job"
+        );
+        assert_eq!(ahead.len(), 2);
+        let mut unwritten = Session::new(2, t0);
+        unwritten.start(cancelled(1), t0);
+        assert!(
+            unwritten.cancelled(|_| String::new()).is_none(),
+            "not in the pipe yet"
+        );
+        let mut s = holding(&[cancelled(1), job(2), job(3)], t0);
+        let end = s.cancelled(|j| format!("job {}", j.id)).expect("a kill");
+        assert!(
+            matches!(end, End::Kill { term_first: true, ref answer, .. } if answer[0].2 == "job 1")
+        );
+        let (why, answer, requeue) = kill(end);
+        assert!(why.contains("cancelled"), "{why}");
+        assert_eq!(answer, [(1, ErrorKind::Cancelled)]);
+        assert_eq!(requeue, [2, 3], "the others go back, unstarted");
+        assert!(s.is_idle());
     }
 }

@@ -72,6 +72,8 @@ pub struct QueuedJob {
     /// When the request (header and payload; only the header for a job
     /// sent while its payload arrives) had been read.
     pub received: Instant,
+    /// Whether its client cancelled it, and the cancels waiting for its answer.
+    pub ticket: std::rc::Rc<crate::cancel::Ticket>,
 }
 
 /// Everything the tasks share: parts with one job each, each owning its
@@ -99,6 +101,8 @@ pub struct Shared {
     pub started: Instant,
     /// The TCP listener's address, once bound.
     pub tcp_addr: std::cell::OnceCell<String>,
+    /// Woken when a client cancels a job a driver holds (`cancel.rs`).
+    pub cancels: tokio::sync::Notify,
 }
 
 /// Where shutdown has got to.
@@ -166,6 +170,7 @@ impl Shared {
             life: Lifecycle::default(),
             started: Instant::now(),
             tcp_addr: std::cell::OnceCell::new(),
+            cancels: tokio::sync::Notify::new(),
         })
     }
 

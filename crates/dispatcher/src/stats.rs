@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
-use ipc_core::proto::Outcome;
+use ipc_core::proto::{ErrorKind, Outcome};
 use ipc_core::status::LatencyStatus;
 
 use crate::latency::LatencyWindow;
@@ -14,6 +14,8 @@ use crate::latency::LatencyWindow;
 pub struct Stats {
     jobs_done: Cell<u64>,
     jobs_failed: Cell<u64>,
+    /// Jobs their client cancelled (`cancel`): neither done nor failed.
+    jobs_cancelled: Cell<u64>,
     /// Jobs sent to a worker behind another (batched).
     jobs_sent_ahead: Cell<u64>,
     latency: RefCell<LatencyWindow>,
@@ -24,6 +26,7 @@ impl Default for Stats {
         Stats {
             jobs_done: Cell::new(0),
             jobs_failed: Cell::new(0),
+            jobs_cancelled: Cell::new(0),
             jobs_sent_ahead: Cell::new(0),
             latency: RefCell::new(LatencyWindow::new()),
         }
@@ -31,10 +34,15 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// Counts a job's outcome and how long it took since `received`.
+    /// Counts a job's outcome and how long it took since `received` (a
+    /// cancelled job's time is its client's choice: not a latency).
     pub fn answered(&self, outcome: &Outcome, received: Instant) {
         let cell = match outcome {
             Outcome::Ok => &self.jobs_done,
+            Outcome::Err(e) if e.kind == ErrorKind::Cancelled => {
+                self.jobs_cancelled.set(self.jobs_cancelled.get() + 1);
+                return;
+            }
             Outcome::Err(_) => &self.jobs_failed,
         };
         cell.set(cell.get() + 1);
@@ -55,6 +63,11 @@ impl Stats {
 
     pub fn jobs_failed(&self) -> u64 {
         self.jobs_failed.get()
+    }
+
+    /// Jobs answered `Cancelled` (the outcome `cancelled`).
+    pub fn jobs_cancelled(&self) -> u64 {
+        self.jobs_cancelled.get()
     }
 
     pub fn jobs_sent_ahead(&self) -> u64 {

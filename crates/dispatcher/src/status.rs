@@ -40,6 +40,7 @@ pub fn report(shared: &Shared) -> StatusReport {
             .iter()
             .map(|p| p.status(&config.worker_exe))
             .collect(),
+        jobs_cancelled: shared.stats.jobs_cancelled(),
     }
 }
 

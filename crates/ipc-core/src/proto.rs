@@ -49,6 +49,18 @@ pub const PIPE_VERSION: u16 = 4;
 pub const OP_STATUS: &str = "status";
 /// The health check every worker answers (`pong\n`), whatever it serves.
 pub const OP_PING: &str = "ping";
+/// The operation the dispatcher answers itself by cancelling an earlier
+/// request of the same connection: args `[ID]`, the request's id in decimal.
+/// Answered [`CANCEL_DONE`] or [`CANCEL_NOT_FOUND`]; the cancelled request
+/// is answered [`ErrorKind::Cancelled`] first (PROTOCOL section 8).
+pub const OP_CANCEL: &str = "cancel";
+/// The result of a `cancel` that cancelled the request: its answer, which
+/// came first, is [`ErrorKind::Cancelled`].
+pub const CANCEL_DONE: &[u8] = b"cancelled\n";
+/// The result of a `cancel` that found no such request pending on the
+/// connection (never sent, answered already, or answered otherwise while
+/// the cancel arrived: its answer, which came first, says how).
+pub const CANCEL_NOT_FOUND: &[u8] = b"not found\n";
 
 /// Client hello flag: a token follows the hello (u16 LE length, then that
 /// many bytes, at most [`crate::token::MAX_TOKEN_LEN`]). Needed on a TCP
@@ -407,6 +419,9 @@ pub enum ErrorKind {
     /// The job went past its pool's memory limit (`memory_limit_mib`); the
     /// message names the limit. Its worker was replaced; the job is not retried.
     OutOfMemory,
+    /// The client cancelled the request (`cancel`): it was taken off the
+    /// queue, or its worker was killed and replaced; not retried.
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -424,6 +439,7 @@ impl ErrorKind {
             ErrorKind::Internal => "internal error",
             ErrorKind::CommandFailed => "command failed",
             ErrorKind::OutOfMemory => "out of memory",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 }
@@ -642,6 +658,7 @@ mod tests {
             ErrorKind::Internal,
             ErrorKind::CommandFailed,
             ErrorKind::OutOfMemory,
+            ErrorKind::Cancelled,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);
@@ -780,6 +797,61 @@ mod tests {
         assert_eq!(
             postcard::to_stdvec(&r).unwrap(),
             b"\xac\x02\x05sleep\x01\x015\x00".to_vec()
+        );
+    }
+
+    /// Section 12.8 of docs/PROTOCOL.md: request 4 (`sleep 60000`) cancelled
+    /// by request 5; request 4's `Cancelled` answer comes first.
+    #[test]
+    fn cancel_example_matches_the_protocol_document() {
+        fn framed(msg: &impl Serialize) -> Vec<u8> {
+            let mut out = Vec::new();
+            crate::frame::encode(msg, &mut out).unwrap();
+            out
+        }
+        let sleep = Request {
+            id: 4,
+            op: "sleep".into(),
+            args: vec!["60000".into()].into(),
+            payload_len: 0,
+        };
+        assert_eq!(
+            framed(&sleep),
+            b"\x0f\0\0\0\x04\x05sleep\x01\x0560000\x00".to_vec()
+        );
+        let cancel = Request {
+            id: 5,
+            op: OP_CANCEL.into(),
+            args: vec!["4".into()].into(),
+            payload_len: 0,
+        };
+        assert_eq!(
+            framed(&cancel),
+            b"\x0c\0\0\0\x05\x06cancel\x01\x014\x00".to_vec()
+        );
+        let cancelled = Response {
+            id: 4,
+            outcome: Outcome::Err(RemoteError::new(
+                ErrorKind::Cancelled,
+                "cancelled by the client (request 5)",
+            )),
+            result_len: 0,
+        };
+        let mut want = b"\x28\0\0\0\x04\x01\x0b\x23".to_vec();
+        want.extend_from_slice(b"cancelled by the client (request 5)\x00");
+        assert_eq!(framed(&cancelled), want);
+        let done = Response {
+            id: 5,
+            outcome: Outcome::Ok,
+            result_len: CANCEL_DONE.len() as u64,
+        };
+        assert_eq!(framed(&done), b"\x03\0\0\0\x05\x00\x0a".to_vec());
+        let message = b"\x63\x61\x6e\x63\x65\x6c\x6c\x65\x64\x20\x62\x79\x20\x74\x68\x65\x20\x63\x6c\x69\x65\x6e\x74\x20\x28\x72\x65\x71\x75\x65\x73\x74\x20\x35\x29";
+        assert_eq!(&want[8..8 + 35], message);
+        assert_eq!(CANCEL_DONE, b"\x63\x61\x6e\x63\x65\x6c\x6c\x65\x64\x0a");
+        assert_eq!(
+            CANCEL_NOT_FOUND,
+            b"\x6e\x6f\x74\x20\x66\x6f\x75\x6e\x64\x0a"
         );
     }
 }

@@ -55,6 +55,10 @@ pub struct StatusReport {
     /// when it runs); each worker of `workers` names its pool.
     #[serde(default)]
     pub pools: Vec<PoolStatus>,
+    /// Jobs their client cancelled (`cancel`), counted in neither
+    /// `jobs_done` nor `jobs_failed`.
+    #[serde(default)]
+    pub jobs_cancelled: u64,
 }
 
 /// One pool: what it runs, what it serves, what its workers did.

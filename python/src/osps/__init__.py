@@ -9,7 +9,7 @@ SDK to write its workers in Python (`osps.worker`). Standard library only.
 from .client import Client, Endpoint, Executor, RetryingClient, connect, instance_paths, load_token
 from .errors import (BadRequestError, CallTimeout, CommandFailedError, ConnectionLost,
                      FaultInjectionDisabledError, HelloRefused, InternalError, InvalidInputError,
-                     JobTimeoutError, OspsConnectionError, OspsError, OutOfMemoryError,
+                     JobCancelledError, JobTimeoutError, OspsConnectionError, OspsError, OutOfMemoryError,
                      ProtocolError, RemoteError, ResentError, ShuttingDownError, TooLargeError,
                      UnknownOpError, UntrustedServer, WorkerCrashedError)
 
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BadRequestError", "CallTimeout", "Client", "CommandFailedError", "ConnectionLost", "Endpoint",
     "Executor", "FaultInjectionDisabledError", "HelloRefused", "InternalError", "InvalidInputError",
-    "JobTimeoutError", "OspsConnectionError", "OspsError", "OutOfMemoryError", "ProtocolError",
+    "JobCancelledError", "JobTimeoutError", "OspsConnectionError", "OspsError", "OutOfMemoryError", "ProtocolError",
     "RemoteError", "ResentError", "RetryingClient", "ShuttingDownError", "TooLargeError",
     "UnknownOpError", "UntrustedServer", "WorkerCrashedError", "connect", "instance_paths",
     "load_token",

@@ -19,6 +19,10 @@ HELLO_FLAG_TOKEN = 1
 MAX_TOKEN_LEN = 256
 PREFIX_LEN = 4
 MAX_FRAME = 64 * 1024
+#: The operation the dispatcher answers itself by cancelling a request (PROTOCOL section 8).
+OP_CANCEL = "cancel"
+CANCEL_DONE = b"cancelled\n"
+CANCEL_NOT_FOUND = b"not found\n"
 
 # Largest varint per integer type, and the largest value its last byte may
 # hold (section 5.1: postcard rejects anything else).

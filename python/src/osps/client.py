@@ -36,8 +36,8 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Opt
                     TypeVar, Union)
 
 from . import _wire as wire
-from .errors import (ConnectionLost, HelloRefused, OspsConnectionError, ProtocolError, RemoteError,
-                     ResentError, CallTimeout, ShuttingDownError, TooLargeError, UntrustedServer)
+from .errors import (ConnectionLost, HelloRefused, JobCancelledError, OspsConnectionError, OspsError,
+                     ProtocolError, RemoteError, ResentError, CallTimeout, ShuttingDownError, TooLargeError, UntrustedServer)
 
 Payload = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
@@ -417,6 +417,34 @@ class Client:
         """Runs `op` on `data` with string `args`; returns the result bytes."""
         return self.wait(self.send(op, data, *args))
 
+    def send_cancel(self, req_id: int) -> int:
+        """Sends a `cancel` of request `req_id` (sent on this connection,
+        its answer not yet received) without waiting; returns the cancel's
+        own id. A queued job is taken off its queue, a running one's worker
+        killed and replaced; the request is answered `JobCancelledError`.
+        Its answer always comes before the cancel's, whose result is
+        `b"cancelled\\n"`, or `b"not found\\n"` when the request was not
+        pending (answered already, or answered otherwise meanwhile). Only
+        this connection can cancel its requests (PROTOCOL section 8)."""
+        return self.send(wire.OP_CANCEL, b"", str(req_id))
+
+    def cancel(self, req_id: int) -> bool:
+        """Cancels request `req_id` (see `send_cancel`) and waits for the
+        cancel's answer: True when the request was cancelled, False when it
+        was not pending. Either way its own answer has arrived by then and
+        is kept for `wait`/`recv` (`JobCancelledError` when this is True)."""
+        got = self.wait(self.send_cancel(req_id))
+        if got == wire.CANCEL_DONE:
+            return True
+        if got == wire.CANCEL_NOT_FOUND:
+            return False
+        raise ProtocolError(f"cancel answered {got!r}")
+
+    def _cancel_frame(self, req_id: int) -> Tuple[int, bytes]:
+        """An id and the whole frame of a `cancel` of `req_id`, for another
+        thread to send while this client waits (`_CallFuture.cancel`)."""
+        return self._next_request(wire.OP_CANCEL, (str(req_id),), 0)
+
     def call_file(self, op: str, file: FileArg, *args: str) -> bytes:
         """`call` with the payload streamed from `file` (see `send_file`):
         a file of any size up to the dispatcher's `--max-payload` goes out
@@ -671,13 +699,28 @@ class Executor(concurrent.futures.Executor):
                 self._clients.append(rc)
         return rc
 
-    def _call(self, op: str, data: Payload, args: Tuple[str, ...]) -> bytes:
-        return self._client().call(op, data, *args)
+    def _call(self, fut: "_CallFuture", op: str, data: Payload, args: Tuple[str, ...]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            result = self._client().run(lambda c: fut._attempt(c, op, data, args))
+        except BaseException as e:  # noqa: BLE001 - the future carries it
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
 
     def submit(self, op: str, data: Payload = b"", *args: str) -> "concurrent.futures.Future[bytes]":  # type: ignore[override]
         """Schedules `op` on `data` with `args`; the future's result is the
-        result bytes, or its exception the typed error of the answer."""
-        return self._pool.submit(self._call, op, data, args)
+        result bytes, or its exception the typed error of the answer.
+        `cancel()` of a call not started yet cancels it (True, as
+        `concurrent.futures` does); of a running call, it sends a `cancel`
+        to the dispatcher and returns False: the future then ends with
+        `JobCancelledError` (or with its result, if that came first)."""
+        fut = _CallFuture()
+        inner = self._pool.submit(self._call, fut, op, data, args)
+        # shutdown(cancel_futures=True) cancels the pool's future: ours too.
+        inner.add_done_callback(lambda f: fut.cancel() if f.cancelled() else None)
+        return fut
 
     def _close_clients(self) -> None:
         with self._lock:
@@ -695,3 +738,59 @@ class Executor(concurrent.futures.Executor):
         else:
             threading.Thread(target=lambda: (self._pool.shutdown(wait=True), self._close_clients()),
                              name="osps-executor-close", daemon=True).start()
+
+
+class _CallFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A future of `Executor.submit`: `cancel()` of a running call sends a
+    `cancel` of it on its connection (from the caller's thread, while the
+    call's thread waits for the answer: the frame is made by the owner, the
+    lock keeps the two writers apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        #: While the call waits for its answer: its client and the cancel to send.
+        self._target: Optional[Tuple[Client, int, bytes]] = None
+        #: The cancel sent on the current connection, by id.
+        self._cancel_sent: Optional[int] = None
+        #: A cancel was asked for while the call ran (a resend is not made).
+        self._cancel_wanted = False
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        with self._guard:
+            if self.done():
+                return False
+            self._cancel_wanted = True
+            if self._target is not None and self._cancel_sent is None:
+                client, cancel_id, frame = self._target
+                try:
+                    client.sock.sendall(frame)
+                    self._cancel_sent = cancel_id
+                except OSError:
+                    pass  # the connection is going: the call ends without us
+        return False
+
+    def _attempt(self, c: Client, op: str, data: Payload, args: Tuple[str, ...]) -> bytes:
+        """One attempt of the call on `c`, cancellable once sent whole."""
+        with self._guard:
+            if self._cancel_wanted:
+                raise JobCancelledError("cancelled by the client before it was sent again")
+        req_id = c.send(op, data, *args)
+        cancel_id, frame = c._cancel_frame(req_id)
+        with self._guard:
+            self._target = (c, cancel_id, frame)
+            if self._cancel_wanted:  # asked for while the request went out
+                c.sock.sendall(frame)
+                self._cancel_sent = cancel_id
+        try:
+            return c.wait(req_id)
+        finally:
+            with self._guard:
+                self._target, sent, self._cancel_sent = None, self._cancel_sent, None
+            if sent is not None:
+                try:
+                    c.wait(sent)  # its answer, right behind the request's: keep in step
+                except (OSError, OspsError):
+                    pass

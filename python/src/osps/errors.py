@@ -172,6 +172,21 @@ class OutOfMemoryError(RemoteError):
     NAME = "out of memory"
 
 
+class JobCancelledError(RemoteError):
+    """The request was cancelled by its client (`Client.cancel`): taken off
+    the queue, or its worker killed and replaced; not retried.
+
+    Not `concurrent.futures.CancelledError` (nor a subclass of it): that one
+    means a future that never ran and whose `cancelled()` is true, and
+    `Future.result()` raises it on its own; this is the dispatcher's answer
+    to a job it had accepted, an error like any other `RemoteError` (a
+    running `osps.Executor` future whose call is cancelled ends with it).
+    """
+
+    KIND = 11
+    NAME = "cancelled"
+
+
 #: The exception class of each error kind, by index.
 BY_KIND: Dict[int, Type[RemoteError]] = {c.KIND: c for c in (
     BadRequestError,
@@ -185,4 +200,5 @@ BY_KIND: Dict[int, Type[RemoteError]] = {c.KIND: c for c in (
     InternalError,
     CommandFailedError,
     OutOfMemoryError,
+    JobCancelledError,
 )}
