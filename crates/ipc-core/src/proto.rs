@@ -49,6 +49,10 @@ pub const PIPE_VERSION: u16 = 4;
 pub const OP_STATUS: &str = "status";
 /// The health check every worker answers (`pong\n`), whatever it serves.
 pub const OP_PING: &str = "ping";
+/// The operation the dispatcher answers itself by re-reading its
+/// configuration file and applying it rolling (no payload, no arguments;
+/// only its own uid or root, on the Unix socket).
+pub const OP_RELOAD: &str = "reload";
 
 /// Client hello flag: a token follows the hello (u16 LE length, then that
 /// many bytes, at most [`crate::token::MAX_TOKEN_LEN`]). Needed on a TCP
@@ -407,6 +411,10 @@ pub enum ErrorKind {
     /// The job went past its pool's memory limit (`memory_limit_mib`); the
     /// message names the limit. Its worker was replaced; the job is not retried.
     OutOfMemory,
+    /// The peer may not ask this of the dispatcher (e.g. `reload` from
+    /// another uid than the dispatcher's own or root, or over TCP). Index 12
+    /// on the wire (after `Cancelled`, 11).
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -424,6 +432,7 @@ impl ErrorKind {
             ErrorKind::Internal => "internal error",
             ErrorKind::CommandFailed => "command failed",
             ErrorKind::OutOfMemory => "out of memory",
+            ErrorKind::PermissionDenied => "permission denied",
         }
     }
 }
@@ -642,6 +651,8 @@ mod tests {
             ErrorKind::Internal,
             ErrorKind::CommandFailed,
             ErrorKind::OutOfMemory,
+            // Cancelled (11) comes from the cancel branch; then:
+            ErrorKind::PermissionDenied,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);
