@@ -735,6 +735,23 @@ async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
     Ok(listeners)
 }
 
+/// Starts every pool's drivers (kept by `reload.rs`, with what a reload
+/// needs: the lock, the state file's segments, the stop); returns the
+/// segments' generation.
+fn start_pools(running: &Running, stop: watch::Receiver<bool>) -> u64 {
+    let shared = &running.shared;
+    let first = shared.pools.first();
+    let generation = first
+        .slots
+        .segment()
+        .header()
+        .generation
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let recorded = Rc::clone(&running.cleanup.segments);
+    reload::begin(shared, Rc::clone(&running.lock), recorded, generation, stop);
+    generation
+}
+
 async fn serve(config: Config) -> Result<(), DispatcherError> {
     // Signals first, so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -745,9 +762,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     let running = start(config)?;
     let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let generation = shared.pools.first().slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed);
-    let recorded = Rc::clone(&running.cleanup.segments);
-    reload::begin(shared, Rc::clone(&running.lock), recorded, generation, stop_rx);
+    let generation = start_pools(&running, stop_rx);
     let sweeper = tokio::task::spawn_local(sweep_orphans(Rc::clone(shared)));
     if let Err(refused) = pools_ready(shared).await {
         let _ = stop_tx.send(true);

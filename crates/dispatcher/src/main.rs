@@ -43,7 +43,10 @@ fn parse() -> Result<Args, config_file::FileError> {
     };
     // SIGHUP and `reload` read the file again, the same way.
     let reread = move || reread(&path, &matches);
-    let source = dispatcher::ConfigSource::new(args.config_file.clone().unwrap_or_default(), std::sync::Arc::new(reread));
+    let source = dispatcher::ConfigSource::new(
+        args.config_file.clone().unwrap_or_default(),
+        std::sync::Arc::new(reread),
+    );
     args.config.reload_from = Some(source);
     Ok(args)
 }
@@ -75,13 +78,20 @@ fn with_file(
 
 /// A reload's reading of the file: the configuration as a start would
 /// take it, or one line saying why not.
-fn reread(path: &std::path::Path, matches: &clap::ArgMatches) -> Result<dispatcher::Config, String> {
+fn reread(
+    path: &std::path::Path,
+    matches: &clap::ArgMatches,
+) -> Result<dispatcher::Config, String> {
     let args = match with_file(path, matches) {
         Err(e) => return Err(e.to_string()),
         Ok(Err(e)) => {
             let said = e.to_string();
             let first = said.lines().next().unwrap_or("the options do not parse");
-            return Err(format!("{}: {}", path.display(), first.trim_start_matches("error: ")));
+            return Err(format!(
+                "{}: {}",
+                path.display(),
+                first.trim_start_matches("error: ")
+            ));
         }
         Ok(Ok(args)) => args,
     };

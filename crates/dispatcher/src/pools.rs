@@ -480,7 +480,10 @@ impl Routes {
         let mut plan: BTreeMap<String, usize> = BTreeMap::new();
         for pool in pools {
             for op in pool.ops().unwrap_or_default() {
-                if let Some(other) = plan.get(&op).and_then(|&i| pools.iter().find(|p| p.index == i)) {
+                if let Some(other) = plan
+                    .get(&op)
+                    .and_then(|&i| pools.iter().find(|p| p.index == i))
+                {
                     return Err(conflict(pool, other, &op));
                 }
                 plan.insert(op, pool.index);
@@ -578,7 +581,7 @@ impl PoolSet {
     }
 }
 
-impl<'a> IntoIterator for &'a PoolSet {
+impl IntoIterator for &PoolSet {
     type Item = Rc<Pool>;
     type IntoIter = std::vec::IntoIter<Rc<Pool>>;
 

@@ -38,7 +38,8 @@ use crate::Config;
 
 /// How long a reload waits for a new pool's workers: a worker's own ready
 /// timeout, and a little more.
-const READY_WAIT: Duration = Duration::from_millis(crate::driver::READY_TIMEOUT.as_millis() as u64 + 1000);
+const READY_WAIT: Duration =
+    Duration::from_millis(crate::driver::READY_TIMEOUT.as_millis() as u64 + 1000);
 /// How often a reload looks at its new pools' workers while they start.
 const POLL: Duration = Duration::from_millis(10);
 /// Delay before a new segment is prefaulted.
@@ -284,17 +285,30 @@ async fn reload(shared: &Rc<Shared>) -> Result<String, Refusal> {
             message: "the dispatcher is shutting down".into(),
         });
     }
-    let ctx = shared.reloads.context().ok_or_else(|| invalid("the dispatcher is still starting"))?;
+    let ctx = shared
+        .reloads
+        .context()
+        .ok_or_else(|| invalid("the dispatcher is still starting"))?;
     let new = (source.read)().map_err(invalid)?;
     needs_restart(&shared.config, &new).map_err(invalid)?;
     let plan = Plan::new(shared, &new);
     if plan.staged.is_empty() && plan.retired.is_empty() {
-        return Ok(format!("reloaded {}: nothing changed", source.file.display()));
+        return Ok(format!(
+            "reloaded {}: nothing changed",
+            source.file.display()
+        ));
     }
     let staged = stage(shared, &ctx, &plan.staged)?;
     if let Err(why) = ready(&staged).await {
         abort(&ctx, &staged).await;
         return Err(invalid(why));
+    }
+    if shared.life.draining() {
+        // The stop stops every pool's workers and removes every segment.
+        return Err(Refusal {
+            kind: ErrorKind::ShuttingDown,
+            message: "the dispatcher began shutting down during the reload".into(),
+        });
     }
     let active = plan.active(&staged);
     let routes = match Routes::plan(&active) {
@@ -310,7 +324,8 @@ async fn reload(shared: &Rc<Shared>) -> Result<String, Refusal> {
         p.slots.segment().populate_in_background(POPULATE_AFTER);
     }
     for old in &plan.retired {
-        let task = tokio::task::spawn_local(retire(Rc::clone(shared), Rc::clone(&ctx), Rc::clone(old)));
+        let task =
+            tokio::task::spawn_local(retire(Rc::clone(shared), Rc::clone(&ctx), Rc::clone(old)));
         ctx.retiring.borrow_mut().push(task);
     }
     Ok(plan.summary(&source.file))
@@ -442,7 +457,11 @@ impl Plan {
 
 /// Makes the new pools' segments (recorded in the state file first) and
 /// the pools, staged, and starts their workers.
-fn stage(shared: &Rc<Shared>, ctx: &Context, configs: &[PoolConfig]) -> Result<Vec<Rc<Pool>>, Refusal> {
+fn stage(
+    shared: &Rc<Shared>,
+    ctx: &Context,
+    configs: &[PoolConfig],
+) -> Result<Vec<Rc<Pool>>, Refusal> {
     if configs.is_empty() {
         return Ok(Vec::new());
     }
@@ -476,7 +495,11 @@ fn stage(shared: &Rc<Shared>, ctx: &Context, configs: &[PoolConfig]) -> Result<V
         })
         .collect();
     for pool in &pools {
-        tracing::info!(pool = pool.name(), segment = pool.slots.segment().name(), "reload: starting the pool's new workers");
+        tracing::info!(
+            pool = pool.name(),
+            segment = pool.slots.segment().name(),
+            "reload: starting the pool's new workers"
+        );
         start_drivers(shared, ctx, pool);
     }
     Ok(pools)
@@ -489,15 +512,28 @@ async fn ready(pools: &[Rc<Pool>]) -> Result<(), String> {
     loop {
         if let Some(p) = pools.iter().find(|p| p.start_failure().is_some()) {
             let why = p.start_failure().unwrap_or_default();
-            return Err(format!("pool \"{}\" ({}) cannot start: {why}; nothing was changed", p.name(), p.config.origin));
+            return Err(format!(
+                "pool \"{}\" ({}) cannot start: {why}; nothing was changed",
+                p.name(),
+                p.config.origin
+            ));
         }
-        let all_up = pools.iter().all(|p| p.workers.running() == p.config.workers && p.ops().is_some());
+        let all_up = pools
+            .iter()
+            .all(|p| p.workers.running() == p.config.workers && p.ops().is_some());
         if all_up {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return match pools.iter().find(|p| p.workers.running() == 0 || p.ops().is_none()) {
-                Some(p) => Err(format!("pool \"{}\" ({}): no worker ready within {READY_WAIT:?}; nothing was changed", p.name(), p.config.origin)),
+            return match pools
+                .iter()
+                .find(|p| p.workers.running() == 0 || p.ops().is_none())
+            {
+                Some(p) => Err(format!(
+                    "pool \"{}\" ({}): no worker ready within {READY_WAIT:?}; nothing was changed",
+                    p.name(),
+                    p.config.origin
+                )),
                 None => Ok(()),
             };
         }

@@ -98,7 +98,7 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         i += 1;
                         let text = format!("client {t} request {i}\n");
-                        let (op, want) = if i % 2 == 0 {
+                        let (op, want) = if i.is_multiple_of(2) {
                             ("shout", text.to_uppercase().into_bytes())
                         } else {
                             ("wc", osps_testkit::wc_line(text.as_bytes()))
@@ -161,30 +161,15 @@ fn under_load_a_reload_replaces_a_program_and_resizes_a_pool_with_no_request_fai
     assert_eq!(old_segments.len(), 2, "{old_segments:?}");
 
     let load = Load::start(&inst);
-    wait_answered(&load, 200);
+    wait_answered(&load, 500);
     std::fs::write(&path, SECOND).unwrap();
     let (code, out, err) = reload_cli(&inst);
     assert_eq!(code, Some(0), "stdout {out} stderr {err}");
     assert!(out.contains("replaced builtin, cmd"), "{out}");
     let at_reload = load.done.load(Ordering::Relaxed);
-    wait_answered(&load, at_reload + 400);
-    let (done, failures) = load.finish();
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    println!("{done} requests answered right, {} after the reload", done - at_reload);
 
-    // The new workers and program; the builtin pool resized.
-    let after = inst.status();
-    assert_eq!(pool(&after, "cmd").program, ["awk", "{ print toupper($0) }"]);
-    let (new_builtin, new_cmd) = (pids(&after, "builtin"), pids(&after, "cmd"));
-    assert_eq!((new_builtin.len(), new_cmd.len()), (3, 2), "{after:?}");
-    assert!(new_builtin.is_disjoint(&old_builtin) && new_cmd.is_disjoint(&old_cmd));
-    assert_eq!(pool(&after, "builtin").workers, 3);
-    let size = |st: &StatusReport| osps_testkit::pool_segment(st, "builtin").size;
-    assert!(size(&after) > size(&before) + (7 << 20), "{} -> {}", size(&before), size(&after));
-    let reload = after.reload.clone().expect("the reload in status");
-    assert_eq!((reload.applied, reload.refused), (1, 0), "{reload:?}");
-
-    // The old workers are reaped, their segments gone (state file, /dev/shm).
+    // Under the same load: the old workers are reaped, their segments
+    // gone (from the state file and /dev/shm).
     let gone = wait_for(Duration::from_secs(20), || {
         let dead = old_builtin
             .iter()
@@ -198,6 +183,40 @@ fn under_load_a_reload_replaces_a_program_and_resizes_a_pool_with_no_request_fai
         "old workers or segments left: {:?}",
         (segments(&inst), &old_segments)
     );
+    let retired = load.done.load(Ordering::Relaxed);
+    wait_answered(&load, retired + 500);
+    let (done, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    println!(
+        "{done} requests answered right: {at_reload} before the reload, {} until the old pools were gone, {} after",
+        retired - at_reload,
+        done - retired
+    );
+
+    // The new workers and program; the builtin pool resized.
+    let after = inst.status();
+    assert_eq!(
+        pool(&after, "cmd").program,
+        ["awk", "{ print toupper($0) }"]
+    );
+    let (new_builtin, new_cmd) = (pids(&after, "builtin"), pids(&after, "cmd"));
+    assert_eq!((new_builtin.len(), new_cmd.len()), (3, 2), "{after:?}");
+    assert!(new_builtin.is_disjoint(&old_builtin) && new_cmd.is_disjoint(&old_cmd));
+    assert_eq!(pool(&after, "builtin").workers, 3);
+    let size = |st: &StatusReport| osps_testkit::pool_segment(st, "builtin").size;
+    assert!(
+        size(&after) > size(&before) + (7 << 20),
+        "{} -> {}",
+        size(&before),
+        size(&after)
+    );
+    let reload = after.reload.clone().expect("the reload in status");
+    assert_eq!((reload.applied, reload.refused), (1, 0), "{reload:?}");
     assert_eq!(inst.status().reload.unwrap().retiring_workers, 0);
 }
 
@@ -210,7 +229,11 @@ fn a_broken_configuration_is_refused_with_its_reason_and_nothing_changes() {
         let st = inst.status();
         assert_eq!(inst.worker_pids(), old_pids, "{what}: the workers changed");
         assert_eq!(pool(&st, "cmd").program, ["tr", "a-z", "A-Z"], "{what}");
-        assert_eq!(segments(&inst), old_segments, "{what}: the segments changed");
+        assert_eq!(
+            segments(&inst),
+            old_segments,
+            "{what}: the segments changed"
+        );
         assert_eq!(
             inst.client().call("shout", &[], b"still\n").unwrap(),
             b"STILL\n"
@@ -225,15 +248,24 @@ fn a_broken_configuration_is_refused_with_its_reason_and_nothing_changes() {
             "serves operation \"upper\", which pool \"builtin\"",
         ),
         // A value out of range.
-        (&FIRST.replace("builtin]\nworkers = 2", "builtin]\nworkers = 0")[..], "workers"),
+        (
+            &FIRST.replace("builtin]\nworkers = 2", "builtin]\nworkers = 0")[..],
+            "workers",
+        ),
         // An option only a restart applies.
-        (&format!("max_in_flight = 7\n{FIRST}")[..], "max_in_flight cannot change while the dispatcher runs"),
+        (
+            &format!("max_in_flight = 7\n{FIRST}")[..],
+            "max_in_flight cannot change while the dispatcher runs",
+        ),
     ];
     for (text, reason) in refused {
         std::fs::write(&path, text).unwrap();
         let (code, out, err) = reload_cli(&inst);
         assert_eq!(code, Some(1), "{text}: stdout {out} stderr {err}");
-        assert!(err.contains("invalid input") && err.contains(reason), "{text}: {err}");
+        assert!(
+            err.contains("invalid input") && err.contains(reason),
+            "{text}: {err}"
+        );
         unchanged(text);
     }
     // SIGHUP to a dispatcher alone: refused the same way, logged.
@@ -258,17 +290,34 @@ fn sighup_to_the_watchdog_reloads_the_dispatcher() {
     std::fs::write(&path, SECOND).unwrap();
     inst.signal(Signal::SIGHUP); // the watchdog
     let after = inst.wait_status("the reload applied", |st| {
-        st.pools.iter().any(|p| p.name == "cmd" && p.program[0] == "awk")
+        st.pools
+            .iter()
+            .any(|p| p.name == "cmd" && p.program[0] == "awk")
             && st.workers.iter().filter(|w| w.pool == "builtin").count() == 3
             && st.workers.iter().all(|w| w.pid != 0)
     });
     assert!(pids(&after, "cmd").is_disjoint(&old));
-    assert_eq!(inst.client().call("shout", &[], b"hup\n").unwrap(), b"HUP\n");
+    assert_eq!(
+        inst.client().call("shout", &[], b"hup\n").unwrap(),
+        b"HUP\n"
+    );
 }
 
 #[test]
 fn without_a_configuration_file_or_over_tcp_a_reload_is_refused() {
-    let inst = Instance::start("rl-none", &["--workers", "1", "--segment-mib", "8", "--max-payload", "65536", "--tcp", "127.0.0.1:0"]);
+    let inst = Instance::start(
+        "rl-none",
+        &[
+            "--workers",
+            "1",
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+            "--tcp",
+            "127.0.0.1:0",
+        ],
+    );
     let said = |r: Result<Vec<u8>, ClientError>| match r {
         Err(ClientError::Remote(e)) => (e.kind, e.message),
         other => panic!("an error expected, got {other:?}"),
@@ -277,7 +326,10 @@ fn without_a_configuration_file_or_over_tcp_a_reload_is_refused() {
     assert_eq!(kind, ErrorKind::InvalidInput);
     assert!(message.contains("started without --config"), "{message}");
     let (kind, message) = said(inst.client().call(OP_RELOAD, &[], b"payload"));
-    assert_eq!((kind, message.as_str()), (ErrorKind::BadRequest, "reload takes no payload"));
+    assert_eq!(
+        (kind, message.as_str()),
+        (ErrorKind::BadRequest, "reload takes no payload")
+    );
     let tcp = inst.status().tcp.expect("a TCP address");
     let endpoint = ipc_core::Endpoint::Tcp(tcp.parse().unwrap());
     let mut c = osps_client::Client::connect(&endpoint).expect("a TCP client connects");
@@ -294,24 +346,35 @@ fn another_uid_may_not_reload() {
     }
     let (_dir, path) = config_file(FIRST);
     let uid = nobody::NOBODY.to_string();
-    let inst = Instance::start("rl-uid", &["--config", path.to_str().unwrap(), "--allow-uid", &uid]);
+    let inst = Instance::start(
+        "rl-uid",
+        &["--config", path.to_str().unwrap(), "--allow-uid", &uid],
+    );
     for p in [inst.runtime_dir(), inst.paths.dir()] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let bin = tempfile::Builder::new().prefix("osps-rl-").tempdir().unwrap();
+    let bin = tempfile::Builder::new()
+        .prefix("osps-rl-")
+        .tempdir()
+        .unwrap();
     std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let client = nobody::copy_bin("osps-client", bin.path());
     let old = inst.worker_pids();
     std::fs::write(&path, SECOND).unwrap();
-    let out = nobody::as_nobody(&client)
-        .arg("--connect")
+    let mut cmd = nobody::as_nobody(&client);
+    cmd.arg("--connect")
         .arg(format!("unix:{}", inst.paths.socket().display()))
         .args(["--server-uid", "0", "reload"])
-        .output()
-        .expect("setpriv runs");
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // Killed and reaped even if an assertion fails first.
+    let out = nobody::Proc(Some(cmd.spawn().expect("setpriv runs"))).output();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("permission denied") && err.contains("uid 65534 may not"), "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("uid 65534 may not"),
+        "{err}"
+    );
     assert_eq!(inst.worker_pids(), old);
     assert!(inst.status().reload.is_none());
     // The owner may.
