@@ -387,7 +387,9 @@ fn run(args: Args) -> Result<(), ClientError> {
         }
         Command::Reload => {
             // A request whose answer was lost is sent again: reading the same file twice changes nothing the second time.
-            let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
+            // No overall deadline: the answer comes once the new pools'
+            // workers are ready, which the dispatcher bounds (about 11 s).
+            let mut client = retrying(&args, args.retry_ms, None, false)?;
             let summary = client.run(|c| c.call(ipc_core::proto::OP_RELOAD, &[], &[]))?;
             io::stdout().write_all(&summary)?;
             Ok(())

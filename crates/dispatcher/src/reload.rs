@@ -593,3 +593,37 @@ async fn retire(shared: Rc<Shared>, ctx: Rc<Context>, pool: Rc<Pool>) {
         "reload: the old pool's {workers} worker(s) stopped after their jobs; its segment is removed"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_settings_apply_live_and_restart_only_options_are_named() {
+        let old = Config::new("t");
+        assert_eq!(needs_restart(&old, &old.clone()), Ok(()));
+        let mut new = old.clone();
+        // What pools take: applied by replacing them.
+        new.workers = old.workers + 3;
+        new.job_timeout_ms = 5;
+        new.segment_mib = 8;
+        new.recycle_after_jobs = Some(10);
+        assert_eq!(needs_restart(&old, &new), Ok(()));
+        new.max_in_flight = 7;
+        new.tcp = Some("127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            needs_restart(&old, &new),
+            Err("tcp, max_in_flight cannot change while the dispatcher runs (restart it to apply them); nothing was changed".into())
+        );
+    }
+
+    #[test]
+    fn pools_are_the_same_wherever_they_were_configured() {
+        let pools = Config::new("t").pools();
+        let mut moved = pools[0].clone();
+        moved.origin = "osps.toml:9".into();
+        assert!(same(&pools[0], &moved));
+        moved.workers += 1;
+        assert!(!same(&pools[0], &moved));
+    }
+}
