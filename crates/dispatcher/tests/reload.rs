@@ -3,8 +3,9 @@
 //! builtin pool (workers and segment) with no request failed, the new pids
 //! and program in status, the old workers reaped and the old segments
 //! gone; a file that does not parse, or validates wrong (two pools serving
-//! one operation, a zero worker count), or changes a restart-only option,
-//! is refused with its reason and nothing changes; another uid, or a TCP
+//! one operation, a zero worker count), starts a pool that cannot start,
+//! or changes a restart-only option, is refused with its reason and
+//! nothing changes; another uid, or a TCP
 //! client, is denied; a dispatcher without `--config` says it has no file;
 //! SIGHUP to the watchdog reaches the dispatcher.
 
@@ -163,7 +164,9 @@ fn under_load_a_reload_replaces_a_program_and_resizes_a_pool_with_no_request_fai
     let load = Load::start(&inst);
     wait_answered(&load, 500);
     std::fs::write(&path, SECOND).unwrap();
+    let asked = std::time::Instant::now();
     let (code, out, err) = reload_cli(&inst);
+    let took = asked.elapsed();
     assert_eq!(code, Some(0), "stdout {out} stderr {err}");
     assert!(out.contains("replaced builtin, cmd"), "{out}");
     let at_reload = load.done.load(Ordering::Relaxed);
@@ -193,7 +196,7 @@ fn under_load_a_reload_replaces_a_program_and_resizes_a_pool_with_no_request_fai
         &failures[..failures.len().min(5)]
     );
     println!(
-        "{done} requests answered right: {at_reload} before the reload, {} until the old pools were gone, {} after",
+        "{done} requests answered right: {at_reload} before the reload (answered in {took:?}), {} until the old pools were gone, {} after",
         retired - at_reload,
         done - retired
     );
@@ -252,6 +255,12 @@ fn a_broken_configuration_is_refused_with_its_reason_and_nothing_changes() {
             &FIRST.replace("builtin]\nworkers = 2", "builtin]\nworkers = 0")[..],
             "workers",
         ),
+        // A new pool whose program never says it is ready: its segment
+        // and its workers go, the running pools stay.
+        (
+            &format!("{FIRST}\n[pools.bad]\nprogram = [\"true\"]\n")[..],
+            "pool \"bad\"",
+        ),
         // An option only a restart applies.
         (
             &format!("max_in_flight = 7\n{FIRST}")[..],
@@ -272,12 +281,12 @@ fn a_broken_configuration_is_refused_with_its_reason_and_nothing_changes() {
     std::fs::write(&path, "[pools.cmd\n").unwrap();
     inst.signal(Signal::SIGHUP);
     let logged = wait_for(Duration::from_secs(10), || {
-        (inst.log().matches("reload refused").count() >= 5).then_some(())
+        (inst.log().matches("reload refused").count() >= 6).then_some(())
     });
     assert!(logged.is_some(), "{}", inst.log());
     unchanged("SIGHUP");
     let st = inst.status().reload.unwrap();
-    assert_eq!((st.applied, st.refused), (0, 5), "{st:?}");
+    assert_eq!((st.applied, st.refused), (0, 6), "{st:?}");
     assert!(st.last.starts_with("refused: "), "{st:?}");
     assert_eq!(inst.status().pools.len(), before.pools.len());
 }
