@@ -289,7 +289,12 @@ async fn reload(shared: &Rc<Shared>) -> Result<String, Refusal> {
         .reloads
         .context()
         .ok_or_else(|| invalid("the dispatcher is still starting"))?;
-    let new = (source.read)().map_err(invalid)?;
+    // Off the event loop: it reads the file, looks users and programs up.
+    let read = Arc::clone(&source.read);
+    let new = match tokio::task::spawn_blocking(move || read()).await {
+        Ok(read) => read.map_err(invalid)?,
+        Err(e) => return Err(invalid(format!("reading the configuration failed: {e}"))),
+    };
     needs_restart(&shared.config, &new).map_err(invalid)?;
     let plan = Plan::new(shared, &new);
     if plan.staged.is_empty() && plan.retired.is_empty() {

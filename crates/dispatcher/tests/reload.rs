@@ -7,7 +7,8 @@
 //! or changes a restart-only option, is refused with its reason and
 //! nothing changes; another uid, or a TCP
 //! client, is denied; a dispatcher without `--config` says it has no file;
-//! SIGHUP to the watchdog reaches the dispatcher.
+//! SIGHUP to the watchdog reaches the dispatcher, and a job running on an
+//! old worker is answered before that worker stops.
 
 mod nobody;
 
@@ -296,6 +297,17 @@ fn sighup_to_the_watchdog_reloads_the_dispatcher() {
     let (_dir, path) = config_file(FIRST);
     let inst = Instance::supervised("rl-hup", &[], &["--config", path.to_str().unwrap()]);
     let old = pids(&inst.status(), "cmd");
+    // A job running on an old worker when the reload comes.
+    let endpoint = inst.endpoint();
+    let sleeper = std::thread::spawn(move || {
+        let mut c = osps_client::Client::connect(&endpoint).expect("connects");
+        c.call("sleep", &["1500"], b"")
+    });
+    inst.wait_status("the sleep runs", |st| {
+        st.workers
+            .iter()
+            .any(|w| w.state == ipc_core::status::WorkerState::Busy)
+    });
     std::fs::write(&path, SECOND).unwrap();
     inst.signal(Signal::SIGHUP); // the watchdog
     let after = inst.wait_status("the reload applied", |st| {
@@ -310,6 +322,13 @@ fn sighup_to_the_watchdog_reloads_the_dispatcher() {
         inst.client().call("shout", &[], b"hup\n").unwrap(),
         b"HUP\n"
     );
+    // The old worker finishes its job before it stops.
+    let retiring = after.reload.expect("the reload in status").retiring_workers;
+    assert!(retiring >= 1, "{retiring}");
+    assert_eq!(sleeper.join().unwrap().unwrap(), b"slept 1500 ms\n");
+    inst.wait_status("the old workers stopped", |st| {
+        st.reload.as_ref().is_some_and(|r| r.retiring_workers == 0)
+    });
 }
 
 #[test]
