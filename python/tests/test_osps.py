@@ -57,6 +57,13 @@ class WireTest(unittest.TestCase):
         e = wire.decode_response(b"\x07\x01\x0b\x00\x00")[1]
         self.assertIsInstance(e, osps.JobCancelledError)
         self.assertNotIsInstance(e, __import__("concurrent.futures").futures.CancelledError)
+        # PROTOCOL 12.9: a reload denied (PermissionDenied, index 12).
+        said = b"only uid 1000 (the dispatcher's) or root may reload it, on the Unix socket; uid 1001 may not"
+        e = wire.decode_response(b"\x03\x01\x0c\x5c" + said + b"\x00")[1]
+        self.assertIsInstance(e, osps.PermissionDeniedError)
+        self.assertEqual((e.kind, e.message, e.req_id), (12, said.decode(), 3))
+        self.assertEqual(wire.encode_frame(wire.encode_request(3, "reload", [], 0)).hex(),
+                         "0a000000030672656c6f61640000")
         e = wire.decode_response(b"\x07\x01\x63\x00\x00")[1]
         self.assertIs(type(e), osps.RemoteError)
         self.assertEqual(str(e), "error kind 99: ")

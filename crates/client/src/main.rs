@@ -84,6 +84,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Makes the dispatcher read its configuration file again and apply it rolling (as SIGHUP does); prints what changed, or why nothing did (exit 1).
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -402,6 +404,15 @@ fn run(args: Args) -> Result<(), ClientError> {
             } else {
                 print!("{}", osps_client::render::status_table(&report));
             }
+            Ok(())
+        }
+        Command::Reload => {
+            // A request whose answer was lost is sent again: reading the same file twice changes nothing the second time.
+            // No overall deadline: the answer comes once the new pools'
+            // workers are ready, which the dispatcher bounds (about 11 s).
+            let mut client = retrying(&args, args.retry_ms, None, false)?;
+            let summary = client.run(|c| c.call(ipc_core::proto::OP_RELOAD, &[], &[]))?;
+            io::stdout().write_all(&summary)?;
             Ok(())
         }
     }

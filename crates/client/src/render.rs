@@ -48,6 +48,17 @@ pub fn status_table(r: &StatusReport) -> String {
             .as_ref()
             .map_or(String::new(), |t| format!(" · tcp {t}"))
     );
+    if let Some(rl) = &r.reload {
+        let retiring = match rl.retiring_workers {
+            0 => String::new(),
+            n => format!(" · {n} old worker(s) finishing their jobs"),
+        };
+        let _ = writeln!(
+            o,
+            "reload   {} applied · {} refused{retiring} · last: {}",
+            rl.applied, rl.refused, rl.last
+        );
+    }
     o
 }
 
@@ -371,6 +382,22 @@ mod tests {
                 else { serde_json::json!({"window_s": 60, "count": 0, "p50_us": 0, "p90_us": 0, "p99_us": 0, "max_us": 0}) },
         });
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn reloads_are_the_last_line() {
+        let mut r = sample(true, true);
+        r.reload = Some(ipc_core::status::ReloadStatus {
+            applied: 2,
+            refused: 1,
+            last: "reloaded /etc/osps.toml: pools replaced cmd; 1 old worker(s) stop once their jobs are answered".into(),
+            retiring_workers: 1,
+        });
+        let got = status_table(&r);
+        assert!(
+            got.ends_with("\nreload   2 applied · 1 refused · 1 old worker(s) finishing their jobs · last: reloaded /etc/osps.toml: pools replaced cmd; 1 old worker(s) stop once their jobs are answered\n"),
+            "{got}"
+        );
     }
 
     #[test]

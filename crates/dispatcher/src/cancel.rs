@@ -23,7 +23,7 @@ use crate::shared::Shared;
 /// A job's cancellation state, shared by the job and its connection.
 #[derive(Debug)]
 pub struct Ticket {
-    /// The pool whose queue the job goes on.
+    /// The id (`Pool::index`) of the pool whose queue the job goes on.
     pool: usize,
     job_id: u64,
     /// The id of the cancel that cancelled it, once one did.
@@ -105,8 +105,9 @@ impl Tickets {
             .collect();
         for ticket in found.iter().filter(|t| !t.cancelled()) {
             ticket.by.set(Some(by));
-            let pool = &shared.pools[ticket.pool];
-            match pool.queue.remove(ticket.job_id) {
+            // The pool by its id (a reload may have retired it).
+            let pool = shared.pools.get(ticket.pool);
+            match pool.and_then(|p| p.queue.remove(ticket.job_id)) {
                 Some(job) => {
                     tracing::debug!(job = ticket.job_id, "queued job cancelled");
                     let message = ticket.message();

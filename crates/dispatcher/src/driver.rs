@@ -136,8 +136,13 @@ fn forward_stderr(stderr: ChildStderr) -> std::io::Result<oneshot::Receiver<Opti
 }
 
 /// Drives place `index` of pool `pool` until `stop` turns true.
-pub async fn drive(shared: Rc<Shared>, pool: usize, index: usize, mut stop: watch::Receiver<bool>) {
-    let p = &shared.pools[pool];
+pub async fn drive(
+    shared: Rc<Shared>,
+    pool: Rc<Pool>,
+    index: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let p: &Pool = &pool;
     let entry = p.workers.get(index);
     log_memory_limit(p, index);
     let mut failures_in_a_row = 0u32;
@@ -312,7 +317,8 @@ impl Recycle {
         if self.cause.is_some() {
             let shared = Rc::clone(shared);
             self.starting = Some(Box::pin(async move {
-                spawn(&shared, &shared.pools[pool]).await
+                let pool = shared.pools.get(pool).ok_or("its pool is gone")?;
+                spawn(&shared, &pool).await
             }));
         }
     }

@@ -84,6 +84,15 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 permit.answer(req.id, Outcome::Ok, Body::Inline(bytes));
                 continue;
             }
+            if req.op.as_str() == proto::OP_RELOAD && req.payload_len == 0 {
+                let (outcome, body) =
+                    match crate::reload::answer(self.shared, &self.holder.peer).await {
+                        Ok(summary) => (Outcome::Ok, format!("{summary}\n").into_bytes()),
+                        Err(r) => (error(r.kind, r.message), Vec::new()),
+                    };
+                permit.answer(req.id, outcome, Body::Inline(body));
+                continue;
+            }
             if let Err(ended) = self.take(req, permit).await {
                 return ended;
             }
@@ -187,18 +196,45 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
         let shared = self.shared;
-        if [proto::OP_STATUS, proto::OP_CANCEL].contains(&req.op.as_str()) {
+        if [proto::OP_STATUS, proto::OP_CANCEL, proto::OP_RELOAD].contains(&req.op.as_str()) {
             let message = format!("{} takes no payload", req.op);
             return self
                 .refuse(req, permit, ErrorKind::BadRequest, message)
                 .await;
         }
-        let Some(pool) = shared.route_when_known(req.op.as_str()).await else {
-            let message = shared.unknown_op(req.op.as_str());
-            return self
-                .refuse(req, permit, ErrorKind::UnknownOp, message)
-                .await;
+        // Routed again when a reload retired the pool while this waited
+        // for a slot of it (its workers stop once its slots are back).
+        let (pool, lease) = loop {
+            let Some(pool) = shared.route_when_known(req.op.as_str()).await else {
+                let message = shared.unknown_op(req.op.as_str());
+                return self
+                    .refuse(req, permit, ErrorKind::UnknownOp, message)
+                    .await;
+            };
+            match self.lease(&req, &pool).await {
+                Ok(Some(lease)) if pool.retired() => drop(lease),
+                Ok(Some(lease)) => break (pool, lease),
+                Ok(None) if pool.retired() => {}
+                Ok(None) => {
+                    let message = SHUTTING_DOWN.to_owned();
+                    return self
+                        .refuse(req, permit, ErrorKind::ShuttingDown, message)
+                        .await;
+                }
+                Err(message) => {
+                    return self.refuse(req, permit, ErrorKind::TooLarge, message).await;
+                }
+            }
         };
+        if !shared.life.draining() && pool.queue.should_stream(req.op.as_str(), req.payload_len) {
+            return self.stream(req, &pool, lease, permit).await;
+        }
+        self.read_payload(req, &pool, lease, permit).await
+    }
+
+    /// A slot of `pool`'s segment for `req`'s payload (`None` if shutdown
+    /// begins while it waits), or why the pool cannot take it.
+    async fn lease(&self, req: &Header, pool: &Rc<Pool>) -> Result<Option<SlotLease>, String> {
         if req.payload_len > pool.config.max_payload {
             let message = format!(
                 "payload of {} bytes exceeds pool \"{}\"'s limit of {} bytes (its segment's largest slot; segment_mib)",
@@ -206,20 +242,11 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 pool.name(),
                 pool.config.max_payload
             );
-            return self.refuse(req, permit, ErrorKind::TooLarge, message).await;
+            return Err(message);
         }
         // A slot of the pool's segment; waiting for one ends if shutdown begins.
         let len = req.payload_len + RESULT_RESERVE;
-        let Some(lease) = pool.slots.lease(len, self.holder).await else {
-            let message = SHUTTING_DOWN.to_owned();
-            return self
-                .refuse(req, permit, ErrorKind::ShuttingDown, message)
-                .await;
-        };
-        if !shared.life.draining() && pool.queue.should_stream(req.op.as_str(), req.payload_len) {
-            return self.stream(req, pool, lease, permit).await;
-        }
-        self.read_payload(req, pool, lease, permit).await
+        Ok(pool.slots.lease(len, self.holder).await)
     }
 
     /// Answers why a request is refused at once, then skips its payload

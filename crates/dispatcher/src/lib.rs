@@ -19,6 +19,7 @@ mod listener;
 mod orphans;
 pub mod pools;
 mod queue;
+mod reload;
 mod replies;
 mod session;
 mod shared;
@@ -38,6 +39,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::listener::Listener;
+pub use crate::reload::{ConfigSource, ReadConfig};
 use crate::shared::Shared;
 use crate::slots::RESULT_RESERVE;
 
@@ -163,6 +165,10 @@ pub struct Config {
     /// When that watchdog started (milliseconds since the Unix epoch).
     #[arg(skip)]
     pub watchdog_started_unix_ms: Option<u64>,
+    /// Where SIGHUP and the `reload` request read the configuration
+    /// again (`--config FILE`); `None`: they are refused.
+    #[arg(skip)]
+    pub reload_from: Option<ConfigSource>,
 }
 
 /// The default number of workers: one per CPU (2 when that is unknown).
@@ -570,8 +576,9 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
 /// `serve` ends (return, error or panic unwinding).
 struct Cleanup {
     socket: PathBuf,
-    /// One per pool.
-    segments: Vec<String>,
+    /// One per pool (and, during a reload, the new pools' and those
+    /// retiring): the state file's list, kept by `reload.rs`.
+    segments: Rc<std::cell::RefCell<Vec<ipc_core::paths::RecordedSegment>>>,
     /// The state file naming the segments: gone with them.
     state: PathBuf,
 }
@@ -579,7 +586,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        for name in &self.segments {
+        for name in self.segments.borrow().iter().map(|s| &s.name) {
             if !segment::unlink(name) {
                 // Its pool's user owns it, and may have renamed or removed it.
                 tracing::warn!(segment = %name, "the segment was gone already at the stop (renamed or removed by its pool's user?)");
@@ -645,7 +652,8 @@ struct Running {
     shared: Rc<Shared>,
     /// Removes the socket, the segment and the state file.
     cleanup: Cleanup,
-    lock: InstanceLock,
+    /// Shared with reloads, which make segments under it.
+    lock: Rc<InstanceLock>,
     /// Set when this start made the instance directory (then removed at stop).
     made_dir: Option<RuntimePaths>,
 }
@@ -689,9 +697,18 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
         &wanted,
         before.generation.saturating_add(1),
     )?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let recorded = segments
+        .iter()
+        .zip(&wanted)
+        .map(|(s, w)| ipc_core::paths::RecordedSegment {
+            name: s.name().to_owned(),
+            owner: w.owner.map_or(euid, |(uid, _)| uid),
+        })
+        .collect();
     let cleanup = Cleanup {
         socket: paths.socket(),
-        segments: segments.iter().map(|s| s.name().to_owned()).collect(),
+        segments: Rc::new(std::cell::RefCell::new(recorded)),
         state: paths.state_file(),
     };
     // The names are unlinked by `cleanup`, before the lock is released; the
@@ -702,7 +719,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
     Ok(Running {
         shared: Shared::new(config, paths, segments, tcp_token, budgets),
         cleanup,
-        lock,
+        lock: Rc::new(lock),
         made_dir,
     })
 }
@@ -719,27 +736,38 @@ async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
     Ok(listeners)
 }
 
+/// Starts every pool's drivers (kept by `reload.rs`, with what a reload
+/// needs: the lock, the state file's segments, the stop); returns the
+/// segments' generation.
+fn start_pools(running: &Running, stop: watch::Receiver<bool>) -> u64 {
+    let shared = &running.shared;
+    let first = shared.pools.first();
+    let generation = first
+        .slots
+        .segment()
+        .header()
+        .generation
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let recorded = Rc::clone(&running.cleanup.segments);
+    reload::begin(shared, Rc::clone(&running.lock), recorded, generation, stop);
+    generation
+}
+
 async fn serve(config: Config) -> Result<(), DispatcherError> {
     // Signals first, so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    // SIGHUP reloads the configuration (`reload.rs`); installed now, so an
+    // early one does not end the process.
+    let mut sighup = signal(SignalKind::hangup())?;
     let running = start(config)?;
     let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let drivers: Vec<_> = shared
-        .pools
-        .iter()
-        .flat_map(|p| (0..p.config.workers).map(move |i| (p.index, i)))
-        .map(|(p, i)| {
-            tokio::task::spawn_local(driver::drive(Rc::clone(shared), p, i, stop_rx.clone()))
-        })
-        .collect();
+    let generation = start_pools(&running, stop_rx);
     let sweeper = tokio::task::spawn_local(sweep_orphans(Rc::clone(shared)));
     if let Err(refused) = pools_ready(shared).await {
         let _ = stop_tx.send(true);
-        for d in drivers {
-            let _ = d.await;
-        }
+        reload::stop_all(shared).await;
         return Err(DispatcherError::Config(refused));
     }
     let listeners = listen(shared).await?;
@@ -749,7 +777,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         tcp = ?shared.tcp_addr.get(),
         tcp_token = shared.admission.tcp_token.is_some(),
         segments = %segment_names(shared),
-        generation = shared.pools[0].slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
+        generation,
         pools = shared.pools.len(),
         workers = shared.config.total_workers(),
         "dispatcher ready"
@@ -764,6 +792,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
             () = listener::serve_next(&listeners, shared) => {}
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => reload::on_sighup(shared),
         }
     };
     tracing::info!("{why}: shutting down; no longer accepting connections");
@@ -773,9 +802,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     tracing::info!("closing the workers' job pipes and reaping them");
     shared.life.stop_workers();
     let _ = stop_tx.send(true);
-    for d in drivers {
-        let _ = d.await;
-    }
+    reload::stop_all(shared).await;
     sweeper.abort();
     shared.orphans.sweep();
     tracing::info!(
@@ -875,7 +902,7 @@ async fn drain(
             shared.in_flight()
         );
     }
-    for job in shared.pools.iter().flat_map(|p| p.queue.take_all()) {
+    for job in shared.pools.all().iter().flat_map(|p| p.queue.take_all()) {
         driver::answer_err(
             shared,
             job,
@@ -887,7 +914,7 @@ async fn drain(
 
 /// Resolves once no slot is on loan, i.e. every accepted job is answered.
 async fn drained(shared: &Shared) {
-    for p in &shared.pools {
+    for p in shared.pools.all() {
         p.slots.all_returned().await;
     }
 }

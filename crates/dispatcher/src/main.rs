@@ -37,11 +37,34 @@ fn parse() -> Result<Args, config_file::FileError> {
     let Some(path) = args.config_file.clone() else {
         return Ok(args);
     };
-    let from_file = config_file::read(&path, &matches)?;
+    let mut args = match with_file(&path, &matches)? {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    // SIGHUP and `reload` read the file again, the same way.
+    let reread = move || reread(&path, &matches);
+    let source = dispatcher::ConfigSource::new(
+        args.config_file.clone().unwrap_or_default(),
+        std::sync::Arc::new(reread),
+    );
+    args.config.reload_from = Some(source);
+    Ok(args)
+}
+
+/// The arguments with the file's options for what the command line does
+/// not set; `Ok(Err)` when they do not parse together.
+fn with_file(
+    path: &std::path::Path,
+    matches: &clap::ArgMatches,
+) -> Result<Result<Args, clap::Error>, config_file::FileError> {
+    let from_file = config_file::read(path, matches)?;
     let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
     argv.extend(from_file.args.iter().cloned());
     argv.extend(std::env::args_os().skip(1));
-    let mut args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+    let mut args = match Args::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(e) => return Ok(Err(e)),
+    };
     args.config.pools = from_file.pools.clone();
     args.config.builtin_pool = from_file.builtin;
     args.config.builtin_run_as = from_file.builtin_run_as.clone();
@@ -50,7 +73,36 @@ fn parse() -> Result<Args, config_file::FileError> {
             return Err(e);
         }
     }
-    Ok(args)
+    Ok(Ok(args))
+}
+
+/// A reload's reading of the file: the configuration as a start would
+/// take it, or one line saying why not.
+fn reread(
+    path: &std::path::Path,
+    matches: &clap::ArgMatches,
+) -> Result<dispatcher::Config, String> {
+    let args = match with_file(path, matches) {
+        Err(e) => return Err(e.to_string()),
+        Ok(Err(e)) => {
+            let said = e.to_string();
+            let first = said.lines().next().unwrap_or("the options do not parse");
+            return Err(format!(
+                "{}: {}",
+                path.display(),
+                first.trim_start_matches("error: ")
+            ));
+        }
+        Ok(Ok(args)) => args,
+    };
+    args.config
+        .validate()
+        .map_err(|e| format!("invalid configuration: {}", e.message))?;
+    Ok(dispatcher::Config {
+        instance: args.place.instance,
+        runtime_dir: args.place.runtime_dir,
+        ..args.config
+    })
 }
 
 fn main() -> ExitCode {

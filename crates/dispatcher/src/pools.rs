@@ -219,13 +219,22 @@ pub fn valid_op(op: &str) -> bool {
         && !op.starts_with('-')
         && op != ipc_core::proto::OP_PING
         && op != ipc_core::proto::OP_STATUS
+        && op != ipc_core::proto::OP_RELOAD
 }
 
 /// One pool's running state.
 #[derive(Debug)]
 pub struct Pool {
     pub config: PoolConfig,
+    /// Its id, never reused by another pool of this dispatcher (a reload's
+    /// replacement of a pool is another pool): what [`Routes`] maps to.
     pub index: usize,
+    /// Started by a reload and not routed to yet: its workers' `Ready`
+    /// records its operations without touching the routes.
+    staged: Cell<bool>,
+    /// Replaced or removed by a reload: routed to no more, it runs what it
+    /// holds, then its workers stop.
+    retired: Cell<bool>,
     /// Its jobs waiting for one of its workers.
     pub queue: JobQueue,
     pub workers: WorkerTable,
@@ -270,6 +279,8 @@ impl Pool {
             workers: WorkerTable::new(config.workers),
             config,
             index,
+            staged: Cell::new(false),
+            retired: Cell::new(false),
             queue: JobQueue::default(),
             ops: RefCell::new(ops),
             start_failure: RefCell::new(None),
@@ -281,6 +292,22 @@ impl Pool {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Marks the pool started by a reload, not routed to yet.
+    pub fn stage(&self) {
+        self.staged.set(true);
+    }
+
+    /// Whether a reload replaced or removed it: a request routed to it
+    /// before the switch is routed again.
+    pub fn retired(&self) -> bool {
+        self.retired.get()
+    }
+
+    /// Why its first start failed, if it did.
+    pub fn start_failure(&self) -> Option<String> {
+        self.start_failure.borrow().clone()
     }
 
     /// The operations, once known.
@@ -314,7 +341,7 @@ impl Pool {
 
     /// A worker could not start.
     pub fn start_failed(&self, why: &str) {
-        if self.ops.borrow().is_none() {
+        if self.ops.borrow().is_none() || (self.staged.get() && self.workers.running() == 0) {
             *self.start_failure.borrow_mut() = Some(why.to_owned());
             self.news.notify_waiters();
         }
@@ -379,7 +406,7 @@ impl Routes {
     /// Records what `pool` serves, from its first worker's `Ready` (or its
     /// configuration); a replacement must serve the same. Refuses an
     /// operation another pool serves.
-    pub fn learn(&self, pools: &[Pool], pool: &Pool, ops: &[String]) -> Result<(), String> {
+    pub fn learn(&self, pools: &PoolSet, pool: &Pool, ops: &[String]) -> Result<(), String> {
         // Every worker answers ping: it is no pool's own.
         let mut sorted: Vec<String> = ops
             .iter()
@@ -407,17 +434,17 @@ impl Routes {
                 return Ok(());
             }
         }
+        if pool.staged.get() || pool.retired.get() {
+            // Routed (or no more) by a reload's switch, which checks conflicts.
+            *pool.ops.borrow_mut() = Some(sorted);
+            pool.news.notify_waiters();
+            return Ok(());
+        }
         let routes = self.0.borrow();
         for op in &sorted {
             if let Some(&other) = routes.get(op).filter(|&&p| p != pool.index) {
-                let other = &pools[other];
-                let conflict = format!(
-                    "pool \"{}\" ({}) serves operation \"{op}\", which pool \"{}\" ({}) serves too; an operation is served by one pool",
-                    pool.name(),
-                    pool.config.origin,
-                    other.name(),
-                    other.config.origin
-                );
+                let other = pools.get(other).expect("a routed pool is in the set");
+                let conflict = conflict(pool, &other, op);
                 *pool.conflict.borrow_mut() = Some(conflict.clone());
                 pool.news.notify_waiters();
                 return Err(conflict);
@@ -432,6 +459,134 @@ impl Routes {
         *pool.start_failure.borrow_mut() = None;
         pool.news.notify_waiters();
         Ok(())
+    }
+}
+
+/// Two pools serving one operation, said.
+fn conflict(pool: &Pool, other: &Pool, op: &str) -> String {
+    format!(
+        "pool \"{}\" ({}) serves operation \"{op}\", which pool \"{}\" ({}) serves too; an operation is served by one pool",
+        pool.name(),
+        pool.config.origin,
+        other.name(),
+        other.config.origin
+    )
+}
+
+impl Routes {
+    /// The routes of `pools` (each with its operations known), or the
+    /// first operation two of them serve: a reload's check before its switch.
+    pub fn plan(pools: &[Rc<Pool>]) -> Result<BTreeMap<String, usize>, String> {
+        let mut plan: BTreeMap<String, usize> = BTreeMap::new();
+        for pool in pools {
+            for op in pool.ops().unwrap_or_default() {
+                if let Some(other) = plan
+                    .get(&op)
+                    .and_then(|&i| pools.iter().find(|p| p.index == i))
+                {
+                    return Err(conflict(pool, other, &op));
+                }
+                plan.insert(op, pool.index);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Routes by `plan` from now on.
+    pub fn replace(&self, plan: BTreeMap<String, usize>) {
+        *self.0.borrow_mut() = plan;
+    }
+}
+
+/// The pools: those routed to (`active`, in the configuration's order),
+/// and those a reload replaced or removed, still finishing their jobs
+/// (`retiring`). Iterating gives the active ones.
+#[derive(Debug, Default)]
+pub struct PoolSet {
+    active: RefCell<Vec<Rc<Pool>>>,
+    retiring: RefCell<Vec<Rc<Pool>>>,
+    next_id: Cell<usize>,
+}
+
+impl PoolSet {
+    pub fn new(pools: Vec<Pool>) -> PoolSet {
+        let next_id = pools.iter().map(|p| p.index + 1).max().unwrap_or(0);
+        PoolSet {
+            active: RefCell::new(pools.into_iter().map(Rc::new).collect()),
+            retiring: RefCell::new(Vec::new()),
+            next_id: Cell::new(next_id),
+        }
+    }
+
+    /// The active pools.
+    pub fn iter(&self) -> std::vec::IntoIter<Rc<Pool>> {
+        self.active.borrow().clone().into_iter()
+    }
+
+    /// Active and retiring pools: every one that holds jobs.
+    pub fn all(&self) -> Vec<Rc<Pool>> {
+        let mut all = self.active.borrow().clone();
+        all.extend(self.retiring.borrow().iter().cloned());
+        all
+    }
+
+    /// The pool of id `index`, active or retiring.
+    pub fn get(&self, index: usize) -> Option<Rc<Pool>> {
+        let find = |v: &Vec<Rc<Pool>>| v.iter().find(|p| p.index == index).cloned();
+        find(&self.active.borrow()).or_else(|| find(&self.retiring.borrow()))
+    }
+
+    /// The first active pool (the builtin one when it runs).
+    pub fn first(&self) -> Rc<Pool> {
+        Rc::clone(&self.active.borrow()[0])
+    }
+
+    /// Active pools.
+    pub fn len(&self) -> usize {
+        self.active.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.borrow().is_empty()
+    }
+
+    /// Retiring pools.
+    pub fn retiring(&self) -> Vec<Rc<Pool>> {
+        self.retiring.borrow().clone()
+    }
+
+    /// An id no pool of this dispatcher has had.
+    pub fn next_id(&self) -> usize {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// A reload's switch: `active` are routed to from now on (their
+    /// staging ends), `retired` finish what they hold.
+    pub fn switch(&self, active: Vec<Rc<Pool>>, retired: Vec<Rc<Pool>>) {
+        for p in &active {
+            p.staged.set(false);
+        }
+        for p in &retired {
+            p.retired.set(true);
+        }
+        *self.active.borrow_mut() = active;
+        self.retiring.borrow_mut().extend(retired);
+    }
+
+    /// A retiring pool whose workers have stopped: forgotten.
+    pub fn forget(&self, index: usize) {
+        self.retiring.borrow_mut().retain(|p| p.index != index);
+    }
+}
+
+impl IntoIterator for &PoolSet {
+    type Item = Rc<Pool>;
+    type IntoIter = std::vec::IntoIter<Rc<Pool>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
     }
 }
 

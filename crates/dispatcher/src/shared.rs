@@ -12,7 +12,7 @@ use ipc_core::{RuntimePaths, Segment};
 
 use crate::admission::{Admission, Budgets};
 use crate::orphans::Orphans;
-use crate::pools::{Pool, Routes, SlotCaps};
+use crate::pools::{Pool, PoolSet, Routes, SlotCaps};
 use crate::replies::Permit;
 use crate::slots::JobSlot;
 use crate::stats::Stats;
@@ -85,8 +85,9 @@ pub struct Shared {
     /// The largest payload any pool takes (`--max-payload`): a request
     /// announcing more is refused and its connection closed.
     pub max_payload: u64,
-    /// The pools: each one's segment, queue and workers.
-    pub pools: Vec<Pool>,
+    /// The pools: each one's segment, queue and workers (iterating gives
+    /// those routed to; a reload changes them).
+    pub pools: PoolSet,
     /// Which pool serves each operation.
     pub routes: Routes,
     /// The worker processes, and the sweep of what jobs leave behind.
@@ -98,6 +99,8 @@ pub struct Shared {
     pub admission: Admission,
     /// Where shutdown has got to.
     pub life: Lifecycle,
+    /// Configuration reloads: what they need, and what they did.
+    pub reloads: crate::reload::Reloads,
     pub started: Instant,
     /// The TCP listener's address, once bound.
     pub tcp_addr: std::cell::OnceCell<String>,
@@ -150,11 +153,12 @@ impl Shared {
             .map(|(i, (p, seg))| Pool::new(p, i, seg, caps))
             .collect();
         let routes = Routes::default();
+        let pools = PoolSet::new(pools);
         for pool in &pools {
             // An exec pool's operations are in the configuration (a
             // conflict is kept in the pool, and refused before serving).
             if let Some(ops) = pool.ops() {
-                let _ = routes.learn(&pools, pool, &ops);
+                let _ = routes.learn(&pools, &pool, &ops);
             }
         }
         Rc::new(Shared {
@@ -167,6 +171,7 @@ impl Shared {
             orphans: Orphans::default(),
             next_job_id: Cell::new(0),
             stats: Stats::default(),
+            reloads: crate::reload::Reloads::default(),
             life: Lifecycle::default(),
             started: Instant::now(),
             tcp_addr: std::cell::OnceCell::new(),
@@ -184,7 +189,7 @@ impl Shared {
     /// The pool that runs `op`: the one serving it, or for `ping` (which
     /// every worker answers) the pool with the most idle workers. `None`
     /// for an operation no pool serves.
-    pub fn route(&self, op: &str) -> Option<&Pool> {
+    pub fn route(&self, op: &str) -> Option<Rc<Pool>> {
         if op == ipc_core::proto::OP_PING {
             // A pool with a live worker first, then the most idle
             // workers, then the shortest queue.
@@ -196,17 +201,17 @@ impl Shared {
                 )
             });
         }
-        self.routes.get(op).map(|i| &self.pools[i])
+        self.routes.get(op).and_then(|i| self.pools.get(i))
     }
 
     /// [`Shared::route`], and for an operation not known while a pool's
     /// first worker is still starting, the same once the pools have
     /// settled (up to the time a worker has to be ready).
-    pub async fn route_when_known(&self, op: &str) -> Option<&Pool> {
+    pub async fn route_when_known(&self, op: &str) -> Option<Rc<Pool>> {
         if let Some(pool) = self.route(op) {
             return Some(pool);
         }
-        if self.pools.iter().all(Pool::settled) {
+        if self.pools.iter().all(|p| p.settled()) {
             return None;
         }
         let settled = async {
@@ -246,20 +251,20 @@ impl Shared {
 
     /// Jobs waiting, in every pool.
     pub fn queued(&self) -> usize {
-        self.pools.iter().map(|p| p.queue.len()).sum()
+        self.pools.all().iter().map(|p| p.queue.len()).sum()
     }
 
     /// Slots on loan, in every pool: every accepted job holds one until
     /// its reply is written.
     pub fn in_flight(&self) -> usize {
-        self.pools.iter().map(|p| p.slots.in_use()).sum()
+        self.pools.all().iter().map(|p| p.slots.in_use()).sum()
     }
 
     /// Begins shutdown: new jobs are refused, and requests waiting for a slot
     /// are woken to be refused too.
     pub fn begin_draining(&self) {
         self.life.draining.set(true);
-        for p in &self.pools {
+        for p in self.pools.all() {
             p.slots.close();
         }
     }

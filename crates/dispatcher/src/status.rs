@@ -41,11 +41,12 @@ pub fn report(shared: &Shared) -> StatusReport {
             .map(|p| p.status(&config.worker_exe))
             .collect(),
         jobs_cancelled: shared.stats.jobs_cancelled(),
+        reload: shared.reloads.status(shared),
     }
 }
 
 /// The first pool's segment (the builtin pool's when it runs): each
 /// pool's own is in its entry of `pools`.
 fn segment(shared: &Shared) -> SegmentStatus {
-    shared.pools[0].segment_status()
+    shared.pools.first().segment_status()
 }

@@ -61,6 +61,10 @@ pub const CANCEL_DONE: &[u8] = b"cancelled\n";
 /// connection (never sent, answered already, or answered otherwise while
 /// the cancel arrived: its answer, which came first, says how).
 pub const CANCEL_NOT_FOUND: &[u8] = b"not found\n";
+/// The operation the dispatcher answers itself by re-reading its
+/// configuration file and applying it rolling (no payload, no arguments;
+/// only its own uid or root, on the Unix socket).
+pub const OP_RELOAD: &str = "reload";
 
 /// Client hello flag: a token follows the hello (u16 LE length, then that
 /// many bytes, at most [`crate::token::MAX_TOKEN_LEN`]). Needed on a TCP
@@ -422,6 +426,10 @@ pub enum ErrorKind {
     /// The client cancelled the request (`cancel`): it was taken off the
     /// queue, or its worker was killed and replaced; not retried.
     Cancelled,
+    /// The peer may not ask this of the dispatcher (e.g. `reload` from
+    /// another uid than the dispatcher's own or root, or over TCP). Index 12
+    /// on the wire (after `Cancelled`, 11).
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -440,6 +448,7 @@ impl ErrorKind {
             ErrorKind::CommandFailed => "command failed",
             ErrorKind::OutOfMemory => "out of memory",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::PermissionDenied => "permission denied",
         }
     }
 }
@@ -659,6 +668,7 @@ mod tests {
             ErrorKind::CommandFailed,
             ErrorKind::OutOfMemory,
             ErrorKind::Cancelled,
+            ErrorKind::PermissionDenied,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(postcard::to_stdvec(k).unwrap(), vec![i as u8]);

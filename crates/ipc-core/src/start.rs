@@ -107,6 +107,36 @@ pub fn create_segments(
     Ok(made)
 }
 
+/// Makes more segments for a running dispatcher (a reload's new pools),
+/// like [`create_segments`]: each recorded in the state file after `kept`
+/// (the segments the dispatcher holds, recorded already) before it is made.
+/// Returns them and the state file's list now. On an error, those made
+/// already are removed and the state file names `kept` again.
+pub fn add_segments(
+    paths: &RuntimePaths,
+    _lock: &InstanceLock,
+    kept: &[RecordedSegment],
+    wanted: &[Wanted],
+    generation: u64,
+) -> Result<(Vec<Segment>, Vec<RecordedSegment>), StartError> {
+    let mut made = Vec::with_capacity(wanted.len());
+    let mut recorded = kept.to_vec();
+    for w in wanted {
+        match create_one(paths, w, generation, &mut recorded) {
+            Ok(seg) => made.push(seg),
+            Err(e) => {
+                drop(made); // their creator: dropping unlinks them
+                let _ = paths.write_state(&InstanceState {
+                    generation,
+                    segments: kept.to_vec(),
+                });
+                return Err(e);
+            }
+        }
+    }
+    Ok((made, recorded))
+}
+
 /// One segment of [`create_segments`]; `recorded` holds those made before
 /// it, and this one's name once made.
 fn create_one(

@@ -59,6 +59,23 @@ pub struct StatusReport {
     /// `jobs_done` nor `jobs_failed`.
     #[serde(default)]
     pub jobs_cancelled: u64,
+    /// Reloads of the configuration file (absent before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadStatus>,
+}
+
+/// The configuration reloads a dispatcher has been asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// Reloads applied.
+    pub applied: u64,
+    /// Reloads refused (the file did not parse or validate, a new pool
+    /// could not start, or a change needs a restart).
+    pub refused: u64,
+    /// The last one's answer: its summary, or why it was refused.
+    pub last: String,
+    /// Workers of replaced or removed pools still finishing their jobs.
+    pub retiring_workers: usize,
 }
 
 /// One pool: what it runs, what it serves, what its workers did.

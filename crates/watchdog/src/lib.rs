@@ -87,6 +87,13 @@ fn describe(status: WaitStatus) -> String {
     }
 }
 
+/// SIGHUP: the dispatcher reloads its configuration file (its own reading
+/// of it, as `osps-client reload` asks).
+fn forward_sighup(pid: u32) {
+    tracing::info!(pid, "SIGHUP passed on to the dispatcher (reload)");
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+}
+
 async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     nix::sys::prctl::set_child_subreaper(true).map_err(WatchdogError::Subreaper)?;
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
@@ -120,6 +127,8 @@ struct Inputs {
     sigchld: tokio::signal::unix::Signal,
     sigterm: tokio::signal::unix::Signal,
     sigint: tokio::signal::unix::Signal,
+    /// SIGHUP: passed on to the dispatcher, which reloads its configuration.
+    sighup: tokio::signal::unix::Signal,
     beats: mpsc::UnboundedReceiver<heartbeat::Beat>,
     heartbeat: tokio::task::JoinHandle<()>,
     /// The dispatcher pid the heartbeat task watches.
@@ -132,6 +141,7 @@ struct Inputs {
 enum Wake {
     Child,
     Stop(&'static str),
+    Reload,
     Beat(heartbeat::Beat),
     SystemdPing,
     BackoffOver,
@@ -156,6 +166,7 @@ impl Inputs {
         let sigchld = signal(SignalKind::child())?;
         let sigterm = signal(SignalKind::terminate())?;
         let sigint = signal(SignalKind::interrupt())?;
+        let sighup = signal(SignalKind::hangup())?;
         let watched = Rc::new(Cell::new(None));
         let (tx, beats) = mpsc::unbounded_channel();
         let settings = heartbeat::Settings {
@@ -169,6 +180,7 @@ impl Inputs {
             sigchld,
             sigterm,
             sigint,
+            sighup,
             beats,
             heartbeat,
             watched,
@@ -182,6 +194,7 @@ impl Inputs {
             _ = self.sigchld.recv() => Wake::Child,
             _ = self.sigterm.recv() => Wake::Stop("SIGTERM"),
             _ = self.sigint.recv() => Wake::Stop("SIGINT"),
+            _ = self.sighup.recv() => Wake::Reload,
             Some(beat) = self.beats.recv() => Wake::Beat(beat),
             _ = tick(self.systemd_ping.as_mut()) => Wake::SystemdPing,
             _ = sleep_until(timers.backoff_at) => Wake::BackoffOver,
@@ -204,6 +217,11 @@ struct Watchdog {
     notifier: Option<notify::Notifier>,
     told_ready: bool,
     started_ms: u64,
+    /// The dispatcher the heartbeat saw serving: SIGHUP is passed on only
+    /// to it (one still starting may not handle SIGHUP yet); one that came
+    /// before is passed on once it serves (`hup_pending`).
+    serving: Option<u32>,
+    hup_pending: bool,
 }
 
 impl Watchdog {
@@ -225,6 +243,8 @@ impl Watchdog {
             watched,
             notifier: notify::Notifier::from_env(),
             told_ready: false,
+            serving: None,
+            hup_pending: false,
             started_ms: ipc_core::status::unix_ms(),
         }
     }
@@ -353,6 +373,16 @@ impl Watchdog {
                 ]);
                 Some(Event::StopRequested)
             }
+            Wake::Reload => {
+                match self.sup.pid().filter(|&pid| self.serving == Some(pid)) {
+                    Some(pid) => forward_sighup(pid),
+                    None => {
+                        tracing::info!("SIGHUP received: passed on once the dispatcher serves");
+                        self.hup_pending = true;
+                    }
+                }
+                None
+            }
             Wake::Beat(beat) => self.on_beat(beat),
             Wake::SystemdPing => {
                 self.notify(&[NotifyState::Watchdog]);
@@ -410,6 +440,10 @@ impl Watchdog {
                     self.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 }
                 self.told_ready = true;
+                self.serving = Some(pid);
+                if std::mem::take(&mut self.hup_pending) {
+                    forward_sighup(pid);
+                }
                 None
             }
             _ => None,

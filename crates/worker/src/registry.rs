@@ -167,7 +167,9 @@ impl Worker {
 
     fn add(mut self, name: &str, fault_injection: bool, runner: Runner) -> Worker {
         assert!(
-            !name.is_empty() && name != ipc_core::proto::OP_STATUS,
+            !name.is_empty()
+                && name != ipc_core::proto::OP_STATUS
+                && name != ipc_core::proto::OP_RELOAD,
             "{name:?} cannot be an operation's name"
         );
         assert!(

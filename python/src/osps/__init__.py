@@ -10,7 +10,8 @@ from .client import Client, Endpoint, Executor, RetryingClient, connect, instanc
 from .errors import (BadRequestError, CallTimeout, CommandFailedError, ConnectionLost,
                      FaultInjectionDisabledError, HelloRefused, InternalError, InvalidInputError,
                      JobCancelledError, JobTimeoutError, OspsConnectionError, OspsError, OutOfMemoryError,
-                     ProtocolError, RemoteError, ResentError, ShuttingDownError, TooLargeError,
+                     PermissionDeniedError, ProtocolError, RemoteError, ResentError, ShuttingDownError,
+                     TooLargeError,
                      UnknownOpError, UntrustedServer, WorkerCrashedError)
 
 __version__ = "0.1.0"
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BadRequestError", "CallTimeout", "Client", "CommandFailedError", "ConnectionLost", "Endpoint",
     "Executor", "FaultInjectionDisabledError", "HelloRefused", "InternalError", "InvalidInputError",
-    "JobCancelledError", "JobTimeoutError", "OspsConnectionError", "OspsError", "OutOfMemoryError", "ProtocolError",
+    "JobCancelledError", "JobTimeoutError", "OspsConnectionError", "OspsError", "OutOfMemoryError",
+    "PermissionDeniedError", "ProtocolError",
     "RemoteError", "ResentError", "RetryingClient", "ShuttingDownError", "TooLargeError",
     "UnknownOpError", "UntrustedServer", "WorkerCrashedError", "connect", "instance_paths",
     "load_token",

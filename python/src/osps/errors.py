@@ -187,6 +187,14 @@ class JobCancelledError(RemoteError):
     NAME = "cancelled"
 
 
+class PermissionDeniedError(RemoteError):
+    """The peer may not ask this of the dispatcher (e.g. `reload` from
+    another uid than the dispatcher's own or root, or over TCP)."""
+
+    KIND = 12
+    NAME = "permission denied"
+
+
 #: The exception class of each error kind, by index.
 BY_KIND: Dict[int, Type[RemoteError]] = {c.KIND: c for c in (
     BadRequestError,
@@ -201,4 +209,5 @@ BY_KIND: Dict[int, Type[RemoteError]] = {c.KIND: c for c in (
     CommandFailedError,
     OutOfMemoryError,
     JobCancelledError,
+    PermissionDeniedError,
 )}

@@ -60,7 +60,7 @@ LAYOUT_VERSION = 2
 SEG_MAGIC = b"OSPSSEG\x00"
 MAX_MESSAGE = 1024
 SYSV_PREFIX = "sysv:"
-RESERVED = ("ping", "status")
+RESERVED = ("ping", "status", "reload")
 
 # Kinds (PROTOCOL section 6) the SDK answers itself.
 _BAD_REQUEST, _UNKNOWN_OP, _TOO_LARGE, _INVALID_INPUT, _INTERNAL = 0, 1, 2, 7, 8
