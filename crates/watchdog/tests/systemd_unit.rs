@@ -39,7 +39,7 @@ fn exposure(out: &Output) -> f64 {
 }
 
 /// A root directory for `systemd-analyze --root`: systemd's own units (the
-/// targets ours name), the watchdog at `/usr/local/bin`, our units in
+/// targets ours name), the watchdog at `/usr/local/bin`, `kill`, our units in
 /// `/etc/systemd/system`, and the drop-in when `drop_in`.
 fn root(drop_in: bool) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
@@ -58,6 +58,10 @@ fn root(drop_in: bool) -> tempfile::TempDir {
         bin.join("osps-watchdog"),
     )
     .unwrap();
+    // ExecReload's /bin/kill, where Debian has it (/bin is /usr/bin).
+    std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
+    std::fs::copy("/usr/bin/kill", r.join("usr/bin/kill")).unwrap();
     let units = r.join("etc/systemd/system");
     std::fs::create_dir_all(units.join("osps.service.d")).unwrap();
     for entry in std::fs::read_dir(contrib()).unwrap() {
