@@ -83,6 +83,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Prints the dispatcher's metrics in the Prometheus text exposition format.
+    Metrics,
 }
 
 fn main() -> ExitCode {
@@ -381,6 +383,12 @@ fn run(args: Args) -> Result<(), ClientError> {
             } else {
                 print!("{}", osps_client::render::status_table(&report));
             }
+            Ok(())
+        }
+        Command::Metrics => {
+            // Answered by the dispatcher itself, like status.
+            let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
+            print!("{}", client.metrics()?);
             Ok(())
         }
     }

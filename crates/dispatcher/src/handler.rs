@@ -78,6 +78,11 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 permit.answer(req.id, Outcome::Ok, Body::Inline(bytes));
                 continue;
             }
+            if req.op.as_str() == proto::OP_METRICS && req.payload_len == 0 {
+                let text = crate::metrics::render(self.shared);
+                permit.answer(req.id, Outcome::Ok, Body::Inline(text.into_bytes()));
+                continue;
+            }
             if let Err(ended) = self.take(req, permit).await {
                 return ended;
             }
@@ -168,8 +173,8 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
         let shared = self.shared;
-        if req.op.as_str() == proto::OP_STATUS {
-            let message = "status takes no payload".to_owned();
+        if [proto::OP_STATUS, proto::OP_METRICS].contains(&req.op.as_str()) {
+            let message = format!("{} takes no payload", req.op);
             return self
                 .refuse(req, permit, ErrorKind::BadRequest, message)
                 .await;
@@ -247,7 +252,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             shutting_down(permit, req.id);
             return Ok(());
         }
-        let job = self.job(req, JobSlot::own(lease), permit);
+        let job = self.job(req, pool, JobSlot::own(lease), permit);
         pool.queue.push(job, false);
         Ok(())
     }
@@ -264,7 +269,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     ) -> Result<(), Ended> {
         let (id, len) = (req.id, req.payload_len);
         let (mut uploading, slot) = Uploading::start(lease, len);
-        let job = self.job(req, slot, permit);
+        let job = self.job(req, pool, slot, permit);
         pool.queue.push(job, false);
         let payload = tokio::time::timeout(self.frame_deadline(), uploading.read_from(self.rd));
         let read = payload.await.unwrap_or(Err(FrameError::Stalled));
@@ -272,7 +277,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
         read.map_err(|e| left_inside(id, len, e))
     }
 
-    fn job(&self, req: Header, lease: JobSlot, reply: Permit) -> QueuedJob {
+    fn job(&self, req: Header, pool: &Pool, lease: JobSlot, reply: Permit) -> QueuedJob {
         QueuedJob {
             job_id: self.shared.next_job_id(),
             req_id: req.id,
@@ -283,6 +288,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             reply,
             attempts: 0,
             received: Instant::now(),
+            metrics: Rc::clone(&pool.metrics),
         }
     }
 }

@@ -15,6 +15,8 @@ mod handler;
 mod handshake;
 mod latency;
 mod listener;
+mod metrics;
+mod metrics_http;
 mod orphans;
 pub mod pools;
 mod queue;
@@ -128,6 +130,12 @@ pub struct Config {
     /// TCP clients must present the token in this file (mode 0600, owned by this user) in their hello.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Serve the metrics (Prometheus text format) over HTTP at /metrics on this address, e.g. 127.0.0.1:9477 (loopback unless --metrics-listen-public).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a non-loopback --metrics-listen address: whoever reaches it reads the metrics (pool names, counts; no payloads).
+    #[arg(long)]
+    pub metrics_listen_public: bool,
     /// Enable the fault-injection operation `crash` (for tests and demos).
     #[arg(long)]
     pub allow_fault_injection: bool,
@@ -441,6 +449,7 @@ impl Config {
             );
         }
         self.validate_tcp()?;
+        metrics_http::validate(self)?;
         self.validate_sizes()?;
         self.validate_pools()
     }
@@ -712,6 +721,8 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         return Err(DispatcherError::Config(refused));
     }
     let listeners = listen(shared).await?;
+    // Ended (its listener closed) when the dispatcher stops accepting.
+    let metrics_http = metrics_http::start(shared).await?;
     tracing::info!(
         instance = shared.paths.instance(),
         socket = %shared.paths.socket().display(),
@@ -737,6 +748,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     };
     tracing::info!("{why}: shutting down; no longer accepting connections");
     drop(listeners);
+    drop(metrics_http);
     let _ = std::fs::remove_file(shared.paths.socket());
     drain(shared, &mut sigterm, &mut sigint).await;
     tracing::info!("closing the workers' job pipes and reaping them");

@@ -244,6 +244,9 @@ pub struct Pool {
     /// Its segment's slots, their caps and leases: its workers map this
     /// segment and no other.
     pub slots: Rc<SlotPool>,
+    /// Its jobs by outcome, their latency, its restarts by cause (each
+    /// queued job holds it too).
+    pub metrics: Rc<crate::metrics::PoolMetrics>,
 }
 
 /// The percentages of a pool's arena one connection and one peer may hold.
@@ -276,6 +279,7 @@ impl Pool {
             conflict: RefCell::new(None),
             news: Notify::new(),
             out_of_memory: Cell::new(0),
+            metrics: Rc::default(),
         }
     }
 

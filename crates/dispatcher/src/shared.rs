@@ -72,6 +72,8 @@ pub struct QueuedJob {
     /// When the request (header and payload; only the header for a job
     /// sent while its payload arrives) had been read.
     pub received: Instant,
+    /// Its pool's counters, where its outcome and latency are counted.
+    pub metrics: Rc<crate::metrics::PoolMetrics>,
 }
 
 /// Everything the tasks share: parts with one job each, each owning its
@@ -92,6 +94,9 @@ pub struct Shared {
     next_job_id: Cell<u64>,
     /// Jobs by outcome, latencies.
     pub stats: Stats,
+    /// Connections and refusals by listener, the dispatcher's restarts
+    /// (the pools' counters are in each pool).
+    pub metrics: crate::metrics::Metrics,
     /// Who may connect, and how many at once.
     pub admission: Admission,
     /// Where shutdown has got to.
@@ -163,6 +168,7 @@ impl Shared {
             orphans: Orphans::default(),
             next_job_id: Cell::new(0),
             stats: Stats::default(),
+            metrics: crate::metrics::Metrics::from_env(),
             life: Lifecycle::default(),
             started: Instant::now(),
             tcp_addr: std::cell::OnceCell::new(),

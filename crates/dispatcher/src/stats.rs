@@ -31,17 +31,17 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// Counts a job's outcome and how long it took since `received`.
-    pub fn answered(&self, outcome: &Outcome, received: Instant) {
+    /// Counts a job's outcome and how long it took since `received` (returned).
+    pub fn answered(&self, outcome: &Outcome, received: Instant) -> std::time::Duration {
         let cell = match outcome {
             Outcome::Ok => &self.jobs_done,
             Outcome::Err(_) => &self.jobs_failed,
         };
         cell.set(cell.get() + 1);
         let now = Instant::now();
-        self.latency
-            .borrow_mut()
-            .record(now.saturating_duration_since(received), now);
+        let took = now.saturating_duration_since(received);
+        self.latency.borrow_mut().record(took, now);
+        took
     }
 
     /// Counts a job sent to a busy worker behind another.

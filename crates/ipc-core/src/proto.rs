@@ -47,6 +47,9 @@ pub const HELLO_LEN: usize = 8;
 pub const PIPE_VERSION: u16 = 4;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
+/// The operation the dispatcher answers itself with its metrics in the
+/// Prometheus text exposition format (version 0.0.4, UTF-8).
+pub const OP_METRICS: &str = "metrics";
 /// The health check every worker answers (`pong\n`), whatever it serves.
 pub const OP_PING: &str = "ping";
 
