@@ -156,25 +156,7 @@ where
                 return serve_admitted(&shared, rd, wr, peer).await;
             }
         },
-        Ok(Err(Failed {
-            reason,
-            how,
-            refused,
-        })) => {
-            if let Some(why) = refused {
-                shared.metrics.refused(via.listener(), why);
-            }
-            if how == Failure::Denied {
-                log_denied(
-                    || tracing::warn!(peer = %name, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
-                );
-            } else {
-                log_rate_limited(
-                    || tracing::info!(peer = %name, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
-                );
-            }
-            how
-        }
+        Ok(Err(failed)) => handshake_failed(&shared, via, name, failed),
         Err(_) => {
             shared
                 .metrics
@@ -190,6 +172,28 @@ where
             () = evicted() => {}
         }
     }
+}
+
+/// Counts and logs a failed handshake; returns how it failed.
+fn handshake_failed(shared: &Shared, via: Via, name: &str, failed: Failed) -> Failure {
+    let Failed {
+        reason,
+        how,
+        refused,
+    } = failed;
+    if let Some(why) = refused {
+        shared.metrics.refused(via.listener(), why);
+    }
+    if how == Failure::Denied {
+        log_denied(
+            || tracing::warn!(peer = %name, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
+        );
+    } else {
+        log_rate_limited(
+            || tracing::info!(peer = %name, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
+        );
+    }
+    how
 }
 
 /// A budget's refusal, for the metrics.

@@ -141,13 +141,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let fail = |reason: String, how, refused| {
-        Err(Failed {
-            reason,
-            how,
-            refused,
-        })
-    };
     // Read no further than the opening needs: what follows is the first request.
     let mut buf = [0u8; proto::MAX_OPENING_LEN];
     let mut got = 0;
@@ -219,6 +212,15 @@ where
         }
         _ => Ok(()),
     }
+}
+
+/// A failed handshake.
+fn fail(reason: String, how: Failure, refused: Option<Refused>) -> Result<(), Failed> {
+    Err(Failed {
+        reason,
+        how,
+        refused,
+    })
 }
 
 /// Answers a hello with `status` and `line`; returns `line` (the reason, for the log).

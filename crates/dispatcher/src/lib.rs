@@ -720,9 +720,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         }
         return Err(DispatcherError::Config(refused));
     }
-    let listeners = listen(shared).await?;
-    // Ended (its listener closed) when the dispatcher stops accepting.
-    let metrics_http = metrics_http::start(shared).await?;
+    let listeners = (listen(shared).await?, metrics_http::start(shared).await?);
     tracing::info!(
         instance = shared.paths.instance(),
         socket = %shared.paths.socket().display(),
@@ -741,14 +739,13 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     }
     let why = loop {
         tokio::select! {
-            () = listener::serve_next(&listeners, shared) => {}
+            () = listener::serve_next(&listeners.0, shared) => {}
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
     };
     tracing::info!("{why}: shutting down; no longer accepting connections");
     drop(listeners);
-    drop(metrics_http);
     let _ = std::fs::remove_file(shared.paths.socket());
     drain(shared, &mut sigterm, &mut sigint).await;
     tracing::info!("closing the workers' job pipes and reaping them");

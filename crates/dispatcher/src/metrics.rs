@@ -388,99 +388,100 @@ fn snapshot(shared: &Shared) -> Snapshot {
 /// The per-pool metrics.
 fn pool_families(shared: &Shared) -> Vec<Family> {
     use MetricType::{Counter, Gauge, Histogram};
-    let mut workers = family(
-        "osps_workers",
-        "Worker places of the pool, by the state of their process (starting, idle, busy, stopped).",
-        Gauge,
-    );
-    let mut queued = family(
-        "osps_jobs_queued",
-        "Jobs waiting in the pool's queue for a worker.",
-        Gauge,
-    );
-    let mut slots = family(
-        "osps_slots_in_use",
-        "Slots of the pool's segment on loan: jobs accepted and not yet answered to their client.",
-        Gauge,
-    );
-    let mut used = family(
-        "osps_segment_used_bytes",
-        "Bytes of the pool's shared-memory segment allocated to slots (payloads and results).",
-        Gauge,
-    );
-    let mut size = family(
-        "osps_segment_size_bytes",
-        "Size of the pool's shared-memory segment, header included.",
-        Gauge,
-    );
-    let mut jobs = family(
-        "osps_jobs",
-        "Jobs the pool's workers answered (or the dispatcher answered for them), by outcome: ok or the error kind.",
-        Counter,
-    );
-    let mut latency = family(
-        "osps_job_duration_seconds",
-        "Time from a job's request being read to its answer (queueing and retries included).",
-        Histogram,
-    );
-    let mut restarts = family(
-        "osps_worker_restarts",
-        "Workers of the pool replaced after they ended, by cause: crashed, timeout, out_of_memory, or the error kind the running job was answered.",
-        Counter,
-    );
-    let mut recycles = family(
-        "osps_worker_recycles",
-        "Workers of the pool replaced by policy between jobs, by cause: jobs (recycle_after_jobs) or memory (recycle_above_rss_mib).",
-        Counter,
-    );
+    let mut families = [
+        family(
+            "osps_workers",
+            "Worker places of the pool, by the state of their process (starting, idle, busy, stopped).",
+            Gauge,
+        ),
+        family(
+            "osps_jobs_queued",
+            "Jobs waiting in the pool's queue for a worker.",
+            Gauge,
+        ),
+        family(
+            "osps_slots_in_use",
+            "Slots of the pool's segment on loan: jobs accepted and not yet answered to their client.",
+            Gauge,
+        ),
+        family(
+            "osps_segment_used_bytes",
+            "Bytes of the pool's shared-memory segment allocated to slots (payloads and results).",
+            Gauge,
+        ),
+        family(
+            "osps_segment_size_bytes",
+            "Size of the pool's shared-memory segment, header included.",
+            Gauge,
+        ),
+        family(
+            "osps_jobs",
+            "Jobs the pool's workers answered (or the dispatcher answered for them), by outcome: ok or the error kind.",
+            Counter,
+        ),
+        family(
+            "osps_job_duration_seconds",
+            "Time from a job's request being read to its answer (queueing and retries included).",
+            Histogram,
+        ),
+        family(
+            "osps_worker_restarts",
+            "Workers of the pool replaced after they ended, by cause: crashed, timeout, out_of_memory, or the error kind the running job was answered.",
+            Counter,
+        ),
+        family(
+            "osps_worker_recycles",
+            "Workers of the pool replaced by policy between jobs, by cause: jobs (recycle_after_jobs) or memory (recycle_above_rss_mib).",
+            Counter,
+        ),
+    ];
     let kinds = error_kinds();
     for p in &shared.pools {
-        let labels = pool_label(p);
-        let report = p.workers.report(p.name());
-        for state in WorkerState::ALL {
-            let n = report.iter().filter(|w| w.state == state).count();
-            let l = with(labels.clone(), "state", state.as_str());
-            workers.series.push((l, Value::Gauge(n as i64)));
-        }
-        queued
-            .series
-            .push((labels.clone(), Value::Gauge(p.queue.len() as i64)));
-        let seg = p.segment_status();
-        slots
-            .series
-            .push((labels.clone(), Value::Gauge(seg.slots_in_use as i64)));
-        used.series
-            .push((labels.clone(), Value::Gauge(seg.slot_bytes_in_use as i64)));
-        size.series
-            .push((labels.clone(), Value::Gauge(seg.size as i64)));
-        let m = &p.metrics;
-        let outcomes = std::iter::once(("ok".to_owned(), &m.outcomes[0])).chain(
-            kinds
-                .iter()
-                .map(|k| (label(*k), &m.outcomes[1 + *k as usize])),
-        );
-        for (outcome, n) in outcomes {
-            let l = with(labels.clone(), "outcome", outcome);
-            jobs.series.push((l, Value::Counter(n.get())));
-        }
-        latency.series.push((labels.clone(), histogram(m)));
-        for k in &kinds {
-            let n = m.restarts[*k as usize].get();
-            if n > 0 || BASE_RESTART_CAUSES.contains(k) {
-                let l = with(labels.clone(), "cause", cause_label(*k));
-                restarts.series.push((l, Value::Counter(n)));
-            }
-        }
-        let memory = p.workers.recycled_for_memory();
-        let by_jobs = p.workers.recycled().saturating_sub(memory);
-        for (cause, n) in [("jobs", by_jobs), ("memory", memory)] {
-            let l = with(labels.clone(), "cause", cause);
-            recycles.series.push((l, Value::Counter(n)));
+        pool_series(p, &kinds, &mut families);
+    }
+    families.into()
+}
+
+/// One pool's series of each of [`pool_families`].
+fn pool_series(p: &Pool, kinds: &[ErrorKind], families: &mut [Family; 9]) {
+    let [workers, queued, slots, used, size, jobs, latency, restarts, recycles] = families;
+    let labels = pool_label(p);
+    let gauge = |f: &mut Family, n: u64| f.series.push((labels.clone(), Value::Gauge(n as i64)));
+    let report = p.workers.report(p.name());
+    for state in WorkerState::ALL {
+        let n = report.iter().filter(|w| w.state == state).count();
+        let l = with(labels.clone(), "state", state.as_str());
+        workers.series.push((l, Value::Gauge(n as i64)));
+    }
+    gauge(queued, p.queue.len() as u64);
+    let seg = p.segment_status();
+    gauge(slots, seg.slots_in_use as u64);
+    gauge(used, seg.slot_bytes_in_use);
+    gauge(size, seg.size);
+    let m = &p.metrics;
+    let outcomes = std::iter::once(("ok".to_owned(), &m.outcomes[0])).chain(
+        kinds
+            .iter()
+            .map(|k| (label(*k), &m.outcomes[1 + *k as usize])),
+    );
+    for (outcome, n) in outcomes {
+        let l = with(labels.clone(), "outcome", outcome);
+        jobs.series.push((l, Value::Counter(n.get())));
+    }
+    latency.series.push((labels.clone(), histogram(m)));
+    for k in kinds {
+        let n = m.restarts[*k as usize].get();
+        if n > 0 || BASE_RESTART_CAUSES.contains(k) {
+            let l = with(labels.clone(), "cause", cause_label(*k));
+            restarts.series.push((l, Value::Counter(n)));
         }
     }
-    vec![
-        workers, queued, slots, used, size, jobs, latency, restarts, recycles,
-    ]
+    let memory = p.workers.recycled_for_memory();
+    let by_jobs = p.workers.recycled().saturating_sub(memory);
+    for (cause, n) in [("jobs", by_jobs), ("memory", memory)] {
+        let l = with(labels.clone(), "cause", cause);
+        recycles.series.push((l, Value::Counter(n)));
+    }
 }
 
 /// A pool's latency histogram, its buckets as the encoder takes them.
