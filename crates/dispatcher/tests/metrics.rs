@@ -329,16 +329,18 @@ fn the_http_listener_answers_404_and_405_and_bounds_what_a_client_holds() {
 #[test]
 fn a_non_loopback_metrics_address_needs_the_explicit_flag() {
     let runtime = tempfile::tempdir().unwrap();
+    // Checked as a start checks them, starting nothing (a dispatcher that
+    // started by mistake would leave its segment when killed here).
     let start = |extra: &[&str]| {
         let out = run_to_exit(
             Command::new(bin("osps-dispatcher"))
                 .args(["--instance", &unique_instance("mpub"), "--runtime-dir"])
                 .arg(runtime.path())
-                .args(["--workers", "1"])
+                .args(["--workers", "1", "--check-config"])
                 .args(extra),
-            "the dispatcher, at start,",
+            "osps-dispatcher --check-config",
         );
-        assert!(!out.status.success(), "started with {extra:?}");
+        assert!(!out.status.success(), "accepted {extra:?}");
         String::from_utf8(out.stderr).unwrap()
     };
     for addr in ["0.0.0.0:0", "[::]:0", "192.0.2.1:9477"] {
