@@ -212,13 +212,15 @@ pub fn find_program(program: &str) -> Result<PathBuf, String> {
 }
 
 /// Whether `op` may name an operation of a pool: 1 to 64 bytes, no
-/// leading `-`, not `ping` (every worker's) nor `status` (the dispatcher's).
+/// leading `-`, not `ping` (every worker's) nor `status` or `metrics` (the
+/// dispatcher's).
 pub fn valid_op(op: &str) -> bool {
     !op.is_empty()
         && op.len() <= 64
         && !op.starts_with('-')
         && op != ipc_core::proto::OP_PING
         && op != ipc_core::proto::OP_STATUS
+        && op != ipc_core::proto::OP_METRICS
 }
 
 /// One pool's running state.

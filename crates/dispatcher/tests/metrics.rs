@@ -352,6 +352,13 @@ fn a_non_loopback_metrics_address_needs_the_explicit_flag() {
     }
     let err = start(&["--metrics-listen-public"]);
     assert!(err.contains("add --metrics-listen ADDR"), "{err}");
+    // No pool may take the operation's name.
+    let (_dir, pool) = config_file("[pools.cmd]\nexec = [\"cat\"]\nops = [\"metrics\"]\n");
+    let err = start(&["--config", pool.to_str().unwrap()]);
+    assert!(
+        err.contains("\"metrics\" cannot be an operation's name"),
+        "{err}"
+    );
     // The file's key is refused with its line.
     let (_dir, path) = config_file("workers = 1\nmetrics_listen = \"0.0.0.0:0\"\n");
     let err = start(&["--config", path.to_str().unwrap()]);
