@@ -490,6 +490,11 @@ impl RetryingClient {
     pub fn status(&mut self) -> Result<StatusReport, ClientError> {
         self.run(Client::status)
     }
+
+    /// [`Client::metrics`] with reconnection and retries.
+    pub fn metrics(&mut self) -> Result<String, ClientError> {
+        self.run(Client::metrics)
+    }
 }
 
 /// Connects to `endpoint` within `within`, and checks who serves it before
@@ -1419,6 +1424,14 @@ impl Client {
         let bytes = self.call(proto::OP_STATUS, &[], &[])?;
         serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Protocol(format!("status is not valid JSON: {e}")))
+    }
+
+    /// Asks the dispatcher for its metrics, in the Prometheus text
+    /// exposition format (PROTOCOL.md, `metrics`).
+    pub fn metrics(&mut self) -> Result<String, ClientError> {
+        let bytes = self.call(proto::OP_METRICS, &[], &[])?;
+        String::from_utf8(bytes)
+            .map_err(|e| ClientError::Protocol(format!("metrics are not UTF-8: {e}")))
     }
 
     /// Round trip through a worker: succeeds when the whole path answers.

@@ -86,6 +86,8 @@ enum Command {
     },
     /// Makes the dispatcher read its configuration file again and apply it rolling (as SIGHUP does); prints what changed, or why nothing did (exit 1).
     Reload,
+    /// Prints the dispatcher's metrics in the Prometheus text exposition format.
+    Metrics,
 }
 
 fn main() -> ExitCode {
@@ -413,6 +415,12 @@ fn run(args: Args) -> Result<(), ClientError> {
             let mut client = retrying(&args, args.retry_ms, None, false)?;
             let summary = client.run(|c| c.call(ipc_core::proto::OP_RELOAD, &[], &[]))?;
             io::stdout().write_all(&summary)?;
+            Ok(())
+        }
+        Command::Metrics => {
+            // Answered by the dispatcher itself, like status.
+            let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
+            print!("{}", client.metrics()?);
             Ok(())
         }
     }

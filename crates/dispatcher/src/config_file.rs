@@ -595,7 +595,7 @@ impl Reader<'_> {
             "ops" => {
                 let ops = self.string_list(v, &shown)?;
                 if let Some(bad) = ops.iter().find(|o| !valid_op(o)) {
-                    let message = format!("key \"{shown}\": \"{bad}\" cannot be an operation's name (1 to 64 bytes, no leading '-'; ping and status are the dispatcher's)");
+                    let message = format!("key \"{shown}\": \"{bad}\" cannot be an operation's name (1 to 64 bytes, no leading '-'; ping is every worker's; status, metrics, cancel and reload the dispatcher's)");
                     return Err(self.error(span, message));
                 }
                 p.ops = Some((v.span(), ops));

@@ -16,6 +16,7 @@ use crate::handshake::{
     handshake, linger, log_denied, log_rate_limited, refusal_line, refuse, refuse_hello, Failed,
     Failure,
 };
+use crate::metrics::{Listener, Refused};
 use crate::replies::Replies;
 use crate::shared::Shared;
 use crate::writer::ReplyWriter;
@@ -37,6 +38,14 @@ pub enum Via {
 }
 
 impl Via {
+    /// The listener it came through, for the metrics.
+    fn listener(self) -> Listener {
+        match self {
+            Via::Unix | Via::Watchdog => Listener::Unix,
+            Via::Tcp { .. } => Listener::Tcp,
+        }
+    }
+
     /// The listener's budgets; `None` for the watchdog, which has none.
     fn gate(self, shared: &Shared) -> Option<&Gate> {
         match self {
@@ -84,7 +93,10 @@ where
 {
     match via.gate(&shared) {
         Some(gate) => match gate.refuses(&peer.key, peer.capped) {
-            Some(why) => refuse(&shared, stream, &peer, gate, why).await,
+            Some(why) => {
+                shared.metrics.refused(via.listener(), refusal(why));
+                refuse(&shared, stream, &peer, gate, why).await
+            }
             None => serve(shared, stream, peer, via).await,
         },
         None => serve(shared, stream, peer, via).await,
@@ -120,6 +132,7 @@ where
         // task's size is what every connection keeps for its whole life.
         r = tokio::time::timeout(deadline, Box::pin(handshake(&mut rd, &mut wr, token))) => r,
         () = evicted() => {
+            shared.metrics.refused(via.listener(), Refused::Evicted);
             log_rate_limited(
                 || tracing::info!(peer = %peer.name, "evicted the oldest connection still silent in its handshake: the listener's handshake budget is full (such evictions are logged at most once a second)"),
             );
@@ -131,6 +144,7 @@ where
         Ok(Ok(())) => match gate.and_then(|g| Some((g, g.refuses(&peer.key, peer.capped)?))) {
             // Others were admitted while this one said hello.
             Some((gate, why)) => {
+                shared.metrics.refused(via.listener(), refusal(why));
                 let line = refusal_line(gate, &peer.key, why);
                 refuse_hello(&mut wr, HelloStatus::Refused, &line).await;
                 Failure::Answered
@@ -142,19 +156,11 @@ where
                 return serve_admitted(&shared, rd, wr, peer).await;
             }
         },
-        Ok(Err(Failed { reason, how })) => {
-            if how == Failure::Denied {
-                log_denied(
-                    || tracing::warn!(peer = %name, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
-                );
-            } else {
-                log_rate_limited(
-                    || tracing::info!(peer = %name, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
-                );
-            }
-            how
-        }
+        Ok(Err(failed)) => handshake_failed(&shared, via, name, failed),
         Err(_) => {
+            shared
+                .metrics
+                .refused(via.listener(), Refused::HandshakeTimeout);
             tracing::info!(peer = %name, "connection dropped: no handshake within {deadline:?}");
             return;
         }
@@ -165,6 +171,36 @@ where
             () = linger(&mut rd) => {}
             () = evicted() => {}
         }
+    }
+}
+
+/// Counts and logs a failed handshake; returns how it failed.
+fn handshake_failed(shared: &Shared, via: Via, name: &str, failed: Failed) -> Failure {
+    let Failed {
+        reason,
+        how,
+        refused,
+    } = failed;
+    if let Some(why) = refused {
+        shared.metrics.refused(via.listener(), why);
+    }
+    if how == Failure::Denied {
+        log_denied(
+            || tracing::warn!(peer = %name, "connection denied at handshake: {reason} (denials are logged at most once a second)"),
+        );
+    } else {
+        log_rate_limited(
+            || tracing::info!(peer = %name, "connection refused at handshake: {reason} (such refusals are logged at most once a second)"),
+        );
+    }
+    how
+}
+
+/// A budget's refusal, for the metrics.
+fn refusal(why: crate::admission::Refusal) -> Refused {
+    match why {
+        crate::admission::Refusal::Full => Refused::Full,
+        crate::admission::Refusal::PeerShare => Refused::PeerShare,
     }
 }
 

@@ -192,6 +192,7 @@ pub async fn drive(
         }
         // A replacement still starting (or ready) replaces it whatever its end.
         next = recycle.take();
+        let cause = crate::metrics::restart_cause(&end);
         if settle(&shared, p, index, worker.pid, end, status, *stop.borrow()) {
             break;
         }
@@ -201,6 +202,7 @@ pub async fn drive(
             break;
         }
         entry.restarting();
+        p.metrics.restarted(cause);
         // Let the answers just given go out before the replacement's
         // start (a synchronous fork and exec) holds this thread.
         tokio::task::yield_now().await;
@@ -1211,7 +1213,8 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
 /// worker, and from the upload if it is over) and permit, to the
 /// connection's writer.
 fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
-    shared.stats.answered(&outcome, job.received);
+    let took = shared.stats.answered(&outcome, job.received);
+    job.metrics.answered(&outcome, took);
     let lease = job.lease.settle();
     let ticket = job.ticket;
     let answered = ticket.answers_cancels(&outcome);

@@ -93,6 +93,11 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 permit.answer(req.id, outcome, Body::Inline(body));
                 continue;
             }
+            if req.op.as_str() == proto::OP_METRICS && req.payload_len == 0 {
+                let text = crate::metrics::render(self.shared);
+                permit.answer(req.id, Outcome::Ok, Body::Inline(text.into_bytes()));
+                continue;
+            }
             if let Err(ended) = self.take(req, permit).await {
                 return ended;
             }
@@ -196,7 +201,14 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
         let shared = self.shared;
-        if [proto::OP_STATUS, proto::OP_CANCEL, proto::OP_RELOAD].contains(&req.op.as_str()) {
+        if [
+            proto::OP_STATUS,
+            proto::OP_CANCEL,
+            proto::OP_RELOAD,
+            proto::OP_METRICS,
+        ]
+        .contains(&req.op.as_str())
+        {
             let message = format!("{} takes no payload", req.op);
             return self
                 .refuse(req, permit, ErrorKind::BadRequest, message)
@@ -331,6 +343,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
             reply,
             attempts: 0,
             received: Instant::now(),
+            metrics: Rc::clone(&pool.metrics),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::admission::{Gate, PeerKey, Refusal};
 use crate::conn::Peer;
+use crate::metrics::{Listener, Refused};
 use crate::shared::Shared;
 
 /// How long a closing connection's leftover input is drained so the client
@@ -55,6 +56,7 @@ pub async fn refuse_uid<S>(shared: Rc<Shared>, stream: S, peer: String)
 where
     S: AsyncRead + AsyncWrite,
 {
+    shared.metrics.refused(Listener::Unix, Refused::Uid);
     let line = format!(
         "OSPS dispatcher refuses {peer}: only its own user and root are admitted (see --allow-uid)"
     );
@@ -109,10 +111,12 @@ fn once_a_second(
     }
 }
 
-/// Why a handshake failed (`reason`, for the log) and how.
+/// Why a handshake failed (`reason`, for the log) and how; `refused`
+/// names it for the metrics (`None`: the peer left).
 pub struct Failed {
     pub reason: String,
     pub how: Failure,
+    pub refused: Option<Refused>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +141,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let fail = |reason: String, how| Err(Failed { reason, how });
     // Read no further than the opening needs: what follows is the first request.
     let mut buf = [0u8; proto::MAX_OPENING_LEN];
     let mut got = 0;
@@ -151,6 +154,7 @@ where
                 return fail(
                     format!("not an OSPS client (first bytes {first:?})"),
                     Failure::Answered,
+                    Some(Refused::NotOsps),
                 );
             }
             Opening::TokenTooLong(len) => {
@@ -158,6 +162,7 @@ where
                 return fail(
                     refuse_hello(wr, HelloStatus::Denied, &line).await,
                     Failure::Answered,
+                    Some(Refused::TokenTooLong),
                 );
             }
             Opening::Hello { version, token, .. } => break (version, token),
@@ -167,10 +172,11 @@ where
                 return fail(
                     format!("peer closed after {got} bytes of its opening"),
                     Failure::Gone,
+                    None,
                 )
             }
             Ok(n) => got += n,
-            Err(e) => return fail(e.to_string(), Failure::Gone),
+            Err(e) => return fail(e.to_string(), Failure::Gone, None),
         }
     };
     if version != PROTOCOL_VERSION {
@@ -183,6 +189,7 @@ where
         return fail(
             format!("protocol version {version} not supported"),
             Failure::Answered,
+            Some(Refused::Version),
         );
     }
     // A denied peer's opening has been read whole: close without draining.
@@ -192,6 +199,7 @@ where
             fail(
                 refuse_hello(wr, HelloStatus::Denied, line).await,
                 Failure::Denied,
+                Some(Refused::Token),
             )
         }
         (Some(expected), Some(p)) if !ipc_core::token::matches(expected, p) => {
@@ -199,10 +207,20 @@ where
             fail(
                 refuse_hello(wr, HelloStatus::Denied, line).await,
                 Failure::Denied,
+                Some(Refused::Token),
             )
         }
         _ => Ok(()),
     }
+}
+
+/// A failed handshake.
+fn fail(reason: String, how: Failure, refused: Option<Refused>) -> Result<(), Failed> {
+    Err(Failed {
+        reason,
+        how,
+        refused,
+    })
 }
 
 /// Answers a hello with `status` and `line`; returns `line` (the reason, for the log).

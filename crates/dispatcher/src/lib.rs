@@ -16,6 +16,8 @@ mod handler;
 mod handshake;
 mod latency;
 mod listener;
+mod metrics;
+mod metrics_http;
 mod orphans;
 pub mod pools;
 mod queue;
@@ -131,6 +133,12 @@ pub struct Config {
     /// TCP clients must present the token in this file (mode 0600, owned by this user) in their hello.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Serve the metrics (Prometheus text format) over HTTP at /metrics on this address, e.g. 127.0.0.1:9477 (loopback unless --metrics-listen-public).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a non-loopback --metrics-listen address: whoever reaches it reads the metrics (pool names, counts; no payloads).
+    #[arg(long)]
+    pub metrics_listen_public: bool,
     /// Enable the fault-injection operation `crash` (for tests and demos).
     #[arg(long)]
     pub allow_fault_injection: bool,
@@ -463,6 +471,7 @@ impl Config {
             );
         }
         self.validate_tcp()?;
+        metrics_http::validate(self)?;
         self.validate_sizes()?;
         self.validate_pools()
     }
@@ -770,7 +779,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         reload::stop_all(shared).await;
         return Err(DispatcherError::Config(refused));
     }
-    let listeners = listen(shared).await?;
+    let listeners = (listen(shared).await?, metrics_http::start(shared).await?);
     tracing::info!(
         instance = shared.paths.instance(),
         socket = %shared.paths.socket().display(),
@@ -789,7 +798,7 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     }
     let why = loop {
         tokio::select! {
-            () = listener::serve_next(&listeners, shared) => {}
+            () = listener::serve_next(&listeners.0, shared) => {}
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => reload::on_sighup(shared),

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use crate::admission::PeerKey;
 use crate::conn::{self, Peer, Via};
 use crate::handshake::refuse_uid;
+use crate::metrics::{self, counted};
 use crate::shared::Shared;
 use crate::DispatcherError;
 
@@ -73,14 +74,24 @@ impl Listener {
     /// Out of descriptors or the like: says so and pauses instead of spinning.
     pub async fn serve_next(&self, shared: &Rc<Shared>) {
         match self.accept().await {
-            Ok(Accepted::Unix(stream)) => match identify_unix(shared, &stream) {
-                Ok((peer, via)) => spawn(conn::accept(Rc::clone(shared), stream, peer, via)),
-                Err(name) => spawn(refuse_uid(Rc::clone(shared), stream, name)),
-            },
+            Ok(Accepted::Unix(stream)) => {
+                let unix = metrics::Listener::Unix;
+                match identify_unix(shared, &stream) {
+                    Ok((peer, via)) => {
+                        let conn = conn::accept(Rc::clone(shared), stream, peer, via);
+                        spawn(counted(Rc::clone(shared), unix, conn));
+                    }
+                    Err(name) => {
+                        let conn = refuse_uid(Rc::clone(shared), stream, name);
+                        spawn(counted(Rc::clone(shared), unix, conn));
+                    }
+                }
+            }
             Ok(Accepted::Tcp(stream, addr)) => {
                 conn::tune_tcp(&stream);
                 let (peer, via) = identify_tcp(shared, addr);
-                spawn(conn::accept(Rc::clone(shared), stream, peer, via));
+                let conn = conn::accept(Rc::clone(shared), stream, peer, via);
+                spawn(counted(Rc::clone(shared), metrics::Listener::Tcp, conn));
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}; pausing 100 ms");

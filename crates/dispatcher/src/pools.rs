@@ -212,14 +212,14 @@ pub fn find_program(program: &str) -> Result<PathBuf, String> {
 }
 
 /// Whether `op` may name an operation of a pool: 1 to 64 bytes, no
-/// leading `-`, not `ping` (every worker's) nor `status` (the dispatcher's).
+/// leading `-`, not `ping` (every worker's) nor one the dispatcher answers
+/// (`status`, `metrics`, `cancel`, `reload`).
 pub fn valid_op(op: &str) -> bool {
     !op.is_empty()
         && op.len() <= 64
         && !op.starts_with('-')
         && op != ipc_core::proto::OP_PING
-        && op != ipc_core::proto::OP_STATUS
-        && op != ipc_core::proto::OP_RELOAD
+        && !ipc_core::proto::DISPATCHER_OPS.contains(&op)
 }
 
 /// One pool's running state.
@@ -253,6 +253,9 @@ pub struct Pool {
     /// Its segment's slots, their caps and leases: its workers map this
     /// segment and no other.
     pub slots: Rc<SlotPool>,
+    /// Its jobs by outcome, their latency, its restarts by cause (each
+    /// queued job holds it too).
+    pub metrics: Rc<crate::metrics::PoolMetrics>,
 }
 
 /// The percentages of a pool's arena one connection and one peer may hold.
@@ -287,6 +290,7 @@ impl Pool {
             conflict: RefCell::new(None),
             news: Notify::new(),
             out_of_memory: Cell::new(0),
+            metrics: Rc::default(),
         }
     }
 
@@ -417,7 +421,7 @@ impl Routes {
         sorted.dedup();
         if let Some(bad) = sorted.iter().find(|o| !valid_op(o)) {
             return Err(format!(
-                "it announces {bad:?}, which cannot be an operation's name (1 to 64 bytes, no leading '-', not status)"
+                "it announces {bad:?}, which cannot be an operation's name (1 to 64 bytes, no leading '-', not one the dispatcher answers: status, metrics, cancel, reload)"
             ));
         }
         if let Some(known) = pool.ops() {

@@ -74,6 +74,8 @@ pub struct QueuedJob {
     pub received: Instant,
     /// Whether its client cancelled it, and the cancels waiting for its answer.
     pub ticket: std::rc::Rc<crate::cancel::Ticket>,
+    /// Its pool's counters, where its outcome and latency are counted.
+    pub metrics: Rc<crate::metrics::PoolMetrics>,
 }
 
 /// Everything the tasks share: parts with one job each, each owning its
@@ -95,6 +97,9 @@ pub struct Shared {
     next_job_id: Cell<u64>,
     /// Jobs by outcome, latencies.
     pub stats: Stats,
+    /// Connections and refusals by listener, the dispatcher's restarts
+    /// (the pools' counters are in each pool).
+    pub metrics: crate::metrics::Metrics,
     /// Who may connect, and how many at once.
     pub admission: Admission,
     /// Where shutdown has got to.
@@ -172,6 +177,7 @@ impl Shared {
             next_job_id: Cell::new(0),
             stats: Stats::default(),
             reloads: crate::reload::Reloads::default(),
+            metrics: crate::metrics::Metrics::from_env(),
             life: Lifecycle::default(),
             started: Instant::now(),
             tcp_addr: std::cell::OnceCell::new(),

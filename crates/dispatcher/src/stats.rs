@@ -34,22 +34,23 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// Counts a job's outcome and how long it took since `received` (a
-    /// cancelled job's time is its client's choice: not a latency).
-    pub fn answered(&self, outcome: &Outcome, received: Instant) {
+    /// Counts a job's outcome and how long it took since `received`
+    /// (returned; `None` for a cancelled job, whose time is its client's
+    /// choice: not a latency).
+    pub fn answered(&self, outcome: &Outcome, received: Instant) -> Option<std::time::Duration> {
         let cell = match outcome {
             Outcome::Ok => &self.jobs_done,
             Outcome::Err(e) if e.kind == ErrorKind::Cancelled => {
                 self.jobs_cancelled.set(self.jobs_cancelled.get() + 1);
-                return;
+                return None;
             }
             Outcome::Err(_) => &self.jobs_failed,
         };
         cell.set(cell.get() + 1);
         let now = Instant::now();
-        self.latency
-            .borrow_mut()
-            .record(now.saturating_duration_since(received), now);
+        let took = now.saturating_duration_since(received);
+        self.latency.borrow_mut().record(took, now);
+        Some(took)
     }
 
     /// Counts a job sent to a busy worker behind another.

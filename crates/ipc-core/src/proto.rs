@@ -47,6 +47,9 @@ pub const HELLO_LEN: usize = 8;
 pub const PIPE_VERSION: u16 = 4;
 /// The operation the dispatcher answers itself with a JSON [`crate::status::StatusReport`].
 pub const OP_STATUS: &str = "status";
+/// The operation the dispatcher answers itself with its metrics in the
+/// Prometheus text exposition format (version 0.0.4, UTF-8).
+pub const OP_METRICS: &str = "metrics";
 /// The health check every worker answers (`pong\n`), whatever it serves.
 pub const OP_PING: &str = "ping";
 /// The operation the dispatcher answers itself by cancelling an earlier
@@ -65,6 +68,9 @@ pub const CANCEL_NOT_FOUND: &[u8] = b"not found\n";
 /// configuration file and applying it rolling (no payload, no arguments;
 /// only its own uid or root, on the Unix socket).
 pub const OP_RELOAD: &str = "reload";
+/// The operations the dispatcher answers itself: no pool, worker or SDK may
+/// serve one of these names (it would never be reached).
+pub const DISPATCHER_OPS: &[&str] = &[OP_STATUS, OP_METRICS, OP_CANCEL, OP_RELOAD];
 
 /// Client hello flag: a token follows the hello (u16 LE length, then that
 /// many bytes, at most [`crate::token::MAX_TOKEN_LEN`]). Needed on a TCP

@@ -373,6 +373,12 @@ impl Instance {
         Instance::launch("osps-dispatcher", unique_instance(tag), args, before)
     }
 
+    /// [`Instance::start`], with `env` added to the dispatcher's environment.
+    pub fn start_env(tag: &str, env: &[(&str, &str)], args: &[&str]) -> Instance {
+        let name = unique_instance(tag);
+        Instance::launch_full(&[], "osps-dispatcher", name, args, env, true, |_| {})
+    }
+
     /// Starts a dispatcher for exactly `instance` (in its own private
     /// runtime directory, like every instance here).
     pub fn start_named(instance: &str, args: &[&str]) -> Instance {

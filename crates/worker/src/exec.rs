@@ -34,7 +34,7 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitSta
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ipc_core::proto::{ErrorKind, RemoteError, MAX_ARGS, OP_PING, OP_RELOAD, OP_STATUS};
+use ipc_core::proto::{ErrorKind, RemoteError, DISPATCHER_OPS, MAX_ARGS, OP_PING};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -141,8 +141,8 @@ impl Exec {
             return Err("exec mode needs the command after `--` (e.g. -- gzip -c)".into());
         }
         for (i, op) in args.ops.iter().enumerate() {
-            if op.is_empty() || [OP_PING, OP_STATUS, OP_RELOAD].contains(&op.as_str()) {
-                return Err(format!("--exec-op {op:?}: not a name an operation can have (ping, status and reload are answered by OSPS)"));
+            if op.is_empty() || op == OP_PING || DISPATCHER_OPS.contains(&op.as_str()) {
+                return Err(format!("--exec-op {op:?}: not a name an operation can have (ping, status, metrics, cancel and reload are answered by OSPS)"));
             }
             if args.ops[..i].contains(op) {
                 return Err(format!("--exec-op {op:?} is given twice"));

@@ -167,9 +167,7 @@ impl Worker {
 
     fn add(mut self, name: &str, fault_injection: bool, runner: Runner) -> Worker {
         assert!(
-            !name.is_empty()
-                && name != ipc_core::proto::OP_STATUS
-                && name != ipc_core::proto::OP_RELOAD,
+            !name.is_empty() && !ipc_core::proto::DISPATCHER_OPS.contains(&name),
             "{name:?} cannot be an operation's name"
         );
         assert!(

@@ -60,7 +60,7 @@ LAYOUT_VERSION = 2
 SEG_MAGIC = b"OSPSSEG\x00"
 MAX_MESSAGE = 1024
 SYSV_PREFIX = "sysv:"
-RESERVED = ("ping", "status", "reload")
+RESERVED = ("ping", "status", "metrics", "cancel", "reload")
 
 # Kinds (PROTOCOL section 6) the SDK answers itself.
 _BAD_REQUEST, _UNKNOWN_OP, _TOO_LARGE, _INVALID_INPUT, _INTERNAL = 0, 1, 2, 7, 8
@@ -268,7 +268,7 @@ class Worker:
     def op(self, name: str) -> Callable[[Operation], Operation]:
         """Registers the decorated `f(data: memoryview, args: list[str]) -> bytes` as `name`."""
         if not name or name in RESERVED or name in self.ops:
-            raise ValueError(f"operation name {name!r} is empty, reserved (ping, status) or taken")
+            raise ValueError(f"operation name {name!r} is empty, reserved (ping, status, metrics, cancel, reload) or taken")
         if len(self.ops) >= 64:
             raise ValueError("a worker serves at most 64 operations")
 
