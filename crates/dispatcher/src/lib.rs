@@ -13,6 +13,7 @@ mod conn;
 mod driver;
 mod handler;
 mod handshake;
+pub mod held;
 mod latency;
 mod listener;
 mod orphans;
@@ -381,6 +382,15 @@ pub enum DispatcherError {
 
 /// Runs the dispatcher until SIGTERM or SIGINT; returns after an ordered shutdown.
 pub fn run(config: Config) -> Result<(), DispatcherError> {
+    run_with(config, None)
+}
+
+/// [`run`], serving the listening sockets `passed` (by the watchdog or
+/// systemd: [`held`]) instead of binding its own.
+pub fn run_with(
+    config: Config,
+    passed: Option<ipc_core::activation::Passed>,
+) -> Result<(), DispatcherError> {
     check(&config)?;
     if let Some(w) = &config.watchdog {
         // Follow the watchdog: if it dies, stop in order (SIGTERM), so a
@@ -402,7 +412,7 @@ pub fn run(config: Config) -> Result<(), DispatcherError> {
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, serve(config))
+    local.block_on(&rt, serve(config, passed))
 }
 
 /// A value the dispatcher refuses, and the option to blame: the flag's long
@@ -538,7 +548,8 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
 /// Removes what this dispatcher created under the instance's names, however
 /// `serve` ends (return, error or panic unwinding).
 struct Cleanup {
-    socket: PathBuf,
+    /// `None` for a socket passed to us: its holder removes it.
+    socket: Option<PathBuf>,
     /// One per pool.
     segments: Vec<String>,
     /// The state file naming the segments: gone with them.
@@ -547,7 +558,9 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
         for name in &self.segments {
             if !segment::unlink(name) {
                 // Its pool's user owns it, and may have renamed or removed it.
@@ -620,8 +633,8 @@ struct Running {
 }
 
 /// Takes the lock, clears a dead predecessor's objects, and builds the
-/// segment and the shared state.
-fn start(config: Config) -> Result<Running, DispatcherError> {
+/// segment and the shared state. A socket passed to us (`held`) is kept.
+fn start(config: Config, held: bool) -> Result<Running, DispatcherError> {
     let tcp_token = match &config.token_file {
         Some(path) => Some(
             ipc_core::token::load(path)
@@ -637,7 +650,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     // We hold the lock: what the state file names belongs to a dead
     // predecessor. Its segment is removed only if ours, never opened.
-    let before = ipc_core::start::clear_predecessor(&paths, &lock);
+    let before = ipc_core::start::clear_predecessor(&paths, &lock, held);
     for what in &before.removed {
         let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
         tracing::warn!(%name, "removed the {kind} of a dead predecessor");
@@ -659,7 +672,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
         before.generation.saturating_add(1),
     )?;
     let cleanup = Cleanup {
-        socket: paths.socket(),
+        socket: (!held).then(|| paths.socket()),
         segments: segments.iter().map(|s| s.name().to_owned()).collect(),
         state: paths.state_file(),
     };
@@ -676,10 +689,17 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
     })
 }
 
-/// Binds the Unix socket, and the TCP port if configured.
-async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
-    let others = !shared.config.allow_uids.is_empty();
-    let mut listeners = vec![Listener::bind_unix(&shared.paths.socket(), others)?];
+/// Binds the Unix socket, and the TCP port if configured; or serves the
+/// sockets passed to us ([`held::listeners`]).
+async fn listen(
+    shared: &Shared,
+    passed: Option<ipc_core::activation::Passed>,
+) -> Result<Vec<Listener>, DispatcherError> {
+    if let Some(passed) = passed {
+        return held::listeners(shared, passed).await;
+    }
+    let mode = held::unix_mode(&shared.config);
+    let mut listeners = vec![Listener::bind_unix(&shared.paths.socket(), mode)?];
     if let Some(addr) = shared.config.tcp {
         let (l, local) = Listener::bind_tcp(addr).await?;
         let _ = shared.tcp_addr.set(local.to_string());
@@ -688,11 +708,15 @@ async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
     Ok(listeners)
 }
 
-async fn serve(config: Config) -> Result<(), DispatcherError> {
+async fn serve(
+    config: Config,
+    passed: Option<ipc_core::activation::Passed>,
+) -> Result<(), DispatcherError> {
     // Signals first, so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let running = start(config)?;
+    let held = passed.is_some();
+    let running = start(config, held)?;
     let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
     let drivers: Vec<_> = shared
@@ -711,10 +735,11 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         }
         return Err(DispatcherError::Config(refused));
     }
-    let listeners = listen(shared).await?;
+    let listeners = listen(shared, passed).await?;
     tracing::info!(
         instance = shared.paths.instance(),
         socket = %shared.paths.socket().display(),
+        socket_passed = held,
         tcp = ?shared.tcp_addr.get(),
         tcp_token = shared.admission.tcp_token.is_some(),
         segments = %segment_names(shared),
@@ -737,7 +762,9 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     };
     tracing::info!("{why}: shutting down; no longer accepting connections");
     drop(listeners);
-    let _ = std::fs::remove_file(shared.paths.socket());
+    if !held {
+        let _ = std::fs::remove_file(shared.paths.socket());
+    }
     drain(shared, &mut sigterm, &mut sigint).await;
     tracing::info!("closing the workers' job pipes and reaping them");
     shared.life.stop_workers();

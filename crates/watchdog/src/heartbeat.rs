@@ -135,9 +135,10 @@ impl Watch {
         None
     }
 
-    /// Before its first answer, a dispatcher whose socket refuses us is
-    /// still starting (bounded by the start timeout); one that accepts the
-    /// connection and then does not answer is as hung as a running one.
+    /// Before its first answer, a dispatcher is still starting, bounded by
+    /// the start timeout: whether its socket refuses us or (a socket the
+    /// watchdog holds, `held`) takes the connection into its backlog and
+    /// nobody answers yet. After it, each failure is a miss.
     fn missed(&mut self, pid: u32, failure: &Probe, settings: &Settings) -> Option<Beat> {
         self.conn = None;
         let why = match failure {
@@ -145,7 +146,7 @@ impl Watch {
             Probe::Unanswered(why) => why.as_str(),
             Probe::Refused => "refused",
         };
-        if self.answered || matches!(failure, Probe::Unanswered(_)) {
+        if self.answered {
             self.misses += 1;
             tracing::debug!(pid, misses = self.misses, "heartbeat missed: {why}");
             if self.misses >= settings.miss_limit {
