@@ -736,23 +736,7 @@ async fn serve(
         return Err(DispatcherError::Config(refused));
     }
     let listeners = listen(shared, passed).await?;
-    tracing::info!(
-        instance = shared.paths.instance(),
-        socket = %shared.paths.socket().display(),
-        socket_passed = held,
-        tcp = ?shared.tcp_addr.get(),
-        tcp_token = shared.admission.tcp_token.is_some(),
-        segments = %segment_names(shared),
-        generation = shared.pools[0].slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
-        pools = shared.pools.len(),
-        workers = shared.config.total_workers(),
-        "dispatcher ready"
-    );
-    // Soon after we serve: map the whole of each segment so no request
-    // pays a page fault.
-    for p in &shared.pools {
-        p.slots.segment().populate_in_background(POPULATE_AFTER);
-    }
+    announce_ready(shared, held);
     let why = loop {
         tokio::select! {
             () = listener::serve_next(&listeners, shared) => {}
@@ -794,6 +778,26 @@ async fn serve(
     }
     tracing::info!("dispatcher stopped");
     Ok(())
+}
+
+/// Says the dispatcher serves, and soon after maps the whole of each
+/// segment so no request pays a page fault.
+fn announce_ready(shared: &Shared, held: bool) {
+    tracing::info!(
+        instance = shared.paths.instance(),
+        socket = %shared.paths.socket().display(),
+        socket_passed = held,
+        tcp = ?shared.tcp_addr.get(),
+        tcp_token = shared.admission.tcp_token.is_some(),
+        segments = %segment_names(shared),
+        generation = shared.pools[0].slots.segment().header().generation.load(std::sync::atomic::Ordering::Relaxed),
+        pools = shared.pools.len(),
+        workers = shared.config.total_workers(),
+        "dispatcher ready"
+    );
+    for p in &shared.pools {
+        p.slots.segment().populate_in_background(POPULATE_AFTER);
+    }
 }
 
 /// Each pool's segment, `POOL=NAME`, for the log.
