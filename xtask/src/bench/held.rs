@@ -175,7 +175,7 @@ impl Report {
         let h = &self.held;
         let _ = writeln!(
             t,
-            "\n{:<44} {:>10} {:>10}",
+            "\n{:<60} {:>10} {:>8}",
             "dispatcher kill, socket held by the watchdog", "value", "target"
         );
         let rows = [
