@@ -44,6 +44,17 @@ pub fn plan(config: &Config) -> String {
     out
 }
 
+/// Whether the watchdog that bound the socket passed to us is gone (killed:
+/// its stop would have removed the socket and stopped us first). Then this
+/// dispatcher, its last, removes the socket file at its stop, under the
+/// instance lock, before a new watchdog can bind one there.
+pub fn holder_died(config: &Config) -> bool {
+    config
+        .watchdog
+        .as_ref()
+        .is_some_and(|w| nix::unistd::getppid().as_raw() as u32 != w.pid)
+}
+
 fn refused(what: &str, why: String) -> DispatcherError {
     DispatcherError::Config(format!("the {what} passed to this dispatcher: {why}"))
 }

@@ -716,6 +716,7 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let held = passed.is_some();
+    let watchdogs = passed.as_ref().is_some_and(|p| p.from_watchdog);
     let running = start(config, held)?;
     let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -766,10 +767,13 @@ async fn serve(
     );
     let Running {
         shared,
-        cleanup,
+        mut cleanup,
         lock,
         made_dir,
     } = running;
+    if watchdogs && held::holder_died(&shared.config) {
+        cleanup.socket = Some(shared.paths.socket());
+    }
     drop(shared);
     drop(cleanup);
     drop(lock);

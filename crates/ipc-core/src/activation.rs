@@ -29,6 +29,9 @@ pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
 /// Their names, `:`-separated, in order.
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// Set to `systemd` by the watchdog when the sockets it hands on are
+/// systemd's (`osps.socket`): then no dispatcher ever removes the socket file.
+pub const SOCKET_HOLDER: &str = crate::env::SOCKET_HOLDER;
 /// A `listenfd` extension (another first descriptor); never honoured: removed.
 const LISTEN_FDS_FIRST_FD: &str = "LISTEN_FDS_FIRST_FD";
 /// The first descriptor passed (`SD_LISTEN_FDS_START`).
@@ -47,6 +50,9 @@ pub const BACKLOG: i32 = 4096;
 pub struct Passed {
     pub unix: UnixListener,
     pub tcp: Option<TcpListener>,
+    /// Bound by the watchdog that started us (not systemd's): if that
+    /// watchdog dies, the last dispatcher removes the socket file at its stop.
+    pub from_watchdog: bool,
 }
 
 /// Why passed descriptors are refused.
@@ -85,8 +91,10 @@ pub fn take(watchdog: Option<u32>) -> Result<Option<Passed>, ActivationError> {
     let (pid, count, names) = (get(LISTEN_PID), get(LISTEN_FDS), get(LISTEN_FDNAMES));
     let parent = nix::unistd::getppid().as_raw() as u32;
     let ours = is_ours(pid.as_deref(), std::process::id(), watchdog == Some(parent));
+    let from_watchdog = pid.is_none() && get(SOCKET_HOLDER).as_deref() != Some("systemd");
     std::env::remove_var(LISTEN_FDNAMES);
     std::env::remove_var(LISTEN_FDS_FIRST_FD);
+    std::env::remove_var(SOCKET_HOLDER);
     let Some(count) = count.filter(|_| ours) else {
         std::env::remove_var(LISTEN_PID);
         std::env::remove_var(LISTEN_FDS);
@@ -115,7 +123,11 @@ pub fn take(watchdog: Option<u32>) -> Result<Option<Passed>, ActivationError> {
         }
     }
     let unix = unix.ok_or(ActivationError::NoUnix(n))?;
-    Ok(Some(Passed { unix, tcp }))
+    Ok(Some(Passed {
+        unix,
+        tcp,
+        from_watchdog,
+    }))
 }
 
 enum Listener {

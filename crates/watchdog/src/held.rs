@@ -285,10 +285,14 @@ impl Held {
         if !self.is_held() {
             return Vec::new();
         }
-        vec![
+        let mut vars = vec![
             (activation::LISTEN_FDS, self.names.len().to_string()),
             (activation::LISTEN_FDNAMES, self.names.join(":")),
-        ]
+        ];
+        if self.from_systemd {
+            vars.push((activation::SOCKET_HOLDER, "systemd".into()));
+        }
+        vars
     }
 
     /// Lets the next process spawned inherit the sockets (`yes`), or not.

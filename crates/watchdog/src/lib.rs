@@ -529,6 +529,7 @@ fn spawn(w: &Watchdog) -> std::io::Result<u32> {
         cmd.env(ipc_core::env::DISPATCHER_RESTARTS, restarts);
     }
     cmd.env_remove(ipc_core::activation::LISTEN_PID)
+        .env_remove(ipc_core::activation::SOCKET_HOLDER)
         .envs(w.held.env());
     // The sockets are inheritable for this spawn only (one thread: no
     // other process starts meanwhile).

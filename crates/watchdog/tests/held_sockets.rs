@@ -201,9 +201,17 @@ fn twenty_sigkills_under_clients_that_never_retry_a_connect_refuse_nothing() {
         Some("killed=20"),
         "the restarts by cause, told to the dispatcher"
     );
-    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
-        let worker = s.workers[0].pid;
-        assert_eq!(dispatcher_env(worker, var), None, "{var} reached a worker");
+    for w in &s.workers {
+        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+            assert_eq!(dispatcher_env(w.pid, var), None, "{var} reached a worker");
+        }
+        // The listening sockets are close-on-exec in the dispatcher.
+        let sockets: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .collect();
+        assert!(sockets.is_empty(), "worker {} holds {sockets:?}", w.pid);
     }
     assert!(inst.log().contains("holding the listening sockets"));
 }
