@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         "__bench-run" => bench::Options::parse(&args[1..]).and_then(bench::run_here),
         "chaos" => chaos::Options::parse(&args[1..]).and_then(chaos::run),
         _ => {
-            eprintln!("usage: cargo xtask demo | chaos [--seconds N] [--clients N] [--seed N] [--builtin-only] | bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8|o9]");
+            eprintln!("usage: cargo xtask demo | chaos [--seconds N] [--clients N] [--seed N] [--builtin-only] | bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8|o9|o10]");
             return ExitCode::from(2);
         }
     };

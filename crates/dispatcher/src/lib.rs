@@ -14,6 +14,7 @@ mod conn;
 mod driver;
 mod handler;
 mod handshake;
+pub mod held;
 mod latency;
 mod listener;
 mod metrics;
@@ -411,6 +412,15 @@ pub enum DispatcherError {
 
 /// Runs the dispatcher until SIGTERM or SIGINT; returns after an ordered shutdown.
 pub fn run(config: Config) -> Result<(), DispatcherError> {
+    run_with(config, None)
+}
+
+/// [`run`], serving the listening sockets `passed` (by the watchdog or
+/// systemd: [`held`]) instead of binding its own.
+pub fn run_with(
+    config: Config,
+    passed: Option<ipc_core::activation::Passed>,
+) -> Result<(), DispatcherError> {
     check(&config)?;
     if let Some(w) = &config.watchdog {
         // Follow the watchdog: if it dies, stop in order (SIGTERM), so a
@@ -432,7 +442,7 @@ pub fn run(config: Config) -> Result<(), DispatcherError> {
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, serve(config))
+    local.block_on(&rt, serve(config, passed))
 }
 
 /// A value the dispatcher refuses, and the option to blame: the flag's long
@@ -584,7 +594,8 @@ fn check(c: &Config) -> Result<(), DispatcherError> {
 /// Removes what this dispatcher created under the instance's names, however
 /// `serve` ends (return, error or panic unwinding).
 struct Cleanup {
-    socket: PathBuf,
+    /// `None` for a socket passed to us: its holder removes it.
+    socket: Option<PathBuf>,
     /// One per pool (and, during a reload, the new pools' and those
     /// retiring): the state file's list, kept by `reload.rs`.
     segments: Rc<std::cell::RefCell<Vec<ipc_core::paths::RecordedSegment>>>,
@@ -594,7 +605,9 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
         for name in self.segments.borrow().iter().map(|s| &s.name) {
             if !segment::unlink(name) {
                 // Its pool's user owns it, and may have renamed or removed it.
@@ -668,8 +681,8 @@ struct Running {
 }
 
 /// Takes the lock, clears a dead predecessor's objects, and builds the
-/// segment and the shared state.
-fn start(config: Config) -> Result<Running, DispatcherError> {
+/// segment and the shared state. A socket passed to us (`held`) is kept.
+fn start(config: Config, held: bool) -> Result<Running, DispatcherError> {
     let tcp_token = match &config.token_file {
         Some(path) => Some(
             ipc_core::token::load(path)
@@ -685,7 +698,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     // We hold the lock: what the state file names belongs to a dead
     // predecessor. Its segment is removed only if ours, never opened.
-    let before = ipc_core::start::clear_predecessor(&paths, &lock);
+    let before = ipc_core::start::clear_predecessor(&paths, &lock, held);
     for what in &before.removed {
         let (kind, name) = what.split_once(' ').unwrap_or((what, ""));
         tracing::warn!(%name, "removed the {kind} of a dead predecessor");
@@ -716,7 +729,7 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
         })
         .collect();
     let cleanup = Cleanup {
-        socket: paths.socket(),
+        socket: (!held).then(|| paths.socket()),
         segments: Rc::new(std::cell::RefCell::new(recorded)),
         state: paths.state_file(),
     };
@@ -733,10 +746,17 @@ fn start(config: Config) -> Result<Running, DispatcherError> {
     })
 }
 
-/// Binds the Unix socket, and the TCP port if configured.
-async fn listen(shared: &Shared) -> Result<Vec<Listener>, DispatcherError> {
-    let others = !shared.config.allow_uids.is_empty();
-    let mut listeners = vec![Listener::bind_unix(&shared.paths.socket(), others)?];
+/// Binds the Unix socket, and the TCP port if configured; or serves the
+/// sockets passed to us ([`held::listeners`]).
+async fn listen(
+    shared: &Shared,
+    passed: Option<ipc_core::activation::Passed>,
+) -> Result<Vec<Listener>, DispatcherError> {
+    if let Some(passed) = passed {
+        return held::listeners(shared, passed).await;
+    }
+    let mode = held::unix_mode(&shared.config);
+    let mut listeners = vec![Listener::bind_unix(&shared.paths.socket(), mode)?];
     if let Some(addr) = shared.config.tcp {
         let (l, local) = Listener::bind_tcp(addr).await?;
         let _ = shared.tcp_addr.set(local.to_string());
@@ -762,14 +782,19 @@ fn start_pools(running: &Running, stop: watch::Receiver<bool>) -> u64 {
     generation
 }
 
-async fn serve(config: Config) -> Result<(), DispatcherError> {
+async fn serve(
+    config: Config,
+    passed: Option<ipc_core::activation::Passed>,
+) -> Result<(), DispatcherError> {
     // Signals first, so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     // SIGHUP reloads the configuration (`reload.rs`); installed now, so an
     // early one does not end the process.
     let mut sighup = signal(SignalKind::hangup())?;
-    let running = start(config)?;
+    let held = passed.is_some();
+    let watchdogs = passed.as_ref().is_some_and(|p| p.from_watchdog);
+    let running = start(config, held)?;
     let shared = &running.shared;
     let (stop_tx, stop_rx) = watch::channel(false);
     let generation = start_pools(&running, stop_rx);
@@ -779,23 +804,11 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
         reload::stop_all(shared).await;
         return Err(DispatcherError::Config(refused));
     }
-    let listeners = (listen(shared).await?, metrics_http::start(shared).await?);
-    tracing::info!(
-        instance = shared.paths.instance(),
-        socket = %shared.paths.socket().display(),
-        tcp = ?shared.tcp_addr.get(),
-        tcp_token = shared.admission.tcp_token.is_some(),
-        segments = %segment_names(shared),
-        generation,
-        pools = shared.pools.len(),
-        workers = shared.config.total_workers(),
-        "dispatcher ready"
+    let listeners = (
+        listen(shared, passed).await?,
+        metrics_http::start(shared).await?,
     );
-    // Soon after we serve: map the whole of each segment so no request
-    // pays a page fault.
-    for p in &shared.pools {
-        p.slots.segment().populate_in_background(POPULATE_AFTER);
-    }
+    announce_ready(shared, held, generation);
     let why = loop {
         tokio::select! {
             () = listener::serve_next(&listeners.0, shared) => {}
@@ -806,7 +819,9 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     };
     tracing::info!("{why}: shutting down; no longer accepting connections");
     drop(listeners);
-    let _ = std::fs::remove_file(shared.paths.socket());
+    if !held {
+        let _ = std::fs::remove_file(shared.paths.socket());
+    }
     drain(shared, &mut sigterm, &mut sigint).await;
     tracing::info!("closing the workers' job pipes and reaping them");
     shared.life.stop_workers();
@@ -822,10 +837,13 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     );
     let Running {
         shared,
-        cleanup,
+        mut cleanup,
         lock,
         made_dir,
     } = running;
+    if watchdogs && held::holder_died(&shared.config) {
+        cleanup.socket = Some(shared.paths.socket());
+    }
     drop(shared);
     drop(cleanup);
     drop(lock);
@@ -834,6 +852,26 @@ async fn serve(config: Config) -> Result<(), DispatcherError> {
     }
     tracing::info!("dispatcher stopped");
     Ok(())
+}
+
+/// Says the dispatcher serves, and soon after maps the whole of each
+/// segment so no request pays a page fault.
+fn announce_ready(shared: &Shared, held: bool, generation: u64) {
+    tracing::info!(
+        instance = shared.paths.instance(),
+        socket = %shared.paths.socket().display(),
+        socket_passed = held,
+        tcp = ?shared.tcp_addr.get(),
+        tcp_token = shared.admission.tcp_token.is_some(),
+        segments = %segment_names(shared),
+        generation,
+        pools = shared.pools.len(),
+        workers = shared.config.total_workers(),
+        "dispatcher ready"
+    );
+    for p in &shared.pools {
+        p.slots.segment().populate_in_background(POPULATE_AFTER);
+    }
 }
 
 /// Each pool's segment, `POOL=NAME`, for the log.

@@ -32,17 +32,14 @@ enum Accepted {
 }
 
 impl Listener {
-    /// Binds the Unix socket: mode 0600, or 0666 with `--allow-uid` (so the
-    /// allowed uids can connect at all; the directories decide who reaches
-    /// it and `SO_PEERCRED` who is admitted).
-    pub fn bind_unix(path: &Path, others: bool) -> Result<Listener, DispatcherError> {
+    /// Binds the Unix socket with `mode` ([`crate::held::unix_mode`]).
+    pub fn bind_unix(path: &Path, mode: u32) -> Result<Listener, DispatcherError> {
         use std::os::unix::fs::PermissionsExt;
         let listen_err = |source| DispatcherError::Listen {
             what: path.display().to_string(),
             source,
         };
         let l = UnixListener::bind(path).map_err(listen_err)?;
-        let mode = if others { 0o666 } else { 0o600 };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(listen_err)?;
         Ok(Listener::Unix(l))

@@ -23,6 +23,9 @@ struct Args {
     /// Check the options (with the --config file's) and exit: status 0 if they would be accepted, else one line saying why.
     #[arg(long)]
     check_config: bool,
+    /// For osps-watchdog: print what it is to bind for this dispatcher (`unix-mode MODE`, `tcp ADDR`; `invalid REASON`) and exit.
+    #[arg(long, hide = true)]
+    listen_plan: bool,
     /// Everything else: the flags are `dispatcher::Config`'s fields.
     #[command(flatten)]
     config: dispatcher::Config,
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         place,
         config,
         check_config,
+        listen_plan,
         ..
     } = match parse() {
         Ok(args) => args,
@@ -128,9 +132,23 @@ fn main() -> ExitCode {
             }
         };
     }
+    if listen_plan {
+        print!("{}", dispatcher::held::plan(&config));
+        return ExitCode::SUCCESS;
+    }
     let _span = ipc_core::logging::init("dispatcher", log.log_format);
     // What `osps-watchdog` passes in the environment when it starts us.
     let watchdog = ipc_core::env::WatchdogEnv::from_env();
+    // Listening sockets it (or systemd) holds for us; taken before any
+    // thread starts, and their variables gone from the environment.
+    let passed = match ipc_core::activation::take(watchdog.as_ref().map(|w| w.pid)) {
+        Ok(passed) => passed,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("osps-dispatcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = dispatcher::Config {
         instance: place.instance,
         runtime_dir: place.runtime_dir,
@@ -138,7 +156,7 @@ fn main() -> ExitCode {
         watchdog_started_unix_ms: watchdog.and_then(|w| w.started_unix_ms),
         ..config
     };
-    match dispatcher::run(config) {
+    match dispatcher::run_with(config, passed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -17,6 +17,13 @@ pub const RESTARTS: &str = "OSPS_RESTARTS";
 pub const LAST_RESTART_CAUSE: &str = "OSPS_LAST_RESTART_CAUSE";
 /// When the watchdog started, in milliseconds since the Unix epoch.
 pub const WATCHDOG_STARTED_MS: &str = "OSPS_WATCHDOG_STARTED_MS";
+/// The watchdog's restarts of the dispatcher so far by cause, for metrics:
+/// comma-separated `cause=count` pairs, causes among `crashed`, `hung`,
+/// `killed`, `exited` (e.g. `crashed=3,hung=1`); unset before the first.
+pub const DISPATCHER_RESTARTS: &str = "OSPS_DISPATCHER_RESTARTS";
+/// `systemd` when the listening sockets the watchdog hands on are systemd's
+/// (`ipc_core::activation`); unset when the watchdog bound them.
+pub const SOCKET_HOLDER: &str = "OSPS_SOCKET_HOLDER";
 /// The log format (`text` or `json`), passed on to child processes.
 pub const LOG_FORMAT: &str = "OSPS_LOG_FORMAT";
 /// The instance name (default of `--instance`).

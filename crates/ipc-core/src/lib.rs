@@ -5,6 +5,8 @@
 //! Binaries never touch raw bytes or the segment's memory themselves: they go
 //! through the types here. `unsafe` code lives in [`segment`] only.
 
+#[cfg(feature = "activation")]
+pub mod activation;
 pub mod alloc;
 pub mod children;
 #[cfg(feature = "cli")]

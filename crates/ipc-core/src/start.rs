@@ -30,9 +30,15 @@ pub struct Predecessor {
 /// recorded with it: [`segment::remove_if_given`]), a
 /// segment under the old fixed name of a version before the state file
 /// ([`RuntimePaths::legacy_segment_name`], both backends, also only if ours)
-/// and the socket. Holding `_lock` proves no live dispatcher owns them. The
-/// state file is kept (the caller writes the next one, or removes it).
-pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predecessor {
+/// and the socket, unless `keep_socket` (a socket the watchdog or systemd
+/// holds, passed to the caller: it outlives every dispatcher). Holding
+/// `_lock` proves no live dispatcher owns them. The state file is kept (the
+/// caller writes the next one, or removes it).
+pub fn clear_predecessor(
+    paths: &RuntimePaths,
+    _lock: &InstanceLock,
+    keep_socket: bool,
+) -> Predecessor {
     let mut found = Predecessor::default();
     let euid = nix::unistd::geteuid().as_raw();
     let mut remove =
@@ -64,7 +70,7 @@ pub fn clear_predecessor(paths: &RuntimePaths, _lock: &InstanceLock) -> Predeces
         found.generation = state.generation;
     }
     let socket = paths.socket();
-    if std::fs::remove_file(&socket).is_ok() {
+    if !keep_socket && std::fs::remove_file(&socket).is_ok() {
         found.removed.push(format!("socket {}", socket.display()));
     }
     found
@@ -195,8 +201,13 @@ pub enum StartError {
 /// ([`LockError::Held`] then), removes the segment, socket and state file,
 /// releases the lock (which removes the lock file) and, with `remove_dir`
 /// (the caller created the instance directory), removes that directory if
-/// this left it empty. Returns what was removed.
-pub fn remove_leftovers(paths: &RuntimePaths, remove_dir: bool) -> Result<Vec<String>, LockError> {
+/// this left it empty. The socket is kept with `keep_socket` (systemd's, from
+/// `osps.socket`). Returns what was removed.
+pub fn remove_leftovers(
+    paths: &RuntimePaths,
+    remove_dir: bool,
+    keep_socket: bool,
+) -> Result<Vec<String>, LockError> {
     if std::fs::symlink_metadata(paths.dir()).is_err() {
         return Ok(Vec::new()); // nothing there: nothing left
     }
@@ -212,7 +223,7 @@ pub fn remove_leftovers(paths: &RuntimePaths, remove_dir: bool) -> Result<Vec<St
         return Ok(Vec::new());
     }
     let lock = InstanceLock::acquire(&paths.lock_file())?;
-    let found = clear_predecessor(paths, &lock);
+    let found = clear_predecessor(paths, &lock, keep_socket);
     paths.remove_state();
     drop(lock);
     if remove_dir {
@@ -245,7 +256,7 @@ mod tests {
         std::fs::set_permissions(paths.dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
         std::os::unix::fs::symlink(&target, paths.lock_file()).unwrap();
         assert_eq!(
-            remove_leftovers(&paths, true).unwrap(),
+            remove_leftovers(&paths, true, false).unwrap(),
             Vec::<String>::new()
         );
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
@@ -269,7 +280,7 @@ mod tests {
         std::os::unix::fs::symlink(&target, paths.lock_file()).unwrap();
         std::os::unix::fs::chown(paths.dir(), Some(65534), Some(65534)).unwrap();
         assert_eq!(
-            remove_leftovers(&paths, true).unwrap(),
+            remove_leftovers(&paths, true, false).unwrap(),
             Vec::<String>::new()
         );
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
@@ -292,7 +303,7 @@ mod tests {
         let paths = RuntimePaths::new("mine", Some(base.path())).unwrap();
         assert!(paths.ensure_dir().unwrap());
         std::fs::write(paths.socket(), b"").unwrap();
-        remove_leftovers(&paths, true).unwrap();
+        remove_leftovers(&paths, true, false).unwrap();
         assert!(
             !paths.dir().exists(),
             "our empty instance directory is removed"

@@ -35,7 +35,8 @@ pub enum Beat {
     /// answered within the start timeout).
     Missed { pid: u32, misses: u32 },
     /// `pid` answered and has `workers` workers up (idle or busy): the whole
-    /// path serves. Sent once per dispatcher.
+    /// path serves. Sent once per dispatcher: when all its workers are up,
+    /// or at the second answer with at least one up.
     Serving { pid: u32, workers: usize },
 }
 
@@ -85,6 +86,8 @@ struct Watch {
     answered: bool,
     /// [`Beat::Serving`] was sent.
     serving: bool,
+    /// An answer showed some workers up, not all (see [`Watch::answered`]).
+    partly_up: bool,
     /// Heartbeats missed in a row.
     misses: u32,
 }
@@ -97,11 +100,13 @@ impl Watch {
             since: Instant::now(),
             answered: false,
             serving: false,
+            partly_up: false,
             misses: 0,
         }
     }
 
-    /// It answered with `report`: [`Beat::Serving`] the first time a worker is up.
+    /// It answered with `report`: [`Beat::Serving`] once every worker is up,
+    /// or at the second answer with one up.
     fn answered(&mut self, pid: u32, report: &StatusReport) -> Option<Beat> {
         if !self.answered {
             self.answered = true;
@@ -117,6 +122,12 @@ impl Watch {
         self.misses = 0;
         let workers = report.workers.iter().filter(|w| w.state.is_up()).count();
         if self.serving || workers == 0 {
+            return None;
+        }
+        // Serving once every worker is up, or at the next answer with one
+        // up: the held socket answers the first probe the moment the
+        // dispatcher listens, while its other workers may still be starting.
+        if workers < report.workers.len() && !std::mem::replace(&mut self.partly_up, true) {
             return None;
         }
         self.serving = true;
@@ -135,9 +146,10 @@ impl Watch {
         None
     }
 
-    /// Before its first answer, a dispatcher whose socket refuses us is
-    /// still starting (bounded by the start timeout); one that accepts the
-    /// connection and then does not answer is as hung as a running one.
+    /// Before its first answer, a dispatcher is still starting, bounded by
+    /// the start timeout: whether its socket refuses us or (a socket the
+    /// watchdog holds, `held`) takes the connection into its backlog and
+    /// nobody answers yet. After it, each failure is a miss.
     fn missed(&mut self, pid: u32, failure: &Probe, settings: &Settings) -> Option<Beat> {
         self.conn = None;
         let why = match failure {
@@ -145,7 +157,7 @@ impl Watch {
             Probe::Unanswered(why) => why.as_str(),
             Probe::Refused => "refused",
         };
-        if self.answered || matches!(failure, Probe::Unanswered(_)) {
+        if self.answered {
             self.misses += 1;
             tracing::debug!(pid, misses = self.misses, "heartbeat missed: {why}");
             if self.misses >= settings.miss_limit {

@@ -10,8 +10,10 @@
 
 pub mod descendants;
 pub mod heartbeat;
+pub mod held;
 pub mod notify;
 pub mod policy;
+pub mod restarts;
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -68,12 +70,14 @@ pub enum WatchdogError {
 }
 
 /// Runs the watchdog; returns its exit code (0 after a requested stop, 1 after giving up).
-pub fn run(config: Config) -> Result<u8, WatchdogError> {
+/// `held`: the listening sockets it holds for its dispatchers ([`held::Held::init`],
+/// made before any thread).
+pub fn run(config: Config, held: held::Held) -> Result<u8, WatchdogError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, supervise(config))
+    local.block_on(&rt, supervise(config, held))
 }
 
 fn describe(status: WaitStatus) -> String {
@@ -94,7 +98,7 @@ fn forward_sighup(pid: u32) {
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
 }
 
-async fn supervise(config: Config) -> Result<u8, WatchdogError> {
+async fn supervise(config: Config, held: held::Held) -> Result<u8, WatchdogError> {
     nix::sys::prctl::set_child_subreaper(true).map_err(WatchdogError::Subreaper)?;
     let paths = RuntimePaths::new(&config.instance, config.runtime_dir.as_deref())?;
     // Only a directory this watchdog made is removed when it exits.
@@ -103,6 +107,7 @@ async fn supervise(config: Config) -> Result<u8, WatchdogError> {
     let mut inputs = Inputs::install(&config, &paths)?;
     tracing::info!(instance = %config.instance, heartbeat_ms = config.heartbeat.as_millis() as u64, miss_limit = config.miss_limit, "watchdog started");
     let mut w = Watchdog::new(config, paths, made_dir, Rc::clone(&inputs.watched));
+    w.held = held;
     w.announce_start(&mut inputs);
     loop {
         if let Some((code, message)) = w.carry_out() {
@@ -222,6 +227,10 @@ struct Watchdog {
     /// before is passed on once it serves (`hup_pending`).
     serving: Option<u32>,
     hup_pending: bool,
+    /// The listening sockets handed to each dispatcher.
+    held: held::Held,
+    /// Restarts so far by cause (`OSPS_DISPATCHER_RESTARTS`).
+    restarts: restarts::Restarts,
 }
 
 impl Watchdog {
@@ -246,6 +255,8 @@ impl Watchdog {
             serving: None,
             hup_pending: false,
             started_ms: ipc_core::status::unix_ms(),
+            held: held::Held::none(),
+            restarts: restarts::Restarts::default(),
         }
     }
 
@@ -317,7 +328,8 @@ impl Watchdog {
         }
         // This spawn's wait (if any) is over; the next one waits afresh.
         self.timers.lock_wait_until = None;
-        let event = match spawn(&self.config, &self.sup, self.started_ms) {
+        self.held.ensure(&self.paths);
+        let event = match spawn(self) {
             Ok(pid) => {
                 tracing::info!(pid, restarts = self.sup.restarts(), "dispatcher started");
                 self.watched.set(Some(pid));
@@ -335,6 +347,7 @@ impl Watchdog {
 
     fn schedule_restart(&mut self, delay: Duration, cause: &str) {
         self.watched.set(None);
+        self.restarts.count(cause);
         let status = format!("restarting the dispatcher ({cause})");
         self.notify(&[NotifyState::Status(&status)]);
         tracing::warn!(
@@ -350,8 +363,9 @@ impl Watchdog {
     async fn exit(&mut self, code: u8, message: &str) -> u8 {
         self.watched.set(None);
         self.notify(&[NotifyState::Stopping, NotifyState::Status(message)]);
+        self.held.release();
         descendants::sweep(descendants::SWEEP_WITHIN).await;
-        remove_leftovers(&self.paths, self.made_dir);
+        remove_leftovers(&self.paths, self.made_dir, self.held.from_systemd());
         if code == 0 {
             tracing::info!("watchdog {message}");
         } else {
@@ -367,6 +381,8 @@ impl Watchdog {
             Wake::Child => reap(&self.sup),
             Wake::Stop(signal) => {
                 tracing::info!("{signal} received");
+                // New connections are refused from now on, not left waiting.
+                self.held.release();
                 self.notify(&[
                     NotifyState::Stopping,
                     NotifyState::Status("stopping the dispatcher in order"),
@@ -458,8 +474,8 @@ const LOCK_POLL: Duration = Duration::from_millis(50);
 /// was SIGKILLed, or crashed before the watchdog gave up): its segment,
 /// socket, state and lock files. Under the instance lock, so a live
 /// dispatcher's objects are never touched.
-fn remove_leftovers(paths: &RuntimePaths, made_dir: bool) {
-    match ipc_core::start::remove_leftovers(paths, made_dir) {
+fn remove_leftovers(paths: &RuntimePaths, made_dir: bool, keep_socket: bool) {
+    match ipc_core::start::remove_leftovers(paths, made_dir, keep_socket) {
         Ok(removed) => {
             for what in removed {
                 tracing::warn!("removed the {what} the dead dispatcher left");
@@ -515,9 +531,11 @@ fn reap(sup: &Supervisor) -> Option<Event> {
 }
 
 /// Starts the dispatcher in its own process group (so a terminal's Ctrl-C
-/// reaches only the watchdog, which stops it in order).
-fn spawn(config: &Config, sup: &Supervisor, started_ms: u64) -> std::io::Result<u32> {
+/// reaches only the watchdog, which stops it in order), handing it the
+/// listening sockets held ([`held`]).
+fn spawn(w: &Watchdog) -> std::io::Result<u32> {
     use std::os::unix::process::CommandExt;
+    let (config, sup, started_ms) = (&w.config, &w.sup, w.started_ms);
     let mut cmd = Command::new(&config.dispatcher_exe);
     cmd.arg("--instance").arg(&config.instance);
     if let Some(dir) = &config.runtime_dir {
@@ -541,7 +559,17 @@ fn spawn(config: &Config, sup: &Supervisor, started_ms: u64) -> std::io::Result<
     for var in notify::SERVICE_ONLY_ENV {
         cmd.env_remove(var);
     }
+    if let Some(restarts) = w.restarts.value() {
+        cmd.env(ipc_core::env::DISPATCHER_RESTARTS, restarts);
+    }
+    cmd.env_remove(ipc_core::activation::LISTEN_PID)
+        .env_remove(ipc_core::activation::SOCKET_HOLDER)
+        .envs(w.held.env());
+    // The sockets are inheritable for this spawn only (one thread: no
+    // other process starts meanwhile).
+    w.held.inheritable(true);
+    let child = cmd.spawn();
+    w.held.inheritable(false);
     // The Child handle is dropped without waiting: children are reaped by `reap`.
-    let child = cmd.spawn()?;
-    Ok(child.id())
+    Ok(child?.id())
 }

@@ -114,6 +114,20 @@ fn check_config(
     Err(String::from_utf8_lossy(&out.stderr).trim_end().to_owned())
 }
 
+/// What the dispatcher listens on, asked of it, and the sockets the
+/// watchdog holds for it: systemd's, else descriptors reserved to bind
+/// them at the first spawn. Before any thread starts.
+fn hold(
+    place: &ipc_core::cli::InstanceArgs,
+    exe: &std::path::Path,
+    dispatcher_args: &[String],
+) -> Result<watchdog::held::Held, String> {
+    let dir = place.runtime_dir.as_deref();
+    let plan = watchdog::held::Plan::ask(exe, (&place.instance, dir), dispatcher_args)?;
+    let paths = ipc_core::RuntimePaths::new(&place.instance, dir).map_err(|e| e.to_string())?;
+    watchdog::held::Held::init(&paths, plan).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let has_config = args.config_file.is_some();
@@ -141,6 +155,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let held = match hold(&args.place, &dispatcher_exe, &dispatcher_args) {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("osps-watchdog: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = watchdog::Config {
         instance: args.place.instance,
         runtime_dir: args.place.runtime_dir,
@@ -152,7 +174,7 @@ fn main() -> ExitCode {
         dispatcher_exe,
         dispatcher_args,
     };
-    match watchdog::run(config) {
+    match watchdog::run(config, held) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("osps-watchdog: {e}");

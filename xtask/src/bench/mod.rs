@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8|o9]`: OSPS against
+//! `cargo xtask bench [--quick] [--json PATH] [--plot PATH.svg] [--only o8|o9|o10]`: OSPS against
 //! the kernel's floors, and its pools against each other (the same
 //! operation built in and through a program pool; a command pool against
 //! spawning the command directly; Python workers against Python's
@@ -8,6 +8,7 @@
 //! OSPS are measured optimised.
 
 mod floors;
+mod held;
 mod kill;
 mod osps;
 mod pools;
@@ -30,7 +31,7 @@ pub struct Options {
     pub quick: bool,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
-    /// `--only o8` or `--only o9`: run that part alone.
+    /// `--only o8`, `o9` or `o10`: run that part alone.
     pub only: Option<Only>,
 }
 
@@ -41,6 +42,8 @@ pub enum Only {
     O8,
     /// Python workers against `ProcessPoolExecutor`.
     O9,
+    /// Dispatcher kill → first request served, socket held.
+    O10,
 }
 
 impl Options {
@@ -55,7 +58,10 @@ impl Options {
                 "--only" => match it.next().map(String::as_str) {
                     Some("o8") => o.only = Some(Only::O8),
                     Some("o9") => o.only = Some(Only::O9),
-                    other => bail!("--only takes o8 or o9 (the parts run alone), not {other:?}"),
+                    Some("o10") => o.only = Some(Only::O10),
+                    other => {
+                        bail!("--only takes o8, o9 or o10 (the parts run alone), not {other:?}")
+                    }
                 },
                 _ => bail!("unknown option {a}"),
             }
@@ -77,6 +83,7 @@ impl Options {
         match self.only {
             Some(Only::O8) => v.extend(["--only".into(), "o8".into()]),
             Some(Only::O9) => v.extend(["--only".into(), "o9".into()]),
+            Some(Only::O10) => v.extend(["--only".into(), "o10".into()]),
             None => {}
         }
         v
@@ -198,10 +205,11 @@ pub fn run_here(o: Options) -> Result<()> {
     match o.only {
         Some(Only::O8) => return only_o8(&o, &plan),
         Some(Only::O9) => return only_o9(&o, &plan),
+        Some(Only::O10) => return only_o10(&o, &plan),
         None => {}
     }
     let mut p = Progress {
-        total: 14,
+        total: 15,
         done: 0,
         started: Instant::now(),
     };
@@ -279,6 +287,8 @@ pub fn run_here(o: Options) -> Result<()> {
     pools::command_vs_spawn(&plan, &mut r)?;
     p.step(&format!("o8 worker kill → noticed (default segment, 2 workers): {} kills idle, {} under sha256 load", plan.kill_trials / 2, plan.kill_trials));
     kill::worker_kill_noticed(&plan, &mut r)?;
+    p.step(O10_STEP);
+    held::dispatcher_kill_served(&plan, &mut r)?;
     p.step(O9_STEP);
     python::python_vs_executor(&plan, &mut r)?;
 
@@ -303,6 +313,27 @@ fn only_o8(o: &Options, plan: &Plan) -> Result<()> {
     println!("{t}");
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&r.kill_json())?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// o10's progress line.
+const O10_STEP: &str = "o10 dispatcher SIGKILL → first request served, socket held by the watchdog; 4 clients connecting in a loop, no connect retry";
+
+/// `--only o10`: the o10 lines and their JSON alone.
+fn only_o10(o: &Options, plan: &Plan) -> Result<()> {
+    let mut r = report::Report {
+        quick: o.quick,
+        ..Default::default()
+    };
+    eprintln!("{O10_STEP}");
+    held::dispatcher_kill_served(plan, &mut r)?;
+    let mut t = String::new();
+    r.held_table(&mut t);
+    println!("{t}");
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r.held_json())?)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -457,7 +488,7 @@ mod tests {
     fn only_takes_o8_or_o9_and_passes_it_on() {
         let parse =
             |a: &[&str]| Options::parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        for (arg, only) in [("o8", Only::O8), ("o9", Only::O9)] {
+        for (arg, only) in [("o8", Only::O8), ("o9", Only::O9), ("o10", Only::O10)] {
             let o = parse(&["--quick", "--only", arg]).unwrap();
             assert_eq!(o.only, Some(only));
             assert_eq!(o.to_args(), ["--quick", "--only", arg]);

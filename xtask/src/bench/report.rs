@@ -56,6 +56,8 @@ pub struct Report {
     pub o8_load_jobs: u64,
     /// o9: Python workers through OSPS against `ProcessPoolExecutor`.
     pub py: PyBench,
+    /// o10: dispatcher SIGKILL → first request served, socket held.
+    pub held: super::held::Held,
 }
 
 /// o9's figures.
@@ -104,13 +106,13 @@ pub fn pct(v: &[u64], q: f64) -> f64 {
     s[i] as f64 / 1e3
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn max(v: &[f64]) -> f64 {
+pub(crate) fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
 
@@ -351,6 +353,7 @@ impl Report {
         );
         self.pools_table(&mut t);
         self.kill_table(&mut t);
+        self.held_table(&mut t);
         self.python_table(&mut t);
         self.ratio_rows(&mut t, &self.ratios());
         t
@@ -574,6 +577,7 @@ impl Report {
                 "dispatcher_trials": self.recovery_dispatcher_ms, "worker_trials": self.recovery_worker_ms,
             },
             "worker_kill_noticed_ms_o8": self.kill_json(),
+            "dispatcher_kill_served_o10": self.held_json(),
             "python_vs_executor_o9": self.python_json(),
         })
     }
