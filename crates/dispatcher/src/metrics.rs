@@ -138,6 +138,11 @@ impl Metrics {
         }
     }
 
+    /// Whether a watchdog started this dispatcher after a restart.
+    pub fn restarted(&self) -> bool {
+        self.dispatcher_restarts.values().any(|&n| n > 0)
+    }
+
     /// Counts a connection accepted on `listener`, open until the guard drops.
     pub fn accepted(&self, listener: Listener) -> Open<'_> {
         let i = listener as usize;

@@ -76,16 +76,43 @@ pub async fn start(shared: &Rc<Shared>) -> Result<Option<Serving>, DispatcherErr
     let Some(addr) = shared.config.metrics_listen else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| DispatcherError::Listen {
-            what: format!("metrics {addr}"),
-            source,
-        })?;
-    let local = listener.local_addr()?;
-    tracing::info!("metrics served at http://{local}{PATH}");
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        // The port was free for the dispatcher before us, and whoever took
+        // it since (another uid may bind a loopback port too) must not stop
+        // the jobs from being served: the watchdog would give up.
+        Err(e) if shared.metrics.restarted() => {
+            tracing::error!("metrics listener: cannot listen on {addr}: {e}; jobs are served, and the metrics port is tried again every {BIND_RETRY:?}");
+            let task = tokio::task::spawn_local(bind_later(addr, Rc::clone(shared)));
+            return Ok(Some(Serving(task)));
+        }
+        Err(source) => {
+            return Err(DispatcherError::Listen {
+                what: format!("metrics {addr}"),
+                source,
+            })
+        }
+    };
+    tracing::info!("metrics served at http://{}{PATH}", listener.local_addr()?);
     let task = tokio::task::spawn_local(serve(listener, Rc::clone(shared)));
     Ok(Some(Serving(task)))
+}
+
+/// How often a restarted dispatcher tries again to bind a metrics port
+/// another process holds.
+pub const BIND_RETRY: Duration = Duration::from_secs(1);
+
+/// Binds `addr` once it is free, then serves it.
+async fn bind_later(addr: std::net::SocketAddr, shared: Rc<Shared>) {
+    loop {
+        tokio::time::sleep(BIND_RETRY).await;
+        if let Ok(listener) = TcpListener::bind(addr).await {
+            tracing::info!(
+                "metrics listener: {addr} is free again; metrics served at http://{addr}{PATH}"
+            );
+            return serve(listener, shared).await;
+        }
+    }
 }
 
 /// Accepts scrapers, each on a task of its own, up to [`MAX_CONNECTIONS`].

@@ -389,3 +389,69 @@ impl Drop for Reaper {
         let _ = std::fs::remove_file(self.1.socket());
     }
 }
+
+/// Binds `port` on loopback as soon as it is free (within [`PATIENCE`]).
+fn squat(port: u16) -> std::net::TcpListener {
+    wait_for(PATIENCE, || {
+        let l = std::net::TcpListener::bind(("127.0.0.1", port));
+        if l.is_err() {
+            thread::sleep(Duration::from_millis(1));
+        }
+        l.ok()
+    })
+    .expect("the metrics port freed by the killed dispatcher")
+}
+
+/// The metrics port is not held: while a dispatcher restarts, anyone on
+/// the host (another uid too) may bind it. The next dispatcher then serves
+/// the jobs anyway (it used to exit, and the watchdog to give up after
+/// --max-restarts: the whole service down), and takes the port back once
+/// it is free.
+#[test]
+fn a_metrics_port_taken_during_a_restart_does_not_stop_the_service() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut args = DISPATCHER.to_vec();
+    args.extend(["--metrics-listen", &metrics]);
+    let mut inst = Instance::supervised("heldmet", &["--heartbeat-ms", "100"], &args);
+    let first = inst.dispatcher_pid();
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let taken = squat(port);
+    let second = next_dispatcher(&inst, first);
+    let mut c = inst.client();
+    assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
+    drop(c);
+    assert!(
+        wait_for(PATIENCE, || inst
+            .log()
+            .contains("cannot listen on")
+            .then_some(()))
+        .is_some(),
+        "the dispatcher says the port is taken; log:\n{}",
+        inst.log()
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(inst.dispatcher_pid(), second, "no restart for it");
+    drop(taken);
+    let scraped = wait_for(PATIENCE, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.contains("osps_dispatcher_restarts_total")
+            .then_some(())
+    });
+    assert!(
+        scraped.is_some(),
+        "metrics served again; log:\n{}",
+        inst.log()
+    );
+    inst.signal(Signal::SIGTERM);
+    assert!(inst.wait_exit(PATIENCE).is_some_and(|s| s.success()));
+}
