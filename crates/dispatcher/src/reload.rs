@@ -494,7 +494,13 @@ fn stage(
         .map(|(config, mut segment)| {
             // Unlinked by name: at its retirement, an abort, or the stop.
             segment.disown();
-            let pool = Rc::new(Pool::new(config, shared.pools.next_id(), segment, caps));
+            let mut pool = Pool::new(config, shared.pools.next_id(), segment, caps);
+            // A replaced pool's counters go on in its successor (no reset
+            // while the dispatcher lives; its last jobs count too).
+            if let Some(old) = shared.pools.iter().find(|p| p.name() == pool.name()) {
+                pool.metrics = Rc::clone(&old.metrics);
+            }
+            let pool = Rc::new(pool);
             pool.stage();
             pool
         })

@@ -409,3 +409,41 @@ fn another_uid_may_not_reload() {
     let (code, out, err) = reload_cli(&inst);
     assert_eq!(code, Some(0), "{out} {err}");
 }
+
+/// A series of `osps-client metrics`' text, as a number.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// A replaced pool's counters go on in its successor (same name): a
+/// reload is no counter reset, and a job its old worker answers after the
+/// reload is counted.
+#[test]
+fn a_reload_keeps_the_counters_of_a_replaced_pool() {
+    let (_dir, path, inst) = start("rl-metrics", FIRST);
+    let ok = "osps_jobs_total{pool=\"builtin\",outcome=\"ok\"}";
+    let count = "osps_job_duration_seconds_count{pool=\"builtin\"}";
+    let mut c = inst.client();
+    assert_eq!(c.call("upper", &[], b"a").unwrap(), b"A");
+    let endpoint = inst.endpoint();
+    let sleeper = std::thread::spawn(move || {
+        let mut c = osps_client::Client::connect(&endpoint).expect("connects");
+        c.call("sleep", &["1000"], b"")
+    });
+    inst.wait_status("the sleep runs", |st| {
+        st.workers
+            .iter()
+            .any(|w| w.state == ipc_core::status::WorkerState::Busy)
+    });
+    std::fs::write(&path, SECOND).unwrap();
+    let (code, out, err) = reload_cli(&inst);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(metric(&c.metrics().unwrap(), ok), 1.0, "kept at the reload");
+    assert_eq!(sleeper.join().unwrap().unwrap(), b"slept 1000 ms\n");
+    assert_eq!(c.call("upper", &[], b"b").unwrap(), b"B");
+    let text = c.metrics().unwrap();
+    assert_eq!(metric(&text, ok), 3.0, "{text}");
+    assert_eq!(metric(&text, count), 3.0, "{text}");
+}
