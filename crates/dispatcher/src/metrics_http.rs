@@ -10,8 +10,10 @@
 //! against hostile local users: at most [`MAX_CONNECTIONS`] at once (more
 //! are closed at once), a request's head at most [`MAX_HEAD`] bytes and
 //! [`MAX_HEADERS`] headers, read within [`HEAD_TIMEOUT`], one request per
-//! connection, and every connection closed after [`CONNECTION_DEADLINE`]
-//! whatever it does (a slow reader of the answer too). The tasks run on
+//! connection, every connection closed after [`CONNECTION_DEADLINE`]
+//! whatever it does (a slow reader of the answer too), and at most one
+//! connection accepted every [`ACCEPT_PACE`] (a flood waits in the kernel's
+//! backlog, not on the dispatcher's thread). The tasks run on
 //! the dispatcher's thread: an answer is rendered in microseconds, and no
 //! wait here holds up anything else.
 
@@ -41,6 +43,8 @@ pub const MAX_HEADERS: usize = 32;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a connection may live, whatever it does.
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Time between two connections accepted, at least: at most 100 a second.
+pub const ACCEPT_PACE: Duration = Duration::from_millis(10);
 /// The one path served.
 pub const PATH: &str = "/metrics";
 
@@ -127,6 +131,10 @@ async fn serve(listener: TcpListener, shared: Rc<Shared>) {
                 continue;
             }
         };
+        // Paced: a flood of connections (any local user can make one) waits
+        // in the kernel's backlog instead of taking the dispatcher's thread
+        // from the jobs; a scraper comes every few seconds.
+        tokio::time::sleep(ACCEPT_PACE).await;
         if open.get() >= MAX_CONNECTIONS {
             crate::handshake::log_rate_limited(
                 || tracing::info!(%peer, "metrics listener: {MAX_CONNECTIONS} connections open already; closing this one (logged at most once a second)"),
