@@ -119,10 +119,10 @@ fn file_key(arg: &Arg) -> String {
 /// Reads `path` and returns what it sets that `matches` (the command line)
 /// does not; refuses the whole file at its first error.
 pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+    let text = read_trusted(path).map_err(|message| FileError {
         file: path.to_owned(),
         line: None,
-        message: format!("cannot read the configuration file: {e}"),
+        message,
     })?;
     let mut reader = Reader {
         file: path.to_owned(),
@@ -141,6 +141,33 @@ pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
     })?;
     reader.table(table.get_ref(), matches)?;
     Ok(reader.out)
+}
+
+/// The file's text, if no other user could have written it: it names the
+/// programs the pools run, as the dispatcher's user (read again at each
+/// reload and restart). Owned by us or root, not group- or world-writable.
+fn read_trusted(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let cannot = |e: std::io::Error| format!("cannot read the configuration file: {e}");
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "the configuration file is owned by uid {}, not by uid {me} (ours) or root; it names the programs run as uid {me}",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "the configuration file is writable by other users (mode {:04o}); it names the programs run as uid {me}: chmod go-w it",
+            meta.mode() & 0o7777
+        ));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(cannot)?;
+    Ok(text)
 }
 
 /// A key of the file, with its place.

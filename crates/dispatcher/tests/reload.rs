@@ -447,3 +447,29 @@ fn a_reload_keeps_the_counters_of_a_replaced_pool() {
     assert_eq!(metric(&text, ok), 3.0, "{text}");
     assert_eq!(metric(&text, count), 3.0, "{text}");
 }
+
+/// The file names the programs the pools run as the dispatcher's user, and
+/// a reload (or a restart) reads it again: a file another user could have
+/// written (group- or world-writable, or owned by another uid) is refused,
+/// at start and at a reload, and nothing changes.
+#[test]
+fn a_configuration_file_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, path, inst) = start("rl-trust", FIRST);
+    let old_pids = inst.worker_pids();
+    std::fs::write(&path, SECOND).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, out, err) = reload_cli(&inst);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("writable by other users"), "{err}");
+    assert_eq!(inst.worker_pids(), old_pids, "nothing changed");
+    assert_eq!(pool(&inst.status(), "cmd").program[0], "tr");
+    let check = std::process::Command::new(osps_testkit::bin("osps-dispatcher"))
+        .args(["--check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!check.status.success(), "--check-config accepted it");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out, err) = reload_cli(&inst);
+    assert_eq!(code, Some(0), "{out}{err}");
+}

@@ -311,6 +311,9 @@ pub fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("osps.toml");
     std::fs::write(&path, text).expect("the configuration file written");
+    // Whatever the umask: a file others can write is refused.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&path, private).expect("the configuration file's mode");
     (dir, path)
 }
 
