@@ -85,7 +85,7 @@ pub async fn start(shared: &Rc<Shared>) -> Result<Option<Serving>, DispatcherErr
         // The port was free for the dispatcher before us, and whoever took
         // it since (another uid may bind a loopback port too) must not stop
         // the jobs from being served: the watchdog would give up.
-        Err(e) if shared.metrics.restarted() => {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && shared.metrics.restarted() => {
             tracing::error!("metrics listener: cannot listen on {addr}: {e}; jobs are served, and the metrics port is tried again every {BIND_RETRY:?}");
             let task = tokio::task::spawn_local(bind_later(addr, Rc::clone(shared)));
             return Ok(Some(Serving(task)));
