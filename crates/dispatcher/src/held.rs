@@ -6,10 +6,11 @@
 //! A dispatcher given its sockets neither binds nor removes the socket file
 //! (at its start or its stop): their holder does. What it checks: the Unix
 //! socket is this instance's path (clients and the watchdog's heartbeat
-//! find it there); a TCP socket is passed only if a TCP listener is
-//! configured, and its address obeys the same rule as `--tcp` (loopback
-//! unless `--tcp-allow-remote`). A TCP listener configured but not passed is
-//! bound as usual.
+//! find it there); a TCP socket passed obeys the same rule as `--tcp`
+//! (loopback unless `--tcp-allow-remote`), and is served even when the
+//! configuration file no longer names it, or names another address (a
+//! restart-only change: the watchdog bound it), with a warning. A TCP
+//! listener configured but not passed is bound as usual.
 
 use ipc_core::activation::Passed;
 
@@ -87,20 +88,19 @@ pub async fn listeners(shared: &Shared, passed: Passed) -> Result<Vec<Listener>,
         passed.unix,
     )?)];
     match (passed.tcp, shared.config.tcp) {
-        (Some(_), None) => {
-            return Err(refused(
-                "TCP socket",
-                "no TCP listener is configured (--tcp, or tcp = in the configuration file)".into(),
-            ))
-        }
-        (Some(l), Some(configured)) => {
+        (Some(l), configured) => {
             let local = l.local_addr()?;
             let remote = !ipc_core::peer::is_loopback(local.ip());
             if remote && !(shared.config.tcp_allow_remote && shared.config.token_file.is_some()) {
                 return Err(refused("TCP socket", format!("{local} is not a loopback address; OSPS listens on loopback unless given --tcp-allow-remote and --token-file")));
             }
-            if configured.port() != 0 && configured != local {
-                tracing::warn!("serving the TCP socket passed, {local}; the configuration now says {configured}: restart the watchdog to move it");
+            // The file changed since the watchdog bound it (a restart-only
+            // option): refusing the socket would make every restart fail,
+            // and the watchdog give up.
+            match configured {
+                None => tracing::warn!("serving the TCP socket passed, {local}; the configuration now has no TCP listener: restart the watchdog to close it"),
+                Some(c) if c.port() != 0 && c != local => tracing::warn!("serving the TCP socket passed, {local}; the configuration now says {c}: restart the watchdog to move it"),
+                Some(_) => {}
             }
             l.set_nonblocking(true)?;
             let _ = shared.tcp_addr.set(local.to_string());

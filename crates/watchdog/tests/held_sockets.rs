@@ -455,3 +455,33 @@ fn a_metrics_port_taken_during_a_restart_does_not_stop_the_service() {
     inst.signal(Signal::SIGTERM);
     assert!(inst.wait_exit(PATIENCE).is_some_and(|s| s.success()));
 }
+
+/// `tcp` is a restart-only option: a reload refuses to change it, but the
+/// file may say otherwise when the dispatcher next restarts. The next
+/// dispatcher serves the TCP socket the watchdog holds (it refused it and
+/// exited, every restart alike, until the watchdog gave up: one crash
+/// took the whole service down).
+#[test]
+fn a_tcp_listener_no_longer_in_the_file_is_served_after_a_restart() {
+    let text = "workers = 1\nsegment_mib = 16\nmax_payload = 1048576\ntcp = \"127.0.0.1:0\"\n";
+    let (_dir, path) = osps_testkit::config_file(text);
+    let mut inst = Instance::supervised(
+        "heldnotcp",
+        &["--heartbeat-ms", "100", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    let first = inst.status();
+    let tcp = first.tcp.clone().expect("a TCP listener");
+    std::fs::write(&path, text.replace("tcp = \"127.0.0.1:0\"\n", "")).unwrap();
+    kill(Pid::from_raw(first.dispatcher_pid as i32), Signal::SIGKILL).unwrap();
+    next_dispatcher(&inst, first.dispatcher_pid);
+    let endpoint = ipc_core::Endpoint::Tcp(tcp.parse().unwrap());
+    let mut c = Client::connect(&endpoint).expect("TCP connect");
+    assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
+    drop(c);
+    assert!(inst
+        .log()
+        .contains("the configuration now has no TCP listener"));
+    inst.signal(Signal::SIGTERM);
+    assert!(inst.wait_exit(PATIENCE).is_some_and(|s| s.success()));
+}
