@@ -390,16 +390,23 @@ impl Drop for Reaper {
     }
 }
 
-/// Binds `port` on loopback as soon as it is free (within [`PATIENCE`]).
-fn squat(port: u16) -> std::net::TcpListener {
-    wait_for(PATIENCE, || {
-        let l = std::net::TcpListener::bind(("127.0.0.1", port));
-        if l.is_err() {
+/// Kills the dispatcher and binds `port` on loopback before its successor
+/// does (tried again with the next one if it won the race); returns the
+/// listener and the killed dispatcher's pid.
+fn kill_and_squat(inst: &Instance, port: u16) -> (std::net::TcpListener, u32) {
+    for _ in 0..5 {
+        let pid = inst.dispatcher_pid();
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) {
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return (l, pid);
+            }
             thread::sleep(Duration::from_millis(1));
         }
-        l.ok()
-    })
-    .expect("the metrics port freed by the killed dispatcher")
+        next_dispatcher(inst, pid);
+    }
+    panic!("the next dispatcher always bound the port first");
 }
 
 /// The metrics port is not held: while a dispatcher restarts, anyone on
@@ -417,10 +424,12 @@ fn a_metrics_port_taken_during_a_restart_does_not_stop_the_service() {
     let metrics = format!("127.0.0.1:{port}");
     let mut args = DISPATCHER.to_vec();
     args.extend(["--metrics-listen", &metrics]);
-    let mut inst = Instance::supervised("heldmet", &["--heartbeat-ms", "100"], &args);
-    let first = inst.dispatcher_pid();
-    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
-    let taken = squat(port);
+    let mut inst = Instance::supervised(
+        "heldmet",
+        &["--heartbeat-ms", "100", "--max-restarts", "20"],
+        &args,
+    );
+    let (taken, first) = kill_and_squat(&inst, port);
     let second = next_dispatcher(&inst, first);
     let mut c = inst.client();
     assert_eq!(c.call("ping", &[], &[]).unwrap(), b"pong\n");
