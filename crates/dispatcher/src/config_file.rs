@@ -69,6 +69,8 @@ pub struct FileError {
 #[derive(Debug, Clone, Default)]
 pub struct FromFile {
     pub file: PathBuf,
+    /// The file's text, as read.
+    pub text: String,
     pub args: Vec<OsString>,
     /// Line of each key set (by its flag's id: `workers`, `backend`, ...).
     lines: BTreeMap<String, (usize, String)>,
@@ -140,7 +142,9 @@ pub fn read(path: &Path, matches: &ArgMatches) -> Result<FromFile, FileError> {
         reader.error(e.span(), message)
     })?;
     reader.table(table.get_ref(), matches)?;
-    Ok(reader.out)
+    let mut out = reader.out;
+    out.text = text;
+    Ok(out)
 }
 
 /// The file's text, if no other user could have written it: it names the

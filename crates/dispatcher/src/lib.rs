@@ -178,6 +178,11 @@ pub struct Config {
     /// again (`--config FILE`); `None`: they are refused.
     #[arg(skip)]
     pub reload_from: Option<ConfigSource>,
+    /// The configuration file's text these options came from: saved, once
+    /// applied, for a restart after a crash to fall back on
+    /// (`RuntimePaths::applied_config`).
+    #[arg(skip)]
+    pub file_text: Option<std::sync::Arc<str>>,
 }
 
 /// The default number of workers: one per CPU (2 when that is unknown).
@@ -601,6 +606,10 @@ struct Cleanup {
     segments: Rc<std::cell::RefCell<Vec<ipc_core::paths::RecordedSegment>>>,
     /// The state file naming the segments: gone with them.
     state: PathBuf,
+    /// The configuration applied last (`RuntimePaths::applied_config`):
+    /// kept for a restart after a crash or a failed start, removed at an
+    /// ordered stop (set then).
+    applied: Option<PathBuf>,
 }
 
 impl Drop for Cleanup {
@@ -615,6 +624,9 @@ impl Drop for Cleanup {
             }
         }
         let _ = std::fs::remove_file(&self.state);
+        if let Some(applied) = &self.applied {
+            let _ = std::fs::remove_file(applied);
+        }
     }
 }
 
@@ -732,6 +744,7 @@ fn start(config: Config, held: bool) -> Result<Running, DispatcherError> {
         socket: (!held).then(|| paths.socket()),
         segments: Rc::new(std::cell::RefCell::new(recorded)),
         state: paths.state_file(),
+        applied: None,
     };
     // The names are unlinked by `cleanup`, before the lock is released; the
     // mappings themselves may outlive them in tasks still being torn down.
@@ -804,6 +817,7 @@ async fn serve(
         reload::stop_all(shared).await;
         return Err(DispatcherError::Config(refused));
     }
+    reload::save_applied(shared, &shared.config);
     let listeners = (
         listen(shared, passed).await?,
         metrics_http::start(shared).await?,
@@ -844,6 +858,7 @@ async fn serve(
     if watchdogs && held::holder_died(&shared.config) {
         cleanup.socket = Some(shared.paths.socket());
     }
+    cleanup.applied = Some(shared.paths.applied_config());
     drop(shared);
     drop(cleanup);
     drop(lock);

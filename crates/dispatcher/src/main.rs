@@ -33,16 +33,28 @@ struct Args {
 
 /// The arguments: the command line's, and the configuration file's for
 /// what the command line does not set. A file it refuses ends the program
-/// with one line naming the file, the line and the key.
-fn parse() -> Result<Args, config_file::FileError> {
+/// with one line naming the file, the line and the key; but a dispatcher
+/// the watchdog restarts (after a crash or a hang) then serves with the
+/// configuration applied last, and says so (the second value, to log).
+fn parse() -> Result<(Args, Option<String>), config_file::FileError> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let Some(path) = args.config_file.clone() else {
-        return Ok(args);
+        return Ok((args, None));
     };
-    let mut args = match with_file(&path, &matches)? {
-        Ok(args) => args,
-        Err(e) => e.exit(),
+    let read = with_file(&path, &matches);
+    let refused = match &read {
+        Err(e) => Some(e.to_string()),
+        Ok(Err(e)) => Some(e.to_string().lines().next().unwrap_or("").to_owned()),
+        Ok(Ok(a)) => a.config.validate().err().map(|e| e.message),
+    };
+    let (mut args, fell_back) = match refused.and_then(|why| applied_instead(&args, &matches, why))
+    {
+        Some((args, said)) => (args, Some(said)),
+        None => match read? {
+            Ok(args) => (args, None),
+            Err(e) => e.exit(),
+        },
     };
     // SIGHUP and `reload` read the file again, the same way.
     let reread = move || reread(&path, &matches);
@@ -51,7 +63,34 @@ fn parse() -> Result<Args, config_file::FileError> {
         std::sync::Arc::new(reread),
     );
     args.config.reload_from = Some(source);
-    Ok(args)
+    Ok((args, fell_back))
+}
+
+/// For a dispatcher the watchdog restarted (`OSPS_DISPATCHER_RESTARTS` is
+/// set) whose configuration file is refused (`why`): the options with the
+/// text the last dispatcher applied (`RuntimePaths::applied_config`) in
+/// place of the file's, and what to log; `None` when there is no such text
+/// or it is refused too. So a file broken since the last start or reload
+/// (which a reload refused) does not stop the service at its next crash.
+fn applied_instead(args: &Args, matches: &clap::ArgMatches, why: String) -> Option<(Args, String)> {
+    std::env::var_os(ipc_core::env::DISPATCHER_RESTARTS)?;
+    let place = &args.place;
+    let paths =
+        ipc_core::paths::RuntimePaths::new(&place.instance, place.runtime_dir.as_deref()).ok()?;
+    if !paths.dir_is_ours() {
+        return None;
+    }
+    let applied = paths.applied_config();
+    let args = with_file(&applied, matches).ok()?.ok()?;
+    args.config.validate().ok()?;
+    let file = args.config_file.clone().unwrap_or_default();
+    let said = format!(
+        "the configuration file {} is refused ({}): serving with the configuration applied last instead (kept in {}); fix the file, then reload",
+        file.display(),
+        why.trim(),
+        applied.display()
+    );
+    Some((args, said))
 }
 
 /// The arguments with the file's options for what the command line does
@@ -69,6 +108,7 @@ fn with_file(
         Err(e) => return Ok(Err(e)),
     };
     args.config.pools = from_file.pools.clone();
+    args.config.file_text = Some(from_file.text.as_str().into());
     args.config.builtin_pool = from_file.builtin;
     args.config.builtin_run_as = from_file.builtin_run_as.clone();
     if let Err(invalid) = args.config.validate() {
@@ -109,15 +149,18 @@ fn reread(
 }
 
 fn main() -> ExitCode {
-    let Args {
-        log,
-        place,
-        config,
-        check_config,
-        listen_plan,
-        ..
-    } = match parse() {
-        Ok(args) => args,
+    let (
+        Args {
+            log,
+            place,
+            config,
+            check_config,
+            listen_plan,
+            ..
+        },
+        fell_back,
+    ) = match parse() {
+        Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("osps-dispatcher: {e}");
             return ExitCode::FAILURE;
@@ -137,6 +180,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let _span = ipc_core::logging::init("dispatcher", log.log_format);
+    if let Some(said) = fell_back {
+        tracing::error!("{said}");
+    }
     // What `osps-watchdog` passes in the environment when it starts us.
     let watchdog = ipc_core::env::WatchdogEnv::from_env();
     // Listening sockets it (or systemd) holds for us; taken before any

@@ -298,6 +298,7 @@ async fn reload(shared: &Rc<Shared>) -> Result<String, Refusal> {
     needs_restart(&shared.config, &new).map_err(invalid)?;
     let plan = Plan::new(shared, &new);
     if plan.staged.is_empty() && plan.retired.is_empty() {
+        save_applied(shared, &new);
         return Ok(format!(
             "reloaded {}: nothing changed",
             source.file.display()
@@ -333,7 +334,18 @@ async fn reload(shared: &Rc<Shared>) -> Result<String, Refusal> {
             tokio::task::spawn_local(retire(Rc::clone(shared), Rc::clone(&ctx), Rc::clone(old)));
         ctx.retiring.borrow_mut().push(task);
     }
+    save_applied(shared, &new);
     Ok(plan.summary(&source.file))
+}
+
+/// Keeps the text of the configuration just applied, for a restart after
+/// a crash to fall back on if the file is broken by then.
+pub fn save_applied(shared: &Shared, applied: &Config) {
+    if let Some(text) = &applied.file_text {
+        if let Err(e) = shared.paths.save_applied_config(text) {
+            tracing::warn!("cannot keep the applied configuration: {e}");
+        }
+    }
 }
 
 /// The options a running dispatcher cannot change: those of its sockets,

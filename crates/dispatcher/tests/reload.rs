@@ -473,3 +473,38 @@ fn a_configuration_file_others_can_write_is_refused() {
     let (code, out, err) = reload_cli(&inst);
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+/// A file broken after the last reload (which refused it) does not stop the
+/// service at the next crash: the dispatcher the watchdog restarts serves
+/// with the configuration applied last (kept in the runtime directory), and
+/// a reload of the file, fixed, applies it.
+#[test]
+fn after_a_refused_reload_a_crash_restarts_with_the_configuration_applied_last() {
+    let (_dir, path) = config_file(FIRST);
+    let inst = Instance::supervised("rl-crash", &[], &["--config", path.to_str().unwrap()]);
+    let applied = inst.paths.applied_config();
+    assert_eq!(std::fs::read_to_string(&applied).unwrap(), FIRST);
+    std::fs::write(&path, SECOND).unwrap();
+    let (code, _, said) = reload_cli(&inst);
+    assert_eq!(code, Some(0), "{said}");
+    assert_eq!(std::fs::read_to_string(&applied).unwrap(), SECOND);
+    std::fs::write(&path, "max_payload = 65536\nworkers = \n").unwrap();
+    let (code, _, said) = reload_cli(&inst);
+    assert_eq!(code, Some(1), "the broken file is refused: {said}");
+    let old = inst.dispatcher_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    let st = inst.wait_status("a new dispatcher serves", |st| {
+        st.dispatcher_pid != old && st.workers.iter().all(|w| w.pid != 0)
+    });
+    // SECOND, the configuration applied last: awk, three builtin workers.
+    assert_eq!(pool(&st, "cmd").program[0], "awk", "{st:?}");
+    assert_eq!(st.workers.iter().filter(|w| w.pool == "builtin").count(), 3);
+    assert_eq!(inst.client().call("shout", &[], b"up\n").unwrap(), b"UP\n");
+    // Fixed, the file is read again: FIRST (tr) applies.
+    std::fs::write(&path, FIRST).unwrap();
+    let (code, _, said) = reload_cli(&inst);
+    assert_eq!(code, Some(0), "{said}");
+    let st = inst.wait_status("tr again", |st| pool(st, "cmd").program[0] == "tr");
+    assert_eq!(st.workers.iter().filter(|w| w.pool == "builtin").count(), 2);
+    assert_eq!(std::fs::read_to_string(&applied).unwrap(), FIRST);
+}

@@ -251,6 +251,31 @@ impl RuntimePaths {
         self.dir.join(format!("{}.state", self.instance))
     }
 
+    /// The configuration file's text as the dispatcher last applied it (at
+    /// its start or a reload): what a dispatcher restarted after a crash
+    /// serves with when the file itself is refused (broken since).
+    pub fn applied_config(&self) -> PathBuf {
+        self.dir.join(format!("{}.applied.toml", self.instance))
+    }
+
+    /// Writes [`RuntimePaths::applied_config`], mode 0600, by a rename (a
+    /// reader never sees half of it). Call only with the instance lock held
+    /// and the directory checked as ours.
+    pub fn save_applied_config(&self, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.applied_config();
+        let tmp = self.dir.join(format!("{}.applied.toml.new", self.instance));
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        fs::rename(&tmp, &path)
+    }
+
     /// Reads the state file: `None` if there is none. A file that is not a
     /// regular file of ours, or does not parse, or names a segment not of
     /// this instance's form, is an error (and is not trusted).

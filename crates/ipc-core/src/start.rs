@@ -225,6 +225,7 @@ pub fn remove_leftovers(
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     let found = clear_predecessor(paths, &lock, keep_socket);
     paths.remove_state();
+    let _ = std::fs::remove_file(paths.applied_config());
     drop(lock);
     if remove_dir {
         paths.remove_dir_if_empty();
