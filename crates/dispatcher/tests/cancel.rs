@@ -59,6 +59,29 @@ fn replaced(inst: &Instance, index: usize, old: u32) -> StatusReport {
     st
 }
 
+/// The next `n` answers on a raw connection: id, error kind (`None`: ok)
+/// and result bytes.
+fn read_answers(
+    raw: &mut std::os::unix::net::UnixStream,
+    n: usize,
+) -> Vec<(u64, Option<ErrorKind>, Vec<u8>)> {
+    use ipc_core::proto::{Outcome, Response};
+    use std::io::Read;
+    let mut scratch = Vec::new();
+    (0..n)
+        .map(|_| {
+            let r: Response = ipc_core::frame::read_frame(&mut *raw, &mut scratch, 65536).unwrap();
+            let mut bytes = vec![0; r.result_len as usize];
+            raw.read_exact(&mut bytes).unwrap();
+            let kind = match r.outcome {
+                Outcome::Ok => None,
+                Outcome::Err(e) => Some(e.kind),
+            };
+            (r.id, kind, bytes)
+        })
+        .collect()
+}
+
 #[test]
 fn queued_and_running_jobs_are_cancelled_only_by_their_connection() {
     let inst = Instance::start("cancel", osps_testkit::args!(1, 32, 8388608));
@@ -198,9 +221,8 @@ fn a_connection_with_every_place_taken_can_still_cancel() {
 /// worker then killed and replaced; the job before it is answered as ever.
 #[test]
 fn a_job_sent_ahead_is_cancelled_when_its_worker_reaches_it() {
-    use ipc_core::proto::{Outcome, Response};
     use osps_testkit::request_header;
-    use std::io::{Read, Write};
+    use std::io::Write;
     let inst = Instance::start("cancelahead", osps_testkit::args!(1, 32, 8388608));
     let old = inst.status().workers[0].pid;
     let mut raw = inst.raw_client();
@@ -217,18 +239,7 @@ fn a_job_sent_ahead_is_cancelled_when_its_worker_reaches_it() {
     let t = Instant::now();
     raw.write_all(&request_header(3, "cancel", &["2"], 0))
         .unwrap();
-    let mut scratch = Vec::new();
-    let mut answers = Vec::new();
-    for _ in 0..3 {
-        let r: Response = ipc_core::frame::read_frame(&mut raw, &mut scratch, 65536).unwrap();
-        let mut bytes = vec![0; r.result_len as usize];
-        raw.read_exact(&mut bytes).unwrap();
-        let kind = match r.outcome {
-            Outcome::Ok => None,
-            Outcome::Err(e) => Some(e.kind),
-        };
-        answers.push((r.id, kind, bytes));
-    }
+    let answers = read_answers(&mut raw, 3);
     assert_eq!(
         answers,
         [
@@ -283,9 +294,8 @@ fn a_job_waiting_to_be_retried_is_cancelled() {
 /// requeued.
 #[test]
 fn a_job_cancelled_while_its_worker_is_being_killed_is_not_requeued() {
-    use ipc_core::proto::{Outcome, Response};
     use osps_testkit::request_header;
-    use std::io::{Read, Write};
+    use std::io::Write;
     let worker = osps_testkit::bin("osps-worker");
     let deaf = format!("trap '' TERM; exec {}", worker.display());
     let (_dir, config) = osps_testkit::config_file(&format!(
@@ -315,18 +325,7 @@ fn a_job_cancelled_while_its_worker_is_being_killed_is_not_requeued() {
     // Within the second between SIGTERM (ignored) and SIGKILL.
     raw.write_all(&request_header(3, "cancel", &["2"], 0))
         .unwrap();
-    let mut scratch = Vec::new();
-    let mut answers = Vec::new();
-    for _ in 0..3 {
-        let r: Response = ipc_core::frame::read_frame(&mut raw, &mut scratch, 65536).unwrap();
-        let mut bytes = vec![0; r.result_len as usize];
-        raw.read_exact(&mut bytes).unwrap();
-        let kind = match r.outcome {
-            Outcome::Ok => None,
-            Outcome::Err(e) => Some(e.kind),
-        };
-        answers.push((r.id, kind, bytes));
-    }
+    let answers = read_answers(&mut raw, 3);
     assert_eq!(
         answers,
         [

@@ -106,25 +106,7 @@ fn client(inst: &Instance, s: &Shared, start: Instant) {
 
 /// o10: fills `r.held`.
 pub fn dispatcher_kill_served(plan: &Plan, r: &mut Report) -> Result<()> {
-    let inst = Instance::supervised(
-        "benchheld",
-        &[
-            "--max-restarts",
-            "10000",
-            "--within",
-            "1",
-            "--backoff-reset-ms",
-            "200",
-        ],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "64",
-            "--max-payload",
-            "16777216",
-        ],
-    );
+    let inst = super::osps::supervised_for_kills("benchheld");
     let s = Arc::new(Shared::default());
     let start = Instant::now();
     std::thread::scope(|scope| -> Result<()> {

@@ -86,25 +86,7 @@ pub fn memory_and_recovery(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&st
     drop(inst);
 
     step("o5 recovery: SIGKILL of the dispatcher under the watchdog");
-    let inst = Instance::supervised(
-        "benchrec",
-        &[
-            "--max-restarts",
-            "10000",
-            "--within",
-            "1",
-            "--backoff-reset-ms",
-            "200",
-        ],
-        &[
-            "--workers",
-            "2",
-            "--segment-mib",
-            "64",
-            "--max-payload",
-            "16777216",
-        ],
-    );
+    let inst = supervised_for_kills("benchrec");
     for _ in 0..plan.recovery_trials {
         std::thread::sleep(Duration::from_millis(300)); // past the backoff reset: each kill is a first crash
         let old = inst.dispatcher_pid();
@@ -154,6 +136,30 @@ pub fn memory_and_recovery(plan: &Plan, r: &mut Report, step: &mut dyn FnMut(&st
         job.wait(id)?; // the retried job is answered
     }
     Ok(())
+}
+
+/// A watchdog whose dispatcher (2 workers, 64 MiB segment) the bench kills
+/// again and again: it never gives up.
+pub fn supervised_for_kills(tag: &str) -> Instance {
+    Instance::supervised(
+        tag,
+        &[
+            "--max-restarts",
+            "10000",
+            "--within",
+            "1",
+            "--backoff-reset-ms",
+            "200",
+        ],
+        &[
+            "--workers",
+            "2",
+            "--segment-mib",
+            "64",
+            "--max-payload",
+            "16777216",
+        ],
+    )
 }
 
 fn status_kib(pid: u32, key: &str) -> Result<u64> {
