@@ -508,3 +508,46 @@ fn after_a_refused_reload_a_crash_restarts_with_the_configuration_applied_last()
     assert_eq!(st.workers.iter().filter(|w| w.pool == "builtin").count(), 2);
     assert_eq!(std::fs::read_to_string(&applied).unwrap(), FIRST);
 }
+
+/// A reload adds a pool and removes another: the new one's operation is
+/// served at once, the removed one's is an unknown operation, its workers
+/// are reaped and its segment is gone; the pool kept is not touched.
+#[test]
+fn a_reload_adds_a_pool_and_removes_another() {
+    let (_dir, path, inst) = start("rl-addrm", FIRST);
+    let before = inst.status();
+    let (builtin, cmd) = (pids(&before, "builtin"), pids(&before, "cmd"));
+    let cmd_segment = osps_testkit::pool_segment(&before, "cmd").name.clone();
+    let third = FIRST.replace(
+        "[pools.cmd]\nexec = [\"tr\", \"a-z\", \"A-Z\"]\nops = [\"shout\"]",
+        "[pools.rot]\nexec = [\"tr\", \"a-z\", \"n-za-m\"]\nops = [\"rot13\"]",
+    );
+    std::fs::write(&path, third).unwrap();
+    let (code, out, said) = reload_cli(&inst);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(out.contains("rot"), "the summary names the new pool: {out}");
+    assert_eq!(
+        inst.client().call("rot13", &[], b"abc\n").unwrap(),
+        b"nop\n"
+    );
+    match inst.client().call("shout", &[], b"x\n") {
+        Err(ClientError::Remote(e)) => assert_eq!(e.kind, ErrorKind::UnknownOp, "{e:?}"),
+        other => panic!("shout after its pool was removed: {other:?}"),
+    }
+    let after = inst.wait_status("the removed pool's workers are gone", |st| {
+        st.reload.as_ref().is_some_and(|r| r.retiring_workers == 0)
+    });
+    assert!(after.pools.iter().all(|p| p.name != "cmd"), "{after:?}");
+    assert!(pids(&after, "cmd").is_empty());
+    assert_eq!(pids(&after, "builtin"), builtin, "the builtin pool is kept");
+    for pid in cmd {
+        wait_for(osps_testkit::PATIENCE, || {
+            (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("worker {pid} of the removed pool is still there"));
+    }
+    wait_for(osps_testkit::PATIENCE, || {
+        (!segments(&inst).contains(&cmd_segment)).then_some(())
+    })
+    .expect("the removed pool's segment is gone");
+}
