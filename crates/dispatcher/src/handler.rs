@@ -201,14 +201,7 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
         let shared = self.shared;
-        if [
-            proto::OP_STATUS,
-            proto::OP_CANCEL,
-            proto::OP_RELOAD,
-            proto::OP_METRICS,
-        ]
-        .contains(&req.op.as_str())
-        {
+        if proto::DISPATCHER_OPS.contains(&req.op.as_str()) {
             let message = format!("{} takes no payload", req.op);
             return self
                 .refuse(req, permit, ErrorKind::BadRequest, message)

@@ -527,6 +527,12 @@ impl PoolSet {
         self.active.borrow().clone().into_iter()
     }
 
+    /// `f` of the routed pools, borrowed (no copy of the list: for the
+    /// request path).
+    pub fn with_active<R>(&self, f: impl FnOnce(&[Rc<Pool>]) -> R) -> R {
+        f(&self.active.borrow())
+    }
+
     /// Active and retiring pools: every one that holds jobs.
     pub fn all(&self) -> Vec<Rc<Pool>> {
         let mut all = self.active.borrow().clone();

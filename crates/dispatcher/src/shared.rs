@@ -199,12 +199,15 @@ impl Shared {
         if op == ipc_core::proto::OP_PING {
             // A pool with a live worker first, then the most idle
             // workers, then the shortest queue.
-            return self.pools.iter().max_by_key(|p| {
-                (
-                    p.workers.running() > 0,
-                    p.queue.idle_workers(),
-                    std::cmp::Reverse(p.queue.len()),
-                )
+            return self.pools.with_active(|pools| {
+                let best = pools.iter().max_by_key(|p| {
+                    (
+                        p.workers.running() > 0,
+                        p.queue.idle_workers(),
+                        std::cmp::Reverse(p.queue.len()),
+                    )
+                });
+                best.cloned()
             });
         }
         self.routes.get(op).and_then(|i| self.pools.get(i))
