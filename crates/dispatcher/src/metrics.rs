@@ -24,11 +24,8 @@ use crate::pools::Pool;
 use crate::session::End;
 use crate::shared::{QueuedJob, Shared};
 
-/// Set by the watchdog in each dispatcher's environment: its restarts of
-/// the dispatcher so far, by cause (`crashed=3,hung=1`).
-pub const DISPATCHER_RESTARTS_VAR: &str = "OSPS_DISPATCHER_RESTARTS";
-/// The causes a watchdog names, each always exported (0 when absent).
-pub const DISPATCHER_RESTART_CAUSES: [&str; 4] = ["crashed", "hung", "killed", "exited"];
+// The causes a watchdog names, each always exported (0 when absent).
+use ipc_core::env::DISPATCHER_RESTART_CAUSES;
 
 /// Upper bounds of the job latency buckets, in seconds: 100 µs to a minute,
 /// about three per power of ten (a job of the builtin pool takes tens of
@@ -124,9 +121,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Counters at zero; the dispatcher's restarts from [`DISPATCHER_RESTARTS_VAR`].
+    /// Counters at zero; the dispatcher's restarts from [`ipc_core::env::DISPATCHER_RESTARTS`].
     pub fn from_env() -> Metrics {
-        let restarts = std::env::var(DISPATCHER_RESTARTS_VAR).unwrap_or_default();
+        let restarts = std::env::var(ipc_core::env::DISPATCHER_RESTARTS).unwrap_or_default();
         Metrics {
             accepted: Default::default(),
             open: Default::default(),

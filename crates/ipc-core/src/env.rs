@@ -21,6 +21,8 @@ pub const WATCHDOG_STARTED_MS: &str = "OSPS_WATCHDOG_STARTED_MS";
 /// comma-separated `cause=count` pairs, causes among `crashed`, `hung`,
 /// `killed`, `exited` (e.g. `crashed=3,hung=1`); unset before the first.
 pub const DISPATCHER_RESTARTS: &str = "OSPS_DISPATCHER_RESTARTS";
+/// The causes [`DISPATCHER_RESTARTS`] names, in the order it writes them.
+pub const DISPATCHER_RESTART_CAUSES: [&str; 4] = ["crashed", "hung", "killed", "exited"];
 /// `systemd` when the listening sockets the watchdog hands on are systemd's
 /// (`ipc_core::activation`); unset when the watchdog bound them.
 pub const SOCKET_HOLDER: &str = "OSPS_SOCKET_HOLDER";

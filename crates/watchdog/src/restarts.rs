@@ -2,8 +2,8 @@
 //! started in `OSPS_DISPATCHER_RESTARTS` ([`ipc_core::env::DISPATCHER_RESTARTS`]):
 //! `crashed=3,hung=1`, the causes with a count in this order, for metrics.
 
-/// The causes, in the order they are written.
-pub const CAUSES: [&str; 4] = ["crashed", "hung", "killed", "exited"];
+// The causes, in the order they are written.
+use ipc_core::env::DISPATCHER_RESTART_CAUSES as CAUSES;
 
 /// The class of a restart, from the supervisor's own words for it
 /// ([`crate::policy`]): `hang ...` is `hung`; `crash: killed by SIGKILL`
