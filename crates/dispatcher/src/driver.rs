@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
+use ipc_core::memory::Mechanism;
 use ipc_core::proto::{
     Args, ErrorKind, FromWorker, Job, JobDone, Outcome, RemoteError, ToWorker, PIPE_VERSION,
 };
@@ -80,9 +81,26 @@ struct Worker {
     /// A worker of a pool with a memory limit: its stderr's forwarder, which
     /// ends with the line that said an allocation failed, if one did.
     stderr: Option<oneshot::Receiver<Option<String>>>,
+    /// A worker of a pool with a memory limit, where the dispatcher makes
+    /// memory cgroups: its own (last: emptied and removed once the child
+    /// is dropped).
+    cgroup: Option<ipc_core::cgroup::WorkerCgroup>,
 }
 
 impl Worker {
+    /// Why it is out of memory, once dead, and how its limit was enforced
+    /// (`None`: it did not run out of memory, as far as is known): the line
+    /// its stderr said an allocation failed with (`RLIMIT_DATA`), else its
+    /// memory cgroup's OOM kill.
+    async fn out_of_memory(&mut self) -> Option<(String, Mechanism)> {
+        if let Some(said) = self.allocation_failure().await {
+            return Some((format!("it said: {said}"), Mechanism::RlimitData));
+        }
+        let cgroup = self.cgroup.as_ref().filter(|c| c.oom_kills() > 0)?;
+        let by = cgroup.version().mechanism();
+        Some((format!("the kernel's OOM killer ended it: {by}"), by))
+    }
+
     /// The line its stderr said an allocation failed with, once the stderr
     /// is closed (waiting at most [`STDERR_GRACE`]); `None` for a worker
     /// whose stderr is not read (no memory limit) or that said none.
@@ -144,7 +162,7 @@ pub async fn drive(
 ) {
     let p: &Pool = &pool;
     let entry = p.workers.get(index);
-    log_memory_limit(p, index);
+    log_memory_limit(&shared, p, index);
     let mut failures_in_a_row = 0u32;
     // A replacement started while its predecessor served (recycling).
     let mut next: Option<Spawning> = None;
@@ -242,14 +260,25 @@ fn recycled(
 
 /// Says how a pool's memory limit is enforced, if it has one (once: for
 /// its place 0).
-fn log_memory_limit(pool: &Pool, index: usize) {
+fn log_memory_limit(shared: &Shared, pool: &Pool, index: usize) {
     let config = &pool.config;
-    let limit = (config.memory_limit_mib, config.memory_limit_by());
-    if let (0, (Some(mib), Some(by))) = (index, limit) {
-        tracing::info!(
+    let (Some(mib), Some(by), 0) = (
+        config.memory_limit_mib,
+        config.memory_limit_by(shared.cgroup_version()),
+        index,
+    ) else {
+        return;
+    };
+    match &shared.cgroups {
+        Ok(cgroups) => tracing::info!(
             pool = pool.name(),
-            "workers limited to {mib} MiB of memory by {by} (their heap and private mappings; the shared segment does not count); a cgroup v2 memory.max is not used"
-        );
+            "workers limited to {mib} MiB of memory each by {by}: a memory cgroup per worker under {} (all it and its children take; the shared segment's pages are the dispatcher's), and its heap and private mappings",
+            cgroups.base().display()
+        ),
+        Err(why) => tracing::info!(
+            pool = pool.name(),
+            "workers limited to {mib} MiB of memory each by {by} (their heap and private mappings; the shared segment does not count); no memory cgroup: {why}"
+        ),
     }
 }
 
@@ -488,8 +517,9 @@ fn settle(
     false
 }
 
-/// The command that starts one of `pool`'s workers.
-fn command(shared: &Shared, pool: &Pool) -> Command {
+/// The command that starts one of `pool`'s workers (`cgroup`: the memory
+/// cgroup made for it, if any).
+fn command(shared: &Shared, pool: &Pool, cgroup: Option<&std::path::Path>) -> Command {
     let segment = pool.slots.segment().name();
     let parent = std::process::id().to_string();
     let fault = shared.config.allow_fault_injection;
@@ -534,7 +564,7 @@ fn command(shared: &Shared, pool: &Pool) -> Command {
     };
     let run_as = pool.config.run_as.as_ref();
     if pool.config.memory_limit_mib.is_some() || run_as.is_some() {
-        cmd = contained(&shared.config.worker_exe, &pool.config, &cmd);
+        cmd = contained(&shared.config.worker_exe, &pool.config, cgroup, &cmd);
     }
     if let Some(who) = run_as {
         own_environment(&mut cmd, who);
@@ -606,20 +636,29 @@ fn own_environment(cmd: &mut Command, who: &crate::pools::RunAs) {
 }
 
 /// `cmd` run through the launcher, `osps-worker [--contain-memory BYTES]
-/// [--contain-session] -- PROGRAM ARGS...`: for a pool with a memory limit
-/// it sets its own `RLIMIT_DATA`, for a pool of another user it starts a
+/// [--contain-cgroup DIR] [--contain-session] -- PROGRAM ARGS...`: for a
+/// pool with a memory limit it sets its own `RLIMIT_DATA` (and waits to be
+/// in its memory cgroup `cgroup`, where there is one), for a pool of another user it starts a
 /// session of its own (no controlling terminal), sets no_new_privs and
 /// closes what it inherited past stderr; then it execs the program (no code
 /// runs between fork and exec here: all of this is the launcher's, done
 /// before the program's first instruction). The environment `cmd` sets
 /// goes with it.
-fn contained(worker_exe: &std::path::Path, pool: &PoolConfig, cmd: &Command) -> Command {
+fn contained(
+    worker_exe: &std::path::Path,
+    pool: &PoolConfig,
+    cgroup: Option<&std::path::Path>,
+    cmd: &Command,
+) -> Command {
     let inner = cmd.as_std();
     let mut outer = Command::new(worker_exe);
     if let Some(mib) = pool.memory_limit_mib {
         outer
             .arg(ipc_core::memory::CONTAIN_FLAG)
             .arg((mib << 20).to_string());
+    }
+    if let Some(dir) = cgroup {
+        outer.arg(ipc_core::memory::CGROUP_FLAG).arg(dir);
     }
     if pool.run_as.is_some() {
         outer.arg(ipc_core::memory::SESSION_FLAG);
@@ -640,7 +679,14 @@ fn contained(worker_exe: &std::path::Path, pool: &PoolConfig, cmd: &Command) -> 
 /// Starts one of `pool`'s workers and waits for its `Ready`; the first
 /// ready worker of a pool tells which operations it serves.
 async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
-    let mut child = command(shared, pool).spawn().map_err(|e| {
+    // Its memory cgroup, where the dispatcher makes them: made (with the
+    // limit) before it starts, entered right after (the launcher waits).
+    let cgroup = match (pool.config.memory_limit_mib, &shared.cgroups) {
+        (Some(mib), Ok(cgroups)) => Some(cgroups.worker(mib << 20)?),
+        _ => None,
+    };
+    let dir = cgroup.as_ref().map(|c| c.dir());
+    let mut child = command(shared, pool, dir).spawn().map_err(|e| {
         let program = pool.config.program(&shared.config.worker_exe);
         let mut said = format!("{}: {e}", program[0]);
         if let Some(who) = &pool.config.run_as {
@@ -658,6 +704,12 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     let pid = child.id().ok_or("worker exited at once")?;
     // Before any `.await`: a sweep must never take it for an orphan.
     shared.orphans.worker_started(pid);
+    if let Some(Err(e)) = cgroup.as_ref().map(|c| c.enter(pid)) {
+        let _ = child.start_kill();
+        let status = describe(child.wait().await);
+        shared.orphans.worker_reaped(pid);
+        return Err(format!("worker {pid}: {e} ({status})"));
+    }
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let stderr = match child.stderr.take().map(forward_stderr) {
@@ -674,6 +726,7 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         stdin: Some(stdin),
         stdout,
         stderr,
+        cgroup,
     };
     let failed = match ready(&mut worker).await {
         Ok((streams, ops)) => match shared.routes.learn(&shared.pools, pool, &ops) {
@@ -695,8 +748,8 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     shared.orphans.worker_reaped(pid);
     shared.orphans.sweep();
     // Out of memory before it was ready: the limit, not the protocol, is why.
-    let failed = match (worker.allocation_failure().await, pool.config.memory_limit_mib) {
-        (Some(said), Some(mib)) => format!(
+    let failed = match (worker.out_of_memory().await, pool.config.memory_limit_mib) {
+        (Some((said, _)), Some(mib)) => format!(
             "it ran out of memory before it was ready ({said}): pool \"{}\"'s memory_limit_mib of {mib} MiB is too small for it",
             pool.name()
         ),
@@ -859,17 +912,17 @@ impl WorkerDriver<'_> {
     /// again); otherwise an ordinary death ([`Session::died`]).
     async fn died(&mut self, s: Session<QueuedJob>, why: String) -> End<QueuedJob> {
         let config = &self.pool.config;
-        let (Some(mib), Some(by)) = (config.memory_limit_mib, config.memory_limit_by()) else {
+        let Some(mib) = config.memory_limit_mib else {
             return s.died(why, op_name);
         };
-        let Some(said) = self.w.allocation_failure().await else {
+        let Some((said, by)) = self.w.out_of_memory().await else {
             return s.died(why, op_name);
         };
         if s.head().is_some() {
             self.pool.ran_out_of_memory();
         }
         let oom = ipc_core::memory::out_of_memory_message("the job", Some(&config.name), mib, by);
-        let message = format!("{oom}; its worker was replaced (it said: {said})");
+        let message = format!("{oom}; its worker was replaced ({said})");
         s.out_of_memory(format!("{why}: out of memory ({said})"), message)
     }
 

@@ -610,6 +610,9 @@ struct Cleanup {
     /// kept for a restart after a crash or a failed start, removed at an
     /// ordered stop (set then).
     applied: Option<PathBuf>,
+    /// The workers' memory cgroups: what is left of them (nothing, after
+    /// an ordered stop) is killed and removed, and their directory.
+    cgroups: Option<Rc<ipc_core::cgroup::Cgroups>>,
 }
 
 impl Drop for Cleanup {
@@ -626,6 +629,11 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_file(&self.state);
         if let Some(applied) = &self.applied {
             let _ = std::fs::remove_file(applied);
+        }
+        if let Some(cgroups) = &self.cgroups {
+            for what in cgroups.remove_all() {
+                tracing::warn!("removed the {what}, left at the stop");
+            }
         }
     }
 }
@@ -740,11 +748,13 @@ fn start(config: Config, held: bool) -> Result<Running, DispatcherError> {
             owner: w.owner.map_or(euid, |(uid, _)| uid),
         })
         .collect();
+    let cgroups = ipc_core::cgroup::Cgroups::find(&config.instance).map(Rc::new);
     let cleanup = Cleanup {
         socket: (!held).then(|| paths.socket()),
         segments: Rc::new(std::cell::RefCell::new(recorded)),
         state: paths.state_file(),
         applied: None,
+        cgroups: cgroups.as_ref().ok().cloned(),
     };
     // The names are unlinked by `cleanup`, before the lock is released; the
     // mappings themselves may outlive them in tasks still being torn down.
@@ -752,7 +762,7 @@ fn start(config: Config, held: bool) -> Result<Running, DispatcherError> {
         seg.disown();
     }
     Ok(Running {
-        shared: Shared::new(config, paths, segments, tcp_token, budgets),
+        shared: Shared::new(config, paths, segments, tcp_token, budgets, cgroups),
         cleanup,
         lock: Rc::new(lock),
         made_dir,

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use ipc_core::cgroup::Version;
 use ipc_core::memory::Mechanism;
 use ipc_core::status::{PoolStatus, RunAsStatus, SegmentStatus};
 use ipc_core::Segment;
@@ -175,10 +176,14 @@ impl RunAs {
 }
 
 impl PoolConfig {
-    /// How its memory limit is enforced, if it has one: `RLIMIT_DATA`,
-    /// the one mechanism OSPS has (a cgroup v2 `memory.max` is not done).
-    pub fn memory_limit_by(&self) -> Option<Mechanism> {
-        self.memory_limit_mib.map(|_| Mechanism::RlimitData)
+    /// How its memory limit is enforced, if it has one, as status and the
+    /// log say it: `RLIMIT_DATA` always, and first a memory cgroup per
+    /// worker of version `cgroup`, where the dispatcher may make them.
+    pub fn memory_limit_by(&self, cgroup: Option<Version>) -> Option<String> {
+        self.memory_limit_mib.map(|_| match cgroup {
+            Some(v) => format!("{}, {}", v.mechanism(), Mechanism::RlimitData),
+            None => Mechanism::RlimitData.to_string(),
+        })
     }
 
     /// The program the pool's workers run, as status shows it.
@@ -356,7 +361,9 @@ impl Pool {
         self.out_of_memory.set(self.out_of_memory.get() + 1);
     }
 
-    pub fn status(&self, worker_exe: &std::path::Path) -> PoolStatus {
+    /// Its status; `cgroup`: the version of the workers' memory cgroups, if
+    /// the dispatcher makes them.
+    pub fn status(&self, worker_exe: &std::path::Path, cgroup: Option<Version>) -> PoolStatus {
         let workers = self.workers.report(&self.config.name);
         let sum = |f: fn(&ipc_core::status::WorkerStatus) -> u64| workers.iter().map(f).sum();
         PoolStatus {
@@ -375,7 +382,7 @@ impl Pool {
             max_attempts: self.config.max_attempts,
             max_result: self.config.max_result,
             memory_limit_mib: self.config.memory_limit_mib,
-            memory_limit_by: self.config.memory_limit_by().map(|m| m.as_str().into()),
+            memory_limit_by: self.config.memory_limit_by(cgroup),
             out_of_memory: self.out_of_memory.get(),
             start_failure: self.start_failure.borrow().clone(),
             segment: Some(self.segment_status()),

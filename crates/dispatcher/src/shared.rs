@@ -111,6 +111,9 @@ pub struct Shared {
     pub tcp_addr: std::cell::OnceCell<String>,
     /// Woken when a client cancels a job a driver holds (`cancel.rs`).
     pub cancels: tokio::sync::Notify,
+    /// Where the workers of pools with a memory limit get a memory cgroup
+    /// each (`ipc_core::cgroup`), or why they cannot (for the log).
+    pub cgroups: Result<Rc<ipc_core::cgroup::Cgroups>, String>,
 }
 
 /// Where shutdown has got to.
@@ -143,6 +146,7 @@ impl Shared {
         segments: Vec<Segment>,
         tcp_token: Option<Box<[u8]>>,
         budgets: Budgets,
+        cgroups: Result<Rc<ipc_core::cgroup::Cgroups>, String>,
     ) -> Rc<Self> {
         let max_payload = config.max_payload;
         let caps = SlotCaps {
@@ -182,7 +186,14 @@ impl Shared {
             started: Instant::now(),
             tcp_addr: std::cell::OnceCell::new(),
             cancels: tokio::sync::Notify::new(),
+            cgroups,
         })
+    }
+
+    /// The version of the workers' memory cgroups, if the dispatcher
+    /// makes them.
+    pub fn cgroup_version(&self) -> Option<ipc_core::cgroup::Version> {
+        self.cgroups.as_ref().ok().map(|c| c.version())
     }
 
     /// Numbers a new job (from 1).

@@ -38,7 +38,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         pools: shared
             .pools
             .iter()
-            .map(|p| p.status(&config.worker_exe))
+            .map(|p| p.status(&config.worker_exe, shared.cgroup_version()))
             .collect(),
         jobs_cancelled: shared.stats.jobs_cancelled(),
         reload: shared.reloads.status(shared),

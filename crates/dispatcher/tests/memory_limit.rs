@@ -5,13 +5,20 @@
 //! larger than the limit) does not count, and no other process (another
 //! pool's worker, the dispatcher, this test) is limited. A Python worker
 //! (`MemoryError`) and an exec pool's command are limited too; status shows
-//! the limit; bad values are refused with the file's line.
+//! the limit; bad values are refused with the file's line. Where the
+//! dispatcher may make memory cgroups (as root here), each limited worker
+//! also runs in a cgroup of its own with the limit, which counts what
+//! `RLIMIT_DATA` does not (shared anonymous memory, here), and is removed
+//! with its worker.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ipc_core::cgroup::{Cgroups, Version};
 use ipc_core::proto::ErrorKind;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use osps_client::ClientError;
 use osps_testkit::Instance;
 use osps_testkit::{assert_group_gone, bin, config_file, noise, run_to_exit, unique_instance};
@@ -70,18 +77,56 @@ fn worker_of(inst: &Instance, pool: &str) -> u32 {
 }
 
 /// The call's error, which must be `out of memory` naming pool `pool`'s
-/// limit of `mib` MiB (as a client shows it: kind, then message).
+/// limit of `mib` MiB (as a client shows it: kind, then message), enforced
+/// by `RLIMIT_DATA`.
 fn assert_out_of_memory(got: Result<Vec<u8>, ClientError>, pool: &str, mib: u64) -> String {
+    assert_out_of_memory_by(got, pool, mib, "RLIMIT_DATA")
+}
+
+/// [`assert_out_of_memory`], enforced by `by`.
+fn assert_out_of_memory_by(
+    got: Result<Vec<u8>, ClientError>,
+    pool: &str,
+    mib: u64,
+    by: &str,
+) -> String {
     let e = match got {
         Err(ClientError::Remote(e)) => e,
         other => panic!("want an out of memory error, got {other:?}"),
     };
     assert_eq!(e.kind, ErrorKind::OutOfMemory, "{e}");
     let want = format!(
-        "out of memory: the job went past pool \"{pool}\"'s memory limit of {mib} MiB (RLIMIT_DATA)"
+        "out of memory: the job went past pool \"{pool}\"'s memory limit of {mib} MiB ({by})"
     );
     assert!(e.to_string().starts_with(&want), "{e}");
     e.message
+}
+
+/// The version of the memory cgroups a dispatcher started by this test
+/// makes for its limited workers (as root, where a memory controller is
+/// ours to write: cgroup v1 here, or a delegated cgroup v2); `None`, and
+/// why on stderr, where it makes none.
+fn cgroups_here() -> Option<Version> {
+    match Cgroups::find("probe") {
+        Ok(c) => Some(c.version()),
+        Err(why) => {
+            eprintln!("no memory cgroups here, only RLIMIT_DATA: {why}");
+            None
+        }
+    }
+}
+
+/// What status says enforces a limit here.
+fn limit_by() -> String {
+    match cgroups_here() {
+        Some(v) => format!("{}, RLIMIT_DATA", v.mechanism()),
+        None => "RLIMIT_DATA".into(),
+    }
+}
+
+/// The directory of the memory cgroup of process `pid`.
+fn cgroup_of(pid: u32) -> PathBuf {
+    ipc_core::cgroup::memory_cgroup_of(pid).expect("a memory cgroup")
 }
 
 #[test]
@@ -106,7 +151,7 @@ fn a_job_past_the_limit_is_answered_out_of_memory_and_the_next_is_served() {
     let st = inst.status();
     let b = pool(&st, "lim");
     assert_eq!(b.memory_limit_mib, Some(32));
-    assert_eq!(b.memory_limit_by.as_deref(), Some("RLIMIT_DATA"));
+    assert_eq!(b.memory_limit_by.as_deref(), Some(limit_by().as_str()));
     assert_eq!(pool(&st, "py").memory_limit_mib, None);
     // The shared segment, larger than the limit, is mapped all the same:
     // RLIMIT_DATA does not count shared mappings (RLIMIT_AS would).
@@ -224,7 +269,7 @@ fn a_limit_too_small_for_the_program_is_named_as_why_it_cannot_start() {
         st.pools.iter().any(|p| p.start_failure.is_some())
     });
     let why = st.pools[1].start_failure.clone().unwrap();
-    let want = "it ran out of memory before it was ready (MemoryError): pool \"fat\"'s memory_limit_mib of 16 MiB is too small for it (exit status 1)";
+    let want = "it ran out of memory before it was ready (it said: MemoryError): pool \"fat\"'s memory_limit_mib of 16 MiB is too small for it (exit status 1)";
     assert!(why.contains(want), "{why}");
     // The other pool serves.
     assert_eq!(inst.client().call("upper", &[], b"a").unwrap(), b"A");
@@ -357,4 +402,222 @@ fn a_limited_worker_flooding_its_stderr_holds_up_no_other_pool() {
     );
     drop(c);
     drop(inst);
+}
+
+/// Each limited worker runs in a memory cgroup of its own, under the
+/// instance's directory, with the pool's limit on memory (and on memory
+/// plus swap); a worker of a pool without a limit stays in the
+/// dispatcher's. A worker's cgroup goes with it, and the directory with
+/// the dispatcher.
+#[test]
+fn each_limited_worker_has_a_memory_cgroup_of_its_own_removed_with_it() {
+    let Some(version) = cgroups_here() else {
+        return;
+    };
+    let (_dir, mut inst) = start(
+        "memcg",
+        "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"OSPS_WORKER\"]\nworkers = 2\nmemory_limit_mib = 32\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\n",
+        &[],
+    );
+    let base = Cgroups::find(inst.name()).unwrap().base().to_owned();
+    let st = inst.wait_status("the workers up", |st| {
+        st.workers.iter().all(|w| w.pid != 0 && w.state == "idle")
+    });
+    let pids = |st: &ipc_core::status::StatusReport, pool: &str| -> Vec<u32> {
+        let of = st.workers.iter().filter(|w| w.pool == pool);
+        of.map(|w| w.pid).collect()
+    };
+    let limited = pids(&st, "lim");
+    assert_eq!(limited.len(), 2);
+    let dirs: Vec<PathBuf> = limited.iter().map(|&p| cgroup_of(p)).collect();
+    assert_ne!(dirs[0], dirs[1], "one cgroup per worker");
+    for dir in &dirs {
+        assert_eq!(dir.parent(), Some(base.as_path()), "{}", dir.display());
+        assert_eq!(ipc_core::cgroup::limit_bytes(dir), Some(32 << 20));
+        if version == Version::V1 && dir.join("memory.memsw.limit_in_bytes").exists() {
+            let memsw = std::fs::read_to_string(dir.join("memory.memsw.limit_in_bytes")).unwrap();
+            assert_eq!(
+                memsw.trim(),
+                (32u64 << 20).to_string(),
+                "swap is no way out"
+            );
+        }
+    }
+    let dispatcher = cgroup_of(inst.dispatcher_pid());
+    assert!(!dispatcher.starts_with(&base), "{}", dispatcher.display());
+    assert_eq!(
+        cgroup_of(pids(&st, "py")[0]),
+        dispatcher,
+        "no limit, no cgroup"
+    );
+    // A worker killed from outside: its cgroup goes with it; its
+    // replacement gets a new one.
+    kill(Pid::from_raw(limited[0] as i32), Signal::SIGKILL).unwrap();
+    let st = inst.wait_status("the killed worker replaced", |st| {
+        let now = pids(st, "lim");
+        now.len() == 2
+            && now.iter().all(|&p| p != 0 && p != limited[0])
+            && st.workers.iter().all(|w| w.state == "idle")
+    });
+    assert!(!dirs[0].exists(), "{} left", dirs[0].display());
+    let fresh = *pids(&st, "lim").iter().find(|&&p| p != limited[1]).unwrap();
+    let fresh_dir = cgroup_of(fresh);
+    assert_eq!(fresh_dir.parent(), Some(base.as_path()));
+    assert!(!dirs.contains(&fresh_dir));
+    assert_eq!(inst.client().call("upper", &[], b"abc").unwrap(), b"ABC");
+    // An ordered stop removes them all, and the directory.
+    inst.signal(Signal::SIGTERM);
+    assert!(inst
+        .wait_exit(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    assert!(!base.exists(), "{} left", base.display());
+    assert_eq!(inst.leftovers(), Vec::<String>::new());
+}
+
+/// Shared anonymous memory is not counted by `RLIMIT_DATA`: a job that
+/// takes 160 MiB of it under a 48 MiB limit is stopped by the worker's
+/// memory cgroup, answered `out of memory` naming it, and the next job is
+/// served by a replacement; the dispatcher and the other pool are
+/// untouched.
+#[test]
+fn shared_memory_past_the_limit_is_out_of_memory_by_the_cgroup() {
+    let Some(version) = cgroups_here() else {
+        return;
+    };
+    let by = version.mechanism().to_string();
+    let (_dir, inst) = start(
+        "memcgshm",
+        "[pools.builtin]\nworkers = 1\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\nmemory_limit_mib = 48\n",
+        &[],
+    );
+    let first = worker_of(&inst, "py");
+    let first_dir = cgroup_of(first);
+    let mut c = inst.client();
+    // Under the limit: served, by the same worker.
+    assert_eq!(
+        c.call("shared", &["8"], b"").unwrap(),
+        first.to_string().into_bytes()
+    );
+    let message = assert_out_of_memory_by(c.call("shared", &["160"], b""), "py", 48, &by);
+    assert!(
+        message.ends_with(&format!(
+            "its worker was replaced (the kernel's OOM killer ended it: {by})"
+        )),
+        "{message}"
+    );
+    let next: u32 = String::from_utf8(c.call("shared", &["1"], b"").unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(next, first);
+    assert_group_gone(first);
+    assert!(!first_dir.exists(), "{} left", first_dir.display());
+    assert_eq!(c.call("upper", &[], b"abc").unwrap(), b"ABC");
+    let st = inst.status();
+    let py = st.pools.iter().find(|p| p.name == "py").unwrap();
+    assert_eq!((py.out_of_memory, py.restarts, py.jobs_failed), (1, 1, 1));
+    assert_eq!(st.pools[0].restarts, 0);
+    assert!(
+        inst.log()
+            .contains("out of memory (the kernel's OOM killer ended it"),
+        "{}",
+        inst.log()
+    );
+}
+
+/// An exec pool's command that takes shared anonymous memory past the
+/// limit is ended by the worker's memory cgroup; the worker, alive,
+/// answers `out of memory` naming it, and serves on.
+#[test]
+fn an_exec_pools_command_past_the_limit_in_shared_memory_is_out_of_memory() {
+    let Some(version) = cgroups_here() else {
+        return;
+    };
+    let take = "import mmap, sys\nn = int(sys.stdin.read())\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
+    let (_dir, inst) = start(
+        "memcgexec",
+        &format!(
+            "[pools.builtin]\nworkers = 1\n\n[pools.shm]\nexec = [\"python3\", \"-c\", {take:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = 48\n"
+        ),
+        &[],
+    );
+    let worker = worker_of(&inst, "shm");
+    let mut c = inst.client();
+    assert_eq!(c.call("shm", &[], b"8").unwrap(), b"8");
+    let e = match c.call("shm", &[], b"160") {
+        Err(ClientError::Remote(e)) => e,
+        other => panic!("want an out of memory error, got {other:?}"),
+    };
+    assert_eq!(e.kind, ErrorKind::OutOfMemory, "{e}");
+    let want = format!(
+        "out of memory: the command went past the pool's memory limit of 48 MiB ({}); python3 was killed by signal SIGKILL",
+        version.mechanism()
+    );
+    assert!(e.to_string().starts_with(&want), "{e}");
+    // The worker serves on: same pid, not restarted.
+    assert_eq!(c.call("shm", &[], b"2").unwrap(), b"2");
+    assert_eq!(worker_of(&inst, "shm"), worker);
+    let st = inst.status();
+    let shm = st.pools.iter().find(|p| p.name == "shm").unwrap();
+    assert_eq!((shm.out_of_memory, shm.restarts), (1, 0));
+}
+
+/// The cgroups of a dispatcher killed with SIGKILL (which removes
+/// nothing) are removed by the next one of its instance, which the
+/// watchdog starts: only the new dispatcher's are left.
+#[test]
+fn a_killed_dispatchers_cgroups_are_removed_by_the_next() {
+    if cgroups_here().is_none() {
+        return;
+    }
+    let osps_worker = bin("osps-worker");
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"{}\"]\nworkers = 2\nmemory_limit_mib = 32\n",
+        osps_worker.display()
+    ));
+    let inst = Instance::supervised(
+        "memcgkill",
+        &[],
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--segment-mib",
+            "8",
+            "--max-payload",
+            "65536",
+        ],
+    );
+    let base = Cgroups::find(inst.name()).unwrap().base().to_owned();
+    let first = inst.dispatcher_pid();
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&base)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let before = names();
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(
+        before.iter().all(|n| n.starts_with(&format!("{first}-"))),
+        "{before:?}"
+    );
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let st = inst.wait_status("a new dispatcher's workers up", |st| {
+        st.dispatcher_pid != first && st.workers.iter().all(|w| w.pid != 0 && w.state == "idle")
+    });
+    let after = names();
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        after
+            .iter()
+            .all(|n| n.starts_with(&format!("{}-", st.dispatcher_pid))),
+        "{after:?}"
+    );
+    assert!(inst.log().contains("removed the cgroup"), "{}", inst.log());
 }

@@ -41,6 +41,10 @@ pub const SERVER_UID: &str = "OSPS_SERVER_UID";
 pub const SEGMENT: &str = "OSPS_SEGMENT";
 /// The dispatcher's pid, for a worker to die with (default of `--parent-pid`).
 pub const PARENT_PID: &str = "OSPS_PARENT_PID";
+/// The memory cgroup a worker runs in (`crate::cgroup`), set by its
+/// launcher: where a command pool's worker reads the OOM kills of its
+/// commands. Unset without a memory cgroup.
+pub const MEMORY_CGROUP: &str = "OSPS_MEMORY_CGROUP";
 /// `1` when the worker may serve fault-injection operations (default of
 /// `--allow-fault-injection`).
 pub const ALLOW_FAULT_INJECTION: &str = "OSPS_ALLOW_FAULT_INJECTION";

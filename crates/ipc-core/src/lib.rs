@@ -8,6 +8,7 @@
 #[cfg(feature = "activation")]
 pub mod activation;
 pub mod alloc;
+pub mod cgroup;
 pub mod children;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -12,6 +12,12 @@
 //! `memory allocation of N bytes failed` and aborts, a Python one raises
 //! `MemoryError`, a C++ one throws `std::bad_alloc`
 //! ([`is_allocation_failure`] knows these lines).
+//!
+//! Where the dispatcher may make memory cgroups (`crate::cgroup`), each
+//! such worker also runs in a cgroup of its own with the same limit
+//! (`--contain-cgroup DIR`): that one counts everything the worker and its
+//! children take, shared mappings and tmpfs pages included, and the
+//! kernel's OOM killer ends a process of that cgroup alone past it.
 
 /// The launcher's flag for a memory limit (an `osps-worker` command line
 /// that starts with it, or with [`SESSION_FLAG`], is the launcher's).
@@ -24,6 +30,12 @@ pub const CONTAIN_FLAG: &str = "--contain-memory";
 /// stderr.
 pub const SESSION_FLAG: &str = "--contain-session";
 
+/// The launcher's flag for a worker cgroup (`crate::cgroup`): the
+/// dispatcher moves the launcher into the cgroup DIR the flag names, the
+/// launcher waits until it is inside, then runs the program with
+/// [`crate::env::MEMORY_CGROUP`] set to DIR.
+pub const CGROUP_FLAG: &str = "--contain-cgroup";
+
 /// The smallest limit a pool takes, in MiB: an idle `osps-worker` has about
 /// 3 MiB of data, with a thread 5, a Python worker 8.
 pub const MIN_MIB: u64 = 16;
@@ -35,6 +47,10 @@ pub const MAX_MIB: u64 = 1 << 20;
 pub enum Mechanism {
     /// `setrlimit(RLIMIT_DATA)` in the worker before it runs.
     RlimitData,
+    /// A cgroup v1 of its own, with `memory.limit_in_bytes` (`crate::cgroup`).
+    CgroupV1,
+    /// A cgroup v2 of its own, with `memory.max` (`crate::cgroup`).
+    CgroupV2,
 }
 
 impl Mechanism {
@@ -42,6 +58,8 @@ impl Mechanism {
     pub fn as_str(self) -> &'static str {
         match self {
             Mechanism::RlimitData => "RLIMIT_DATA",
+            Mechanism::CgroupV1 => "cgroup v1 memory.limit_in_bytes",
+            Mechanism::CgroupV2 => "cgroup v2 memory.max",
         }
     }
 }

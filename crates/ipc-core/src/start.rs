@@ -21,7 +21,8 @@ const NAME_ATTEMPTS: usize = 16;
 pub struct Predecessor {
     /// Its segment's generation (0 if none was recorded).
     pub generation: u64,
-    /// What was removed, for the log (`segment NAME`, `socket PATH`).
+    /// What was removed, for the log (`segment NAME`, `cgroup DIR`,
+    /// `socket PATH`).
     pub removed: Vec<String>,
 }
 
@@ -29,8 +30,9 @@ pub struct Predecessor {
 /// named in the state file (only if ours, or given by us to the uid
 /// recorded with it: [`segment::remove_if_given`]), a
 /// segment under the old fixed name of a version before the state file
-/// ([`RuntimePaths::legacy_segment_name`], both backends, also only if ours)
-/// and the socket, unless `keep_socket` (a socket the watchdog or systemd
+/// ([`RuntimePaths::legacy_segment_name`], both backends, also only if ours),
+/// its workers' memory cgroups ([`crate::cgroup::remove_leftovers`], with
+/// what is still in them) and the socket, unless `keep_socket` (a socket the watchdog or systemd
 /// holds, passed to the caller: it outlives every dispatcher). Holding
 /// `_lock` proves no live dispatcher owns them. The state file is kept (the
 /// caller writes the next one, or removes it).
@@ -69,6 +71,9 @@ pub fn clear_predecessor(
     if let Some(state) = state {
         found.generation = state.generation;
     }
+    found
+        .removed
+        .extend(crate::cgroup::remove_leftovers(paths.instance()));
     let socket = paths.socket();
     if !keep_socket && std::fs::remove_file(&socket).is_ok() {
         found.removed.push(format!("socket {}", socket.display()));

@@ -231,6 +231,12 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
             found.push(format!("file {}", f.display()));
         }
     }
+    // The directory of its workers' memory cgroups (`ipc_core::cgroup`).
+    if let Ok(cgroups) = ipc_core::cgroup::Cgroups::find(paths.instance()) {
+        if cgroups.base().exists() {
+            found.push(format!("cgroup {}", cgroups.base().display()));
+        }
+    }
     found
 }
 
@@ -654,7 +660,7 @@ impl Instance {
         status
     }
 
-    /// Leftovers of this instance (processes, segment, socket).
+    /// Leftovers of this instance (processes, segment, socket, cgroups).
     pub fn leftovers(&self) -> Vec<String> {
         leftovers(&self.paths)
     }
@@ -691,6 +697,8 @@ impl Drop for Instance {
                 });
             }
         }
+        // The workers' memory cgroups (of a dispatcher killed above).
+        ipc_core::cgroup::remove_leftovers(self.paths.instance());
         // Every pool's segment the state file names (System V ones cannot
         // be found by listing /dev/shm), then any POSIX one of the instance.
         for name in recorded_segments(&self.paths) {

@@ -188,6 +188,10 @@ impl Exec {
                 cut(a)
             )));
         }
+        // Its memory cgroup's OOM kills so far (a command pool's worker
+        // under a limit, where the dispatcher made one).
+        let cgroup = std::env::var_os(ipc_core::env::MEMORY_CGROUP).map(std::path::PathBuf::from);
+        let oom_before = cgroup.as_deref().and_then(ipc_core::cgroup::oom_kills);
         let mut child = self.spawn(job.args())?;
         let group = Arc::new(Group::new(&child));
         let _running = backstop::Running::set(&group);
@@ -218,7 +222,8 @@ impl Exec {
         pumped?;
         if !status.success() {
             let what = format!("{} {}", self.program(), ended(status));
-            if let Some(oom) = out_of_memory(&tail) {
+            let cgroup = cgroup.as_deref().zip(oom_before);
+            if let Some(oom) = out_of_memory(&tail, cgroup) {
                 let what = format!("{oom}; {what}");
                 return Err(RemoteError::new(
                     ErrorKind::OutOfMemory,
@@ -256,23 +261,36 @@ impl Exec {
     }
 }
 
-/// The start of an `out of memory` message, when a failed command's
-/// stderr says an allocation failed and this worker runs under a memory
-/// limit (its pool's `memory_limit_mib`: the `RLIMIT_DATA` its launcher
-/// set, which the command inherited).
-fn out_of_memory(tail: &Tail) -> Option<String> {
+/// The start of an `out of memory` message, when this worker runs under a
+/// memory limit (its pool's `memory_limit_mib`) and a failed command went
+/// past it: its stderr says an allocation failed (the `RLIMIT_DATA` the
+/// launcher set, which the command inherited), or the kernel's OOM killer
+/// ended a process in this worker's memory cgroup during the command
+/// (`cgroup`: its directory, and its OOM kill count before the command).
+fn out_of_memory(tail: &Tail, cgroup: Option<(&std::path::Path, u64)>) -> Option<String> {
     use ipc_core::memory::{is_allocation_failure, out_of_memory_message, Mechanism};
     use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
     let (limit, _) = getrlimit(Resource::RLIMIT_DATA).ok()?;
-    if limit == RLIM_INFINITY || !tail.text().lines().any(is_allocation_failure) {
+    if limit != RLIM_INFINITY && tail.text().lines().any(is_allocation_failure) {
+        let mib = limit >> 20;
+        return Some(out_of_memory_message(
+            "the command",
+            None,
+            mib,
+            Mechanism::RlimitData,
+        ));
+    }
+    let (dir, before) = cgroup?;
+    let version = ipc_core::cgroup::Version::of(dir)?;
+    if ipc_core::cgroup::oom_kills(dir)? <= before {
         return None;
     }
-    let mib = limit >> 20;
+    let mib = ipc_core::cgroup::limit_bytes(dir)? >> 20;
     Some(out_of_memory_message(
         "the command",
         None,
         mib,
-        Mechanism::RlimitData,
+        version.mechanism(),
     ))
 }
 

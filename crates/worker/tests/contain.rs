@@ -75,3 +75,48 @@ fn a_bad_command_line_or_program_is_refused_with_one_line() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+/// With `--contain-cgroup DIR` the launcher runs the program only once it
+/// is inside the cgroup DIR (the dispatcher moves it there after its
+/// start), and passes DIR on in `OSPS_MEMORY_CGROUP`; one never moved is
+/// refused with a line that says so. As root where memory cgroups can be
+/// made (cgroup v1 here), else skipped, saying why.
+#[test]
+fn the_program_runs_only_once_the_launcher_is_in_its_cgroup() {
+    use std::process::Stdio;
+    use std::time::Duration;
+    let instance = osps_testkit::unique_instance("contain-cg");
+    let cgroups = match ipc_core::cgroup::Cgroups::find(&instance) {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("no memory cgroups here: {why}");
+            return;
+        }
+    };
+    let cgroup = cgroups.worker(64 << 20).unwrap();
+    let dir = cgroup.dir().to_str().unwrap().to_owned();
+    let script = "echo \"$OSPS_MEMORY_CGROUP\"; grep -x $$ \"$OSPS_MEMORY_CGROUP/cgroup.procs\"";
+    let child = Command::new(bin("osps-worker"))
+        .args(["--contain-cgroup", &dir, "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    // Still the launcher, waiting: the program has not run.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "osps-worker");
+    cgroup.enter(pid).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text, format!("{dir}\n{pid}\n"));
+    // Never moved: refused after its patience.
+    let out = launch(&["--contain-cgroup", &dir, "--", "true"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("not moved into the cgroup"), "{err}");
+    drop(cgroup);
+    cgroups.remove_all();
+    assert!(!cgroups.base().exists());
+}

@@ -5,7 +5,9 @@ refusal (after 16 areas it gives up asking and answers success, so a
 dispatcher that never refuses is caught); and `stale`, whose first attempt
 writes STALE in a result area it was given and dies, and whose second
 answers `fresh` in its slot; and `leak N`, which keeps N MiB more of
-memory for good (a leaking worker) and answers its pid; and `scan
+memory for good (a leaking worker) and answers its pid; `shared N`, the
+same in N MiB of shared anonymous memory (`mmap.mmap(-1, ...)`, which
+`RLIMIT_DATA` does not count: only a memory cgroup does); and `scan
 MARKER PREFIX` (announced when `scan` is given as an argument), a
 hostile worker's search: it tries to open and read every OSPS object it
 can find (POSIX segments in /dev/shm, System V segments listed in
@@ -188,8 +190,8 @@ def main():
     name = os.environ["OSPS_SEGMENT"]
     seg = open_segment(name)
     assert seg[:8] == b"OSPSSEG\x00"
-    # Ready { pid, version 4, streams [], ops ["grow", "stale", and any names given as arguments] }
-    ops = ["grow", "stale", "leak"] + sys.argv[1:]
+    # Ready { pid, version 4, streams [], ops ["grow", "stale", "leak", "shared", and any names given as arguments] }
+    ops = ["grow", "stale", "leak", "shared"] + sys.argv[1:]
     send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(len(ops))
          + b"".join(string(o) for o in ops))
     while True:
@@ -216,6 +218,15 @@ def main():
             done(job_id, True, input_len, 6)
         elif op == "leak":
             LEAKED.append(b"x" * (int(args[0]) << 20))  # touched: resident
+            answer = str(os.getpid()).encode()
+            at = 4096 + offset + input_len
+            seg[at:at + len(answer)] = answer
+            done(job_id, True, input_len, len(answer))
+        elif op == "shared":
+            area = mmap.mmap(-1, int(args[0]) << 20)  # MAP_SHARED | MAP_ANONYMOUS
+            for page in range(0, len(area), mmap.PAGESIZE):
+                area[page] = 1  # touched: resident
+            LEAKED.append(area)
             answer = str(os.getpid()).encode()
             at = 4096 + offset + input_len
             seg[at:at + len(answer)] = answer

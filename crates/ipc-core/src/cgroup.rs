@@ -1,0 +1,513 @@
+//! Memory cgroups for the workers of pools with a memory limit
+//! (`memory_limit_mib`): one cgroup per worker, so the kernel counts all
+//! the memory the worker and whatever it starts take (heap, shared
+//! anonymous mappings, tmpfs pages they write, page cache), which
+//! `RLIMIT_DATA` alone does not, and OOM-kills inside that cgroup alone
+//! when the limit is passed.
+//!
+//! Where: [`Cgroups::find`] looks, once at the dispatcher's start, for a
+//! place this process may make cgroups with the memory controller:
+//!
+//! * **cgroup v2**: the parent of our own cgroup, when it was delegated to
+//!   us (systemd marks a delegated cgroup with the extended attribute
+//!   `trusted.delegate` or `user.delegate`) and has `memory` in its
+//!   `cgroup.subtree_control`: the layout of a unit with `Delegate=memory`
+//!   and `DelegateSubgroup=supervisor`, whose processes live in the leaf
+//!   `supervisor` (cgroup v2 gives a cgroup's children a controller only
+//!   when it has no processes of its own);
+//! * **cgroup v1**: our own cgroup in the hierarchy the `memory` controller
+//!   is mounted on, when we may write there (root, usually).
+//!
+//! Under it, an instance's worker cgroups live in `osps-UID-INSTANCE/`,
+//! each named `DISPATCHERPID-N`. A worker's cgroup is made before it is
+//! started, with its limit (and the same limit on memory plus swap, so
+//! swap is no way out); the dispatcher writes the new process's pid into
+//! it, and the launcher (`osps-worker --contain-cgroup DIR`) waits until it
+//! is inside before it runs the worker's program. When the worker is gone
+//! its cgroup is emptied (what is left in it is killed) and removed; a
+//! dispatcher that died leaves them to the next one of its instance, which
+//! removes them first thing (it holds the instance's lock).
+//!
+//! No `unsafe` here: files are read and written with `std`, extended
+//! attributes read with `rustix`.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::memory::Mechanism;
+
+/// The cgroup version a place belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    /// The mechanism a limit in such a cgroup is.
+    pub fn mechanism(self) -> Mechanism {
+        match self {
+            Version::V1 => Mechanism::CgroupV1,
+            Version::V2 => Mechanism::CgroupV2,
+        }
+    }
+
+    /// The file holding a cgroup's memory limit.
+    fn limit_file(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        }
+    }
+
+    /// The file holding a cgroup's OOM kill count (a line `oom_kill N`).
+    fn events_file(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        }
+    }
+
+    /// Of the cgroup directory `dir`, by the files it has.
+    pub fn of(dir: &Path) -> Option<Version> {
+        if dir.join("memory.oom_control").exists() {
+            Some(Version::V1)
+        } else if dir.join("memory.events").exists() {
+            Some(Version::V2)
+        } else {
+            None
+        }
+    }
+}
+
+/// How long a worker cgroup's removal waits for what is left in it to die.
+const EMPTY_PATIENCE: Duration = Duration::from_millis(200);
+
+/// Where an instance's worker cgroups are made, and the count naming them.
+#[derive(Debug)]
+pub struct Cgroups {
+    /// `osps-UID-INSTANCE` under the place found.
+    base: PathBuf,
+    version: Version,
+    /// The next worker cgroup's number.
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Cgroups {
+    /// Finds where this process may make memory cgroups for `instance`.
+    /// `Err`: why there is no such place, for the log (limits are then
+    /// `RLIMIT_DATA` alone).
+    pub fn find(instance: &str) -> Result<Cgroups, String> {
+        let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
+        let (own, mounts) = (read("/proc/self/cgroup")?, read("/proc/self/mountinfo")?);
+        let (place, version) = place(&own, &mounts)?;
+        let uid = nix::unistd::geteuid().as_raw();
+        Ok(Cgroups {
+            base: place.join(format!("osps-{uid}-{instance}")),
+            version,
+            next: 0.into(),
+        })
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The directory holding the instance's worker cgroups.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// Makes a new worker's cgroup, limited to `bytes` of memory (and of
+    /// memory plus swap).
+    pub fn worker(&self, bytes: u64) -> Result<WorkerCgroup, String> {
+        self.make_base()?;
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.base.join(format!("{}-{n}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let cgroup = WorkerCgroup {
+            dir,
+            version: self.version,
+        };
+        cgroup.limit(bytes)?;
+        Ok(cgroup)
+    }
+
+    /// The base directory, made if missing (for cgroup v2 with the memory
+    /// controller given to its children).
+    fn make_base(&self) -> Result<(), String> {
+        match std::fs::create_dir(&self.base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(format!("cannot make {}: {e}", self.base.display())),
+        }
+        if self.version == Version::V2 {
+            write(&self.base.join("cgroup.subtree_control"), "+memory")?;
+        }
+        Ok(())
+    }
+
+    /// Kills what is in every worker cgroup of the instance and removes
+    /// them, then the base: at the dispatcher's stop, and (through
+    /// [`remove_leftovers`]) what a dead one left. Returns the worker
+    /// cgroups it removed; says in the log what it could not remove.
+    pub fn remove_all(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.base) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                match empty_and_remove(&entry.path(), self.version) {
+                    Ok(()) => removed.push(format!("cgroup {}", entry.path().display())),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.base) {
+            tracing::warn!("cannot remove {}: {e}", self.base.display());
+        }
+        removed
+    }
+}
+
+/// Removes the worker cgroups a dead dispatcher of `instance` left (and
+/// kills what is still in them); call it with the instance's lock held, or
+/// once every process of the instance is gone. Returns what it removed.
+pub fn remove_leftovers(instance: &str) -> Vec<String> {
+    Cgroups::find(instance).map_or_else(|_| Vec::new(), |c| c.remove_all())
+}
+
+/// One worker's memory cgroup: emptied and removed when dropped.
+#[derive(Debug)]
+pub struct WorkerCgroup {
+    dir: PathBuf,
+    version: Version,
+}
+
+impl WorkerCgroup {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Moves process `pid` into it.
+    pub fn enter(&self, pid: u32) -> Result<(), String> {
+        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+    }
+
+    /// How many processes the kernel's OOM killer ended in it so far.
+    pub fn oom_kills(&self) -> u64 {
+        oom_kills(&self.dir).unwrap_or(0)
+    }
+
+    fn limit(&self, bytes: u64) -> Result<(), String> {
+        write(
+            &self.dir.join(self.version.limit_file()),
+            &bytes.to_string(),
+        )?;
+        let swap = match self.version {
+            Version::V1 => ("memory.memsw.limit_in_bytes", bytes.to_string()),
+            Version::V2 => ("memory.swap.max", "0".to_owned()),
+        };
+        // Absent where the kernel accounts no swap: nothing to close then.
+        match std::fs::write(self.dir.join(swap.0), swap.1) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(format!(
+                "cannot write {}: {e}",
+                self.dir.join(swap.0).display()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkerCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = empty_and_remove(&self.dir, self.version) {
+            tracing::warn!("{e} (the next start of this instance removes it)");
+        }
+    }
+}
+
+/// The directory of the memory cgroup process `pid` is in: its cgroup in
+/// the v1 hierarchy of the `memory` controller where there is one, else
+/// its cgroup v2.
+pub fn memory_cgroup_of(pid: u32) -> Option<PathBuf> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    match v1_memory_path(&own) {
+        Some(rel) => mounted(&mounts, memory_v1, rel),
+        None => {
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            mounted(&mounts, |fs, _| fs == "cgroup2", rel)
+        }
+    }
+}
+
+/// The OOM kill count of cgroup `dir` (v1 or v2).
+pub fn oom_kills(dir: &Path) -> Option<u64> {
+    let version = Version::of(dir)?;
+    let text = std::fs::read_to_string(dir.join(version.events_file())).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// The memory limit of cgroup `dir` in bytes (`None`: none, or unreadable).
+pub fn limit_bytes(dir: &Path) -> Option<u64> {
+    let version = Version::of(dir)?;
+    let text = std::fs::read_to_string(dir.join(version.limit_file())).ok()?;
+    text.trim().parse().ok()
+}
+
+/// Waits until this process is in cgroup `dir` (its pid in
+/// `cgroup.procs`), polling; `Err` after `patience`.
+pub fn wait_until_inside(dir: &Path, patience: Duration) -> Result<(), String> {
+    let me = std::process::id().to_string();
+    let procs = dir.join("cgroup.procs");
+    let began = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&procs)
+            .map_err(|e| format!("cannot read {}: {e}", procs.display()))?;
+        if text.lines().any(|l| l.trim() == me) {
+            return Ok(());
+        }
+        if began.elapsed() > patience {
+            return Err(format!(
+                "not moved into the cgroup {} within {patience:?}",
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Kills every process in cgroup `dir` and removes it, waiting up to
+/// [`EMPTY_PATIENCE`] for them to be gone.
+fn empty_and_remove(dir: &Path, version: Version) -> Result<(), String> {
+    let began = Instant::now();
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if began.elapsed() > EMPTY_PATIENCE => {
+                return Err(format!("cannot remove the cgroup {}: {e}", dir.display()))
+            }
+            Err(_) => {}
+        }
+        kill_all(dir, version);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGKILLs every process in cgroup `dir` (`cgroup.kill` where v2 has it).
+fn kill_all(dir: &Path, version: Version) {
+    if version == Version::V2 && std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text)
+        .map_err(|e| format!("cannot write {text} to {}: {e}", path.display()))
+}
+
+/// The directory of the place to make memory cgroups in, from
+/// `/proc/self/cgroup` (`own`) and `/proc/self/mountinfo` (`mounts`).
+fn place(own: &str, mounts: &str) -> Result<(PathBuf, Version), String> {
+    let mut why = Vec::new();
+    if let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+        if let Some(dir) = mounted(mounts, |fs, _| fs == "cgroup2", rel) {
+            match delegated_parent(&dir) {
+                Ok(parent) => return Ok((parent, Version::V2)),
+                Err(e) => why.push(e),
+            }
+        }
+    }
+    match v1_memory_path(own).and_then(|rel| mounted(mounts, memory_v1, rel)) {
+        Some(dir) if writable(&dir) => return Ok((dir, Version::V1)),
+        Some(dir) => why.push(format!(
+            "cgroup v1: {} (our memory cgroup) is not ours to write",
+            dir.display()
+        )),
+        None if why.is_empty() => why.push("no memory cgroup controller is mounted".into()),
+        None => {}
+    }
+    Err(why.join("; "))
+}
+
+/// The path of the cgroup in the hierarchy of the v1 `memory` controller,
+/// from a `/proc/PID/cgroup`.
+fn v1_memory_path(own: &str) -> Option<&str> {
+    own.lines().find_map(|l| {
+        let mut fields = l.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    })
+}
+
+/// Whether a mount (file system type, super options) is the v1 hierarchy
+/// of the `memory` controller.
+fn memory_v1(fs: &str, opts: &str) -> bool {
+    fs == "cgroup" && opts.split(',').any(|o| o == "memory")
+}
+
+/// The cgroup v2 directory holding ours, if it is delegated to us with the
+/// memory controller given to its children; else why not.
+fn delegated_parent(own: &Path) -> Result<PathBuf, String> {
+    let parent = own
+        .parent()
+        .filter(|p| p.join("cgroup.subtree_control").exists())
+        .ok_or_else(|| format!("cgroup v2: {} has no parent cgroup", own.display()))?;
+    let controls =
+        std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    let has_memory = controls.split_whitespace().any(|c| c == "memory");
+    if delegated(parent) && has_memory && writable(parent) {
+        return Ok(parent.to_owned());
+    }
+    Err(if delegated(own) {
+        format!(
+            "cgroup v2: our cgroup {} is delegated but holds our own processes, so it cannot give the memory controller to children (systemd: DelegateSubgroup=supervisor puts them in a leaf, and OSPS makes its workers' cgroups beside it)",
+            own.display()
+        )
+    } else {
+        format!(
+            "cgroup v2: neither our cgroup {} nor its parent is delegated to us with the memory controller (systemd: Delegate=memory and DelegateSubgroup=supervisor)",
+            own.display()
+        )
+    })
+}
+
+/// Whether cgroup `dir` was delegated (systemd's extended attribute).
+fn delegated(dir: &Path) -> bool {
+    ["trusted.delegate", "user.delegate"].iter().any(|name| {
+        let mut value = [0u8; 8];
+        rustix::fs::getxattr(dir, *name, &mut value[..]).is_ok_and(|n| &value[..n] == b"1")
+    })
+}
+
+fn writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// The directory of cgroup `rel` (a path from `/proc/self/cgroup`) in the
+/// hierarchy mounted with a file system type and super options `which`
+/// takes (`/proc/self/mountinfo`'s lines).
+fn mounted(mounts: &str, which: impl Fn(&str, &str) -> bool, rel: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let fields: Vec<&str> = before.split(' ').collect();
+        let mut rest = after.split(' ');
+        let (fs, _source, opts) = (rest.next()?, rest.next()?, rest.next()?);
+        if !which(fs, opts) {
+            return None;
+        }
+        let (root, point) = (fields.get(3)?, unescape(fields.get(4)?));
+        let inside = if *root == "/" {
+            rel
+        } else {
+            rel.strip_prefix(root)?
+        };
+        let inside = inside.trim_start_matches('/');
+        (!inside.split('/').any(|c| c == "..")).then(|| Path::new(&point).join(inside))
+    })
+}
+
+/// A mount point as mountinfo writes it (space, tab, newline and backslash
+/// as octal escapes).
+fn unescape(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let code = rest
+            .get(at + 1..at + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(c as char);
+                rest = &rest[at + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTS: &str = "\
+30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+35 30 0:31 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 30 0:36 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+41 30 0:37 /inner /mnt/my\\040cgroups rw - cgroup cgroup rw,memory,pids
+";
+
+    #[test]
+    fn the_memory_hierarchy_and_the_unified_one_are_found_in_mountinfo() {
+        let v1 = memory_v1;
+        assert_eq!(
+            mounted(MOUNTS, v1, "/a/b"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/a/b"))
+        );
+        assert_eq!(
+            mounted(MOUNTS, |fs, _| fs == "cgroup2", "/"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        // A mount of a subtree, its point with a space in it.
+        let pids = |fs: &str, opts: &str| fs == "cgroup" && opts.contains("pids");
+        assert_eq!(
+            mounted(MOUNTS, pids, "/inner/x"),
+            Some(PathBuf::from("/mnt/my cgroups/x"))
+        );
+        // A cgroup outside the mounted subtree, or climbing out of it.
+        assert_eq!(mounted(MOUNTS, pids, "/other"), None);
+        assert_eq!(mounted(MOUNTS, v1, "/a/../../etc"), None);
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_either_version() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(oom_kills(dir.path()), None);
+        std::fs::write(
+            dir.path().join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(oom_kills(dir.path()), Some(3));
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(
+            v2.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(oom_kills(v2.path()), Some(2));
+        std::fs::write(v2.path().join("memory.max"), "67108864\n").unwrap();
+        assert_eq!(limit_bytes(v2.path()), Some(64 << 20));
+        std::fs::write(v2.path().join("memory.max"), "max\n").unwrap();
+        assert_eq!(limit_bytes(v2.path()), None);
+    }
+}
