@@ -59,7 +59,12 @@ fn a_python_worker_serves_and_a_greedy_job_is_refused_room_past_three_times_the_
         (st.pools[0].kind.as_str(), &st.pools[0].ops[..]),
         (
             "program",
-            &["grow".to_owned(), "leak".to_owned(), "stale".to_owned()][..]
+            &[
+                "grow".to_owned(),
+                "leak".to_owned(),
+                "shared".to_owned(),
+                "stale".to_owned()
+            ][..]
         )
     );
     // A run that got an area and died: the next run answers in its slot,
@@ -150,7 +155,7 @@ fn a_slow_pool_neither_keeps_the_dispatcher_from_serving_nor_loses_its_operation
     let inst = Instance::supervised("pp-slowwd", &[], &strs(&args));
     let st = inst.status();
     assert_eq!(st.watchdog.as_ref().map(|w| w.restarts), Some(0), "{st:?}");
-    assert_eq!(st.pools[1].ops, ["grow", "leak", "stale"]);
+    assert_eq!(st.pools[1].ops, ["grow", "leak", "shared", "stale"]);
 }
 
 #[test]
