@@ -149,7 +149,11 @@ impl Watch {
     /// Before its first answer, a dispatcher is still starting, bounded by
     /// the start timeout: whether its socket refuses us or (a socket the
     /// watchdog holds, `held`) takes the connection into its backlog and
-    /// nobody answers yet. After it, each failure is a miss.
+    /// nobody answers yet; unless it is stopped (SIGSTOP): a stopped process
+    /// is not starting, and misses count as after an answer (else a
+    /// dispatcher stopped before its first answer would be found hung only
+    /// after the whole start timeout, the service down meanwhile). After
+    /// the first answer, each failure is a miss.
     fn missed(&mut self, pid: u32, failure: &Probe, settings: &Settings) -> Option<Beat> {
         self.conn = None;
         let why = match failure {
@@ -157,7 +161,7 @@ impl Watch {
             Probe::Unanswered(why) => why.as_str(),
             Probe::Refused => "refused",
         };
-        if self.answered {
+        if self.answered || stopped(pid) {
             self.misses += 1;
             tracing::debug!(pid, misses = self.misses, "heartbeat missed: {why}");
             if self.misses >= settings.miss_limit {
@@ -170,6 +174,16 @@ impl Watch {
         }
         None
     }
+}
+
+/// Whether process `pid` is stopped (state `T`, or `t` under a tracer),
+/// from `/proc/PID/stat` (the state follows the command's closing paren).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state == 'T' || state == 't')
+    })
 }
 
 /// Why a probe failed.
@@ -262,6 +276,45 @@ mod tests {
                 let _ = s.write_all(&msg).await;
             });
         }
+    }
+
+    /// A dispatcher stopped before its first answer is hung after the miss
+    /// limit, not after the start timeout; a running one that has not
+    /// answered yet is still starting.
+    #[test]
+    fn a_process_stopped_before_its_first_answer_misses_at_once() {
+        use nix::sys::signal::{kill, Signal};
+        let settings = Settings {
+            socket: PathBuf::from("/nonexistent"),
+            interval: Duration::from_millis(100),
+            miss_limit: 3,
+            start_timeout: Duration::from_secs(3600),
+        };
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep runs");
+        let pid = child.id();
+        let mut watch = Watch::new(Some(pid));
+        let unanswered = Probe::Unanswered("no answer in time".into());
+        for _ in 0..5 {
+            assert_eq!(watch.missed(pid, &unanswered, &settings), None, "starting");
+        }
+        kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        let mut beats = Vec::new();
+        for _ in 0..50 {
+            if stopped(pid) {
+                beats.extend(watch.missed(pid, &unanswered, &settings));
+                if !beats.is_empty() {
+                    break;
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(beats, [Beat::Missed { pid, misses: 3 }]);
     }
 
     #[tokio::test(flavor = "current_thread")]
