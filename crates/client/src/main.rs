@@ -399,12 +399,10 @@ fn run(args: Args) -> Result<(), ClientError> {
             }
             let report = client.status()?;
             if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
-                );
+                let json = serde_json::to_string_pretty(&report).expect("report serialises");
+                emit(format!("{json}\n").as_bytes())?;
             } else {
-                print!("{}", osps_client::render::status_table(&report));
+                emit(osps_client::render::status_table(&report).as_bytes())?;
             }
             Ok(())
         }
@@ -414,17 +412,31 @@ fn run(args: Args) -> Result<(), ClientError> {
             // workers are ready, which the dispatcher bounds (about 11 s).
             let mut client = retrying(&args, args.retry_ms, None, false)?;
             let summary = client.run(|c| c.call(ipc_core::proto::OP_RELOAD, &[], &[]))?;
-            io::stdout().write_all(&summary)?;
+            emit(&summary)?;
             Ok(())
         }
         Command::Metrics => {
             // Answered by the dispatcher itself, like status.
             let mut client = retrying(&args, args.retry_ms, Some(args.retry_ms), false)?;
-            print!("{}", client.metrics()?);
+            emit(client.metrics()?.as_bytes())?;
             Ok(())
         }
     }
 }
+
+/// Writes `bytes` to stdout. A reader gone away (`osps-client status --json
+/// | head`) ends the client at once with status 141, as SIGPIPE would
+/// (Rust ignores SIGPIPE; `print!` would panic).
+fn emit(bytes: &[u8]) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(EXIT_BROKEN_PIPE),
+        done => done,
+    }
+}
+
+/// 128 + SIGPIPE: how a shell reports a process SIGPIPE ended.
+const EXIT_BROKEN_PIPE: i32 = 141;
 
 /// `ping`: one round trip through the whole path, timed.
 fn ping(args: &Args, timeout_ms: Option<u64>) -> Result<(), ClientError> {
@@ -437,11 +449,8 @@ fn ping(args: &Args, timeout_ms: Option<u64>) -> Result<(), ClientError> {
     } else {
         String::new()
     };
-    println!(
-        "pong from {} in {:.3} ms{how}",
-        client.endpoint(),
-        start.elapsed().as_secs_f64() * 1e3
-    );
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    emit(format!("pong from {} in {ms:.3} ms{how}\n", client.endpoint()).as_bytes())?;
     Ok(())
 }
 

@@ -304,3 +304,31 @@ fn run_output_file_is_replaced_only_when_the_job_succeeds() {
         .collect();
     assert_eq!(names, ["kept.txt"], "no temporary file left");
 }
+
+/// A reader of its stdout that goes away (`osps-client status --json |
+/// head -1`) ends the client quietly with status 141, as SIGPIPE ends a C
+/// program: no panic, no backtrace.
+#[test]
+fn a_reader_gone_away_ends_the_client_quietly() {
+    let inst = Instance::start("cli-pipe", ARGS);
+    for what in [
+        &["status", "--json"][..],
+        &["status"],
+        &["metrics"],
+        &["ping"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin("osps-client"))
+            .args(["--instance", inst.name(), "--runtime-dir"])
+            .arg(inst.runtime_dir())
+            .args(what)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{what:?}: {err}");
+        assert!(err.is_empty(), "{what:?}: {err}");
+    }
+}
