@@ -377,8 +377,17 @@ fn delegated_parent(own: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("cgroup v2: {} has no parent cgroup", own.display()))?;
     let controls =
         std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
-    let has_memory = controls.split_whitespace().any(|c| c == "memory");
-    if delegated(parent) && has_memory && writable(parent) {
+    let mut wanting = Vec::new();
+    if !delegated(parent) {
+        wanting.push("is not delegated to us (no trusted.delegate or user.delegate attribute)");
+    }
+    if !controls.split_whitespace().any(|c| c == "memory") {
+        wanting.push("has no memory in its cgroup.subtree_control");
+    }
+    if !writable(parent) {
+        wanting.push("is not ours to write");
+    }
+    if wanting.is_empty() {
         return Ok(parent.to_owned());
     }
     Err(if delegated(own) {
@@ -388,8 +397,10 @@ fn delegated_parent(own: &Path) -> Result<PathBuf, String> {
         )
     } else {
         format!(
-            "cgroup v2: neither our cgroup {} nor its parent is delegated to us with the memory controller (systemd: Delegate=memory and DelegateSubgroup=supervisor)",
-            own.display()
+            "cgroup v2: the parent {} of our cgroup {} {} (systemd: Delegate=memory and DelegateSubgroup=supervisor)",
+            parent.display(),
+            own.display(),
+            wanting.join(", ")
         )
     })
 }
