@@ -704,7 +704,7 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     let pid = child.id().ok_or("worker exited at once")?;
     // Before any `.await`: a sweep must never take it for an orphan.
     shared.orphans.worker_started(pid);
-    if let Some(Err(e)) = cgroup.as_ref().map(|c| c.enter(pid)) {
+    if let Some(Err(e)) = enter(cgroup.as_ref(), pid).await {
         let _ = child.start_kill();
         let status = describe(child.wait().await);
         shared.orphans.worker_reaped(pid);
@@ -756,6 +756,19 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         _ => failed,
     };
     Err(format!("worker {pid}: {failed} ({status})"))
+}
+
+/// Moves new worker `pid` into its memory cgroup, if it has one, on a
+/// blocking thread: the kernel may wait for an RCU grace period there
+/// (measured up to 16 ms), which must not hold up the event loop. The
+/// launcher waits meanwhile.
+async fn enter(
+    cgroup: Option<&ipc_core::cgroup::WorkerCgroup>,
+    pid: u32,
+) -> Option<Result<(), String>> {
+    let dir = cgroup?.dir().to_owned();
+    let moved = tokio::task::spawn_blocking(move || ipc_core::cgroup::enter(&dir, pid)).await;
+    Some(moved.unwrap_or_else(|e| Err(format!("moving it into its cgroup failed: {e}"))))
 }
 
 /// Waits for a new worker's `Ready`; returns the operations it streams,

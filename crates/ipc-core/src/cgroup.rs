@@ -197,7 +197,7 @@ impl WorkerCgroup {
 
     /// Moves process `pid` into it.
     pub fn enter(&self, pid: u32) -> Result<(), String> {
-        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+        enter(&self.dir, pid)
     }
 
     /// How many processes the kernel's OOM killer ended in it so far.
@@ -246,6 +246,12 @@ pub fn memory_cgroup_of(pid: u32) -> Option<PathBuf> {
             mounted(&mounts, |fs, _| fs == "cgroup2", rel)
         }
     }
+}
+
+/// Moves process `pid` into cgroup `dir` (the kernel may wait for an RCU
+/// grace period: milliseconds, on a busy machine).
+pub fn enter(dir: &Path, pid: u32) -> Result<(), String> {
+    write(&dir.join("cgroup.procs"), &pid.to_string())
 }
 
 /// The OOM kill count of cgroup `dir` (v1 or v2).
