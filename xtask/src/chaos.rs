@@ -1,6 +1,8 @@
 //! `cargo xtask chaos [--seconds N] [--clients N] [--seed N] [--builtin-only]`:
 //! clients send verifiable requests under the watchdog while the dispatcher
-//! and workers are killed (SIGKILL) and stopped (SIGSTOP) at random. By
+//! and workers are killed (SIGKILL) and stopped (SIGSTOP) at random, one
+//! fault every 0.3–1 s of service (a restarted dispatcher serves that long
+//! before the next, whatever its restart took). By
 //! default the dispatcher runs three pools from a configuration file (the
 //! builtin `osps-worker`, the example SDK worker `inflate-worker` as a
 //! program pool, `gzip -c` as a command pool): the clients call operations
@@ -337,9 +339,21 @@ pub fn run(o: Options) -> Result<()> {
     let mut zombie_seen: HashMap<u32, Instant> = HashMap::new();
     let mut lasting_zombies = 0u64;
     let end = Instant::now() + Duration::from_secs(o.seconds);
+    let mut last_dispatcher = 0;
     while Instant::now() < end {
         thread::sleep(Duration::from_millis(300 + rng.below(700)));
-        let s = control.status().context("the service never came back")?;
+        let mut s = control.status().context("the service never came back")?;
+        if s.dispatcher_pid != last_dispatcher {
+            // A dispatcher new since the last fault (the status above
+            // waited for it through its restart and the watchdog's
+            // back-off): it serves 0.3–1 s before a fault too. Without
+            // this, the fault came the moment it first answered, again and
+            // again, and a request that each such dispatcher had taken was
+            // lost by every one of them, more times than a client resends.
+            thread::sleep(Duration::from_millis(300 + rng.below(700)));
+            s = control.status().context("the service never came back")?;
+            last_dispatcher = s.dispatcher_pid;
+        }
         let (name, pid, sig) = fault(&mut rng, &s);
         if pid != 0 && kill(Pid::from_raw(pid as i32), sig).is_ok() {
             *actions.entry(name).or_default() += 1;
@@ -457,6 +471,14 @@ pub fn run(o: Options) -> Result<()> {
         || !exit.success()
         || sent != correct + failed + wrong + lost
     {
+        // The watchdog's and dispatchers' log, for whoever looks into it.
+        let kept = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target")
+            .join(format!("chaos-{}.log", o.seed));
+        match std::fs::write(&kept, inst.log()) {
+            Ok(()) => eprintln!("the instance's log: {}", kept.display()),
+            Err(e) => eprintln!("cannot keep the instance's log in {}: {e}", kept.display()),
+        }
         bail!("chaos found losses, wrong answers or leaks");
     }
     println!("\nchaos OK");
