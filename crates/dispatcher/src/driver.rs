@@ -85,20 +85,34 @@ struct Worker {
     /// memory cgroups: its own (last: emptied and removed once the child
     /// is dropped).
     cgroup: Option<ipc_core::cgroup::WorkerCgroup>,
+    /// Its memory cgroup's OOM kills before its current jobs (read when a
+    /// job starts on it idle): only a kill since then is why it died, not
+    /// one of an earlier job's (a command pool's command, a child the
+    /// worker started), after which it served on.
+    oom_kills_before: u64,
 }
 
 impl Worker {
     /// Why it is out of memory, once dead, and how its limit was enforced
     /// (`None`: it did not run out of memory, as far as is known): the line
-    /// its stderr said an allocation failed with (`RLIMIT_DATA`), else its
-    /// memory cgroup's OOM kill.
+    /// its stderr said an allocation failed with (`RLIMIT_DATA`), else an
+    /// OOM kill in its memory cgroup since its current jobs started.
     async fn out_of_memory(&mut self) -> Option<(String, Mechanism)> {
         if let Some(said) = self.allocation_failure().await {
             return Some((format!("it said: {said}"), Mechanism::RlimitData));
         }
-        let cgroup = self.cgroup.as_ref().filter(|c| c.oom_kills() > 0)?;
+        let before = self.oom_kills_before;
+        let cgroup = self.cgroup.as_ref().filter(|c| c.oom_kills() > before)?;
         let by = cgroup.version().mechanism();
         Some((format!("the kernel's OOM killer ended it: {by}"), by))
+    }
+
+    /// Notes its memory cgroup's OOM kills so far, as a job starts on it
+    /// idle (one read of a cgroup file; nothing without a cgroup).
+    fn note_oom_kills(&mut self) {
+        if let Some(cgroup) = &self.cgroup {
+            self.oom_kills_before = cgroup.oom_kills();
+        }
     }
 
     /// The line its stderr said an allocation failed with, once the stderr
@@ -727,6 +741,7 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         stdout,
         stderr,
         cgroup,
+        oom_kills_before: 0,
     };
     let failed = match ready(&mut worker).await {
         Ok((streams, ops)) => match shared.routes.learn(&shared.pools, pool, &ops) {
@@ -861,6 +876,7 @@ impl WorkerDriver<'_> {
                     Err(died) => return died.map_or(End::Stop, |why| s.died(why, op_name)),
                 };
                 upload = job.lease.upload().cloned();
+                self.w.note_oom_kills();
                 s.start(job, Instant::now().into_std());
             }
             self.take_ahead(&mut s);

@@ -621,3 +621,46 @@ fn a_killed_dispatchers_cgroups_are_removed_by_the_next() {
     );
     assert!(inst.log().contains("removed the cgroup"), "{}", inst.log());
 }
+
+/// An OOM kill is why a worker died only when it came during the job it
+/// died in: an exec pool's worker whose earlier command the cgroup ended
+/// (answered `out of memory`, the worker serving on) and which is killed
+/// later by something else (here its own command, with SIGKILL) died an
+/// ordinary death: the job is retried and answered `worker crashed`, not
+/// `out of memory`, and the pool counts one out of memory, not two.
+#[test]
+fn an_earlier_commands_oom_kill_is_not_why_its_worker_dies_later() {
+    if cgroups_here().is_none() {
+        return;
+    }
+    let take = "import mmap, os, sys, time\na = sys.stdin.read()\nif a == 'die':\n    os.kill(os.getppid(), 9)\n    time.sleep(5)\nn = int(a)\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
+    let (_dir, inst) = start(
+        "memcgearlier",
+        &format!(
+            "[pools.builtin]\nworkers = 1\n\n[pools.shm]\nexec = [\"python3\", \"-c\", {take:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = 48\n"
+        ),
+        &[],
+    );
+    let worker = worker_of(&inst, "shm");
+    let mut c = inst.client();
+    match c.call("shm", &[], b"160") {
+        Err(ClientError::Remote(e)) => assert_eq!(e.kind, ErrorKind::OutOfMemory, "{e}"),
+        other => panic!("want an out of memory error, got {other:?}"),
+    }
+    assert_eq!(c.call("shm", &[], b"2").unwrap(), b"2");
+    assert_eq!(worker_of(&inst, "shm"), worker, "it served on");
+    match c.call("shm", &[], b"die") {
+        Err(ClientError::Remote(e)) => assert_eq!(e.kind, ErrorKind::WorkerCrashed, "{e}"),
+        other => panic!("want a worker crashed error, got {other:?}"),
+    }
+    let st = inst.status();
+    let shm = st.pools.iter().find(|p| p.name == "shm").unwrap();
+    assert_eq!(shm.out_of_memory, 1);
+    assert!(
+        !inst
+            .log()
+            .contains("out of memory (the kernel's OOM killer"),
+        "{}",
+        inst.log()
+    );
+}
