@@ -748,7 +748,7 @@ fn start(config: Config, held: bool) -> Result<Running, DispatcherError> {
             owner: w.owner.map_or(euid, |(uid, _)| uid),
         })
         .collect();
-    let cgroups = ipc_core::cgroup::Cgroups::find(&config.instance).map(Rc::new);
+    let cgroups = ipc_core::cgroup::Cgroups::find(&paths).map(Rc::new);
     let cleanup = Cleanup {
         socket: (!held).then(|| paths.socket()),
         segments: Rc::new(std::cell::RefCell::new(recorded)),

@@ -33,7 +33,7 @@ fn start(tag: &str, config: &str, extra: &[&str]) -> (tempfile::TempDir, Instanc
 /// [`start`], the instance started by `how` (`Instance::start` waits for
 /// every worker).
 fn start_by(
-    how: fn(&str, &[&str]) -> Instance,
+    how: impl FnOnce(&str, &[&str]) -> Instance,
     tag: &str,
     config: &str,
     extra: &[&str],
@@ -107,7 +107,8 @@ fn assert_out_of_memory_by(
 /// ours to write: cgroup v1 here, or a delegated cgroup v2); `None`, and
 /// why on stderr, where it makes none.
 fn cgroups_here() -> Option<Version> {
-    match Cgroups::find("probe") {
+    let probe = ipc_core::RuntimePaths::new("probe", Some(Path::new("/nonexistent"))).unwrap();
+    match Cgroups::find(&probe) {
         Ok(c) => Some(c.version()),
         Err(why) => {
             eprintln!("no memory cgroups here, only RLIMIT_DATA: {why}");
@@ -419,7 +420,7 @@ fn each_limited_worker_has_a_memory_cgroup_of_its_own_removed_with_it() {
         "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"OSPS_WORKER\"]\nworkers = 2\nmemory_limit_mib = 32\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\n",
         &[],
     );
-    let base = Cgroups::find(inst.name()).unwrap().base().to_owned();
+    let base = Cgroups::find(&inst.paths).unwrap().base().to_owned();
     let st = inst.wait_status("the workers up", |st| {
         st.workers.iter().all(|w| w.pid != 0 && w.state == "idle")
     });
@@ -587,7 +588,7 @@ fn a_killed_dispatchers_cgroups_are_removed_by_the_next() {
             "65536",
         ],
     );
-    let base = Cgroups::find(inst.name()).unwrap().base().to_owned();
+    let base = Cgroups::find(&inst.paths).unwrap().base().to_owned();
     let first = inst.dispatcher_pid();
     let names = || -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&base)
@@ -663,4 +664,120 @@ fn an_earlier_commands_oom_kill_is_not_why_its_worker_dies_later() {
         "{}",
         inst.log()
     );
+}
+
+/// The same instance name in another runtime directory is another
+/// instance: its start does not take the first one's worker cgroups for a
+/// dead predecessor's (it killed their workers before the cgroups were
+/// named after the runtime directory too).
+#[test]
+fn the_same_name_in_another_runtime_dir_leaves_the_first_ones_cgroups_alone() {
+    if cgroups_here().is_none() {
+        return;
+    }
+    let limited = "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"OSPS_WORKER\"]\nworkers = 1\nmemory_limit_mib = 32\n";
+    let (_dir, first) = start("memcgtwin", limited, &[]);
+    let worker = worker_of(&first, "lim");
+    let (_dir2, second) = start_by(
+        |_, args| Instance::start_named(first.name(), args),
+        "memcgtwin",
+        limited,
+        &[],
+    );
+    worker_of(&second, "lim");
+    assert_ne!(cgroup_of(worker_of(&second, "lim")), cgroup_of(worker));
+    assert!(
+        !second.log().contains("removed the cgroup"),
+        "{}",
+        second.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(worker_of(&first, "lim"), worker, "{}", first.log());
+    assert_eq!(first.status().pools[0].restarts, 0);
+}
+
+/// A memory cgroup of its own, under this test's, removed when dropped
+/// with the cgroups in it (whatever is still in them is killed first).
+struct Elsewhere(PathBuf);
+
+impl Drop for Elsewhere {
+    fn drop(&mut self) {
+        /// Kills what is in `dir` and its children, and removes them, deepest first.
+        fn remove(dir: &Path) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.path().is_dir() {
+                    remove(&entry.path());
+                }
+            }
+            for _ in 0..200 {
+                if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        remove(&self.0);
+    }
+}
+
+/// A dispatcher that ran in another cgroup than the next one of its
+/// instance (another login session or service) and was SIGKILLed: what it
+/// left is found through the path its runtime directory records, by the
+/// removal of leftovers a next start or a watchdog's exit does.
+#[test]
+fn a_dead_dispatchers_cgroups_elsewhere_are_found_by_their_record() {
+    if cgroups_here().is_none() {
+        return;
+    }
+    let ours = cgroup_of(std::process::id());
+    let elsewhere = Elsewhere(ours.join(format!("osps-test-{}", std::process::id())));
+    std::fs::create_dir(&elsewhere.0).unwrap();
+    let procs = elsewhere.0.join("cgroup.procs");
+    let enter = format!("echo $$ > {} && exec \"$@\"", procs.display());
+    let wrapper = ["sh", "-c", enter.as_str(), "sh"];
+    let osps_worker = bin("osps-worker");
+    let (_dir, file) = config_file(&format!(
+        "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"{}\"]\nworkers = 2\nmemory_limit_mib = 32\n",
+        osps_worker.display()
+    ));
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--segment-mib",
+        "8",
+        "--max-payload",
+        "65536",
+    ];
+    let inst = Instance::start_under("memcgrec", &wrapper, &args);
+    let worker = worker_of(&inst, "lim");
+    let dir = cgroup_of(worker);
+    assert!(dir.starts_with(&elsewhere.0), "{}", dir.display());
+    let base = dir.parent().unwrap().to_owned();
+    // What the next start, from our cgroup, would look at first.
+    let here = Cgroups::find(&inst.paths).unwrap();
+    assert!(!here.base().starts_with(&elsewhere.0));
+    kill(Pid::from_raw(inst.dispatcher_pid() as i32), Signal::SIGKILL).unwrap();
+    osps_testkit::wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(base.join(dir.file_name().unwrap()).join("cgroup.procs"))
+            .is_ok_and(|p| p.trim().is_empty())
+            .then_some(())
+    })
+    .expect("the dead dispatcher's workers gone");
+    assert!(base.exists(), "a SIGKILLed dispatcher removes nothing");
+    let removed = ipc_core::start::remove_leftovers(&inst.paths, false, false).unwrap();
+    assert!(
+        !base.exists(),
+        "{} left; removed {removed:?}",
+        base.display()
+    );
+    assert!(
+        removed.iter().filter(|r| r.starts_with("cgroup ")).count() == 2,
+        "{removed:?}"
+    );
+    assert!(!inst.paths.cgroup_record().exists());
 }

@@ -18,8 +18,11 @@
 //! * **cgroup v1**: our own cgroup in the hierarchy the `memory` controller
 //!   is mounted on, when we may write there (root, usually).
 //!
-//! Under it, an instance's worker cgroups live in `osps-UID-INSTANCE/`,
-//! each named `DISPATCHERPID-N`. A worker's cgroup is made before it is
+//! Under it, an instance's worker cgroups live in
+//! `osps-UID-INSTANCE-HASH/` ([`RuntimePaths::cgroup_name`]), each named
+//! `DISPATCHERPID-N`; while that directory exists its path is kept in the
+//! runtime directory ([`RuntimePaths::cgroup_record`]), so a next
+//! dispatcher started in another cgroup still finds what a dead one left. A worker's cgroup is made before it is
 //! started, with its limit (and the same limit on memory plus swap, so
 //! swap is no way out); the dispatcher writes the new process's pid into
 //! it, and the launcher (`osps-worker --contain-cgroup DIR`) waits until it
@@ -36,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::memory::Mechanism;
+use crate::RuntimePaths;
 
 /// The cgroup version a place belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,25 +91,27 @@ const EMPTY_PATIENCE: Duration = Duration::from_millis(200);
 /// Where an instance's worker cgroups are made, and the count naming them.
 #[derive(Debug)]
 pub struct Cgroups {
-    /// `osps-UID-INSTANCE` under the place found.
+    /// [`RuntimePaths::cgroup_name`] under the place found.
     base: PathBuf,
     version: Version,
+    /// [`RuntimePaths::cgroup_record`].
+    record: PathBuf,
     /// The next worker cgroup's number.
     next: std::sync::atomic::AtomicU64,
 }
 
 impl Cgroups {
-    /// Finds where this process may make memory cgroups for `instance`.
-    /// `Err`: why there is no such place, for the log (limits are then
-    /// `RLIMIT_DATA` alone).
-    pub fn find(instance: &str) -> Result<Cgroups, String> {
+    /// Finds where this process may make memory cgroups for the instance
+    /// of `paths`. `Err`: why there is no such place, for the log (limits
+    /// are then `RLIMIT_DATA` alone).
+    pub fn find(paths: &RuntimePaths) -> Result<Cgroups, String> {
         let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
         let (own, mounts) = (read("/proc/self/cgroup")?, read("/proc/self/mountinfo")?);
         let (place, version) = place(&own, &mounts)?;
-        let uid = nix::unistd::geteuid().as_raw();
         Ok(Cgroups {
-            base: place.join(format!("osps-{uid}-{instance}")),
+            base: place.join(paths.cgroup_name()),
             version,
+            record: paths.cgroup_record(),
             next: 0.into(),
         })
     }
@@ -135,13 +141,16 @@ impl Cgroups {
     }
 
     /// The base directory, made if missing (for cgroup v2 with the memory
-    /// controller given to its children).
+    /// controller given to its children), and its path recorded.
     fn make_base(&self) -> Result<(), String> {
         match std::fs::create_dir(&self.base) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
             Err(e) => return Err(format!("cannot make {}: {e}", self.base.display())),
         }
+        let path = self.base.as_os_str().as_encoded_bytes();
+        std::fs::write(&self.record, path)
+            .map_err(|e| format!("cannot write {}: {e}", self.record.display()))?;
         if self.version == Version::V2 {
             write(&self.base.join("cgroup.subtree_control"), "+memory")?;
         }
@@ -165,18 +174,52 @@ impl Cgroups {
                 }
             }
         }
-        if let Err(e) = std::fs::remove_dir(&self.base) {
-            tracing::warn!("cannot remove {}: {e}", self.base.display());
+        match std::fs::remove_dir(&self.base) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.record);
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", self.base.display()),
         }
         removed
     }
 }
 
-/// Removes the worker cgroups a dead dispatcher of `instance` left (and
-/// kills what is still in them); call it with the instance's lock held, or
-/// once every process of the instance is gone. Returns what it removed.
-pub fn remove_leftovers(instance: &str) -> Vec<String> {
-    Cgroups::find(instance).map_or_else(|_| Vec::new(), |c| c.remove_all())
+/// Removes the worker cgroups a dead dispatcher of the instance of `paths`
+/// left (and kills what is still in them), where this process would make
+/// them and where the runtime directory records them; call it with the
+/// instance's lock held, or once every process of the instance is gone.
+/// Returns what it removed.
+pub fn remove_leftovers(paths: &RuntimePaths) -> Vec<String> {
+    let mut removed = Vec::new();
+    if let Some(recorded) = recorded(paths) {
+        removed.extend(recorded.remove_all());
+    }
+    if let Ok(here) = Cgroups::find(paths) {
+        removed.extend(here.remove_all());
+    }
+    removed
+}
+
+/// The directory [`RuntimePaths::cgroup_record`] names, if it is a memory
+/// cgroup with the instance's name, and the record a regular file of ours.
+fn recorded(paths: &RuntimePaths) -> Option<Cgroups> {
+    use std::os::unix::fs::MetadataExt;
+    let record = paths.cgroup_record();
+    let meta = std::fs::symlink_metadata(&record).ok()?;
+    if !meta.is_file() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.len() > 4096 {
+        return None;
+    }
+    let base = PathBuf::from(std::fs::read_to_string(&record).ok()?);
+    let named = base.file_name().is_some_and(|n| *n == *paths.cgroup_name());
+    let plain = base.is_absolute() && !base.components().any(|c| c.as_os_str() == "..");
+    let version = Version::of(&base).filter(|_| named && plain)?;
+    Some(Cgroups {
+        base,
+        version,
+        record,
+        next: 0.into(),
+    })
 }
 
 /// One worker's memory cgroup: emptied and removed when dropped.
@@ -226,9 +269,25 @@ impl WorkerCgroup {
 }
 
 impl Drop for WorkerCgroup {
+    /// Removes it at once when it is empty (the worker reaped, what it left
+    /// killed: the usual case); else kills what is in it and leaves the
+    /// wait for them to a thread of its own, so the dispatcher's event
+    /// loop never sleeps here.
     fn drop(&mut self) {
-        if let Err(e) = empty_and_remove(&self.dir, self.version) {
-            tracing::warn!("{e} (the next start of this instance removes it)");
+        if std::fs::remove_dir(&self.dir).is_ok() {
+            return;
+        }
+        kill_all(&self.dir, self.version);
+        let (dir, version) = (self.dir.clone(), self.version);
+        let spawned = std::thread::Builder::new()
+            .name("osps-cgroup-rm".into())
+            .spawn(move || {
+                if let Err(e) = empty_and_remove(&dir, version) {
+                    tracing::warn!("{e} (removed at the stop, or by the next start)");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot remove the cgroup {}: {e}", self.dir.display());
         }
     }
 }

@@ -251,6 +251,24 @@ impl RuntimePaths {
         self.dir.join(format!("{}.state", self.instance))
     }
 
+    /// The name of the directory holding the instance's workers' memory
+    /// cgroups (`crate::cgroup`): `osps-UID-INSTANCE-HASH`, the hash of the
+    /// runtime directory as in [`RuntimePaths::segment_prefix`], so the
+    /// same instance name in two runtime directories has two.
+    pub fn cgroup_name(&self) -> String {
+        let prefix = self.segment_prefix();
+        prefix
+            .trim_start_matches('/')
+            .trim_end_matches('-')
+            .to_owned()
+    }
+
+    /// Where the path of that directory is kept while it exists (it may be
+    /// under another cgroup than the next dispatcher's, which must find it).
+    pub fn cgroup_record(&self) -> PathBuf {
+        self.dir.join(format!("{}.cgroup", self.instance))
+    }
+
     /// The configuration file's text as the dispatcher last applied it (at
     /// its start or a reload): what a dispatcher restarted after a crash
     /// serves with when the file itself is refused (broken since).

@@ -71,9 +71,7 @@ pub fn clear_predecessor(
     if let Some(state) = state {
         found.generation = state.generation;
     }
-    found
-        .removed
-        .extend(crate::cgroup::remove_leftovers(paths.instance()));
+    found.removed.extend(crate::cgroup::remove_leftovers(paths));
     let socket = paths.socket();
     if !keep_socket && std::fs::remove_file(&socket).is_ok() {
         found.removed.push(format!("socket {}", socket.display()));

@@ -226,13 +226,13 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
             ipc_core::segment::sysv_key(name)
         ));
     }
-    for f in [paths.socket(), paths.state_file()] {
+    for f in [paths.socket(), paths.state_file(), paths.cgroup_record()] {
         if f.exists() {
             found.push(format!("file {}", f.display()));
         }
     }
     // The directory of its workers' memory cgroups (`ipc_core::cgroup`).
-    if let Ok(cgroups) = ipc_core::cgroup::Cgroups::find(paths.instance()) {
+    if let Ok(cgroups) = ipc_core::cgroup::Cgroups::find(paths) {
         if cgroups.base().exists() {
             found.push(format!("cgroup {}", cgroups.base().display()));
         }
@@ -698,7 +698,7 @@ impl Drop for Instance {
             }
         }
         // The workers' memory cgroups (of a dispatcher killed above).
-        ipc_core::cgroup::remove_leftovers(self.paths.instance());
+        ipc_core::cgroup::remove_leftovers(&self.paths);
         // Every pool's segment the state file names (System V ones cannot
         // be found by listing /dev/shm), then any POSIX one of the instance.
         for name in recorded_segments(&self.paths) {

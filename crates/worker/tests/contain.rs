@@ -85,8 +85,11 @@ fn a_bad_command_line_or_program_is_refused_with_one_line() {
 fn the_program_runs_only_once_the_launcher_is_in_its_cgroup() {
     use std::process::Stdio;
     use std::time::Duration;
+    let runtime = tempfile::tempdir().unwrap();
     let instance = osps_testkit::unique_instance("contain-cg");
-    let cgroups = match ipc_core::cgroup::Cgroups::find(&instance) {
+    let paths = ipc_core::RuntimePaths::new(&instance, Some(runtime.path())).unwrap();
+    std::fs::create_dir(paths.dir()).unwrap();
+    let cgroups = match ipc_core::cgroup::Cgroups::find(&paths) {
         Ok(c) => c,
         Err(why) => {
             eprintln!("no memory cgroups here: {why}");
