@@ -728,10 +728,13 @@ impl Drop for Elsewhere {
 /// A dispatcher that ran in another cgroup than the next one of its
 /// instance (another login session or service) and was SIGKILLed: what it
 /// left is found through the path its runtime directory records, by the
-/// removal of leftovers a next start or a watchdog's exit does.
+/// removal of leftovers a next start or a watchdog's exit does. On cgroup
+/// v1 (where any cgroup of the memory hierarchy will do as "another"; on
+/// v2 it would have to be delegated too: the record is the same code).
 #[test]
 fn a_dead_dispatchers_cgroups_elsewhere_are_found_by_their_record() {
-    if cgroups_here().is_none() {
+    if cgroups_here() != Some(Version::V1) {
+        eprintln!("skipped: this test makes its second place in a cgroup v1 memory hierarchy");
         return;
     }
     let ours = cgroup_of(std::process::id());
@@ -758,6 +761,7 @@ fn a_dead_dispatchers_cgroups_elsewhere_are_found_by_their_record() {
     let dir = cgroup_of(worker);
     assert!(dir.starts_with(&elsewhere.0), "{}", dir.display());
     let base = dir.parent().unwrap().to_owned();
+    assert_eq!(base.file_name().unwrap(), &*inst.paths.cgroup_name());
     // What the next start, from our cgroup, would look at first.
     let here = Cgroups::find(&inst.paths).unwrap();
     assert!(!here.base().starts_with(&elsewhere.0));
