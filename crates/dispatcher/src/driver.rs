@@ -876,7 +876,6 @@ impl WorkerDriver<'_> {
                     Err(died) => return died.map_or(End::Stop, |why| s.died(why, op_name)),
                 };
                 upload = job.lease.upload().cloned();
-                self.w.note_oom_kills();
                 s.start(job, Instant::now().into_std());
             }
             self.take_ahead(&mut s);
@@ -935,8 +934,9 @@ impl WorkerDriver<'_> {
         }
     }
 
-    /// The worker died while it held jobs: if it said an allocation failed
-    /// and its pool has a memory limit, the running job went past the
+    /// The worker died while it held jobs: if its pool has a memory limit
+    /// and it said an allocation failed, or its memory cgroup's OOM killer
+    /// ended it ([`Worker::out_of_memory`]), the running job went past the
     /// limit and is answered `out of memory` (not retried: it would fail
     /// again); otherwise an ordinary death ([`Session::died`]).
     async fn died(&mut self, s: Session<QueuedJob>, why: String) -> End<QueuedJob> {
@@ -955,7 +955,8 @@ impl WorkerDriver<'_> {
         s.out_of_memory(format!("{why}: out of memory ({said})"), message)
     }
 
-    /// Waits, idle, for the next job; `Err` ends the worker's service: it
+    /// Waits, idle, for the next job (noting its cgroup's OOM kills so far,
+    /// as it takes one); `Err` ends the worker's service: it
     /// died (why), or stops (`None`: the dispatcher stops, or it is swapped
     /// for its ready replacement).
     async fn next_job(&mut self) -> Result<QueuedJob, Option<String>> {
@@ -966,7 +967,10 @@ impl WorkerDriver<'_> {
             }
             self.entry().set_state(WorkerState::Idle);
             let started = tokio::select! {
-                job = self.pool.queue.next() => return Ok(job),
+                job = self.pool.queue.next() => {
+                    self.w.note_oom_kills();
+                    return Ok(job);
+                }
                 status = self.w.child.wait() => return Err(Some(format!("exited while idle: {}", describe(status)))),
                 _ = self.stop.wait_for(|s| *s) => return Err(None),
                 started = replacement(&mut self.recycle.starting) => started,
