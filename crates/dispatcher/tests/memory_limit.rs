@@ -56,6 +56,10 @@ fn start_by(
     (dir, how(tag, &args))
 }
 
+/// Two workers of the Rust SDK's worker, limited to 32 MiB, and no
+/// builtin pool.
+const LIMITED_TWO: &str = "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"OSPS_WORKER\"]\nworkers = 2\nmemory_limit_mib = 32\n";
+
 /// The `Max data size` soft limit of process `pid` (`/proc/PID/limits`).
 fn max_data(pid: u32) -> String {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -571,22 +575,11 @@ fn a_killed_dispatchers_cgroups_are_removed_by_the_next() {
     if cgroups_here().is_none() {
         return;
     }
-    let osps_worker = bin("osps-worker");
-    let (_dir, file) = config_file(&format!(
-        "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"{}\"]\nworkers = 2\nmemory_limit_mib = 32\n",
-        osps_worker.display()
-    ));
-    let inst = Instance::supervised(
+    let (_dir, inst) = start_by(
+        |tag, args| Instance::supervised(tag, &[], args),
         "memcgkill",
+        LIMITED_TWO,
         &[],
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--segment-mib",
-            "8",
-            "--max-payload",
-            "65536",
-        ],
     );
     let base = Cgroups::find(&inst.paths).unwrap().base().to_owned();
     let first = inst.dispatcher_pid();
@@ -743,20 +736,12 @@ fn a_dead_dispatchers_cgroups_elsewhere_are_found_by_their_record() {
     let procs = elsewhere.0.join("cgroup.procs");
     let enter = format!("echo $$ > {} && exec \"$@\"", procs.display());
     let wrapper = ["sh", "-c", enter.as_str(), "sh"];
-    let osps_worker = bin("osps-worker");
-    let (_dir, file) = config_file(&format!(
-        "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"{}\"]\nworkers = 2\nmemory_limit_mib = 32\n",
-        osps_worker.display()
-    ));
-    let args = [
-        "--config",
-        file.to_str().unwrap(),
-        "--segment-mib",
-        "8",
-        "--max-payload",
-        "65536",
-    ];
-    let inst = Instance::start_under("memcgrec", &wrapper, &args);
+    let (_dir, inst) = start_by(
+        |tag, args| Instance::start_under(tag, &wrapper, args),
+        "memcgrec",
+        LIMITED_TWO,
+        &[],
+    );
     let worker = worker_of(&inst, "lim");
     let dir = cgroup_of(worker);
     assert!(dir.starts_with(&elsewhere.0), "{}", dir.display());
