@@ -93,12 +93,20 @@ fn client(inst: &Instance, s: &Shared, start: Instant) {
             }
         };
         match c.ping() {
-            Ok(()) if killed > 0 && opened > killed => {
-                let _ =
-                    s.first_served
-                        .compare_exchange(0, ns(), Ordering::Relaxed, Ordering::Relaxed);
+            Ok(()) => {
+                // Opened after the latest kill: `killed`, read before the
+                // connect, may be the one before (then the killed
+                // dispatcher may have answered this ping).
+                let latest = s.killed_at.load(Ordering::Relaxed);
+                if latest > 0 && opened > latest {
+                    let _ = s.first_served.compare_exchange(
+                        0,
+                        ns(),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
             }
-            Ok(()) => {}
             Err(_) => bump(&s.lost),
         }
     }
