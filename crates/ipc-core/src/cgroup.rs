@@ -132,11 +132,13 @@ impl Cgroups {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = self.base.join(format!("{}-{n}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-        let cgroup = WorkerCgroup {
+        let mut cgroup = WorkerCgroup {
             dir,
             version: self.version,
+            oom_kills: None,
         };
         cgroup.limit(bytes)?;
+        cgroup.oom_kills = OomKills::open(&cgroup.dir);
         Ok(cgroup)
     }
 
@@ -227,6 +229,8 @@ fn recorded(paths: &RuntimePaths) -> Option<Cgroups> {
 pub struct WorkerCgroup {
     dir: PathBuf,
     version: Version,
+    /// Its OOM kill count, opened once: read as each job starts.
+    oom_kills: Option<OomKills>,
 }
 
 impl WorkerCgroup {
@@ -245,7 +249,10 @@ impl WorkerCgroup {
 
     /// How many processes the kernel's OOM killer ended in it so far.
     pub fn oom_kills(&self) -> u64 {
-        oom_kills(&self.dir).unwrap_or(0)
+        self.oom_kills
+            .as_ref()
+            .and_then(OomKills::count)
+            .unwrap_or(0)
     }
 
     fn limit(&self, bytes: u64) -> Result<(), String> {
@@ -313,13 +320,30 @@ pub fn enter(dir: &Path, pid: u32) -> Result<(), String> {
     write(&dir.join("cgroup.procs"), &pid.to_string())
 }
 
-/// The OOM kill count of cgroup `dir` (v1 or v2).
-pub fn oom_kills(dir: &Path) -> Option<u64> {
-    let version = Version::of(dir)?;
-    let text = std::fs::read_to_string(dir.join(version.events_file())).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
+/// A cgroup's OOM kill count (v1 or v2: a line `oom_kill N`), from its
+/// file opened once: each reading is one `pread`, without allocation (it
+/// is read as each job starts).
+#[derive(Debug)]
+pub struct OomKills(std::fs::File);
+
+impl OomKills {
+    /// The count of cgroup `dir`; `None` if it has no memory controller.
+    pub fn open(dir: &Path) -> Option<OomKills> {
+        let version = Version::of(dir)?;
+        std::fs::File::open(dir.join(version.events_file()))
+            .ok()
+            .map(OomKills)
+    }
+
+    /// The count now (the kernel writes the file afresh at offset 0).
+    pub fn count(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = self.0.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let line = text.lines().find_map(|l| l.strip_prefix("oom_kill "))?;
+        line.trim().parse().ok()
+    }
 }
 
 /// The memory limit of cgroup `dir` in bytes (`None`: none, or unreadable).
@@ -567,6 +591,7 @@ mod tests {
     #[test]
     fn oom_kills_are_read_from_either_version() {
         let dir = tempfile::tempdir().unwrap();
+        let oom_kills = |dir: &Path| OomKills::open(dir)?.count();
         assert_eq!(oom_kills(dir.path()), None);
         std::fs::write(
             dir.path().join("memory.oom_control"),

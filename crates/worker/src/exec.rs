@@ -132,6 +132,9 @@ struct Exec {
     argv: Vec<String>,
     pass_args: bool,
     timeout: Option<Duration>,
+    /// The memory cgroup this worker runs in (`OSPS_MEMORY_CGROUP`, where
+    /// the dispatcher made one for it) and its OOM kill count.
+    cgroup: Option<(std::path::PathBuf, ipc_core::cgroup::OomKills)>,
 }
 
 impl Exec {
@@ -156,6 +159,10 @@ impl Exec {
             argv: args.command,
             pass_args: args.pass_args,
             timeout: args.timeout_ms.map(Duration::from_millis),
+            cgroup: std::env::var_os(ipc_core::env::MEMORY_CGROUP).and_then(|dir| {
+                let dir = std::path::PathBuf::from(dir);
+                ipc_core::cgroup::OomKills::open(&dir).map(|kills| (dir, kills))
+            }),
         })
     }
 
@@ -188,10 +195,8 @@ impl Exec {
                 cut(a)
             )));
         }
-        // Its memory cgroup's OOM kills so far (a command pool's worker
-        // under a limit, where the dispatcher made one).
-        let cgroup = std::env::var_os(ipc_core::env::MEMORY_CGROUP).map(std::path::PathBuf::from);
-        let oom_before = cgroup.as_deref().and_then(ipc_core::cgroup::oom_kills);
+        // Its memory cgroup's OOM kills so far.
+        let oom_before = self.cgroup.as_ref().and_then(|(_, kills)| kills.count());
         let mut child = self.spawn(job.args())?;
         let group = Arc::new(Group::new(&child));
         let _running = backstop::Running::set(&group);
@@ -222,7 +227,7 @@ impl Exec {
         pumped?;
         if !status.success() {
             let what = format!("{} {}", self.program(), ended(status));
-            let cgroup = cgroup.as_deref().zip(oom_before);
+            let cgroup = self.cgroup.as_ref().zip(oom_before);
             if let Some(oom) = out_of_memory(&tail, cgroup) {
                 let what = format!("{oom}; {what}");
                 return Err(RemoteError::new(
@@ -266,8 +271,12 @@ impl Exec {
 /// past it: its stderr says an allocation failed (the `RLIMIT_DATA` the
 /// launcher set, which the command inherited), or the kernel's OOM killer
 /// ended a process in this worker's memory cgroup during the command
-/// (`cgroup`: its directory, and its OOM kill count before the command).
-fn out_of_memory(tail: &Tail, cgroup: Option<(&std::path::Path, u64)>) -> Option<String> {
+/// (`cgroup`: its directory and OOM kill count, and the count before the
+/// command).
+fn out_of_memory(
+    tail: &Tail,
+    cgroup: Option<(&(std::path::PathBuf, ipc_core::cgroup::OomKills), u64)>,
+) -> Option<String> {
     use ipc_core::memory::{is_allocation_failure, out_of_memory_message, Mechanism};
     use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
     let (limit, _) = getrlimit(Resource::RLIMIT_DATA).ok()?;
@@ -280,9 +289,9 @@ fn out_of_memory(tail: &Tail, cgroup: Option<(&std::path::Path, u64)>) -> Option
             Mechanism::RlimitData,
         ));
     }
-    let (dir, before) = cgroup?;
+    let ((dir, kills), before) = cgroup?;
     let version = ipc_core::cgroup::Version::of(dir)?;
-    if ipc_core::cgroup::oom_kills(dir)? <= before {
+    if kills.count()? <= before {
         return None;
     }
     let mib = ipc_core::cgroup::limit_bytes(dir)? >> 20;
