@@ -353,12 +353,17 @@ pub fn save_applied(shared: &Shared, applied: &Config) {
 /// file changed.
 fn needs_restart(old: &Config, new: &Config) -> Result<(), String> {
     let mut changed: Vec<&str> = Vec::new();
-    macro_rules! keys {
-        ($($field:ident => $key:literal),* $(,)?) => {
+    // Every field of `Config` is sorted here, by a destructuring without
+    // `..`: a new option does not build until it is named restart-only or
+    // applied by a reload.
+    macro_rules! sort {
+        (restart: $($field:ident => $key:literal),* ; reload: $($other:ident),* $(,)?) => {{
+            let Config { $($field: _,)* $($other: _,)* } = new;
             $(if old.$field != new.$field { changed.push($key); })*
-        };
+        }};
     }
-    keys!(
+    sort!(
+        restart:
         tcp => "tcp", tcp_allow_remote => "tcp_allow_remote", token_file => "token_file",
         max_connections => "max_connections", max_tcp_connections => "max_tcp_connections",
         allow_uids => "allow_uid", max_payload => "max_payload", max_frame => "max_frame",
@@ -368,6 +373,13 @@ fn needs_restart(old: &Config, new: &Config) -> Result<(), String> {
         max_in_flight => "max_in_flight", drain_timeout_ms => "drain_timeout_ms",
         allow_fault_injection => "allow_fault_injection", worker_exe => "worker_exe",
         instance => "instance", runtime_dir => "runtime_dir",
+        metrics_listen => "metrics_listen", metrics_listen_public => "metrics_listen_public";
+        // The pools' settings (a reload replaces the pools they change),
+        // what the watchdog says (not from the file), and the file itself.
+        reload:
+        workers, job_timeout_ms, max_attempts, backend, segment_mib, max_result_mib,
+        recycle_after_jobs, recycle_above_rss_mib, memory_limit_mib, pools, builtin_pool,
+        builtin_run_as, watchdog, watchdog_started_unix_ms, reload_from, file_text,
     );
     if changed.is_empty() {
         return Ok(());

@@ -267,6 +267,11 @@ fn a_broken_configuration_is_refused_with_its_reason_and_nothing_changes() {
             &format!("max_in_flight = 7\n{FIRST}")[..],
             "max_in_flight cannot change while the dispatcher runs",
         ),
+        // The metrics' port too (a reload was accepted and did nothing).
+        (
+            &format!("metrics_listen = \"127.0.0.1:0\"\n{FIRST}")[..],
+            "metrics_listen cannot change while the dispatcher runs",
+        ),
     ];
     for (text, reason) in refused {
         std::fs::write(&path, text).unwrap();
@@ -282,12 +287,12 @@ fn a_broken_configuration_is_refused_with_its_reason_and_nothing_changes() {
     std::fs::write(&path, "[pools.cmd\n").unwrap();
     inst.signal(Signal::SIGHUP);
     let logged = wait_for(Duration::from_secs(10), || {
-        (inst.log().matches("reload refused").count() >= 6).then_some(())
+        (inst.log().matches("reload refused").count() >= 7).then_some(())
     });
     assert!(logged.is_some(), "{}", inst.log());
     unchanged("SIGHUP");
     let st = inst.status().reload.unwrap();
-    assert_eq!((st.applied, st.refused), (0, 6), "{st:?}");
+    assert_eq!((st.applied, st.refused), (0, 7), "{st:?}");
     assert!(st.last.starts_with("refused: "), "{st:?}");
     assert_eq!(inst.status().pools.len(), before.pools.len());
 }
