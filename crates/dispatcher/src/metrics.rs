@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::pools::Pool;
 use crate::session::End;
-use crate::shared::{QueuedJob, Shared};
+use crate::shared::Shared;
 
 // The causes a watchdog names, each always exported (0 when absent).
 use ipc_core::env::DISPATCHER_RESTART_CAUSES;
@@ -232,18 +232,24 @@ impl PoolMetrics {
 }
 
 /// Why a worker that ended `end` is replaced, as an error kind: the one
-/// its running job was answered (a hang is `Timeout`, a death past the
-/// memory limit `OutOfMemory`, a protocol violation `Internal`, and any
-/// kind a new way of ending answers is its own cause), else
-/// `WorkerCrashed` (a death whose job is retried, or one while idle).
-pub fn restart_cause(end: &End<QueuedJob>) -> ErrorKind {
+/// its running job was answered (a hang is `Timeout`, a cancel
+/// `Cancelled`, a death past the memory limit `OutOfMemory`, a protocol
+/// violation `Internal`, and any kind a new way of ending answers is its
+/// own cause); with no job answered, `Timeout` for a hang whose job is
+/// retried, else `WorkerCrashed` (a death whose job is retried, or one
+/// while idle).
+pub fn restart_cause<J>(end: &End<J>) -> ErrorKind {
     match end {
         End::Kill {
-            term_first: true, ..
-        } => ErrorKind::Timeout,
-        End::Kill { answer, .. } => answer
-            .first()
-            .map_or(ErrorKind::WorkerCrashed, |(_, kind, _)| *kind),
+            answer, term_first, ..
+        } => answer.first().map_or(
+            if *term_first {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::WorkerCrashed
+            },
+            |(_, kind, _)| *kind,
+        ),
         End::Stop => ErrorKind::WorkerCrashed,
     }
 }
@@ -579,6 +585,33 @@ mod tests {
         );
         let m = parse_dispatcher_restarts("bogus=1,\u{1F4A5}=2");
         assert_eq!(m.len(), 4, "only the known causes: {m:?}");
+    }
+
+    /// The cause is the running job's answer: a cancel's kill (SIGTERM
+    /// first, as a hang's) is `Cancelled`, not `Timeout` (it was counted
+    /// as a timeout).
+    #[test]
+    fn a_restart_is_counted_under_the_answer_its_job_got() {
+        let kill = |kind: Option<ErrorKind>, term_first| End::Kill {
+            why: String::new(),
+            answer: kind.map(|k| ((), k, String::new())).into_iter().collect(),
+            requeue: vec![],
+            term_first,
+        };
+        let cases = [
+            (kill(Some(ErrorKind::Cancelled), true), ErrorKind::Cancelled),
+            (kill(Some(ErrorKind::Timeout), true), ErrorKind::Timeout),
+            (kill(None, true), ErrorKind::Timeout),
+            (
+                kill(Some(ErrorKind::OutOfMemory), false),
+                ErrorKind::OutOfMemory,
+            ),
+            (kill(None, false), ErrorKind::WorkerCrashed),
+            (End::Stop, ErrorKind::WorkerCrashed),
+        ];
+        for (end, want) in cases {
+            assert_eq!(restart_cause(&end), want);
+        }
     }
 
     #[test]
