@@ -124,7 +124,7 @@ fn children(parent: u32) -> Vec<(u32, char)> {
 
 /// The parent pid and state from a `/proc/PID/stat` line. The command name
 /// is in parentheses and may hold anything: fields are read after the last `)`.
-fn parent_and_state(stat: &str) -> Option<(u32, char)> {
+pub(crate) fn parent_and_state(stat: &str) -> Option<(u32, char)> {
     let rest = stat.get(stat.rfind(')')? + 1..)?;
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?.chars().next()?;

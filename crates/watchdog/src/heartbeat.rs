@@ -176,14 +176,12 @@ impl Watch {
     }
 }
 
-/// Whether process `pid` is stopped (state `T`, or `t` under a tracer),
-/// from `/proc/PID/stat` (the state follows the command's closing paren).
+/// Whether process `pid` is stopped (state `T`, or `t` under a tracer).
 fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state == 'T' || state == 't')
-    })
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| crate::descendants::parent_and_state(&stat))
+        .is_some_and(|(_, state)| matches!(state, 'T' | 't'))
 }
 
 /// Why a probe failed.

@@ -50,7 +50,7 @@ struct Shared {
     /// Nanoseconds since `start` of the last kill (0: none yet).
     killed_at: AtomicU64,
     /// Nanoseconds since `start` of the first answer on a connection opened
-    /// after the last kill (0: none yet).
+    /// after the last kill (older than `killed_at`: none yet).
     first_served: AtomicU64,
     window_connects: AtomicU64,
     refused: AtomicU64,
@@ -68,7 +68,7 @@ fn client(inst: &Instance, s: &Shared, start: Instant) {
     while !s.stop.load(Ordering::Relaxed) {
         let opened = ns();
         let killed = s.killed_at.load(Ordering::Relaxed);
-        let in_window = killed > 0 && s.first_served.load(Ordering::Relaxed) == 0;
+        let in_window = killed > 0 && s.first_served.load(Ordering::Relaxed) < killed;
         if in_window {
             bump(&s.window_connects);
         }
@@ -94,16 +94,16 @@ fn client(inst: &Instance, s: &Shared, start: Instant) {
         };
         match c.ping() {
             Ok(()) => {
-                // Opened after the latest kill: `killed`, read before the
-                // connect, may be the one before (then the killed
-                // dispatcher may have answered this ping).
+                // Only a connection opened after the latest kill (`killed`,
+                // read before the connect, may be the one before, whose
+                // dispatcher may have answered): the first such answer.
+                let answered = ns();
                 let latest = s.killed_at.load(Ordering::Relaxed);
                 if latest > 0 && opened > latest {
-                    let _ = s.first_served.compare_exchange(
-                        0,
-                        ns(),
+                    let _ = s.first_served.fetch_update(
                         Ordering::Relaxed,
                         Ordering::Relaxed,
+                        |first| (first < latest).then_some(answered),
                     );
                 }
             }
@@ -139,13 +139,14 @@ fn kills(plan: &Plan, inst: &Instance, s: &Shared, start: Instant, h: &mut Held)
     for _ in 0..plan.recovery_trials {
         std::thread::sleep(Duration::from_millis(300)); // past the backoff reset
         let old = inst.dispatcher_pid();
-        s.first_served.store(0, Ordering::Relaxed);
+        // The time is taken once the kill is sent: a connection opened
+        // before that may still be answered by the dispatcher killed.
+        kill(Pid::from_raw(old as i32), Signal::SIGKILL)?;
         let at = start.elapsed().as_nanos() as u64;
         s.killed_at.store(at, Ordering::Relaxed);
-        kill(Pid::from_raw(old as i32), Signal::SIGKILL)?;
-        let served = wait_for(PATIENCE, || match s.first_served.load(Ordering::Relaxed) {
-            0 => None,
-            t => Some(t),
+        let served = wait_for(PATIENCE, || {
+            let t = s.first_served.load(Ordering::Relaxed);
+            (t > at).then_some(t)
         })
         .context("no request served after the kill")?;
         h.served_ms.push(served.saturating_sub(at) as f64 / 1e6);
