@@ -425,8 +425,9 @@ fn run(args: Args) -> Result<(), ClientError> {
 }
 
 /// Writes `bytes` to stdout. A reader gone away (`osps-client status --json
-/// | head`) ends the client at once with status 141, as SIGPIPE would
-/// (Rust ignores SIGPIPE; `print!` would panic).
+/// | head`) ends the client at once with status 141, what a shell shows
+/// for a program SIGPIPE killed (Rust ignores SIGPIPE; `print!` would
+/// panic).
 fn emit(bytes: &[u8]) -> io::Result<()> {
     let mut out = io::stdout().lock();
     match out.write_all(bytes).and_then(|()| out.flush()) {

@@ -306,8 +306,8 @@ fn run_output_file_is_replaced_only_when_the_job_succeeds() {
 }
 
 /// A reader of its stdout that goes away (`osps-client status --json |
-/// head -1`) ends the client quietly with status 141, as SIGPIPE ends a C
-/// program: no panic, no backtrace.
+/// head -1`) ends the client quietly with status 141, the status a shell
+/// shows for a program SIGPIPE killed: no panic, no backtrace.
 #[test]
 fn a_reader_gone_away_ends_the_client_quietly() {
     let inst = Instance::start("cli-pipe", ARGS);

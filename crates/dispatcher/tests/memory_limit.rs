@@ -115,7 +115,7 @@ fn cgroups_here() -> Option<Version> {
     match Cgroups::find(&probe) {
         Ok(c) => Some(c.version()),
         Err(why) => {
-            eprintln!("no memory cgroups here, only RLIMIT_DATA: {why}");
+            osps_testkit::skip_without_cgroups(&why);
             None
         }
     }
@@ -446,6 +446,10 @@ fn each_limited_worker_has_a_memory_cgroup_of_its_own_removed_with_it() {
                 (32u64 << 20).to_string(),
                 "swap is no way out"
             );
+        }
+        if version == Version::V2 && dir.join("memory.swap.max").exists() {
+            let swap = std::fs::read_to_string(dir.join("memory.swap.max")).unwrap();
+            assert_eq!(swap.trim(), "0", "swap is no way out");
         }
     }
     let dispatcher = cgroup_of(inst.dispatcher_pid());

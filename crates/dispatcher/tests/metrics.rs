@@ -186,7 +186,7 @@ fn promtool_finds_no_problem_in_the_client_output_nor_in_the_scrape() {
     promtool_check(&scraped, "GET /metrics");
 }
 
-/// How much each series of `names` moved from `before` to `after`.
+/// How much `series` moved from `before` to `after`.
 fn moved(before: &str, after: &str, series: &str) -> f64 {
     value(after, series) - value(before, series)
 }

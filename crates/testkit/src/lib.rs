@@ -240,6 +240,20 @@ pub fn leftovers(paths: &RuntimePaths) -> Vec<String> {
     found
 }
 
+/// Says why the memory-cgroup tests cannot run here (no place to make
+/// memory cgroups: `why`), and whether they may be skipped: not where
+/// `OSPS_TEST_REQUIRE_CGROUPS` is set (`.ci/run` sets it: its machine,
+/// as root, has a writable memory controller), where a skip would hide a
+/// regression.
+pub fn skip_without_cgroups(why: &str) -> bool {
+    assert!(
+        std::env::var_os("OSPS_TEST_REQUIRE_CGROUPS").is_none(),
+        "memory cgroups are required here (OSPS_TEST_REQUIRE_CGROUPS) but none can be made: {why}"
+    );
+    eprintln!("no memory cgroups here, only RLIMIT_DATA: {why}");
+    true
+}
+
 /// Every segment the instance's state file names (one per pool), while
 /// it exists: a live dispatcher's, or a dead one's.
 pub fn recorded_segments(paths: &RuntimePaths) -> Vec<String> {
