@@ -78,29 +78,39 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
                 answer_err(permit, req.id, ErrorKind::TooLarge, msg);
                 return Ended::Refused;
             }
-            if req.op.as_str() == proto::OP_STATUS && req.payload_len == 0 {
-                let bytes = serde_json::to_vec(&crate::status::report(self.shared))
-                    .expect("status serialises");
-                permit.answer(req.id, Outcome::Ok, Body::Inline(bytes));
-                continue;
-            }
-            if req.op.as_str() == proto::OP_RELOAD && req.payload_len == 0 {
-                let (outcome, body) =
-                    match crate::reload::answer(self.shared, &self.holder.peer).await {
-                        Ok(summary) => (Outcome::Ok, format!("{summary}\n").into_bytes()),
-                        Err(r) => (error(r.kind, r.message), Vec::new()),
-                    };
-                permit.answer(req.id, outcome, Body::Inline(body));
-                continue;
-            }
-            if req.op.as_str() == proto::OP_METRICS && req.payload_len == 0 {
-                let text = crate::metrics::render(self.shared);
-                permit.answer(req.id, Outcome::Ok, Body::Inline(text.into_bytes()));
-                continue;
-            }
-            if let Err(ended) = self.take(req, permit).await {
-                return ended;
-            }
+            // The dispatcher's own operations (cancel is above: it takes
+            // no place in flight), then the pools'.
+            let answered = match (req.op.as_str(), req.payload_len) {
+                (proto::OP_STATUS, 0) => {
+                    let report = crate::status::report(self.shared);
+                    serde_json::to_vec(&report).expect("status serialises")
+                }
+                (proto::OP_RELOAD, 0) => {
+                    let (outcome, body) =
+                        match crate::reload::answer(self.shared, &self.holder.peer).await {
+                            Ok(summary) => (Outcome::Ok, format!("{summary}\n").into_bytes()),
+                            Err(r) => (error(r.kind, r.message), Vec::new()),
+                        };
+                    permit.answer(req.id, outcome, Body::Inline(body));
+                    continue;
+                }
+                (proto::OP_METRICS, 0) => crate::metrics::render(self.shared).into_bytes(),
+                (op, _) if proto::DISPATCHER_OPS.contains(&op) => {
+                    let message = format!("{op} takes no payload");
+                    match self
+                        .refuse(req, permit, ErrorKind::BadRequest, message)
+                        .await
+                    {
+                        Ok(()) => continue,
+                        Err(ended) => return ended,
+                    }
+                }
+                _ => match self.take(req, permit).await {
+                    Ok(()) => continue,
+                    Err(ended) => return ended,
+                },
+            };
+            permit.answer(req.id, Outcome::Ok, Body::Inline(answered));
         }
     }
 
@@ -201,12 +211,6 @@ impl<R: AsyncBufRead + Unpin> Handler<'_, R> {
     /// Takes a job's request: its pool, a slot, its payload, the queue.
     async fn take(&mut self, req: Header, permit: Permit) -> Result<(), Ended> {
         let shared = self.shared;
-        if proto::DISPATCHER_OPS.contains(&req.op.as_str()) {
-            let message = format!("{} takes no payload", req.op);
-            return self
-                .refuse(req, permit, ErrorKind::BadRequest, message)
-                .await;
-        }
         // Routed again when a reload retired the pool while this waited
         // for a slot of it (its workers stop once its slots are back).
         let (pool, lease) = loop {
