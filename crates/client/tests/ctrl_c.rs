@@ -62,15 +62,18 @@ fn ctrl_c_cancels_the_job_on_the_dispatcher_and_exits_130() {
 fn a_second_ctrl_c_exits_at_once() {
     // A dispatcher that never answers (stopped): the cancel gets no answer.
     let inst = Instance::start("ctrlc2", ARGS);
-    let (client, _) = sleeping_client(&inst);
+    let (mut client, _) = sleeping_client(&inst);
     inst.signal(Signal::SIGSTOP);
     interrupt(&client);
     std::thread::sleep(Duration::from_millis(200));
+    // The first Ctrl-C waits for the cancel's answer (2 s at most).
+    let waiting = client.0.as_mut().unwrap().try_wait().unwrap().is_none();
     let t = Instant::now();
     interrupt(&client);
     let out = client.output();
     inst.signal(Signal::SIGCONT);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(waiting, "the first Ctrl-C ended the client: {stderr}");
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
