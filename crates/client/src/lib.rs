@@ -1311,19 +1311,10 @@ impl Client {
     /// after the request's, so a client that waits for the request alone
     /// gets its `Cancelled` answer and may leave the other unread.
     pub fn canceller(&mut self, id: u64) -> Result<Canceller, ClientError> {
-        let cancel_id = self.next_id;
-        self.next_id += 1;
-        let req = Request {
-            id: cancel_id,
-            op: proto::OP_CANCEL.into(),
-            args: [id.to_string()].into_iter().collect(),
-            payload_len: 0,
-        };
-        let mut frame = Vec::new();
-        frame::encode(&req, &mut frame)?;
+        self.encode_header(proto::OP_CANCEL, &[&id.to_string()], 0)?;
         Ok(Canceller {
             writer: self.writer.try_clone()?,
-            frame,
+            frame: self.out.clone(),
         })
     }
 
