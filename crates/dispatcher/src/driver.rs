@@ -5,8 +5,10 @@
 //! order). What to send, when a job times out, what a death or an answer
 //! means is decided by the worker's [`Session`]; this module does the I/O.
 //! On a crash or hang it kills the worker's process group, reaps it,
-//! answers or requeues its jobs, and spawns a replacement. The dispatcher
-//! never blocks on a worker: every wait is a bounded `.await`.
+//! answers or requeues its jobs (a dead worker's jobs given up are answered
+//! before the reap, their slots freed after it), and spawns a replacement.
+//! The dispatcher never blocks on a worker: every wait is a bounded
+//! `.await`.
 
 use std::process::Stdio;
 use std::rc::Rc;
@@ -29,7 +31,7 @@ use crate::pools::{Pool, PoolConfig, PoolKind};
 use crate::replies::Body;
 use crate::session::{Ahead, Answered, Ask, End, Session, SessionJob, ROOMS_PER_RESULT};
 use crate::shared::{QueuedJob, Shared};
-use crate::slots::{News, NoRoom, SlotLease, Streamed, UploadState, ROOM_WAIT};
+use crate::slots::{News, NoRoom, Settled, SlotLease, Streamed, UploadState, ROOM_WAIT};
 use crate::workers::{WorkerEntry, WorkerState};
 
 /// How long a new worker has to say it is ready.
@@ -210,9 +212,17 @@ pub async fn drive(
             stop: &mut stop,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             recycle: Recycle::new(&p.config),
+            dead: false,
         };
-        let end = driver.serve().await;
+        let mut end = driver.serve().await;
+        let dead = driver.dead;
         let mut recycle = driver.recycle;
+        let cause = crate::metrics::restart_cause(&end);
+        let first = if dead {
+            answer_first(&shared, &mut end)
+        } else {
+            AnsweredFirst::default()
+        };
         let status = finish(&mut worker, &end).await;
         shared.orphans.worker_reaped(worker.pid);
         // What its jobs left behind (now ours): killed and reaped.
@@ -224,8 +234,12 @@ pub async fn drive(
         }
         // A replacement still starting (or ready) replaces it whatever its end.
         next = recycle.take();
-        let cause = crate::metrics::restart_cause(&end);
-        if settle(&shared, p, index, worker.pid, end, status, *stop.borrow()) {
+        let ended = Ended {
+            pid: worker.pid,
+            status,
+            stopping: *stop.borrow(),
+        };
+        if settle(&shared, p, index, end, first, ended) {
             break;
         }
         if *stop.borrow() {
@@ -463,17 +477,63 @@ async fn start_failed(
     }
 }
 
-/// After a worker ended `status`: answers or requeues its jobs and records
-/// why. Returns true when the driver is done (a polite stop).
+/// A dead worker's jobs, answered before it is reaped (the moment its pipes
+/// said it died): how many were lost, and their slots, held until it is
+/// reaped.
+#[derive(Default)]
+struct AnsweredFirst {
+    lost: u64,
+    /// Dropped only once the worker is reaped: until then it might still
+    /// write into them (a worker that closed its pipes but lives on).
+    slots: Vec<Settled>,
+}
+
+/// Answers the jobs `end` gives up (a dead worker's), keeping their slots:
+/// the answers carry no slot bytes, so the client need not wait for the
+/// reap (the kernel tears the dead worker's memory down first), while the
+/// slots are freed only once the worker is reaped.
+fn answer_first(shared: &Shared, end: &mut End<QueuedJob>) -> AnsweredFirst {
+    let End::Kill { answer, .. } = end else {
+        return AnsweredFirst::default();
+    };
+    let mut first = AnsweredFirst::default();
+    for (job, kind, message) in answer.drain(..) {
+        first.lost += u64::from(kind != ErrorKind::Cancelled);
+        let outcome = Outcome::Err(RemoteError::new(kind, message));
+        first.slots.push(reply(shared, job, outcome, |lease| {
+            (Body::Inline(Vec::new()), lease)
+        }));
+    }
+    first
+}
+
+/// How a worker's life ended, once it is reaped.
+struct Ended {
+    pid: u32,
+    /// How it exited ([`describe`]).
+    status: String,
+    /// The dispatcher is stopping: its jobs are not requeued.
+    stopping: bool,
+}
+
+/// After a worker ended: answers or requeues its jobs (those not answered
+/// `first`) and records why. Returns true when the driver is done (a
+/// polite stop).
 fn settle(
     shared: &Shared,
     pool: &Pool,
     index: usize,
-    pid: u32,
     end: End<QueuedJob>,
-    status: String,
-    stopping: bool,
+    first: AnsweredFirst,
+    ended: Ended,
 ) -> bool {
+    let Ended {
+        pid,
+        status,
+        stopping,
+    } = ended;
+    // The worker is reaped: the slots of the jobs answered first are free.
+    drop(first.slots);
     let End::Kill {
         why,
         answer,
@@ -497,10 +557,11 @@ fn settle(
     );
     if !stopping {
         // A job its client cancelled is not one the worker lost.
-        let lost = answer
-            .iter()
-            .filter(|(_, kind, _)| *kind != ErrorKind::Cancelled)
-            .count() as u64;
+        let lost = first.lost
+            + answer
+                .iter()
+                .filter(|(_, kind, _)| *kind != ErrorKind::Cancelled)
+                .count() as u64;
         pool.workers
             .get(index)
             .lost(lost, format!("{status}: {why}"));
@@ -845,6 +906,9 @@ struct WorkerDriver<'a> {
     /// a timer stays where it is in the wheel and costs no system call.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     recycle: Recycle,
+    /// Its pipes said it died (EOF or an error on one): its jobs may be
+    /// answered before it is reaped ([`answer_first`]).
+    dead: bool,
 }
 
 impl WorkerDriver<'_> {
@@ -940,6 +1004,7 @@ impl WorkerDriver<'_> {
     /// limit and is answered `out of memory` (not retried: it would fail
     /// again); otherwise an ordinary death ([`Session::died`]).
     async fn died(&mut self, s: Session<QueuedJob>, why: String) -> End<QueuedJob> {
+        self.dead = true;
         let config = &self.pool.config;
         let Some(mib) = config.memory_limit_mib else {
             return s.died(why, op_name);
@@ -1299,15 +1364,30 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
 /// worker, and from the upload if it is over) and permit, to the
 /// connection's writer.
 fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
+    reply(shared, job, outcome, |lease| {
+        (Body::Slot { result, lease }, ())
+    });
+}
+
+/// Counts the outcome and hands the reply, with the permit, to the
+/// connection's writer; `body` makes its body of the job's slot (back from
+/// the worker, and from the upload if it is over), and may hand the slot
+/// back instead of putting it in the reply.
+fn reply<R>(
+    shared: &Shared,
+    job: QueuedJob,
+    outcome: Outcome,
+    body: impl FnOnce(Settled) -> (Body, R),
+) -> R {
     let took = shared.stats.answered(&outcome, job.received);
     job.metrics.answered(&outcome, took);
-    let lease = job.lease.settle();
+    let (body, kept) = body(job.lease.settle());
     let ticket = job.ticket;
     let answered = ticket.answers_cancels(&outcome);
-    job.reply
-        .answer(job.req_id, outcome, Body::Slot { result, lease });
+    job.reply.answer(job.req_id, outcome, body);
     // A cancel waiting for this answer goes after it.
     drop(answered);
+    kept
 }
 
 /// Ends a worker: on `Stop`, closes its stdin and waits a grace period; in

@@ -41,8 +41,10 @@ pub enum End<J> {
     /// Asked to stop while idle: its stdin is closed and it exits by itself.
     Stop,
     /// It died, hung or broke protocol: its process group is killed. Its jobs
-    /// are answered or requeued only once it is dead, so no slot is reused
-    /// while the worker could still write into it.
+    /// are requeued, and their slots freed, only once it is dead, so no slot
+    /// is reused while the worker could still write into it (a dead
+    /// worker's jobs given up are answered before: the driver's
+    /// `answer_first` keeps their slots until the reap).
     Kill {
         why: String,
         answer: Vec<(J, ErrorKind, String)>,

@@ -81,7 +81,8 @@ impl SlotPool {
         self.arena.segment()
     }
 
-    /// Slots on loan: every accepted job holds one until its reply is written.
+    /// Slots on loan: every accepted job holds one until its reply is written
+    /// (a dead worker's job: until that worker is reaped, if later).
     pub fn in_use(&self) -> usize {
         self.arena.in_use()
     }

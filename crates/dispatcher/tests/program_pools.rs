@@ -8,7 +8,9 @@
 //! slow to start neither keeps the dispatcher from serving nor loses its
 //! operations; `ping` goes to a pool with a live worker; a worker
 //! announcing `status` is refused; a worker that leaks is recycled by its
-//! resident memory, with no job failed.
+//! resident memory, with no job failed; a worker whose result pipe closes
+//! has its job answered then, before it is reaped, and its slot freed only
+//! once it is.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -63,7 +65,8 @@ fn a_python_worker_serves_and_a_greedy_job_is_refused_room_past_three_times_the_
                 "grow".to_owned(),
                 "leak".to_owned(),
                 "shared".to_owned(),
-                "stale".to_owned()
+                "stale".to_owned(),
+                "vanish".to_owned()
             ][..]
         )
     );
@@ -155,7 +158,10 @@ fn a_slow_pool_neither_keeps_the_dispatcher_from_serving_nor_loses_its_operation
     let inst = Instance::supervised("pp-slowwd", &[], &strs(&args));
     let st = inst.status();
     assert_eq!(st.watchdog.as_ref().map(|w| w.restarts), Some(0), "{st:?}");
-    assert_eq!(st.pools[1].ops, ["grow", "leak", "shared", "stale"]);
+    assert_eq!(
+        st.pools[1].ops,
+        ["grow", "leak", "shared", "stale", "vanish"]
+    );
 }
 
 #[test]
@@ -237,4 +243,39 @@ fn a_worker_that_leaks_is_recycled_by_its_memory_with_no_job_failed() {
         "{}",
         inst.log()
     );
+}
+
+#[test]
+fn a_dead_workers_job_is_answered_at_once_and_its_slot_freed_once_it_is_reaped() {
+    let (_dir, args) = setup(
+        "[pools.builtin]\nenabled = false\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\nmax_attempts = 1\n",
+        "16",
+    );
+    let inst = Instance::start("pp-vanish", &strs(&args));
+    let mut c = inst.client();
+    c.ping().unwrap();
+    let pid = inst.status().workers[0].pid;
+    let proc = format!("/proc/{pid}");
+    // 1 GiB to free: its exit takes tens of ms after the kill (about 90 ms
+    // here), while its pipe said it was gone before the kill.
+    let got = c.call("vanish", &["1024"], b"");
+    let unreaped = Path::new(&proc).exists();
+    match got {
+        Err(ClientError::Remote(e)) if e.kind == ErrorKind::WorkerCrashed => {}
+        other => panic!("worker crashed expected, got {other:?}"),
+    }
+    assert!(unreaped, "answered only once the worker was reaped");
+    // Until it is reaped, its job's slot is not free: a status taken while
+    // the process still exists counts it.
+    let st = inst.status();
+    if Path::new(&proc).exists() {
+        assert_eq!(pool_segment(&st, "py").slots_in_use, 1, "{st:?}");
+    }
+    let st = inst.wait_status("reaped, replaced and its slot freed", |st| {
+        pool_segment(st, "py").slots_in_use == 0
+            && st.workers[0].pid != pid
+            && st.workers[0].state.is_up()
+    });
+    assert!(!Path::new(&proc).exists(), "{st:?}");
+    assert_eq!(c.call("ping", &[], b"").unwrap(), b"pong\n");
 }

@@ -7,7 +7,11 @@ writes STALE in a result area it was given and dies, and whose second
 answers `fresh` in its slot; and `leak N`, which keeps N MiB more of
 memory for good (a leaking worker) and answers its pid; `shared N`, the
 same in N MiB of shared anonymous memory (`mmap.mmap(-1, ...)`, which
-`RLIMIT_DATA` does not count: only a memory cgroup does); and `scan
+`RLIMIT_DATA` does not count: only a memory cgroup does); `vanish N`,
+which takes N MiB of memory (touched), closes its result pipe (stdout)
+without a word and lives on until killed (a worker whose death the
+dispatcher learns from its pipe, and whose exit then takes a while: the
+kernel frees those N MiB before the process can be reaped); and `scan
 MARKER PREFIX` (announced when `scan` is given as an argument), a
 hostile worker's search: it tries to open and read every OSPS object it
 can find (POSIX segments in /dev/shm, System V segments listed in
@@ -24,6 +28,7 @@ import mmap
 import os
 import struct
 import sys
+import time
 
 IN, OUT = sys.stdin.buffer, sys.stdout.buffer
 
@@ -190,8 +195,8 @@ def main():
     name = os.environ["OSPS_SEGMENT"]
     seg = open_segment(name)
     assert seg[:8] == b"OSPSSEG\x00"
-    # Ready { pid, version 4, streams [], ops ["grow", "stale", "leak", "shared", and any names given as arguments] }
-    ops = ["grow", "stale", "leak", "shared"] + sys.argv[1:]
+    # Ready { pid, version 4, streams [], ops ["grow", "stale", "leak", "shared", "vanish", and any names given as arguments] }
+    ops = ["grow", "stale", "leak", "shared", "vanish"] + sys.argv[1:]
     send(b"\x00" + varint(os.getpid()) + varint(4) + varint(0) + varint(len(ops))
          + b"".join(string(o) for o in ops))
     while True:
@@ -222,6 +227,10 @@ def main():
             at = 4096 + offset + input_len
             seg[at:at + len(answer)] = answer
             done(job_id, True, input_len, len(answer))
+        elif op == "vanish":
+            LEAKED.append(b"x" * (int(args[0]) << 20))  # touched: resident
+            os.close(1)
+            time.sleep(3600)
         elif op == "shared":
             area = mmap.mmap(-1, int(args[0]) << 20)  # MAP_SHARED | MAP_ANONYMOUS
             for page in range(0, len(area), mmap.PAGESIZE):
