@@ -393,19 +393,47 @@ fn empty_and_remove(dir: &Path, version: Version) -> Result<(), String> {
     }
 }
 
-/// SIGKILLs every process in cgroup `dir` (`cgroup.kill` where v2 has it).
+/// SIGKILLs every process in cgroup `dir` (`cgroup.kill` where v2 has it,
+/// else each one its `cgroup.procs` lists: [`kill_listed`]).
 fn kill_all(dir: &Path, version: Version) {
     if version == Version::V2 && std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
         return;
     }
-    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
-        return;
+    let procs = dir.join("cgroup.procs");
+    let listed = || {
+        std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .collect::<Vec<i32>>()
     };
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    kill_listed(&listed(), listed);
+}
+
+/// SIGKILLs each of `pids` (read from a cgroup's list) that the list holds
+/// still once a pidfd is open on it (`still_listed`, read after): a pid
+/// whose process ended after the first reading and that the kernel gave to
+/// a process elsewhere is not signalled, as a plain kill(2) by number would
+/// (pids come round soon where `pid_max` is 32768). A pidfd names one
+/// process for good; listed after it was opened, that process is in the
+/// cgroup.
+fn kill_listed(pids: &[i32], still_listed: impl FnOnce() -> Vec<i32>) {
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags};
+    let opened: Vec<_> = pids
+        .iter()
+        .filter_map(|&n| {
+            let fd = pidfd_open(Pid::from_raw(n)?, PidfdFlags::empty()).ok()?;
+            Some((n, fd))
+        })
+        .collect();
+    if opened.is_empty() {
+        return;
+    }
+    let listed = still_listed();
+    for (n, fd) in opened.iter().filter(|(n, _)| listed.contains(n)) {
+        if let Err(e) = pidfd_send_signal(fd, rustix::process::Signal::KILL) {
+            tracing::debug!("SIGKILL of pid {n} through its pidfd: {e}");
+        }
     }
 }
 
@@ -557,6 +585,45 @@ fn unescape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `sleep` child, killed and reaped when dropped.
+    struct Sleeper(std::process::Child);
+
+    impl Sleeper {
+        fn start() -> Sleeper {
+            let child = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap();
+            Sleeper(child)
+        }
+
+        fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_pid_no_longer_listed_once_its_pidfd_is_open_is_not_killed() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut elsewhere = Sleeper::start();
+        let mut inside = Sleeper::start();
+        // Both read from the list; then only `inside` is still listed (the
+        // other's number went to a process elsewhere, as after a reuse).
+        let kept = inside.pid();
+        kill_listed(&[elsewhere.pid(), inside.pid()], || vec![kept]);
+        let status = inside.0.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(elsewhere.0.try_wait().unwrap().is_none(), "killed");
+    }
 
     const MOUNTS: &str = "\
 30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
