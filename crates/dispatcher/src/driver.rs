@@ -31,7 +31,7 @@ use crate::pools::{Pool, PoolConfig, PoolKind};
 use crate::replies::Body;
 use crate::session::{Ahead, Answered, Ask, End, Session, SessionJob, ROOMS_PER_RESULT};
 use crate::shared::{QueuedJob, Shared};
-use crate::slots::{News, NoRoom, Settled, SlotLease, Streamed, UploadState, ROOM_WAIT};
+use crate::slots::{JobSlot, News, NoRoom, SlotLease, Streamed, UploadState, ROOM_WAIT};
 use crate::workers::{WorkerEntry, WorkerState};
 
 /// How long a new worker has to say it is ready.
@@ -215,31 +215,16 @@ pub async fn drive(
             dead: false,
         };
         let mut end = driver.serve().await;
-        let dead = driver.dead;
-        let mut recycle = driver.recycle;
+        let (dead, mut recycle) = (driver.dead, driver.recycle);
         let cause = crate::metrics::restart_cause(&end);
-        let first = if dead {
-            answer_first(&shared, &mut end)
-        } else {
-            AnsweredFirst::default()
-        };
-        let status = finish(&mut worker, &end).await;
-        shared.orphans.worker_reaped(worker.pid);
-        // What its jobs left behind (now ours): killed and reaped.
-        shared.orphans.sweep();
-        entry.ended();
+        let status = end_worker(&shared, entry, &mut worker, &mut end, dead, *stop.borrow()).await;
         if let Some(fresh) = recycled(p, index, worker.pid, &mut recycle, &status) {
             next = Some(Box::pin(std::future::ready(Ok(fresh))));
             continue;
         }
         // A replacement still starting (or ready) replaces it whatever its end.
         next = recycle.take();
-        let ended = Ended {
-            pid: worker.pid,
-            status,
-            stopping: *stop.borrow(),
-        };
-        if settle(&shared, p, index, end, first, ended) {
+        if settle(&shared, p, index, worker.pid, end, status, *stop.borrow()) {
             break;
         }
         if *stop.borrow() {
@@ -477,63 +462,73 @@ async fn start_failed(
     }
 }
 
-/// A dead worker's jobs, answered before it is reaped (the moment its pipes
-/// said it died): how many were lost, and their slots, held until it is
-/// reaped.
-#[derive(Default)]
-struct AnsweredFirst {
-    lost: u64,
-    /// Dropped only once the worker is reaped: until then it might still
-    /// write into them (a worker that closed its pipes but lives on).
-    slots: Vec<Settled>,
+/// Ends a worker whose service ended `end` ([`finish`]), and what its
+/// jobs left behind; returns how it exited. A dead worker's (`dead`: its
+/// pipes said so) jobs given up are answered first ([`answer_first`]);
+/// their slots are freed only once it is reaped.
+async fn end_worker(
+    shared: &Shared,
+    entry: &WorkerEntry,
+    worker: &mut Worker,
+    end: &mut End<QueuedJob>,
+    dead: bool,
+    stopping: bool,
+) -> String {
+    let answered_first = if dead {
+        answer_first(shared, entry, end, stopping)
+    } else {
+        Vec::new()
+    };
+    let status = finish(worker, end).await;
+    shared.orphans.worker_reaped(worker.pid);
+    // What its jobs left behind (now ours): killed and reaped.
+    shared.orphans.sweep();
+    entry.ended();
+    // Reaped: nothing can write into those slots any more.
+    drop(answered_first);
+    status
 }
 
-/// Answers the jobs `end` gives up (a dead worker's), keeping their slots:
-/// the answers carry no slot bytes, so the client need not wait for the
-/// reap (the kernel tears the dead worker's memory down first), while the
-/// slots are freed only once the worker is reaped.
-fn answer_first(shared: &Shared, end: &mut End<QueuedJob>) -> AnsweredFirst {
+/// Answers the jobs `end` gives up (a dead worker's) and counts them
+/// against the worker (unless the dispatcher is `stopping`), keeping their
+/// slots, which it returns: the answers carry no slot bytes, so the client
+/// need not wait for the reap (the kernel tears the dead worker's memory
+/// down first), while the slots must stay taken until the worker is reaped
+/// (one that closed its pipes may live on and write into them).
+fn answer_first(
+    shared: &Shared,
+    entry: &WorkerEntry,
+    end: &mut End<QueuedJob>,
+    stopping: bool,
+) -> Vec<JobSlot> {
     let End::Kill { answer, .. } = end else {
-        return AnsweredFirst::default();
+        return Vec::new();
     };
-    let mut first = AnsweredFirst::default();
+    let mut slots = Vec::with_capacity(answer.len());
     for (job, kind, message) in answer.drain(..) {
-        first.lost += u64::from(kind != ErrorKind::Cancelled);
+        if !stopping && kind != ErrorKind::Cancelled {
+            entry.failed(1);
+        }
         let outcome = Outcome::Err(RemoteError::new(kind, message));
-        first.slots.push(reply(shared, job, outcome, |lease| {
-            (Body::Inline(Vec::new()), lease)
+        slots.push(reply(shared, job, outcome, |slot| {
+            (Body::Inline(Vec::new()), slot)
         }));
     }
-    first
+    slots
 }
 
-/// How a worker's life ended, once it is reaped.
-struct Ended {
-    pid: u32,
-    /// How it exited ([`describe`]).
-    status: String,
-    /// The dispatcher is stopping: its jobs are not requeued.
-    stopping: bool,
-}
-
-/// After a worker ended: answers or requeues its jobs (those not answered
-/// `first`) and records why. Returns true when the driver is done (a
-/// polite stop).
+/// After a worker ended `status`: answers or requeues its jobs (those not
+/// answered first) and records why. Returns true when the driver is done
+/// (a polite stop).
 fn settle(
     shared: &Shared,
     pool: &Pool,
     index: usize,
+    pid: u32,
     end: End<QueuedJob>,
-    first: AnsweredFirst,
-    ended: Ended,
+    status: String,
+    stopping: bool,
 ) -> bool {
-    let Ended {
-        pid,
-        status,
-        stopping,
-    } = ended;
-    // The worker is reaped: the slots of the jobs answered first are free.
-    drop(first.slots);
     let End::Kill {
         why,
         answer,
@@ -557,11 +552,10 @@ fn settle(
     );
     if !stopping {
         // A job its client cancelled is not one the worker lost.
-        let lost = first.lost
-            + answer
-                .iter()
-                .filter(|(_, kind, _)| *kind != ErrorKind::Cancelled)
-                .count() as u64;
+        let lost = answer
+            .iter()
+            .filter(|(_, kind, _)| *kind != ErrorKind::Cancelled)
+            .count() as u64;
         pool.workers
             .get(index)
             .lost(lost, format!("{status}: {why}"));
@@ -1364,24 +1358,25 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
 /// worker, and from the upload if it is over) and permit, to the
 /// connection's writer.
 fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
-    reply(shared, job, outcome, |lease| {
+    reply(shared, job, outcome, |slot| {
+        let lease = slot.settle();
         (Body::Slot { result, lease }, ())
     });
 }
 
 /// Counts the outcome and hands the reply, with the permit, to the
-/// connection's writer; `body` makes its body of the job's slot (back from
-/// the worker, and from the upload if it is over), and may hand the slot
-/// back instead of putting it in the reply.
+/// connection's writer; `body` makes the reply's body of the job's slot
+/// (settled: [`send`]), or keeps the slot and returns it (a dead worker's
+/// job: [`answer_first`]).
 fn reply<R>(
     shared: &Shared,
     job: QueuedJob,
     outcome: Outcome,
-    body: impl FnOnce(Settled) -> (Body, R),
+    body: impl FnOnce(JobSlot) -> (Body, R),
 ) -> R {
     let took = shared.stats.answered(&outcome, job.received);
     job.metrics.answered(&outcome, took);
-    let (body, kept) = body(job.lease.settle());
+    let (body, kept) = body(job.lease);
     let ticket = job.ticket;
     let answered = ticket.answers_cancels(&outcome);
     job.reply.answer(job.req_id, outcome, body);

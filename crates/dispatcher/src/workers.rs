@@ -60,10 +60,16 @@ impl WorkerEntry {
         self.started.set(None);
     }
 
-    /// The process ended `how`, losing `lost` jobs.
+    /// The process ended `how`, losing `lost` jobs (besides those counted
+    /// as they were answered: [`WorkerEntry::failed`]).
     pub fn lost(&self, lost: u64, how: String) {
         add(&self.jobs_failed, lost);
         *self.last_exit.borrow_mut() = how;
+    }
+
+    /// `n` of its jobs were lost with it, answered before it was reaped.
+    pub fn failed(&self, n: u64) {
+        add(&self.jobs_failed, n);
     }
 
     /// A replacement is being started.

@@ -394,7 +394,8 @@ fn empty_and_remove(dir: &Path, version: Version) -> Result<(), String> {
 }
 
 /// SIGKILLs every process in cgroup `dir` (`cgroup.kill` where v2 has it,
-/// else each one its `cgroup.procs` lists: [`kill_listed`]).
+/// from Linux 5.14; else, v1 included, each one its `cgroup.procs` lists:
+/// [`kill_listed`]).
 fn kill_all(dir: &Path, version: Version) {
     if version == Version::V2 && std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
         return;
@@ -416,24 +417,36 @@ fn kill_all(dir: &Path, version: Version) {
 /// a process elsewhere is not signalled, as a plain kill(2) by number would
 /// (pids come round soon where `pid_max` is 32768). A pidfd names one
 /// process for good; listed after it was opened, that process is in the
-/// cgroup.
+/// cgroup. Where no pidfd can be had (a kernel before 5.3, no fd left), a
+/// pid still listed gets kill(2) by number, as before pidfds.
 fn kill_listed(pids: &[i32], still_listed: impl FnOnce() -> Vec<i32>) {
     use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags};
-    let opened: Vec<_> = pids
-        .iter()
-        .filter_map(|&n| {
-            let fd = pidfd_open(Pid::from_raw(n)?, PidfdFlags::empty()).ok()?;
-            Some((n, fd))
-        })
-        .collect();
-    if opened.is_empty() {
+    let mut opened = Vec::with_capacity(pids.len());
+    let mut by_number = Vec::new();
+    for &n in pids {
+        let Some(pid) = Pid::from_raw(n) else {
+            continue;
+        };
+        match pidfd_open(pid, PidfdFlags::empty()) {
+            Ok(fd) => opened.push((n, fd)),
+            Err(rustix::io::Errno::SRCH) => {} // gone already
+            Err(_) => by_number.push(n),
+        }
+    }
+    if opened.is_empty() && by_number.is_empty() {
         return;
     }
-    let listed = still_listed();
+    let listed: std::collections::HashSet<i32> = still_listed().into_iter().collect();
     for (n, fd) in opened.iter().filter(|(n, _)| listed.contains(n)) {
         if let Err(e) = pidfd_send_signal(fd, rustix::process::Signal::KILL) {
             tracing::debug!("SIGKILL of pid {n} through its pidfd: {e}");
         }
+    }
+    for &n in by_number.iter().filter(|n| listed.contains(n)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(n),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

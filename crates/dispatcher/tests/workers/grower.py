@@ -8,7 +8,7 @@ answers `fresh` in its slot; and `leak N`, which keeps N MiB more of
 memory for good (a leaking worker) and answers its pid; `shared N`, the
 same in N MiB of shared anonymous memory (`mmap.mmap(-1, ...)`, which
 `RLIMIT_DATA` does not count: only a memory cgroup does); `vanish N`,
-which takes N MiB of memory (touched), closes its result pipe (stdout)
+which takes N MiB of private memory in small pages (touched), closes its result pipe (stdout)
 without a word and lives on until killed (a worker whose death the
 dispatcher learns from its pipe, and whose exit then takes a while: the
 kernel frees those N MiB before the process can be reaped); and `scan
@@ -228,7 +228,13 @@ def main():
             seg[at:at + len(answer)] = answer
             done(job_id, True, input_len, len(answer))
         elif op == "vanish":
-            LEAKED.append(b"x" * (int(args[0]) << 20))  # touched: resident
+            # Private memory in 4 KiB pages (not huge ones, which the kernel
+            # frees fast), each touched.
+            area = mmap.mmap(-1, int(args[0]) << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            area.madvise(mmap.MADV_NOHUGEPAGE)
+            for page in range(0, len(area), mmap.PAGESIZE):
+                area[page] = 1
+            LEAKED.append(area)
             os.close(1)
             time.sleep(3600)
         elif op == "shared":
