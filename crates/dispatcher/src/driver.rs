@@ -14,6 +14,7 @@ use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
 
+use ipc_core::cgroup::{OomCount, OomKilled};
 use ipc_core::frame::{self, DEFAULT_MAX_FRAME};
 use ipc_core::memory::Mechanism;
 use ipc_core::proto::{
@@ -87,33 +88,57 @@ struct Worker {
     /// memory cgroups: its own (last: emptied and removed once the child
     /// is dropped).
     cgroup: Option<ipc_core::cgroup::WorkerCgroup>,
-    /// Its memory cgroup's OOM kills before its current jobs (read when a
+    /// Its memory cgroup's OOM counts before its current jobs (read when a
     /// job starts on it idle): only a kill since then is why it died, not
     /// one of an earlier job's (a command pool's command, a child the
     /// worker started), after which it served on.
-    oom_kills_before: u64,
+    oom_before: OomCount,
+}
+
+/// Whether a dead worker ran out of memory ([`Worker::out_of_memory`]).
+enum OutOfMemory {
+    /// No, as far as is known.
+    No,
+    /// Past its pool's limit: why (for the log and the answer), and how the
+    /// limit was enforced.
+    PastItsLimit(String, Mechanism),
+    /// The kernel's OOM killer ended it, but not at its cgroup's limit:
+    /// memory ran out on the machine (or in an enclosing cgroup). An
+    /// ordinary death, for the job; why, for the log.
+    Elsewhere(String),
 }
 
 impl Worker {
-    /// Why it is out of memory, once dead, and how its limit was enforced
-    /// (`None`: it did not run out of memory, as far as is known): the line
-    /// its stderr said an allocation failed with (`RLIMIT_DATA`), else an
-    /// OOM kill in its memory cgroup since its current jobs started.
-    async fn out_of_memory(&mut self) -> Option<(String, Mechanism)> {
+    /// Whether it ran out of memory, once dead: the line its stderr said an
+    /// allocation failed with (`RLIMIT_DATA`), else an OOM kill in its
+    /// memory cgroup since its current jobs started, at the cgroup's limit
+    /// or not.
+    async fn out_of_memory(&mut self) -> OutOfMemory {
         if let Some(said) = self.allocation_failure().await {
-            return Some((format!("it said: {said}"), Mechanism::RlimitData));
+            let said = format!("it said: {said}");
+            return OutOfMemory::PastItsLimit(said, Mechanism::RlimitData);
         }
-        let before = self.oom_kills_before;
-        let cgroup = self.cgroup.as_ref().filter(|c| c.oom_kills() > before)?;
+        let Some(cgroup) = &self.cgroup else {
+            return OutOfMemory::No;
+        };
         let by = cgroup.version().mechanism();
-        Some((format!("the kernel's OOM killer ended it: {by}"), by))
+        match cgroup.oom_count().since(self.oom_before) {
+            None => OutOfMemory::No,
+            Some(OomKilled::AtItsLimit) => {
+                OutOfMemory::PastItsLimit(format!("the kernel's OOM killer ended it: {by}"), by)
+            }
+            Some(OomKilled::Elsewhere) => OutOfMemory::Elsewhere(format!(
+                "the kernel's OOM killer ended it, not at its limit ({by}): memory ran out on the machine or in an enclosing cgroup"
+            )),
+        }
     }
 
-    /// Notes its memory cgroup's OOM kills so far, as a job starts on it
-    /// idle (one read of a cgroup file; nothing without a cgroup).
+    /// Notes its memory cgroup's OOM counts so far, as a job starts on it
+    /// idle (a read of its cgroup file, and on v1 a reset of its usage's
+    /// high-water mark; nothing without a cgroup).
     fn note_oom_kills(&mut self) {
         if let Some(cgroup) = &self.cgroup {
-            self.oom_kills_before = cgroup.oom_kills();
+            self.oom_before = cgroup.oom_start();
         }
     }
 
@@ -796,7 +821,7 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         stdout,
         stderr,
         cgroup,
-        oom_kills_before: 0,
+        oom_before: OomCount::default(),
     };
     let failed = match ready(&mut worker).await {
         Ok((streams, ops)) => match shared.routes.learn(&shared.pools, pool, &ops) {
@@ -819,10 +844,11 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     shared.orphans.sweep();
     // Out of memory before it was ready: the limit, not the protocol, is why.
     let failed = match (worker.out_of_memory().await, pool.config.memory_limit_mib) {
-        (Some((said, _)), Some(mib)) => format!(
+        (OutOfMemory::PastItsLimit(said, _), Some(mib)) => format!(
             "it ran out of memory before it was ready ({said}): pool \"{}\"'s memory_limit_mib of {mib} MiB is too small for it",
             pool.name()
         ),
+        (OutOfMemory::Elsewhere(said), _) => format!("{failed}: {said}"),
         _ => failed,
     };
     Err(format!("worker {pid}: {failed} ({status})"))
@@ -993,18 +1019,21 @@ impl WorkerDriver<'_> {
     }
 
     /// The worker died while it held jobs: if its pool has a memory limit
-    /// and it said an allocation failed, or its memory cgroup's OOM killer
-    /// ended it ([`Worker::out_of_memory`]), the running job went past the
-    /// limit and is answered `out of memory` (not retried: it would fail
-    /// again); otherwise an ordinary death ([`Session::died`]).
+    /// and it said an allocation failed, or the OOM killer ended it at its
+    /// memory cgroup's limit ([`Worker::out_of_memory`]), the running job
+    /// went past the limit and is answered `out of memory` (not retried: it
+    /// would fail again); otherwise an ordinary death ([`Session::died`]),
+    /// an OOM kill for memory that ran out elsewhere (the machine) included.
     async fn died(&mut self, s: Session<QueuedJob>, why: String) -> End<QueuedJob> {
         self.dead = true;
         let config = &self.pool.config;
         let Some(mib) = config.memory_limit_mib else {
             return s.died(why, op_name);
         };
-        let Some((said, by)) = self.w.out_of_memory().await else {
-            return s.died(why, op_name);
+        let (said, by) = match self.w.out_of_memory().await {
+            OutOfMemory::No => return s.died(why, op_name),
+            OutOfMemory::Elsewhere(said) => return s.died(format!("{why}: {said}"), op_name),
+            OutOfMemory::PastItsLimit(said, by) => (said, by),
         };
         if s.head().is_some() {
             self.pool.ran_out_of_memory();

@@ -9,7 +9,8 @@
 //! dispatcher may make memory cgroups (as root here), each limited worker
 //! also runs in a cgroup of its own with the limit, which counts what
 //! `RLIMIT_DATA` does not (shared anonymous memory, here), and is removed
-//! with its worker.
+//! with its worker; an OOM kill there without the limit reached (memory
+//! that ran out above the pool) is an ordinary death, not blamed on it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -571,6 +572,78 @@ fn an_exec_pools_command_past_the_limit_in_shared_memory_is_out_of_memory() {
     assert_eq!((shm.out_of_memory, shm.restarts), (1, 0));
 }
 
+/// Sets the memory limit of cgroup `dir` (`None`: no limit), in either
+/// version.
+fn set_cgroup_limit(dir: &Path, mib: Option<u64>) {
+    let (file, value) = match (dir.join("memory.max").exists(), mib) {
+        (true, Some(m)) => ("memory.max", (m << 20).to_string()),
+        (true, None) => ("memory.max", "max".to_owned()),
+        (false, Some(m)) => ("memory.limit_in_bytes", (m << 20).to_string()),
+        (false, None) => ("memory.limit_in_bytes", "-1".to_owned()),
+    };
+    std::fs::write(dir.join(file), value).unwrap();
+}
+
+/// A worker (and an exec pool's command) OOM-killed because memory ran out
+/// above its cgroup, not at its own limit (as when the machine runs out):
+/// here the instance's base cgroup gets a limit below the pools'. The job
+/// is not answered `out of memory` past its pool's limit (which it did not
+/// reach) but as an ordinary death, the log saying why; the pools' counts
+/// of jobs out of memory stay 0.
+#[test]
+fn an_oom_kill_not_at_the_pools_limit_is_not_blamed_on_the_limit() {
+    if cgroups_here().is_none() {
+        return;
+    }
+    let take = "import mmap, sys\nn = int(sys.stdin.read())\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
+    let (_dir, inst) = start(
+        "memcgabove",
+        &format!(
+            "[pools.builtin]\nenabled = false\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\nmemory_limit_mib = 128\nmax_attempts = 1\n\n[pools.shm]\nexec = [\"python3\", \"-c\", {take:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = 128\n"
+        ),
+        &[],
+    );
+    let first = worker_of(&inst, "py");
+    let exec = worker_of(&inst, "shm");
+    let base = cgroup_of(first).parent().unwrap().to_owned();
+    assert_eq!(Some(base.as_path()), cgroup_of(exec).parent());
+    let mut c = inst.client();
+    // The pools' workers take some 15 MiB; 64 MiB more is past the base's
+    // 56 MiB, and well under each pool's 128.
+    set_cgroup_limit(&base, Some(56));
+    match c.call("shared", &["64"], b"") {
+        Err(ClientError::Remote(e)) if e.kind == ErrorKind::WorkerCrashed => {}
+        other => panic!("want worker crashed, got {other:?}"),
+    }
+    // Logged once the worker is reaped (after the answer).
+    let said = "the kernel's OOM killer ended it, not at its limit";
+    let logged = osps_testkit::wait_for(osps_testkit::PATIENCE, || {
+        inst.log().contains(said).then_some(())
+    });
+    assert!(logged.is_some(), "{}", inst.log());
+    worker_of(&inst, "py");
+    match c.call("shm", &[], b"64") {
+        Err(ClientError::Remote(e)) if e.kind == ErrorKind::CommandFailed => {
+            assert!(
+                e.message.contains("python3 was killed by signal SIGKILL"),
+                "{e}"
+            );
+        }
+        other => panic!("want the command failed, got {other:?}"),
+    }
+    set_cgroup_limit(&base, None);
+    // Both serve on; neither pool counts a job out of memory.
+    assert_ne!(
+        String::from_utf8(c.call("shared", &["1"], b"").unwrap()).unwrap(),
+        first.to_string()
+    );
+    assert_eq!(c.call("shm", &[], b"2").unwrap(), b"2");
+    let st = inst.status();
+    for p in &st.pools {
+        assert_eq!(p.out_of_memory, 0, "{p:?}");
+    }
+}
+
 /// The cgroups of a dispatcher killed with SIGKILL (which removes
 /// nothing) are removed by the next one of its instance, which the
 /// watchdog starts: only the new dispatcher's are left.
@@ -651,6 +724,11 @@ fn an_earlier_commands_oom_kill_is_not_why_its_worker_dies_later() {
         Err(ClientError::Remote(e)) => assert_eq!(e.kind, ErrorKind::WorkerCrashed, "{e}"),
         other => panic!("want a worker crashed error, got {other:?}"),
     }
+    // Its death is logged once it is reaped, after the answer.
+    let logged = osps_testkit::wait_for(osps_testkit::PATIENCE, || {
+        inst.log().contains("worker ended").then_some(())
+    });
+    assert!(logged.is_some(), "{}", inst.log());
     let st = inst.status();
     let shm = st.pools.iter().find(|p| p.name == "shm").unwrap();
     assert_eq!(shm.out_of_memory, 1);

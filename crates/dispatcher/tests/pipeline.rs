@@ -538,6 +538,8 @@ fn a_job_batched_before_a_crashing_one_gets_its_own_answer() {
         remote_kind(c.wait(crash).unwrap_err()),
         ErrorKind::WorkerCrashed
     );
+    // Its worker is replaced once reaped, after the answer.
+    inst.wait_status("the crash's two attempts", |s| s.workers[0].restarts >= 2);
     assert_eq!(
         inst.status().workers[0].restarts,
         2,

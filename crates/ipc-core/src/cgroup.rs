@@ -65,7 +65,8 @@ impl Version {
         }
     }
 
-    /// The file holding a cgroup's OOM kill count (a line `oom_kill N`).
+    /// The file holding a cgroup's OOM kill count (a line `oom_kill N`;
+    /// v2's also counts, `oom N`, the times its own limit was hit).
     fn events_file(self) -> &'static str {
         match self {
             Version::V1 => "memory.oom_control",
@@ -135,10 +136,10 @@ impl Cgroups {
         let mut cgroup = WorkerCgroup {
             dir,
             version: self.version,
-            oom_kills: None,
+            oom: None,
         };
         cgroup.limit(bytes)?;
-        cgroup.oom_kills = OomKills::open(&cgroup.dir);
+        cgroup.oom = OomEvents::open(&cgroup.dir);
         Ok(cgroup)
     }
 
@@ -229,8 +230,8 @@ fn recorded(paths: &RuntimePaths) -> Option<Cgroups> {
 pub struct WorkerCgroup {
     dir: PathBuf,
     version: Version,
-    /// Its OOM kill count, opened once: read as each job starts.
-    oom_kills: Option<OomKills>,
+    /// Its OOM counts, opened once: read as each job starts.
+    oom: Option<OomEvents>,
 }
 
 impl WorkerCgroup {
@@ -247,12 +248,21 @@ impl WorkerCgroup {
         enter(&self.dir, pid)
     }
 
-    /// How many processes the kernel's OOM killer ended in it so far.
-    pub fn oom_kills(&self) -> u64 {
-        self.oom_kills
+    /// Its OOM counts as a job starts on it ([`OomEvents::start`]; zero
+    /// where unreadable).
+    pub fn oom_start(&self) -> OomCount {
+        self.oom
             .as_ref()
-            .and_then(OomKills::count)
-            .unwrap_or(0)
+            .and_then(OomEvents::start)
+            .unwrap_or_default()
+    }
+
+    /// Its OOM counts now (zero where unreadable).
+    pub fn oom_count(&self) -> OomCount {
+        self.oom
+            .as_ref()
+            .and_then(OomEvents::read)
+            .unwrap_or_default()
     }
 
     fn limit(&self, bytes: u64) -> Result<(), String> {
@@ -320,30 +330,131 @@ pub fn enter(dir: &Path, pid: u32) -> Result<(), String> {
     write(&dir.join("cgroup.procs"), &pid.to_string())
 }
 
-/// A cgroup's OOM kill count (v1 or v2: a line `oom_kill N`), from its
-/// file opened once: each reading is one `pread`, without allocation (it
-/// is read as each job starts).
+/// A cgroup's OOM counts at one time ([`OomEvents::read`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OomCount {
+    /// Processes of the cgroup the kernel's OOM killer ended, whatever ran
+    /// out of memory: the cgroup, an enclosing one, or the machine.
+    pub kills: u64,
+    /// Times the cgroup's own limit was hit: v2's `oom` (reclaim failed at
+    /// its `memory.max`); on v1, 1 if its usage reached its limit since
+    /// [`OomEvents::start`] (its high-water mark), else 0.
+    pub at_limit: u64,
+}
+
+/// Why a process of a cgroup was OOM-killed, between two [`OomCount`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomKilled {
+    /// At the cgroup's own limit.
+    AtItsLimit,
+    /// Not at its limit, which it never reached meanwhile: memory ran out
+    /// in an enclosing cgroup or on the machine.
+    Elsewhere,
+}
+
+impl OomCount {
+    /// Whether a process was OOM-killed since `before` (read by
+    /// [`OomEvents::start`]), and why (`None`: none was). On v1 a kill
+    /// elsewhere after the usage had reached the limit (and reclaim made
+    /// room) is taken for one at the limit.
+    pub fn since(self, before: OomCount) -> Option<OomKilled> {
+        if self.kills <= before.kills {
+            None
+        } else if self.at_limit > before.at_limit {
+            Some(OomKilled::AtItsLimit)
+        } else {
+            Some(OomKilled::Elsewhere)
+        }
+    }
+}
+
+/// A cgroup's OOM counts, from its files opened once: a reading is a
+/// `pread` (two on v1, at a death), without allocation (it is read as each
+/// job starts).
 #[derive(Debug)]
-pub struct OomKills(std::fs::File);
+pub struct OomEvents {
+    events: std::fs::File,
+    /// v1: its usage's high-water mark (of memory and swap where swap is
+    /// accounted, else of memory), reset as each job starts, and its limit.
+    mark: Option<(std::fs::File, u64)>,
+}
 
-impl OomKills {
-    /// The count of cgroup `dir`; `None` if it has no memory controller.
-    pub fn open(dir: &Path) -> Option<OomKills> {
+impl OomEvents {
+    /// The counts of cgroup `dir`; `None` if it has no memory controller.
+    pub fn open(dir: &Path) -> Option<OomEvents> {
         let version = Version::of(dir)?;
-        std::fs::File::open(dir.join(version.events_file()))
-            .ok()
-            .map(OomKills)
+        let events = std::fs::File::open(dir.join(version.events_file())).ok()?;
+        let mark = match version {
+            Version::V2 => None,
+            Version::V1 => ["memory.memsw.", "memory."].iter().find_map(|prefix| {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(dir.join(format!("{prefix}max_usage_in_bytes")))
+                    .or_else(|_| {
+                        std::fs::File::open(dir.join(format!("{prefix}max_usage_in_bytes")))
+                    })
+                    .ok()?;
+                let limit = std::fs::read_to_string(dir.join(format!("{prefix}limit_in_bytes")))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((file, limit))
+            }),
+        };
+        Some(OomEvents { events, mark })
     }
 
-    /// The count now (the kernel writes the file afresh at offset 0).
-    pub fn count(&self) -> Option<u64> {
+    /// The counts as a job starts: on v1 the high-water mark is reset first
+    /// (where this process may write it), so that `at_limit` says whether
+    /// the usage reached the limit during the job.
+    pub fn start(&self) -> Option<OomCount> {
         use std::os::unix::fs::FileExt;
-        let mut buf = [0u8; 512];
-        let n = self.0.read_at(&mut buf, 0).ok()?;
-        let text = std::str::from_utf8(&buf[..n]).ok()?;
-        let line = text.lines().find_map(|l| l.strip_prefix("oom_kill "))?;
-        line.trim().parse().ok()
+        let Some((mark, _)) = &self.mark else {
+            return self.read();
+        };
+        let _ = mark.write_at(b"0", 0);
+        Some(OomCount {
+            kills: self.kills()?,
+            at_limit: 0,
+        })
     }
+
+    /// The counts now (the kernel writes each file afresh at offset 0).
+    pub fn read(&self) -> Option<OomCount> {
+        let at_limit = match &self.mark {
+            None => read_field(&self.events, "oom ").unwrap_or(0),
+            Some((mark, limit)) => u64::from(read_number(mark)? >= *limit),
+        };
+        Some(OomCount {
+            kills: self.kills()?,
+            at_limit,
+        })
+    }
+
+    fn kills(&self) -> Option<u64> {
+        read_field(&self.events, "oom_kill ")
+    }
+}
+
+/// The number after `name` (with its space) at the start of a line of
+/// cgroup file `file` (read at offset 0, into a buffer on the stack).
+fn read_field(file: &std::fs::File, name: &str) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 512];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix(name))?;
+    line.trim().parse().ok()
+}
+
+/// The number cgroup file `file` holds.
+fn read_number(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 32];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
 }
 
 /// The memory limit of cgroup `dir` in bytes (`None`: none, or unreadable).
@@ -669,23 +780,57 @@ mod tests {
     }
 
     #[test]
-    fn oom_kills_are_read_from_either_version() {
+    fn oom_counts_are_read_from_either_version_and_tell_a_kill_at_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let oom_kills = |dir: &Path| OomKills::open(dir)?.count();
-        assert_eq!(oom_kills(dir.path()), None);
-        std::fs::write(
-            dir.path().join("memory.oom_control"),
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        assert!(OomEvents::open(dir.path()).is_none());
+        write(
+            "memory.oom_control",
             "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
-        )
-        .unwrap();
-        assert_eq!(oom_kills(dir.path()), Some(3));
+        );
+        write("memory.memsw.limit_in_bytes", "33554432\n");
+        write("memory.memsw.max_usage_in_bytes", "1000000\n");
+        let v1 = OomEvents::open(dir.path()).unwrap();
+        let before = v1.start().unwrap();
+        assert_eq!(
+            before,
+            OomCount {
+                kills: 3,
+                at_limit: 0
+            }
+        );
+        // Killed, the usage below the limit: elsewhere.
+        write(
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n",
+        );
+        write("memory.memsw.max_usage_in_bytes", "20000000\n");
+        assert_eq!(v1.read().unwrap().since(before), Some(OomKilled::Elsewhere));
+        // At the limit.
+        write("memory.memsw.max_usage_in_bytes", "33554432\n");
+        assert_eq!(
+            v1.read().unwrap().since(before),
+            Some(OomKilled::AtItsLimit)
+        );
         let v2 = tempfile::tempdir().unwrap();
         std::fs::write(
             v2.path().join("memory.events"),
             "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n",
         )
         .unwrap();
-        assert_eq!(oom_kills(v2.path()), Some(2));
+        let events = OomEvents::open(v2.path()).unwrap();
+        let before = events.start().unwrap();
+        assert_eq!(
+            before,
+            OomCount {
+                kills: 2,
+                at_limit: 2
+            }
+        );
+        let later = |kills, at_limit| OomCount { kills, at_limit };
+        assert_eq!(later(3, 3).since(before), Some(OomKilled::AtItsLimit));
+        assert_eq!(later(3, 2).since(before), Some(OomKilled::Elsewhere));
+        assert_eq!(later(2, 5).since(before), None);
         std::fs::write(v2.path().join("memory.max"), "67108864\n").unwrap();
         assert_eq!(limit_bytes(v2.path()), Some(64 << 20));
         std::fs::write(v2.path().join("memory.max"), "max\n").unwrap();

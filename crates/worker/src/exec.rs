@@ -134,7 +134,7 @@ struct Exec {
     timeout: Option<Duration>,
     /// The memory cgroup this worker runs in (`OSPS_MEMORY_CGROUP`, where
     /// the dispatcher made one for it) and its OOM kill count.
-    cgroup: Option<(std::path::PathBuf, ipc_core::cgroup::OomKills)>,
+    cgroup: Option<(std::path::PathBuf, ipc_core::cgroup::OomEvents)>,
 }
 
 impl Exec {
@@ -161,7 +161,7 @@ impl Exec {
             timeout: args.timeout_ms.map(Duration::from_millis),
             cgroup: std::env::var_os(ipc_core::env::MEMORY_CGROUP).and_then(|dir| {
                 let dir = std::path::PathBuf::from(dir);
-                ipc_core::cgroup::OomKills::open(&dir).map(|kills| (dir, kills))
+                ipc_core::cgroup::OomEvents::open(&dir).map(|oom| (dir, oom))
             }),
         })
     }
@@ -195,8 +195,8 @@ impl Exec {
                 cut(a)
             )));
         }
-        // Its memory cgroup's OOM kills so far.
-        let oom_before = self.cgroup.as_ref().and_then(|(_, kills)| kills.count());
+        // Its memory cgroup's OOM counts so far.
+        let oom_before = self.cgroup.as_ref().and_then(|(_, oom)| oom.start());
         let mut child = self.spawn(job.args())?;
         let group = Arc::new(Group::new(&child));
         let _running = backstop::Running::set(&group);
@@ -270,12 +270,16 @@ impl Exec {
 /// memory limit (its pool's `memory_limit_mib`) and a failed command went
 /// past it: its stderr says an allocation failed (the `RLIMIT_DATA` the
 /// launcher set, which the command inherited), or the kernel's OOM killer
-/// ended a process in this worker's memory cgroup during the command
-/// (`cgroup`: its directory and OOM kill count, and the count before the
+/// ended a process in this worker's memory cgroup during the command, at
+/// the cgroup's limit (not for memory that ran out elsewhere: the machine)
+/// (`cgroup`: its directory and OOM counts, and the counts before the
 /// command).
 fn out_of_memory(
     tail: &Tail,
-    cgroup: Option<(&(std::path::PathBuf, ipc_core::cgroup::OomKills), u64)>,
+    cgroup: Option<(
+        &(std::path::PathBuf, ipc_core::cgroup::OomEvents),
+        ipc_core::cgroup::OomCount,
+    )>,
 ) -> Option<String> {
     use ipc_core::memory::{is_allocation_failure, out_of_memory_message, Mechanism};
     use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
@@ -289,9 +293,10 @@ fn out_of_memory(
             Mechanism::RlimitData,
         ));
     }
-    let ((dir, kills), before) = cgroup?;
+    let ((dir, oom), before) = cgroup?;
     let version = ipc_core::cgroup::Version::of(dir)?;
-    if kills.count()? <= before {
+    if oom.read()?.since(before)? != ipc_core::cgroup::OomKilled::AtItsLimit {
+        // Memory ran out elsewhere (the machine): not past the limit.
         return None;
     }
     let mib = ipc_core::cgroup::limit_bytes(dir)? >> 20;
