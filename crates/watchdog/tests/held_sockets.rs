@@ -193,7 +193,10 @@ fn twenty_sigkills_under_clients_that_never_retry_a_connect_refuse_nothing() {
     );
     assert_eq!(Counts::get(&c.no_such_file), 0, "no socket file");
     assert_eq!(Counts::get(&c.other_connect), 0, "other connect errors");
-    let s = inst.status();
+    // The last dispatcher's workers may still be starting (pid 0).
+    let s = inst.wait_status("the last dispatcher's workers up", |s| {
+        s.workers.iter().all(|w| w.pid != 0 && w.state.is_up())
+    });
     let w = s.watchdog.expect("supervised");
     assert_eq!(w.restarts, u64::from(KILLS));
     assert_eq!(
