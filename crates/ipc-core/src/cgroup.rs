@@ -338,7 +338,8 @@ pub struct OomCount {
     pub kills: u64,
     /// Times the cgroup's own limit was hit: v2's `oom` (reclaim failed at
     /// its `memory.max`); on v1, 1 if its usage reached its limit since
-    /// [`OomEvents::start`] (its high-water mark), else 0.
+    /// [`OomEvents::start`] (its high-water mark), else 0 (or, without a
+    /// readable mark, the kills: each taken for one at the limit).
     pub at_limit: u64,
 }
 
@@ -368,16 +369,21 @@ impl OomCount {
     }
 }
 
-/// A cgroup's OOM counts, from its files opened once: a reading is a
-/// `pread` (two on v1, at a death), without allocation (it is read as each
-/// job starts).
+/// A cgroup's OOM counts, from its files opened once: a reading is one
+/// `pread` (two on v1), without allocation (it is read as each job starts).
 #[derive(Debug)]
 pub struct OomEvents {
     events: std::fs::File,
+    version: Version,
     /// v1: its usage's high-water mark (of memory and swap where swap is
     /// accounted, else of memory), reset as each job starts, and its limit.
     mark: Option<(std::fs::File, u64)>,
 }
+
+/// How near its limit a v1 cgroup's high-water mark must be for the limit
+/// to count as reached: a charge that fails is not recorded, and one of a
+/// few pages at once may fail with less than that left.
+const NEAR_THE_LIMIT: u64 = 256 << 10;
 
 impl OomEvents {
     /// The counts of cgroup `dir`; `None` if it has no memory controller.
@@ -386,67 +392,73 @@ impl OomEvents {
         let events = std::fs::File::open(dir.join(version.events_file())).ok()?;
         let mark = match version {
             Version::V2 => None,
-            Version::V1 => ["memory.memsw.", "memory."].iter().find_map(|prefix| {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(dir.join(format!("{prefix}max_usage_in_bytes")))
-                    .or_else(|_| {
-                        std::fs::File::open(dir.join(format!("{prefix}max_usage_in_bytes")))
-                    })
-                    .ok()?;
-                let limit = std::fs::read_to_string(dir.join(format!("{prefix}limit_in_bytes")))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()?;
-                Some((file, limit))
-            }),
+            Version::V1 => ["memory.memsw.", "memory."]
+                .iter()
+                .find_map(|prefix| high_water_mark(dir, prefix)),
         };
-        Some(OomEvents { events, mark })
+        Some(OomEvents {
+            events,
+            version,
+            mark,
+        })
     }
 
     /// The counts as a job starts: on v1 the high-water mark is reset first
-    /// (where this process may write it), so that `at_limit` says whether
-    /// the usage reached the limit during the job.
+    /// (to the usage now, where this process may write it), so that
+    /// `at_limit` says whether the usage reached the limit during the job.
     pub fn start(&self) -> Option<OomCount> {
         use std::os::unix::fs::FileExt;
         let Some((mark, _)) = &self.mark else {
             return self.read();
         };
         let _ = mark.write_at(b"0", 0);
-        Some(OomCount {
-            kills: self.kills()?,
-            at_limit: 0,
-        })
+        // Whatever the usage now (at the limit, for a cgroup its page
+        // cache fills), the job has not yet reached it.
+        let now = self.read()?;
+        Some(OomCount { at_limit: 0, ..now })
     }
 
-    /// The counts now (the kernel writes each file afresh at offset 0).
+    /// The counts now (the kernel writes each file afresh at offset 0). On
+    /// v1 without a readable high-water mark, every kill counts as one at
+    /// the limit.
     pub fn read(&self) -> Option<OomCount> {
-        let at_limit = match &self.mark {
-            None => read_field(&self.events, "oom ").unwrap_or(0),
-            Some((mark, limit)) => u64::from(read_number(mark)? >= *limit),
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = self.events.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = text.lines().find_map(|l| l.strip_prefix(name))?;
+            line.trim().parse().ok()
         };
-        Some(OomCount {
-            kills: self.kills()?,
-            at_limit,
-        })
-    }
-
-    fn kills(&self) -> Option<u64> {
-        read_field(&self.events, "oom_kill ")
+        let kills = field("oom_kill ")?;
+        let at_limit = match (self.version, &self.mark) {
+            (Version::V2, _) => field("oom ").unwrap_or(kills),
+            (Version::V1, Some((mark, limit))) => match read_number(mark) {
+                Some(high) => u64::from(high.saturating_add(NEAR_THE_LIMIT) >= *limit),
+                None => kills,
+            },
+            (Version::V1, None) => kills,
+        };
+        Some(OomCount { kills, at_limit })
     }
 }
 
-/// The number after `name` (with its space) at the start of a line of
-/// cgroup file `file` (read at offset 0, into a buffer on the stack).
-fn read_field(file: &std::fs::File, name: &str) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 512];
-    let n = file.read_at(&mut buf, 0).ok()?;
-    let text = std::str::from_utf8(&buf[..n]).ok()?;
-    let line = text.lines().find_map(|l| l.strip_prefix(name))?;
-    line.trim().parse().ok()
+/// v1's high-water mark of cgroup `dir` for `prefix` (`memory.memsw.` or
+/// `memory.`), opened to be reset where this process may, and its limit.
+fn high_water_mark(dir: &Path, prefix: &str) -> Option<(std::fs::File, u64)> {
+    let path = dir.join(format!("{prefix}max_usage_in_bytes"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .or_else(|_| std::fs::File::open(&path))
+        .ok()?;
+    let limit = std::fs::read_to_string(dir.join(format!("{prefix}limit_in_bytes")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((file, limit))
 }
 
 /// The number cgroup file `file` holds.
@@ -806,12 +818,27 @@ mod tests {
         );
         write("memory.memsw.max_usage_in_bytes", "20000000\n");
         assert_eq!(v1.read().unwrap().since(before), Some(OomKilled::Elsewhere));
-        // At the limit.
+        // At the limit, or nearly (a charge of a few pages failed).
+        let at = |v1: &OomEvents, before| v1.read().unwrap().since(before);
         write("memory.memsw.max_usage_in_bytes", "33554432\n");
-        assert_eq!(
-            v1.read().unwrap().since(before),
-            Some(OomKilled::AtItsLimit)
-        );
+        assert_eq!(at(&v1, before), Some(OomKilled::AtItsLimit));
+        write("memory.memsw.max_usage_in_bytes", "33452032\n");
+        assert_eq!(at(&v1, before), Some(OomKilled::AtItsLimit));
+        // At the limit as the job starts (page cache filling the cgroup): a
+        // kill then is still at the limit.
+        let before = v1.start().unwrap();
+        assert_eq!(before.at_limit, 0);
+        // (The kernel resets the mark to the usage; a plain file takes the 0.)
+        write("memory.memsw.max_usage_in_bytes", "33554432\n");
+        let kills = |n| format!("oom_kill_disable 0\nunder_oom 0\noom_kill {n}\n");
+        write("memory.oom_control", &kills(5));
+        assert_eq!(at(&v1, before), Some(OomKilled::AtItsLimit));
+        // No high-water mark to read: every kill is taken for one at the limit.
+        std::fs::remove_file(dir.path().join("memory.memsw.max_usage_in_bytes")).unwrap();
+        let blind = OomEvents::open(dir.path()).unwrap();
+        let before = blind.start().unwrap();
+        write("memory.oom_control", &kills(6));
+        assert_eq!(at(&blind, before), Some(OomKilled::AtItsLimit));
         let v2 = tempfile::tempdir().unwrap();
         std::fs::write(
             v2.path().join("memory.events"),
