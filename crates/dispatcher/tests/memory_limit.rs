@@ -57,6 +57,10 @@ fn start_by(
     (dir, how(tag, &args))
 }
 
+/// A command (Python) that takes as many MiB of shared anonymous memory as
+/// its input says, each page touched, and writes that number.
+const TAKE_SHARED: &str = "import mmap, sys\nn = int(sys.stdin.read())\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
+
 /// Two workers of the Rust SDK's worker, limited to 32 MiB, and no
 /// builtin pool.
 const LIMITED_TWO: &str = "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"OSPS_WORKER\"]\nworkers = 2\nmemory_limit_mib = 32\n";
@@ -543,7 +547,7 @@ fn an_exec_pools_command_past_the_limit_in_shared_memory_is_out_of_memory() {
     let Some(version) = cgroups_here() else {
         return;
     };
-    let take = "import mmap, sys\nn = int(sys.stdin.read())\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
+    let take = TAKE_SHARED;
     let (_dir, inst) = start(
         "memcgexec",
         &format!(
@@ -595,7 +599,7 @@ fn an_oom_kill_not_at_the_pools_limit_is_not_blamed_on_the_limit() {
     if cgroups_here().is_none() {
         return;
     }
-    let take = "import mmap, sys\nn = int(sys.stdin.read())\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
+    let take = TAKE_SHARED;
     let (_dir, inst) = start(
         "memcgabove",
         &format!(
