@@ -836,13 +836,25 @@ fn a_dead_dispatchers_cgroups_elsewhere_are_found_by_their_record() {
     // What the next start, from our cgroup, would look at first.
     let here = Cgroups::find(&inst.paths).unwrap();
     assert!(!here.base().starts_with(&elsewhere.0));
-    kill(Pid::from_raw(inst.dispatcher_pid() as i32), Signal::SIGKILL).unwrap();
+    let dispatcher = inst.dispatcher_pid();
+    kill(Pid::from_raw(dispatcher as i32), Signal::SIGKILL).unwrap();
     osps_testkit::wait_for(Duration::from_secs(10), || {
         std::fs::read_to_string(base.join(dir.file_name().unwrap()).join("cgroup.procs"))
             .is_ok_and(|p| p.trim().is_empty())
             .then_some(())
     })
     .expect("the dead dispatcher's workers gone");
+    // And the dispatcher itself past the closing of its files (its lock):
+    // a zombie (this test reaps it), or gone.
+    osps_testkit::wait_for(Duration::from_secs(10), || {
+        let stat = std::fs::read_to_string(format!("/proc/{dispatcher}/stat"));
+        let closed = stat.map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        });
+        closed.then_some(())
+    })
+    .expect("the dead dispatcher's files closed");
     assert!(base.exists(), "a SIGKILLed dispatcher removes nothing");
     let removed = ipc_core::start::remove_leftovers(&inst.paths, false, false).unwrap();
     assert!(
