@@ -833,6 +833,13 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         },
         Err(failed) => failed,
     };
+    Err(not_ready(shared, pool, worker, failed).await)
+}
+
+/// Ends a new worker that did not become ready (`failed`: why), and says
+/// why its start failed.
+async fn not_ready(shared: &Shared, pool: &Pool, mut worker: Worker, failed: String) -> String {
+    let pid = worker.pid;
     let not_ready = End::Kill {
         why: failed.clone(),
         answer: vec![],
@@ -851,7 +858,7 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
         (OutOfMemory::Elsewhere(said), _) => format!("{failed}: {said}"),
         _ => failed,
     };
-    Err(format!("worker {pid}: {failed} ({status})"))
+    format!("worker {pid}: {failed} ({status})")
 }
 
 /// Moves new worker `pid` into its memory cgroup, if it has one, on a
