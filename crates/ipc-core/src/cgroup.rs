@@ -152,7 +152,7 @@ impl Cgroups {
             Err(e) => return Err(format!("cannot make {}: {e}", self.base.display())),
         }
         let path = self.base.as_os_str().as_encoded_bytes();
-        std::fs::write(&self.record, path)
+        crate::paths::write_private(&self.record, path)
             .map_err(|e| format!("cannot write {}: {e}", self.record.display()))?;
         if self.version == Version::V2 {
             write(&self.base.join("cgroup.subtree_control"), "+memory")?;
@@ -207,20 +207,14 @@ pub fn remove_leftovers(paths: &RuntimePaths) -> Vec<String> {
 /// The directory [`RuntimePaths::cgroup_record`] names, if it is a memory
 /// cgroup with the instance's name, and the record a regular file of ours.
 fn recorded(paths: &RuntimePaths) -> Option<Cgroups> {
-    use std::os::unix::fs::MetadataExt;
-    let record = paths.cgroup_record();
-    let meta = std::fs::symlink_metadata(&record).ok()?;
-    if !meta.is_file() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.len() > 4096 {
-        return None;
-    }
-    let base = PathBuf::from(std::fs::read_to_string(&record).ok()?);
+    let base = paths.read_cgroup_record()?;
     let named = base.file_name().is_some_and(|n| *n == *paths.cgroup_name());
     let plain = base.is_absolute() && !base.components().any(|c| c.as_os_str() == "..");
     let version = Version::of(&base).filter(|_| named && plain)?;
     Some(Cgroups {
         base,
         version,
-        record,
+        record: paths.cgroup_record(),
         next: 0.into(),
     })
 }
@@ -743,6 +737,47 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_record_is_trusted_only_naming_the_instances_cgroup_in_a_file_of_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = RuntimePaths::new("rec", Some(tmp.path())).unwrap();
+        std::fs::create_dir(paths.dir()).unwrap();
+        // A stand-in memory cgroup (v2's events file) with the instance's name.
+        let base = tmp.path().join(paths.cgroup_name());
+        let other = tmp.path().join("osps-0-someone-else");
+        for dir in [&base, &other] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("memory.events"), "oom_kill 0\n").unwrap();
+        }
+        let record = |text: &std::ffi::OsStr| {
+            crate::paths::write_private(&paths.cgroup_record(), text.as_encoded_bytes()).unwrap()
+        };
+        let found = |paths: &RuntimePaths| recorded(paths).map(|c| c.base);
+        record(base.as_os_str());
+        assert_eq!(found(&paths), Some(base.clone()));
+        // Another name, a relative path, a `..`: not trusted.
+        record(other.as_os_str());
+        assert_eq!(found(&paths), None);
+        record(std::ffi::OsStr::new(&paths.cgroup_name()));
+        assert_eq!(found(&paths), None);
+        let dotted = tmp.path().join("x/..").join(paths.cgroup_name());
+        record(dotted.as_os_str());
+        assert_eq!(found(&paths), None);
+        // A link in the record's place, to a file naming it: not followed.
+        let elsewhere = tmp.path().join("planted");
+        std::fs::write(&elsewhere, base.as_os_str().as_encoded_bytes()).unwrap();
+        std::fs::remove_file(paths.cgroup_record()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, paths.cgroup_record()).unwrap();
+        assert_eq!(found(&paths), None);
+        // A record another uid owns (as root: given to nobody).
+        if nix::unistd::geteuid().is_root() {
+            std::fs::remove_file(paths.cgroup_record()).unwrap();
+            record(base.as_os_str());
+            std::os::unix::fs::chown(paths.cgroup_record(), Some(65534), None).unwrap();
+            assert_eq!(found(&paths), None);
         }
     }
 

@@ -269,6 +269,15 @@ impl RuntimePaths {
         self.dir.join(format!("{}.cgroup", self.instance))
     }
 
+    /// The path [`RuntimePaths::cgroup_record`] holds, if it is a regular
+    /// file of ours (read as the state file is); `None` otherwise.
+    pub fn read_cgroup_record(&self) -> Option<PathBuf> {
+        read_own(&self.cgroup_record(), 4096)
+            .ok()
+            .flatten()
+            .map(PathBuf::from)
+    }
+
     /// The configuration file's text as the dispatcher last applied it (at
     /// its start or a reload): what a dispatcher restarted after a crash
     /// serves with when the file itself is refused (broken since).
@@ -280,53 +289,22 @@ impl RuntimePaths {
     /// reader never sees half of it). Call only with the instance lock held
     /// and the directory checked as ours.
     pub fn save_applied_config(&self, text: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.applied_config();
-        let tmp = self.dir.join(format!("{}.applied.toml.new", self.instance));
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        fs::rename(&tmp, &path)
+        write_private(&self.applied_config(), text.as_bytes())
     }
 
     /// Reads the state file: `None` if there is none. A file that is not a
     /// regular file of ours, or does not parse, or names a segment not of
     /// this instance's form, is an error (and is not trusted).
     pub fn read_state(&self) -> Result<Option<InstanceState>, PathError> {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.state_file();
         let bad = |why: String| PathError::State {
             path: path.clone(),
             why,
         };
-        let mut file = match fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(bad(e.to_string())),
+        let Some(text) = read_own(&path, STATE_MAX).map_err(bad)? else {
+            return Ok(None);
         };
-        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
         let euid = nix::unistd::geteuid().as_raw();
-        if !meta.is_file() || meta.uid() != euid {
-            return Err(bad(format!(
-                "not a regular file owned by uid {euid} (owner {})",
-                meta.uid()
-            )));
-        }
-        let mut text = String::new();
-        file.by_ref()
-            .take(STATE_MAX)
-            .read_to_string(&mut text)
-            .map_err(|e| bad(e.to_string()))?;
         let (mut generation, mut segments, mut ok) = (None, Vec::new(), true);
         for line in text.lines() {
             match line.split_once(' ') {
@@ -365,29 +343,12 @@ impl RuntimePaths {
     /// Writes the state file atomically (a temporary file beside it, mode
     /// 0600, renamed over it).
     pub fn write_state(&self, state: &InstanceState) -> Result<(), PathError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.state_file();
-        let tmp = self.dir.join(format!("{}.state.tmp", self.instance));
-        let err = |source| PathError::Dir {
-            path: path.clone(),
-            source,
-        };
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(err)?;
         let mut text = format!("generation {}\n", state.generation);
         for s in &state.segments {
             text.push_str(&format!("segment {} {}\n", s.name, s.owner));
         }
-        f.write_all(text.as_bytes()).map_err(err)?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(err)
+        write_private(&path, text.as_bytes()).map_err(|source| PathError::Dir { path, source })
     }
 
     /// Removes the state file (after an ordered stop, or once a dead
@@ -449,6 +410,57 @@ impl RuntimePaths {
     pub fn legacy_segment_name(&self) -> String {
         self.segment_prefix().trim_end_matches('-').to_owned()
     }
+}
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside
+/// it (`PATH.tmp`, mode 0600, not through a link), renamed over it. Call
+/// only in a directory checked as ours, with the instance lock held.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    fs::rename(&tmp, path)
+}
+
+/// The text of `path` (at most `max` bytes), if it exists: opened without
+/// following a link (nor blocking on a FIFO), and refused unless the file
+/// opened is a regular file owned by this process's uid (the reason).
+fn read_own(path: &Path, max: u64) -> Result<Option<String>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if !meta.is_file() || meta.uid() != euid {
+        return Err(format!(
+            "not a regular file owned by uid {euid} (owner {})",
+            meta.uid()
+        ));
+    }
+    let mut text = String::new();
+    file.by_ref()
+        .take(max)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    Ok(Some(text))
 }
 
 #[cfg(test)]
