@@ -677,13 +677,10 @@ fn mounted(mounts: &str, which: impl Fn(&str, &str) -> bool, rel: &str) -> Optio
             return None;
         }
         let (root, point) = (fields.get(3)?, unescape(fields.get(4)?));
-        let inside = if *root == "/" {
-            rel
-        } else {
-            rel.strip_prefix(root)?
-        };
-        let inside = inside.trim_start_matches('/');
-        (!inside.split('/').any(|c| c == "..")).then(|| Path::new(&point).join(inside))
+        // By components: the cgroup `/innerx` is not inside a mount of `/inner`.
+        let inside = Path::new(rel).strip_prefix(root).ok()?;
+        let climbs = inside.components().any(|c| c == std::path::Component::ParentDir);
+        (!climbs).then(|| Path::new(&point).join(inside))
     })
 }
 
@@ -823,6 +820,8 @@ mod tests {
         );
         // A cgroup outside the mounted subtree, or climbing out of it.
         assert_eq!(mounted(MOUNTS, pids, "/other"), None);
+        // One whose name only begins like the subtree's is outside it.
+        assert_eq!(mounted(MOUNTS, pids, "/innerx/y"), None);
         assert_eq!(mounted(MOUNTS, v1, "/a/../../etc"), None);
     }
 
