@@ -443,7 +443,8 @@ fn each_limited_worker_has_a_memory_cgroup_of_its_own_removed_with_it() {
     assert_ne!(dirs[0], dirs[1], "one cgroup per worker");
     for dir in &dirs {
         assert_eq!(dir.parent(), Some(base.as_path()), "{}", dir.display());
-        assert_eq!(ipc_core::cgroup::limit_bytes(dir), Some(32 << 20));
+        let limit = ipc_core::cgroup::OomEvents::open(dir).and_then(|e| e.limit());
+        assert_eq!(limit, Some(32 << 20));
         if version == Version::V1 && dir.join("memory.memsw.limit_in_bytes").exists() {
             let memsw = std::fs::read_to_string(dir.join("memory.memsw.limit_in_bytes")).unwrap();
             assert_eq!(

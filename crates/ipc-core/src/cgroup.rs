@@ -369,6 +369,8 @@ impl OomCount {
 pub struct OomEvents {
     events: std::fs::File,
     version: Version,
+    /// Its memory limit (bytes), read as it was opened (`None`: none).
+    limit: Option<u64>,
     /// v1: its usage's high-water mark (of memory and swap where swap is
     /// accounted, else of memory), reset as each job starts, and its limit.
     mark: Option<(std::fs::File, u64)>,
@@ -393,8 +395,19 @@ impl OomEvents {
         Some(OomEvents {
             events,
             version,
+            limit: read_u64(&dir.join(version.limit_file())),
             mark,
         })
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The cgroup's memory limit in bytes, as it was when opened (`None`:
+    /// none, or unreadable).
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
     }
 
     /// The counts as a job starts: on v1 the high-water mark is reset first
@@ -447,12 +460,13 @@ fn high_water_mark(dir: &Path, prefix: &str) -> Option<(std::fs::File, u64)> {
         .open(&path)
         .or_else(|_| std::fs::File::open(&path))
         .ok()?;
-    let limit = std::fs::read_to_string(dir.join(format!("{prefix}limit_in_bytes")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let limit = read_u64(&dir.join(format!("{prefix}limit_in_bytes")))?;
     Some((file, limit))
+}
+
+/// The number cgroup file `path` holds (`None`: unreadable, or `max`).
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// The number cgroup file `file` holds.
@@ -461,13 +475,6 @@ fn read_number(file: &std::fs::File) -> Option<u64> {
     let mut buf = [0u8; 32];
     let n = file.read_at(&mut buf, 0).ok()?;
     std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
-}
-
-/// The memory limit of cgroup `dir` in bytes (`None`: none, or unreadable).
-pub fn limit_bytes(dir: &Path) -> Option<u64> {
-    let version = Version::of(dir)?;
-    let text = std::fs::read_to_string(dir.join(version.limit_file())).ok()?;
-    text.trim().parse().ok()
 }
 
 /// Waits until this process is in cgroup `dir` (its pid in
@@ -679,7 +686,9 @@ fn mounted(mounts: &str, which: impl Fn(&str, &str) -> bool, rel: &str) -> Optio
         let (root, point) = (fields.get(3)?, unescape(fields.get(4)?));
         // By components: the cgroup `/innerx` is not inside a mount of `/inner`.
         let inside = Path::new(rel).strip_prefix(root).ok()?;
-        let climbs = inside.components().any(|c| c == std::path::Component::ParentDir);
+        let climbs = inside
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
         (!climbs).then(|| Path::new(&point).join(inside))
     })
 }
@@ -893,8 +902,9 @@ mod tests {
         assert_eq!(later(3, 2).since(before), Some(OomKilled::Elsewhere));
         assert_eq!(later(2, 5).since(before), None);
         std::fs::write(v2.path().join("memory.max"), "67108864\n").unwrap();
-        assert_eq!(limit_bytes(v2.path()), Some(64 << 20));
+        let limit = |dir: &Path| OomEvents::open(dir)?.limit();
+        assert_eq!(limit(v2.path()), Some(64 << 20));
         std::fs::write(v2.path().join("memory.max"), "max\n").unwrap();
-        assert_eq!(limit_bytes(v2.path()), None);
+        assert_eq!(limit(v2.path()), None);
     }
 }

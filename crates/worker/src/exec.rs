@@ -132,9 +132,9 @@ struct Exec {
     argv: Vec<String>,
     pass_args: bool,
     timeout: Option<Duration>,
-    /// The memory cgroup this worker runs in (`OSPS_MEMORY_CGROUP`, where
-    /// the dispatcher made one for it) and its OOM kill count.
-    cgroup: Option<(std::path::PathBuf, ipc_core::cgroup::OomEvents)>,
+    /// The OOM counts of the memory cgroup this worker runs in
+    /// (`OSPS_MEMORY_CGROUP`, where the dispatcher made one for it).
+    cgroup: Option<ipc_core::cgroup::OomEvents>,
 }
 
 impl Exec {
@@ -159,10 +159,8 @@ impl Exec {
             argv: args.command,
             pass_args: args.pass_args,
             timeout: args.timeout_ms.map(Duration::from_millis),
-            cgroup: std::env::var_os(ipc_core::env::MEMORY_CGROUP).and_then(|dir| {
-                let dir = std::path::PathBuf::from(dir);
-                ipc_core::cgroup::OomEvents::open(&dir).map(|oom| (dir, oom))
-            }),
+            cgroup: std::env::var_os(ipc_core::env::MEMORY_CGROUP)
+                .and_then(|dir| ipc_core::cgroup::OomEvents::open(dir.as_ref())),
         })
     }
 
@@ -196,7 +194,7 @@ impl Exec {
             )));
         }
         // Its memory cgroup's OOM counts so far.
-        let oom_before = self.cgroup.as_ref().and_then(|(_, oom)| oom.start());
+        let oom_before = self.cgroup.as_ref().and_then(|oom| oom.start());
         let mut child = self.spawn(job.args())?;
         let group = Arc::new(Group::new(&child));
         let _running = backstop::Running::set(&group);
@@ -272,14 +270,10 @@ impl Exec {
 /// launcher set, which the command inherited), or the kernel's OOM killer
 /// ended a process in this worker's memory cgroup during the command, at
 /// the cgroup's limit (not for memory that ran out elsewhere: the machine)
-/// (`cgroup`: its directory and OOM counts, and the counts before the
-/// command).
+/// (`cgroup`: its OOM counts, and those before the command).
 fn out_of_memory(
     tail: &Tail,
-    cgroup: Option<(
-        &(std::path::PathBuf, ipc_core::cgroup::OomEvents),
-        ipc_core::cgroup::OomCount,
-    )>,
+    cgroup: Option<(&ipc_core::cgroup::OomEvents, ipc_core::cgroup::OomCount)>,
 ) -> Option<String> {
     use ipc_core::memory::{is_allocation_failure, out_of_memory_message, Mechanism};
     use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
@@ -293,18 +287,17 @@ fn out_of_memory(
             Mechanism::RlimitData,
         ));
     }
-    let ((dir, oom), before) = cgroup?;
-    let version = ipc_core::cgroup::Version::of(dir)?;
+    let (oom, before) = cgroup?;
     if oom.read()?.since(before)? != ipc_core::cgroup::OomKilled::AtItsLimit {
         // Memory ran out elsewhere (the machine): not past the limit.
         return None;
     }
-    let mib = ipc_core::cgroup::limit_bytes(dir)? >> 20;
+    let mib = oom.limit()? >> 20;
     Some(out_of_memory_message(
         "the command",
         None,
         mib,
-        version.mechanism(),
+        oom.version().mechanism(),
     ))
 }
 
