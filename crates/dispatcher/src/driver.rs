@@ -85,8 +85,8 @@ struct Worker {
     /// ends with the line that said an allocation failed, if one did.
     stderr: Option<oneshot::Receiver<Option<String>>>,
     /// A worker of a pool with a memory limit, where the dispatcher makes
-    /// memory cgroups: its own (last: emptied and removed once the child
-    /// is dropped).
+    /// memory cgroups: its own (after `child`: emptied and removed once the
+    /// child is dropped, reaped by then).
     cgroup: Option<ipc_core::cgroup::WorkerCgroup>,
     /// Its memory cgroup's OOM counts before its current jobs (read when a
     /// job starts on it idle): only a kill since then is why it died, not
@@ -241,8 +241,8 @@ pub async fn drive(
         };
         let mut end = driver.serve().await;
         let (dead, mut recycle) = (driver.dead, driver.recycle);
-        let cause = crate::metrics::restart_cause(&end);
-        let status = end_worker(&shared, entry, &mut worker, &mut end, dead, *stop.borrow()).await;
+        let (status, cause) =
+            end_worker(&shared, entry, &mut worker, &mut end, dead, *stop.borrow()).await;
         if let Some(fresh) = recycled(p, index, worker.pid, &mut recycle, &status) {
             next = Some(Box::pin(std::future::ready(Ok(fresh))));
             continue;
@@ -488,9 +488,11 @@ async fn start_failed(
 }
 
 /// Ends a worker whose service ended `end` ([`finish`]), and what its
-/// jobs left behind; returns how it exited. A dead worker's (`dead`: its
-/// pipes said so) jobs given up are answered first ([`answer_first`]);
-/// their slots are freed only once it is reaped.
+/// jobs left behind; returns how it exited, and the cause of its restart
+/// ([`crate::metrics::restart_cause`], read before any answer is taken
+/// out of `end`). A dead worker's (`dead`: its pipes said so) jobs given
+/// up are answered first ([`answer_first`]); their slots are freed only
+/// once it is reaped.
 async fn end_worker(
     shared: &Shared,
     entry: &WorkerEntry,
@@ -498,7 +500,8 @@ async fn end_worker(
     end: &mut End<QueuedJob>,
     dead: bool,
     stopping: bool,
-) -> String {
+) -> (String, ErrorKind) {
+    let cause = crate::metrics::restart_cause(end);
     let answered_first = if dead {
         answer_first(shared, entry, end, stopping)
     } else {
@@ -511,7 +514,7 @@ async fn end_worker(
     entry.ended();
     // Reaped: nothing can write into those slots any more.
     drop(answered_first);
-    status
+    (status, cause)
 }
 
 /// Answers the jobs `end` gives up (a dead worker's) and counts them
@@ -531,15 +534,23 @@ fn answer_first(
     };
     let mut slots = Vec::with_capacity(answer.len());
     for (job, kind, message) in answer.drain(..) {
-        if !stopping && kind != ErrorKind::Cancelled {
+        if !stopping && lost_with_its_worker(kind) {
             entry.failed(1);
         }
         let outcome = Outcome::Err(RemoteError::new(kind, message));
-        slots.push(reply(shared, job, outcome, |slot| {
-            (Body::Inline(Vec::new()), slot)
-        }));
+        reply(shared, job, outcome, |slot| {
+            slots.push(slot);
+            Body::Inline(Vec::new())
+        });
     }
     slots
+}
+
+/// Whether a job answered `kind` as its worker ended counts as one the
+/// worker lost (its place's `jobs_failed`): a job its client cancelled is
+/// not.
+fn lost_with_its_worker(kind: ErrorKind) -> bool {
+    kind != ErrorKind::Cancelled
 }
 
 /// After a worker ended `status`: answers or requeues its jobs (those not
@@ -576,10 +587,9 @@ fn settle(
         "worker ended ({why}): {status}; replacing it"
     );
     if !stopping {
-        // A job its client cancelled is not one the worker lost.
         let lost = answer
             .iter()
-            .filter(|(_, kind, _)| *kind != ErrorKind::Cancelled)
+            .filter(|(_, kind, _)| lost_with_its_worker(*kind))
             .count() as u64;
         pool.workers
             .get(index)
@@ -798,7 +808,11 @@ async fn spawn(shared: &Shared, pool: &Pool) -> Result<Worker, String> {
     let pid = child.id().ok_or("worker exited at once")?;
     // Before any `.await`: a sweep must never take it for an orphan.
     shared.orphans.worker_started(pid);
-    if let Some(Err(e)) = enter(cgroup.as_ref(), pid).await {
+    let entered = match &cgroup {
+        Some(c) => enter(c.dir().to_owned(), pid).await,
+        None => Ok(()),
+    };
+    if let Err(e) = entered {
         let _ = child.start_kill();
         let status = describe(child.wait().await);
         shared.orphans.worker_reaped(pid);
@@ -861,17 +875,13 @@ async fn not_ready(shared: &Shared, pool: &Pool, mut worker: Worker, failed: Str
     format!("worker {pid}: {failed} ({status})")
 }
 
-/// Moves new worker `pid` into its memory cgroup, if it has one, on a
+/// Moves new worker `pid` into its memory cgroup `dir`, on a
 /// blocking thread: the kernel may wait for an RCU grace period there
 /// (measured up to 16 ms), which must not hold up the event loop. The
 /// launcher waits meanwhile.
-async fn enter(
-    cgroup: Option<&ipc_core::cgroup::WorkerCgroup>,
-    pid: u32,
-) -> Option<Result<(), String>> {
-    let dir = cgroup?.dir().to_owned();
+async fn enter(dir: std::path::PathBuf, pid: u32) -> Result<(), String> {
     let moved = tokio::task::spawn_blocking(move || ipc_core::cgroup::enter(&dir, pid)).await;
-    Some(moved.unwrap_or_else(|e| Err(format!("moving it into its cgroup failed: {e}"))))
+    moved.unwrap_or_else(|e| Err(format!("moving it into its cgroup failed: {e}")))
 }
 
 /// Waits for a new worker's `Ready`; returns the operations it streams,
@@ -1396,29 +1406,23 @@ pub fn answer_err(shared: &Shared, job: QueuedJob, kind: ErrorKind, message: Str
 fn send(shared: &Shared, job: QueuedJob, outcome: Outcome, result: std::ops::Range<usize>) {
     reply(shared, job, outcome, |slot| {
         let lease = slot.settle();
-        (Body::Slot { result, lease }, ())
+        Body::Slot { result, lease }
     });
 }
 
 /// Counts the outcome and hands the reply, with the permit, to the
 /// connection's writer; `body` makes the reply's body of the job's slot
-/// (settled: [`send`]), or keeps the slot and returns it (a dead worker's
-/// job: [`answer_first`]).
-fn reply<R>(
-    shared: &Shared,
-    job: QueuedJob,
-    outcome: Outcome,
-    body: impl FnOnce(JobSlot) -> (Body, R),
-) -> R {
+/// (settled: [`send`]), or keeps the slot elsewhere (a dead worker's job:
+/// [`answer_first`]).
+fn reply(shared: &Shared, job: QueuedJob, outcome: Outcome, body: impl FnOnce(JobSlot) -> Body) {
     let took = shared.stats.answered(&outcome, job.received);
     job.metrics.answered(&outcome, took);
-    let (body, kept) = body(job.lease);
+    let body = body(job.lease);
     let ticket = job.ticket;
     let answered = ticket.answers_cancels(&outcome);
     job.reply.answer(job.req_id, outcome, body);
     // A cancel waiting for this answer goes after it.
     drop(answered);
-    kept
 }
 
 /// Ends a worker: on `Stop`, closes its stdin and waits a grace period; in

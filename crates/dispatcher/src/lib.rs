@@ -155,7 +155,7 @@ pub struct Config {
     /// Replace a worker whose resident memory is above this many MiB after a job, between jobs, as for --recycle-after-jobs [default: never].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub recycle_above_rss_mib: Option<u64>,
-    /// Limit each worker's own memory (heap and private mappings, not the shared segment) to this many MiB, from its first instruction (RLIMIT_DATA); a job past it is answered `out of memory` and its worker replaced [default: no limit].
+    /// Limit each worker's memory to this many MiB, from its first instruction: RLIMIT_DATA (heap and private mappings), and where the dispatcher may make memory cgroups a cgroup per worker (all it and its children take; the shared segment's pages are not theirs); a job past it is answered `out of memory` and its worker replaced [default: no limit].
     #[arg(long, value_parser = ipc_core::memory::parse_limit_mib)]
     pub memory_limit_mib: Option<u64>,
     /// The pools of their own, from the configuration file (`[pools.NAME]`).

@@ -63,7 +63,7 @@ impl WorkerEntry {
     /// The process ended `how`, losing `lost` jobs (besides those counted
     /// as they were answered: [`WorkerEntry::failed`]).
     pub fn lost(&self, lost: u64, how: String) {
-        add(&self.jobs_failed, lost);
+        self.failed(lost);
         *self.last_exit.borrow_mut() = how;
     }
 

@@ -532,6 +532,10 @@ fn shared_memory_past_the_limit_is_out_of_memory_by_the_cgroup() {
     let py = st.pools.iter().find(|p| p.name == "py").unwrap();
     assert_eq!((py.out_of_memory, py.restarts, py.jobs_failed), (1, 1, 1));
     assert_eq!(st.pools[0].restarts, 0);
+    // Its restart's cause, read before its answer went (first, unreaped).
+    let metrics = c.metrics().unwrap();
+    let line = "osps_worker_restarts_total{pool=\"py\",cause=\"out_of_memory\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
     assert!(
         inst.log()
             .contains("out of memory (the kernel's OOM killer ended it"),
