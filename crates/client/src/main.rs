@@ -430,7 +430,13 @@ fn run(args: Args) -> Result<(), ClientError> {
 /// panic).
 fn emit(bytes: &[u8]) -> io::Result<()> {
     let mut out = io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
+    quiet_on_broken_pipe(out.write_all(bytes).and_then(|()| out.flush()))
+}
+
+/// A write to stdout's result: where its reader went away, the client
+/// ends there with status 141 (see [`emit`]).
+fn quiet_on_broken_pipe(written: io::Result<()>) -> io::Result<()> {
+    match written {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(EXIT_BROKEN_PIPE),
         done => done,
     }
@@ -515,27 +521,32 @@ fn run_once(
 /// after a blank line otherwise; with `--json`, one JSON report per line),
 /// and keeps going across dispatcher restarts.
 fn watch_status(client: &mut RetryingClient, json: bool, every: Duration) -> io::Result<()> {
-    let tty = io::stdout().is_terminal();
-    let mut out = io::stdout().lock();
     loop {
-        let frame = match client.status() {
-            Ok(r) if json => serde_json::to_string(&r).expect("report serialises") + "\n",
-            Ok(r) => osps_client::render::status_table(&r),
-            Err(e) => format!("waiting for the dispatcher: {e}\n"),
-        };
-        if tty && !json {
-            // Home, draw, clear what the previous (longer) frame left below.
-            write!(
-                out,
-                "\x1b[H\x1b[2J{frame}\n(every {} ms; Ctrl-C to quit)\n",
-                every.as_millis()
-            )?;
-        } else if json {
-            write!(out, "{frame}")?;
-        } else {
-            writeln!(out, "{frame}")?;
-        }
-        out.flush()?;
+        quiet_on_broken_pipe(watch_frame(client, json, every))?;
         std::thread::sleep(every);
     }
+}
+
+/// One frame of `status --watch`.
+fn watch_frame(client: &mut RetryingClient, json: bool, every: Duration) -> io::Result<()> {
+    let tty = io::stdout().is_terminal();
+    let mut out = io::stdout().lock();
+    let frame = match client.status() {
+        Ok(r) if json => serde_json::to_string(&r).expect("report serialises") + "\n",
+        Ok(r) => osps_client::render::status_table(&r),
+        Err(e) => format!("waiting for the dispatcher: {e}\n"),
+    };
+    if tty && !json {
+        // Home, draw, clear what the previous (longer) frame left below.
+        write!(
+            out,
+            "\x1b[H\x1b[2J{frame}\n(every {} ms; Ctrl-C to quit)\n",
+            every.as_millis()
+        )?;
+    } else if json {
+        write!(out, "{frame}")?;
+    } else {
+        writeln!(out, "{frame}")?;
+    }
+    out.flush()
 }

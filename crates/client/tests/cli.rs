@@ -314,6 +314,8 @@ fn a_reader_gone_away_ends_the_client_quietly() {
     for what in [
         &["status", "--json"][..],
         &["status"],
+        &["status", "--watch", "--json"],
+        &["status", "--watch"],
         &["metrics"],
         &["ping"],
     ] {
@@ -331,4 +333,24 @@ fn a_reader_gone_away_ends_the_client_quietly() {
         assert_eq!(out.status.code(), Some(141), "{what:?}: {err}");
         assert!(err.is_empty(), "{what:?}: {err}");
     }
+    // `run` says so: its result was lost.
+    let input = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(input.path(), b"a result to lose\n").unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin("osps-client"))
+        .args(["--instance", inst.name(), "--runtime-dir"])
+        .arg(inst.runtime_dir())
+        .args(["run", "echo", "--input"])
+        .arg(input.path())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write the result: Broken pipe"),
+        "{err}"
+    );
 }
