@@ -520,9 +520,9 @@ async fn end_worker(
 /// Answers the jobs `end` gives up (a dead worker's) and counts them
 /// against the worker (unless the dispatcher is `stopping`), keeping their
 /// slots, which it returns: the answers carry no slot bytes, so the client
-/// need not wait for the reap (the kernel tears the dead worker's memory
-/// down first), while the slots must stay taken until the worker is reaped
-/// (one that closed its pipes may live on and write into them).
+/// need not wait for the rest of the worker's exit and its reap, while the
+/// slots must stay taken until the worker is reaped (one that closed its
+/// pipes may live on and write into them).
 fn answer_first(
     shared: &Shared,
     entry: &WorkerEntry,

@@ -61,6 +61,12 @@ fn start_by(
 /// its input says, each page touched, and writes that number.
 const TAKE_SHARED: &str = "import mmap, sys\nn = int(sys.stdin.read())\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
 
+/// A command pool `shm` serving operation `shm` with the Python `script`,
+/// one worker limited to `mib` MiB (a configuration file's table).
+fn shm_pool(script: &str, mib: u64) -> String {
+    format!("[pools.shm]\nexec = [\"python3\", \"-c\", {script:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = {mib}\n")
+}
+
 /// Two workers of the Rust SDK's worker, limited to 32 MiB, and no
 /// builtin pool.
 const LIMITED_TWO: &str = "[pools.builtin]\nenabled = false\n\n[pools.lim]\nprogram = [\"OSPS_WORKER\"]\nworkers = 2\nmemory_limit_mib = 32\n";
@@ -552,11 +558,11 @@ fn an_exec_pools_command_past_the_limit_in_shared_memory_is_out_of_memory() {
     let Some(version) = cgroups_here() else {
         return;
     };
-    let take = TAKE_SHARED;
     let (_dir, inst) = start(
         "memcgexec",
         &format!(
-            "[pools.builtin]\nworkers = 1\n\n[pools.shm]\nexec = [\"python3\", \"-c\", {take:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = 48\n"
+            "[pools.builtin]\nworkers = 1\n\n{}",
+            shm_pool(TAKE_SHARED, 48)
         ),
         &[],
     );
@@ -604,11 +610,11 @@ fn an_oom_kill_not_at_the_pools_limit_is_not_blamed_on_the_limit() {
     if cgroups_here().is_none() {
         return;
     }
-    let take = TAKE_SHARED;
     let (_dir, inst) = start(
         "memcgabove",
         &format!(
-            "[pools.builtin]\nenabled = false\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\nmemory_limit_mib = 128\nmax_attempts = 1\n\n[pools.shm]\nexec = [\"python3\", \"-c\", {take:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = 128\n"
+            "[pools.builtin]\nenabled = false\n\n[pools.py]\nprogram = [\"python3\", \"GROWER\"]\nworkers = 1\nmemory_limit_mib = 128\nmax_attempts = 1\n\n{}",
+            shm_pool(TAKE_SHARED, 128)
         ),
         &[],
     );
@@ -716,9 +722,7 @@ fn an_earlier_commands_oom_kill_is_not_why_its_worker_dies_later() {
     let take = "import mmap, os, sys, time\na = sys.stdin.read()\nif a == 'die':\n    os.kill(os.getppid(), 9)\n    time.sleep(5)\nn = int(a)\nm = mmap.mmap(-1, n << 20)\nfor i in range(0, n << 20, 4096):\n    m[i] = 1\nsys.stdout.write(str(n))\n";
     let (_dir, inst) = start(
         "memcgearlier",
-        &format!(
-            "[pools.builtin]\nworkers = 1\n\n[pools.shm]\nexec = [\"python3\", \"-c\", {take:?}]\nops = [\"shm\"]\nworkers = 1\nmemory_limit_mib = 48\n"
-        ),
+        &format!("[pools.builtin]\nworkers = 1\n\n{}", shm_pool(take, 48)),
         &[],
     );
     let worker = worker_of(&inst, "shm");
@@ -733,9 +737,10 @@ fn an_earlier_commands_oom_kill_is_not_why_its_worker_dies_later() {
         Err(ClientError::Remote(e)) => assert_eq!(e.kind, ErrorKind::WorkerCrashed, "{e}"),
         other => panic!("want a worker crashed error, got {other:?}"),
     }
-    // Its death is logged once it is reaped, after the answer.
+    // Each of its two deaths (the job is retried) is logged once it is
+    // reaped; the second after the answer.
     let logged = osps_testkit::wait_for(osps_testkit::PATIENCE, || {
-        inst.log().contains("worker ended").then_some(())
+        (inst.log().matches("worker ended").count() >= 2).then_some(())
     });
     assert!(logged.is_some(), "{}", inst.log());
     let st = inst.status();

@@ -253,9 +253,10 @@ fn a_dead_workers_job_is_answered_at_once_and_its_slot_freed_once_it_is_reaped()
     );
     let inst = Instance::start("pp-vanish", &strs(&args));
     let mut c = inst.client();
-    // Whether a status was seen while a dead worker still existed (the
-    // test's own thread may be held up past the reap: tried again then).
-    let mut slot_seen_held = false;
+    // Whether the answer came while the dead worker still existed, and a
+    // status after it too (this test's own thread may be held up past the
+    // reap on a busy machine: tried again then, up to 3 times).
+    let (mut unreaped, mut slot_seen_held) = (false, false);
     for _ in 0..3 {
         let st = inst.wait_status("a worker up", |st| st.workers[0].state.is_up());
         let pid = st.workers[0].pid;
@@ -263,12 +264,11 @@ fn a_dead_workers_job_is_answered_at_once_and_its_slot_freed_once_it_is_reaped()
         // 1 GiB to free: its exit takes tens of ms after the kill (about
         // 50-90 ms here), while its pipe said it was gone before the kill.
         let got = c.call("vanish", &["1024"], b"");
-        let unreaped = Path::new(&proc).exists();
+        unreaped |= Path::new(&proc).exists();
         match got {
             Err(ClientError::Remote(e)) if e.kind == ErrorKind::WorkerCrashed => {}
             other => panic!("worker crashed expected, got {other:?}"),
         }
-        assert!(unreaped, "answered only once the worker was reaped");
         // Until it is reaped, its job's slot is not free: a status taken
         // while the process still exists counts it; and the job lost is
         // counted already, against the worker as in the total.
@@ -288,6 +288,7 @@ fn a_dead_workers_job_is_answered_at_once_and_its_slot_freed_once_it_is_reaped()
             break;
         }
     }
+    assert!(unreaped, "answered only once the worker was reaped");
     assert!(
         slot_seen_held,
         "never saw a status while the dead worker existed"
