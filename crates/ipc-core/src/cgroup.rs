@@ -483,6 +483,9 @@ pub fn wait_until_inside(dir: &Path, patience: Duration) -> Result<(), String> {
     let me = std::process::id().to_string();
     let procs = dir.join("cgroup.procs");
     let began = Instant::now();
+    // The move is usually done at once, but can take an RCU grace period
+    // (ms): look again soon, then less and less often.
+    let mut pause = Duration::from_micros(100);
     loop {
         let text = std::fs::read_to_string(&procs)
             .map_err(|e| format!("cannot read {}: {e}", procs.display()))?;
@@ -495,7 +498,8 @@ pub fn wait_until_inside(dir: &Path, patience: Duration) -> Result<(), String> {
                 dir.display()
             ));
         }
-        std::thread::sleep(Duration::from_micros(100));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(2));
     }
 }
 
